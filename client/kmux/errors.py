@@ -1,0 +1,211 @@
+"""The one error hierarchy of kmux and kmuxd.
+
+Every error carries a machine-readable ``code`` (a short snake_case string).
+The code is what travels: the daemon puts it in handshake refusals and in
+per-message notices, the client library turns it back into the same class,
+and ``kmux-cli`` prints it. Texts are for humans and may change; codes don't.
+
+The split follows h11: a :class:`LocalError` means a local party did
+something wrong (the app's message, the handshake, the configuration), a
+:class:`RemoteError` means the far side failed (the remote service sent bad
+framing, a connection died, the daemon went away).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "KmuxError",
+    "LocalError",
+    "RemoteError",
+    "ConfigInvalid",
+    "HandshakeInvalid",
+    "VersionUnsupported",
+    "UnknownGroup",
+    "TooManyClients",
+    "MessageTooBig",
+    "BadFrame",
+    "BadPacket",
+    "IllegalTransition",
+    "ClientClosed",
+    "RemoteFrameTooBig",
+    "RemoteBadHeader",
+    "RemoteAssemblyTimeout",
+    "ConnectFailed",
+    "ConnectionLost",
+    "RequestTimeout",
+    "DaemonShutdown",
+    "DaemonUnavailable",
+    "error_class",
+    "error_from_code",
+]
+
+
+class KmuxError(Exception):
+    """Root of every kmux error. ``code`` is stable and machine-readable."""
+
+    code = "error"
+
+    def __init__(self, message: str = "", **details: Any) -> None:
+        super().__init__(message or self.code)
+        self.message = message or self.code
+        #: Extra fields that travel with the error, e.g. ``seq`` of a message.
+        self.details = details
+
+    @property
+    def seq(self) -> int | None:
+        """For per-message errors: the message's place in its client's order (1-based)."""
+        return self.details.get("seq")
+
+    def __str__(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in sorted(self.details.items()))
+        return f"[{self.code}] {self.message}{extra}"
+
+    def to_wire(self) -> dict[str, Any]:
+        """The map that carries this error to a client or the CLI."""
+        return {"code": self.code, "error": self.message, **self.details}
+
+
+class LocalError(KmuxError):
+    """A local party (app, handshake, configuration) did something wrong."""
+
+    code = "local_error"
+
+
+class RemoteError(KmuxError):
+    """The far side (remote service, network, daemon) failed."""
+
+    code = "remote_error"
+
+
+# -- local ---------------------------------------------------------------
+
+
+class ConfigInvalid(LocalError):
+    """A configuration file failed validation; ``path`` names the key."""
+
+    code = "config_invalid"
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}" if path else reason, path=path)
+        self.path = path
+        self.reason = reason
+
+
+class HandshakeInvalid(LocalError):
+    code = "handshake_invalid"
+
+
+class VersionUnsupported(LocalError):
+    code = "version_unsupported"
+
+
+class UnknownGroup(LocalError):
+    code = "unknown_group"
+
+
+class TooManyClients(LocalError):
+    code = "too_many_clients"
+
+
+class MessageTooBig(LocalError):
+    """An outgoing message is larger than the group's ``max_message``."""
+
+    code = "message_too_big"
+
+
+class BadFrame(LocalError):
+    """An outgoing message's header disagrees with its size (it was not written)."""
+
+    code = "bad_frame"
+
+
+class BadPacket(LocalError):
+    """A packet on the client socket that the protocol does not allow."""
+
+    code = "bad_packet"
+
+
+class IllegalTransition(LocalError):
+    """A state machine was asked for a transition its table does not have."""
+
+    code = "illegal_transition"
+
+
+class ClientClosed(LocalError):
+    """The client object was used after ``close()``."""
+
+    code = "client_closed"
+
+
+# -- remote --------------------------------------------------------------
+
+
+class RemoteFrameTooBig(RemoteError):
+    """The remote service announced a message longer than ``max_message``."""
+
+    code = "remote_frame_too_big"
+
+
+class RemoteBadHeader(RemoteError):
+    """The remote service sent a length header that cannot be valid."""
+
+    code = "remote_bad_header"
+
+
+class RemoteAssemblyTimeout(RemoteError):
+    """A partial incoming message outlasted ``assembly_timeout``."""
+
+    code = "remote_assembly_timeout"
+
+
+class ConnectFailed(RemoteError):
+    code = "connect_failed"
+
+
+class ConnectionLost(RemoteError):
+    """The TCP connection that carried a request died before its answer."""
+
+    code = "connection_lost"
+
+
+class RequestTimeout(RemoteError):
+    code = "request_timeout"
+
+
+class DaemonShutdown(RemoteError):
+    code = "daemon_shutdown"
+
+
+class DaemonUnavailable(RemoteError):
+    """The daemon's socket could not be reached (not running, or no permission)."""
+
+    code = "daemon_unavailable"
+
+
+def _all_subclasses(cls: type[KmuxError]) -> list[type[KmuxError]]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+_BY_CODE: dict[str, type[KmuxError]] = {
+    c.code: c for c in [KmuxError, *_all_subclasses(KmuxError)] if c is not ConfigInvalid
+}
+
+
+def error_class(code: str) -> type[KmuxError]:
+    """The class for a code; unknown codes (from a newer daemon) map to the root."""
+    return _BY_CODE.get(code, KmuxError)
+
+
+def error_from_code(code: str, message: str = "", **details: Any) -> KmuxError:
+    """Rebuild an error that arrived as ``{"code":..., "error":..., **details}``."""
+    cls = error_class(code)
+    err = cls(message, **details)
+    if cls is KmuxError:
+        err.code = code  # keep the daemon's code even if this library predates it
+    return err

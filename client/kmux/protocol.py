@@ -1,0 +1,278 @@
+"""The kmux client protocol over a ``SOCK_SEQPACKET`` socket, with no I/O.
+
+Theory of operation (the bytes are specified in ``docs/protocol.md``)
+---------------------------------------------------------------------
+1. The client's first packet is a msgpack *hello* map naming the group.
+2. The daemon's first packet answers it: an *accepted* map (the group's
+   limits and framing) or a *refused* map (an error code and text), after
+   which the daemon closes the socket.
+3. From then on every packet starts with one *kind* byte:
+
+   ======  ===============  =====================================================
+   byte    direction        rest of the packet
+   ======  ===============  =====================================================
+   0x00    both             DATA: exactly one application message, header included
+   0x01    client->daemon   CONTROL: a msgpack map, e.g. ``{"op": "receive", "on": false}``
+   0x01    daemon->client   NOTICE: a msgpack map, an error for one message or an event
+   0x02    client->daemon   REQUEUE: a message the daemon delivered that the client hands back
+   ======  ===============  =====================================================
+
+The data path never touches msgpack: a DATA packet costs one byte of
+header, which also makes a zero-length read unambiguous (it is EOF, never an
+empty message). ``seq`` in notices is the message's place in the client's
+own order: the n-th DATA packet the client sent after the handshake, from 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .errors import BadPacket, HandshakeInvalid, KmuxError, VersionUnsupported, error_from_code
+from .framing import Framing
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "HANDSHAKE_MAX",
+    "KIND_DATA",
+    "KIND_CONTROL",
+    "KIND_NOTICE",
+    "KIND_REQUEUE",
+    "DATA_PREFIX",
+    "Hello",
+    "Accepted",
+    "Refused",
+    "Notice",
+    "Control",
+    "encode_hello",
+    "decode_hello",
+    "encode_answer",
+    "decode_answer",
+    "encode_notice",
+    "decode_notice",
+    "encode_control",
+    "decode_control",
+]
+
+PROTOCOL_VERSION = 1
+#: Largest hello or answer packet, in bytes. A hello over this is refused.
+HANDSHAKE_MAX = 4096
+#: Largest CONTROL or NOTICE body.
+CONTROL_MAX = 4096
+
+KIND_DATA = 0x00
+KIND_CONTROL = 0x01
+KIND_NOTICE = 0x01
+KIND_REQUEUE = 0x02
+DATA_PREFIX = b"\x00"
+CONTROL_PREFIX = b"\x01"
+NOTICE_PREFIX = b"\x01"
+REQUEUE_PREFIX = b"\x02"
+
+_NAME_MAX = 128
+
+
+def _unpack_map(packet: bytes, what: str, exc: type[KmuxError]) -> dict[str, Any]:
+    try:
+        # unpackb bounds every str/bin/array/map by len(packet) itself; callers cap the
+        # packet size (HANDSHAKE_MAX, CONTROL_MAX). It takes no max_buffer_size.
+        data = msgpack.unpackb(packet, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise exc(f"{what} is not valid msgpack: {e}") from None
+    if not isinstance(data, dict):
+        raise exc(f"{what} must be a msgpack map, not {type(data).__name__}")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The client's first packet."""
+
+    group: str
+    receive: bool = True
+    name: str = ""
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group, str) or not 0 < len(self.group) <= _NAME_MAX:
+            raise HandshakeInvalid(f"'group' must be a non-empty string of at most {_NAME_MAX} characters")
+        if not isinstance(self.receive, bool):
+            raise HandshakeInvalid("'receive' must be a boolean")
+        if not isinstance(self.name, str) or len(self.name) > _NAME_MAX:
+            raise HandshakeInvalid(f"'name' must be a string of at most {_NAME_MAX} characters")
+
+
+def encode_hello(hello: Hello) -> bytes:
+    body = {"kmux": hello.version, "group": hello.group, "receive": hello.receive}
+    if hello.name:
+        body["name"] = hello.name
+    return msgpack.packb(body)
+
+
+def decode_hello(packet: bytes) -> Hello:
+    """Parse and validate a hello. Raises HandshakeInvalid or VersionUnsupported."""
+    if len(packet) > HANDSHAKE_MAX:
+        raise HandshakeInvalid(f"hello is {len(packet)} bytes, the limit is {HANDSHAKE_MAX}")
+    data = _unpack_map(packet, "hello", HandshakeInvalid)
+    version = data.get("kmux")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise HandshakeInvalid("hello needs an integer 'kmux' protocol version")
+    if version != PROTOCOL_VERSION:
+        raise VersionUnsupported(f"protocol version {version} is not supported (this daemon speaks {PROTOCOL_VERSION})")
+    unknown = set(data) - {"kmux", "group", "receive", "name"}
+    if unknown:
+        raise HandshakeInvalid(f"unknown hello keys: {', '.join(sorted(map(str, unknown)))}")
+    if "group" not in data:
+        raise HandshakeInvalid("hello needs a 'group'")
+    return Hello(group=data["group"], receive=data.get("receive", True), name=data.get("name", ""), version=version)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The daemon's yes: the group's limits, so the client can check messages itself."""
+
+    group: str
+    client_id: int
+    max_message: int
+    framing: Framing
+    steering: str
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The daemon's no. ``error`` rebuilds the matching exception."""
+
+    code: str
+    message: str
+    version: int = PROTOCOL_VERSION
+
+    @property
+    def error(self) -> KmuxError:
+        return error_from_code(self.code, self.message)
+
+
+def encode_answer(answer: Accepted | Refused) -> bytes:
+    if isinstance(answer, Accepted):
+        return msgpack.packb(
+            {
+                "kmux": answer.version,
+                "ok": True,
+                "group": answer.group,
+                "client_id": answer.client_id,
+                "max_message": answer.max_message,
+                "framing": answer.framing.to_wire(),
+                "steering": answer.steering,
+            }
+        )
+    return msgpack.packb({"kmux": answer.version, "ok": False, "code": answer.code, "error": answer.message})
+
+
+def decode_answer(packet: bytes) -> Accepted | Refused:
+    data = _unpack_map(packet, "handshake answer", HandshakeInvalid)
+    try:
+        if data["ok"]:
+            return Accepted(
+                group=data["group"],
+                client_id=int(data["client_id"]),
+                max_message=int(data["max_message"]),
+                framing=Framing.from_wire(data["framing"]),
+                steering=str(data["steering"]),
+                version=int(data["kmux"]),
+            )
+        return Refused(code=str(data["code"]), message=str(data.get("error", "")), version=int(data["kmux"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise HandshakeInvalid(f"malformed handshake answer: {e!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A daemon-to-client notice: an error about one message, or an event.
+
+    Exactly one of ``code`` (an error) or ``event`` is set. ``seq`` names
+    the message an error is about.
+    """
+
+    code: str | None = None
+    message: str = ""
+    event: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seq(self) -> int | None:
+        return self.details.get("seq")
+
+    @property
+    def error(self) -> KmuxError | None:
+        if self.code is None:
+            return None
+        # Not **details: a detail named "message" would collide with the argument.
+        err = error_from_code(self.code, self.message)
+        err.details.update(self.details)
+        return err
+
+    @classmethod
+    def for_error(cls, err: KmuxError) -> "Notice":
+        return cls(code=err.code, message=err.message, details=dict(err.details))
+
+
+def encode_notice(notice: Notice) -> bytes:
+    """Whole packet, kind byte included."""
+    body: dict[str, Any] = dict(notice.details)
+    if notice.code is not None:
+        body["code"] = notice.code
+        body["error"] = notice.message
+    if notice.event is not None:
+        body["event"] = notice.event
+    return NOTICE_PREFIX + msgpack.packb(body)
+
+
+def decode_notice(body: bytes | memoryview) -> Notice:
+    """Parse a notice body (the bytes after the kind byte)."""
+    data = _unpack_map(bytes(body), "notice", BadPacket)
+    code = data.pop("code", None)
+    message = data.pop("error", "")
+    event = data.pop("event", None)
+    if not isinstance(code, (str, type(None))) or not isinstance(event, (str, type(None))):
+        raise BadPacket("notice 'code' and 'event' must be strings")
+    return Notice(code=code, message=str(message), event=event, details=data)
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A client-to-daemon control request."""
+
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+#: Control ops and the argument keys each takes.
+CONTROL_OPS: dict[str, frozenset[str]] = {
+    # Switch receiving on or off (KCM_RECV_DISABLE). Turning it off is
+    # answered by a NOTICE event "receive_off": every DATA packet before
+    # that marker was already queued for this client and should be handed
+    # back with REQUEUE so it moves to another receiver.
+    "receive": frozenset({"on"}),
+}
+
+
+def encode_control(control: Control) -> bytes:
+    """Whole packet, kind byte included."""
+    return CONTROL_PREFIX + msgpack.packb({"op": control.op, **control.args})
+
+
+def decode_control(body: bytes | memoryview) -> Control:
+    if len(body) > CONTROL_MAX:
+        raise BadPacket(f"control packet is {len(body)} bytes, the limit is {CONTROL_MAX}")
+    data = _unpack_map(bytes(body), "control packet", BadPacket)
+    op = data.pop("op", None)
+    if op not in CONTROL_OPS:
+        raise BadPacket(f"unknown control op {op!r}")
+    unknown = set(data) - CONTROL_OPS[op]
+    if unknown:
+        raise BadPacket(f"unknown keys for control op {op!r}: {', '.join(sorted(map(str, unknown)))}")
+    if op == "receive" and not isinstance(data.get("on"), bool):
+        raise BadPacket("control op 'receive' needs a boolean 'on'")
+    return Control(op=op, args=data)

@@ -1,0 +1,257 @@
+"""A group: its TCP connection slots, its clients, and the steering between them.
+
+The group owns the sans-IO cores (:class:`~kmuxd.sendq.TxScheduler`,
+:class:`~kmuxd.steering.BalanceSteering`) and the trio tasks that move bytes:
+one task per connection slot (dialling, then a reader and a writer) and one
+that re-steers messages clients hand back. Clients attach and detach; their
+tasks live in the server's nursery.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from kmux.errors import BadFrame, BadPacket
+from kmux.protocol import DATA_PREFIX
+
+from .config import DaemonConfig, GroupConfig
+from .conn import ConnSlot, ConnStatistics
+from .sendq import Outbox, TxScheduler
+from .steering import BalanceSteering
+
+if TYPE_CHECKING:
+    from .session import ClientSession, ClientStatistics
+
+__all__ = ["Group", "GroupStatistics"]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatistics:
+    name: str
+    endpoints: tuple[str, ...]
+    framing: str
+    steering: str
+    connections_up: int
+    connections_total: int
+    clients: int
+    receivers_ready: int
+    #: Messages/bytes written to TCP, and received from TCP and steered.
+    tx_msgs: int
+    tx_bytes: int
+    rx_msgs: int
+    rx_bytes: int
+    #: Messages re-sent from byte 0 after their connection failed.
+    tx_retries: int
+    #: Clients attached / detached since start (KCM attach/unattach).
+    attached: int
+    unattached: int
+    #: KCM's rx_ready_drops: always 0 here, parsing pauses instead.
+    rx_ready_drops: int
+    #: Times parsing paused because no receiver was ready.
+    rx_paused: int
+    #: Messages accepted and not yet written / bytes of them.
+    queued_msgs: int
+    queued_bytes: int
+    #: Clients waiting for any connection to come free.
+    waiting_clients: int
+    refused: int
+    requeued: int
+    uptime: float
+
+
+class Group:
+    def __init__(self, cfg: GroupConfig, daemon_cfg: DaemonConfig, log) -> None:
+        self.cfg = cfg
+        self.daemon_cfg = daemon_cfg
+        self.log = log.bind(group=cfg.name)
+        self.tx = TxScheduler()
+        self.steering = BalanceSteering(cfg.rx_batch)
+        self.slots = [ConnSlot(self, i, cfg.endpoints[i % len(cfg.endpoints)]) for i in range(cfg.connections)]
+        for slot in self.slots:
+            self.tx.add(slot, Outbox(cfg.write_buffer, cfg.max_message + 1))
+        self.clients: dict[int, "ClientSession"] = {}
+        self._receiver_ready = trio.Event()
+        self._requeued: deque[bytes] = deque()
+        self._requeue_wanted = trio.Event()
+        self.started_at = time.monotonic()
+        self.tx_retries = 0
+        self.rx_msgs = self.rx_bytes = 0
+        self.attached = self.unattached = 0
+        self.rx_paused = 0
+        self._departed_tx_msgs = self._departed_tx_bytes = 0
+        self._departed_refused = self._departed_requeued = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Dial every slot; reports started once each has connected or failed once."""
+        async with trio.open_nursery() as nursery:
+            for slot in self.slots:
+                await nursery.start(slot.run)
+            nursery.start_soon(self._requeue_pump)
+            up = sum(s.connected for s in self.slots)
+            self.log.info("group_up", connections_up=up, connections=len(self.slots))
+            task_status.started()
+
+    def attach(self, client: "ClientSession", receive: bool) -> None:
+        self.clients[client.id] = client
+        self.attached += 1
+        self.steering.add(client, receiving=False)  # turned on by the session's state
+        if receive and self.steering.receive_on(client):
+            self.receiver_ready()
+
+    def detach(self, client: "ClientSession") -> None:
+        if self.clients.pop(client.id, None) is None:
+            return
+        self.unattached += 1
+        self.steering.remove(client)
+        self.after_tx(self.tx.forget(client))
+        # Its accepted messages still go out; keep its counts in the totals.
+        self._departed_refused += client.refused
+        self._departed_requeued += client.requeued
+        self._departed_tx_msgs += client.tx_msgs
+        self._departed_tx_bytes += client.tx_bytes
+
+    def after_tx(self, wake: list) -> None:
+        """Let woken clients read again; write outboxes adopted from failed slots."""
+        for owner in wake:
+            owner.wake.set()
+        if self.tx.to_flush:
+            for conn in self.tx.take_flush():
+                conn.flush_nowait()
+
+    def queued_total(self) -> int:
+        """Bytes accepted and not yet written, anywhere in the group."""
+        return sum(s.outbox.pending for s in self.slots) + self.tx.statistics().orphaned_bytes
+
+    # -- receive steering ---------------------------------------------------------
+
+    def receiver_ready(self) -> None:
+        self._receiver_ready.set()
+        self._receiver_ready = trio.Event()
+
+    async def wait_receiver(self) -> None:
+        self.rx_paused += 1
+        await self._receiver_ready.wait()
+
+    def steer(self, slot: ConnSlot) -> bool:
+        """Hand the slot's parsed messages to ready receivers. False if some remain."""
+        ends = slot.rends
+        view = slot.rview
+        pos = slot.rhead
+        i = 0
+        count = len(ends)
+        steering = self.steering
+        total_bytes = 0
+        while i < count:
+            receiver, quota = steering.take()
+            if receiver is None:
+                break
+            sendmsg = receiver.sock.sendmsg
+            k = 0
+            start = pos
+            try:
+                while k < quota and i < count:
+                    end = ends[i]
+                    sendmsg([DATA_PREFIX, view[pos:end]])
+                    pos = end
+                    i += 1
+                    k += 1
+            except BlockingIOError:
+                receiver.rx_blocked()
+            except OSError:
+                steering.remove(receiver)  # gone; its session ends on EOF
+            steering.used(k)
+            receiver.rx_msgs += k
+            receiver.rx_bytes += pos - start
+            total_bytes += pos - start
+        self.rx_msgs += i
+        self.rx_bytes += total_bytes
+        slot.rx_msgs += i
+        slot.rhead = pos
+        if i == count:
+            slot.rends = []
+            return True
+        del ends[:i]
+        return False
+
+    def requeue(self, client: "ClientSession", message: bytes) -> None:
+        """A client hands back a message it got before switching receiving off."""
+        if client.receiving:
+            raise BadPacket("REQUEUE is only allowed while receiving is off")
+        if client.requeued + 1 > client.rx_msgs or client.requeue_bytes + len(message) > client.rx_bytes:
+            raise BadPacket("REQUEUE of more messages than were delivered to this client")
+        total = self.cfg.framing._length_at(message, 0, len(message)) if message else -1
+        if total != len(message):
+            raise BadFrame("requeued message is not one well-framed message")
+        client.requeued += 1
+        client.requeue_bytes += len(message)
+        self._requeued.append(message)
+        self._requeue_wanted.set()
+
+    async def _requeue_pump(self) -> None:
+        while True:
+            await self._requeue_wanted.wait()
+            self._requeue_wanted = trio.Event()
+            queue = self._requeued
+            while queue:
+                receiver, quota = self.steering.take()
+                if receiver is None:
+                    await self.wait_receiver()
+                    continue
+                k = 0
+                try:
+                    while k < quota and queue:
+                        receiver.sock.sendmsg([DATA_PREFIX, queue[0]])
+                        receiver.rx_msgs += 1
+                        receiver.rx_bytes += len(queue.popleft())
+                        k += 1
+                except BlockingIOError:
+                    receiver.rx_blocked()
+                except OSError:
+                    self.steering.remove(receiver)
+                self.steering.used(k)
+                await trio.lowlevel.checkpoint()
+
+    # -- statistics ---------------------------------------------------------------
+
+    def statistics(self) -> GroupStatistics:
+        conns = [s.statistics() for s in self.slots]
+        clients = list(self.clients.values())
+        sched = self.tx.statistics()
+        return GroupStatistics(
+            name=self.cfg.name,
+            endpoints=tuple(str(e) for e in self.cfg.endpoints),
+            framing=self.cfg.framing.name,
+            steering=self.cfg.steering,
+            connections_up=sum(1 for s in self.slots if s.connected),
+            connections_total=len(self.slots),
+            clients=len(clients),
+            receivers_ready=self.steering.statistics().ready,
+            tx_msgs=sum(c.tx_msgs for c in conns),
+            tx_bytes=sum(c.tx_bytes for c in conns),
+            rx_msgs=self.rx_msgs,
+            rx_bytes=self.rx_bytes,
+            tx_retries=self.tx_retries,
+            attached=self.attached,
+            unattached=self.unattached,
+            rx_ready_drops=0,
+            rx_paused=self.rx_paused,
+            queued_msgs=sum(c.queued_msgs for c in conns) + sched.orphaned_msgs,
+            queued_bytes=sum(c.queued_bytes for c in conns) + sched.orphaned_bytes,
+            waiting_clients=sched.waiting_clients,
+            refused=self._departed_refused + sum(c.refused for c in clients),
+            requeued=self._departed_requeued + sum(c.requeued for c in clients),
+            uptime=time.monotonic() - self.started_at,
+        )
+
+    def connection_statistics(self) -> list[ConnStatistics]:
+        return [s.statistics() for s in self.slots]
+
+    def client_statistics(self) -> list["ClientStatistics"]:
+        return [c.statistics() for c in self.clients.values()]

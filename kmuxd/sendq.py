@@ -1,0 +1,417 @@
+"""The send path's core: which TCP connection carries which client's messages.
+
+Theory of operation
+-------------------
+Each connection slot owns one :class:`Outbox`: a preallocated buffer of
+whole, already validated messages waiting to be written on that stream. The
+I/O shell reads a client's packets *straight into* the chosen outbox (no
+intermediate queue, no copy) and writes ``outbox[head:tail]`` with one
+non-blocking ``send``. The scheduler decides where a client's next messages
+go, following KCM:
+
+1. **Atomicity.** Bytes enter an outbox only as whole messages and leave it
+   in order; a stream carries message after message, never interleaved.
+2. **Availability.** A connection is *available* when it is connected and
+   its outbox is empty (not in the middle of writing). An unpinned client
+   takes the first available connection (FIFO, so load rotates).
+3. **Per-client order.** A client with bytes still unwritten in an outbox is
+   *pinned* to that outbox; its next messages go to the same outbox, after
+   them. The pin ends when all of its bytes there are written.
+4. **Queueing and push-back.** When no connection is available an unpinned
+   client *waits* (FIFO); a pinned client whose outbox is full *parks* on
+   it. Neither is read meanwhile, so the apps block in the kernel: bounded
+   memory, nothing dropped. A connection that comes free wakes one waiter.
+5. **Failure.** When a connection dies, its outbox is cut back to the first
+   message not fully written (re-sent from byte 0, as KCM does) and becomes
+   an *orphan*; the next connection to be available adopts it whole, by
+   swapping outboxes, so pinned clients keep their order with no copying.
+
+Owners (clients) are opaque here, except that they are told
+``count_written(msgs, nbytes)`` when their messages have been written.
+This module does no I/O and imports neither ``socket`` nor ``trio``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+__all__ = ["Outbox", "TxScheduler", "Owner", "OutboxStatistics", "Salvage"]
+
+
+class Owner(Protocol):
+    def count_written(self, msgs: int, nbytes: int) -> None: ...
+
+
+class _Run:
+    """Consecutive messages of one owner in an outbox, ending at ``end``."""
+
+    __slots__ = ("owner", "end", "msgs")
+
+    def __init__(self, owner: Any, end: int, msgs: int) -> None:
+        self.owner = owner
+        self.end = end
+        self.msgs = msgs
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatistics:
+    #: Bytes waiting to be written.
+    queued_bytes: int
+    #: Whole messages waiting (the one being written included).
+    queued_msgs: int
+    #: Clients with bytes in this outbox (pinned to it).
+    pinned_clients: int
+
+
+@dataclass(frozen=True, slots=True)
+class Salvage:
+    """What a failed connection's outbox still holds after cutting back."""
+
+    #: Messages fully written before the failure (counted as sent).
+    written_msgs: int
+    #: Messages that will be re-sent from byte 0 on another connection.
+    resend_msgs: int
+    #: Of those, the one that was cut part-way (0 or 1).
+    cut_msgs: int
+
+
+class Outbox:
+    """A batch of whole messages for one stream, in a buffer allocated once.
+
+    ``capacity`` is the batching limit (bytes queued before the outbox
+    reports no room); ``reserve`` is the space one more packet may need, so
+    a receive straight into :attr:`view` never truncates a legal message.
+    """
+
+    __slots__ = (
+        "buf", "view", "head", "tail", "capacity", "reserve", "runs", "run_start", "owners", "parked", "conn",
+        "written_msgs", "reserved_count", "unreserved_count",
+    )
+
+    def __init__(self, capacity: int, reserve: int) -> None:
+        self.buf = bytearray(capacity + reserve)
+        self.view = memoryview(self.buf)
+        self.head = 0  # written up to here
+        self.tail = 0  # filled up to here
+        self.capacity = capacity
+        self.reserve = reserve
+        self.runs: deque[_Run] = deque()
+        self.run_start = 0  # where runs[0] begins (it may be partly written)
+        #: owner -> number of its runs in this outbox (it is pinned while > 0)
+        self.owners: dict[Any, int] = {}
+        #: pinned owners waiting for room here
+        self.parked: list[Any] = []
+        #: the connection currently carrying this outbox (None: orphaned)
+        self.conn: Any = None
+        #: messages fully written from this outbox, ever
+        self.written_msgs = 0
+        #: times an owner pinned itself here / was released (KCM reserved/unreserved)
+        self.reserved_count = 0
+        self.unreserved_count = 0
+
+    @property
+    def pending(self) -> int:
+        return self.tail - self.head
+
+    def has_room(self) -> bool:
+        """Whether one more packet (up to ``reserve`` bytes) may be received at ``tail``."""
+        if self.tail - self.head >= self.capacity:
+            return False
+        if len(self.buf) - self.tail < self.reserve:
+            self._compact()
+        return True
+
+    def _compact(self) -> None:
+        # Only reached while a write is blocked part-way with room left: move
+        # the unwritten bytes to the front. Run offsets move with them.
+        shift = self.head
+        if not shift:
+            return
+        self.buf[0 : self.tail - shift] = self.view[shift : self.tail]
+        self.head = 0
+        self.tail -= shift
+        self.run_start -= shift
+        for run in self.runs:
+            run.end -= shift
+
+    def commit(self, owner: Any, new_tail: int, msgs: int) -> None:
+        """Record that ``msgs`` whole messages of ``owner`` now fill ``[tail, new_tail)``."""
+        if msgs <= 0:
+            return
+        runs = self.runs
+        if runs and runs[-1].owner is owner:
+            last = runs[-1]
+            last.end = new_tail
+            last.msgs += msgs
+        else:
+            runs.append(_Run(owner, new_tail, msgs))
+            count = self.owners.get(owner, 0)
+            if not count:
+                self.reserved_count += 1
+            self.owners[owner] = count + 1
+        self.tail = new_tail
+
+    def advance(self, n: int) -> list[Any]:
+        """``n`` more bytes were written. Returns owners no longer pinned here."""
+        self.head += n
+        head = self.head
+        released = []
+        runs = self.runs
+        while runs and runs[0].end <= head:
+            run = runs.popleft()
+            run.owner.count_written(run.msgs, run.end - self.run_start)
+            self.written_msgs += run.msgs
+            self.run_start = run.end
+            left = self.owners[run.owner] - 1
+            if left:
+                self.owners[run.owner] = left
+            else:
+                del self.owners[run.owner]
+                self.unreserved_count += 1
+                released.append(run.owner)
+        if head == self.tail:
+            self.head = self.tail = self.run_start = 0
+        return released
+
+    def salvage(self, length_at: Callable[[Any, int, int], int]) -> Salvage:
+        """Cut back to the first message not fully written, after a stream died.
+
+        Messages before ``head`` reached the kernel and count as written; the
+        one ``head`` falls inside is re-sent from its first byte. ``length_at``
+        is the group's framing (every message here passed it on the way in).
+        """
+        written = resend = cut = 0
+        if self.runs:
+            pos = self.run_start
+            first = self.runs[0]
+            msgs_done = 0
+            while pos < self.head:
+                end = pos + length_at(self.buf, pos, self.tail)
+                if end > self.head:
+                    cut = 1
+                    break
+                pos = end
+                msgs_done += 1
+            if msgs_done:
+                first.owner.count_written(msgs_done, pos - self.run_start)
+                self.written_msgs += msgs_done
+                first.msgs -= msgs_done
+                written = msgs_done
+            # Drop the written prefix: everything from pos on is re-sent.
+            keep = self.tail - pos
+            self.buf[0:keep] = self.view[pos : self.tail]
+            for run in self.runs:
+                run.end -= pos
+            self.head, self.tail, self.run_start = 0, keep, 0
+            resend = sum(r.msgs for r in self.runs)
+        else:
+            self.head = self.tail = self.run_start = 0
+        return Salvage(written, resend, cut)
+
+    def statistics(self) -> OutboxStatistics:
+        return OutboxStatistics(self.tail - self.head, sum(r.msgs for r in self.runs), len(self.owners))
+
+
+class TxScheduler:
+    """Connection selection for one group, as in the module docstring.
+
+    Connections are opaque objects with an ``outbox`` attribute the scheduler
+    manages. Methods return the owners the shell must wake (let read again).
+    """
+
+    def __init__(self) -> None:
+        self._available: deque[Any] = deque()
+        self._waiters: deque[Any] = deque()
+        self._orphans: deque[Outbox] = deque()
+        self._connected: set[Any] = set()
+        self.pins: dict[Any, Outbox] = {}
+        #: owner -> connection handed to it when it came free while the owner
+        #: waited; held for it (not available to others) until it reads
+        self._reserved: dict[Any, Any] = {}
+        #: connections that adopted an orphan outbox and must write it
+        self.to_flush: list[Any] = []
+
+    # -- connections -------------------------------------------------------
+
+    def add(self, conn: Any, outbox: Outbox) -> None:
+        conn.outbox = outbox
+        outbox.conn = conn
+
+    def connected(self, conn: Any) -> list[Any]:
+        """``conn`` has a fresh TCP connection. It adopts an orphan if any."""
+        self._connected.add(conn)
+        return self._settle(conn)
+
+    def failed(self, conn: Any, length_at: Callable[[Any, int, int], int]) -> tuple[Salvage, list[Any]]:
+        """``conn``'s stream died: cut its outbox back and hand it on."""
+        self._connected.discard(conn)
+        self._drop_available(conn)
+        self._drop_reserved(conn)
+        outbox = conn.outbox
+        salvage = outbox.salvage(length_at)
+        wake: list[Any] = []
+        if outbox.owners:
+            # The slot gets an empty outbox; the old one, pins and order
+            # intact, goes whole to the next available connection.
+            self.add(conn, Outbox(outbox.capacity, outbox.reserve))
+            outbox.conn = None
+            self._orphans.append(outbox)
+            while self._orphans and self._available:
+                wake += self._adopt(self._available.popleft())
+            for owner, reserved in list(self._reserved.items()):
+                if not self._orphans:
+                    break
+                del self._reserved[owner]
+                self._waiters.appendleft(owner)
+                wake += self._adopt(reserved)
+        else:
+            wake += outbox.parked
+            outbox.parked = []
+        return salvage, wake
+
+    def disconnected(self, conn: Any) -> None:
+        """``conn`` is gone for good (group stopping); nothing is salvaged."""
+        self._connected.discard(conn)
+        self._drop_available(conn)
+        self._drop_reserved(conn)
+
+    def _drop_reserved(self, conn: Any) -> None:
+        for owner, reserved in list(self._reserved.items()):
+            if reserved is conn:
+                del self._reserved[owner]
+
+    def _drop_available(self, conn: Any) -> None:
+        try:
+            self._available.remove(conn)
+        except ValueError:
+            pass
+
+    # -- clients -----------------------------------------------------------
+
+    def route(self, owner: Any) -> Any | None:
+        """Where ``owner``'s next messages go, or None (it was queued to wait).
+
+        The caller reads into ``conn.outbox`` and reports with :meth:`committed`.
+        """
+        outbox = self.pins.get(owner)
+        if outbox is not None:
+            conn = outbox.conn
+            if conn is not None and conn in self._connected and outbox.has_room():
+                return conn
+            if owner not in outbox.parked:
+                outbox.parked.append(owner)
+            return None
+        conn = self._reserved.pop(owner, None)
+        if conn is not None:
+            if conn in self._connected:
+                return conn
+        elif self._available:
+            return self._available.popleft()
+        if owner not in self._waiters:
+            self._waiters.append(owner)
+        return None
+
+    def committed(self, owner: Any, conn: Any, new_tail: int, msgs: int) -> list[Any]:
+        """``owner`` filled ``conn.outbox`` up to ``new_tail`` with ``msgs`` messages."""
+        outbox = conn.outbox
+        if msgs:
+            outbox.commit(owner, new_tail, msgs)
+            self.pins[owner] = outbox
+            return []
+        # Nothing taken: if the connection was picked as available, give it back.
+        if not outbox.owners and outbox.pending == 0 and conn in self._connected:
+            return self._settle(conn)
+        return []
+
+    def written(self, conn: Any, n: int) -> list[Any]:
+        """``n`` bytes of ``conn.outbox`` went to the kernel."""
+        outbox = conn.outbox
+        for owner in outbox.advance(n):
+            if self.pins.get(owner) is outbox:
+                del self.pins[owner]
+        wake: list[Any] = []
+        if outbox.parked and outbox.pending < outbox.capacity:
+            wake = outbox.parked
+            outbox.parked = []
+        if outbox.pending == 0:
+            wake += self._settle(conn)
+        return wake
+
+    def forget(self, owner: Any) -> list[Any]:
+        """``owner`` left. Its queued bytes still go out; it just stops waiting."""
+        try:
+            self._waiters.remove(owner)
+        except ValueError:
+            pass
+        outbox = self.pins.get(owner)
+        if outbox is not None and owner in outbox.parked:
+            outbox.parked.remove(owner)
+        conn = self._reserved.pop(owner, None)
+        return self._settle(conn) if conn is not None else []
+
+    # -- internals ---------------------------------------------------------
+
+    def _settle(self, conn: Any) -> list[Any]:
+        """``conn`` is connected with an empty outbox: adopt an orphan, or be available."""
+        if conn not in self._connected or conn.outbox.pending or conn.outbox.owners:
+            return []
+        if self._orphans:
+            return self._adopt(conn)
+        if conn in self._available or conn in self._reserved.values():
+            return []
+        if self._waiters:
+            # Hand the connection to the longest waiter, so a busy client
+            # that keeps refilling cannot starve the others.
+            owner = self._waiters.popleft()
+            self._reserved[owner] = conn
+            return [owner]
+        self._available.append(conn)
+        return []
+
+    def _adopt(self, conn: Any) -> list[Any]:
+        # The slot that lost the orphan already got a fresh outbox, so
+        # conn's empty one is simply dropped.
+        orphan = self._orphans.popleft()
+        self.add(conn, orphan)
+        self.to_flush.append(conn)
+        wake = orphan.parked
+        orphan.parked = []
+        return wake
+
+    def take_flush(self) -> list[Any]:
+        """Connections that adopted an orphan and must write it now."""
+        out, self.to_flush = self.to_flush, []
+        return out
+
+    def has_orphans(self) -> bool:
+        return bool(self._orphans)
+
+    def statistics(self) -> "SchedulerStatistics":
+        return SchedulerStatistics(
+            available=len(self._available),
+            connected=len(self._connected),
+            waiting_clients=len(self._waiters),
+            pinned_clients=len(self.pins),
+            orphaned_msgs=sum(sum(r.msgs for r in o.runs) for o in self._orphans),
+            orphaned_bytes=sum(o.pending for o in self._orphans),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStatistics:
+    #: Connections connected with nothing to write.
+    available: int
+    #: Connections with a live TCP stream.
+    connected: int
+    #: Clients with messages waiting for any connection to come free.
+    waiting_clients: int
+    #: Clients whose backlog is pinned to one outbox.
+    pinned_clients: int
+    #: Messages/bytes from failed connections not yet adopted by another.
+    orphaned_msgs: int
+    orphaned_bytes: int
+
+
+__all__.append("SchedulerStatistics")
