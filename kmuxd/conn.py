@@ -221,7 +221,7 @@ class ConnSlot:
         group = self.group
         cut_before = self.outbox.pending
         self.sm.fire(ConnEvent.FAILED)
-        salvage, wake = group.tx.failed(self, group.cfg.framing._length_at)
+        salvage, wake = group.tx.failed(self)
         self.tx_msgs += salvage.written_msgs
         if salvage.cut_msgs:
             self.tx_aborts += 1

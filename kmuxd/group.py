@@ -73,7 +73,7 @@ class Group:
         self.steering = BalanceSteering(cfg.rx_batch)
         self.slots = [ConnSlot(self, i, cfg.endpoints[i % len(cfg.endpoints)]) for i in range(cfg.connections)]
         for slot in self.slots:
-            self.tx.add(slot, Outbox(cfg.write_buffer, cfg.max_message + 1))
+            self.tx.add(slot, Outbox(cfg.write_buffer, cfg.max_message + 1, cfg.framing._length_at))
         self.clients: dict[int, "ClientSession"] = {}
         self._receiver_ready = trio.Event()
         self._requeued: deque[bytes] = deque()

@@ -87,10 +87,10 @@ class Outbox:
 
     __slots__ = (
         "buf", "view", "head", "tail", "capacity", "reserve", "runs", "run_start", "owners", "parked", "conn",
-        "written_msgs", "reserved_count", "unreserved_count",
+        "written_msgs", "reserved_count", "unreserved_count", "length_at",
     )
 
-    def __init__(self, capacity: int, reserve: int) -> None:
+    def __init__(self, capacity: int, reserve: int, length_at: Callable[[Any, int, int], int]) -> None:
         self.buf = bytearray(capacity + reserve)
         self.view = memoryview(self.buf)
         self.head = 0  # written up to here
@@ -110,6 +110,8 @@ class Outbox:
         #: times an owner pinned itself here / was released (KCM reserved/unreserved)
         self.reserved_count = 0
         self.unreserved_count = 0
+        #: the group's framing: finds message boundaries when cutting back
+        self.length_at = length_at
 
     @property
     def pending(self) -> int:
@@ -121,20 +123,45 @@ class Outbox:
             return False
         if len(self.buf) - self.tail < self.reserve:
             self._compact()
+            # A partly written message may still hold the front: no room yet.
+            return len(self.buf) - self.tail >= self.reserve
         return True
 
     def _compact(self) -> None:
         # Only reached while a write is blocked part-way with room left: move
-        # the unwritten bytes to the front. Run offsets move with them.
-        shift = self.head
-        if not shift:
+        # the unwritten bytes to the front. The cut is made at the start of
+        # the message being written, never inside one, so ``run_start`` always
+        # points at a whole message and :meth:`salvage` can walk from it.
+        start = self._written_prefix()
+        if not start:
             return
-        self.buf[0 : self.tail - shift] = self.view[shift : self.tail]
-        self.head = 0
-        self.tail -= shift
-        self.run_start -= shift
+        self.buf[0 : self.tail - start] = self.view[start : self.tail]
+        self.head -= start
+        self.tail -= start
+        self.run_start = 0
         for run in self.runs:
-            run.end -= shift
+            run.end -= start
+
+    def _written_prefix(self) -> int:
+        """Count the whole messages before ``head`` as written; return where the next begins."""
+        if not self.runs:
+            return self.head
+        pos = self.run_start
+        done = 0
+        length_at = self.length_at
+        while pos < self.head:
+            end = pos + length_at(self.buf, pos, self.tail)
+            if end > self.head:
+                break
+            pos = end
+            done += 1
+        if done:
+            first = self.runs[0]
+            first.owner.count_written(done, pos - self.run_start)
+            first.msgs -= done
+            self.written_msgs += done
+            self.run_start = pos
+        return pos
 
     def commit(self, owner: Any, new_tail: int, msgs: int) -> None:
         """Record that ``msgs`` whole messages of ``owner`` now fill ``[tail, new_tail)``."""
@@ -175,40 +202,21 @@ class Outbox:
             self.head = self.tail = self.run_start = 0
         return released
 
-    def salvage(self, length_at: Callable[[Any, int, int], int]) -> Salvage:
+    def salvage(self) -> Salvage:
         """Cut back to the first message not fully written, after a stream died.
 
         Messages before ``head`` reached the kernel and count as written; the
-        one ``head`` falls inside is re-sent from its first byte. ``length_at``
-        is the group's framing (every message here passed it on the way in).
+        one ``head`` falls inside is re-sent from its first byte.
         """
-        written = resend = cut = 0
-        if self.runs:
-            pos = self.run_start
-            first = self.runs[0]
-            msgs_done = 0
-            while pos < self.head:
-                end = pos + length_at(self.buf, pos, self.tail)
-                if end > self.head:
-                    cut = 1
-                    break
-                pos = end
-                msgs_done += 1
-            if msgs_done:
-                first.owner.count_written(msgs_done, pos - self.run_start)
-                self.written_msgs += msgs_done
-                first.msgs -= msgs_done
-                written = msgs_done
-            # Drop the written prefix: everything from pos on is re-sent.
-            keep = self.tail - pos
-            self.buf[0:keep] = self.view[pos : self.tail]
-            for run in self.runs:
-                run.end -= pos
-            self.head, self.tail, self.run_start = 0, keep, 0
-            resend = sum(r.msgs for r in self.runs)
-        else:
-            self.head = self.tail = self.run_start = 0
-        return Salvage(written, resend, cut)
+        written_before = self.written_msgs
+        pos = self._written_prefix()
+        cut = 1 if self.runs and pos < self.head else 0
+        keep = self.tail - pos
+        self.buf[0:keep] = self.view[pos : self.tail]
+        for run in self.runs:
+            run.end -= pos
+        self.head, self.tail, self.run_start = 0, keep, 0
+        return Salvage(self.written_msgs - written_before, sum(r.msgs for r in self.runs), cut)
 
     def statistics(self) -> OutboxStatistics:
         return OutboxStatistics(self.tail - self.head, sum(r.msgs for r in self.runs), len(self.owners))
@@ -244,18 +252,18 @@ class TxScheduler:
         self._connected.add(conn)
         return self._settle(conn)
 
-    def failed(self, conn: Any, length_at: Callable[[Any, int, int], int]) -> tuple[Salvage, list[Any]]:
+    def failed(self, conn: Any) -> tuple[Salvage, list[Any]]:
         """``conn``'s stream died: cut its outbox back and hand it on."""
         self._connected.discard(conn)
         self._drop_available(conn)
         self._drop_reserved(conn)
         outbox = conn.outbox
-        salvage = outbox.salvage(length_at)
+        salvage = outbox.salvage()
         wake: list[Any] = []
         if outbox.owners:
             # The slot gets an empty outbox; the old one, pins and order
             # intact, goes whole to the next available connection.
-            self.add(conn, Outbox(outbox.capacity, outbox.reserve))
+            self.add(conn, Outbox(outbox.capacity, outbox.reserve, outbox.length_at))
             outbox.conn = None
             self._orphans.append(outbox)
             while self._orphans and self._available:
@@ -332,7 +340,7 @@ class TxScheduler:
             if self.pins.get(owner) is outbox:
                 del self.pins[owner]
         wake: list[Any] = []
-        if outbox.parked and outbox.pending < outbox.capacity:
+        if outbox.parked and outbox.has_room():
             wake = outbox.parked
             outbox.parked = []
         if outbox.pending == 0:

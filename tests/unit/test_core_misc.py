@@ -1,0 +1,208 @@
+"""Steering, state tables, back-off and configuration: no sockets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kmux.errors import ConfigInvalid, IllegalTransition
+from kmuxd.backoff import Backoff
+from kmuxd.config import parse_config
+from kmuxd.states import (
+    CLIENT_TRANSITIONS,
+    CONN_TRANSITIONS,
+    ClientEvent,
+    ClientState,
+    ConnEvent,
+    ConnState,
+    StateMachine,
+)
+from kmuxd.steering import BalanceSteering
+
+# -- steering ----------------------------------------------------------------
+
+
+def drain(steering: BalanceSteering, n: int) -> list:
+    out = []
+    for _ in range(n):
+        r, quota = steering.take()
+        if r is None:
+            break
+        out.append(r)
+        steering.used(1)
+    return out
+
+
+def test_balance_gives_each_receiver_a_batch_in_turn():
+    s = BalanceSteering(batch=3)
+    for r in "abc":
+        s.add(r)
+    got = "".join(drain(s, 18))
+    assert got == "bbbcccaaa" * 2  # whole batches, the ring turning after each
+
+
+def test_blocked_receiver_is_skipped_and_comes_back():
+    s = BalanceSteering(batch=2)
+    s.add("a")
+    s.add("b")
+    s.blocked("a")
+    assert set(drain(s, 6)) == {"b"}
+    assert s.unblocked("a") is True
+    assert "a" in drain(s, 6)
+
+
+def test_receive_off_leaves_the_ring_and_no_receiver_means_none():
+    s = BalanceSteering(batch=1)
+    s.add("a")
+    s.receive_off("a")
+    assert s.take() == (None, 0)
+    # Unblocking a receiver that is not receiving does not make it ready.
+    assert s.unblocked("a") is False
+    assert s.receive_on("a") is True
+    assert s.take()[0] == "a"
+
+
+def test_blocked_receiver_turned_on_stays_out_until_unblocked():
+    s = BalanceSteering(batch=1)
+    s.add("a", receiving=False)
+    s.blocked("a")
+    assert s.receive_on("a") is False
+    assert s.take() == (None, 0)
+    assert s.unblocked("a") is True
+    assert s.statistics().ready == 1
+
+
+# -- state tables ------------------------------------------------------------
+
+
+def test_connection_lifecycle_follows_the_table():
+    sm = StateMachine(CONN_TRANSITIONS, ConnState.IDLE, "conn")
+    for ev, want in [
+        (ConnEvent.DIAL, ConnState.CONNECTING),
+        (ConnEvent.CONNECTED, ConnState.READY),
+        (ConnEvent.WRITE_BLOCKED, ConnState.BUSY),
+        (ConnEvent.WRITE_DONE, ConnState.READY),
+        (ConnEvent.FAILED, ConnState.BACKOFF),
+        (ConnEvent.RETRY, ConnState.CONNECTING),
+        (ConnEvent.DIAL_FAILED, ConnState.BACKOFF),
+        (ConnEvent.CLOSE, ConnState.CLOSED),
+    ]:
+        assert sm.fire(ev) is want
+
+
+@pytest.mark.parametrize(
+    "state,event",
+    [
+        (ConnState.IDLE, ConnEvent.CONNECTED),
+        (ConnState.BACKOFF, ConnEvent.WRITE_BLOCKED),
+        (ConnState.CONNECTING, ConnEvent.WRITE_DONE),
+        (ConnState.CLOSED, ConnEvent.DIAL),
+    ],
+)
+def test_illegal_connection_transitions_raise(state, event):
+    sm = StateMachine(CONN_TRANSITIONS, state, "conn 3")
+    with pytest.raises(IllegalTransition) as e:
+        sm.fire(event)
+    assert e.value.code == "illegal_transition"
+    assert "conn 3" in str(e.value)
+    assert sm.state is state
+
+
+def test_client_cannot_toggle_receive_before_the_handshake():
+    sm = StateMachine(CLIENT_TRANSITIONS, ClientState.HANDSHAKING, "client")
+    with pytest.raises(IllegalTransition):
+        sm.fire(ClientEvent.RECEIVE_OFF)
+    assert sm.fire(ClientEvent.ACCEPT_RECEIVING) is ClientState.RECEIVING
+    assert sm.fire(ClientEvent.RECEIVE_OFF) is ClientState.NOT_RECEIVING
+    assert sm.fire(ClientEvent.CLOSE) is ClientState.CLOSED
+
+
+# -- back-off ------------------------------------------------------------------
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets():
+    b = Backoff(0.1, 2.0, rng=random.Random(1))
+    delays = [b.next_delay() for _ in range(10)]
+    ceilings = [min(2.0, 0.1 * 2**i) for i in range(10)]
+    for d, c in zip(delays, ceilings):
+        assert c / 2 <= d <= c
+    assert b.attempt == 10
+    b.reset()
+    assert 0.05 <= b.next_delay() <= 0.1
+
+
+def test_backoff_jitter_spreads_slots():
+    delays = {round(Backoff(1.0, 1.0, rng=random.Random(i)).next_delay(), 6) for i in range(20)}
+    assert len(delays) == 20
+
+
+# -- configuration -------------------------------------------------------------
+
+GOOD = {
+    "version": 1,
+    "daemon": {"socket": "/tmp/x.sock"},
+    "groups": {"echo": {"endpoints": ["127.0.0.1:7000", "[::1]:7001"], "connections": 4, "framing": "u32be"}},
+}
+
+
+def with_(path: str, value):
+    import copy
+
+    raw = copy.deepcopy(GOOD)
+    node = raw
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return raw
+
+
+def test_good_config_parses_into_frozen_dataclasses():
+    cfg = parse_config(GOOD)
+    g = cfg.groups["echo"]
+    assert [str(e) for e in g.endpoints] == ["127.0.0.1:7000", "[::1]:7001"]
+    assert g.framing.name == "u32be" and g.max_message == 1048576 and g.steering == "balance"
+    with pytest.raises(Exception):
+        g.connections = 5  # frozen
+
+
+@pytest.mark.parametrize(
+    "path,value,where",
+    [
+        ("groups.echo.connections", 0, "groups.echo.connections"),
+        ("groups.echo.connections", "4", "groups.echo.connections"),
+        ("groups.echo.conections", 4, "groups.echo.conections"),
+        ("groups.echo.endpoints", ["127.0.0.1:7000", "nohost"], "groups.echo.endpoints[1]"),
+        ("groups.echo.endpoints", ["127.0.0.1:70000"], "groups.echo.endpoints[0]"),
+        ("groups.echo.endpoints", ["[zz::1]:80"], "groups.echo.endpoints[0]"),
+        ("groups.echo.framing", {"length_size": 3}, "groups.echo.framing.length_size"),
+        ("groups.echo.framing", "u24", "groups.echo.framing"),
+        ("groups.echo.steering", "random", "groups.echo.steering"),
+        ("groups.echo.max_message", 10**9, "groups.echo.max_message"),
+        ("groups.echo.assembly_timeout", -1, "groups.echo.assembly_timeout"),
+        ("groups.echo.reconnect_initial", 60.0, "groups.echo.reconnect_initial"),
+        ("daemon.socket_mode", "rw", "daemon.socket_mode"),
+        ("daemon.socket", "/" + "x" * 200, "daemon.socket"),
+        ("daemon.max_clientz", 3, "daemon.max_clientz"),
+        ("version", 2, "version"),
+    ],
+)
+def test_bad_config_names_the_exact_key(path, value, where):
+    with pytest.raises(ConfigInvalid) as e:
+        parse_config(with_(path, value))
+    assert e.value.path == where
+    assert e.value.code == "config_invalid"
+    assert str(e.value).count(where) >= 1
+
+
+def test_bad_group_name_and_missing_groups():
+    with pytest.raises(ConfigInvalid) as e:
+        parse_config({"version": 1, "groups": {"bad name": {"endpoints": ["127.0.0.1:1"]}}})
+    assert e.value.path == "groups.bad name"
+    with pytest.raises(ConfigInvalid) as e:
+        parse_config({"version": 1, "groups": {}})
+    assert e.value.path == "groups"
+    with pytest.raises(ConfigInvalid) as e:
+        parse_config({"version": 1, "groups": {"g": {}}})
+    assert e.value.path == "groups.g.endpoints"
