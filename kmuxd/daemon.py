@@ -9,6 +9,7 @@ drain for at most ``shutdown_grace`` seconds, then cancel everything.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -55,7 +56,10 @@ class Daemon:
                     break
 
     async def stop(self, nursery: trio.Nursery) -> None:
+        self.server.stop_accepting()
+        trio.lowlevel.notify_closing(self.listener)
         self.listener.close()
+        _unlink_socket(self.config.daemon.socket)
         self.server.stop_reading()
         grace = self.config.daemon.shutdown_grace
         with trio.move_on_after(grace):
@@ -69,6 +73,13 @@ class Daemon:
             self.log.info("group_final", group=s.name, tx_msgs=s.tx_msgs, tx_bytes=s.tx_bytes,
                           rx_msgs=s.rx_msgs, rx_bytes=s.rx_bytes, tx_retries=s.tx_retries)
         nursery.cancel_scope.cancel()
+
+
+def _unlink_socket(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def run(config: Config) -> None:

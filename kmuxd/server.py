@@ -71,6 +71,7 @@ class Server:
         self._handshaking = 0
         self.accepted = 0
         self.refused = 0
+        self._accept_scope: trio.CancelScope | None = None
 
     @property
     def client_count(self) -> int:
@@ -78,21 +79,30 @@ class Server:
 
     async def serve(self, listener: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            task_status.started()
+            with trio.CancelScope() as self._accept_scope:
+                task_status.started()
+                await self._accept_loop(listener, nursery)
+            # Accepting stopped; the nursery now waits for sessions to end.
+
+    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
             while True:
-                await trio.lowlevel.wait_readable(listener)
-                while True:
-                    try:
-                        sock, _ = listener.accept()
-                    except BlockingIOError:
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                        self.log.error("accept_out_of_capacity", error=os.strerror(exc.errno))
+                        await trio.sleep(ACCEPT_CAPACITY_SLEEP)
                         break
-                    except OSError as exc:
-                        if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                            self.log.error("accept_out_of_capacity", error=os.strerror(exc.errno))
-                            await trio.sleep(ACCEPT_CAPACITY_SLEEP)
-                            break
-                        raise
-                    nursery.start_soon(self._client, sock)
+                    raise
+                nursery.start_soon(self._client, sock)
+
+    def stop_accepting(self) -> None:
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
 
     def stop_reading(self) -> None:
         """Graceful stop: take no more messages from any client."""

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ClientSession", "ClientStatistics", "PeerCred"]
 
-_MSG_TRUNC = socket.MSG_TRUNC
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: IntFlag & costs ~1 µs per packet
 # Reasons a pull stops.
 _EMPTY, _FULL, _TURN, _EOF = range(4)
 
