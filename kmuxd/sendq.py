@@ -37,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-__all__ = ["Outbox", "TxScheduler", "Owner", "OutboxStatistics", "Salvage"]
+__all__ = ["BASE", "Outbox", "TxScheduler", "Owner", "OutboxStatistics", "Salvage"]
 
 
 class Owner(Protocol):
@@ -77,12 +77,23 @@ class Salvage:
     cut_msgs: int
 
 
+#: Messages start at this offset: ``buf[BASE - 1]`` is a scratch byte, so
+#: the byte before ``tail`` always exists (see :class:`Outbox`).
+BASE = 1
+
+
 class Outbox:
     """A batch of whole messages for one stream, in a buffer allocated once.
 
     ``capacity`` is the batching limit (bytes queued before the outbox
     reports no room); ``reserve`` is the space one more packet may need, so
     a receive straight into :attr:`view` never truncates a legal message.
+
+    The shell receives a packet (kind byte + message) at ``tail - 1``, so
+    the message lands at ``tail`` with one plain ``recv_into``; it saves
+    and restores the byte the kind overwrote. That byte is the scratch
+    byte at ``BASE - 1`` when the outbox is empty, which is why offsets
+    start at :data:`BASE`.
     """
 
     __slots__ = (
@@ -91,14 +102,14 @@ class Outbox:
     )
 
     def __init__(self, capacity: int, reserve: int, length_at: Callable[[Any, int, int], int]) -> None:
-        self.buf = bytearray(capacity + reserve)
+        self.buf = bytearray(BASE + capacity + reserve)
         self.view = memoryview(self.buf)
-        self.head = 0  # written up to here
-        self.tail = 0  # filled up to here
+        self.head = BASE  # written up to here
+        self.tail = BASE  # filled up to here
         self.capacity = capacity
         self.reserve = reserve
         self.runs: deque[_Run] = deque()
-        self.run_start = 0  # where runs[0] begins (it may be partly written)
+        self.run_start = BASE  # where runs[0] begins (it may be partly written)
         #: owner -> number of its runs in this outbox (it is pinned while > 0)
         self.owners: dict[Any, int] = {}
         #: pinned owners waiting for room here
@@ -133,14 +144,15 @@ class Outbox:
         # the message being written, never inside one, so ``run_start`` always
         # points at a whole message and :meth:`salvage` can walk from it.
         start = self._written_prefix()
-        if not start:
+        shift = start - BASE
+        if shift <= 0:
             return
-        self.buf[0 : self.tail - start] = self.view[start : self.tail]
-        self.head -= start
-        self.tail -= start
-        self.run_start = 0
+        self.buf[BASE : self.tail - shift] = self.view[start : self.tail]
+        self.head -= shift
+        self.tail -= shift
+        self.run_start = BASE
         for run in self.runs:
-            run.end -= start
+            run.end -= shift
 
     def _written_prefix(self) -> int:
         """Count the whole messages before ``head`` as written; return where the next begins."""
@@ -199,7 +211,7 @@ class Outbox:
                 self.unreserved_count += 1
                 released.append(run.owner)
         if head == self.tail:
-            self.head = self.tail = self.run_start = 0
+            self.head = self.tail = self.run_start = BASE
         return released
 
     def salvage(self) -> Salvage:
@@ -211,11 +223,12 @@ class Outbox:
         written_before = self.written_msgs
         pos = self._written_prefix()
         cut = 1 if self.runs and pos < self.head else 0
-        keep = self.tail - pos
-        self.buf[0:keep] = self.view[pos : self.tail]
+        shift = pos - BASE
+        self.buf[BASE : self.tail - shift] = self.view[pos : self.tail]
         for run in self.runs:
-            run.end -= pos
-        self.head, self.tail, self.run_start = 0, keep, 0
+            run.end -= shift
+        self.head, self.run_start = BASE, BASE
+        self.tail -= shift
         return Salvage(self.written_msgs - written_before, sum(r.msgs for r in self.runs), cut)
 
     def statistics(self) -> OutboxStatistics:

@@ -167,7 +167,13 @@ class ClientSession:
                     await trio.lowlevel.checkpoint()
 
     def _pull(self, conn) -> int:
-        """Receive packets into ``conn.outbox`` until empty, full or our turn is up."""
+        """Receive packets into ``conn.outbox`` until empty, full or our turn is up.
+
+        The hot loop of the send path: one ``recv_into`` per packet, straight
+        into the outbox, the length header checked in place. The packet lands
+        at ``tail - 1`` so its kind byte overwrites the last byte before the
+        message, which is saved and put back (see :class:`~kmuxd.sendq.Outbox`).
+        """
         group = self.group
         cfg = group.cfg
         outbox = conn.outbox
@@ -176,9 +182,12 @@ class ClientSession:
         bufsize = len(buf)
         head, capacity, reserve = outbox.head, outbox.capacity, outbox.reserve
         tail = outbox.tail
-        recvmsg_into = self.sock.recvmsg_into
-        kind = self._kind
-        length_at = cfg.framing._length_at
+        recv_into = self.sock.recv_into
+        framing = cfg.framing
+        fixed = framing.fixed_field
+        if fixed is not None:
+            unpack_from, offset, header_end, adjust = fixed
+        length_at = framing._length_at
         max_message = cfg.max_message
         turn = cfg.client_turn
         msgs = 0
@@ -187,49 +196,59 @@ class ClientSession:
             if tail - head >= capacity or bufsize - tail < reserve:
                 status = _FULL
                 break
+            saved = buf[tail - 1]
             try:
-                n, _, flags, _ = recvmsg_into([kind, view[tail:]])
+                # MSG_TRUNC: n is the packet's real length even if it did not fit.
+                n = recv_into(view[tail - 1 :], 0, _MSG_TRUNC)
             except BlockingIOError:
                 status = _EMPTY
                 break
             except OSError:
                 status = _EOF
                 break
+            finally:
+                kind = buf[tail - 1]
+                buf[tail - 1] = saved
             if n == 0:
                 status = _EOF
                 break
             size = n - 1
-            if kind[0] == KIND_DATA:
+            if kind == KIND_DATA:
                 self.seq += 1
-                if size > max_message or flags & _MSG_TRUNC:
+                if size > max_message or tail + size > bufsize:
                     self._refuse(MessageTooBig(f"message is over the group's max_message of {max_message} bytes"))
                     continue
-                try:
-                    total = length_at(buf, tail, tail + size)
-                except RemoteBadHeader as exc:
-                    self._refuse(BadFrame(f"bad length header: {exc.message}"))
-                    continue
+                if fixed is not None:
+                    total = unpack_from(buf, tail + offset)[0] + adjust if size >= header_end else NEED_MORE
+                else:
+                    try:
+                        total = length_at(buf, tail, tail + size)
+                    except RemoteBadHeader as exc:
+                        self._refuse(BadFrame(f"bad length header: {exc.message}"))
+                        continue
                 if total != size:
-                    if total == NEED_MORE:
-                        why = f"{size}-byte message is too short for a {cfg.framing.name} header"
-                    else:
-                        why = f"{cfg.framing.name} header announces {total} bytes, the message has {size}"
-                    self._refuse(BadFrame(why))
+                    self._refuse(BadFrame(self._mismatch(size, total)))
                     continue
                 tail += size
                 msgs += 1
             else:
-                self._packet(kind[0], bytes(view[tail : tail + size]), flags)
+                self._packet(kind, bytes(view[tail : tail + size]), tail + size > bufsize)
         self.accepted += msgs
         group.after_tx(group.tx.committed(self, conn, tail, msgs))
         if msgs:
             conn.flush_nowait()
         return status
 
-    def _packet(self, kind: int, body: bytes, flags: int) -> None:
+    def _mismatch(self, size: int, total: int) -> str:
+        name = self.group.cfg.framing.name
+        if total == NEED_MORE:
+            return f"{size}-byte message is too short for a {name} header"
+        return f"{name} header announces {total} bytes, the message has {size}"
+
+    def _packet(self, kind: int, body: bytes, truncated: bool) -> None:
         """A non-DATA packet: rare, so clarity over speed."""
         try:
-            if flags & _MSG_TRUNC:
+            if truncated:
                 raise BadPacket("packet truncated: larger than max_message + 1")
             if kind == KIND_CONTROL:
                 control = decode_control(body)

@@ -59,6 +59,9 @@ class Framing:
     length_order: str = "big"
     length_adjust: int = 4
     _length_at: Callable[[Any, int, int], int] = field(init=False, repr=False, compare=False)
+    #: For fixed framings, ``(unpack_from, length_offset, header_end, length_adjust)``
+    #: so a hot loop can read the length inline; None for varint.
+    fixed_field: tuple | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         if self.kind == "varint":
@@ -75,6 +78,9 @@ class Framing:
         if not -(2**31) <= self.length_adjust <= 2**31:
             raise ValueError(f"length_adjust out of range: {self.length_adjust!r}")
         object.__setattr__(self, "_length_at", _fixed_length_at(self))
+        unpack_from = struct.Struct(_ORDERS[self.length_order] + _STRUCT_CODES[self.length_size]).unpack_from
+        header_end = self.length_offset + self.length_size
+        object.__setattr__(self, "fixed_field", (unpack_from, self.length_offset, header_end, self.length_adjust))
 
     # -- construction ------------------------------------------------------
 
