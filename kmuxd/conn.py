@@ -41,6 +41,8 @@ __all__ = ["ConnSlot", "ConnStatistics"]
 #: A connection that stayed up this long resets the back-off schedule, so a
 #: server that accepts and immediately closes cannot cause a dial storm.
 STABLE_AFTER = 5.0
+#: Offset of received bytes in the receive buffer (one free byte before them).
+RX_BASE = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +88,15 @@ class ConnSlot:
         self.sock: socket.socket | None = None
         # Receive side: one buffer for the slot's life; a partial message of
         # up to max_message always fits after compaction.
-        self.rbuf = bytearray(cfg.read_buffer + cfg.max_message)
+        # Bytes start at RX_BASE: the byte before any unsteered message is
+        # free (a steered message's last byte, or this scratch byte), so the
+        # steering loop writes the DATA kind byte there and sends the packet
+        # with one plain send().
+        self.rbuf = bytearray(RX_BASE + cfg.read_buffer + cfg.max_message)
         self.rview = memoryview(self.rbuf)
-        self.rhead = 0  # first byte not yet steered
-        self.rtail = 0  # end of received bytes
-        self.rparsed = 0  # end of complete messages found (>= rhead)
+        self.rhead = RX_BASE  # first byte not yet steered
+        self.rtail = RX_BASE  # end of received bytes
+        self.rparsed = RX_BASE  # end of complete messages found (>= rhead)
         self.rends: list[int] = []  # ends of parsed, undelivered messages
         self.decoder = FrameDecoder(cfg.framing, cfg.max_message)
         self._partial_since: float | None = None
@@ -151,7 +157,7 @@ class ConnSlot:
     async def _carry(self, sock: socket.socket, backoff: Backoff, task_status) -> None:
         self.sock = sock
         self._error = None
-        self.rhead = self.rtail = self.rparsed = 0
+        self.rhead = self.rtail = self.rparsed = RX_BASE
         self.rends = []
         self._partial_since = None
         self._connected_at = time.monotonic()
@@ -307,7 +313,7 @@ class ConnSlot:
                 if self.rtail > self.rparsed and self._partial_since is None:
                     self._partial_since = time.monotonic()
                 if self.rhead == self.rtail:
-                    self.rhead = self.rtail = self.rparsed = 0
+                    self.rhead = self.rtail = self.rparsed = RX_BASE
                 elif size - self.rtail < cfg.read_buffer // 4:
                     self._compact()
                 try:
@@ -329,13 +335,12 @@ class ConnSlot:
 
     def _compact(self) -> None:
         # Undelivered messages and the partial one move to the front.
-        shift = self.rhead
+        shift = self.rhead - RX_BASE
         if not shift:
             return
-        keep = self.rtail - shift
-        self.rbuf[0:keep] = self.rview[shift : self.rtail]
-        self.rhead = 0
-        self.rtail = keep
+        self.rbuf[RX_BASE : self.rtail - shift] = self.rview[self.rhead : self.rtail]
+        self.rhead = RX_BASE
+        self.rtail -= shift
         self.rparsed -= shift
         self.rends = [e - shift for e in self.rends]
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from kmux.errors import BadFrame, BadPacket
-from kmux.protocol import DATA_PREFIX
+from kmux.protocol import DATA_PREFIX, KIND_DATA
 
 from .config import DaemonConfig, GroupConfig
 from .conn import ConnSlot, ConnStatistics
@@ -145,6 +145,7 @@ class Group:
     def steer(self, slot: ConnSlot) -> bool:
         """Hand the slot's parsed messages to ready receivers. False if some remain."""
         ends = slot.rends
+        buf = slot.rbuf
         view = slot.rview
         pos = slot.rhead
         i = 0
@@ -155,13 +156,16 @@ class Group:
             receiver, quota = steering.take()
             if receiver is None:
                 break
-            sendmsg = receiver.sock.sendmsg
+            send = receiver.sock.send
             k = 0
             start = pos
             try:
                 while k < quota and i < count:
                     end = ends[i]
-                    sendmsg([DATA_PREFIX, view[pos:end]])
+                    # The byte before the message is already steered (or the
+                    # slot's scratch byte): the kind byte goes there.
+                    buf[pos - 1] = KIND_DATA
+                    send(view[pos - 1 : end])
                     pos = end
                     i += 1
                     k += 1
