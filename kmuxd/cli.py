@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(config)
     except OSError as exc:
-        print(f"kmuxd: {exc}", file=sys.stderr)
+        print(f"kmuxd: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -228,7 +228,6 @@ class ConnSlot:
         cut_before = self.outbox.pending
         self.sm.fire(ConnEvent.FAILED)
         salvage, wake = group.tx.failed(self)
-        self.tx_msgs += salvage.written_msgs
         if salvage.cut_msgs:
             self.tx_aborts += 1
         group.tx_retries += salvage.resend_msgs
@@ -263,9 +262,7 @@ class ConnSlot:
             except OSError as exc:
                 self.fail(exc)
                 return
-            msgs_before = outbox.written_msgs
             wake = group.tx.written(self, n)
-            self.tx_msgs += outbox.written_msgs - msgs_before
             self.tx_bytes += n
             group.after_tx(wake)
             if outbox is not self.outbox:  # adoption/failure swapped outboxes meanwhile
@@ -328,10 +325,16 @@ class ConnSlot:
                 if ends:
                     self.rends = ends
                     self.rparsed = consumed
-                if consumed == self.rtail:
+                    # The partial message (if any) completed; a new one may
+                    # have begun in this read: its clock starts now.
                     self._partial_since = None
-                elif pending > 0 and self.rparsed + pending > size:
-                    self._compact()
+                if consumed < self.rtail:
+                    if self._partial_since is None:
+                        self._partial_since = time.monotonic()
+                    if pending > 0 and self.rparsed + pending > size:
+                        self._compact()
+                else:
+                    self._partial_since = None
 
     def _compact(self) -> None:
         # Undelivered messages and the partial one move to the front.

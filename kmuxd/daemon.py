@@ -36,11 +36,15 @@ class Daemon:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         t0 = time.monotonic()
+        # Bind first: a second daemon on the same socket fails before it
+        # dials anything, and apps that connect while groups dial wait in
+        # the listen backlog instead of failing.
+        self.listener = bind_seqpacket(self.config.daemon.socket, self.config.daemon.socket_mode)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
-                for group in self.groups.values():
-                    await nursery.start(group.run)
-                self.listener = bind_seqpacket(self.config.daemon.socket, self.config.daemon.socket_mode)
+                async with trio.open_nursery() as starting:  # groups dial in parallel
+                    for group in self.groups.values():
+                        starting.start_soon(nursery.start, group.run)
                 await nursery.start(self.server.serve, self.listener)
                 self.log.info(
                     "ready",

@@ -27,7 +27,8 @@ go, following KCM:
    swapping outboxes, so pinned clients keep their order with no copying.
 
 Owners (clients) are opaque here, except that they are told
-``count_written(msgs, nbytes)`` when their messages have been written.
+``count_written(msgs, nbytes)`` when their messages have been written;
+connections are opaque except for ``outbox`` and a ``tx_msgs`` counter.
 This module does no I/O and imports neither ``socket`` nor ``trio``.
 """
 
@@ -171,7 +172,7 @@ class Outbox:
             first = self.runs[0]
             first.owner.count_written(done, pos - self.run_start)
             first.msgs -= done
-            self.written_msgs += done
+            self._count(done)
             self.run_start = pos
         return pos
 
@@ -201,7 +202,7 @@ class Outbox:
         while runs and runs[0].end <= head:
             run = runs.popleft()
             run.owner.count_written(run.msgs, run.end - self.run_start)
-            self.written_msgs += run.msgs
+            self._count(run.msgs)
             self.run_start = run.end
             left = self.owners[run.owner] - 1
             if left:
@@ -213,6 +214,13 @@ class Outbox:
         if head == self.tail:
             self.head = self.tail = self.run_start = BASE
         return released
+
+    def _count(self, msgs: int) -> None:
+        # Whoever completes messages (a write, a compaction, a salvage), the
+        # connection carrying the outbox at that moment is credited.
+        self.written_msgs += msgs
+        if self.conn is not None:
+            self.conn.tx_msgs += msgs
 
     def salvage(self) -> Salvage:
         """Cut back to the first message not fully written, after a stream died.

@@ -54,10 +54,13 @@ def bind_seqpacket(path: str, mode: int, backlog: int = 4096) -> socket.socket:
     old = os.umask(0o177)
     try:
         sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"{path}: {exc.strerror}") from None
     finally:
         os.umask(old)
-    os.chmod(path, mode)
-    sock.listen(backlog)
     return sock
 
 
@@ -157,8 +160,6 @@ class Server:
         daemon = self.config.daemon
         cred = PeerCred.of(sock)
         try:
-            if len(self._sessions) >= daemon.max_clients:
-                raise TooManyClients(f"the daemon serves at most {daemon.max_clients} clients")
             packet = None
             with trio.move_on_after(daemon.handshake_timeout):
                 while packet is None:
@@ -174,6 +175,11 @@ class Server:
             if flags & socket.MSG_TRUNC:
                 raise HandshakeInvalid(f"hello is over {HANDSHAKE_MAX} bytes")
             hello = decode_hello(packet)
+            # Checked after reading the hello, so the refusal is an answer to
+            # it: closing before the hello arrives would give the client
+            # EPIPE instead of the reason.
+            if len(self._sessions) >= daemon.max_clients:
+                raise TooManyClients(f"the daemon serves at most {daemon.max_clients} clients")
             group = self.groups.get(hello.group)
             if group is None:
                 raise UnknownGroup(f"no group {hello.group!r} (groups: {', '.join(sorted(self.groups))})")

@@ -39,7 +39,8 @@ class Conn:
     def __init__(self, name: str) -> None:
         self.name = name
         self.outbox: Outbox | None = None
-        self.wire = bytearray()  # what a TCP peer would have received
+        self.wire = bytearray()
+        self.tx_msgs = 0  # what a TCP peer would have received
 
     def __repr__(self) -> str:
         return f"Conn({self.name})"
