@@ -9,6 +9,7 @@ back to a default.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import tomllib
@@ -63,6 +64,11 @@ class DaemonConfig:
     socket: str = "/run/kmuxd/kmuxd.sock"
     #: File mode of the socket when kmuxd binds it itself.
     socket_mode: int = 0o660
+    #: SOCK_SEQPACKET control socket for kmux-cli (stats, reconnect, drain,
+    #: reload). Default: control.sock in the directory of ``socket``.
+    control_socket: str = "/run/kmuxd/control.sock"
+    #: Group allowed to use the control socket (mode 0660); empty: root only (0600).
+    control_group: str = ""
     #: Most clients attached at once; more are refused with too_many_clients.
     max_clients: int = 1024
     #: Seconds a new client may take to send its hello.
@@ -161,16 +167,34 @@ def seqpacket_message_limit() -> int | None:
     return 2 * wmem_max - 4096
 
 
+def _socket_path(v: Any, path: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigInvalid(path, "must be a non-empty path")
+    if len(v.encode()) > 107:
+        raise ConfigInvalid(path, "Unix socket paths are limited to 107 bytes")
+    return v
+
+
 def _parse_daemon(raw: dict[str, Any]) -> DaemonConfig:
     p = "daemon"
     _no_unknown(raw, p, set(DaemonConfig.__dataclass_fields__))
     kw: dict[str, Any] = {}
     if "socket" in raw:
-        if not isinstance(raw["socket"], str) or not raw["socket"]:
-            raise ConfigInvalid(f"{p}.socket", "must be a non-empty path")
-        if len(raw["socket"].encode()) > 107:
-            raise ConfigInvalid(f"{p}.socket", "Unix socket paths are limited to 107 bytes")
-        kw["socket"] = raw["socket"]
+        kw["socket"] = _socket_path(raw["socket"], f"{p}.socket")
+    if "control_socket" in raw:
+        kw["control_socket"] = _socket_path(raw["control_socket"], f"{p}.control_socket")
+    if "control_group" in raw:
+        group = raw["control_group"]
+        if not isinstance(group, str):
+            raise ConfigInvalid(f"{p}.control_group", f"must be a group name, not {group!r}")
+        if group:
+            import grp
+
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                raise ConfigInvalid(f"{p}.control_group", f"no such group {group!r} on this system") from None
+        kw["control_group"] = group
     if "socket_mode" in raw:
         mode = raw["socket_mode"]
         if isinstance(mode, str) and re.fullmatch(r"0?[0-7]{3}", mode):
@@ -250,7 +274,12 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:
         raise ConfigInvalid("version", f"is required (this kmuxd reads version {CONFIG_VERSION})")
     if raw["version"] != CONFIG_VERSION:
         raise ConfigInvalid("version", f"must be {CONFIG_VERSION}, not {raw['version']!r}")
-    daemon = _parse_daemon(_table(raw.get("daemon", {}), "daemon"))
+    daemon_raw = _table(raw.get("daemon", {}), "daemon")
+    daemon = _parse_daemon(daemon_raw)
+    if "control_socket" not in daemon_raw:
+        daemon = dataclasses.replace(daemon, control_socket=str(Path(daemon.socket).parent / "control.sock"))
+    if daemon.control_socket == daemon.socket:
+        raise ConfigInvalid("daemon.control_socket", "must differ from daemon.socket")
     groups_raw = _table(raw.get("groups", {}), "groups")
     if not groups_raw:
         raise ConfigInvalid("groups", "at least one group is required")

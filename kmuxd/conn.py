@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from kmux.errors import ConnectFailed, ConnectionLost, KmuxError, RemoteAssemblyTimeout
+from kmux.errors import ConnectFailed, ConnectionLost, DrainTimeout, KmuxError, RemoteAssemblyTimeout
 from kmux.framing import FrameDecoder
 
 from .backoff import Backoff
 from .config import Endpoint
 from .log import RateLimit
+from .tcpinfo import TcpInfo, read_tcp_info
 from .states import CONN_TRANSITIONS, CONNECTED_STATES, ConnEvent, ConnState, StateMachine
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ __all__ = ["ConnSlot", "ConnStatistics"]
 #: A connection that stayed up this long resets the back-off schedule, so a
 #: server that accepts and immediately closes cannot cause a dial storm.
 STABLE_AFTER = 5.0
+#: How often a draining connection checks whether its queue is empty, seconds.
+DRAIN_POLL = 0.01
 #: Offset of received bytes in the receive buffer (one free byte before them).
 RX_BASE = 1
 
@@ -74,6 +77,8 @@ class ConnStatistics:
     reconnects: int
     dial_failures: int
     last_error: str | None
+    #: The kernel's TCP_INFO for the live connection (None when not connected).
+    tcp: TcpInfo | None
 
 
 class ConnSlot:
@@ -100,7 +105,11 @@ class ConnSlot:
         self.rends: list[int] = []  # ends of parsed, undelivered messages
         self.decoder = FrameDecoder(cfg.framing, cfg.max_message)
         self._partial_since: float | None = None
-        self._scope: trio.CancelScope | None = None
+        self._scope: trio.CancelScope | None = None  # the live connection's tasks
+        self._run_scope = trio.CancelScope()  # the whole slot (retire cancels it)
+        self._redial_now = False
+        self._retiring = False
+        self._closed = trio.Event()  # set when the current TCP connection is closed
         self._write_wanted = trio.Event()
         self._error: BaseException | None = None
         self._connected_at = 0.0
@@ -124,39 +133,110 @@ class ConnSlot:
         return self.sm.state in CONNECTED_STATES
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Keep this slot connected until cancelled. Reports started after the first dial."""
+        """Keep this slot connected until retired or cancelled.
+
+        Reports started after the first dial, whether it connected or not.
+        """
         cfg = self.group.cfg
         backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max)
         self.sm.fire(ConnEvent.DIAL)
         started = False
-        while True:
-            try:
-                sock = await self._dial()
-            except (OSError, ConnectFailed) as exc:
-                self.dial_failures += 1
-                self.last_error = _describe(exc)
-                self.sm.fire(ConnEvent.DIAL_FAILED)
-                if self._dial_log.allow():
-                    self.log.warning(
-                        "dial_failed",
-                        error=self.last_error,
-                        attempt=backoff.attempt + 1,
-                        suppressed=self._dial_log.take_suppressed(),
-                    )
-                if not started:
-                    started = True
-                    task_status.started()
-                await trio.sleep(backoff.next_delay())
+        with trio.CancelScope() as self._run_scope:
+            while True:
+                try:
+                    sock = await self._dial()
+                except (OSError, ConnectFailed) as exc:
+                    self.dial_failures += 1
+                    self.last_error = _describe(exc)
+                    self.sm.fire(ConnEvent.DIAL_FAILED)
+                    if self._dial_log.allow():
+                        self.log.warning(
+                            "dial_failed",
+                            error=self.last_error,
+                            attempt=backoff.attempt + 1,
+                            suppressed=self._dial_log.take_suppressed(),
+                        )
+                    if not started:
+                        started = True
+                        task_status.started()
+                    await trio.sleep(backoff.next_delay())
+                    self.sm.fire(ConnEvent.RETRY)
+                    continue
+                await self._carry(sock, backoff, task_status if not started else None)
+                started = True
+                if self._retiring:
+                    break
+                if self._redial_now:
+                    # An operator asked for this: no back-off.
+                    self._redial_now = False
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await trio.sleep(backoff.next_delay())
                 self.sm.fire(ConnEvent.RETRY)
-                continue
-            await self._carry(sock, backoff, task_status if not started else None)
-            started = True
-            await trio.sleep(backoff.next_delay())
-            self.sm.fire(ConnEvent.RETRY)
+        if self.sm.state is not ConnState.CLOSED:
+            self.sm.fire(ConnEvent.CLOSE)
+
+    # -- operator actions ------------------------------------------------------
+
+    def reconnect(self) -> bool:
+        """Close the live connection and dial again at once. False if not connected."""
+        if not self.connected:
+            return False
+        self._redial_now = True
+        self.fail(ConnectionLost("reconnect requested by an operator"), requested=True)
+        return True
+
+    async def drain(self, timeout: float, *, retire: bool = False) -> tuple[int, int]:
+        """Write everything queued here, taking nothing new, then replace (or retire) the connection.
+
+        Returns (messages, bytes) written meanwhile. Raises DrainTimeout if
+        the queue did not empty in time; the connection then stays in service.
+        """
+        if not self.connected:
+            if retire:
+                self._run_scope.cancel()
+            return 0, 0
+        group = self.group
+        msgs0, bytes0 = self.tx_msgs, self.tx_bytes
+        deadline = trio.current_time() + timeout
+        self.sm.fire(ConnEvent.DRAIN)
+        group.after_tx(group.tx.retire(self))
+        with trio.move_on_at(deadline) as scope:
+            while self.connected and (self.outbox.pending or self.outbox.owners):
+                await trio.sleep(DRAIN_POLL)
+        if scope.cancelled_caught and self.connected:
+            self.sm.fire(ConnEvent.DRAIN_ABORTED)
+            group.after_tx(group.tx.connected(self))
+            raise DrainTimeout(
+                f"conn {self.index} still had {self.outbox.pending} bytes queued after {timeout}s; it stays in service"
+            )
+        closed = self._closed
+        if retire:
+            self._retiring = True
+        else:
+            self._redial_now = True  # replaced at once, without back-off
+        if self.connected:
+            # Let the service finish what it is answering: half-close, then
+            # read until it closes (or the rest of the timeout runs out).
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            with trio.move_on_at(deadline):
+                await closed.wait()
+            if self.connected:
+                self.sm.fire(ConnEvent.DRAINED)
+                self._scope.cancel()
+        await closed.wait()
+        if retire:
+            self._run_scope.cancel()
+        self.log.info("drained", msgs=self.tx_msgs - msgs0, bytes=self.tx_bytes - bytes0, retire=retire)
+        return self.tx_msgs - msgs0, self.tx_bytes - bytes0
 
     async def _carry(self, sock: socket.socket, backoff: Backoff, task_status) -> None:
         self.sock = sock
         self._error = None
+        self._closed = trio.Event()
         self.rhead = self.rtail = self.rparsed = RX_BASE
         self.rends = []
         self._partial_since = None
@@ -182,6 +262,7 @@ class ConnSlot:
             trio.lowlevel.notify_closing(sock)
             sock.close()
             self.sock = None
+            self._closed.set()
         if time.monotonic() - self._connected_at >= STABLE_AFTER:
             backoff.reset()
 
@@ -189,7 +270,8 @@ class ConnSlot:
         try:
             await task()
         except (OSError, KmuxError) as exc:
-            self.fail(exc)
+            # While draining, the service closing its side is the expected end.
+            self.fail(exc, requested=self.sm.state is ConnState.DRAINING)
 
     async def _dial(self) -> socket.socket:
         cfg = self.group.cfg
@@ -218,7 +300,7 @@ class ConnSlot:
         assert scope.cancelled_caught
         raise ConnectFailed(f"connect to {self.endpoint} timed out after {cfg.connect_timeout}s")
 
-    def fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException, *, requested: bool = False) -> None:
         """The stream is unusable: salvage the outbox now, then stop its tasks."""
         if not self.connected:
             return
@@ -232,8 +314,8 @@ class ConnSlot:
             self.tx_aborts += 1
         group.tx_retries += salvage.resend_msgs
         group.after_tx(wake)
-        self.log.warning(
-            "connection_failed",
+        (self.log.info if requested else self.log.warning)(
+            "connection_closed" if requested else "connection_failed",
             error=self.last_error,
             error_code=getattr(exc, "code", "os_error"),
             resend_msgs=salvage.resend_msgs,
@@ -376,6 +458,7 @@ class ConnSlot:
             reconnects=max(0, self.connections_made - 1),
             dial_failures=self.dial_failures,
             last_error=self.last_error,
+            tcp=read_tcp_info(sock) if sock else None,
         )
 
 

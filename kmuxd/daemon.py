@@ -1,69 +1,158 @@
-"""The daemon: one nursery holding every group and the listener.
+"""The daemon: one nursery holding every group, the apps' listener and the control socket.
 
-Start-up order is the readiness contract: groups dial first (each reports
-started once every slot has connected or failed once), then the socket
-listens, then ``ready`` is logged (and, with the systemd issue, READY=1).
-SIGTERM/SIGINT stop gracefully: stop reading clients, let queued messages
-drain for at most ``shutdown_grace`` seconds, then cancel everything.
+Start-up order is the readiness contract: both sockets are bound first (a
+second daemon fails before dialling anything; apps that connect early wait
+in the backlog), then groups dial in parallel (each reports started once
+every slot has connected or failed once), then the sockets are served and
+``ready`` is logged (with the systemd issue: READY=1).
+
+Signals: SIGTERM/SIGINT stop gracefully (stop accepting and reading, flush
+queued messages for at most ``shutdown_grace``, exit); SIGHUP reloads the
+configuration, like the control socket's ``reload``.
+
+Reload: the new file is validated first; if it is invalid, or changes what
+needs a restart (the sockets), nothing changes. Otherwise groups are
+compared: new ones start, removed ones retire (clients released, queues
+flushed), ones that differ only in ``connections`` grow or shrink in place,
+ones that differ otherwise are replaced (new clients join the new group,
+the old one retires), and unchanged groups are not touched at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
+from dataclasses import dataclass
 
 import trio
 
-from .config import Config
+from kmux.errors import ConfigInvalid, KmuxError, ReloadRefused, UnknownGroup
+
+from . import __version__
+from .config import Config, GroupConfig, load_config
+from .control import ControlRequest, ControlServer, bind_control, to_wire
 from .group import Group
 from .log import get_logger
 from .server import Server, bind_seqpacket
 
-__all__ = ["Daemon", "run"]
+__all__ = ["Daemon", "DaemonStatistics", "run"]
 
-#: How often a stopping daemon checks whether queues have drained.
+#: How often a stopping daemon checks whether queues have drained, seconds.
 DRAIN_POLL = 0.02
+#: Daemon settings a reload cannot change (the sockets are already bound).
+RESTART_ONLY = ("socket", "socket_mode", "control_socket", "control_group")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonStatistics:
+    version: str
+    pid: int
+    #: Seconds since start.
+    uptime: float
+    config: str
+    socket: str
+    control_socket: str
+    clients: int
+    groups: int
+    reloads: int
+    reload_failures: int
+    last_reload_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    resized: tuple[str, ...]
+    replaced: tuple[str, ...]
+    unchanged: tuple[str, ...]
+
+
+def plan_reload(old: Config, new: Config) -> ReloadPlan:
+    """Compare two configurations. Raises ReloadRefused for restart-only changes."""
+    for key in RESTART_ONLY:
+        if getattr(old.daemon, key) != getattr(new.daemon, key):
+            raise ReloadRefused(f"daemon.{key} changed; that needs a restart")
+    added, removed, resized, replaced, unchanged = [], [], [], [], []
+    for name, cfg in new.groups.items():
+        before = old.groups.get(name)
+        if before is None:
+            added.append(name)
+        elif before == cfg:
+            unchanged.append(name)
+        elif dataclasses.replace(before, connections=cfg.connections) == cfg:
+            resized.append(name)
+        else:
+            replaced.append(name)
+    removed = [name for name in old.groups if name not in new.groups]
+    return ReloadPlan(*map(tuple, (added, removed, resized, replaced, unchanged)))
 
 
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.log = get_logger()
-        self.groups = {name: Group(g, config.daemon, self.log) for name, g in config.groups.items()}
+        self.groups: dict[str, Group] = {name: self._group(g) for name, g in config.groups.items()}
         self.server = Server(config, self.groups, self.log)
+        self.control_server = ControlServer(self)
         self.listener = None
+        self.control_listener = None
+        self.started_at = time.monotonic()
+        self.reloads = 0
+        self.reload_failures = 0
+        self.last_reload_error: str | None = None
+        self._nursery: trio.Nursery | None = None
+        self._reload_lock = trio.Lock()
+
+    def _group(self, cfg: GroupConfig) -> Group:
+        return Group(cfg, self.config.daemon, self.log)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         t0 = time.monotonic()
-        # Bind first: a second daemon on the same socket fails before it
-        # dials anything, and apps that connect while groups dial wait in
-        # the listen backlog instead of failing.
-        self.listener = bind_seqpacket(self.config.daemon.socket, self.config.daemon.socket_mode)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        daemon_cfg = self.config.daemon
+        self.listener = bind_seqpacket(daemon_cfg.socket, daemon_cfg.socket_mode)
+        try:
+            self.control_listener = bind_control(daemon_cfg.control_socket, daemon_cfg.control_group)
+        except OSError:
+            self.listener.close()
+            _unlink(daemon_cfg.socket)
+            raise
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 async with trio.open_nursery() as starting:  # groups dial in parallel
                     for group in self.groups.values():
                         starting.start_soon(nursery.start, group.run)
                 await nursery.start(self.server.serve, self.listener)
+                await nursery.start(self.control_server.serve, self.control_listener)
                 self.log.info(
                     "ready",
-                    socket=self.config.daemon.socket,
+                    socket=daemon_cfg.socket,
+                    control_socket=daemon_cfg.control_socket,
                     groups=len(self.groups),
                     connections_up=sum(g.statistics().connections_up for g in self.groups.values()),
                     startup_ms=round((time.monotonic() - t0) * 1000, 1),
                 )
                 task_status.started(self)
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        nursery.start_soon(self._reload_logged)
+                        continue
                     self.log.info("stopping", signal=signal.Signals(signum).name)
                     await self.stop(nursery)
                     break
 
     async def stop(self, nursery: trio.Nursery) -> None:
         self.server.stop_accepting()
-        trio.lowlevel.notify_closing(self.listener)
-        self.listener.close()
-        _unlink_socket(self.config.daemon.socket)
+        for listener, path in (
+            (self.listener, self.config.daemon.socket),
+            (self.control_listener, self.config.daemon.control_socket),
+        ):
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
+            _unlink(path)
         self.server.stop_reading()
         grace = self.config.daemon.shutdown_grace
         with trio.move_on_after(grace):
@@ -74,12 +163,107 @@ class Daemon:
             self.log.warning("stopped_with_queued_bytes", queued_bytes=left, shutdown_grace=grace)
         for group in self.groups.values():
             s = group.statistics()
-            self.log.info("group_final", group=s.name, tx_msgs=s.tx_msgs, tx_bytes=s.tx_bytes,
-                          rx_msgs=s.rx_msgs, rx_bytes=s.rx_bytes, tx_retries=s.tx_retries)
+            self.log.info(
+                "group_final", group=s.name, tx_msgs=s.tx_msgs, tx_bytes=s.tx_bytes,
+                rx_msgs=s.rx_msgs, rx_bytes=s.rx_bytes, tx_retries=s.tx_retries,
+            )
         nursery.cancel_scope.cancel()
 
+    # -- control ---------------------------------------------------------------
 
-def _unlink_socket(path: str) -> None:
+    def group(self, name: str) -> Group:
+        try:
+            return self.groups[name]
+        except KeyError:
+            raise UnknownGroup(f"no group {name!r} (groups: {', '.join(sorted(self.groups)) or 'none'})") from None
+
+    async def control(self, request: ControlRequest) -> dict:
+        """Carry out one validated control request; KmuxError becomes an error answer."""
+        args = request.args
+        if request.op == "ping":
+            return {"version": __version__, "pid": os.getpid()}
+        if request.op == "stats":
+            groups = [self.group(args["group"])] if "group" in args else list(self.groups.values())
+            return {
+                "daemon": to_wire(self.statistics()),
+                "groups": [_group_record(g) for g in groups],
+                "clients": [to_wire(c) for g in groups for c in g.client_statistics()],
+            }
+        if request.op == "reconnect":
+            group = self.group(args["group"])
+            slots = [group.slot(args["conn"])] if "conn" in args else list(group.slots)
+            return {"reconnected": [s.index for s in slots if s.reconnect()]}
+        if request.op == "drain":
+            slot = self.group(args["group"]).slot(args["conn"])
+            t0 = time.monotonic()
+            msgs, nbytes = await slot.drain(args["timeout"])
+            return {"drained_msgs": msgs, "drained_bytes": nbytes, "seconds": round(time.monotonic() - t0, 3)}
+        if request.op == "reload":
+            return dataclasses.asdict(await self.reload())
+        raise AssertionError(f"op {request.op} validated but not handled")
+
+    def statistics(self) -> DaemonStatistics:
+        return DaemonStatistics(
+            version=__version__,
+            pid=os.getpid(),
+            uptime=time.monotonic() - self.started_at,
+            config=self.config.source,
+            socket=self.config.daemon.socket,
+            control_socket=self.config.daemon.control_socket,
+            clients=sum(len(g.clients) for g in self.groups.values()),
+            groups=len(self.groups),
+            reloads=self.reloads,
+            reload_failures=self.reload_failures,
+            last_reload_error=self.last_reload_error,
+        )
+
+    # -- reload ------------------------------------------------------------------
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except KmuxError:
+            pass  # logged and counted by reload()
+
+    async def reload(self) -> ReloadPlan:
+        """Read the configuration file again and apply it (see the module docstring)."""
+        async with self._reload_lock:
+            try:
+                new = load_config(self.config.source)
+                plan = plan_reload(self.config, new)
+            except (ConfigInvalid, ReloadRefused) as err:
+                self.reload_failures += 1
+                self.last_reload_error = str(err)
+                self.log.error("reload_refused", error_code=err.code, error=err.message)
+                raise
+            old_groups = dict(self.groups)
+            self.config = new
+            self.server.config = new
+            for group in self.groups.values():
+                group.set_daemon_config(new.daemon)
+            for name in plan.added + plan.replaced:
+                group = self._group(new.groups[name])
+                await self._nursery.start(group.run)
+                self.groups[name] = group  # new clients of a replaced group join this one
+            for name in plan.removed:
+                del self.groups[name]
+            for name in plan.removed + plan.replaced:
+                self._nursery.start_soon(old_groups[name].retire)
+            for name in plan.resized:
+                self._nursery.start_soon(self.groups[name].resize, new.groups[name])
+            self.reloads += 1
+            self.last_reload_error = None
+            self.log.info("reload_applied", **{k: list(v) for k, v in dataclasses.asdict(plan).items()})
+            return plan
+
+
+def _group_record(group: Group) -> dict:
+    record = to_wire(group.statistics())
+    record["connections"] = [to_wire(c) for c in group.connection_statistics()]
+    return record
+
+
+def _unlink(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:

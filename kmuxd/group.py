@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from kmux.errors import BadFrame, BadPacket
+from kmux.errors import BadFrame, BadPacket, ConnectionLost, DrainTimeout, UnknownConnection
 from kmux.protocol import DATA_PREFIX, KIND_DATA
 
 from .config import DaemonConfig, GroupConfig
 from .conn import ConnSlot, ConnStatistics
+from .latency import LatencyHistogram
 from .sendq import Outbox, TxScheduler
 from .steering import BalanceSteering
 
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
     from .session import ClientSession, ClientStatistics
 
 __all__ = ["Group", "GroupStatistics"]
+
+
+def _us(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e6, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,14 @@ class GroupStatistics:
     waiting_clients: int
     refused: int
     requeued: int
+    #: Notices (per-message errors and events) sent to clients.
+    notices_sent: int
+    #: Request/response steering: requests awaiting a response, responses
+    #: that matched none, and request latency from a bounded histogram (µs).
+    requests_in_flight: int
+    unmatched_responses: int
+    latency_p50_us: float | None
+    latency_p99_us: float | None
     uptime: float
 
 
@@ -71,9 +84,7 @@ class Group:
         self.log = log.bind(group=cfg.name)
         self.tx = TxScheduler()
         self.steering = BalanceSteering(cfg.rx_batch)
-        self.slots = [ConnSlot(self, i, cfg.endpoints[i % len(cfg.endpoints)]) for i in range(cfg.connections)]
-        for slot in self.slots:
-            self.tx.add(slot, Outbox(cfg.write_buffer, cfg.max_message + 1, cfg.framing._length_at))
+        self.slots = [self._new_slot(i) for i in range(cfg.connections)]
         self.clients: dict[int, "ClientSession"] = {}
         self._receiver_ready = trio.Event()
         self._requeued: deque[bytes] = deque()
@@ -83,14 +94,16 @@ class Group:
         self.rx_msgs = self.rx_bytes = 0
         self.attached = self.unattached = 0
         self.rx_paused = 0
-        self._departed_tx_msgs = self._departed_tx_bytes = 0
-        self._departed_refused = self._departed_requeued = 0
+        self._departed_refused = self._departed_requeued = self._departed_notices = 0
+        #: Fed by request/response steering modes; empty in balance mode.
+        self.latency = LatencyHistogram()
 
     # -- lifecycle -------------------------------------------------------------
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Dial every slot; reports started once each has connected or failed once."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             # Dial all slots at once: a blackholed endpoint costs one
             # connect_timeout at start-up, not one per slot.
             async with trio.open_nursery() as starting:
@@ -100,6 +113,53 @@ class Group:
             up = sum(s.connected for s in self.slots)
             self.log.info("group_up", connections_up=up, connections=len(self.slots))
             task_status.started()
+
+    def _new_slot(self, index: int) -> ConnSlot:
+        cfg = self.cfg
+        slot = ConnSlot(self, index, cfg.endpoints[index % len(cfg.endpoints)])
+        self.tx.add(slot, Outbox(cfg.write_buffer, cfg.max_message + 1, cfg.framing._length_at))
+        return slot
+
+    def slot(self, index: int) -> ConnSlot:
+        for slot in self.slots:
+            if slot.index == index:
+                return slot
+        raise UnknownConnection(
+            f"group {self.cfg.name!r} has no connection {index} (0..{len(self.slots) - 1})"
+        )
+
+    async def resize(self, cfg: GroupConfig) -> None:
+        """Apply a configuration that differs only in ``connections``.
+
+        New slots dial at once; surplus slots (the highest numbers) drain
+        their queues and close. Other slots and every client are untouched.
+        """
+        old = len(self.slots)
+        self.cfg = cfg
+        for index in range(old, cfg.connections):
+            slot = self._new_slot(index)
+            self.slots.append(slot)
+            await self._nursery.start(slot.run)
+        surplus = self.slots[cfg.connections :]
+        del self.slots[cfg.connections :]
+        for slot in surplus:
+            try:
+                await slot.drain(self.daemon_cfg.shutdown_grace, retire=True)
+            except DrainTimeout:
+                slot.fail(ConnectionLost("connection retired by a reload"), requested=True)
+                slot._run_scope.cancel()
+        self.log.info("group_resized", connections=cfg.connections, was=old)
+
+    async def retire(self) -> None:
+        """Stop the group: release its clients, flush what they sent, close its connections."""
+        for client in list(self.clients.values()):
+            client.scope.cancel()
+        with trio.move_on_after(self.daemon_cfg.shutdown_grace):
+            while self.queued_total():
+                await trio.sleep(0.01)
+        left = self.queued_total()
+        self.log.info("group_retired", queued_bytes_lost=left)
+        self._nursery.cancel_scope.cancel()
 
     def attach(self, client: "ClientSession", receive: bool) -> None:
         self.clients[client.id] = client
@@ -117,8 +177,7 @@ class Group:
         # Its accepted messages still go out; keep its counts in the totals.
         self._departed_refused += client.refused
         self._departed_requeued += client.requeued
-        self._departed_tx_msgs += client.tx_msgs
-        self._departed_tx_bytes += client.tx_bytes
+        self._departed_notices += client.notices_sent
 
     def after_tx(self, wake: list) -> None:
         """Let woken clients read again; write outboxes adopted from failed slots."""
@@ -131,6 +190,9 @@ class Group:
     def queued_total(self) -> int:
         """Bytes accepted and not yet written, anywhere in the group."""
         return sum(s.outbox.pending for s in self.slots) + self.tx.statistics().orphaned_bytes
+
+    def set_daemon_config(self, daemon_cfg: DaemonConfig) -> None:
+        self.daemon_cfg = daemon_cfg
 
     # -- receive steering ---------------------------------------------------------
 
@@ -256,6 +318,11 @@ class Group:
             waiting_clients=sched.waiting_clients,
             refused=self._departed_refused + sum(c.refused for c in clients),
             requeued=self._departed_requeued + sum(c.requeued for c in clients),
+            notices_sent=self._departed_notices + sum(c.notices_sent for c in clients),
+            requests_in_flight=0,
+            unmatched_responses=0,
+            latency_p50_us=_us(self.latency.percentile(50)),
+            latency_p99_us=_us(self.latency.percentile(99)),
             uptime=time.monotonic() - self.started_at,
         )
 

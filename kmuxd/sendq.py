@@ -300,6 +300,21 @@ class TxScheduler:
             outbox.parked = []
         return salvage, wake
 
+    def retire(self, conn: Any) -> list[Any]:
+        """Take no new messages on ``conn`` (draining); its outbox still flushes.
+
+        Clients pinned to it park until it is written, then go elsewhere.
+        """
+        self._connected.discard(conn)
+        self._drop_available(conn)
+        wake = []
+        for owner, reserved in list(self._reserved.items()):
+            if reserved is conn:
+                del self._reserved[owner]
+                self._waiters.appendleft(owner)
+                wake.append(owner)
+        return wake
+
     def disconnected(self, conn: Any) -> None:
         """``conn`` is gone for good (group stopping); nothing is salvaged."""
         self._connected.discard(conn)

@@ -24,7 +24,7 @@ from .config import Config
 from .group import Group
 from .session import ClientSession, PeerCred
 
-__all__ = ["Server", "bind_seqpacket"]
+__all__ = ["Server", "accept_loop", "bind_seqpacket"]
 
 #: accept() errnos that mean "out of resources": back off, don't crash.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -64,6 +64,24 @@ def bind_seqpacket(path: str, mode: int, backlog: int = 4096) -> socket.socket:
     return sock
 
 
+async def accept_loop(listener: socket.socket, nursery: trio.Nursery, handler, log) -> None:
+    """Accept everything that is ready, then wait; start ``handler(sock)`` for each."""
+    while True:
+        await trio.lowlevel.wait_readable(listener)
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    log.error("accept_out_of_capacity", error=os.strerror(exc.errno))
+                    await trio.sleep(ACCEPT_CAPACITY_SLEEP)
+                    break
+                raise
+            nursery.start_soon(handler, sock)
+
+
 class Server:
     def __init__(self, config: Config, groups: dict[str, Group], log) -> None:
         self.config = config
@@ -84,24 +102,9 @@ class Server:
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as self._accept_scope:
                 task_status.started()
-                await self._accept_loop(listener, nursery)
+                await accept_loop(listener, nursery, self._client, self.log)
             # Accepting stopped; the nursery now waits for sessions to end.
 
-    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
-        while True:
-            await trio.lowlevel.wait_readable(listener)
-            while True:
-                try:
-                    sock, _ = listener.accept()
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                        self.log.error("accept_out_of_capacity", error=os.strerror(exc.errno))
-                        await trio.sleep(ACCEPT_CAPACITY_SLEEP)
-                        break
-                    raise
-                nursery.start_soon(self._client, sock)
 
     def stop_accepting(self) -> None:
         if self._accept_scope is not None:
@@ -140,7 +143,7 @@ class Server:
                 sock.send(encode_answer(answer))
             except OSError:
                 return
-            scope = trio.CancelScope()
+            scope = session.scope
             self._sessions[client_id] = (session, scope)
             self.accepted += 1
             group.attach(session, hello.receive)

@@ -74,8 +74,9 @@ class ClientStatistics:
     #: Messages/bytes from this client written to TCP.
     tx_msgs: int
     tx_bytes: int
-    #: Messages accepted from this client and not yet written.
+    #: Messages/bytes accepted from this client and not yet written.
     queued_msgs: int
+    queued_bytes: int
     #: Messages/bytes steered to this client.
     rx_msgs: int
     rx_bytes: int
@@ -108,6 +109,7 @@ class ClientSession:
         self._notices_drained = trio.Event()
         self.since = time.monotonic()
         self.accepted = 0  # DATA messages committed to an outbox
+        self.accepted_bytes = 0
         self.tx_msgs = self.tx_bytes = 0
         self.rx_msgs = self.rx_bytes = 0
         self.refused = 0
@@ -115,6 +117,8 @@ class ClientSession:
         self.requeue_bytes = 0
         self.notices_sent = 0
         self.closed = False
+        #: Cancelling it ends the session (graceful stop, group retired).
+        self.scope = trio.CancelScope()
 
     # -- Owner protocol (called by the send core) ----------------------------
 
@@ -234,6 +238,7 @@ class ClientSession:
             else:
                 self._packet(kind, bytes(view[tail : tail + size]), tail + size > bufsize)
         self.accepted += msgs
+        self.accepted_bytes += tail - outbox.tail
         group.after_tx(group.tx.committed(self, conn, tail, msgs))
         if msgs:
             conn.flush_nowait()
@@ -338,6 +343,7 @@ class ClientSession:
             tx_msgs=self.tx_msgs,
             tx_bytes=self.tx_bytes,
             queued_msgs=self.accepted - self.tx_msgs,
+            queued_bytes=self.accepted_bytes - self.tx_bytes,
             rx_msgs=self.rx_msgs,
             rx_bytes=self.rx_bytes,
             refused=self.refused,

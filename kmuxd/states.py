@@ -12,7 +12,8 @@ operators can follow it.
     IDLE -dial-> CONNECTING -connected-> READY <-> BUSY
     CONNECTING -dial_failed-> BACKOFF -retry-> CONNECTING
     READY/BUSY -failed-> BACKOFF          (outbox rehomed, then back-off)
-    READY/BUSY -drain-> DRAINING -failed/drained-> BACKOFF / CLOSED
+    READY/BUSY -drain-> DRAINING -drained/failed-> BACKOFF (then redial or retire)
+    DRAINING -drain_aborted-> READY       (queue did not empty in time)
     any -close-> CLOSED
 
 READY means connected with nothing to write (available); BUSY means the
@@ -45,6 +46,7 @@ class ConnEvent(enum.Enum):
     WRITE_BLOCKED = "write_blocked"
     WRITE_DONE = "write_done"
     DRAIN = "drain"
+    DRAIN_ABORTED = "drain_aborted"
     DRAINED = "drained"
     FAILED = "failed"
     RETRY = "retry"
@@ -67,6 +69,7 @@ CONN_TRANSITIONS: dict[tuple[ConnState, ConnEvent], ConnState] = {
     (_C.DRAINING, _E.WRITE_BLOCKED): _C.DRAINING,
     (_C.DRAINING, _E.WRITE_DONE): _C.DRAINING,
     (_C.DRAINING, _E.DRAINED): _C.BACKOFF,
+    (_C.DRAINING, _E.DRAIN_ABORTED): _C.READY,
     (_C.DRAINING, _E.FAILED): _C.BACKOFF,
     (_C.BACKOFF, _E.RETRY): _C.CONNECTING,
     (_C.BACKOFF, _E.FAILED): _C.BACKOFF,

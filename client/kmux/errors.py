@@ -29,6 +29,10 @@ __all__ = [
     "BadPacket",
     "IllegalTransition",
     "ClientClosed",
+    "BadRequest",
+    "UnknownConnection",
+    "ReloadRefused",
+    "DrainTimeout",
     "RemoteFrameTooBig",
     "RemoteBadHeader",
     "RemoteAssemblyTimeout",
@@ -131,6 +135,28 @@ class IllegalTransition(LocalError):
     """A state machine was asked for a transition its table does not have."""
 
     code = "illegal_transition"
+
+
+class BadRequest(LocalError):
+    """A control-socket request the daemon does not understand."""
+
+    code = "bad_request"
+
+
+class UnknownConnection(LocalError):
+    code = "unknown_connection"
+
+
+class ReloadRefused(LocalError):
+    """A reload asked for a change that needs a restart."""
+
+    code = "reload_refused"
+
+
+class DrainTimeout(RemoteError):
+    """A draining connection did not write its queue in time; it stays in service."""
+
+    code = "drain_timeout"
 
 
 class ClientClosed(LocalError):
