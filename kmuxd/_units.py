@@ -88,7 +88,9 @@ def fmt_duration(seconds: Any) -> str:
         return "0s"
     if s < 1e-3:
         us = s * 1e6
-        return f"{us:.1f}µs" if us < 9.95 else f"{us:.0f}µs"
+        if us < 9.95 and not float(us).is_integer():
+            return f"{us:.1f}µs"
+        return f"{us:.0f}µs"
     if s < 1.0:
         ms = s * 1e3
         if ms < 9.995:

@@ -300,4 +300,4 @@ def load_config(path: str | Path) -> Config:
         raise ConfigInvalid("", f"{path} is not UTF-8: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigInvalid("", f"{path} is not valid TOML: {e}") from None
-    return parse_config(raw, source=str(path))
+    return parse_config(raw, source=str(path.absolute()))

@@ -305,7 +305,8 @@ class ConnSlot:
         if not self.connected:
             return
         self._error = exc
-        self.last_error = _describe(exc)
+        if not requested:  # an operator's reconnect or drain is not an error
+            self.last_error = _describe(exc)
         group = self.group
         cut_before = self.outbox.pending
         self.sm.fire(ConnEvent.FAILED)
@@ -316,7 +317,7 @@ class ConnSlot:
         group.after_tx(wake)
         (self.log.info if requested else self.log.warning)(
             "connection_closed" if requested else "connection_failed",
-            error=self.last_error,
+            error=_describe(exc),
             error_code=getattr(exc, "code", "os_error"),
             resend_msgs=salvage.resend_msgs,
             queued_bytes=cut_before,

@@ -122,11 +122,17 @@ class ControlServer:
         self.log = daemon.log.bind(component="control")
         self.requests = 0
         self.errors = 0
+        self._accept_scope: trio.CancelScope | None = None
 
     async def serve(self, listener: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            task_status.started()
-            await accept_loop(listener, nursery, self._connection, self.log)
+            with trio.CancelScope() as self._accept_scope:
+                task_status.started()
+                await accept_loop(listener, nursery, self._connection, self.log)
+
+    def stop_accepting(self) -> None:
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
 
     async def _connection(self, sock: socket.socket) -> None:
         sock.setblocking(False)

@@ -145,7 +145,9 @@ class Daemon:
                     break
 
     async def stop(self, nursery: trio.Nursery) -> None:
+        # Stop both accept loops before their listeners close under them.
         self.server.stop_accepting()
+        self.control_server.stop_accepting()
         for listener, path in (
             (self.listener, self.config.daemon.socket),
             (self.control_listener, self.config.daemon.control_socket),

@@ -1,0 +1,1036 @@
+"""``kmux-cli``: look at and steer a running kmuxd through its control socket.
+
+Conventions follow ``ip``/``ss``/``varnishstat``: one line per object,
+aligned columns with human units, ``-j`` for machines (raw numbers, the
+daemon's record field names as keys), ``--watch`` for a live view. The wire
+contract is "Control socket, version 1" in ``docs/protocol.md``; the output
+and the exit codes are documented in ``docs/cli.md``.
+
+The CLI is deliberately defensive about records: the daemon may be newer or
+older than this tool and records only ever gain keys, so every field is read
+with ``.get`` and anything missing shows as ``-`` (or is left out of the
+Prometheus output) instead of failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
+
+import msgpack
+
+from kmux.errors import DaemonUnavailable, KmuxError, RemoteError, RequestTimeout, UnknownGroup, error_from_code
+
+from . import __version__
+from ._units import (
+    MISSING,
+    Column,
+    RateTracker,
+    fmt_byte_rate,
+    fmt_bytes,
+    fmt_count,
+    fmt_duration,
+    fmt_plain,
+    fmt_rate,
+    fmt_us,
+    render_table,
+)
+
+__all__ = [
+    "ControlClient",
+    "DEFAULT_CONTROL",
+    "EXIT_OK",
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "EXIT_NOT_RUNNING",
+    "EXIT_PERMISSION",
+    "EXIT_NO_SUCH",
+    "exit_status",
+    "groups_view",
+    "group_view",
+    "clients_view",
+    "status_view",
+    "metrics_registry",
+    "metrics_text",
+    "watch",
+    "main",
+]
+
+DEFAULT_CONTROL = "/run/kmuxd/control.sock"
+#: An answer larger than this is refused instead of allocated: a stats answer
+#: for thousands of clients is a few MiB, so 64 MiB only stops nonsense.
+MAX_ANSWER = 64 * 1024 * 1024
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the daemon answered with an error (drain_timeout, config_invalid, ...)
+EXIT_USAGE = 2  # argparse's own code for bad arguments
+EXIT_NOT_RUNNING = 3
+EXIT_PERMISSION = 4
+EXIT_NO_SUCH = 5  # no such group / connection
+
+_NOT_RUNNING_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR}
+_PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
+#: States in which a connection slot holds an established TCP connection.
+_CONNECTED_STATES = ("ready", "busy", "draining")
+
+
+# -- transport ----------------------------------------------------------------------
+
+
+class ControlClient:
+    """One connection to kmuxd's control socket; one request, one answer packet.
+
+    Blocking and synchronous on purpose: the CLI does one thing at a time,
+    and tests or scripts can reuse it without an event loop. The connection
+    is opened on the first request and kept (``--watch`` sends many).
+
+    Failures are always :class:`~kmux.errors.KmuxError`: an error answer
+    becomes the class for its ``code`` (``error_from_code``); an unreachable
+    socket is :class:`DaemonUnavailable` with ``errno`` (a name such as
+    ``"ENOENT"``) and ``path`` in ``details``; no answer in time is
+    :class:`RequestTimeout`.
+    """
+
+    def __init__(self, path: str, timeout: float | None = 5.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+
+    def __enter__(self) -> "ControlClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except socket.timeout as exc:
+            sock.close()
+            raise RequestTimeout(f"no answer from kmuxd on {self.path} within {self.timeout:g}s") from exc
+        except OSError as exc:
+            sock.close()
+            raise self._unavailable(exc) from exc
+        self._sock = sock
+
+    def request(self, op: str, *, io_timeout: float | None = None, **args: Any) -> dict[str, Any]:
+        """Send ``{"op": op, **args}``, return the answer map (without raising on ``ok``).
+
+        ``io_timeout`` overrides the client's timeout for this request only
+        (``drain`` waits on the daemon for up to its own timeout).
+        """
+        if self._sock is None:
+            self.connect()
+        sock = self._sock
+        assert sock is not None
+        timeout = self.timeout if io_timeout is None else io_timeout
+        sock.settimeout(timeout)
+        try:
+            sock.send(msgpack.packb({"op": op, **args}, use_bin_type=True))
+            answer = self._receive(sock)
+        except socket.timeout as exc:
+            # The answer may still come; a later request must not read it.
+            self.close()
+            raise RequestTimeout(f"no answer from kmuxd on {self.path} within {timeout:g}s") from exc
+        except OSError as exc:
+            self.close()
+            raise self._unavailable(exc) from exc
+        except KmuxError:
+            self.close()
+            raise
+        if answer.get("ok") is True:
+            return answer
+        code = answer.get("code")
+        message = answer.get("error")
+        details = {
+            k: v for k, v in answer.items() if isinstance(k, str) and k not in ("ok", "code", "error", "message")
+        }
+        raise error_from_code(code if isinstance(code, str) else "error", str(message or ""), **details)
+
+    def _receive(self, sock: socket.socket) -> dict[str, Any]:
+        """One whole answer packet: peek its length, allocate exactly that, read it.
+
+        ``MSG_PEEK|MSG_TRUNC`` on a SEQPACKET socket returns the packet's
+        full length without consuming it, so the buffer never truncates a
+        big answer and never has to be guessed.
+        """
+        probe = bytearray(1)
+        size = sock.recv_into(probe, 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+        if size == 0:
+            raise DaemonUnavailable(
+                "kmuxd closed the control connection", path=self.path, errno="EPIPE"
+            )
+        if size > MAX_ANSWER:
+            sock.recv_into(probe, 1)  # a short read of a packet discards the rest of it
+            raise RemoteError(f"answer of {size} bytes exceeds the {MAX_ANSWER} byte limit")
+        buf = bytearray(size)
+        got = sock.recv_into(buf, size)
+        if got != size:
+            raise RemoteError(f"short answer: {got} of {size} bytes")
+        try:
+            answer = msgpack.unpackb(buf, raw=False)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise RemoteError(f"undecodable answer: {exc}") from exc
+        if not isinstance(answer, dict):
+            raise RemoteError(f"answer is not a map but {type(answer).__name__}")
+        return answer
+
+    def _unavailable(self, exc: OSError) -> DaemonUnavailable:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return DaemonUnavailable(exc.strerror or str(exc), path=self.path, errno=name)
+
+
+# -- exit codes -------------------------------------------------------------------
+
+
+def exit_status(
+    exc: BaseException,
+    control: str,
+    *,
+    command: str = "",
+    group: str | None = None,
+    conn: int | None = None,
+    groups: list[str] | None = None,
+    conns: int | None = None,
+) -> tuple[int, str]:
+    """The exit code and the one-line message for a failure.
+
+    Pure, so the mapping is tested without a daemon (we cannot make a
+    permission error as root). ``groups``/``conns`` are optional context
+    for "no such ..." messages: the known names, the group's size.
+    """
+    if isinstance(exc, DaemonUnavailable):
+        name = exc.details.get("errno")
+        num = getattr(errno, name, None) if isinstance(name, str) else None
+    elif isinstance(exc, OSError):
+        num = exc.errno
+    else:
+        num = None
+    if isinstance(exc, (DaemonUnavailable, OSError)):
+        if num in _PERMISSION_ERRNOS:
+            return EXIT_PERMISSION, (
+                f"kmux-cli: permission denied on {control} "
+                "(the control socket is root-only unless control_group is set)"
+            )
+        if num == errno.ECONNREFUSED:
+            return EXIT_NOT_RUNNING, f"kmux-cli: kmuxd is not running (nothing listens on {control})"
+        if num in _NOT_RUNNING_ERRNOS:
+            return EXIT_NOT_RUNNING, f"kmux-cli: kmuxd is not running (no control socket at {control})"
+        if num in (errno.EPIPE, errno.ECONNRESET):
+            return EXIT_NOT_RUNNING, f"kmux-cli: kmuxd closed the control connection on {control} (did it exit?)"
+        if num in (errno.ENOTSOCK, errno.EPROTOTYPE):
+            return EXIT_FAILED, f"kmux-cli: {control} is not a kmuxd control socket"
+        text = exc.message if isinstance(exc, KmuxError) else (exc.strerror or str(exc))
+        return EXIT_NOT_RUNNING, f"kmux-cli: cannot reach kmuxd on {control}: {text}"
+    if isinstance(exc, KmuxError):
+        code = exc.code
+        if code == "unknown_group" or isinstance(exc, UnknownGroup):
+            known = f" (groups: {', '.join(groups)})" if groups else " (no groups configured)" if groups == [] else ""
+            return EXIT_NO_SUCH, f"kmux-cli: no such group {group!r}{known}"
+        if code == "unknown_connection":
+            known = f" (connections: 0-{conns - 1})" if conns else ""
+            return EXIT_NO_SUCH, f"kmux-cli: no such connection {conn} in group {group!r}{known}"
+        if code == "request_timeout":
+            return EXIT_FAILED, f"kmux-cli: {exc.message}"
+        what = f"{command} failed" if command else "failed"
+        # Details the message already spells out (config_invalid's path) are not repeated.
+        extra = "".join(f" {k}={v}" for k, v in sorted(exc.details.items()) if str(v) not in exc.message)
+        return EXIT_FAILED, f"kmux-cli: {what}: [{exc.code}] {exc.message}{extra}"
+    return EXIT_FAILED, f"kmux-cli: {exc}"
+
+
+# -- table views --------------------------------------------------------------------
+
+
+def _get(field: str, fmt: Callable[[Any], str] = fmt_plain) -> Callable[[Mapping[str, Any]], str]:
+    return lambda r: fmt(r.get(field))
+
+
+def _tcp(field: str, fmt: Callable[[Any], str]) -> Callable[[Mapping[str, Any]], str]:
+    """A TCP_INFO field; ``tcp`` is None when the slot has no connection."""
+    return lambda r: fmt((r.get("tcp") or {}).get(field))
+
+
+def _conns_updown(r: Mapping[str, Any]) -> str:
+    return f"{fmt_count(r.get('connections_up'))}/{fmt_count(r.get('connections_total'))}"
+
+
+class Rates:
+    """Rate columns for one ``--watch`` refresh: a tracker and the sample time."""
+
+    def __init__(self, tracker: RateTracker, now: float) -> None:
+        self.tracker = tracker
+        self.now = now
+
+    def columns(self, key: Callable[[Mapping[str, Any]], Any], fields: Iterable[tuple[str, str, bool]]) -> list[Column]:
+        """Columns ``(header, counter field, is_bytes)``; first sample shows ``-``."""
+        out = []
+        for header, field, is_bytes in fields:
+            fmt = fmt_byte_rate if is_bytes else fmt_rate
+            out.append(Column(header, lambda r, f=field, fmt=fmt: fmt(self.tracker.rate(key(r), r, f, self.now))))
+        return out
+
+    def commit(self, key: Callable[[Mapping[str, Any]], Any], rows: Iterable[Mapping[str, Any]]) -> None:
+        for r in rows:
+            self.tracker.commit(key(r), r, self.now)
+
+
+_TRAFFIC_RATES = [
+    ("TX/s", "tx_msgs", False), ("TX_B/s", "tx_bytes", True), ("RX/s", "rx_msgs", False), ("RX_B/s", "rx_bytes", True),
+]
+
+
+def _group_key(r: Mapping[str, Any]) -> Any:
+    return ("group", r.get("name"))
+
+
+def _conn_key(group: Any) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda r: ("conn", group, r.get("index"))
+
+
+def _client_key(r: Mapping[str, Any]) -> Any:
+    return ("client", r.get("id"))
+
+
+GROUP_COLUMNS = [
+    Column("GROUP", _get("name"), right=False),
+    Column("CONNS", _conns_updown),
+    Column("CLIENTS", _get("clients", fmt_count)),
+    Column("TX_MSGS", _get("tx_msgs", fmt_count)),
+    Column("TX_BYTES", _get("tx_bytes", fmt_bytes)),
+    Column("RX_MSGS", _get("rx_msgs", fmt_count)),
+    Column("RX_BYTES", _get("rx_bytes", fmt_bytes)),
+    Column("QUEUED", _get("queued_bytes", fmt_bytes)),
+    Column("RETRIES", _get("tx_retries", fmt_count)),
+    Column("REFUSED", _get("refused", fmt_count)),
+]
+
+CONN_COLUMNS = [
+    Column("CONN", _get("index", fmt_count)),
+    Column("STATE", _get("state"), right=False),
+    Column("ENDPOINT", _get("endpoint"), right=False),
+    Column("LOCAL", _get("local"), right=False),
+    Column("AGE", lambda r: fmt_duration(r.get("age")) if r.get("local") else MISSING),
+    Column("TX_MSGS", _get("tx_msgs", fmt_count)),
+    Column("TX_BYTES", _get("tx_bytes", fmt_bytes)),
+    Column("RX_MSGS", _get("rx_msgs", fmt_count)),
+    Column("RX_BYTES", _get("rx_bytes", fmt_bytes)),
+    Column("QUEUED", _get("queued_bytes", fmt_bytes)),
+    Column("RTT", _tcp("rtt_us", fmt_us)),
+    Column("RTTVAR", _tcp("rttvar_us", fmt_us)),
+    Column("RETRANS", _tcp("total_retrans", fmt_count)),
+    Column("CWND", _tcp("snd_cwnd", fmt_count)),
+    Column("UNACKED", _tcp("unacked", fmt_count)),
+    Column("RECONNECTS", _get("reconnects", fmt_count)),
+    Column("LAST_ERROR", _get("last_error"), right=False),
+]
+
+CLIENT_COLUMNS = [
+    Column("ID", _get("id", fmt_plain)),
+    Column("PID", _get("pid", fmt_plain)),
+    Column("UID", _get("uid", fmt_plain)),
+    Column("COMM", _get("comm"), right=False),
+    Column("GROUP", _get("group"), right=False),
+    Column("RX_ON", _get("receiving"), right=False),
+    Column("TX_MSGS", _get("tx_msgs", fmt_count)),
+    Column("TX_BYTES", _get("tx_bytes", fmt_bytes)),
+    Column("RX_MSGS", _get("rx_msgs", fmt_count)),
+    Column("RX_BYTES", _get("rx_bytes", fmt_bytes)),
+    Column("QUEUED", _get("queued_bytes", fmt_bytes)),
+    Column("SINCE", _get("connected_for", fmt_duration)),
+]
+
+
+def _records(answer: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    """A list of records from the answer, ignoring anything that is not a map."""
+    value = answer.get(key)
+    return [r for r in value if isinstance(r, Mapping)] if isinstance(value, list) else []
+
+
+def groups_view(answer: Mapping[str, Any], *, header: bool = True, rates: Rates | None = None) -> list[str]:
+    """``kmux-cli groups``: one line per group."""
+    groups = _records(answer, "groups")
+    columns = list(GROUP_COLUMNS)
+    if rates is not None:
+        columns += rates.columns(_group_key, _TRAFFIC_RATES)
+    lines = render_table(columns, groups, header=header)
+    if rates is not None:
+        rates.commit(_group_key, groups)
+    return lines
+
+
+def find_group(answer: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """The named group's record; :class:`UnknownGroup` if the answer lacks it."""
+    for g in _records(answer, "groups"):
+        if g.get("name") == name:
+            return g
+    raise UnknownGroup(f"no such group: {name}")
+
+
+def group_summary(g: Mapping[str, Any]) -> list[str]:
+    """The ``key value`` block above the connection table, ``ip -s link`` style."""
+    def c(field: str) -> str:
+        return fmt_count(g.get(field))
+
+    def b(field: str) -> str:
+        return fmt_bytes(g.get(field))
+
+    return [
+        f"group {fmt_plain(g.get('name'))}: {_conns_updown(g)} connections up, {c('clients')} clients "
+        f"({c('receivers_ready')} ready to receive, {c('waiting_clients')} waiting to send)",
+        f"    endpoints {fmt_plain(g.get('endpoints'))}  framing {fmt_plain(g.get('framing'))}  "
+        f"steering {fmt_plain(g.get('steering'))}  up {fmt_duration(g.get('uptime'))}",
+        f"    tx {c('tx_msgs')} msgs {b('tx_bytes')}  rx {c('rx_msgs')} msgs {b('rx_bytes')}  "
+        f"queued {c('queued_msgs')} msgs {b('queued_bytes')}  in flight {c('requests_in_flight')}",
+        f"    latency p50 {fmt_us(g.get('latency_p50_us'))} p99 {fmt_us(g.get('latency_p99_us'))}  "
+        f"retries {c('tx_retries')}  refused {c('refused')}  requeued {c('requeued')}  "
+        f"rx_paused {c('rx_paused')}  unmatched {c('unmatched_responses')}  notices {c('notices_sent')}",
+        f"    attached {c('attached')}  unattached {c('unattached')}",
+    ]
+
+
+def group_view(
+    answer: Mapping[str, Any], name: str, *, header: bool = True, rates: Rates | None = None
+) -> list[str]:
+    """``kmux-cli group NAME``: the summary block, then one line per connection with TCP_INFO."""
+    g = find_group(answer, name)
+    conns = [r for r in g.get("connections") or [] if isinstance(r, Mapping)]
+    lines = group_summary(g)
+    columns = list(CONN_COLUMNS)
+    if rates is not None:
+        def rate(field: str, fmt: Callable[[Any], str]) -> str:
+            return fmt(rates.tracker.rate(_group_key(g), g, field, rates.now))
+
+        lines.append(
+            f"    rate tx {rate('tx_msgs', fmt_rate)} {rate('tx_bytes', fmt_byte_rate)}  "
+            f"rx {rate('rx_msgs', fmt_rate)} {rate('rx_bytes', fmt_byte_rate)}"
+        )
+        columns[5:5] = rates.columns(_conn_key(name), [("TX/s", "tx_msgs", False), ("RX/s", "rx_msgs", False)])
+        rates.commit(_group_key, [g])
+        rates.commit(_conn_key(name), conns)
+    lines.append("")
+    lines += render_table(columns, conns, header=header)
+    return lines
+
+
+def clients_view(
+    answer: Mapping[str, Any], *, group: str | None = None, header: bool = True, rates: Rates | None = None
+) -> list[str]:
+    """``kmux-cli clients``: one line per attached client, by group then id."""
+    clients = select_clients(answer, group)
+    columns = list(CLIENT_COLUMNS)
+    if rates is not None:
+        columns[-1:-1] = rates.columns(_client_key, [("TX/s", "tx_msgs", False), ("RX/s", "rx_msgs", False)])
+    lines = render_table(columns, clients, header=header)
+    if rates is not None:
+        rates.commit(_client_key, clients)
+    return lines
+
+
+def select_clients(answer: Mapping[str, Any], group: str | None) -> list[Mapping[str, Any]]:
+    clients = [c for c in _records(answer, "clients") if group is None or c.get("group") == group]
+    return sorted(clients, key=lambda c: (str(c.get("group", "")), _sort_num(c.get("id"))))
+
+
+def _sort_num(v: Any) -> float:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else float("inf")
+
+
+def status_view(answer: Mapping[str, Any]) -> list[str]:
+    """``kmux-cli status``: the daemon record."""
+    d = answer.get("daemon") if isinstance(answer.get("daemon"), Mapping) else {}
+    groups = d.get("groups")
+    ngroups = len(groups) if isinstance(groups, (list, tuple)) else groups
+    return [
+        f"kmuxd {fmt_plain(d.get('version'))}  pid {fmt_plain(d.get('pid'))}  up {fmt_duration(d.get('uptime'))}",
+        f"    config {fmt_plain(d.get('config'))}",
+        f"    socket {fmt_plain(d.get('socket'))}  control {fmt_plain(d.get('control_socket'))}",
+        f"    clients {fmt_count(d.get('clients'))}  groups {fmt_count(ngroups)}",
+        f"    reloads {fmt_count(d.get('reloads'))}  failed {fmt_count(d.get('reload_failures'))}  "
+        f"last error {fmt_plain(d.get('last_reload_error'))}",
+    ]
+
+
+# -- Prometheus -------------------------------------------------------------------
+
+GAUGE, COUNTER = "gauge", "counter"
+
+#: (record field, metric name, type, help, scale). Counters end in _total; the
+#: text format is generated by prometheus_client, which checks names and
+#: escapes label values, so this table is the only thing to get right.
+GROUP_METRICS: list[tuple[str, str, str, str, float]] = [
+    ("connections_up", "kmux_group_connections_up", GAUGE, "TCP connections of the group established now", 1),
+    ("connections_total", "kmux_group_connections", GAUGE, "TCP connections the group is configured to hold", 1),
+    ("clients", "kmux_group_clients", GAUGE, "Clients attached to the group now", 1),
+    ("receivers_ready", "kmux_group_receivers_ready", GAUGE, "Clients ready to receive now", 1),
+    ("waiting_clients", "kmux_group_waiting_clients", GAUGE, "Clients waiting for a connection to come free", 1),
+    ("tx_msgs", "kmux_group_tx_msgs_total", COUNTER, "Messages written to TCP", 1),
+    ("tx_bytes", "kmux_group_tx_bytes_total", COUNTER, "Bytes of messages written to TCP", 1),
+    ("rx_msgs", "kmux_group_rx_msgs_total", COUNTER, "Messages received from TCP and steered to clients", 1),
+    ("rx_bytes", "kmux_group_rx_bytes_total", COUNTER, "Bytes of messages received from TCP", 1),
+    ("tx_retries", "kmux_group_tx_retries_total", COUNTER, "Messages re-sent after their connection failed", 1),
+    ("attached", "kmux_group_attached_total", COUNTER, "Clients attached since start", 1),
+    ("unattached", "kmux_group_unattached_total", COUNTER, "Clients detached since start", 1),
+    ("rx_ready_drops", "kmux_group_rx_ready_drops_total", COUNTER, "Received messages dropped, no receiver", 1),
+    ("rx_paused", "kmux_group_rx_paused_total", COUNTER, "Times parsing paused because no receiver was ready", 1),
+    ("refused", "kmux_group_refused_total", COUNTER, "Messages refused (bad_frame, message_too_big, bad packets)", 1),
+    ("requeued", "kmux_group_requeued_total", COUNTER, "Messages handed back by clients that stopped receiving", 1),
+    ("notices_sent", "kmux_group_notices_sent_total", COUNTER, "Notices (errors, events) sent to clients", 1),
+    ("unmatched_responses", "kmux_group_unmatched_responses_total", COUNTER, "Responses that matched no request", 1),
+    ("queued_msgs", "kmux_group_queued_msgs", GAUGE, "Messages accepted and not yet written", 1),
+    ("queued_bytes", "kmux_group_queued_bytes", GAUGE, "Bytes of messages accepted and not yet written", 1),
+    ("requests_in_flight", "kmux_group_requests_in_flight", GAUGE, "Requests written and not yet answered", 1),
+    ("uptime", "kmux_group_uptime_seconds", GAUGE, "Seconds since the group started", 1),
+]
+
+CONN_METRICS: list[tuple[str, str, str, str, float]] = [
+    ("age", "kmux_conn_age_seconds", GAUGE, "Seconds since the current TCP connection was established (0 if none)", 1),
+    ("tx_msgs", "kmux_conn_tx_msgs_total", COUNTER, "Messages written on this connection slot", 1),
+    ("tx_bytes", "kmux_conn_tx_bytes_total", COUNTER, "Bytes written on this connection slot", 1),
+    ("rx_msgs", "kmux_conn_rx_msgs_total", COUNTER, "Messages received on this connection slot", 1),
+    ("rx_bytes", "kmux_conn_rx_bytes_total", COUNTER, "Bytes received on this connection slot", 1),
+    ("reserved", "kmux_conn_reserved_total", COUNTER, "Clients that pinned their backlog to this connection", 1),
+    ("unreserved", "kmux_conn_unreserved_total", COUNTER, "Pinned backlogs released from this connection", 1),
+    ("tx_aborts", "kmux_conn_tx_aborts_total", COUNTER, "Connections that died with a write cut part-way", 1),
+    ("queued_msgs", "kmux_conn_queued_msgs", GAUGE, "Messages queued for writing on this connection", 1),
+    ("queued_bytes", "kmux_conn_queued_bytes", GAUGE, "Bytes queued for writing on this connection", 1),
+    ("need_more_hdr", "kmux_conn_need_more_hdr_total", COUNTER, "Reads that ended inside a message header", 1),
+    ("msg_too_big", "kmux_conn_msg_too_big_total", COUNTER, "Incoming messages longer than max_message", 1),
+    ("msg_timeouts", "kmux_conn_msg_timeouts_total", COUNTER, "Incomplete messages past assembly_timeout", 1),
+    ("bad_hdr_len", "kmux_conn_bad_hdr_len_total", COUNTER, "Incoming headers with an impossible length", 1),
+    ("reconnects", "kmux_conn_reconnects_total", COUNTER, "TCP connections made after the first", 1),
+    ("dial_failures", "kmux_conn_dial_failures_total", COUNTER, "Failed TCP dials", 1),
+]
+
+TCP_METRICS: list[tuple[str, str, str, str, float]] = [
+    ("rtt_us", "kmux_conn_rtt_seconds", GAUGE, "Smoothed round-trip time (TCP_INFO tcpi_rtt)", 1e-6),
+    ("rttvar_us", "kmux_conn_rttvar_seconds", GAUGE, "Round-trip time variation (TCP_INFO tcpi_rttvar)", 1e-6),
+    ("retransmits", "kmux_conn_retransmits", GAUGE, "Unrecovered retransmission timeouts now (tcpi_retransmits)", 1),
+    ("total_retrans", "kmux_conn_retrans_segments_total", COUNTER,
+     "Segments retransmitted on the current TCP connection (tcpi_total_retrans)", 1),
+    ("snd_cwnd", "kmux_conn_snd_cwnd_segments", GAUGE, "Congestion window in segments (tcpi_snd_cwnd)", 1),
+    ("unacked", "kmux_conn_unacked_segments", GAUGE, "Segments sent and not yet acknowledged (tcpi_unacked)", 1),
+]
+
+CLIENT_METRICS: list[tuple[str, str, str, str, float]] = [
+    ("receiving", "kmux_client_receiving", GAUGE, "1 if the client receives messages, else 0", 1),
+    ("tx_msgs", "kmux_client_tx_msgs_total", COUNTER, "Messages from this client written to TCP", 1),
+    ("tx_bytes", "kmux_client_tx_bytes_total", COUNTER, "Bytes from this client written to TCP", 1),
+    ("rx_msgs", "kmux_client_rx_msgs_total", COUNTER, "Messages steered to this client", 1),
+    ("rx_bytes", "kmux_client_rx_bytes_total", COUNTER, "Bytes steered to this client", 1),
+    ("queued_msgs", "kmux_client_queued_msgs", GAUGE, "Messages accepted from this client and not yet written", 1),
+    ("queued_bytes", "kmux_client_queued_bytes", GAUGE, "Bytes accepted from this client and not yet written", 1),
+    ("refused", "kmux_client_refused_total", COUNTER, "Messages refused from this client", 1),
+    ("requeued", "kmux_client_requeued_total", COUNTER, "Messages this client handed back", 1),
+    ("notices_sent", "kmux_client_notices_sent_total", COUNTER, "Notices sent to this client", 1),
+    ("notices_pending", "kmux_client_notices_pending", GAUGE, "Notices waiting for this client to read them", 1),
+    ("connected_for", "kmux_client_connected_seconds", GAUGE, "Seconds since the client attached", 1),
+]
+
+DAEMON_METRICS: list[tuple[str, str, str, str, float]] = [
+    ("uptime", "kmux_daemon_uptime_seconds", GAUGE, "Seconds since kmuxd started", 1),
+    ("clients", "kmux_daemon_clients", GAUGE, "Clients attached to any group now", 1),
+    ("reloads", "kmux_daemon_reloads_total", COUNTER, "Configuration reloads applied", 1),
+    ("reload_failures", "kmux_daemon_reload_failures_total", COUNTER, "Configuration reloads refused", 1),
+]
+
+
+def _metric_value(value: Any, scale: float) -> float | None:
+    """A sample value, or None to leave the sample out (missing, None, not a number)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return value * scale if scale != 1 else value
+    return None
+
+
+class StatsCollector:
+    """A prometheus_client collector over one ``stats`` answer (no state, no timestamps).
+
+    A custom collector rather than Counter/Gauge objects because the values
+    are the daemon's, not ours: we only re-label them. Families are always
+    emitted (also when empty) so a scrape's set of names does not depend on
+    how many clients happen to be attached.
+    """
+
+    def __init__(self, answer: Mapping[str, Any], up: bool = True) -> None:
+        self.answer = answer
+        self.up = up
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        def family(kind: str, name: str, doc: str, labels: list[str]) -> Any:
+            cls = CounterMetricFamily if kind == COUNTER else GaugeMetricFamily
+            return cls(name, doc, labels=labels)
+
+        up = GaugeMetricFamily("kmux_up", "1 if kmuxd answered on its control socket, else 0")
+        up.add_metric([], 1 if self.up else 0)
+        yield up
+        if not self.up:
+            return
+
+        daemon = self.answer.get("daemon") if isinstance(self.answer.get("daemon"), Mapping) else {}
+        info = GaugeMetricFamily("kmux_daemon_info", "kmuxd version and pid (always 1)", labels=["version", "pid"])
+        if daemon:
+            info.add_metric([str(daemon.get("version", "")), str(daemon.get("pid", ""))], 1)
+        yield info
+        yield from self._families(family, DAEMON_METRICS, [], [((), daemon)] if daemon else [])
+
+        groups = _records(self.answer, "groups")
+        yield from self._families(family, GROUP_METRICS, ["group"], [((str(g.get("name")),), g) for g in groups])
+        latency = GaugeMetricFamily(
+            "kmux_group_latency_seconds", "Request-to-response latency quantiles", labels=["group", "quantile"]
+        )
+        for g in groups:
+            for q, field in (("0.5", "latency_p50_us"), ("0.99", "latency_p99_us")):
+                v = _metric_value(g.get(field), 1e-6)
+                if v is not None:
+                    latency.add_metric([str(g.get("name")), q], v)
+        yield latency
+
+        conns = []
+        for g in groups:
+            for c in g.get("connections") or []:
+                if isinstance(c, Mapping):
+                    conns.append(((str(g.get("name")), str(c.get("index")), str(c.get("endpoint", ""))), c))
+        conn_labels = ["group", "conn", "endpoint"]
+        yield from self._families(family, CONN_METRICS, conn_labels, conns)
+        yield from self._families(
+            family, TCP_METRICS, conn_labels,
+            [(lv, c.get("tcp")) for lv, c in conns if isinstance(c.get("tcp"), Mapping)],
+        )
+        conn_up = GaugeMetricFamily(
+            "kmux_conn_up", "1 if the slot holds an established TCP connection", labels=conn_labels
+        )
+        for lv, c in conns:
+            if isinstance(c.get("state"), str):
+                conn_up.add_metric(list(lv), 1 if c["state"] in _CONNECTED_STATES else 0)
+        yield conn_up
+        yield self._conn_states(conns)
+
+        clients = [
+            ((str(c.get("group", "")), str(c.get("id", "")), str(c.get("pid", "")), str(c.get("comm", ""))), c)
+            for c in _records(self.answer, "clients")
+        ]
+        yield from self._families(family, CLIENT_METRICS, ["group", "client", "pid", "comm"], clients)
+
+    @staticmethod
+    def _families(family: Callable[..., Any], table: list, labels: list[str], rows: list) -> Iterator[Any]:
+        for field, name, kind, doc, scale in table:
+            fam = family(kind, name, doc, labels)
+            for label_values, record in rows:
+                v = _metric_value(record.get(field), scale)
+                if v is not None:
+                    fam.add_metric(list(label_values), v)
+            yield fam
+
+    @staticmethod
+    def _conn_states(conns: list) -> Any:
+        """One series per known state, 1 for the current one: the Prometheus enum idiom.
+
+        Series for every state (not only the current one) so a state change
+        is a value change, not one series vanishing and another appearing.
+        """
+        from prometheus_client.core import GaugeMetricFamily
+
+        from .states import ConnState
+
+        known = [s.value for s in ConnState]
+        fam = GaugeMetricFamily(
+            "kmux_conn_state", "1 for the slot's current state, 0 for the others",
+            labels=["group", "conn", "endpoint", "state"],
+        )
+        for lv, c in conns:
+            state = c.get("state")
+            if not isinstance(state, str):
+                continue
+            for s in known if state in known else [*known, state]:
+                fam.add_metric([*lv, s], 1 if s == state else 0)
+        return fam
+
+
+def metrics_registry(answer: Mapping[str, Any], up: bool = True) -> Any:
+    """A registry holding only our collector: no process_/python_ metrics of the CLI itself."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=True)  # auto_describe catches duplicate names
+    registry.register(StatsCollector(answer, up))
+    return registry
+
+
+def metrics_text(answer: Mapping[str, Any], up: bool = True) -> str:
+    """The Prometheus text exposition (format 0.0.4) of one stats answer."""
+    from prometheus_client import generate_latest
+
+    return generate_latest(metrics_registry(answer, up)).decode()
+
+
+# -- watch --------------------------------------------------------------------------
+
+CLEAR = "\x1b[H\x1b[2J"
+HIDE_CURSOR = "\x1b[?25l"
+SHOW_CURSOR = "\x1b[?25h"
+
+
+def watch(
+    fetch: Callable[[], Mapping[str, Any]],
+    render: Callable[[Mapping[str, Any], Rates], list[str]],
+    *,
+    interval: float,
+    count: int | None,
+    out: TextIO,
+    tty: bool,
+    title: str = "",
+    separate: bool = True,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Refresh a view every ``interval`` seconds until Ctrl-C (or ``count`` refreshes).
+
+    On a terminal: clear and redraw in place, lines cut to the terminal
+    width so a wide table does not wrap into a mess, cursor hidden and
+    restored on any exit. Elsewhere (a pipe, a log): plain tables one after
+    another, blank-line separated (``separate``; not for JSON Lines), so
+    ``--watch`` output stays greppable.
+    Ticks are scheduled from the start time, so slow answers do not make
+    the interval drift.
+    """
+    tracker = RateTracker()
+    done = 0
+    start = clock()
+    try:
+        if tty:
+            out.write(HIDE_CURSOR)
+        while True:
+            answer = fetch()
+            lines = render(answer, Rates(tracker, clock()))
+            tracker.advance()
+            if tty:
+                width = shutil.get_terminal_size().columns
+                head = f"Every {interval:g}s: kmux-cli {title}".ljust(max(0, width - 9)) + time.strftime(" %H:%M:%S")
+                out.write(CLEAR + "\n".join(line[:width].rstrip() for line in [head.rstrip(), "", *lines]) + "\n")
+            else:
+                out.write(("\n" if done and separate else "") + "\n".join(lines) + "\n")
+            out.flush()
+            done += 1
+            if count is not None and done >= count:
+                return EXIT_OK
+            sleep(max(0.0, start + done * interval - clock()))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        if tty:
+            out.write(SHOW_CURSOR + "\n")
+            out.flush()
+
+
+# -- commands -----------------------------------------------------------------------
+
+
+def _json_line(data: Any, pretty: bool) -> str:
+    def default(o: Any) -> Any:
+        if isinstance(o, (bytes, bytearray)):
+            return o.hex()
+        return str(o)
+
+    if pretty:
+        return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, default=default)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=default)
+
+
+def _without_ok(answer: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in answer.items() if k != "ok"}
+
+
+def _show(args: argparse.Namespace, client: ControlClient, out: TextIO, request: dict[str, Any],
+          table: Callable[[Mapping[str, Any], Rates | None], list[str]],
+          data: Callable[[Mapping[str, Any]], Any]) -> int:
+    """Shared by the read-only commands: once, or ``--watch``; table or ``-j``."""
+    def fetch() -> Mapping[str, Any]:
+        return client.request("stats", **request)
+
+    if args.watch is None:
+        answer = fetch()
+        text = _json_line(data(answer), pretty=True) if args.json else "\n".join(table(answer, None))
+        if text:
+            out.write(text + "\n")
+        return EXIT_OK
+
+    def render(answer: Mapping[str, Any], rates: Rates) -> list[str]:
+        if args.json:
+            return [_json_line(data(answer), pretty=False)]
+        return table(answer, rates)
+
+    tty = out.isatty() and not args.json
+    return watch(fetch, render, interval=args.watch, count=args.count, out=out, tty=tty, title=args.title,
+                 separate=not args.json)
+
+
+def cmd_groups(args: argparse.Namespace, client: ControlClient, out: TextIO) -> int:
+    return _show(
+        args, client, out, {},
+        lambda a, r: groups_view(a, header=args.header, rates=r),
+        lambda a: _records(a, "groups"),
+    )
+
+
+def cmd_group(args: argparse.Namespace, client: ControlClient, out: TextIO) -> int:
+    return _show(
+        args, client, out, {"group": args.group},
+        lambda a, r: group_view(a, args.group, header=args.header, rates=r),
+        lambda a: find_group(a, args.group),
+    )
+
+
+def cmd_clients(args: argparse.Namespace, client: ControlClient, out: TextIO) -> int:
+    request = {"group": args.group} if args.group is not None else {}
+    return _show(
+        args, client, out, request,
+        lambda a, r: clients_view(a, group=args.group, header=args.header, rates=r),
+        lambda a: select_clients(a, args.group),
+    )
+
+
+def cmd_status(args: argparse.Namespace, client: ControlClient, out: TextIO) -> int:
+    return _show(args, client, out, {}, lambda a, r: status_view(a), lambda a: a.get("daemon"))
+
+
+def cmd_reconnect(args: argparse.Namespace, client: ControlClient, out: TextIO) -> int:
+    request: dict[str, Any] = {"group": args.group}
+    if args.conn is not None:
+        request["conn"] = args.conn
+    answer = client.request("reconnect", **request)
+    if args.json:
+        out.write(_json_line(_without_ok(answer), pretty=True) + "\n")
+    else:
+        done = answer.get("reconnected")
+        which = ", ".join(str(i) for i in done) if isinstance(done, list) and done else "none"
+        out.write(f"group {args.group}: reconnected connection(s) {which}\n")
+    return EXIT_OK
+
+
+def cmd_drain(args: argparse.Namespace, client: ControlClient, out: TextIO) -> int:
+    answer = client.request(
+        "drain", group=args.group, conn=args.conn, timeout=args.drain_timeout,
+        io_timeout=max(args.timeout, args.drain_timeout + 5),
+    )
+    if args.json:
+        out.write(_json_line(_without_ok(answer), pretty=True) + "\n")
+    else:
+        out.write(
+            f"group {args.group} connection {args.conn}: drained {fmt_count(answer.get('drained_msgs'))} msgs "
+            f"({fmt_bytes(answer.get('drained_bytes'))}) in {fmt_duration(answer.get('seconds'))}, replaced\n"
+        )
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace, client: ControlClient, out: TextIO) -> int:
+    answer = client.request("reload")
+    if args.json:
+        out.write(_json_line(_without_ok(answer), pretty=True) + "\n")
+        return EXIT_OK
+    out.write("kmuxd: configuration reloaded\n")
+    for key in ("added", "removed", "resized", "replaced", "unchanged"):
+        names = answer.get(key)
+        if isinstance(names, list) and names:
+            out.write(f"    {key:<10} {', '.join(str(n) for n in names)}\n")
+    return EXIT_OK
+
+
+def cmd_metrics(args: argparse.Namespace, client: ControlClient, out: TextIO) -> int:
+    try:
+        answer = client.request("stats")
+    except DaemonUnavailable:
+        # A textfile left from the last good run would report a dead daemon
+        # as healthy; overwrite it with kmux_up 0 before failing.
+        if args.textfile:
+            _write_textfile(args.textfile, {}, up=False)
+        raise
+    if args.textfile:
+        _write_textfile(args.textfile, answer, up=True)
+    else:
+        out.write(metrics_text(answer))
+    return EXIT_OK
+
+
+def _write_textfile(path: str, answer: Mapping[str, Any], up: bool) -> None:
+    """Atomic (write a temporary file, rename), so node_exporter never reads half a file."""
+    from prometheus_client import write_to_textfile
+
+    write_to_textfile(path, metrics_registry(answer, up))
+
+
+# -- arguments ----------------------------------------------------------------------
+
+
+def _watch_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 86400:
+        raise argparse.ArgumentTypeError("must be between 0.1 and 86400 seconds")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser, top: bool) -> None:
+    """The options every command takes, before or after the command name.
+
+    Defined on the main parser with real defaults and on each subparser
+    with SUPPRESS, so ``kmux-cli -j groups`` and ``kmux-cli groups -j``
+    both work without the subparser resetting what the main one parsed.
+    """
+    d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    p.add_argument("-j", "--json", action="store_true", default=d(False),
+                   help="JSON of the daemon's records (raw numbers)")
+    p.add_argument("-H", "--no-header", dest="header", action="store_false", default=d(True),
+                   help="no table header line")
+    p.add_argument("--watch", metavar="SECONDS", nargs="?", const=1.0, type=_watch_interval, default=d(None),
+                   help="refresh every SECONDS (default 1) until Ctrl-C; write it --watch=SECONDS")
+    p.add_argument("--count", metavar="N", type=_count, default=d(None), help="with --watch: stop after N refreshes")
+    p.add_argument("--control", metavar="PATH", default=d(os.environ.get("KMUX_CONTROL") or DEFAULT_CONTROL),
+                   help=f"control socket (default $KMUX_CONTROL or {DEFAULT_CONTROL})")
+    p.add_argument("--timeout", metavar="SECONDS", type=_positive, default=d(5.0), help="answer timeout (default 5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kmux-cli", description="inspect and steer a running kmuxd through its control socket",
+        epilog="exit codes: 0 ok, 1 operation failed, 2 usage, 3 kmuxd not running, "
+        "4 permission denied, 5 no such group/connection",
+    )
+    parser.add_argument("--version", action="version", version=f"kmux-cli {__version__}")
+    _add_common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[..., int], help: str, watchable: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _add_common(p, top=False)
+        p.set_defaults(func=func, watchable=watchable)
+        return p
+
+    command("groups", cmd_groups, "one line per group")
+    p = command("group", cmd_group, "one group, then a line per connection with TCP_INFO")
+    p.add_argument("group", metavar="NAME")
+    p = command("clients", cmd_clients, "one line per attached client")
+    p.add_argument("--group", metavar="NAME", help="only this group's clients")
+    command("status", cmd_status, "the daemon: version, pid, uptime, sockets, reloads")
+    p = command("reconnect", cmd_reconnect, "close and redial a group's connections (or one)", watchable=False)
+    p.add_argument("group", metavar="GROUP")
+    p.add_argument("conn", metavar="CONN", type=int, nargs="?")
+    p = command("drain", cmd_drain, "let one connection write its queue, then replace it", watchable=False)
+    p.add_argument("group", metavar="GROUP")
+    p.add_argument("conn", metavar="CONN", type=int)
+    p.add_argument("--drain-timeout", metavar="SECONDS", type=_positive, default=10.0,
+                   help="how long the daemon waits for the queue to empty (default 10)")
+    command("reload", cmd_reload, "read the configuration file again and apply it", watchable=False)
+    p = command("metrics", cmd_metrics, "the statistics in the Prometheus text format", watchable=False)
+    p.add_argument("--textfile", metavar="PATH",
+                   help="write atomically to PATH (node_exporter textfile collector) instead of stdout")
+    return parser
+
+
+def _expand_bare_watch(argv: list[str]) -> list[str]:
+    """``--watch NAME`` must not swallow NAME as the interval: make a bare --watch ``--watch=1``.
+
+    argparse's optional value (nargs="?") takes the next word whatever it
+    is, so ``kmux-cli --watch group web`` would fail on "group". Only a
+    following word that parses as a number is taken as the interval.
+    """
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--watch":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            try:
+                float(nxt)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                arg = "--watch=1"
+        out.append(arg)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(_expand_bare_watch(list(sys.argv[1:] if argv is None else argv)))
+    if args.watch is not None and not args.watchable:
+        parser.error(f"--watch does not apply to {args.command}")
+    if args.count is not None and args.watch is None:
+        parser.error("--count needs --watch")
+    args.title = f"group {args.group}" if args.command == "group" else args.command
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    client = ControlClient(args.control, timeout=args.timeout)
+    try:
+        return args.func(args, client, sys.stdout)
+    except BrokenPipeError:
+        # `kmux-cli groups | head`: the reader left; not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+    except KmuxError as exc:
+        code, message = exit_status(exc, args.control, command=args.command, **_context(exc, args, client))
+        print(message, file=sys.stderr)
+        return code
+    finally:
+        client.close()
+
+
+def _context(exc: KmuxError, args: argparse.Namespace, client: ControlClient) -> dict[str, Any]:
+    """Best-effort names for "no such ..." messages: ask the daemon what exists."""
+    ctx: dict[str, Any] = {"group": getattr(args, "group", None), "conn": getattr(args, "conn", None)}
+    if exc.code not in ("unknown_group", "unknown_connection"):
+        return ctx
+    try:
+        answer = client.request("stats")
+    except KmuxError:
+        return ctx
+    groups = _records(answer, "groups")
+    ctx["groups"] = [str(g.get("name")) for g in groups]
+    for g in groups:
+        if g.get("name") == ctx["group"] and isinstance(g.get("connections_total"), int):
+            ctx["conns"] = g["connections_total"]
+    return ctx
+
+
+if __name__ == "__main__":
+    sys.exit(main())

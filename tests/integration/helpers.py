@@ -1,0 +1,714 @@
+"""Integration test support: a real TCP backend, a real kmuxd subprocess, message builders.
+
+Everything here uses real sockets and real processes, bounded by timeouts:
+
+* :class:`Backend` is a TCP server on 127.0.0.1:0, run by one background
+  thread. It cuts each connection's byte stream into u32be frames with
+  :class:`kmux.framing.Reassembler`, records every frame with the connection
+  it arrived on, optionally echoes it, can pause reading, push raw bytes
+  and kill connections (FIN or RST). All sockets are touched only by its
+  thread; other threads ask it through :meth:`Backend._call`.
+* :class:`Daemon` runs ``kmuxd --config`` as a subprocess and collects its
+  JSON log lines.
+* :func:`make_frame` / :func:`parse_frame` build and check test messages
+  that carry ``(client_id, seq)`` and a CRC of the whole body, so a torn or
+  interleaved frame cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import kmux
+from kmux.errors import KmuxError
+from kmux.framing import PRESETS, Reassembler
+
+U32BE = PRESETS["u32be"]
+
+# -- bounded waiting -----------------------------------------------------------
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str = "condition", interval: float = 0.01) -> Any:
+    """Poll ``pred`` until it returns something truthy; AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_flat(read: Callable[[], Any], quiet: float, timeout: float, what: str = "value") -> Any:
+    """Wait until ``read()`` has not changed for ``quiet`` seconds; returns the value."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    since = time.monotonic()
+    while True:
+        time.sleep(0.05)
+        now = time.monotonic()
+        value = read()
+        if value != last:
+            last, since = value, now
+        elif now - since >= quiet:
+            return value
+        if now >= deadline:
+            raise AssertionError(f"{what} kept changing for {timeout}s (last {last!r})")
+
+
+# -- test messages ---------------------------------------------------------------
+
+#: u32be length, u16 client id, u32 seq, u32 crc32 of (client id, seq, body)
+HEADER = struct.Struct(">IHII")
+MIN_FRAME = HEADER.size  # 14 bytes: the smallest frame that can carry an identity
+_BLOB = random.Random(1234).randbytes(1 << 18)
+
+
+def make_frame(client: int, seq: int, size: int, rng: random.Random | None = None) -> bytes:
+    """A u32be frame of exactly ``size`` bytes (header included) naming ``(client, seq)``."""
+    if size < MIN_FRAME:
+        raise ValueError(f"a test frame needs at least {MIN_FRAME} bytes")
+    n = size - MIN_FRAME
+    rng = rng or random
+    off = rng.randrange(0, len(_BLOB) - n + 1)
+    body = _BLOB[off : off + n]
+    ident = struct.pack(">HI", client, seq)
+    crc = zlib.crc32(body, zlib.crc32(ident))
+    return HEADER.pack(size - 4, client, seq, crc) + body
+
+
+class BadTestFrame(AssertionError):
+    pass
+
+
+def parse_frame(frame: bytes) -> tuple[int, int]:
+    """``(client, seq)`` of a frame built by :func:`make_frame`; BadTestFrame if torn/garbled."""
+    if len(frame) < MIN_FRAME:
+        raise BadTestFrame(f"{len(frame)}-byte frame is too short to be a test frame")
+    length, client, seq, crc = HEADER.unpack_from(frame)
+    if length + 4 != len(frame):
+        raise BadTestFrame(f"header says {length + 4} bytes, frame has {len(frame)}")
+    body = memoryview(frame)[MIN_FRAME:]
+    if zlib.crc32(body, zlib.crc32(frame[4:10])) != crc:
+        raise BadTestFrame(f"checksum mismatch in frame of client {client} seq {seq} ({len(frame)} bytes)")
+    return client, seq
+
+
+def summarize_frame(frame: bytes) -> tuple[int, int, int] | tuple[str, str]:
+    """Backend record for a test frame: ``(client, seq, size)`` or ``("bad", reason)``."""
+    try:
+        client, seq = parse_frame(frame)
+    except BadTestFrame as exc:
+        return ("bad", str(exc))
+    return (client, seq, len(frame))
+
+
+def u32be(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+def random_size(rng: random.Random, max_message: int) -> int:
+    """Mostly small, some medium, a few large: every size class, bounded total bytes."""
+    r = rng.random()
+    if r < 0.6:
+        return rng.randint(MIN_FRAME, 512)
+    if r < 0.9:
+        return rng.randint(513, 8192)
+    return rng.randint(8193, max_message)
+
+
+def check_order_per_connection(records: list[tuple[int, Any]]) -> None:
+    """Per client, seqs strictly increase within each connection (records are in arrival order)."""
+    last: dict[tuple[int, int], int] = {}
+    for conn, rec in records:
+        client, seq = rec[0], rec[1]
+        key = (conn, client)
+        prev = last.get(key, 0)
+        assert seq > prev, f"conn {conn}: client {client} seq {seq} arrived after seq {prev}"
+        last[key] = seq
+
+
+# -- the backend -------------------------------------------------------------------
+
+
+@dataclass
+class BackendConn:
+    id: int
+    sock: socket.socket
+    peer: tuple
+    opened_at: float
+    reasm: Reassembler
+    #: index into Backend._records of each frame that arrived here
+    record_ids: list[int] = field(default_factory=list)
+    out: bytearray = field(default_factory=bytearray)
+    out_total: int = 0  # bytes ever queued for sending
+    sent_total: int = 0  # bytes the kernel took
+    closed_at: float | None = None
+    #: why it closed: "eof" (peer FIN), "reset"/"error: ..." (peer RST), "killed"/"closed" (by us)
+    close_reason: str | None = None
+    #: bytes of an incomplete frame left when the connection closed
+    tail: int = 0
+    parse_error: str | None = None
+
+
+@dataclass(frozen=True)
+class ConnInfo:
+    id: int
+    open: bool
+    opened_at: float
+    closed_at: float | None
+    close_reason: str | None
+    frames: int
+    buffered: int  # bytes of an incomplete frame held now (or at close)
+    pending_out: int  # bytes queued to send, not yet taken by the kernel
+    parse_error: str | None
+
+
+class Backend:
+    """A TCP server on 127.0.0.1 that records u32be frames per connection (see module doc)."""
+
+    def __init__(
+        self,
+        *,
+        echo: bool = False,
+        max_frame: int = 1 << 24,
+        rcvbuf: int | None = None,
+        sndbuf: int | None = None,
+        summarize: Callable[[bytes], Any] | None = None,
+    ) -> None:
+        self.echo = echo
+        self.max_frame = max_frame
+        self.sndbuf = sndbuf
+        self.summarize = summarize or (lambda frame: frame)
+        self._lock = threading.Lock()
+        self._conns: dict[int, BackendConn] = {}
+        self._records: list[tuple[int, Any]] = []
+        self._paused = False
+        self._next_id = 1
+        self._calls: queue.Queue = queue.Queue()
+        self._stop = False
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if rcvbuf is not None:  # inherited by accepted sockets; also turns off autotuning
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self._listener.setblocking(False)
+        self.port = self._listener.getsockname()[1]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._thread = threading.Thread(target=self._run, name=f"backend:{self.port}", daemon=True)
+        self._error: BaseException | None = None
+        self._poller = select.poll()
+        self._masks: dict[int, int] = {}  # fd -> registered poll mask (0: not registered)
+        self._by_fd: dict[int, BackendConn] = {}
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    # -- thread-safe accessors ----------------------------------------------
+
+    def records(self, conn: int | None = None) -> list[tuple[int, Any]]:
+        """``(conn_id, record)`` of every frame, in arrival order (per connection)."""
+        self._check()
+        with self._lock:
+            if conn is None:
+                return list(self._records)
+            c = self._conns[conn]
+            return [self._records[i] for i in c.record_ids]
+
+    def count(self) -> int:
+        self._check()
+        with self._lock:
+            return len(self._records)
+
+    def conns(self) -> list[ConnInfo]:
+        self._check()
+        with self._lock:
+            return [self._info(c) for c in self._conns.values()]
+
+    def conn(self, conn_id: int) -> ConnInfo:
+        with self._lock:
+            return self._info(self._conns[conn_id])
+
+    def open_ids(self) -> list[int]:
+        return [c.id for c in self.conns() if c.open]
+
+    def _info(self, c: BackendConn) -> ConnInfo:
+        return ConnInfo(
+            id=c.id,
+            open=c.closed_at is None,
+            opened_at=c.opened_at,
+            closed_at=c.closed_at,
+            close_reason=c.close_reason,
+            frames=len(c.record_ids),
+            buffered=c.tail if c.closed_at is not None else c.reasm.buffered,
+            pending_out=len(c.out),
+            parse_error=c.parse_error,
+        )
+
+    def wait_open(self, n: int, timeout: float = 10.0) -> list[int]:
+        """Wait until exactly ``n`` connections are open; returns their ids."""
+        return wait_until(lambda: (ids := self.open_ids()) and len(ids) == n and ids, timeout, f"{n} open connections")
+
+    def wait_count(self, n: int, timeout: float = 20.0) -> None:
+        wait_until(lambda: self.count() >= n, timeout, f"{n} frames at the backend (have {self.count()})")
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise AssertionError(f"backend thread crashed: {self._error!r}") from self._error
+
+    # -- commands (run in the backend thread) -------------------------------------
+
+    def _call(self, fn: Callable[[], Any], timeout: float = 5.0) -> Any:
+        done = threading.Event()
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append((True, fn()))
+            except BaseException as exc:  # handed back to the caller
+                box.append((False, exc))
+            done.set()
+
+        self._calls.put(run)
+        self._wake()
+        if not done.wait(timeout):
+            self._check()
+            raise AssertionError("backend thread did not run a command within 5 s")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def pause(self) -> None:
+        """Stop reading every connection (new ones too) until :meth:`resume`."""
+        with self._lock:
+            self._paused = True
+        self._call(lambda: None)  # the loop has seen the flag once this returns
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+        self._call(lambda: None)
+
+    def send(self, conn_id: int, data: bytes) -> None:
+        """Queue raw bytes to send on a connection (written as the kernel takes them)."""
+
+        def run() -> None:
+            c = self._conns[conn_id]
+            if c.closed_at is not None:
+                raise AssertionError(f"backend conn {conn_id} is closed")
+            c.out += data
+            c.out_total += len(data)
+            self._flush(c)
+
+        self._call(run)
+
+    def kill(self, conn_ids: list[int] | None = None, *, rst: bool = True) -> list[int]:
+        """Close connections (all open ones by default); ``rst`` sends a reset (SO_LINGER 0)."""
+
+        def run() -> list[int]:
+            ids = [c.id for c in self._conns.values() if c.closed_at is None] if conn_ids is None else conn_ids
+            for i in ids:
+                c = self._conns[i]
+                if c.closed_at is None:
+                    if rst:
+                        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self._close(c, "killed" if rst else "closed")
+            return ids
+
+        return self._call(run)
+
+    def close(self) -> None:
+        """Stop the thread, close every socket (idempotent)."""
+        if self._thread.is_alive():
+            self._stop = True
+            self._wake()
+            self._thread.join(5)
+        for c in self._conns.values():
+            if c.closed_at is None:
+                c.closed_at = time.monotonic()
+                c.close_reason = "shutdown"
+            c.sock.close()
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # surfaced by every accessor
+            self._error = exc
+
+    def _loop(self) -> None:
+        poller = self._poller = select.poll()
+        poller.register(self._listener, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        masks = self._masks
+        by_fd = self._by_fd
+        while not self._stop:
+            # Interest follows state: read unless paused, write while bytes are queued.
+            with self._lock:
+                paused = self._paused
+            # A socket with no interest is unregistered: poll reports HUP/ERR even for
+            # mask 0, which would spin while paused.
+            for fd, c in list(by_fd.items()):
+                mask = (0 if paused else select.POLLIN) | (select.POLLOUT if c.out else 0)
+                if masks[fd] != mask:
+                    if not masks[fd]:
+                        poller.register(fd, mask)
+                    elif not mask:
+                        poller.unregister(fd)
+                    else:
+                        poller.modify(fd, mask)
+                    masks[fd] = mask
+            for fd, ev in poller.poll(50):
+                if fd == self._wake_r.fileno():
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    continue
+                if fd == self._listener.fileno():
+                    for c in self._accept():
+                        fd2 = c.sock.fileno()
+                        by_fd[fd2] = c
+                        masks[fd2] = 0 if paused else select.POLLIN
+                        if masks[fd2]:
+                            poller.register(fd2, masks[fd2])
+                    continue
+                c = by_fd.get(fd)
+                if c is None or c.closed_at is not None:
+                    continue
+                if ev & select.POLLOUT:
+                    self._flush(c)
+                if c.closed_at is None and ev & (select.POLLIN | select.POLLERR | select.POLLHUP) and not paused:
+                    self._read(c)
+            while True:
+                try:
+                    fn = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                fn()
+
+    def _accept(self) -> list[BackendConn]:
+        out = []
+        while True:
+            try:
+                sock, peer = self._listener.accept()
+            except BlockingIOError:
+                return out
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.sndbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+            with self._lock:
+                c = BackendConn(self._next_id, sock, peer, time.monotonic(), Reassembler(U32BE, self.max_frame))
+                self._next_id += 1
+                self._conns[c.id] = c
+            out.append(c)
+
+    def _read(self, c: BackendConn) -> None:
+        for _ in range(16):  # bounded per turn, so one busy connection cannot starve the others
+            try:
+                data = c.sock.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                self._close(c, "reset")
+                return
+            except OSError as exc:
+                self._close(c, f"error: {exc}")
+                return
+            if not data:
+                self._close(c, "eof")
+                return
+            if c.parse_error is not None:
+                continue  # the stream is desynchronised; keep draining, record nothing
+            try:
+                frames = c.reasm.feed(data)
+            except KmuxError as exc:
+                c.parse_error = str(exc)
+                frames = []
+            summaries = [self.summarize(f) for f in frames]
+            with self._lock:
+                for s in summaries:
+                    c.record_ids.append(len(self._records))
+                    self._records.append((c.id, s))
+            if self.echo and frames:
+                for f in frames:
+                    c.out += f
+                    c.out_total += len(f)
+                self._flush(c)
+
+    def _flush(self, c: BackendConn) -> None:
+        while c.out and c.closed_at is None:
+            try:
+                n = c.sock.send(c.out[: 1 << 20])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._close(c, f"error: {exc}")
+                return
+            with self._lock:
+                del c.out[:n]
+                c.sent_total += n
+
+    def _close(self, c: BackendConn, reason: str) -> None:
+        # Forget the fd before closing it: the number may be reused by the next accept.
+        fd = c.sock.fileno()
+        if self._by_fd.get(fd) is c:
+            if self._masks.pop(fd):
+                self._poller.unregister(fd)
+            del self._by_fd[fd]
+        with self._lock:
+            c.closed_at = time.monotonic()
+            c.close_reason = reason
+            c.tail = c.reasm.buffered
+        c.sock.close()
+
+
+# -- the daemon ----------------------------------------------------------------------
+
+
+def kmuxd_command() -> list[str]:
+    script = Path(sys.executable).with_name("kmuxd")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kmuxd"]
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def write_config(path: Path, daemon: dict[str, Any], groups: dict[str, dict[str, Any]], version: Any = 1) -> Path:
+    lines = [] if version is None else [f"version = {toml_value(version)}"]
+    lines.append("[daemon]")
+    lines += [f"{k} = {toml_value(v)}" for k, v in daemon.items()]
+    for name, g in groups.items():
+        lines.append(f"[groups.{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in g.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Daemon:
+    """A running ``kmuxd --config`` subprocess and the log lines it wrote."""
+
+    def __init__(self, config_path: Path, socket_path: str, group: str) -> None:
+        self.config_path = config_path
+        self.socket_path = socket_path
+        self.group = group
+        self.proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._lines: list[dict[str, Any]] = []
+        self._raw: list[str] = []
+        self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 10.0) -> "Daemon":
+        self.proc = subprocess.Popen(
+            [*kmuxd_command(), "--config", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read_logs, name="kmuxd-logs", daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"kmuxd did not become ready (rc={self.proc.returncode}):\n" + self.stderr_text())
+        return self
+
+    def _read_logs(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            line = line.rstrip("\n")
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            with self._lock:
+                self._raw.append(line)
+                if isinstance(entry, dict):
+                    self._lines.append(entry)
+            if isinstance(entry, dict) and entry.get("event") == "ready":
+                self._ready.set()
+
+    def logs(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        with self._lock:
+            lines = list(self._lines)
+        return [
+            e for e in lines if (event is None or e.get("event") == event) and all(e.get(k) == v for k, v in match.items())
+        ]
+
+    def wait_log(self, event: str, count: int = 1, timeout: float = 10.0, **match: Any) -> list[dict[str, Any]]:
+        return wait_until(
+            lambda: len(found := self.logs(event, **match)) >= count and found,
+            timeout,
+            f"{count} log line(s) {event} {match}",
+        )
+
+    def stderr_text(self) -> str:
+        with self._lock:
+            return "\n".join(self._raw)
+
+    def connect(self, **kw: Any) -> kmux.Client:
+        kw.setdefault("timeout", 5.0)
+        return kmux.connect(kw.pop("group", self.group), self.socket_path, **kw)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait ``timeout`` s, then SIGKILL. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._reader is not None:
+            self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return self.proc.returncode
+
+
+def group_config(backend: Backend, **kw: Any) -> dict[str, Any]:
+    """A group on ``backend`` with fast reconnects; ``kw`` overrides any setting."""
+    cfg: dict[str, Any] = {
+        "endpoints": [backend.address],
+        "connections": 4,
+        "max_message": 65536,
+        "reconnect_initial": 0.05,
+        "reconnect_max": 0.2,
+        "connect_timeout": 2.0,
+    }
+    cfg.update(kw)
+    return cfg
+
+
+# -- clients in threads ------------------------------------------------------------
+
+
+class Receiver:
+    """A sync kmux client whose thread receives into a list; commands run in that thread."""
+
+    def __init__(self, client: kmux.Client, name: str = "") -> None:
+        self.client = client
+        self.name = name or f"rx{client.client_id}"
+        self._lock = threading.Lock()
+        self._msgs: list[bytes] = []
+        self._cmds: queue.Queue = queue.Queue()
+        self._reading = True
+        self._stop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def messages(self) -> list[bytes]:
+        if self.error is not None:
+            raise AssertionError(f"receiver {self.name} failed: {self.error!r}") from self.error
+        with self._lock:
+            return list(self._msgs)
+
+    def count(self) -> int:
+        return len(self.messages())
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                try:
+                    fn = self._cmds.get_nowait() if self._reading else self._cmds.get(timeout=0.02)
+                except queue.Empty:
+                    fn = None
+                if fn is not None:
+                    fn()
+                    continue
+                if not self._reading:
+                    continue
+                try:
+                    msg = self.client.recv(timeout=0.02)
+                except TimeoutError:
+                    continue
+                with self._lock:
+                    self._msgs.append(msg)
+        except BaseException as exc:
+            self.error = exc
+
+    def _call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        done = threading.Event()
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append((True, fn()))
+            except BaseException as exc:
+                box.append((False, exc))
+            done.set()
+
+        self._cmds.put(run)
+        if not done.wait(timeout):
+            raise AssertionError(f"receiver {self.name} did not run a command within {timeout}s")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def set_receive(self, on: bool) -> None:
+        self._call(lambda: self.client.set_receive(on, timeout=5.0))
+
+    def pause_reading(self) -> None:
+        self._call(lambda: setattr(self, "_reading", False))
+
+    def resume_reading(self) -> None:
+        self._call(lambda: setattr(self, "_reading", True))
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(5)
+        self.client.close()
