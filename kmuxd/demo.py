@@ -415,6 +415,9 @@ def keep_running(socket_path: str, daemon: DaemonProcess) -> None:
     print(f"kmuxd is still running (pid {daemon.pid}), listening on {socket_path}")
     print(f"group {GROUP!r}: {CONNECTIONS} connections to the echo backend, u32be framing. Try:")
     print(f"  {example}")
+    cli = Path(sys.executable).with_name("kmux-cli")
+    control = Path(socket_path).with_name("control.sock")
+    print(f"  {cli} --control {control} group {GROUP}      (also: groups, clients, metrics, --watch)")
     print("Press Ctrl-C to stop it (the connection and daemon counts are printed then).")
     sys.stdout.flush()
     while daemon.proc.poll() is None:  # ends on Ctrl-C, SIGTERM or a daemon that dies
