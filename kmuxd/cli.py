@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kmuxd", description="message multiplexer over shared TCP connection groups")
     parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"TOML configuration (default {DEFAULT_CONFIG})")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit (0 = valid)")
-    parser.add_argument("--log-format", choices=("auto", "console", "json"), help="override daemon.log_format")
+    parser.add_argument("--log-format", choices=("auto", "console", "json", "journal"), help="override daemon.log_format")
     parser.add_argument("--version", action="version", version=f"kmuxd {__version__}")
     args = parser.parse_args(argv)
     try:

@@ -25,7 +25,7 @@ __all__ = ["Config", "DaemonConfig", "GroupConfig", "Endpoint", "load_config", "
 CONFIG_VERSION = 1
 STEERING_MODES = ("balance",)
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_LOG_FORMATS = ("auto", "console", "json")
+_LOG_FORMATS = ("auto", "console", "json", "journal")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Hard ceiling for max_message whatever the kernel allows (bounded memory).
 MAX_MESSAGE_CEILING = 64 * 1024 * 1024

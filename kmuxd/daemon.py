@@ -26,6 +26,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+import msgpack
 import trio
 
 from kmux.errors import ConfigInvalid, KmuxError, ReloadRefused, UnknownGroup
@@ -35,12 +36,17 @@ from .config import Config, GroupConfig, load_config
 from .control import ControlRequest, ControlServer, bind_control, to_wire
 from .group import Group
 from .log import get_logger
+from .sd import FD_NAME_APPS, FD_NAME_CONTROL, Notifier, activated_sockets, watchdog_interval
 from .server import Server, bind_seqpacket
 
 __all__ = ["Daemon", "DaemonStatistics", "run"]
 
 #: How often a stopping daemon checks whether queues have drained, seconds.
 DRAIN_POLL = 0.02
+#: Seconds between STATUS= summaries sent to systemd.
+STATUS_INTERVAL = 5.0
+#: Self-checks (and so WATCHDOG=1 pings) per WatchdogSec= period.
+WATCHDOG_PINGS_PER_INTERVAL = 3
 #: Daemon settings a reload cannot change (the sockets are already bound).
 RESTART_ONLY = ("socket", "socket_mode", "control_socket", "control_group")
 
@@ -105,36 +111,65 @@ class Daemon:
         self.last_reload_error: str | None = None
         self._nursery: trio.Nursery | None = None
         self._reload_lock = trio.Lock()
+        self.notifier = Notifier()
+        self.socket_activated = False
+        self._owned_paths: list[str] = []
 
     def _group(self, cfg: GroupConfig) -> Group:
         return Group(cfg, self.config.daemon, self.log)
 
+    def _open_sockets(self) -> None:
+        """Take the sockets systemd passed, or bind them (then they are ours to unlink)."""
+        daemon_cfg = self.config.daemon
+        activated = activated_sockets()
+        self.socket_activated = bool(activated)
+        self.listener = activated.pop(FD_NAME_APPS, None)
+        self.control_listener = activated.pop(FD_NAME_CONTROL, None)
+        for name, extra in activated.items():
+            self.log.warning("unknown_activated_socket", name=name)
+            extra.close()
+        if self.listener is None:
+            self.listener = bind_seqpacket(daemon_cfg.socket, daemon_cfg.socket_mode)
+            self._owned_paths.append(daemon_cfg.socket)
+        if self.control_listener is None:
+            try:
+                self.control_listener = bind_control(daemon_cfg.control_socket, daemon_cfg.control_group)
+            except OSError:
+                self.listener.close()
+                self._unlink_owned()
+                raise
+            self._owned_paths.append(daemon_cfg.control_socket)
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         t0 = time.monotonic()
         daemon_cfg = self.config.daemon
-        self.listener = bind_seqpacket(daemon_cfg.socket, daemon_cfg.socket_mode)
-        try:
-            self.control_listener = bind_control(daemon_cfg.control_socket, daemon_cfg.control_group)
-        except OSError:
-            self.listener.close()
-            _unlink(daemon_cfg.socket)
-            raise
+        self.notifier.status("binding sockets")
+        self._open_sockets()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self.notifier.status(f"dialling {sum(g.cfg.connections for g in self.groups.values())} "
+                                     f"connections of {len(self.groups)} group(s)")
                 async with trio.open_nursery() as starting:  # groups dial in parallel
                     for group in self.groups.values():
                         starting.start_soon(nursery.start, group.run)
                 await nursery.start(self.server.serve, self.listener)
                 await nursery.start(self.control_server.serve, self.control_listener)
+                startup_ms = round((time.monotonic() - t0) * 1000, 1)
                 self.log.info(
                     "ready",
                     socket=daemon_cfg.socket,
                     control_socket=daemon_cfg.control_socket,
+                    socket_activated=self.socket_activated,
                     groups=len(self.groups),
                     connections_up=sum(g.statistics().connections_up for g in self.groups.values()),
-                    startup_ms=round((time.monotonic() - t0) * 1000, 1),
+                    startup_ms=startup_ms,
                 )
+                self.notifier.ready(self.status_line())
+                nursery.start_soon(self._status_loop)
+                interval = watchdog_interval()
+                if interval:
+                    nursery.start_soon(self._watchdog_loop, interval)
                 task_status.started(self)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
@@ -145,18 +180,19 @@ class Daemon:
                     break
 
     async def stop(self, nursery: trio.Nursery) -> None:
+        grace = self.config.daemon.shutdown_grace
+        queued = sum(g.queued_total() for g in self.groups.values())
+        self.notifier.stopping(f"stopping: flushing {queued} queued bytes (at most {grace}s)")
         # Stop both accept loops before their listeners close under them.
         self.server.stop_accepting()
         self.control_server.stop_accepting()
-        for listener, path in (
-            (self.listener, self.config.daemon.socket),
-            (self.control_listener, self.config.daemon.control_socket),
-        ):
+        for listener in (self.listener, self.control_listener):
             trio.lowlevel.notify_closing(listener)
             listener.close()
-            _unlink(path)
+        # A socket systemd holds stays in place, so apps that connect during
+        # a restart wait in its backlog; sockets we bound ourselves go.
+        self._unlink_owned()
         self.server.stop_reading()
-        grace = self.config.daemon.shutdown_grace
         with trio.move_on_after(grace):
             while any(g.queued_total() for g in self.groups.values()):
                 await trio.sleep(DRAIN_POLL)
@@ -204,6 +240,55 @@ class Daemon:
             return dataclasses.asdict(await self.reload())
         raise AssertionError(f"op {request.op} validated but not handled")
 
+    def status_line(self, rates: str = "") -> str:
+        """The one-line summary for systemd's STATUS= (and ``systemctl status``)."""
+        groups = [g.statistics() for g in self.groups.values()]
+        up = sum(g.connections_up for g in groups)
+        total = sum(g.connections_total for g in groups)
+        clients = sum(g.clients for g in groups)
+        line = f"{len(groups)} group(s), {up}/{total} connections up, {clients} client(s)"
+        return f"{line}, {rates}" if rates else line
+
+    async def _status_loop(self) -> None:
+        previous = None
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            tx = sum(g.statistics().tx_msgs for g in self.groups.values())
+            rx = sum(g.statistics().rx_msgs for g in self.groups.values())
+            now = time.monotonic()
+            rates = ""
+            if previous is not None:
+                t0, tx0, rx0 = previous
+                dt = now - t0
+                rates = f"{max(0, tx - tx0) / dt:.0f} msg/s out, {max(0, rx - rx0) / dt:.0f} msg/s in"
+            previous = (now, tx, rx)
+            self.notifier.status(self.status_line(rates))
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        """Ping WATCHDOG=1 only after an end-to-end self-check succeeds.
+
+        The check is a ``ping`` request on our own control socket: it passes
+        only if the event loop schedules I/O, the accept loop accepts and the
+        control dispatch answers, well within the watchdog period. A wedged
+        loop (or a SIGSTOPped process) sends nothing, and systemd restarts us.
+        """
+        path = self.config.daemon.control_socket
+        period = interval / WATCHDOG_PINGS_PER_INTERVAL
+        while True:
+            try:
+                with trio.fail_after(period):
+                    await _self_ping(path)
+            except (OSError, trio.TooSlowError) as exc:
+                self.log.error("watchdog_check_failed", error=repr(exc))
+            else:
+                self.notifier.watchdog()
+            await trio.sleep(period)
+
+    def _unlink_owned(self) -> None:
+        for path in self._owned_paths:
+            _unlink(path)
+        self._owned_paths.clear()
+
     def statistics(self) -> DaemonStatistics:
         return DaemonStatistics(
             version=__version__,
@@ -230,6 +315,7 @@ class Daemon:
     async def reload(self) -> ReloadPlan:
         """Read the configuration file again and apply it (see the module docstring)."""
         async with self._reload_lock:
+            self.notifier.reloading()
             try:
                 new = load_config(self.config.source)
                 plan = plan_reload(self.config, new)
@@ -237,6 +323,7 @@ class Daemon:
                 self.reload_failures += 1
                 self.last_reload_error = str(err)
                 self.log.error("reload_refused", error_code=err.code, error=err.message)
+                self.notifier.ready(f"reload refused, old configuration kept: {err.message}")
                 raise
             old_groups = dict(self.groups)
             self.config = new
@@ -256,7 +343,18 @@ class Daemon:
             self.reloads += 1
             self.last_reload_error = None
             self.log.info("reload_applied", **{k: list(v) for k, v in dataclasses.asdict(plan).items()})
+            self.notifier.ready(self.status_line())
             return plan
+
+
+async def _self_ping(path: str) -> None:
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_SEQPACKET)
+    with sock:
+        await sock.connect(path)
+        await sock.send(msgpack.packb({"op": "ping"}))
+        answer = msgpack.unpackb(await sock.recv(4096))
+        if not answer.get("ok"):
+            raise OSError(f"control ping answered {answer!r}")
 
 
 def _group_record(group: Group) -> dict:

@@ -1,13 +1,16 @@
 """Logging: structlog, human on a terminal, JSON lines otherwise.
 
 Events are short snake_case names with key/value context (``group=``,
-``conn=``, ``error_code=``), so the journald issue can map the same keys to
-indexed fields. Repeated failures are thinned by :class:`RateLimit`.
+``conn=``, ``error_code=``). Under systemd the same keys become indexed
+journal fields (GROUP=, CONN=, CLIENT_PID=, ERROR_CODE=), key events carry a
+MESSAGE_ID= and levels map to PRIORITY=. Repeated failures are thinned by
+:class:`RateLimit`, so a flapping endpoint cannot flood the journal.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -18,15 +21,74 @@ __all__ = ["configure", "get_logger", "RateLimit"]
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+#: MESSAGE_ID= for the events operators search the journal for
+#: (``journalctl MESSAGE_ID=...``); stable across versions.
+MESSAGE_IDS = {
+    "ready": "5f0c3e2a9b4d4a0f8e51d6c7b2a91e01",
+    "stopping": "5f0c3e2a9b4d4a0f8e51d6c7b2a91e02",
+    "group_up": "5f0c3e2a9b4d4a0f8e51d6c7b2a91e03",
+    "group_retired": "5f0c3e2a9b4d4a0f8e51d6c7b2a91e04",
+    "connection_failed": "5f0c3e2a9b4d4a0f8e51d6c7b2a91e05",
+    "dial_failed": "5f0c3e2a9b4d4a0f8e51d6c7b2a91e06",
+    "reload_applied": "5f0c3e2a9b4d4a0f8e51d6c7b2a91e07",
+    "reload_refused": "5f0c3e2a9b4d4a0f8e51d6c7b2a91e08",
+    "watchdog_check_failed": "5f0c3e2a9b4d4a0f8e51d6c7b2a91e09",
+}
+#: Context keys that become indexed journal fields of their own.
+JOURNAL_FIELDS = {"group": "GROUP", "conn": "CONN", "client_pid": "CLIENT_PID", "error_code": "ERROR_CODE",
+                  "client": "CLIENT_ID", "endpoint": "ENDPOINT"}
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+def under_journald(stream) -> bool:
+    """systemd's test: $JOURNAL_STREAM names the device:inode of our stderr."""
+    expected = os.environ.get("JOURNAL_STREAM")
+    if not expected:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
+class JournalRenderer:
+    """Send each event to journald with indexed fields; return nothing to print."""
+
+    def __init__(self) -> None:
+        from systemd import journal
+
+        self._send = journal.send
+
+    def __call__(self, logger, method_name, event_dict):
+        event = event_dict.pop("event")
+        level = event_dict.pop("level", method_name)
+        event_dict.pop("timestamp", None)
+        fields = {"PRIORITY": str(_PRIORITY.get(level, 6)), "SYSLOG_IDENTIFIER": "kmuxd", "KMUX_EVENT": event}
+        if event in MESSAGE_IDS:
+            fields["MESSAGE_ID"] = MESSAGE_IDS[event]
+        for key, name in JOURNAL_FIELDS.items():
+            if event_dict.get(key) is not None:
+                fields[name] = str(event_dict[key])
+        text = " ".join(f"{k}={v}" for k, v in event_dict.items())
+        self._send(f"{event} {text}".rstrip(), **fields)
+        raise structlog.DropEvent
+
+
 def configure(fmt: str = "auto", level: str = "info", stream=None) -> None:
+    """``auto``: journald when systemd connected our stderr to it, console on a terminal, JSON otherwise."""
     stream = stream or sys.stderr
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
-    renderer = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty())
-        if fmt == "console"
-        else structlog.processors.JSONRenderer(sort_keys=False)
-    )
+        if under_journald(stream):
+            fmt = "journal"
+        else:
+            fmt = "console" if stream.isatty() else "json"
+    if fmt == "journal":
+        renderer = JournalRenderer()
+    elif fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    else:
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

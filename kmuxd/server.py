@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from kmux.errors import HandshakeInvalid, KmuxError, TooManyClients, UnknownGroup
-from kmux.protocol import HANDSHAKE_MAX, Accepted, Refused, decode_hello, encode_answer
+from kmux.protocol import HANDSHAKE_MAX, Accepted, Notice, Refused, decode_hello, encode_answer
 
 from .config import Config
 from .group import Group
@@ -111,8 +111,15 @@ class Server:
             self._accept_scope.cancel()
 
     def stop_reading(self) -> None:
-        """Graceful stop: take no more messages from any client."""
-        for _, scope in self._sessions.values():
+        """Graceful stop: take no more messages, tell each client how many were taken.
+
+        The ``shutdown`` notice carries ``accepted``: the seq of the last DATA
+        packet read from that client. Every message up to it is written
+        within the grace period (or was refused with its own notice); those
+        after it were never read and can be sent again after reconnecting.
+        """
+        for session, scope in self._sessions.values():
+            session.notify(Notice(event="shutdown", details={"accepted": session.seq}))
             scope.cancel()
 
     async def _client(self, sock: socket.socket) -> None:
