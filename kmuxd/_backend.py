@@ -433,6 +433,19 @@ class BackendProcess:
                 pass
 
 
+def stop_children(*children: Any) -> None:
+    """Clean-up for the demo and the benchmark: whatever happened, nothing we
+    started outlives us. Children have ``proc``, ``stop()`` and ``kill()``;
+    None entries (never started) are skipped."""
+    for child in children:
+        if child is not None and child.proc.poll() is None:
+            try:
+                child.stop()
+            except RuntimeError:
+                pass
+            child.kill()
+
+
 def _say(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()

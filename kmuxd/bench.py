@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._backend import BackendProcess
+from ._backend import BackendProcess, stop_children
 from .demo import DaemonProcess, write_config
 
 __all__ = ["main"]
@@ -532,13 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if senders is not None:
             senders.close()
-        for child in (daemon, sink, echo):
-            if child is not None and child.proc.poll() is None:
-                try:
-                    child.stop()
-                except RuntimeError:
-                    pass
-                child.kill()
+        stop_children(daemon, sink, echo)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

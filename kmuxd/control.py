@@ -28,7 +28,7 @@ import trio
 
 from kmux.errors import BadRequest, KmuxError
 
-from .server import accept_loop, bind_seqpacket
+from .server import AcceptingServer, bind_seqpacket
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -116,25 +116,15 @@ def bind_control(path: str, group: str) -> socket.socket:
     return sock
 
 
-class ControlServer:
+class ControlServer(AcceptingServer):
     def __init__(self, daemon: "Daemon") -> None:
         self.daemon = daemon
         self.log = daemon.log.bind(component="control")
         self.requests = 0
         self.errors = 0
-        self._accept_scope: trio.CancelScope | None = None
 
-    async def serve(self, listener: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as self._accept_scope:
-                task_status.started()
-                await accept_loop(listener, nursery, self._connection, self.log)
-
-    def stop_accepting(self) -> None:
-        if self._accept_scope is not None:
-            self._accept_scope.cancel()
-
-    async def _connection(self, sock: socket.socket) -> None:
+    async def _handle(self, sock: socket.socket) -> None:
+        """One control connection: requests answered in order until it closes."""
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ANSWER_MAX)

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._backend import BackendProcess, LineReader
+from ._backend import BackendProcess, LineReader, stop_children
 
 __all__ = ["DaemonProcess", "main"]
 
@@ -504,13 +504,7 @@ def coordinate(args: argparse.Namespace) -> int:
         # Whatever happened: nothing we started outlives us.
         for app in apps:
             app.stop()
-        for child in (daemon, backend):
-            if child is not None and child.proc.poll() is None:
-                try:
-                    child.stop()
-                except RuntimeError:
-                    pass
-                child.kill()
+        stop_children(daemon, backend)
 
 
 def main(argv: list[str] | None = None) -> int:

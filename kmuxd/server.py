@@ -24,7 +24,7 @@ from .config import Config
 from .group import Group
 from .session import ClientSession, PeerCred
 
-__all__ = ["Server", "accept_loop", "bind_seqpacket"]
+__all__ = ["AcceptingServer", "Server", "accept_loop", "bind_seqpacket"]
 
 #: accept() errnos that mean "out of resources": back off, don't crash.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -82,7 +82,30 @@ async def accept_loop(listener: socket.socket, nursery: trio.Nursery, handler, l
             nursery.start_soon(handler, sock)
 
 
-class Server:
+class AcceptingServer:
+    """``serve(listener)`` runs the accept loop under a cancel scope and each
+    connection's ``_handle(sock)`` in a nursery; ``stop_accepting()`` ends the
+    loop and leaves running handlers to finish."""
+
+    log = None
+    _accept_scope: trio.CancelScope | None = None
+
+    async def serve(self, listener: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as self._accept_scope:
+                task_status.started()
+                await accept_loop(listener, nursery, self._handle, self.log)
+            # Accepting stopped; the nursery now waits for handlers to end.
+
+    def stop_accepting(self) -> None:
+        if self._accept_scope is not None:
+            self._accept_scope.cancel()
+
+    async def _handle(self, sock: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class Server(AcceptingServer):
     def __init__(self, config: Config, groups: dict[str, Group], log) -> None:
         self.config = config
         self.groups = groups
@@ -92,23 +115,10 @@ class Server:
         self._handshaking = 0
         self.accepted = 0
         self.refused = 0
-        self._accept_scope: trio.CancelScope | None = None
 
     @property
     def client_count(self) -> int:
         return len(self._sessions) + self._handshaking
-
-    async def serve(self, listener: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as self._accept_scope:
-                task_status.started()
-                await accept_loop(listener, nursery, self._client, self.log)
-            # Accepting stopped; the nursery now waits for sessions to end.
-
-
-    def stop_accepting(self) -> None:
-        if self._accept_scope is not None:
-            self._accept_scope.cancel()
 
     def stop_reading(self) -> None:
         """Graceful stop: take no more messages, tell each client how many were taken.
@@ -122,7 +132,8 @@ class Server:
             session.notify(Notice(event="shutdown", details={"accepted": session.seq}))
             scope.cancel()
 
-    async def _client(self, sock: socket.socket) -> None:
+    async def _handle(self, sock: socket.socket) -> None:
+        """One app: handshake, then its session until either side ends it."""
         sock.setblocking(False)
         try:
             self._handshaking += 1
