@@ -61,6 +61,10 @@ class DaemonStatistics:
     socket: str
     control_socket: str
     clients: int
+    #: Apps mid-handshake now; handshakes accepted and refused since start.
+    handshaking: int
+    clients_accepted: int
+    clients_refused: int
     groups: int
     reloads: int
     reload_failures: int
@@ -298,6 +302,9 @@ class Daemon:
             socket=self.config.daemon.socket,
             control_socket=self.config.daemon.control_socket,
             clients=sum(len(g.clients) for g in self.groups.values()),
+            handshaking=self.server.handshaking,
+            clients_accepted=self.server.accepted,
+            clients_refused=self.server.refused,
             groups=len(self.groups),
             reloads=self.reloads,
             reload_failures=self.reload_failures,

@@ -112,13 +112,10 @@ class Server(AcceptingServer):
         self.log = log
         self._next_id = 1
         self._sessions: dict[int, tuple[ClientSession, trio.CancelScope]] = {}
-        self._handshaking = 0
+        #: Apps mid-handshake now; handshakes accepted and refused since start.
+        self.handshaking = 0
         self.accepted = 0
         self.refused = 0
-
-    @property
-    def client_count(self) -> int:
-        return len(self._sessions) + self._handshaking
 
     def stop_reading(self) -> None:
         """Graceful stop: take no more messages, tell each client how many were taken.
@@ -136,11 +133,11 @@ class Server(AcceptingServer):
         """One app: handshake, then its session until either side ends it."""
         sock.setblocking(False)
         try:
-            self._handshaking += 1
+            self.handshaking += 1
             try:
                 group, hello, cred = await self._handshake(sock)
             finally:
-                self._handshaking -= 1
+                self.handshaking -= 1
             if group is None:
                 return
             client_id = self._next_id

@@ -101,7 +101,6 @@ class ClientSession:
         self.name = name
         self.log = group.log.bind(client=client_id, client_pid=cred.pid)
         self.sm = StateMachine(CLIENT_TRANSITIONS, ClientState.HANDSHAKING, f"client {client_id}")
-        self._kind = bytearray(1)
         self.seq = 0
         self.notices: deque[bytes] = deque()
         self.wake = trio.Event()
@@ -116,7 +115,6 @@ class ClientSession:
         self.requeued = 0
         self.requeue_bytes = 0
         self.notices_sent = 0
-        self.closed = False
         #: Cancelling it ends the session (graceful stop, group retired).
         self.scope = trio.CancelScope()
 
@@ -140,7 +138,6 @@ class ClientSession:
                 await self._reader()
                 nursery.cancel_scope.cancel()
         finally:
-            self.closed = True
             self.sm.fire(ClientEvent.CLOSE)
 
     # -- packets in -------------------------------------------------------------
