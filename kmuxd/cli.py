@@ -1,4 +1,8 @@
-"""``kmuxd``: run the daemon in the foreground, or only check a configuration."""
+"""``kmuxd``: run the daemon in the foreground, or only check a configuration.
+
+``kmuxd install-units`` and ``kmuxd uninstall-units`` put the systemd units
+in place and take them away (:mod:`kmuxd.install`, docs/systemd.md).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,21 @@ from .log import configure
 DEFAULT_CONFIG = "/etc/kmuxd/kmuxd.toml"
 
 
+#: Subcommands; anything else is the daemon's own command line.
+UNIT_COMMANDS = ("install-units", "uninstall-units")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kmuxd", description="message multiplexer over shared TCP connection groups")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in UNIT_COMMANDS:
+        from .install import main as units_main
+
+        return units_main(argv[0], argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="kmuxd",
+        description="message multiplexer over shared TCP connection groups",
+        epilog="also: kmuxd install-units [--help], kmuxd uninstall-units [--help] (systemd units)",
+    )
     parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"TOML configuration (default {DEFAULT_CONFIG})")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit (0 = valid)")
     parser.add_argument("--log-format", choices=("auto", "console", "json", "journal"), help="override daemon.log_format")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from kmux.errors import ConnectFailed, ConnectionLost, DrainTimeout, KmuxError, RemoteAssemblyTimeout
+from kmux.errors import ConnectFailed, ConnectionLost, DrainInProgress, DrainTimeout, KmuxError, RemoteAssemblyTimeout
 from kmux.framing import FrameDecoder
 
 from .backoff import Backoff
@@ -192,6 +192,8 @@ class ConnSlot:
         Returns (messages, bytes) written meanwhile. Raises DrainTimeout if
         the queue did not empty in time; the connection then stays in service.
         """
+        if self.sm.state is ConnState.DRAINING:
+            raise DrainInProgress(f"conn {self.index} is already draining")
         if not self.connected:
             if retire:
                 self._run_scope.cancel()

@@ -251,7 +251,11 @@ class Daemon:
         total = sum(g.connections_total for g in groups)
         clients = sum(g.clients for g in groups)
         line = f"{len(groups)} group(s), {up}/{total} connections up, {clients} client(s)"
-        return f"{line}, {rates}" if rates else line
+        if rates:
+            line = f"{line}, {rates}"
+        if self.last_reload_error:
+            line = f"{line}; last reload refused: {self.last_reload_error}"
+        return line
 
     async def _status_loop(self) -> None:
         previous = None
@@ -276,7 +280,8 @@ class Daemon:
         control dispatch answers, well within the watchdog period. A wedged
         loop (or a SIGSTOPped process) sends nothing, and systemd restarts us.
         """
-        path = self.config.daemon.control_socket
+        # The socket we actually serve (systemd's, under socket activation).
+        path = self.control_listener.getsockname() or self.config.daemon.control_socket
         period = interval / WATCHDOG_PINGS_PER_INTERVAL
         while True:
             try:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from kmux.errors import BadFrame, BadPacket, ConnectionLost, DrainTimeout, UnknownConnection
-from kmux.protocol import DATA_PREFIX, KIND_DATA
+from kmux.protocol import DATA_PREFIX, KIND_DATA, Notice
 
 from .config import DaemonConfig, GroupConfig
 from .conn import ConnSlot, ConnStatistics
@@ -151,12 +151,15 @@ class Group:
         self.log.info("group_resized", connections=cfg.connections, was=old)
 
     async def retire(self) -> None:
-        """Stop the group: release its clients, flush what they sent, close its connections."""
+        """Stop the group: stop reading its clients (each told the last seq read),
+        flush what they sent, then release them and close its connections."""
         for client in list(self.clients.values()):
-            client.scope.cancel()
+            client.stop_reading(Notice(event="shutdown", details={"accepted": client.seq}))
         with trio.move_on_after(self.daemon_cfg.shutdown_grace):
             while self.queued_total():
                 await trio.sleep(0.01)
+        for client in list(self.clients.values()):
+            client.scope.cancel()
         left = self.queued_total()
         self.log.info("group_retired", queued_bytes_lost=left)
         self._nursery.cancel_scope.cancel()

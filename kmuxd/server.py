@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from kmux.errors import HandshakeInvalid, KmuxError, TooManyClients, UnknownGroup
+from kmux.errors import DaemonShutdown, HandshakeInvalid, KmuxError, TooManyClients, UnknownGroup
 from kmux.protocol import HANDSHAKE_MAX, Accepted, Notice, Refused, decode_hello, encode_answer
 
 from .config import Config
@@ -114,6 +114,8 @@ class Server(AcceptingServer):
         self._sessions: dict[int, tuple[ClientSession, trio.CancelScope]] = {}
         #: Apps mid-handshake now; handshakes accepted and refused since start.
         self.handshaking = 0
+        #: Set by stop_reading: late handshakes are refused.
+        self.stopping = False
         self.accepted = 0
         self.refused = 0
 
@@ -125,9 +127,9 @@ class Server(AcceptingServer):
         within the grace period (or was refused with its own notice); those
         after it were never read and can be sent again after reconnecting.
         """
-        for session, scope in self._sessions.values():
-            session.notify(Notice(event="shutdown", details={"accepted": session.seq}))
-            scope.cancel()
+        self.stopping = True
+        for session, _ in self._sessions.values():
+            session.stop_reading(Notice(event="shutdown", details={"accepted": session.seq}))
 
     async def _handle(self, sock: socket.socket) -> None:
         """One app: handshake, then its session until either side ends it."""
@@ -169,6 +171,7 @@ class Server(AcceptingServer):
             finally:
                 del self._sessions[client_id]
                 group.detach(session)
+                session.discard_unread()
                 session.log.info("client_detached", tx_msgs=session.tx_msgs, rx_msgs=session.rx_msgs)
         finally:
             trio.lowlevel.notify_closing(sock)
@@ -193,6 +196,8 @@ class Server(AcceptingServer):
             if flags & socket.MSG_TRUNC:
                 raise HandshakeInvalid(f"hello is over {HANDSHAKE_MAX} bytes")
             hello = decode_hello(packet)
+            if self.stopping:
+                raise DaemonShutdown("the daemon is stopping; connect again in a moment")
             # Checked after reading the hello, so the refusal is an answer to
             # it: closing before the hello arrives would give the client
             # EPIPE instead of the reason.

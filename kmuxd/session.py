@@ -38,6 +38,8 @@ __all__ = ["ClientSession", "ClientStatistics", "PeerCred"]
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: IntFlag & costs ~1 µs per packet
 # Reasons a pull stops.
 _EMPTY, _FULL, _TURN, _EOF = range(4)
+#: Most unread packets dropped before closing a client's socket.
+DISCARD_LIMIT = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,8 @@ class ClientSession:
         self.notices_sent = 0
         #: Cancelling it ends the session (graceful stop, group retired).
         self.scope = trio.CancelScope()
+        #: Cancelling it stops reading the client's packets (graceful stop).
+        self._reader_scope = trio.CancelScope()
 
     # -- Owner protocol (called by the send core) ----------------------------
 
@@ -135,10 +139,36 @@ class ClientSession:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
-                await self._reader()
-                nursery.cancel_scope.cancel()
+                with self._reader_scope:
+                    await self._reader()
+                    nursery.cancel_scope.cancel()  # EOF: the client left
+                # Reading was stopped by the daemon: notices and messages still
+                # go out until the session itself is cancelled.
         finally:
             self.sm.fire(ClientEvent.CLOSE)
+
+    def stop_reading(self, notice: Notice) -> None:
+        """Read nothing more from this client, then tell it so (the notice names the last seq read)."""
+        self._reader_scope.cancel()
+        self.notify(notice)
+
+    def discard_unread(self, limit: int = DISCARD_LIMIT) -> int:
+        """Drop packets the client sent that were never read, before closing.
+
+        Closing a Unix socket with unread packets makes the peer's next read
+        fail with ECONNRESET, which would hide the final notice and the
+        clean EOF behind it; the ``shutdown`` notice already told the client
+        these were not accepted.
+        """
+        dropped = 0
+        while dropped < limit:
+            try:
+                if not self.sock.recv(1, socket.MSG_TRUNC):
+                    break
+            except OSError:
+                break
+            dropped += 1
+        return dropped
 
     # -- packets in -------------------------------------------------------------
 
@@ -175,6 +205,10 @@ class ClientSession:
         at ``tail - 1`` so its kind byte overwrites the last byte before the
         message, which is saved and put back (see :class:`~kmuxd.sendq.Outbox`).
         """
+        if self._reader_scope.cancel_called:
+            # Reading was stopped (the shutdown notice fixed the last seq read);
+            # a reader that was already scheduled must not take more.
+            return _EOF
         group = self.group
         cfg = group.cfg
         outbox = conn.outbox

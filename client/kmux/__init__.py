@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 
 from . import errors
-from ._sync import Client, connect
+from ._reconnect import AccountingLost, AccountingWarning, Overflow, ReconnectPolicy, UnknownFate
+from ._sync import Client, ReconnectingClient, connect
 from .errors import *  # noqa: F403 -- the error classes are part of the public surface
 from .framing import Framing
 
@@ -36,6 +37,12 @@ def default_socket_path() -> str:
 __all__ = [
     "connect",
     "Client",
+    "ReconnectingClient",
+    "ReconnectPolicy",
+    "UnknownFate",
+    "Overflow",
+    "AccountingLost",
+    "AccountingWarning",
     "Framing",
     "DEFAULT_SOCKET",
     "default_socket_path",

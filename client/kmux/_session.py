@@ -145,6 +145,9 @@ class ClientSession:
         self._framing: Framing | None = None
         self._max_message = 0
         self.recv_bufsize = ANSWER_BUFSIZE
+        #: ``accepted`` of the daemon's ``shutdown`` notice, once it arrived:
+        #: DATA packets up to this seq were read, the later ones never were.
+        self.shutdown_accepted: int | None = None
         # What to raise once CLOSED: ClientClosed, or DaemonShutdown after EOF.
         self._closed_because: tuple[type[KmuxError], str] = (ClientClosed, "the kmux client is closed")
 
@@ -221,6 +224,11 @@ class ClientSession:
             return self._closed_error()
         if self.state is State.AWAIT_ANSWER:
             self._closed_because = (DaemonUnavailable, "the daemon closed the connection without answering the hello")
+        elif self.shutdown_accepted is not None:
+            self._closed_because = (
+                DaemonShutdown,
+                f"daemon shut down; it accepted this connection's messages up to seq {self.shutdown_accepted}",
+            )
         else:
             self._closed_because = (DaemonShutdown, "daemon closed the connection")
         self._transition("eof")
@@ -288,5 +296,10 @@ class ClientSession:
                 self._markers_pending -= 1
                 if self._markers_pending == 0 and not self.receiving:
                     return RECEIVE_OFF
+            return None
+        if notice.event == "shutdown":
+            accepted = notice.details.get("accepted")
+            if isinstance(accepted, int) and not isinstance(accepted, bool):
+                self.shutdown_accepted = accepted
             return None
         return None  # an event from a newer daemon: nothing to do

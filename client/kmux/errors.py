@@ -33,6 +33,7 @@ __all__ = [
     "UnknownConnection",
     "ReloadRefused",
     "DrainTimeout",
+    "DrainInProgress",
     "RemoteFrameTooBig",
     "RemoteBadHeader",
     "RemoteAssemblyTimeout",
@@ -151,6 +152,12 @@ class ReloadRefused(LocalError):
     """A reload asked for a change that needs a restart."""
 
     code = "reload_refused"
+
+
+class DrainInProgress(LocalError):
+    """A drain was asked for a connection that is already draining."""
+
+    code = "drain_in_progress"
 
 
 class DrainTimeout(RemoteError):

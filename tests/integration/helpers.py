@@ -253,6 +253,16 @@ class Backend:
     def open_ids(self) -> list[int]:
         return [c.id for c in self.conns() if c.open]
 
+    def peer_port(self, conn_id: int) -> int:
+        """The daemon's end (local port) of a connection: a connection record's ``local`` port."""
+        with self._lock:
+            return self._conns[conn_id].peer[1]
+
+    def open_by_port(self) -> dict[int, int]:
+        """``{daemon-side port: conn id}`` of the open connections."""
+        with self._lock:
+            return {c.peer[1]: c.id for c in self._conns.values() if c.closed_at is None}
+
     def _info(self, c: BackendConn) -> ConnInfo:
         return ConnInfo(
             id=c.id,
@@ -590,6 +600,11 @@ class Daemon:
             f"{count} log line(s) {event} {match}",
         )
 
+    @property
+    def control_socket(self) -> str:
+        """The control socket's path, as the daemon announced it in its ``ready`` line."""
+        return self.logs("ready")[0]["control_socket"]
+
     def stderr_text(self) -> str:
         with self._lock:
             return "\n".join(self._raw)
@@ -712,3 +727,116 @@ class Receiver:
         self._stop = True
         self._thread.join(5)
         self.client.close()
+
+
+class SenderThreads:
+    """Sync sender clients (``receive=False``), one thread each, sending test frames.
+
+    Client ``i`` sends frames naming ``(first_id + i, seq)``, seq from 1, of
+    ``size(rng)`` bytes, until ``count`` frames are sent or :meth:`stop`.
+    ``sent[i]`` counts completed ``send()`` calls. The clients are named
+    ``{prefix}{i}`` in their hello, so their daemon records can be found.
+    ``pace`` slows each sender down (a sleep after each send).
+    """
+
+    def __init__(self, daemon: Daemon, n: int, *, size: Callable[[random.Random], int],
+                 count: int | None = None, first_id: int = 1, prefix: str = "sender", group: str | None = None,
+                 seed: int = 0, pace: float = 0.0) -> None:
+        kw = {"group": group} if group is not None else {}
+        self.names = [f"{prefix}{i}" for i in range(n)]
+        self.clients = [daemon.connect(receive=False, name=name, **kw) for name in self.names]
+        self.ids = list(range(first_id, first_id + n))
+        self.sent = [0] * n
+        self.size = size
+        self.count = count
+        self.seed = seed
+        self.pace = pace  # seconds to sleep after each send (0: as fast as the daemon takes them)
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        client, cid = self.clients[i], self.ids[i]
+        rng = random.Random(self.seed * 1000 + cid)
+        try:
+            seq = 0
+            while not self._stop.is_set() and (self.count is None or seq < self.count):
+                seq += 1
+                client.send(make_frame(cid, seq, self.size(rng), rng))
+                self.sent[i] = seq
+                if self.pace:
+                    time.sleep(self.pace)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float = 20.0) -> None:
+        """Wait for every thread to finish (after :meth:`stop` or ``count`` frames); no errors allowed."""
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+            assert not t.is_alive(), "a sender thread is stuck"
+        assert not self.errors, f"senders failed: {self.errors!r}"
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self.threads:
+            t.join(5)
+        for c in self.clients:
+            c.close()
+
+    def expected(self) -> set[tuple[int, int]]:
+        return {(cid, s) for cid, n in zip(self.ids, self.sent) for s in range(1, n + 1)}
+
+
+#: A sender in its own process: joins ``group`` as a pure sender named ``subproc``,
+#: sends the planned frames, says "sent", and stays attached until stdin closes.
+_SUBPROCESS_SENDER = """
+import json, random, sys
+import kmux
+from tests.integration.helpers import make_frame
+path, group, cid, sizes = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+client = kmux.connect(group, path, receive=False, name="subproc", timeout=5.0)
+rng = random.Random(cid)
+for seq, size in enumerate(sizes, 1):
+    client.send(make_frame(cid, seq, size, rng))
+print("sent", flush=True)
+sys.stdin.read()
+client.close()
+"""
+
+
+class SubprocessSender:
+    """A client in another process (so its pid differs from the test's), see _SUBPROCESS_SENDER."""
+
+    def __init__(self, daemon: Daemon, cid: int, sizes: list[int], group: str | None = None) -> None:
+        group = group or daemon.group
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SUBPROCESS_SENDER, daemon.socket_path, group, str(cid), json.dumps(sizes)],
+            cwd=Path(__file__).resolve().parents[2],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait_sent(self, timeout: float = 10.0) -> None:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, "the subprocess sender did not finish sending in time"
+        line = self.proc.stdout.readline()
+        assert line == "sent\n", (line, self.proc.stderr.read() if self.proc.poll() is not None else "")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            f.close()
