@@ -180,6 +180,8 @@ class ConnSlot:
 
     def reconnect(self) -> bool:
         """Close the live connection and dial again at once. False if not connected."""
+        if self.sm.state is ConnState.DRAINING:
+            raise DrainInProgress(f"conn {self.index} is draining; it is replaced when the drain ends")
         if not self.connected:
             return False
         self._redial_now = True
@@ -200,24 +202,26 @@ class ConnSlot:
             return 0, 0
         group = self.group
         msgs0, bytes0 = self.tx_msgs, self.tx_bytes
+        # This TCP connection's own "closed" event: if it dies meanwhile and
+        # the slot redials, the drain must not touch the new connection.
+        closed = self._closed
         deadline = trio.current_time() + timeout
         self.sm.fire(ConnEvent.DRAIN)
         group.after_tx(group.tx.retire(self))
         with trio.move_on_at(deadline) as scope:
-            while self.connected and (self.outbox.pending or self.outbox.owners):
+            while not closed.is_set() and (self.outbox.pending or self.outbox.owners):
                 await trio.sleep(DRAIN_POLL)
-        if scope.cancelled_caught and self.connected:
+        if scope.cancelled_caught and not closed.is_set():
             self.sm.fire(ConnEvent.DRAIN_ABORTED)
             group.after_tx(group.tx.connected(self))
             raise DrainTimeout(
                 f"conn {self.index} still had {self.outbox.pending} bytes queued after {timeout}s; it stays in service"
             )
-        closed = self._closed
         if retire:
             self._retiring = True
-        else:
+        elif not closed.is_set():
             self._redial_now = True  # replaced at once, without back-off
-        if self.connected:
+        if not closed.is_set() and self.connected:
             # Let the service finish what it is answering: half-close, then
             # read until it closes (or the rest of the timeout runs out).
             try:
@@ -226,7 +230,7 @@ class ConnSlot:
                 pass
             with trio.move_on_at(deadline):
                 await closed.wait()
-            if self.connected:
+            if not closed.is_set():
                 self.sm.fire(ConnEvent.DRAINED)
                 self._scope.cancel()
         await closed.wait()

@@ -38,6 +38,7 @@ from .group import Group
 from .log import get_logger
 from .sd import FD_NAME_APPS, FD_NAME_CONTROL, Notifier, activated_sockets, watchdog_interval
 from .server import Server, bind_seqpacket
+from .states import ConnState
 
 __all__ = ["Daemon", "DaemonStatistics", "run"]
 
@@ -233,8 +234,12 @@ class Daemon:
             }
         if request.op == "reconnect":
             group = self.group(args["group"])
-            slots = [group.slot(args["conn"])] if "conn" in args else list(group.slots)
-            return {"reconnected": [s.index for s in slots if s.reconnect()]}
+            if "conn" in args:
+                slot = group.slot(args["conn"])
+                return {"reconnected": [slot.index] if slot.reconnect() else []}
+            # The whole group: a draining slot is being replaced already.
+            draining = ConnState.DRAINING
+            return {"reconnected": [s.index for s in list(group.slots) if s.state is not draining and s.reconnect()]}
         if request.op == "drain":
             slot = self.group(args["group"]).slot(args["conn"])
             t0 = time.monotonic()
