@@ -127,9 +127,6 @@ def render_units(kmuxd: str, config_dir: str, prefix: Path, *, code_paths: list[
             raise InstallError(f"the {what} path {value!r} must be absolute, without spaces, quotes, $, % or ;")
     code_paths = code_paths if code_paths is not None else [kmuxd]
     notes = notes if notes is not None else []
-    if any(_under(p, TMP_TREES) for p in code_paths + [config_dir]):
-        raise InstallError(f"kmuxd or its configuration is under {' or '.join(TMP_TREES)}, which the service "
-                           "cannot see (PrivateTmp=yes); install kmuxd elsewhere (e.g. /opt or /usr/local)")
     src = packaging_dir()
     config = config_dir.rstrip("/") + "/" + CONFIG_NAME
     docs = Path(__file__).resolve().parent.parent / "docs"
@@ -164,6 +161,15 @@ def _adjust_service(text: str, config_dir: str, code_paths: list[str], notes: li
         lines[i:i + 1] = ["ProtectHome=tmpfs", f"BindReadOnlyPaths={binds}"]
         notes.append(f"kmuxd (or its Python) lives under {' or '.join(HOME_TREES)}: the unit says ProtectHome=tmpfs "
                      f"with BindReadOnlyPaths={binds} (installing under /opt or /usr/local avoids this)")
+    in_tmp = _outermost([p for p in code_paths + [config_dir] if _under(p, TMP_TREES)])
+    if in_tmp:
+        # PrivateTmp= gives the service an empty /tmp; bind just these trees
+        # into it, read-only (systemd mounts them over the private /tmp).
+        binds = " ".join(in_tmp)
+        i = lines.index("PrivateTmp=yes")
+        lines.insert(i + 1, f"BindReadOnlyPaths={binds}")
+        notes.append(f"kmuxd (or its configuration) lives under {' or '.join(TMP_TREES)}: the unit binds {binds} "
+                     "read-only into the service's private /tmp (installing under /opt or /usr/local avoids this)")
     return "\n".join(lines) + "\n"
 
 

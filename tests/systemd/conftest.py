@@ -35,8 +35,26 @@ COMMAND_TIMEOUT = 60
 MEASURED: dict[str, str] = {}
 
 
+#: Trees the container covers with a fresh tmpfs that the project's sdbox copy
+#: can bind a checkout back into (SDBOX_BIND).
+BINDABLE_TREES = ("/tmp", "/var/tmp")
+
+
+def _under_any(path: str, trees: tuple[str, ...]) -> bool:
+    return any(path == t or path.startswith(t + "/") for t in trees)
+
+
+def sdbox_binds() -> list[str]:
+    """Host paths the container must see that a fresh /tmp or /var/tmp would hide."""
+    paths = {str(REPO), os.path.realpath(sys.prefix)}
+    return sorted(p for p in paths if _under_any(p, BINDABLE_TREES))
+
+
 def sdbox_tool() -> Path | None:
-    for path in SDBOX_CANDIDATES:
+    # A checkout under /tmp (CI may clone there) needs the project's copy,
+    # which can bind it into the container (SDBOX_BIND).
+    candidates = SDBOX_CANDIDATES[1:] if sdbox_binds() else SDBOX_CANDIDATES
+    for path in candidates:
         if path.is_file() and os.access(path, os.X_OK):
             return path
     return None
@@ -121,10 +139,8 @@ def _skip_reason() -> str | None:
         return "systemd tests need root: sdbox boots systemd in new namespaces (run the suite as root)"
     if sdbox_tool() is None:
         return f"no sdbox at {' or '.join(map(str, SDBOX_CANDIDATES))}"
-    for tree in ("/tmp", "/var/tmp", "/run"):
-        if str(REPO).startswith(tree + "/") or sys.prefix.startswith(tree + "/"):
-            return (f"the checkout or venv is under {tree}, which the container replaces with a fresh tmpfs; "
-                    "clone elsewhere to run the systemd tests")
+    if _under_any(str(REPO), ("/run",)) or _under_any(sys.prefix, ("/run",)):
+        return "the checkout or venv is under /run, which the container replaces with a fresh tmpfs"
     if not os.access(KMUXD, os.X_OK):
         return f"no kmuxd console script at {KMUXD} (pip install -e .)"
     return None
@@ -138,7 +154,8 @@ def box():
     tool = sdbox_tool()
     t0 = time.monotonic()
     try:
-        up = subprocess.run([str(tool), "up"], capture_output=True, text=True, timeout=150)
+        env = dict(os.environ, SDBOX_BIND=":".join(sdbox_binds()))
+        up = subprocess.run([str(tool), "up"], capture_output=True, text=True, timeout=150, env=env)
     except subprocess.TimeoutExpired:
         pytest.skip("sdbox up did not finish in 150 s")
     state = up.stdout.strip().splitlines()[-1] if up.stdout.strip() else ""
