@@ -28,6 +28,7 @@ from kmux.errors import BadFrame, BadPacket, KmuxError, MessageTooBig, RemoteBad
 from kmux.framing import NEED_MORE
 from kmux.protocol import KIND_CONTROL, KIND_DATA, KIND_REQUEUE, Notice, decode_control, encode_notice
 
+from .log import RateLimit
 from .states import CLIENT_TRANSITIONS, ClientEvent, ClientState, StateMachine
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ __all__ = ["ClientSession", "ClientStatistics", "PeerCred"]
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: IntFlag & costs ~1 µs per packet
 # Reasons a pull stops.
 _EMPTY, _FULL, _TURN, _EOF = range(4)
+#: Seconds between "message_refused" log lines for one client (all are counted).
+REFUSAL_LOG_INTERVAL = 10.0
 #: Most unread packets dropped before closing a client's socket.
 DISCARD_LIMIT = 100_000
 
@@ -121,6 +124,7 @@ class ClientSession:
         self.scope = trio.CancelScope()
         #: Cancelling it stops reading the client's packets (graceful stop).
         self._reader_scope = trio.CancelScope()
+        self._refusal_log = RateLimit(REFUSAL_LOG_INTERVAL)
 
     # -- Owner protocol (called by the send core) ----------------------------
 
@@ -301,7 +305,13 @@ class ClientSession:
         self.refused += 1
         if seq:
             err.details["seq"] = self.seq
-        self.log.info("message_refused", error_code=err.code, error=err.message, seq=self.seq if seq else None)
+        # The client always gets its notice; the log gets the first refusal
+        # and then one line per interval, so a buggy app cannot flood it.
+        if self._refusal_log.allow():
+            self.log.info(
+                "message_refused", error_code=err.code, error=err.message, seq=self.seq if seq else None,
+                suppressed=self._refusal_log.take_suppressed(),
+            )
         self.notify(Notice.for_error(err))
 
     def set_receiving(self, on: bool) -> None:
