@@ -95,6 +95,25 @@ def connect(
     return _open(path, ClientSession(group, receive=receive, name=name, validate=validate), timeout)
 
 
+def finish_handshake(sock: Any, session: ClientSession, buf: bytearray, n: int, flags: int) -> None:
+    """Take the daemon's answer (``n`` bytes of ``buf``) and size the socket's buffers.
+
+    Shared by every shell (blocking, trio, reconnecting): raises the refusal's
+    error, DaemonShutdown on EOF, or BadPacket on a truncated answer.
+    """
+    if n == 0:
+        raise session.eof()
+    if flags & socket.MSG_TRUNC:
+        raise BadPacket(f"handshake answer longer than {len(buf)} bytes")
+    session.receive_answer(memoryview(buf)[:n])
+    size = session.accepted.max_message + _BUFFER_HEADROOM  # type: ignore[union-attr]
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        except OSError:
+            pass  # capped by net.core.wmem_max/rmem_max; send() explains EMSGSIZE
+
+
 def _open(path: str, session: ClientSession, timeout: float | None) -> Client:
     """Connect, handshake, size the buffers: one :class:`Client` for ``session``."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -116,18 +135,8 @@ def _open(path: str, session: ClientSession, timeout: float | None) -> Client:
             if e.errno in _PEER_GONE:
                 raise session.eof() from None
             raise
-        if n == 0:
-            raise session.eof()
-        if flags & socket.MSG_TRUNC:
-            raise BadPacket(f"handshake answer longer than {len(buf)} bytes")
-        session.receive_answer(memoryview(buf)[:n])
+        finish_handshake(sock, session, buf, n, flags)
         sock.settimeout(None)
-        size = session.accepted.max_message + _BUFFER_HEADROOM  # type: ignore[union-attr]
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, size)
-            except OSError:
-                pass  # capped by net.core.wmem_max/rmem_max; send() explains EMSGSIZE
         return Client(sock, session, timeout)
     except BaseException:
         sock.close()

@@ -38,7 +38,7 @@ import socket as _socket
 
 from ._reconnect import Backoff, ReconnectCore, ReconnectPolicy, UnknownFate, as_policy, is_retryable, translate_seq
 from ._session import ClientSession, HandBack, State
-from ._sync import _unavailable  # one wording for both shells
+from ._sync import _unavailable, finish_handshake  # one wording, one answer check for all shells
 from .errors import BadPacket, ClientClosed, DaemonUnavailable, KmuxError, MessageTooBig
 from .framing import Framing
 from .protocol import DATA_PREFIX
@@ -46,7 +46,6 @@ from .protocol import DATA_PREFIX
 __all__ = ["connect", "TrioClient", "ReconnectingTrioClient"]
 
 _SEND_FLAGS = getattr(tsocket, "MSG_NOSIGNAL", 0)
-_BUFFER_HEADROOM = 65536
 _PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
 
 
@@ -99,17 +98,7 @@ async def connect(
                 raise
         if scope.cancelled_caught:
             raise TimeoutError(f"kmuxd at {path} did not accept and answer the hello within {timeout} s")
-        if n == 0:
-            raise session.eof()
-        if flags & tsocket.MSG_TRUNC:
-            raise BadPacket(f"handshake answer longer than {len(buf)} bytes")
-        session.receive_answer(memoryview(buf)[:n])
-        size = session.accepted.max_message + _BUFFER_HEADROOM  # type: ignore[union-attr]
-        for opt in (tsocket.SO_SNDBUF, tsocket.SO_RCVBUF):
-            try:
-                sock.setsockopt(tsocket.SOL_SOCKET, opt, size)
-            except OSError:
-                pass  # capped by net.core.wmem_max/rmem_max; send() explains EMSGSIZE
+        finish_handshake(sock, session, buf, n, flags)
         return TrioClient(sock, session)
     except BaseException:
         sock.close()
@@ -334,17 +323,7 @@ async def _open_raw(path: str, session: ClientSession, timeout: float | None) ->
                 raise
         if scope.cancelled_caught:
             raise TimeoutError(f"kmuxd at {path} did not accept and answer the hello within {timeout} s")
-        if n == 0:
-            raise session.eof()
-        if flags & _socket.MSG_TRUNC:
-            raise BadPacket(f"handshake answer longer than {len(buf)} bytes")
-        session.receive_answer(memoryview(buf)[:n])
-        size = session.accepted.max_message + _BUFFER_HEADROOM  # type: ignore[union-attr]
-        for opt in (_socket.SO_SNDBUF, _socket.SO_RCVBUF):
-            try:
-                sock.setsockopt(_socket.SOL_SOCKET, opt, size)
-            except OSError:
-                pass
+        finish_handshake(sock, session, buf, n, flags)
         return _Conn(sock, session)
     except BaseException:
         sock.close()
