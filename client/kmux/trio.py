@@ -25,7 +25,9 @@ shielded.
 from __future__ import annotations
 
 import errno
+import math
 import os
+import socket as _socket
 from collections import deque
 from typing import Any
 
@@ -33,8 +35,6 @@ import trio
 import trio.socket as tsocket
 
 from . import default_socket_path
-import math
-import socket as _socket
 
 from ._reconnect import Backoff, ReconnectCore, ReconnectPolicy, UnknownFate, as_policy, is_retryable, translate_seq
 from ._session import ClientSession, HandBack, State
