@@ -214,3 +214,13 @@ class RateTracker:
     def advance(self) -> None:
         """End of one refresh: the committed samples become the previous ones."""
         self._prev, self._next = self._next, {}
+
+
+#: Connection states in which a slot holds a live TCP connection (as in kmuxd.states).
+CONNECTED_STATES = ("ready", "busy", "draining")
+
+
+def records(answer: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    """A list of records from a control answer, ignoring anything that is not a map."""
+    value = answer.get(key)
+    return [r for r in value if isinstance(r, Mapping)] if isinstance(value, list) else []
