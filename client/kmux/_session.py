@@ -144,6 +144,7 @@ class ClientSession:
         # Set on READY, copied out of `accepted` for the data path.
         self._framing: Framing | None = None
         self._max_message = 0
+        self._fixed: tuple | None = None  # the fixed length field, for the inline check
         self.recv_bufsize = ANSWER_BUFSIZE
         #: ``accepted`` of the daemon's ``shutdown`` notice, once it arrived:
         #: DATA packets up to this seq were read, the later ones never were.
@@ -210,6 +211,7 @@ class ClientSession:
         self.accepted = answer
         self._framing = answer.framing
         self._max_message = answer.max_message
+        self._fixed = answer.framing.fixed_field
         # A notice can outgrow a tiny max_message; one kind byte precedes both.
         self.recv_bufsize = 1 + max(answer.max_message, CONTROL_MAX)
         return answer
@@ -244,6 +246,14 @@ class ClientSession:
         if self.state is not State.READY:
             self.require_ready()
         if self.validate:
+            fixed = self._fixed
+            if fixed is not None:
+                # The common case inline (it runs per message); anything
+                # else goes to check_message, which also explains the refusal.
+                n = len(message)
+                unpack_from, offset, header_end, adjust = fixed
+                if header_end <= n <= self._max_message and unpack_from(message, offset)[0] + adjust == n:
+                    return
             self._framing.check_message(message, self._max_message)  # type: ignore[union-attr]
 
     def data_sent(self) -> int:

@@ -95,6 +95,20 @@ def connect(
     return _open(path, ClientSession(group, receive=receive, name=name, validate=validate), timeout)
 
 
+#: Up to this size a DATA packet is built by concatenation and sent with one
+#: send() (a copy is cheaper than sendmsg's list); above, sendmsg() gathers
+#: the kind byte and the message without copying the message.
+CONCAT_MAX = 4096
+
+
+def send_data(sock: socket.socket, message: Any) -> None:
+    """One DATA packet: the kind byte, then the message."""
+    if len(message) <= CONCAT_MAX:
+        sock.send(DATA_PREFIX + message, _SEND_FLAGS)
+    else:
+        sock.sendmsg([DATA_PREFIX, message], (), _SEND_FLAGS)
+
+
 def finish_handshake(sock: Any, session: ClientSession, buf: bytearray, n: int, flags: int) -> None:
     """Take the daemon's answer (``n`` bytes of ``buf``) and size the socket's buffers.
 
@@ -198,8 +212,7 @@ class Client:
         """
         self._session.check_data(message)
         try:
-            # Two buffers, not DATA_PREFIX + message: no copy of the message.
-            self._sock.sendmsg([DATA_PREFIX, message], (), _SEND_FLAGS)
+            send_data(self._sock, message)
         except OSError as e:
             if e.errno == errno.EMSGSIZE:
                 sndbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
@@ -426,7 +439,7 @@ class ReconnectingClient:
                 if conn is not None and not self._core.resend_queue:
                     conn._session.check_data(message)
                     try:
-                        conn._sock.sendmsg([DATA_PREFIX, message], (), _SEND_FLAGS)
+                        send_data(conn._sock, message)
                     except OSError as e:
                         if e.errno == errno.EMSGSIZE:
                             raise MessageTooBig(f"message is {len(message)} bytes, over this socket's send buffer") from None
@@ -610,7 +623,7 @@ class ReconnectingClient:
         assert conn is not None
         while (message := core.next_resend()) is not None:
             try:
-                conn._sock.sendmsg([DATA_PREFIX, message], (), _SEND_FLAGS)
+                send_data(conn._sock, message)
             except OSError as e:
                 if e.errno not in _PEER_GONE:
                     raise
