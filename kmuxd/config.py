@@ -20,10 +20,11 @@ from typing import Any
 from kmux.errors import ConfigInvalid
 from kmux.framing import Framing
 
-__all__ = ["Config", "DaemonConfig", "GroupConfig", "Endpoint", "load_config", "parse_config", "STEERING_MODES"]
+__all__ = ["Config", "DaemonConfig", "GroupConfig", "IdConfig", "Endpoint", "load_config", "parse_config", "STEERING_MODES"]
 
 CONFIG_VERSION = 1
-STEERING_MODES = ("balance",)
+STEERING_MODES = ("balance", "id", "fifo")
+UNMATCHED_POLICIES = ("drop", "balance")
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LOG_FORMATS = ("auto", "console", "json", "journal")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -56,6 +57,16 @@ class Endpoint:
         if not 0 < port < 65536:
             raise ConfigInvalid(path, f"port {port} is not in 1..65535")
         return cls(host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class IdConfig:
+    """Where the message id sits (``steering = "id"``)."""
+
+    request_offset: int
+    response_offset: int
+    size: int = 4
+    rewrite: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +119,14 @@ class GroupConfig:
     read_buffer: int = 262144
     #: Messages steered to one receiver before moving to the next (balance).
     rx_batch: int = 16
+    #: steering = "id": where the id sits in requests and responses.
+    id: IdConfig | None = None
+    #: id/fifo: what happens to a response that matches no request.
+    unmatched: str = "drop"
+    #: id/fifo: seconds a request may wait for its response (0: no limit).
+    request_timeout: float = 0.0
+    #: Connections the group needs to be healthy (fewer: degraded).
+    min_connections: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +246,8 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
     "client_turn": (int, 1, 65536),
     "read_buffer": (int, 4096, 64 * 1024 * 1024),
     "rx_batch": (int, 1, 65536),
+    "request_timeout": (float, 0.0, 3600.0),
+    "min_connections": (int, 0, 1024),
 }
 
 
@@ -252,7 +273,17 @@ def _parse_group(name: str, raw: Any) -> GroupConfig:
         kw["framing"] = Framing.from_spec(raw["framing"], f"{p}.framing")
     if "steering" in raw:
         kw["steering"] = _choice(raw["steering"], f"{p}.steering", STEERING_MODES)
+    if "unmatched" in raw:
+        kw["unmatched"] = _choice(raw["unmatched"], f"{p}.unmatched", UNMATCHED_POLICIES)
+    if "id" in raw:
+        kw["id"] = _parse_id(raw["id"], f"{p}.id")
+    if kw.get("steering") == "id" and "id" not in kw:
+        raise ConfigInvalid(f"{p}.id", 'steering = "id" needs an [id] table (request_offset, response_offset, size)')
+    if "id" in kw and kw.get("steering") != "id":
+        raise ConfigInvalid(f"{p}.id", 'only used with steering = "id"')
     group = GroupConfig(**kw)
+    if group.min_connections > group.connections:
+        raise ConfigInvalid(f"{p}.min_connections", f"must not exceed connections ({group.connections})")
     if group.reconnect_initial > group.reconnect_max:
         raise ConfigInvalid(f"{p}.reconnect_initial", f"must not exceed reconnect_max ({group.reconnect_max})")
     limit = seqpacket_message_limit()
@@ -265,6 +296,26 @@ def _parse_group(name: str, raw: Any) -> GroupConfig:
     if group.framing.min_header > group.max_message:
         raise ConfigInvalid(f"{p}.framing", f"its header ({group.framing.min_header} bytes) exceeds max_message")
     return group
+
+
+def _parse_id(raw: Any, p: str) -> IdConfig:
+    raw = _table(raw, p)
+    _no_unknown(raw, p, set(IdConfig.__dataclass_fields__))
+    for key in ("request_offset", "response_offset"):
+        if key not in raw:
+            raise ConfigInvalid(f"{p}.{key}", "is required")
+    size = raw.get("size", 4)
+    if size not in (1, 2, 4, 8) or isinstance(size, bool):
+        raise ConfigInvalid(f"{p}.size", f"must be 1, 2, 4 or 8, not {size!r}")
+    rewrite = raw.get("rewrite", True)
+    if not isinstance(rewrite, bool):
+        raise ConfigInvalid(f"{p}.rewrite", f"must be true or false, not {rewrite!r}")
+    return IdConfig(
+        request_offset=_int(raw["request_offset"], f"{p}.request_offset", 0, 65535),
+        response_offset=_int(raw["response_offset"], f"{p}.response_offset", 0, 65535),
+        size=size,
+        rewrite=rewrite,
+    )
 
 
 def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:

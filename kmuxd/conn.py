@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ from kmux.framing import FrameDecoder
 from .backoff import Backoff
 from .config import Endpoint
 from .log import RateLimit
+from .requests import DONE, PENDING, WRITTEN
 from .tcpinfo import TcpInfo, read_tcp_info
 from .states import CONN_TRANSITIONS, CONNECTED_STATES, ConnEvent, ConnState, StateMachine
 
@@ -69,6 +71,8 @@ class ConnStatistics:
     #: Bytes and messages queued for writing here now.
     queued_bytes: int
     queued_msgs: int
+    #: id/fifo steering: requests written here and not yet answered.
+    in_flight: int
     need_more_hdr: int
     msg_too_big: int
     msg_timeouts: int
@@ -104,6 +108,9 @@ class ConnSlot:
         self.rparsed = RX_BASE  # end of complete messages found (>= rhead)
         self.rends: list[int] = []  # ends of parsed, undelivered messages
         self.decoder = FrameDecoder(cfg.framing, cfg.max_message)
+        #: request/response modes: requests written here and not done
+        #: (fifo: a deque in written order; id: an ordered dict)
+        self.inflight: deque | dict = deque() if cfg.steering == "fifo" else {}
         self._partial_since: float | None = None
         self._scope: trio.CancelScope | None = None  # the live connection's tasks
         self._run_scope = trio.CancelScope()  # the whole slot (retire cancels it)
@@ -269,6 +276,8 @@ class ConnSlot:
             sock.close()
             self.sock = None
             self._closed.set()
+            # Closed by a drain or a stop: what is still unanswered is lost.
+            self.group.fail_requests(self, ConnectionLost(f"connection {self.index} to {self.endpoint} was closed"))
         if time.monotonic() - self._connected_at >= STABLE_AFTER:
             backoff.reset()
 
@@ -317,6 +326,8 @@ class ConnSlot:
         cut_before = self.outbox.pending
         self.sm.fire(ConnEvent.FAILED)
         salvage, wake = group.tx.failed(self)
+        # Written requests cannot be retried safely: their clients are told.
+        group.fail_requests(self, exc)
         if salvage.cut_msgs:
             self.tx_aborts += 1
         group.tx_retries += salvage.resend_msgs
@@ -332,6 +343,17 @@ class ConnSlot:
             self._scope.cancel()
 
     # -- send side -----------------------------------------------------------
+
+    def request_written(self, req) -> None:
+        """A request's bytes reached the kernel on this connection (see kmuxd.requests)."""
+        if req.state != PENDING:
+            return  # answered while its batch was still being written (fifo)
+        req.state = WRITTEN
+        req.conn = self
+        if isinstance(self.inflight, deque):
+            self.inflight.append(req)
+        else:
+            self.inflight[req] = None
 
     def flush_nowait(self) -> None:
         """Write as much of the outbox as the kernel takes, without waiting."""
@@ -458,6 +480,7 @@ class ConnSlot:
             tx_aborts=self.tx_aborts,
             queued_bytes=o.queued_bytes,
             queued_msgs=o.queued_msgs,
+            in_flight=sum(1 for r in self.inflight if r.state != DONE),
             need_more_hdr=d.need_more_hdr,
             msg_too_big=d.msg_too_big,
             msg_timeouts=self.msg_timeouts,

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from kmux.errors import BadFrame, BadPacket, ConnectionLost, DrainTimeout, UnknownConnection
+from kmux.errors import BadFrame, BadPacket, ConnectionLost, DrainTimeout, RequestTimeout, UnknownConnection
 from kmux.protocol import DATA_PREFIX, KIND_DATA, Notice
 
 from .config import DaemonConfig, GroupConfig
 from .conn import ConnSlot, ConnStatistics
 from .latency import LatencyHistogram
+from .log import RateLimit
+from .requests import DONE, IdTable, Request, fifo_match
 from .sendq import Outbox, TxScheduler
 from .steering import BalanceSteering
 
@@ -29,6 +31,9 @@ if TYPE_CHECKING:
     from .session import ClientSession, ClientStatistics
 
 __all__ = ["Group", "GroupStatistics"]
+
+#: Shortest interval between request_timeout sweeps, seconds.
+TIMEOUT_TICK_MIN = 0.01
 
 
 def _us(seconds: float | None) -> float | None:
@@ -72,6 +77,15 @@ class GroupStatistics:
     #: that matched none, and request latency from a bounded histogram (µs).
     requests_in_flight: int
     unmatched_responses: int
+    #: Responses that came after their request timed out, and responses for
+    #: clients that had left: both discarded.
+    late_responses: int
+    dropped_responses: int
+    #: Requests answered with connection_lost / request_timeout notices.
+    requests_failed: int
+    requests_timed_out: int
+    #: Fewer connections up than min_connections.
+    connections_degraded: bool
     latency_p50_us: float | None
     latency_p99_us: float | None
     uptime: float
@@ -97,6 +111,20 @@ class Group:
         self._departed_refused = self._departed_requeued = self._departed_notices = 0
         #: Fed by request/response steering modes; empty in balance mode.
         self.latency = LatencyHistogram()
+        # -- request/response steering (kmuxd.requests) --
+        self.request_mode = cfg.steering in ("id", "fifo")
+        self.ids = (
+            IdTable(cfg.id.request_offset, cfg.id.response_offset, cfg.id.size, cfg.id.rewrite)
+            if cfg.steering == "id" else None
+        )
+        #: requests neither done nor timed out, oldest first (for request_timeout)
+        self.live: dict[Request, None] = {}
+        self.unmatched_responses = 0
+        self.late_responses = 0
+        self.dropped_responses = 0
+        self.requests_failed = 0
+        self.requests_timed_out = 0
+        self._unmatched_log = RateLimit(10.0)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -110,6 +138,8 @@ class Group:
                 for slot in self.slots:
                     starting.start_soon(nursery.start, slot.run)
             nursery.start_soon(self._requeue_pump)
+            if self.request_mode and self.cfg.request_timeout > 0:
+                nursery.start_soon(self._timeout_loop)
             up = sum(s.connected for s in self.slots)
             self.log.info("group_up", connections_up=up, connections=len(self.slots))
             task_status.started()
@@ -175,6 +205,7 @@ class Group:
         if self.clients.pop(client.id, None) is None:
             return
         self.unattached += 1
+        client.gone = True  # responses still on their way to it are dropped
         self.steering.remove(client)
         self.after_tx(self.tx.forget(client))
         # Its accepted messages still go out; keep its counts in the totals.
@@ -207,8 +238,154 @@ class Group:
         self.rx_paused += 1
         await self._receiver_ready.wait()
 
+    # -- request/response steering -------------------------------------------------
+
+    def new_request(self, owner: "ClientSession", buf, start: int, length: int) -> Request:
+        """Register a request being accepted (id: its id is checked and rewritten in place)."""
+        now = time.monotonic()
+        if self.ids is not None:
+            req = self.ids.add(owner, owner.seq, now, buf, start, length)
+        else:
+            req = Request(owner, owner.seq, now)
+        self.live[req] = None
+        return req
+
+    def _finish(self, req: Request) -> None:
+        req.state = DONE
+        if self.ids is not None:
+            self.ids.remove(req)
+            if req.conn is not None:
+                req.conn.inflight.pop(req, None)
+        self.live.pop(req, None)
+
+    def _tell(self, req: Request, err) -> None:
+        err.details["seq"] = req.seq
+        if req.orig_id is not None:
+            err.details["id"] = req.id_value()
+        if not req.owner.gone:
+            req.owner.notify(Notice.for_error(err))
+
+    def fail_requests(self, slot: ConnSlot, exc: BaseException) -> None:
+        """``slot``'s connection is gone: every request written on it and not done gets one notice."""
+        inflight = slot.inflight
+        if not inflight:
+            return
+        reqs = list(inflight)
+        inflight.clear()
+        why = getattr(exc, "message", None) or str(exc)
+        for req in reqs:
+            if req.state == DONE:
+                continue
+            told = req.timed_out
+            self._finish(req)
+            if not told:
+                self.requests_failed += 1
+                self._tell(req, ConnectionLost(f"the connection carrying this request died: {why}"))
+
+    async def _timeout_loop(self) -> None:
+        timeout = self.cfg.request_timeout
+        period = max(TIMEOUT_TICK_MIN, timeout / 4)
+        while True:
+            await trio.sleep(period)
+            now = time.monotonic()
+            expired = []
+            for req in self.live:  # oldest first
+                if now - req.t0 < timeout:
+                    break
+                expired.append(req)
+            for req in expired:
+                del self.live[req]
+                req.timed_out = True  # its id stays reserved: a late answer is discarded
+                self.requests_timed_out += 1
+                self._tell(req, RequestTimeout(f"no response within request_timeout={timeout}s"))
+
+    def _steer_requests(self, slot: ConnSlot) -> bool:
+        """Each response to the client whose request it answers (id or fifo). False if paused."""
+        ends = slot.rends
+        buf, view = slot.rbuf, slot.rview
+        pos = slot.rhead
+        ids = self.ids
+        i = 0
+        count = len(ends)
+        paused = False
+        now = time.monotonic()
+        while i < count:
+            end = ends[i]
+            length = end - pos
+            if ids is not None:
+                req = ids.match(buf, pos, length)
+            else:
+                req = fifo_match(slot.inflight, slot.outbox.requests)
+            if req is None:
+                self.unmatched_responses += 1
+                if self._unmatched_log.allow():
+                    self.log.warning("unmatched_response", conn=slot.index, bytes=length,
+                                     policy=self.cfg.unmatched, suppressed=self._unmatched_log.take_suppressed())
+                if self.cfg.unmatched == "balance" and not self._balance_one(buf, view, pos, end):
+                    self.unmatched_responses -= 1  # counted again when retried
+                    paused = True
+                    break
+            elif req.timed_out or req.owner.gone:
+                if req.timed_out:
+                    self.late_responses += 1
+                else:
+                    self.dropped_responses += 1
+                self._finish(req)
+            else:
+                owner = req.owner
+                if ids is not None:
+                    ids.restore(req, buf, pos)
+                buf[pos - 1] = KIND_DATA
+                try:
+                    owner.sock.send(view[pos - 1 : end])
+                except BlockingIOError:
+                    # Only this client may take it: wait for it (head of line).
+                    if ids is not None:
+                        ids.unrestore(req, buf, pos)
+                    owner.rx_blocked()
+                    paused = True
+                    break
+                except OSError:
+                    self.dropped_responses += 1
+                else:
+                    owner.rx_msgs += 1
+                    owner.rx_bytes += length
+                    self.rx_msgs += 1
+                    self.rx_bytes += length
+                    self.latency.record(now - req.t0)
+                self._finish(req)
+            slot.rx_msgs += 1
+            pos = end
+            i += 1
+        slot.rhead = pos
+        if not paused:
+            slot.rends = []
+            return True
+        del ends[:i]
+        return False
+
+    def _balance_one(self, buf, view, pos: int, end: int) -> bool:
+        receiver, _ = self.steering.take()
+        if receiver is None:
+            return False
+        buf[pos - 1] = KIND_DATA
+        try:
+            receiver.sock.send(view[pos - 1 : end])
+        except BlockingIOError:
+            receiver.rx_blocked()
+            return False
+        except OSError:
+            self.steering.remove(receiver)
+            return False
+        self.steering.used(1)
+        receiver.rx_msgs += 1
+        receiver.rx_bytes += end - pos
+        return True
+
     def steer(self, slot: ConnSlot) -> bool:
         """Hand the slot's parsed messages to ready receivers. False if some remain."""
+        if self.request_mode:
+            return self._steer_requests(slot)
         ends = slot.rends
         buf = slot.rbuf
         view = slot.rview
@@ -322,8 +499,13 @@ class Group:
             refused=self._departed_refused + sum(c.refused for c in clients),
             requeued=self._departed_requeued + sum(c.requeued for c in clients),
             notices_sent=self._departed_notices + sum(c.notices_sent for c in clients),
-            requests_in_flight=0,
-            unmatched_responses=0,
+            requests_in_flight=len(self.live),
+            unmatched_responses=self.unmatched_responses,
+            late_responses=self.late_responses,
+            dropped_responses=self.dropped_responses,
+            requests_failed=self.requests_failed,
+            requests_timed_out=self.requests_timed_out,
+            connections_degraded=sum(1 for s in self.slots if s.connected) < self.cfg.min_connections,
             latency_p50_us=_us(self.latency.percentile(50)),
             latency_p99_us=_us(self.latency.percentile(99)),
             uptime=time.monotonic() - self.started_at,

@@ -99,7 +99,7 @@ class Outbox:
 
     __slots__ = (
         "buf", "view", "head", "tail", "capacity", "reserve", "runs", "run_start", "owners", "parked", "conn",
-        "written_msgs", "reserved_count", "unreserved_count", "length_at",
+        "written_msgs", "reserved_count", "unreserved_count", "length_at", "requests",
     )
 
     def __init__(self, capacity: int, reserve: int, length_at: Callable[[Any, int, int], int]) -> None:
@@ -124,6 +124,9 @@ class Outbox:
         self.unreserved_count = 0
         #: the group's framing: finds message boundaries when cutting back
         self.length_at = length_at
+        #: request/response modes: one record per message here, in order
+        #: (see kmuxd.requests); empty in balance mode
+        self.requests: deque[Any] = deque()
 
     @property
     def pending(self) -> int:
@@ -217,10 +220,16 @@ class Outbox:
 
     def _count(self, msgs: int) -> None:
         # Whoever completes messages (a write, a compaction, a salvage), the
-        # connection carrying the outbox at that moment is credited.
+        # connection carrying the outbox at that moment is credited, and
+        # their request records (if any) become that connection's in flight.
         self.written_msgs += msgs
-        if self.conn is not None:
-            self.conn.tx_msgs += msgs
+        conn = self.conn
+        if conn is not None:
+            conn.tx_msgs += msgs
+        requests = self.requests
+        if requests:
+            for _ in range(min(msgs, len(requests))):
+                conn.request_written(requests.popleft())
 
     def salvage(self) -> Salvage:
         """Cut back to the first message not fully written, after a stream died.

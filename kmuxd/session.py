@@ -122,6 +122,8 @@ class ClientSession:
         self.notices_sent = 0
         #: Cancelling it ends the session (graceful stop, group retired).
         self.scope = trio.CancelScope()
+        #: Set when the session ended: responses still coming for it are dropped.
+        self.gone = False
         #: Cancelling it stops reading the client's packets (graceful stop).
         self._reader_scope = trio.CancelScope()
         self._refusal_log = RateLimit(REFUSAL_LOG_INTERVAL)
@@ -229,6 +231,7 @@ class ClientSession:
         length_at = framing._length_at
         max_message = cfg.max_message
         turn = cfg.client_turn
+        requests = group.request_mode  # id/fifo: each message gets a record
         msgs = 0
         status = _TURN
         while msgs < turn:
@@ -268,6 +271,12 @@ class ClientSession:
                 if total != size:
                     self._refuse(BadFrame(self._mismatch(size, total)))
                     continue
+                if requests:
+                    try:
+                        outbox.requests.append(group.new_request(self, buf, tail, size))
+                    except KmuxError as exc:  # id_in_use, ids_exhausted, too short for its id
+                        self._refuse(exc)
+                        continue
                 tail += size
                 msgs += 1
             else:
@@ -366,7 +375,9 @@ class ClientSession:
                 await trio.lowlevel.wait_writable(self.sock)
                 if self._flush_notices():
                     break
-            if self.group.steering.unblocked(self):
+            # In id/fifo modes a paused connection waits for this client in
+            # particular, whatever its receive setting.
+            if self.group.steering.unblocked(self) or self.group.request_mode:
                 self.group.receiver_ready()
 
     # -- statistics ---------------------------------------------------------------

@@ -30,6 +30,8 @@ __all__ = [
     "IllegalTransition",
     "ClientClosed",
     "BadRequest",
+    "IdInUse",
+    "IdsExhausted",
     "UnknownConnection",
     "ReloadRefused",
     "DrainTimeout",
@@ -136,6 +138,18 @@ class IllegalTransition(LocalError):
     """A state machine was asked for a transition its table does not have."""
 
     code = "illegal_transition"
+
+
+class IdInUse(LocalError):
+    """steering = "id" without rewrite: that id is already in flight (it was not written)."""
+
+    code = "id_in_use"
+
+
+class IdsExhausted(LocalError):
+    """steering = "id" with rewrite: every id of the space is in flight (it was not written)."""
+
+    code = "ids_exhausted"
 
 
 class BadRequest(LocalError):
