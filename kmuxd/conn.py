@@ -29,7 +29,6 @@ import trio
 from kmux.errors import ConnectFailed, ConnectionLost, DrainInProgress, DrainTimeout, KmuxError, RemoteAssemblyTimeout
 from kmux.framing import FrameDecoder
 
-from .backoff import Backoff
 from .config import Endpoint
 from .log import RateLimit
 from .requests import DONE, PENDING, WRITTEN
@@ -142,46 +141,61 @@ class ConnSlot:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep this slot connected until retired or cancelled.
 
-        Reports started after the first dial, whether it connected or not.
+        The group's endpoint pool says which endpoint to dial, or how long to
+        wait (kmuxd.endpoints). Reports started after the first dial, whether
+        it connected or not.
         """
-        cfg = self.group.cfg
-        backoff = Backoff(cfg.reconnect_initial, cfg.reconnect_max)
+        pool = self.group.endpoints
         self.sm.fire(ConnEvent.DIAL)
         started = False
         with trio.CancelScope() as self._run_scope:
             while True:
+                endpoint, wait = pool.choose(time.monotonic())
+                if endpoint is None:
+                    # Every endpoint is ejected and backing off (or being probed).
+                    self.sm.fire(ConnEvent.NO_ENDPOINT)
+                    if not started:
+                        started = True
+                        task_status.started()
+                    await trio.sleep(wait)
+                    self.sm.fire(ConnEvent.RETRY)
+                    continue
+                self._use_endpoint(endpoint)
                 try:
                     sock = await self._dial()
                 except (OSError, ConnectFailed) as exc:
+                    pool.failed(endpoint, time.monotonic())
                     self.dial_failures += 1
                     self.last_error = _describe(exc)
                     self.sm.fire(ConnEvent.DIAL_FAILED)
                     if self._dial_log.allow():
                         self.log.warning(
-                            "dial_failed",
-                            error=self.last_error,
-                            attempt=backoff.attempt + 1,
-                            suppressed=self._dial_log.take_suppressed(),
+                            "dial_failed", error=self.last_error, suppressed=self._dial_log.take_suppressed()
                         )
                     if not started:
                         started = True
                         task_status.started()
-                    await trio.sleep(backoff.next_delay())
+                    await trio.lowlevel.checkpoint()  # the pool decides whether to wait
                     self.sm.fire(ConnEvent.RETRY)
                     continue
-                await self._carry(sock, backoff, task_status if not started else None)
+                pool.connected(endpoint)
+                await self._carry(sock, task_status if not started else None)
                 started = True
+                requested = self._redial_now or self._retiring
+                stable = requested or time.monotonic() - self._connected_at >= STABLE_AFTER
+                pool.closed(endpoint, time.monotonic(), stable=stable)
                 if self._retiring:
                     break
-                if self._redial_now:
-                    # An operator asked for this: no back-off.
-                    self._redial_now = False
-                    await trio.lowlevel.checkpoint()
-                else:
-                    await trio.sleep(backoff.next_delay())
+                self._redial_now = False
+                await trio.lowlevel.checkpoint()
                 self.sm.fire(ConnEvent.RETRY)
         if self.sm.state is not ConnState.CLOSED:
             self.sm.fire(ConnEvent.CLOSE)
+
+    def _use_endpoint(self, endpoint: Endpoint) -> None:
+        if endpoint != self.endpoint:
+            self.endpoint = endpoint
+            self.log = self.group.log.bind(conn=self.index, endpoint=str(endpoint))
 
     # -- operator actions ------------------------------------------------------
 
@@ -246,7 +260,7 @@ class ConnSlot:
         self.log.info("drained", msgs=self.tx_msgs - msgs0, bytes=self.tx_bytes - bytes0, retire=retire)
         return self.tx_msgs - msgs0, self.tx_bytes - bytes0
 
-    async def _carry(self, sock: socket.socket, backoff: Backoff, task_status) -> None:
+    async def _carry(self, sock: socket.socket, task_status) -> None:
         self.sock = sock
         self._error = None
         self._closed = trio.Event()
@@ -256,7 +270,7 @@ class ConnSlot:
         self._connected_at = time.monotonic()
         self.connections_made += 1
         self.sm.fire(ConnEvent.CONNECTED)
-        self.log.info("connected", local=_sockname(sock), attempt=backoff.attempt)
+        self.log.info("connected", local=_sockname(sock))
         try:
             with trio.CancelScope() as scope:
                 self._scope = scope
@@ -278,8 +292,6 @@ class ConnSlot:
             self._closed.set()
             # Closed by a drain or a stop: what is still unanswered is lost.
             self.group.fail_requests(self, ConnectionLost(f"connection {self.index} to {self.endpoint} was closed"))
-        if time.monotonic() - self._connected_at >= STABLE_AFTER:
-            backoff.reset()
 
     async def _guarded(self, task) -> None:
         try:

@@ -21,6 +21,7 @@ from kmux.protocol import DATA_PREFIX, KIND_DATA, Notice
 
 from .config import DaemonConfig, GroupConfig
 from .conn import ConnSlot, ConnStatistics
+from .endpoints import EndpointPool
 from .latency import LatencyHistogram
 from .log import RateLimit
 from .requests import DONE, IdTable, Request, fifo_match
@@ -97,6 +98,7 @@ class Group:
         self.daemon_cfg = daemon_cfg
         self.log = log.bind(group=cfg.name)
         self.tx = TxScheduler()
+        self.endpoints = EndpointPool(list(cfg.endpoints), cfg.reconnect_initial, cfg.reconnect_max)
         self.steering = BalanceSteering(cfg.rx_batch)
         self.slots = [self._new_slot(i) for i in range(cfg.connections)]
         self.clients: dict[int, "ClientSession"] = {}

@@ -10,7 +10,7 @@ fails, backs off and dials again, keeping its number (``conn 0..N-1``) so
 operators can follow it.
 
     IDLE -dial-> CONNECTING -connected-> READY <-> BUSY
-    CONNECTING -dial_failed-> BACKOFF -retry-> CONNECTING
+    CONNECTING -dial_failed/no_endpoint-> BACKOFF -retry-> CONNECTING
     READY/BUSY -failed-> BACKOFF          (outbox rehomed, then back-off)
     READY/BUSY -drain-> DRAINING -drained/failed-> BACKOFF (then redial or retire)
     DRAINING -drain_aborted-> READY       (queue did not empty in time)
@@ -43,6 +43,7 @@ class ConnEvent(enum.Enum):
     DIAL = "dial"
     CONNECTED = "connected"
     DIAL_FAILED = "dial_failed"
+    NO_ENDPOINT = "no_endpoint"
     WRITE_BLOCKED = "write_blocked"
     WRITE_DONE = "write_done"
     DRAIN = "drain"
@@ -58,6 +59,7 @@ CONN_TRANSITIONS: dict[tuple[ConnState, ConnEvent], ConnState] = {
     (_C.IDLE, _E.DIAL): _C.CONNECTING,
     (_C.CONNECTING, _E.CONNECTED): _C.READY,
     (_C.CONNECTING, _E.DIAL_FAILED): _C.BACKOFF,
+    (_C.CONNECTING, _E.NO_ENDPOINT): _C.BACKOFF,
     (_C.READY, _E.WRITE_BLOCKED): _C.BUSY,
     (_C.BUSY, _E.WRITE_BLOCKED): _C.BUSY,
     (_C.BUSY, _E.WRITE_DONE): _C.READY,

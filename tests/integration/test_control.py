@@ -372,7 +372,12 @@ def test_connection_records_carry_tcp_info_only_while_connected(backend_factory,
     refusing = _free_refusing_port()
     close_all(refusing)
     dead = f"127.0.0.1:{refusing.getsockname()[1]}"
-    daemon = daemon_factory({"echo": group_config(backend, connections=2, endpoints=[backend.address, dead])})
+    # A group whose only endpoint refuses: its slot never connects. (In a
+    # group with a live endpoint too, the slot would move there instead.)
+    daemon = daemon_factory({
+        "echo": group_config(backend, connections=1),
+        "down": group_config(backend, connections=1, endpoints=[dead]),
+    })
     backend.wait_open(1)
     rx = Receiver(daemon.connect(name="rx"))
     close_all(rx)
@@ -382,7 +387,7 @@ def test_connection_records_carry_tcp_info_only_while_connected(backend_factory,
         tx.send(make_frame(1, seq, 1000))
     wait_until(lambda: rx.count() == 20, 10, "the echoes")
     answer = stats(daemon)
-    live, down = conn_of(answer, "echo", 0), conn_of(answer, "echo", 1)
+    live, down = conn_of(answer, "echo", 0), conn_of(answer, "down", 0)
     assert live["state"] == "ready" and live["endpoint"] == backend.address
     tcp = live["tcp"]
     assert set(tcp) >= {"rtt_us", "rttvar_us", "retransmits", "total_retrans", "snd_cwnd", "unacked"}
@@ -395,10 +400,11 @@ def test_connection_records_carry_tcp_info_only_while_connected(backend_factory,
     assert (down["tcp"], down["local"], down["remote"], down["age"]) == (None, None, None, 0.0)
     assert down["dial_failures"] >= 1 and "ECONNREFUSED" in down["last_error"]
     assert group_of(answer, "echo")["connections_up"] == 1
+    assert group_of(answer, "down")["connections_up"] == 0
     # Only a connected slot can be reconnected.
     with ControlClient(daemon.control_socket) as c:
         assert c.request("reconnect", group="echo")["reconnected"] == [0]
-        assert c.request("reconnect", group="echo", conn=1)["reconnected"] == []
+        assert c.request("reconnect", group="down", conn=0)["reconnected"] == []
 
 
 def test_control_requests_and_typed_errors(backend_factory, daemon_factory):

@@ -26,7 +26,12 @@ from kmux import ReconnectPolicy
 
 from .helpers import Daemon, group_config, make_frame, summarize_frame, wait_until
 
-POLICY = ReconnectPolicy(deadline=10.0, initial_delay=0.02, max_delay=0.2)
+# The resend buffer must hold everything a sender can send between connect
+# and the restart (it learns what was accepted only from the shutdown notice);
+# unbounded senders on a fast machine pass the default 10,000 in well under a
+# second. Overflow itself is tested in tests/unit/test_reconnect_core.py.
+POLICY = ReconnectPolicy(deadline=10.0, initial_delay=0.02, max_delay=0.2,
+                         buffer_messages=2_000_000, buffer_bytes=512 * 1024 * 1024)
 N_CLIENTS = 4
 
 
