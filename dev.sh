@@ -35,7 +35,7 @@ setup_system() {
     python_ok || want+=(python3 python3-venv python3-dev)
     # systemd-python (issue: systemd) builds from source against libsystemd.
     want+=(gcc pkg-config libsystemd-dev)
-    [ "${1:-}" = test ] && want+=(memcached)
+    [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base)
     local missing
     missing=$(missing_apt "${want[@]}")
     if [ -n "$missing" ]; then

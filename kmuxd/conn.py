@@ -43,6 +43,8 @@ __all__ = ["ConnSlot", "ConnStatistics"]
 #: A connection that stayed up this long resets the back-off schedule, so a
 #: server that accepts and immediately closes cannot cause a dial storm.
 STABLE_AFTER = 5.0
+#: Most reads when taking the answers that arrived on a failing stream.
+ARRIVED_READS_MAX = 64
 #: How often a draining connection checks whether its queue is empty, seconds.
 DRAIN_POLL = 0.01
 #: Offset of received bytes in the receive buffer (one free byte before them).
@@ -337,6 +339,10 @@ class ConnSlot:
         group = self.group
         cut_before = self.outbox.pending
         self.sm.fire(ConnEvent.FAILED)
+        if group.request_mode:
+            # Answers the service sent before the stream broke are still
+            # owed to their clients: take them before failing the rest.
+            self._take_arrived_responses()
         salvage, wake = group.tx.failed(self)
         # Written requests cannot be retried safely: their clients are told.
         group.fail_requests(self, exc)
@@ -458,6 +464,36 @@ class ConnSlot:
                         self._compact()
                 else:
                     self._partial_since = None
+
+    def _take_arrived_responses(self) -> None:
+        """Read and steer, without waiting, whatever is already received on a failing stream."""
+        group = self.group
+        sock = self.sock
+        size = len(self.rbuf)
+        for _ in range(ARRIVED_READS_MAX):
+            if self.rends and not group.steer(self):
+                return  # a client cannot take its answer now; the rest is failed
+            if self.rhead == self.rtail:
+                self.rhead = self.rtail = self.rparsed = RX_BASE
+            elif size - self.rtail < self.group.cfg.read_buffer // 4:
+                self._compact()
+            try:
+                n = sock.recv_into(self.rview[self.rtail :])
+            except OSError:
+                return
+            if n == 0:
+                return
+            self.rtail += n
+            self.rx_bytes += n
+            try:
+                ends, consumed, _ = self.decoder.split(self.rbuf, self.rparsed, self.rtail)
+            except KmuxError:
+                return
+            if ends:
+                self.rends = ends
+                self.rparsed = consumed
+        if self.rends:
+            group.steer(self)
 
     def _compact(self) -> None:
         # Undelivered messages and the partial one move to the front.
