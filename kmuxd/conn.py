@@ -344,8 +344,10 @@ class ConnSlot:
             # owed to their clients: take them before failing the rest.
             self._take_arrived_responses()
         salvage, wake = group.tx.failed(self)
-        # Written requests cannot be retried safely: their clients are told.
+        # Written requests cannot be retried safely: their clients are told,
+        # and answers parsed but not handed over are dropped with them.
         group.fail_requests(self, exc)
+        self.rends = []
         if salvage.cut_msgs:
             self.tx_aborts += 1
         group.tx_retries += salvage.resend_msgs
@@ -430,12 +432,18 @@ class ConnSlot:
                         f"within assembly_timeout={cfg.assembly_timeout}s"
                     )
             while True:
+                if not self.connected:
+                    # fail() ran while this task was already scheduled: the
+                    # stream's outcomes are settled, take nothing more.
+                    return
                 # Deliver what is parsed before reading more: with no ready
                 # receiver we stop reading and TCP pushes back on the server.
                 while self.rends:
                     if not group.steer(self):
                         self._partial_since = None  # our own pause, not the remote's delay
                         await group.wait_receiver()
+                        if not self.connected:
+                            return
                 if self.rtail > self.rparsed and self._partial_since is None:
                     self._partial_since = time.monotonic()
                 if self.rhead == self.rtail:
