@@ -434,6 +434,11 @@ class Group:
 
     def requeue(self, client: "ClientSession", message: bytes) -> None:
         """A client hands back a message it got before switching receiving off."""
+        if self.request_mode:
+            raise BadPacket(
+                f"REQUEUE is only for balance steering; with steering = {self.cfg.steering!r} "
+                "every response belongs to the client that asked"
+            )
         if client.receiving:
             raise BadPacket("REQUEUE is only allowed while receiving is off")
         if client.requeued + 1 > client.rx_msgs or client.requeue_bytes + len(message) > client.rx_bytes:

@@ -145,6 +145,7 @@ class ClientSession:
         self._framing: Framing | None = None
         self._max_message = 0
         self._fixed: tuple | None = None  # the fixed length field, for the inline check
+        self._own_responses = False
         self.recv_bufsize = ANSWER_BUFSIZE
         #: ``accepted`` of the daemon's ``shutdown`` notice, once it arrived:
         #: DATA packets up to this seq were read, the later ones never were.
@@ -211,6 +212,9 @@ class ClientSession:
         self.accepted = answer
         self._framing = answer.framing
         self._max_message = answer.max_message
+        # id/fifo steering: every DATA packet is the answer to this client's
+        # own request, so it is never handed back (receiving off or not).
+        self._own_responses = answer.steering in ("id", "fifo")
         self._fixed = answer.framing.fixed_field
         # A notice can outgrow a tiny max_message; one kind byte precedes both.
         self.recv_bufsize = 1 + max(answer.max_message, CONTROL_MAX)
@@ -271,7 +275,9 @@ class ClientSession:
         if not isinstance(on, bool):
             raise TypeError("on must be a bool")
         self.receiving = on
-        if not on:
+        if not on and not self._own_responses:
+            # Balance: DATA before the daemon's marker is handed back. In
+            # id/fifo modes nothing is, so there is nothing to drain.
             self._markers_pending += 1
         return encode_control(Control("receive", {"on": on}))
 
@@ -290,7 +296,7 @@ class ClientSession:
             self.require_ready()
         kind = packet[0] if len(packet) else -1
         if kind == KIND_DATA:
-            if self._markers_pending and not self.receiving:
+            if self._markers_pending and not self.receiving and not self._own_responses:
                 return HandBack(packet[1:])
             return packet[1:]
         if kind == KIND_NOTICE:

@@ -540,6 +540,44 @@ def test_id_rewrite_colliding_ids_each_response_to_its_sender(backend_factory, d
     assert g.get("requests_in_flight", 0) == 0
 
 
+@pytest.mark.parametrize("mode", ["id", "fifo"])
+def test_receive_off_keeps_own_responses_and_requeue_is_refused(backend_factory, daemon_factory, mode):
+    """In id/fifo modes every response belongs to its requester: switching receiving
+    off hands nothing back (no cross-delivery), and a raw REQUEUE is refused."""
+    backend = backend_factory(echo=True, summarize=summarize_req, max_frame=MAX)
+    daemon = daemon_factory({"g": rr_group([backend.address], mode, connections=2)})
+    backend.wait_open(2)
+    rng = random.Random(11)
+    with daemon.connect(name="a") as a, daemon.connect(name="b") as b:
+        backend.pause()
+        for seq in range(1, 11):
+            a.send(make_req(1, seq, seq, 64, rng))
+        wait_until(lambda: group_stats(daemon).get("requests_in_flight", 0) == 10, 5, "10 requests in flight")
+        backend.resume()
+        a.set_receive(False)  # responses arriving now are still a's own
+        got = [parse_resp(a.recv(timeout=5)) for _ in range(10)]
+        assert sorted(seq for _, _, seq in got) == list(range(1, 11))
+        assert all(client == 1 for _, client, _ in got)
+        with pytest.raises(TimeoutError):
+            b.recv(timeout=0.3)  # nothing of a's reached b
+        # A REQUEUE from a program that ignores the mode is refused, not steered.
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        raw.connect(daemon.socket_path)
+        import msgpack
+
+        raw.send(msgpack.packb({"kmux": 1, "group": "g"}))
+        raw.recv(65536)
+        raw.send(b"\x01" + msgpack.packb({"op": "receive", "on": False}))
+        raw.send(b"\x02" + make_req(3, 1, 1, 64, rng))
+        notices = [msgpack.unpackb(raw.recv(65536)[1:]) for _ in range(2)]
+        raw.close()
+        assert {"event": "receive_off"} in notices
+        assert any(n.get("code") == "bad_packet" and "REQUEUE" in n.get("error", "") for n in notices), notices
+        with pytest.raises(TimeoutError):
+            b.recv(timeout=0.3)
+    assert group_stats(daemon).get("unmatched_responses", 0) == 0
+
+
 # -- 2. id without rewrite: id_in_use, then free again -----------------------------------------------
 
 
