@@ -249,9 +249,10 @@ class Daemon:
             return dataclasses.asdict(await self.reload())
         raise AssertionError(f"op {request.op} validated but not handled")
 
-    def status_line(self, rates: str = "") -> str:
+    def status_line(self, rates: str = "", groups: list | None = None) -> str:
         """The one-line summary for systemd's STATUS= (and ``systemctl status``)."""
-        groups = [g.statistics() for g in self.groups.values()]
+        if groups is None:
+            groups = [g.statistics() for g in self.groups.values()]
         up = sum(g.connections_up for g in groups)
         total = sum(g.connections_total for g in groups)
         clients = sum(g.clients for g in groups)
@@ -266,8 +267,9 @@ class Daemon:
         previous = None
         while True:
             await trio.sleep(STATUS_INTERVAL)
-            tx = sum(g.statistics().tx_msgs for g in self.groups.values())
-            rx = sum(g.statistics().rx_msgs for g in self.groups.values())
+            stats = [g.statistics() for g in self.groups.values()]
+            tx = sum(g.tx_msgs for g in stats)
+            rx = sum(g.rx_msgs for g in stats)
             now = time.monotonic()
             rates = ""
             if previous is not None:
@@ -275,7 +277,7 @@ class Daemon:
                 dt = now - t0
                 rates = f"{max(0, tx - tx0) / dt:.0f} msg/s out, {max(0, rx - rx0) / dt:.0f} msg/s in"
             previous = (now, tx, rx)
-            self.notifier.status(self.status_line(rates))
+            self.notifier.status(self.status_line(rates, stats))
 
     async def _watchdog_loop(self, interval: float) -> None:
         """Ping WATCHDOG=1 only after an end-to-end self-check succeeds.

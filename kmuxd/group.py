@@ -479,7 +479,9 @@ class Group:
     # -- statistics ---------------------------------------------------------------
 
     def statistics(self) -> GroupStatistics:
-        conns = [s.statistics() for s in self.slots]
+        # Counters straight from the slots and their outboxes: the full
+        # connection records (with a TCP_INFO call each) are not needed here.
+        queues = [s.outbox.statistics() for s in self.slots]
         clients = list(self.clients.values())
         sched = self.tx.statistics()
         return GroupStatistics(
@@ -491,8 +493,8 @@ class Group:
             connections_total=len(self.slots),
             clients=len(clients),
             receivers_ready=self.steering.statistics().ready,
-            tx_msgs=sum(c.tx_msgs for c in conns),
-            tx_bytes=sum(c.tx_bytes for c in conns),
+            tx_msgs=sum(s.tx_msgs for s in self.slots),
+            tx_bytes=sum(s.tx_bytes for s in self.slots),
             rx_msgs=self.rx_msgs,
             rx_bytes=self.rx_bytes,
             tx_retries=self.tx_retries,
@@ -500,8 +502,8 @@ class Group:
             unattached=self.unattached,
             rx_ready_drops=0,
             rx_paused=self.rx_paused,
-            queued_msgs=sum(c.queued_msgs for c in conns) + sched.orphaned_msgs,
-            queued_bytes=sum(c.queued_bytes for c in conns) + sched.orphaned_bytes,
+            queued_msgs=sum(q.queued_msgs for q in queues) + sched.orphaned_msgs,
+            queued_bytes=sum(q.queued_bytes for q in queues) + sched.orphaned_bytes,
             waiting_clients=sched.waiting_clients,
             refused=self._departed_refused + sum(c.refused for c in clients),
             requeued=self._departed_requeued + sum(c.requeued for c in clients),
