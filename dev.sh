@@ -4,7 +4,7 @@
 #
 #   ./dev.sh demo [ARGS]    start kmuxd + a demo backend + several client apps
 #   ./dev.sh test [ARGS]    run the test suite (pytest ARGS)
-#   ./dev.sh bench [ARGS]   run the benchmark (python -m kmuxd.bench ARGS)
+#   ./dev.sh bench [ARGS]   run the benchmark (python -m kmuxd.tools.bench ARGS)
 #   ./dev.sh setup          only set up
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -65,8 +65,8 @@ setup_venv() {
 cmd=${1:-demo}; shift || true
 case "$cmd" in
     setup) setup_system test; setup_venv ;;
-    demo) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.demo "$@" ;;
+    demo) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.demo "$@" ;;
     test) setup_system test; setup_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
-    bench) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.bench "$@" ;;
+    bench) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.bench "$@" ;;
     *) echo "usage: $0 {demo|test|bench|setup} [ARGS]" >&2; exit 2 ;;
 esac

@@ -1,5 +1,7 @@
+"""``python -m kmuxd``: the same as the ``kmuxd`` command."""
+
 import sys
 
-from .cli import main
+from kmuxd.main import main
 
 sys.exit(main())

@@ -42,6 +42,7 @@ __all__ = [
     "ConnectFailed",
     "ConnectionLost",
     "RequestTimeout",
+    "ControlTimeout",
     "DaemonShutdown",
     "DaemonUnavailable",
     "error_class",
@@ -219,6 +220,12 @@ class ConnectionLost(RemoteError):
 
 class RequestTimeout(RemoteError):
     code = "request_timeout"
+
+
+class ControlTimeout(RemoteError):
+    """kmuxd's control socket gave no answer in time (kmux-cli, ControlClient)."""
+
+    code = "control_timeout"
 
 
 class DaemonShutdown(RemoteError):

@@ -31,7 +31,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import kmux
-from kmuxd.kmuxcli import ControlClient
+from kmux.control import ControlClient
 
 from .helpers import (
     MIN_FRAME,
@@ -49,7 +49,7 @@ from .helpers import (
 
 MAX = 65536
 _SCRIPT = Path(sys.executable).with_name("kmux-cli")
-CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "kmuxd.kmuxcli"]
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "kmuxd.cli.main"]
 #: Fields that change between two looks at an idle daemon.
 VOLATILE = {"uptime", "age", "tcp", "connected_for"}
 CLEAR = "\x1b[H\x1b[2J"

@@ -1,7 +1,7 @@
 """The control socket's statistics, end to end: known traffic in, exact counters out.
 
 Everything goes through the real control socket with
-:class:`kmuxd.kmuxcli.ControlClient` (the CLI's transport): a real kmuxd
+:class:`kmux.control.ControlClient` (the CLI's transport): a real kmuxd
 subprocess, real TCP backends on loopback, real SEQPACKET clients (some in
 this process, one in a subprocess, so the peer credentials are checked
 against two different processes).
@@ -20,7 +20,7 @@ from collections import Counter
 import pytest
 
 import kmux.errors
-from kmuxd.kmuxcli import ControlClient
+from kmux.control import ControlClient
 
 from .helpers import (
     MIN_FRAME,

@@ -22,7 +22,7 @@ import msgpack
 import pytest
 
 import kmux
-from kmuxd.kmuxcli import ControlClient
+from kmux.control import ControlClient
 
 from .helpers import (
     MIN_FRAME,

@@ -49,7 +49,7 @@ import pytest
 
 import kmux
 from kmux.errors import KmuxError
-from kmuxd.kmuxcli import ControlClient
+from kmux.control import ControlClient
 
 from .helpers import BadTestFrame, check_order_per_connection, wait_flat, wait_until
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import pytest
 
 from tests.integration.conftest import daemon_factory, short_dir  # noqa: F401 - fixtures reused here
-from kmuxd.kmuxcli import ControlClient
+from kmux.control import ControlClient
 from tests.integration.helpers import Daemon, wait_until
 
 from . import MC_HEADER, OP_VERSION, dns_parse, dns_query, mc_parse, mc_request, recv_exact

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kmuxd import install
+from kmuxd.system import install
 
 from .conftest import KMUXD, MEASURED, REPO
 

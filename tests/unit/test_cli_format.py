@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kmux.errors import DaemonUnavailable, KmuxError, RequestTimeout, UnknownGroup, error_from_code
-from kmuxd import kmuxcli
-from kmuxd._units import (
+from kmux.errors import DaemonUnavailable, KmuxError, ControlTimeout, UnknownGroup, error_from_code
+from kmuxd.cli import main as kmuxcli
+from kmuxd.cli.format import (
     Column,
     RateTracker,
     fmt_byte_rate,
@@ -29,7 +29,7 @@ from kmuxd._units import (
     fmt_us,
     render_table,
 )
-from kmuxd.kmuxcli import (
+from kmuxd.cli.main import (
     EXIT_FAILED,
     EXIT_NO_SUCH,
     EXIT_NOT_RUNNING,
@@ -366,7 +366,7 @@ PATH = "/run/kmuxd/control.sock"
         (error_from_code("drain_timeout", "still 3 queued"), EXIT_FAILED, "kmux-cli: drain failed: [drain_timeout]"),
         (error_from_code("config_invalid", "groups.a.connections: too many", path="groups.a.connections"),
          EXIT_FAILED, "[config_invalid] groups.a.connections: too many"),
-        (RequestTimeout("no answer from kmuxd on X within 5s"), EXIT_FAILED, "kmux-cli: no answer from kmuxd"),
+        (ControlTimeout("no answer from kmuxd on X within 5s"), EXIT_FAILED, "kmux-cli: no answer from kmuxd"),
     ],
 )
 def test_exit_status(exc: BaseException, code: int, text: str) -> None:

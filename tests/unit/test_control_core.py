@@ -8,10 +8,10 @@ import msgpack
 import pytest
 
 from kmux.errors import BadRequest, ReloadRefused
-from kmuxd.config import parse_config
-from kmuxd.control import parse_request
-from kmuxd.daemon import plan_reload
-from kmuxd.latency import LatencyHistogram
+from kmuxd.system.config import parse_config
+from kmuxd.io.control import parse_request
+from kmuxd.io.daemon import plan_reload
+from kmuxd.core.latency import LatencyHistogram
 
 
 def req(**kw) -> bytes:

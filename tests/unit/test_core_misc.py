@@ -7,9 +7,9 @@ import random
 import pytest
 
 from kmux.errors import ConfigInvalid, IllegalTransition
-from kmuxd.backoff import Backoff
-from kmuxd.config import parse_config
-from kmuxd.states import (
+from kmuxd.core.backoff import Backoff
+from kmuxd.system.config import parse_config
+from kmuxd.core.states import (
     CLIENT_TRANSITIONS,
     CONN_TRANSITIONS,
     ClientEvent,
@@ -18,7 +18,7 @@ from kmuxd.states import (
     ConnState,
     StateMachine,
 )
-from kmuxd.steering import BalanceSteering
+from kmuxd.core.steering import BalanceSteering
 
 # -- steering ----------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from kmuxd.endpoints import EndpointPool
+from kmuxd.core.endpoints import EndpointPool
 
 
 def pool(*eps: str) -> EndpointPool:

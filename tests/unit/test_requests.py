@@ -9,8 +9,8 @@ import pytest
 
 from kmux.errors import BadFrame, IdInUse, IdsExhausted
 from kmux.framing import PRESETS
-from kmuxd.requests import DONE, PENDING, WRITTEN, IdTable, Request, fifo_match
-from kmuxd.sendq import Outbox, TxScheduler
+from kmuxd.core.requests import DONE, PENDING, WRITTEN, IdTable, Request, fifo_match
+from kmuxd.core.sendq import Outbox, TxScheduler
 
 LENGTH_AT = PRESETS["u32be"]._length_at
 

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from kmux.framing import PRESETS, Reassembler
-from kmuxd.sendq import Outbox, TxScheduler
+from kmuxd.core.sendq import Outbox, TxScheduler
 
 U32 = PRESETS["u32be"]
 LENGTH_AT = U32._length_at

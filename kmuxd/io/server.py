@@ -20,7 +20,7 @@ import trio
 from kmux.errors import DaemonShutdown, HandshakeInvalid, KmuxError, TooManyClients, UnknownGroup
 from kmux.protocol import HANDSHAKE_MAX, Accepted, Notice, Refused, decode_hello, encode_answer
 
-from .config import Config
+from kmuxd.system.config import Config
 from .group import Group
 from .session import ClientSession, PeerCred
 

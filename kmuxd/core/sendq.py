@@ -125,7 +125,7 @@ class Outbox:
         #: the group's framing: finds message boundaries when cutting back
         self.length_at = length_at
         #: request/response modes: one record per message here, in order
-        #: (see kmuxd.requests); empty in balance mode
+        #: (see kmuxd.core.requests); empty in balance mode
         self.requests: deque[Any] = deque()
 
     @property

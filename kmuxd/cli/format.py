@@ -216,7 +216,7 @@ class RateTracker:
         self._prev, self._next = self._next, {}
 
 
-#: Connection states in which a slot holds a live TCP connection (as in kmuxd.states).
+#: Connection states in which a slot holds a live TCP connection (as in kmuxd.core.states).
 CONNECTED_STATES = ("ready", "busy", "draining")
 
 

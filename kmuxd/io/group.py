@@ -19,14 +19,14 @@ import trio
 from kmux.errors import BadFrame, BadPacket, ConnectionLost, DrainTimeout, RequestTimeout, UnknownConnection
 from kmux.protocol import DATA_PREFIX, KIND_DATA, Notice
 
-from .config import DaemonConfig, GroupConfig
+from kmuxd.system.config import DaemonConfig, GroupConfig
 from .conn import ConnSlot, ConnStatistics
-from .endpoints import EndpointPool
-from .latency import LatencyHistogram
-from .log import RateLimit
-from .requests import DONE, IdTable, Request, fifo_match
-from .sendq import Outbox, TxScheduler
-from .steering import BalanceSteering
+from kmuxd.core.endpoints import EndpointPool
+from kmuxd.core.latency import LatencyHistogram
+from kmuxd.system.log import RateLimit
+from kmuxd.core.requests import DONE, IdTable, Request, fifo_match
+from kmuxd.core.sendq import Outbox, TxScheduler
+from kmuxd.core.steering import BalanceSteering
 
 if TYPE_CHECKING:
     from .session import ClientSession, ClientStatistics
@@ -113,7 +113,7 @@ class Group:
         self._departed_refused = self._departed_requeued = self._departed_notices = 0
         #: Fed by request/response steering modes; empty in balance mode.
         self.latency = LatencyHistogram()
-        # -- request/response steering (kmuxd.requests) --
+        # -- request/response steering (kmuxd.core.requests) --
         self.request_mode = cfg.steering in ("id", "fifo")
         self.ids = (
             IdTable(cfg.id.request_offset, cfg.id.response_offset, cfg.id.size, cfg.id.rewrite)

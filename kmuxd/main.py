@@ -1,7 +1,7 @@
 """``kmuxd``: run the daemon in the foreground, or only check a configuration.
 
 ``kmuxd install-units`` and ``kmuxd uninstall-units`` put the systemd units
-in place and take them away (:mod:`kmuxd.install`, docs/systemd.md).
+in place and take them away (:mod:`kmuxd.system.install`, docs/systemd.md).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import sys
 
 from kmux.errors import ConfigInvalid
 
-from . import __version__
-from .config import load_config
-from .log import configure
+from kmuxd import __version__
+from kmuxd.system.config import load_config
+from kmuxd.system.log import configure
 
 DEFAULT_CONFIG = "/etc/kmuxd/kmuxd.toml"
 
@@ -25,7 +25,7 @@ UNIT_COMMANDS = ("install-units", "uninstall-units")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in UNIT_COMMANDS:
-        from .install import main as units_main
+        from kmuxd.system.install import main as units_main
 
         return units_main(argv[0], argv[1:])
     parser = argparse.ArgumentParser(
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kmuxd: {args.config}: ok ({len(config.groups)} group(s): {', '.join(config.groups)})")
         return 0
     configure(args.log_format or config.daemon.log_format, config.daemon.log_level)
-    from .daemon import run
+    from kmuxd.io.daemon import run
 
     try:
         run(config)

@@ -1,7 +1,7 @@
 """One TCP connection slot of a group: dial, write batches, read and steer.
 
-The slot is a thin trio shell around the sans-IO cores (:mod:`kmuxd.sendq`,
-:mod:`kmuxd.steering`, :class:`kmux.framing.FrameDecoder`). It never awaits
+The slot is a thin trio shell around the sans-IO cores (:mod:`kmuxd.core.sendq`,
+:mod:`kmuxd.core.steering`, :class:`kmux.framing.FrameDecoder`). It never awaits
 per message: the reader waits for readability once, then drains the socket
 with non-blocking ``recv_into`` into a buffer allocated once; writes are one
 non-blocking ``send`` of the whole outbox, tried first by whoever filled it
@@ -29,11 +29,11 @@ import trio
 from kmux.errors import ConnectFailed, ConnectionLost, DrainInProgress, DrainTimeout, KmuxError, RemoteAssemblyTimeout
 from kmux.framing import FrameDecoder
 
-from .config import Endpoint
-from .log import RateLimit
-from .requests import DONE, PENDING, WRITTEN
+from kmuxd.system.config import Endpoint
+from kmuxd.system.log import RateLimit
+from kmuxd.core.requests import DONE, PENDING, WRITTEN
 from .tcpinfo import TcpInfo, read_tcp_info
-from .states import CONN_TRANSITIONS, CONNECTED_STATES, ConnEvent, ConnState, StateMachine
+from kmuxd.core.states import CONN_TRANSITIONS, CONNECTED_STATES, ConnEvent, ConnState, StateMachine
 
 if TYPE_CHECKING:
     from .group import Group
@@ -144,7 +144,7 @@ class ConnSlot:
         """Keep this slot connected until retired or cancelled.
 
         The group's endpoint pool says which endpoint to dial, or how long to
-        wait (kmuxd.endpoints). Reports started after the first dial, whether
+        wait (kmuxd.core.endpoints). Reports started after the first dial, whether
         it connected or not.
         """
         pool = self.group.endpoints
@@ -365,7 +365,7 @@ class ConnSlot:
     # -- send side -----------------------------------------------------------
 
     def request_written(self, req) -> None:
-        """A request's bytes reached the kernel on this connection (see kmuxd.requests)."""
+        """A request's bytes reached the kernel on this connection (see kmuxd.core.requests)."""
         if req.state != PENDING:
             return  # answered while its batch was still being written (fifo)
         req.state = WRITTEN

@@ -1,8 +1,8 @@
-"""``python -m kmuxd.bench``: kmuxd's throughput next to apps writing TCP directly.
+"""``python -m kmuxd.tools.bench``: kmuxd's throughput next to apps writing TCP directly.
 
 Method
 ------
-One run starts a sink backend (:mod:`kmuxd._backend`, readiness + drain,
+One run starts a sink backend (:mod:`kmuxd.tools.backend`, readiness + drain,
 counting frames without copying), one kmuxd with a group of
 ``--connections`` TCP connections to that sink, and ``--clients`` sender
 processes that stay alive for the whole run. For each message size, and each
@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._backend import BackendProcess, stop_children
+from .backend import BackendProcess, stop_children
 from .demo import DaemonProcess, write_config
 
 __all__ = ["main"]
@@ -433,7 +433,7 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kmuxd.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kmuxd.tools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=_sizes, default=list(DEFAULT_SIZES),
                         help="message sizes, header included, comma-separated, 'k' = KiB (default 64,1k)")
     parser.add_argument("--clients", type=int, default=DEFAULT_CLIENTS, help="sender processes (default 8)")
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(config, "a") as f:
                 f.write(f'\n[groups.{ECHO_GROUP}]\nendpoints = ["127.0.0.1:{echo.port}"]\nconnections = 1\n'
                         'framing = "u32be"\n')
-        daemon = DaemonProcess(config, tmp / "kmuxd.log", cpu=daemon_cpu)
+        daemon = DaemonProcess(config, tmp / "kmuxd.system.log", cpu=daemon_cpu)
         ready = daemon.wait_ready()
         senders = Senders(args.clients, socket_path, sink.port)
         print(f"kmuxd ready ({ready.get('connections_up')} connections up); running "
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
               f"kmuxd wrote {sum(g['tx_msgs'] for g in finals):,} msgs; sink framing errors {report['errors']}")
         if args.json:
             Path(args.json).write_text(json.dumps({
-                "command": " ".join([Path(sys.executable).name, "-m", "kmuxd.bench", *(argv or sys.argv[1:])]),
+                "command": " ".join([Path(sys.executable).name, "-m", "kmuxd.tools.bench", *(argv or sys.argv[1:])]),
                 "machine": info, "placement": placement, "args": {k: v for k, v in vars(args).items()},
                 "summary": rows, "turns": turns, "latency": latency, "group_final": finals,
             }, indent=2) + "\n")

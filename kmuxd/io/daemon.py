@@ -31,14 +31,14 @@ import trio
 
 from kmux.errors import ConfigInvalid, KmuxError, ReloadRefused, UnknownGroup
 
-from . import __version__
-from .config import Config, GroupConfig, load_config
+from kmuxd import __version__
+from kmuxd.system.config import Config, GroupConfig, load_config
 from .control import ControlRequest, ControlServer, bind_control, to_wire
 from .group import Group
-from .log import get_logger
-from .sd import FD_NAME_APPS, FD_NAME_CONTROL, Notifier, activated_sockets, watchdog_interval
+from kmuxd.system.log import get_logger
+from kmuxd.system.sd import FD_NAME_APPS, FD_NAME_CONTROL, Notifier, activated_sockets, watchdog_interval
 from .server import Server, bind_seqpacket
-from .states import ConnState
+from kmuxd.core.states import ConnState
 
 __all__ = ["Daemon", "DaemonStatistics", "run"]
 

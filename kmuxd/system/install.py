@@ -72,7 +72,7 @@ class Rendered:
 
 def packaging_dir() -> Path:
     """``packaging/`` of the source tree this kmuxd runs from."""
-    here = Path(__file__).resolve().parent.parent / "packaging"
+    here = Path(__file__).resolve().parents[2] / "packaging"
     if not (here / "systemd" / "kmuxd.service").is_file():
         raise InstallError(
             f"the unit templates are not at {here}/systemd; run install-units from a source checkout "
@@ -103,7 +103,7 @@ def _code_paths(exe: str) -> list[str]:
     """What the service must read to start: the script, the interpreter's tree, the venv, the sources."""
     import kmux
 
-    from . import __file__ as kmuxd_init
+    from kmuxd import __file__ as kmuxd_init
 
     paths = [exe, os.path.realpath(exe), os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix),
              str(Path(kmuxd_init).resolve().parent), str(Path(kmux.__file__).resolve().parent)]
@@ -129,7 +129,7 @@ def render_units(kmuxd: str, config_dir: str, prefix: Path, *, code_paths: list[
     notes = notes if notes is not None else []
     src = packaging_dir()
     config = config_dir.rstrip("/") + "/" + CONFIG_NAME
-    docs = Path(__file__).resolve().parent.parent / "docs"
+    docs = Path(__file__).resolve().parents[2] / "docs"
     out = []
     for name in UNITS:
         text = (src / "systemd" / name).read_text()

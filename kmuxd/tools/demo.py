@@ -1,11 +1,11 @@
-"""``python -m kmuxd.demo``: kmuxd end to end, unprivileged, in about ten seconds.
+"""``python -m kmuxd.tools.demo``: kmuxd end to end, unprivileged, in about ten seconds.
 
 What it shows
 -------------
 Several separate app processes share one group of TCP connections. Each app
 sends whole messages of varied sizes with the real client library
 (:func:`kmux.connect`); kmuxd writes them onto the group's 4 connections to
-a bundled echo server (:mod:`kmuxd._backend`), and hands the echoes back.
+a bundled echo server (:mod:`kmuxd.tools.backend`), and hands the echoes back.
 With ``balance`` steering an echo goes to *any* ready receiver, not to the
 app that sent it (that is KCM's model: the group is the unit, not the app),
 so the summary shows each app receiving a mix of its own and others'
@@ -21,7 +21,7 @@ process, which then stops them in order (kmuxd first, so its queues drain
 into the backend; then the backend, which writes its report). Every wait has
 a timeout; every child is killed if it does not stop in time.
 
-The apps are ``python -m kmuxd.demo --app N``. They talk to this process
+The apps are ``python -m kmuxd.tools.demo --app N``. They talk to this process
 over stdin/stdout, one JSON line per step, so all of them start sending at
 once and stop receiving only when the echoes received by all of them add up
 to the messages sent by all of them.
@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._backend import BackendProcess, LineReader, stop_children
+from .backend import BackendProcess, LineReader, stop_children
 
 __all__ = ["DaemonProcess", "main"]
 
@@ -299,7 +299,7 @@ class App:
     def __init__(self, number: int, socket_path: str, messages: int) -> None:
         self.number = number
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kmuxd.demo", "--app", str(number), "--socket", socket_path,
+            [sys.executable, "-m", "kmuxd.tools.demo", "--app", str(number), "--socket", socket_path,
              "--messages", str(messages)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
         )
@@ -446,7 +446,7 @@ def coordinate(args: argparse.Namespace) -> int:
                                  stderr=open(run_dir / "backend.log", "wb"))
         config = run_dir / "kmuxd.toml"
         write_config(config, socket_path, GROUP, backend.port, CONNECTIONS)
-        daemon = DaemonProcess(config, run_dir / "kmuxd.log")
+        daemon = DaemonProcess(config, run_dir / "kmuxd.system.log")
         ready = daemon.wait_ready()
         print(f"kmuxd demo: {args.apps} apps x {args.messages} messages through group {GROUP!r} "
               f"({CONNECTIONS} TCP connections, balance steering, u32be framing)")
@@ -486,7 +486,7 @@ def coordinate(args: argparse.Namespace) -> int:
                 problems.append("kmuxd logged no group_final")
         if problems:
             print("MISMATCH:\n  " + "\n  ".join(problems))
-            print(f"logs: {run_dir / 'kmuxd.log'}, {run_dir / 'backend.log'}")
+            print(f"logs: {run_dir / 'kmuxd.system.log'}, {run_dir / 'backend.log'}")
             return 1
         print(f"OK: {_fmt_int(sent)} messages ({_fmt_int(sent_bytes)} bytes) sent by {len(apps)} apps, "
               f"written by kmuxd, echoed, and received intact; every count agrees. "
@@ -508,7 +508,7 @@ def coordinate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kmuxd.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kmuxd.tools.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="run", help="where the config, socket and logs go (default ./run)")
     parser.add_argument("--apps", type=int, default=DEFAULT_APPS, help=f"app processes (default {DEFAULT_APPS})")
     parser.add_argument("--messages", type=int, default=DEFAULT_MESSAGES,

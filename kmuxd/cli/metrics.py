@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Mapping
 
-from ._units import CONNECTED_STATES, records
+from .format import CONNECTED_STATES, records
 
 __all__ = ["metrics_registry", "metrics_text", "StatsCollector", "GROUP_METRICS", "CONN_METRICS",
            "TCP_METRICS", "CLIENT_METRICS", "DAEMON_METRICS"]
@@ -201,7 +201,7 @@ class StatsCollector:
         """
         from prometheus_client.core import GaugeMetricFamily
 
-        from .states import ConnState
+        from kmuxd.core.states import ConnState
 
         known = [s.value for s in ConnState]
         fam = GaugeMetricFamily(

@@ -1,6 +1,6 @@
 """A small, fast loopback TCP backend for the demo and the benchmark.
 
-    python -m kmuxd._backend --port 0 --framing u32be --mode echo|sink [--report FILE]
+    python -m kmuxd.tools.backend --port 0 --framing u32be --mode echo|sink [--report FILE]
 
 It stands in for "the group's service": it accepts TCP connections on
 127.0.0.1, cuts each byte stream into messages with the group's framing
@@ -365,7 +365,7 @@ class LineReader:
 
 
 class BackendProcess:
-    """``python -m kmuxd._backend`` as a child: start, mark, stop, report.
+    """``python -m kmuxd.tools.backend`` as a child: start, mark, stop, report.
 
     The child gets its own session (process group) so a Ctrl-C in the
     caller's terminal reaches only the caller, which then stops the child in
@@ -376,7 +376,7 @@ class BackendProcess:
                  max_message: int = DEFAULT_MAX_MESSAGE, cpu: int | None = None) -> None:
         self.report_path = Path(report)
         self.report_path.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "kmuxd._backend", "--port", "0", "--framing", framing, "--mode", mode,
+        cmd = [sys.executable, "-m", "kmuxd.tools.backend", "--port", "0", "--framing", framing, "--mode", mode,
                "--max-message", str(max_message), "--report", str(self.report_path), "--control"]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
@@ -452,7 +452,7 @@ def _say(line: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kmuxd._backend", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kmuxd.tools.backend", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any free port)")
     parser.add_argument("--framing", default="u32be", help="framing preset (u32be, u16be, varint, ...)")
     parser.add_argument("--mode", choices=("echo", "sink"), default="echo")

@@ -28,8 +28,8 @@ from kmux.errors import BadFrame, BadPacket, KmuxError, MessageTooBig, RemoteBad
 from kmux.framing import NEED_MORE
 from kmux.protocol import KIND_CONTROL, KIND_DATA, KIND_REQUEUE, Notice, decode_control, encode_notice
 
-from .log import RateLimit
-from .states import CLIENT_TRANSITIONS, ClientEvent, ClientState, StateMachine
+from kmuxd.system.log import RateLimit
+from kmuxd.core.states import CLIENT_TRANSITIONS, ClientEvent, ClientState, StateMachine
 
 if TYPE_CHECKING:
     from .group import Group

@@ -1,0 +1,1 @@
+"""System glue: configuration, systemd, logging, installation."""
