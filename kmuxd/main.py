@@ -41,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigInvalid as exc:
-        print(f"kmuxd: invalid configuration: {exc.message}", file=sys.stderr)
+        lines = exc.lines()
+        if len(lines) == 1:
+            print(f"kmuxd: invalid configuration: {lines[0]}", file=sys.stderr)
+        else:
+            print(f"kmuxd: invalid configuration, {len(lines)} problems:", file=sys.stderr)
+            for line in lines:
+                print(f"  {line}", file=sys.stderr)
         return 1
     if args.check:
         print(f"kmuxd: {args.config}: ok ({len(config.groups)} group(s): {', '.join(config.groups)})")

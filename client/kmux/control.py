@@ -92,6 +92,13 @@ class ControlClient:
         except KmuxError:
             self.close()
             raise
+        if "kmux" in answer and "op" not in answer:
+            # Only the apps' socket answers with a "kmux" version: a refused "hello".
+            self.close()
+            raise DaemonUnavailable(
+                f"{self.path} is kmuxd's app socket, not its control socket (see daemon.control_socket)",
+                path=self.path, errno="EPROTOTYPE",
+            )
         if answer.get("ok") is True:
             return answer
         code = answer.get("code")

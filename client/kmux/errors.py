@@ -9,6 +9,12 @@ The split follows h11: a :class:`LocalError` means a local party did
 something wrong (the app's message, the handshake, the configuration), a
 :class:`RemoteError` means the far side failed (the remote service sent bad
 framing, a connection died, the daemon went away).
+
+A bug is not a wire error. :class:`InternalError` (an illegal state
+transition, a broken invariant) is deliberately *not* a :class:`KmuxError`:
+no ``except KmuxError`` on the data path may turn a bug into a notice or a
+stream failure. The daemon logs it with a traceback and ends the one
+session or connection it happened in.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ __all__ = [
     "MessageTooBig",
     "BadFrame",
     "BadPacket",
+    "InternalError",
     "IllegalTransition",
     "ClientClosed",
     "BadRequest",
@@ -45,6 +52,13 @@ __all__ = [
     "ControlTimeout",
     "DaemonShutdown",
     "DaemonUnavailable",
+    "GroupUnavailable",
+    "PermissionDenied",
+    "TooManyClientsForUser",
+    "SlowConsumer",
+    "ResponseDropped",
+    "IdleTimeout",
+    "AncillaryRefused",
     "error_class",
     "error_from_code",
 ]
@@ -95,9 +109,28 @@ class ConfigInvalid(LocalError):
 
     code = "config_invalid"
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}" if path else reason, path=path)
+    def __init__(self, path: str, reason: str, problems: list[list[str]] | None = None) -> None:
+        if problems:
+            super().__init__(reason, path=path, problems=problems)
+        else:
+            super().__init__(f"{path}: {reason}" if path else reason, path=path)
         self.path = path
+        self.reason = reason
+        #: Every problem found, as ``[key path, reason]`` pairs (at least this one).
+        self.problems: list[list[str]] = problems or [[path, reason]]
+
+    @classmethod
+    def several(cls, errors: list["ConfigInvalid"]) -> "ConfigInvalid":
+        """One error that carries every problem of a file, in file order."""
+        if len(errors) == 1:
+            return errors[0]
+        problems = [p for e in errors for p in e.problems]
+        text = f"{len(problems)} problems: " + "; ".join(f"{p}: {r}" if p else r for p, r in problems)
+        return cls(problems[0][0], text, problems)
+
+    def lines(self) -> list[str]:
+        """One line per problem, ``key.path: reason``."""
+        return [f"{p}: {r}" if p else r for p, r in self.problems]
         self.reason = reason
 
 
@@ -135,10 +168,46 @@ class BadPacket(LocalError):
     code = "bad_packet"
 
 
-class IllegalTransition(LocalError):
-    """A state machine was asked for a transition its table does not have."""
 
-    code = "illegal_transition"
+
+class PermissionDenied(LocalError):
+    """The group's access policy (``allow_users``/``allow_groups``) does not admit this
+    peer, or a control request needs privileges the caller lacks."""
+
+    code = "permission_denied"
+
+
+class TooManyClientsForUser(TooManyClients):
+    """This uid already has ``max_clients_per_uid`` clients attached."""
+
+    code = "too_many_clients_for_user"
+
+
+class SlowConsumer(LocalError):
+    """The client let more than ``client_rx_limit`` bytes of responses wait
+    unread (``rx_overflow = "disconnect"``); it is detached."""
+
+    code = "slow_consumer"
+
+
+class ResponseDropped(LocalError):
+    """A response for this client was dropped: its queue was past
+    ``client_rx_limit`` (``rx_overflow = "drop"``). ``seq`` names the request."""
+
+    code = "response_dropped"
+
+
+class IdleTimeout(LocalError):
+    """The client sent and received nothing for ``client_idle_timeout``; it is detached."""
+
+    code = "idle_timeout"
+
+
+class AncillaryRefused(LocalError):
+    """A packet carried ancillary data (file descriptors, credentials); kmuxd
+    refuses it unread and closes any descriptor at once."""
+
+    code = "ancillary_refused"
 
 
 class IdInUse(LocalError):
@@ -232,10 +301,29 @@ class DaemonShutdown(RemoteError):
     code = "daemon_shutdown"
 
 
+class GroupUnavailable(RemoteError):
+    """The group has no connection up: a message waited ``queue_timeout`` for
+    one and was not written (``seq`` names it), or ``connect(require_up=True)``
+    found none."""
+
+    code = "group_unavailable"
+
+
 class DaemonUnavailable(RemoteError):
     """The daemon's socket could not be reached (not running, or no permission)."""
 
     code = "daemon_unavailable"
+
+
+# -- bugs (not wire errors) -----------------------------------------------
+
+
+class InternalError(Exception):
+    """A bug: a broken invariant of kmux or kmuxd. Not a :class:`KmuxError`, on purpose."""
+
+
+class IllegalTransition(InternalError):
+    """A state machine got an input its table does not allow."""
 
 
 def _all_subclasses(cls: type[KmuxError]) -> list[type[KmuxError]]:

@@ -15,7 +15,18 @@ Theory of operation (the bytes are specified in ``docs/protocol.md``)
    0x01    client->daemon   CONTROL: a msgpack map, e.g. ``{"op": "receive", "on": false}``
    0x01    daemon->client   NOTICE: a msgpack map, an error for one message or an event
    0x02    client->daemon   REQUEUE: a message the daemon delivered that the client hands back
+   0x80    both             DATA_MORE: a piece of a DATA message that goes on in the next packet
+   0x82    client->daemon   REQUEUE_MORE: likewise for REQUEUE
    ======  ===============  =====================================================
+
+4. **Continuation** (KCM's SEQPACKET messages span ``sendmsg`` calls until
+   ``MSG_EOR``): the high bit of the kind byte, :data:`KIND_MORE`, says
+   "this message goes on in the next packet". A message too large for one
+   packet (the sender's ``SO_SNDBUF`` bounds a packet: 212992 bytes on a
+   stock kernel, doubled) travels as pieces of the same kind with the bit
+   set, then a last piece without it. The pieces of one message are
+   consecutive packets: nothing else from that sender comes between them.
+   A message that fits in one packet is one packet, as before.
 
 The data path never touches msgpack: a DATA packet costs one byte of
 header, which also makes a zero-length read unambiguous (it is EOF, never an
@@ -40,7 +51,12 @@ __all__ = [
     "KIND_CONTROL",
     "KIND_NOTICE",
     "KIND_REQUEUE",
+    "KIND_MORE",
+    "KIND_DATA_MORE",
+    "KIND_REQUEUE_MORE",
     "DATA_PREFIX",
+    "DATA_MORE_PREFIX",
+    "REQUEUE_MORE_PREFIX",
     "Hello",
     "Accepted",
     "Refused",
@@ -66,7 +82,13 @@ KIND_DATA = 0x00
 KIND_CONTROL = 0x01
 KIND_NOTICE = 0x01
 KIND_REQUEUE = 0x02
+#: The continuation bit: set on every piece of a message but the last.
+KIND_MORE = 0x80
+KIND_DATA_MORE = KIND_DATA | KIND_MORE
+KIND_REQUEUE_MORE = KIND_REQUEUE | KIND_MORE
 DATA_PREFIX = b"\x00"
+DATA_MORE_PREFIX = b"\x80"
+REQUEUE_MORE_PREFIX = b"\x82"
 CONTROL_PREFIX = b"\x01"
 NOTICE_PREFIX = b"\x01"
 REQUEUE_PREFIX = b"\x02"
@@ -111,12 +133,29 @@ def encode_hello(hello: Hello) -> bytes:
     return msgpack.packb(body)
 
 
+#: First bytes of a msgpack map (fixmap, map16, map32).
+_MAP_FIRST_BYTES = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+_KIND_NAMES = {KIND_DATA: "DATA", KIND_CONTROL: "CONTROL", KIND_REQUEUE: "REQUEUE",
+               KIND_DATA_MORE: "DATA_MORE", KIND_REQUEUE_MORE: "REQUEUE_MORE"}
+
+
 def decode_hello(packet: bytes) -> Hello:
     """Parse and validate a hello. Raises HandshakeInvalid or VersionUnsupported."""
     if len(packet) > HANDSHAKE_MAX:
         raise HandshakeInvalid(f"hello is {len(packet)} bytes, the limit is {HANDSHAKE_MAX}")
+    if packet and packet[0] not in _MAP_FIRST_BYTES:
+        kind = _KIND_NAMES.get(packet[0])
+        what = f"a {kind} packet (kind byte 0x{packet[0]:02x})" if kind else f"a packet starting with 0x{packet[0]:02x}"
+        raise HandshakeInvalid(
+            f"the first packet must be the hello, a msgpack map naming the group; this is {what} "
+            "(see docs/protocol.md, 'Handshake')"
+        )
     data = _unpack_map(packet, "hello", HandshakeInvalid)
     version = data.get("kmux")
+    if "op" in data and version is None:
+        raise HandshakeInvalid(
+            "this is kmuxd's app socket, not its control socket (kmux-cli --control, or daemon.control_socket)"
+        )
     if not isinstance(version, int) or isinstance(version, bool):
         raise HandshakeInvalid("hello needs an integer 'kmux' protocol version")
     if version != PROTOCOL_VERSION:
@@ -139,6 +178,9 @@ class Accepted:
     framing: Framing
     steering: str
     version: int = PROTOCOL_VERSION
+    #: Whether the group had a TCP connection up when it accepted us
+    #: (``connect(require_up=True)`` refuses to attach otherwise).
+    up: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +207,7 @@ def encode_answer(answer: Accepted | Refused) -> bytes:
                 "max_message": answer.max_message,
                 "framing": answer.framing.to_wire(),
                 "steering": answer.steering,
+                "up": answer.up,
             }
         )
     return msgpack.packb({"kmux": answer.version, "ok": False, "code": answer.code, "error": answer.message})
@@ -181,6 +224,7 @@ def decode_answer(packet: bytes) -> Accepted | Refused:
                 framing=Framing.from_wire(data["framing"]),
                 steering=str(data["steering"]),
                 version=int(data["kmux"]),
+                up=bool(data.get("up", True)),
             )
         return Refused(code=str(data["code"]), message=str(data.get("error", "")), version=int(data["kmux"]))
     except (KeyError, TypeError, ValueError) as e:

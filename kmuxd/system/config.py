@@ -1,7 +1,9 @@
 """Configuration: TOML in, frozen and validated dataclasses out.
 
 Every check happens at load, before anything starts, and a failure names the
-exact key path (``groups.echo.connections``) and the reason. Every limit and
+exact key path (``groups.echo.connections``) and the reason. Every problem
+of a file is reported at once (:meth:`ConfigInvalid.several`), not only the
+first, so an operator fixes a file in one pass. Every limit and
 timeout the daemon uses is a named setting here, with its default and unit in
 ``docs/config.md``. Unknown keys are errors: a typo must never silently fall
 back to a default.
@@ -20,11 +22,16 @@ from typing import Any
 from kmux.errors import ConfigInvalid
 from kmux.framing import Framing
 
+from kmuxd.core.access import OPEN, AccessPolicy, Principal
+
 __all__ = ["Config", "DaemonConfig", "GroupConfig", "IdConfig", "Endpoint", "load_config", "parse_config", "STEERING_MODES"]
 
 CONFIG_VERSION = 1
 STEERING_MODES = ("balance", "id", "fifo")
 UNMATCHED_POLICIES = ("drop", "balance")
+RX_OVERFLOW_POLICIES = ("disconnect", "drop")
+#: client_rx_limit when not set: this, or twice max_message if that is larger.
+CLIENT_RX_LIMIT_DEFAULT = 4 * 1024 * 1024
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LOG_FORMATS = ("auto", "console", "json", "journal")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -82,6 +89,9 @@ class DaemonConfig:
     control_group: str = ""
     #: Most clients attached at once; more are refused with too_many_clients.
     max_clients: int = 1024
+    #: Most clients one uid may have attached at once (too_many_clients_for_user),
+    #: so that one user cannot take every slot. 0: only max_clients applies.
+    max_clients_per_uid: int = 512
     #: Seconds a new client may take to send its hello.
     handshake_timeout: float = 5.0
     #: Seconds a stopping daemon spends flushing queued messages.
@@ -127,6 +137,42 @@ class GroupConfig:
     request_timeout: float = 0.0
     #: Connections the group needs to be healthy (fewer: degraded).
     min_connections: int = 1
+    # -- outages and recycling ------------------------------------------------
+    #: Seconds a message may wait for a connection before it is refused with
+    #: group_unavailable (never written later). 0: wait for ever.
+    queue_timeout: float = 5.0
+    #: Recycle a connection (make-before-break) after this many requests
+    #: written on it / this many seconds. 0: never.
+    max_requests_per_connection: int = 0
+    max_connection_age: float = 0.0
+    #: id/fifo: times a written, unanswered request is written again on
+    #: another connection when its connection dies or is recycled, before its
+    #: client gets connection_lost. Only for idempotent requests.
+    retry_unanswered: int = 0
+    #: id/fifo: request timeouts in a row on one endpoint that eject it. 0: never.
+    eject_after_timeouts: int = 5
+    #: Most dials per second to one endpoint, whatever the slot count.
+    max_dials_per_second: float = 10.0
+    #: TCP keepalive on each connection: idle seconds before the first probe
+    #: (0: keepalive off), seconds between probes, probes before the kernel
+    #: gives up. tcp_user_timeout: seconds unacknowledged data may wait
+    #: before the kernel drops the connection (0: the kernel's default).
+    keepalive_idle: int = 60
+    keepalive_interval: int = 10
+    keepalive_count: int = 3
+    tcp_user_timeout: float = 0.0
+    # -- clients ----------------------------------------------------------------
+    #: Who may attach (allow_users / allow_groups); open when neither is set.
+    access: AccessPolicy = OPEN
+    #: Bytes of responses that may wait for one client that is not reading
+    #: (id/fifo: its own queue, so the connection's other responses flow).
+    client_rx_limit: int = CLIENT_RX_LIMIT_DEFAULT
+    #: What happens when that queue is full: detach the client as a slow
+    #: consumer, or drop the response with a notice naming its seq.
+    rx_overflow: str = "disconnect"
+    #: Seconds a client may send and receive nothing before it is detached
+    #: (idle_timeout notice). 0: never.
+    client_idle_timeout: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,23 +213,32 @@ def _table(v: Any, path: str) -> dict[str, Any]:
     return v
 
 
-def _no_unknown(table: dict[str, Any], path: str, allowed: set[str]) -> None:
+class _Problems:
+    """Collects every ConfigInvalid of a file instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigInvalid] = []
+
+    def check(self, fn: Any, *args: Any, default: Any = None) -> Any:
+        """``fn(*args)``, or ``default`` after recording the ConfigInvalid it raised."""
+        try:
+            return fn(*args)
+        except ConfigInvalid as exc:
+            self.errors.append(exc)
+            return default
+
+    def add(self, path: str, reason: str) -> None:
+        self.errors.append(ConfigInvalid(path, reason))
+
+    def raise_any(self) -> None:
+        if self.errors:
+            raise ConfigInvalid.several(self.errors)
+
+
+def _no_unknown(table: dict[str, Any], path: str, allowed: set[str], problems: _Problems) -> None:
     for key in table:
         if key not in allowed:
-            raise ConfigInvalid(f"{path}.{key}" if path else key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-
-
-def seqpacket_message_limit() -> int | None:
-    """Largest packet an unprivileged client can send, from net.core.wmem_max.
-
-    The kernel doubles SO_SNDBUF (capped at wmem_max) and refuses a packet
-    over sk_sndbuf - 32; we keep 4 KiB of headroom for skb overhead.
-    """
-    try:
-        wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
-    except (OSError, ValueError):
-        return None
-    return 2 * wmem_max - 4096
+            problems.add(f"{path}.{key}" if path else key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
 def _socket_path(v: Any, path: str) -> str:
@@ -194,45 +249,79 @@ def _socket_path(v: Any, path: str) -> str:
     return v
 
 
-def _parse_daemon(raw: dict[str, Any]) -> DaemonConfig:
-    p = "daemon"
-    _no_unknown(raw, p, set(DaemonConfig.__dataclass_fields__))
-    kw: dict[str, Any] = {}
-    if "socket" in raw:
-        kw["socket"] = _socket_path(raw["socket"], f"{p}.socket")
-    if "control_socket" in raw:
-        kw["control_socket"] = _socket_path(raw["control_socket"], f"{p}.control_socket")
-    if "control_group" in raw:
-        group = raw["control_group"]
-        if not isinstance(group, str):
-            raise ConfigInvalid(f"{p}.control_group", f"must be a group name, not {group!r}")
-        if group:
-            import grp
+def _unix_group(v: Any, path: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigInvalid(path, f"must be a group name, not {v!r}")
+    if v:
+        import grp
 
-            try:
-                grp.getgrnam(group)
-            except KeyError:
-                raise ConfigInvalid(f"{p}.control_group", f"no such group {group!r} on this system") from None
-        kw["control_group"] = group
-    if "socket_mode" in raw:
-        mode = raw["socket_mode"]
-        if isinstance(mode, str) and re.fullmatch(r"0?[0-7]{3}", mode):
-            kw["socket_mode"] = int(mode, 8)
-        else:
-            raise ConfigInvalid(f"{p}.socket_mode", f"must be an octal string like \"0660\", not {mode!r}")
-    if "max_clients" in raw:
-        kw["max_clients"] = _int(raw["max_clients"], f"{p}.max_clients", 1, 1_000_000)
-    if "handshake_timeout" in raw:
-        kw["handshake_timeout"] = _float(raw["handshake_timeout"], f"{p}.handshake_timeout", 0.01, 3600)
-    if "shutdown_grace" in raw:
-        kw["shutdown_grace"] = _float(raw["shutdown_grace"], f"{p}.shutdown_grace", 0, 3600)
-    if "client_notice_limit" in raw:
-        kw["client_notice_limit"] = _int(raw["client_notice_limit"], f"{p}.client_notice_limit", 1, 1_000_000)
-    if "log_format" in raw:
-        kw["log_format"] = _choice(raw["log_format"], f"{p}.log_format", _LOG_FORMATS)
-    if "log_level" in raw:
-        kw["log_level"] = _choice(raw["log_level"], f"{p}.log_level", _LOG_LEVELS)
+        try:
+            grp.getgrnam(v)
+        except KeyError:
+            raise ConfigInvalid(path, f"no such group {v!r} on this system") from None
+    return v
+
+
+def _mode(v: Any, path: str) -> int:
+    if isinstance(v, str) and re.fullmatch(r"0?[0-7]{3}", v):
+        return int(v, 8)
+    raise ConfigInvalid(path, f"must be an octal string like \"0660\", not {v!r}")
+
+
+_DAEMON_SETTINGS: dict[str, Any] = {
+    "socket": _socket_path,
+    "control_socket": _socket_path,
+    "control_group": _unix_group,
+    "socket_mode": _mode,
+    "max_clients": lambda v, p: _int(v, p, 1, 1_000_000),
+    "max_clients_per_uid": lambda v, p: _int(v, p, 0, 1_000_000),
+    "handshake_timeout": lambda v, p: _float(v, p, 0.01, 3600),
+    "shutdown_grace": lambda v, p: _float(v, p, 0, 3600),
+    "client_notice_limit": lambda v, p: _int(v, p, 1, 1_000_000),
+    "log_format": lambda v, p: _choice(v, p, _LOG_FORMATS),
+    "log_level": lambda v, p: _choice(v, p, _LOG_LEVELS),
+}
+
+
+def _parse_daemon(raw: dict[str, Any], problems: _Problems) -> DaemonConfig:
+    p = "daemon"
+    _no_unknown(raw, p, set(DaemonConfig.__dataclass_fields__), problems)
+    kw: dict[str, Any] = {}
+    for key, parse in _DAEMON_SETTINGS.items():
+        if key in raw:
+            value = problems.check(parse, raw[key], f"{p}.{key}", default=_MISSING)
+            if value is not _MISSING:
+                kw[key] = value
     return DaemonConfig(**kw)
+
+
+_MISSING = object()
+
+
+def _principals(v: Any, path: str, kind: str) -> tuple[Principal, ...]:
+    """Resolve ``allow_users``/``allow_groups``: names or numeric ids, each must exist."""
+    import grp
+    import pwd
+
+    if not isinstance(v, list):
+        raise ConfigInvalid(path, f"must be a list of {kind} names or numeric ids, not {v!r}")
+    out: list[Principal] = []
+    for i, item in enumerate(v):
+        where = f"{path}[{i}]"
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise ConfigInvalid(where, f"must be a {kind} name or a numeric id, not {item!r}")
+        if isinstance(item, int) or item.isdigit():
+            ident = int(item)
+            if not 0 <= ident < 2**32 - 1:
+                raise ConfigInvalid(where, f"{ident} is not a valid {kind} id")
+            out.append(Principal(ident, str(item)))
+            continue
+        try:
+            ident = pwd.getpwnam(item).pw_uid if kind == "user" else grp.getgrnam(item).gr_gid
+        except KeyError:
+            raise ConfigInvalid(where, f"no such {kind} {item!r} on this system") from None
+        out.append(Principal(ident, item))
+    return tuple(out)
 
 
 _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
@@ -248,94 +337,131 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
     "rx_batch": (int, 1, 65536),
     "request_timeout": (float, 0.0, 3600.0),
     "min_connections": (int, 0, 1024),
+    "queue_timeout": (float, 0.0, 3600.0),
+    "max_requests_per_connection": (int, 0, 2**31),
+    "max_connection_age": (float, 0.0, 30 * 86400.0),
+    "retry_unanswered": (int, 0, 10),
+    "eject_after_timeouts": (int, 0, 100000),
+    "max_dials_per_second": (float, 0.01, 10000.0),
+    "keepalive_idle": (int, 0, 32767),
+    "keepalive_interval": (int, 1, 32767),
+    "keepalive_count": (int, 1, 127),
+    "tcp_user_timeout": (float, 0.0, 3600.0),
+    "client_rx_limit": (int, 4096, 1 << 40),
+    "client_idle_timeout": (float, 0.0, 30 * 86400.0),
 }
+#: Keys of a group table that are not GroupConfig fields of the same name.
+_GROUP_KEYS = (set(GroupConfig.__dataclass_fields__) - {"name", "access"}) | {"allow_users", "allow_groups"}
+#: Settings that only make sense with request/response steering.
+_REQUEST_ONLY = ("retry_unanswered", "request_timeout")
 
 
-def _parse_group(name: str, raw: Any) -> GroupConfig:
+def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None:
     p = f"groups.{name}"
     if not _GROUP_NAME.match(name):
-        raise ConfigInvalid(p, "group names are 1-64 characters of A-Z a-z 0-9 _ . - (not starting with _ . -)")
-    raw = _table(raw, p)
-    _no_unknown(raw, p, set(GroupConfig.__dataclass_fields__) - {"name"})
-    if "endpoints" not in raw:
-        raise ConfigInvalid(f"{p}.endpoints", "is required: a list of 'host:port'")
-    eps = raw["endpoints"]
-    if not isinstance(eps, list) or not eps:
-        raise ConfigInvalid(f"{p}.endpoints", "must be a non-empty list of 'host:port'")
-    kw: dict[str, Any] = {
-        "name": name,
-        "endpoints": tuple(Endpoint.parse(e, f"{p}.endpoints[{i}]") for i, e in enumerate(eps)),
-    }
+        problems.add(p, "group names are 1-64 characters of A-Z a-z 0-9 _ . - (not starting with _ . -)")
+        return None
+    raw = problems.check(_table, raw, p)
+    if raw is None:
+        return None
+    before = len(problems.errors)
+    _no_unknown(raw, p, _GROUP_KEYS, problems)
+    kw: dict[str, Any] = {"name": name}
+    eps = raw.get("endpoints")
+    if eps is None:
+        problems.add(f"{p}.endpoints", "is required: a list of 'host:port'")
+    elif not isinstance(eps, list) or not eps:
+        problems.add(f"{p}.endpoints", "must be a non-empty list of 'host:port'")
+    else:
+        kw["endpoints"] = tuple(problems.check(Endpoint.parse, e, f"{p}.endpoints[{i}]") for i, e in enumerate(eps))
     for key, (kind, lo, hi) in _GROUP_NUMBERS.items():
         if key in raw:
-            kw[key] = (_int if kind is int else _float)(raw[key], f"{p}.{key}", lo, hi)
+            value = problems.check(_int if kind is int else _float, raw[key], f"{p}.{key}", lo, hi, default=_MISSING)
+            if value is not _MISSING:
+                kw[key] = value
+    choices = {"steering": STEERING_MODES, "unmatched": UNMATCHED_POLICIES, "rx_overflow": RX_OVERFLOW_POLICIES}
+    for key, allowed in choices.items():
+        if key in raw:
+            value = problems.check(_choice, raw[key], f"{p}.{key}", allowed, default=_MISSING)
+            if value is not _MISSING:
+                kw[key] = value
     if "framing" in raw:
-        kw["framing"] = Framing.from_spec(raw["framing"], f"{p}.framing")
-    if "steering" in raw:
-        kw["steering"] = _choice(raw["steering"], f"{p}.steering", STEERING_MODES)
-    if "unmatched" in raw:
-        kw["unmatched"] = _choice(raw["unmatched"], f"{p}.unmatched", UNMATCHED_POLICIES)
+        value = problems.check(Framing.from_spec, raw["framing"], f"{p}.framing", default=_MISSING)
+        if value is not _MISSING:
+            kw["framing"] = value
     if "id" in raw:
-        kw["id"] = _parse_id(raw["id"], f"{p}.id")
-    if kw.get("steering") == "id" and "id" not in kw:
-        raise ConfigInvalid(f"{p}.id", 'steering = "id" needs an [id] table (request_offset, response_offset, size)')
-    if "id" in kw and kw.get("steering") != "id":
-        raise ConfigInvalid(f"{p}.id", 'only used with steering = "id"')
+        value = problems.check(_parse_id, raw["id"], f"{p}.id", default=_MISSING)
+        if value is not _MISSING:
+            kw["id"] = value
+    users = problems.check(_principals, raw["allow_users"], f"{p}.allow_users", "user") if "allow_users" in raw else None
+    groups = problems.check(_principals, raw["allow_groups"], f"{p}.allow_groups", "group") if "allow_groups" in raw else None
+    kw["access"] = AccessPolicy(users, groups)
+    steering = kw.get("steering", raw.get("steering", "balance"))
+    if steering == "id" and "id" not in raw:
+        problems.add(f"{p}.id", 'steering = "id" needs an [id] table (request_offset, response_offset, size)')
+    if "id" in raw and steering != "id":
+        problems.add(f"{p}.id", 'only used with steering = "id"')
+    if steering == "balance":
+        for key in _REQUEST_ONLY:
+            if raw.get(key):
+                problems.add(f"{p}.{key}", 'only used with steering = "id" or "fifo"')
+    if len(problems.errors) > before:
+        return None
+    if "client_rx_limit" not in kw:
+        kw["client_rx_limit"] = max(CLIENT_RX_LIMIT_DEFAULT, 2 * kw.get("max_message", _default("max_message")))
     group = GroupConfig(**kw)
     if group.min_connections > group.connections:
-        raise ConfigInvalid(f"{p}.min_connections", f"must not exceed connections ({group.connections})")
+        problems.add(f"{p}.min_connections", f"must not exceed connections ({group.connections})")
     if group.reconnect_initial > group.reconnect_max:
-        raise ConfigInvalid(f"{p}.reconnect_initial", f"must not exceed reconnect_max ({group.reconnect_max})")
-    limit = seqpacket_message_limit()
-    if limit is not None and group.max_message + 1 > limit:
-        raise ConfigInvalid(
-            f"{p}.max_message",
-            f"{group.max_message} bytes cannot travel in one SEQPACKET packet here: net.core.wmem_max "
-            f"allows at most {limit - 1} (raise net.core.wmem_max or lower max_message)",
-        )
+        problems.add(f"{p}.reconnect_initial", f"must not exceed reconnect_max ({group.reconnect_max})")
     if group.framing.min_header > group.max_message:
-        raise ConfigInvalid(f"{p}.framing", f"its header ({group.framing.min_header} bytes) exceeds max_message")
+        problems.add(f"{p}.framing", f"its header ({group.framing.min_header} bytes) exceeds max_message")
+    if group.client_rx_limit < group.max_message:
+        problems.add(f"{p}.client_rx_limit", f"must be at least max_message ({group.max_message}): one response must fit")
     return group
 
 
 def _parse_id(raw: Any, p: str) -> IdConfig:
     raw = _table(raw, p)
-    _no_unknown(raw, p, set(IdConfig.__dataclass_fields__))
+    problems = _Problems()
+    _no_unknown(raw, p, set(IdConfig.__dataclass_fields__), problems)
     for key in ("request_offset", "response_offset"):
         if key not in raw:
-            raise ConfigInvalid(f"{p}.{key}", "is required")
+            problems.add(f"{p}.{key}", "is required")
     size = raw.get("size", 4)
     if size not in (1, 2, 4, 8) or isinstance(size, bool):
-        raise ConfigInvalid(f"{p}.size", f"must be 1, 2, 4 or 8, not {size!r}")
+        problems.add(f"{p}.size", f"must be 1, 2, 4 or 8, not {size!r}")
     rewrite = raw.get("rewrite", True)
     if not isinstance(rewrite, bool):
-        raise ConfigInvalid(f"{p}.rewrite", f"must be true or false, not {rewrite!r}")
-    return IdConfig(
-        request_offset=_int(raw["request_offset"], f"{p}.request_offset", 0, 65535),
-        response_offset=_int(raw["response_offset"], f"{p}.response_offset", 0, 65535),
-        size=size,
-        rewrite=rewrite,
-    )
+        problems.add(f"{p}.rewrite", f"must be true or false, not {rewrite!r}")
+    offsets = {
+        key: problems.check(_int, raw[key], f"{p}.{key}", 0, 65535)
+        for key in ("request_offset", "response_offset") if key in raw
+    }
+    problems.raise_any()
+    return IdConfig(size=size, rewrite=rewrite, **offsets)
 
 
 def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:
-    """Validate a parsed TOML document. Raises ConfigInvalid naming the key path."""
-    _no_unknown(raw, "", {"version", "daemon", "groups"})
+    """Validate a parsed TOML document. Raises ConfigInvalid naming every problem's key path."""
+    problems = _Problems()
+    _no_unknown(raw, "", {"version", "daemon", "groups"}, problems)
     if "version" not in raw:
-        raise ConfigInvalid("version", f"is required (this kmuxd reads version {CONFIG_VERSION})")
-    if raw["version"] != CONFIG_VERSION:
-        raise ConfigInvalid("version", f"must be {CONFIG_VERSION}, not {raw['version']!r}")
-    daemon_raw = _table(raw.get("daemon", {}), "daemon")
-    daemon = _parse_daemon(daemon_raw)
+        problems.add("version", f"is required (this kmuxd reads version {CONFIG_VERSION})")
+    elif raw["version"] != CONFIG_VERSION:
+        problems.add("version", f"must be {CONFIG_VERSION}, not {raw['version']!r}")
+    daemon_raw = problems.check(_table, raw.get("daemon", {}), "daemon", default={})
+    daemon = _parse_daemon(daemon_raw, problems)
     if "control_socket" not in daemon_raw:
         daemon = dataclasses.replace(daemon, control_socket=str(Path(daemon.socket).parent / "control.sock"))
     if daemon.control_socket == daemon.socket:
-        raise ConfigInvalid("daemon.control_socket", "must differ from daemon.socket")
-    groups_raw = _table(raw.get("groups", {}), "groups")
-    if not groups_raw:
-        raise ConfigInvalid("groups", "at least one group is required")
-    groups = {name: _parse_group(name, g) for name, g in groups_raw.items()}
-    return Config(daemon=daemon, groups=groups, source=source)
+        problems.add("daemon.control_socket", "must differ from daemon.socket")
+    groups_raw = problems.check(_table, raw.get("groups", {}), "groups", default={})
+    if not groups_raw and not problems.errors:
+        problems.add("groups", "at least one group is required")
+    groups = {name: _parse_group(name, g, problems) for name, g in groups_raw.items()}
+    problems.raise_any()
+    return Config(daemon=daemon, groups=groups, source=source)  # type: ignore[arg-type]
 
 
 def load_config(path: str | Path) -> Config:
@@ -352,3 +478,7 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigInvalid("", f"{path} is not valid TOML: {e}") from None
     return parse_config(raw, source=str(path.absolute()))
+
+
+def _default(field_name: str) -> Any:
+    return GroupConfig.__dataclass_fields__[field_name].default

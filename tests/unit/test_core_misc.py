@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kmux.errors import ConfigInvalid, IllegalTransition
+from kmux.errors import ConfigInvalid, IllegalTransition, KmuxError
 from kmuxd.core.backoff import Backoff
 from kmuxd.system.config import parse_config
 from kmuxd.core.states import (
@@ -104,7 +104,7 @@ def test_illegal_connection_transitions_raise(state, event):
     sm = StateMachine(CONN_TRANSITIONS, state, "conn 3")
     with pytest.raises(IllegalTransition) as e:
         sm.fire(event)
-    assert e.value.code == "illegal_transition"
+    assert not isinstance(e.value, KmuxError)  # a bug, never a wire error
     assert "conn 3" in str(e.value)
     assert sm.state is state
 
@@ -206,3 +206,35 @@ def test_bad_group_name_and_missing_groups():
     with pytest.raises(ConfigInvalid) as e:
         parse_config({"version": 1, "groups": {"g": {}}})
     assert e.value.path == "groups.g.endpoints"
+
+
+def test_every_problem_of_a_file_is_reported_at_once():
+    raw = with_("groups.echo.connections", 0)
+    raw["groups"]["echo"]["steering"] = "random"
+    raw["daemon"] = {"max_clients": -1}
+    raw["groups"]["other"] = {"endpoints": ["nohost"], "allow_users": ["no-such-user-kmx"]}
+    with pytest.raises(ConfigInvalid) as e:
+        parse_config(raw)
+    paths = [p for p, _ in e.value.problems]
+    assert paths == [
+        "daemon.max_clients",
+        "groups.echo.connections",
+        "groups.echo.steering",
+        "groups.other.endpoints[0]",
+        "groups.other.allow_users[0]",
+    ]
+    assert e.value.message.startswith("5 problems: daemon.max_clients: ")
+    assert len(e.value.lines()) == 5
+
+
+def test_access_lists_resolve_names_and_ids():
+    import grp
+    import pwd
+
+    root_group = grp.getgrgid(0).gr_name
+    raw = with_("groups.echo.allow_users", ["root", 1234, "65534"])
+    raw["groups"]["echo"]["allow_groups"] = [root_group]
+    g = parse_config(raw).groups["echo"]
+    assert [(p.id, p.label) for p in g.access.users] == [(0, pwd.getpwuid(0).pw_name), (1234, "1234"), (65534, "65534")]
+    assert g.access.admits(1234, 999) and g.access.admits(5000, 5000, [0]) and not g.access.admits(5000, 5000, [7])
+    assert parse_config(GOOD).groups["echo"].access.open

@@ -63,10 +63,12 @@ def _packed(**body):
 @pytest.mark.parametrize(
     ("packet", "exc", "text"),
     [
-        (b"\xc1", HandshakeInvalid, "not valid msgpack"),
+        (b"\xc1", HandshakeInvalid, "the first packet must be the hello"),
+        (b"\x00\x00\x00\x00\x04ping", HandshakeInvalid, r"this is a DATA packet \(kind byte 0x00\)"),
+        (msgpack.packb({"op": "stats"}), HandshakeInvalid, "app socket, not its control socket"),
         (b"", HandshakeInvalid, "not valid msgpack"),
-        (msgpack.packb([1, "echo"]), HandshakeInvalid, "must be a msgpack map, not list"),
-        (msgpack.packb("echo"), HandshakeInvalid, "must be a msgpack map, not str"),
+        (msgpack.packb([1, "echo"]), HandshakeInvalid, "the first packet must be the hello"),
+        (msgpack.packb("echo"), HandshakeInvalid, "the first packet must be the hello"),
         (_packed(group="echo"), HandshakeInvalid, "integer 'kmux'"),
         (_packed(kmux=True, group="echo"), HandshakeInvalid, "integer 'kmux'"),
         (_packed(kmux="1", group="echo"), HandshakeInvalid, "integer 'kmux'"),
@@ -127,6 +129,7 @@ def test_accepted_map_matches_the_docs():
         "client_id": 7,
         "max_message": 1048576,
         "steering": "balance",
+        "up": True,
         "framing": {
             "name": "u32be",
             "kind": "fixed",

@@ -1,0 +1,76 @@
+"""How large one SEQPACKET packet may be, and the socket buffers that decide it.
+
+Theory of operation
+-------------------
+On Linux a ``SOCK_SEQPACKET`` packet must fit the *sender's* send buffer:
+``send`` fails with ``EMSGSIZE`` when ``len > sk_sndbuf - 32``. An
+unprivileged process may raise ``SO_SNDBUF`` only up to
+``net.core.wmem_max`` (the kernel stores twice the value asked for), and a
+stock kernel has ``wmem_max = 212992``, so about 416 KiB is the largest
+packet there. Messages larger than that travel as several packets with the
+continuation bit (:data:`kmux.protocol.KIND_MORE`), the way KCM's SEQPACKET
+sockets let one message span ``sendmsg`` calls until ``MSG_EOR``.
+
+Both ends size their sockets with :func:`size_send_buffer`, which asks for
+what ``max_message`` needs, lets the kernel cap it, and returns the largest
+packet the socket will really take. Nothing here raises on a capped buffer:
+a smaller buffer only means more pieces per large message.
+
+Tests can force the stock limit without root: ``$KMUX_WMEM_MAX`` overrides
+what :func:`wmem_max` reads, and every buffer request is capped by it, so
+the kernel refuses larger packets exactly as on a stock machine.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+__all__ = ["STOCK_WMEM_MAX", "WMEM_MAX_ENV", "PACKET_OVERHEAD", "wmem_max", "size_send_buffer", "max_packet"]
+
+#: ``net.core.wmem_max`` of a stock Linux kernel.
+STOCK_WMEM_MAX = 212992
+#: Environment variable that caps every send buffer request (tests, or an
+#: operator who wants to see how kmux behaves on a stock kernel).
+WMEM_MAX_ENV = "KMUX_WMEM_MAX"
+#: The kernel refuses a packet over ``sk_sndbuf - 32``; we keep a little more.
+PACKET_OVERHEAD = 64
+
+
+def wmem_max() -> int:
+    """The largest ``SO_SNDBUF`` an unprivileged process may ask for.
+
+    ``$KMUX_WMEM_MAX`` if set, else ``/proc/sys/net/core/wmem_max``, else the
+    stock value.
+    """
+    override = os.environ.get(WMEM_MAX_ENV)
+    if override:
+        return max(4096, int(override))
+    try:
+        return int(Path("/proc/sys/net/core/wmem_max").read_text())
+    except (OSError, ValueError):
+        return STOCK_WMEM_MAX
+
+
+def max_packet(sock: socket.socket) -> int:
+    """The largest packet, kind byte included, that ``sock`` can send now."""
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - PACKET_OVERHEAD
+
+
+def size_send_buffer(sock: socket.socket, want_packet: int) -> int:
+    """Ask for a send buffer that carries ``want_packet`` bytes in one packet.
+
+    The request is capped at :func:`wmem_max` (the kernel would cap it
+    anyway, unless the process has ``CAP_NET_ADMIN``; capping here keeps
+    ``$KMUX_WMEM_MAX`` honest for root too). Returns the largest packet the
+    socket takes afterwards, which may be less than ``want_packet``.
+    """
+    # The kernel doubles the value asked for; ask for half of what is needed.
+    ask = min((want_packet + PACKET_OVERHEAD + 1) // 2 + 1, wmem_max())
+    try:
+        if ask * 2 > sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ask)
+    except OSError:
+        pass
+    return max_packet(sock)
