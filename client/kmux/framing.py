@@ -31,7 +31,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import BadFrame, ConfigInvalid, MessageTooBig, RemoteBadHeader, RemoteFrameTooBig
+from .errors import BadFrame, ConfigInvalid, KmuxError, MessageTooBig, RemoteBadHeader, RemoteFrameTooBig
 
 __all__ = ["Framing", "FrameDecoder", "DecoderStatistics", "PRESETS", "NEED_MORE", "VARINT_MAX_BYTES"]
 
@@ -173,16 +173,89 @@ class Framing:
         """
         if length is None:
             length = len(buf) - start
-        if length > max_message:
-            raise MessageTooBig(f"message is {length} bytes, the group's max_message is {max_message}")
+        err = self.checker(max_message)(buf, start, length)
+        if err is not None:
+            raise err
+
+    def checker(self, max_message: int) -> Callable[[Any, int, int], KmuxError | None]:
+        """The outgoing rule as one precompiled function: ``check(buf, start, size)``.
+
+        Returns None when ``buf[start:start+size]`` is one well-framed message
+        of at most ``max_message`` bytes, else the error to refuse it with
+        (never raises). This is the only place the rule and its texts live:
+        the client library checks before sending, the daemon checks again
+        on receipt, both with this function. The common case (a fixed length
+        field that agrees) is one unpack and one comparison.
+        """
+        return _checkers(self, max_message)
+
+    def describe_mismatch(self, buf: Any, start: int, size: int) -> str:
+        """Why the header of ``buf[start:start+size]`` disagrees with ``size``, in the header's own terms."""
+        if self.kind == "varint":
+            value, prefix = _varint_value(buf, start, start + size)
+            if value is None:
+                return f"{size}-byte message is too short for its varint length prefix"
+            return (f"varint length {value} (+{prefix} prefix bytes = {value + prefix} bytes), "
+                    f"but the message has {size} bytes")
+        header_end = self.length_offset + self.length_size
+        if size < header_end:
+            return f"{size}-byte message is too short for a {self.name} header ({header_end} bytes)"
+        raw = struct.unpack_from(_ORDERS[self.length_order] + _STRUCT_CODES[self.length_size], buf,
+                                 start + self.length_offset)[0]
+        adjust = self.length_adjust
+        sign = "+" if adjust >= 0 else "-"
+        what = "header bytes" if adjust == header_end else "length_adjust"
+        return (f"{self.name} header length {raw} ({sign}{abs(adjust)} {what} = {raw + adjust} bytes), "
+                f"but the message has {size} bytes")
+
+
+def _checkers(f: Framing, max_message: int) -> Callable[[Any, int, int], KmuxError | None]:
+    fixed = f.fixed_field
+    length_at = f._length_at
+
+    def refuse(buf: Any, start: int, size: int) -> KmuxError:
+        if size > max_message:
+            return MessageTooBig(f"message is {size} bytes, the group's max_message is {max_message}")
         try:
-            total = self._length_at(buf, start, start + length)
+            length_at(buf, start, start + size)
         except RemoteBadHeader as exc:
-            raise BadFrame(f"bad length header: {exc.message}") from None
-        if total == NEED_MORE:
-            raise BadFrame(f"message is {length} bytes, too short for a {self.name} header")
-        if total != length:
-            raise BadFrame(f"{self.name} header announces {total} bytes, the message has {length}")
+            return BadFrame(f"bad length header: {exc.message}")
+        return BadFrame(f.describe_mismatch(buf, start, size))
+
+    if fixed is not None:
+        unpack_from, offset, header_end, adjust = fixed
+
+        def check_fixed(buf: Any, start: int, size: int) -> KmuxError | None:
+            if header_end <= size <= max_message and unpack_from(buf, start + offset)[0] + adjust == size:
+                return None
+            return refuse(buf, start, size)
+
+        return check_fixed
+
+    def check_varint(buf: Any, start: int, size: int) -> KmuxError | None:
+        if size <= max_message:
+            try:
+                if length_at(buf, start, start + size) == size:
+                    return None
+            except RemoteBadHeader:
+                pass
+        return refuse(buf, start, size)
+
+    return check_varint
+
+
+def _varint_value(buf: Any, start: int, end: int) -> tuple[int | None, int]:
+    """(value, prefix length) of a varint at ``buf[start:end]``, or (None, 0) if incomplete."""
+    value = shift = 0
+    i = start
+    while i < end and i - start < VARINT_MAX_BYTES:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i - start
+        shift += 7
+    return None, 0
 
 
 def _fixed_length_at(f: Framing) -> Callable[[Any, int, int], int]:

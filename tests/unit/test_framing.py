@@ -275,9 +275,9 @@ def test_check_message_accepts_exact_frames(framing):
 @pytest.mark.parametrize("framing", ALL, ids=IDS)
 def test_check_message_refuses_long_and_short(framing):
     message = frame(framing, b"z" * 10)
-    with pytest.raises(BadFrame, match="announces"):
+    with pytest.raises(BadFrame, match=f"= {len(message)} bytes.*, but the message has {len(message) + 1} bytes"):
         framing.check_message(message + b"!", 1000)
-    with pytest.raises(BadFrame, match="announces"):
+    with pytest.raises(BadFrame, match=f"= {len(message)} bytes.*, but the message has {len(message) - 1} bytes"):
         framing.check_message(message[:-1], 1000)
 
 
@@ -384,3 +384,26 @@ def test_wire_form_of_varint_matches_the_docs():
         "length_order": "big",
         "length_adjust": 4,
     }
+
+
+def test_bad_frame_says_what_the_header_holds_in_its_own_terms():
+    # A user who wrote 9 in a u32be header for a 9-byte message is told what 9 means.
+    message = b"\x00\x00\x00\x09hello"
+    with pytest.raises(BadFrame) as info:
+        PRESETS["u32be"].check_message(message, 1000)
+    assert info.value.message == "u32be header length 9 (+4 header bytes = 13 bytes), but the message has 9 bytes"
+    custom = Framing.from_spec({"length_offset": 0, "length_size": 2, "length_order": "big", "length_adjust": -2})
+    with pytest.raises(BadFrame, match=r"custom header length 9 \(-2 length_adjust = 7 bytes\)"):
+        custom.check_message(b"\x00\x09abcdefg", 1000)
+
+
+@pytest.mark.parametrize("framing", ALL, ids=IDS)
+def test_checker_agrees_with_check_message(framing):
+    check = framing.checker(100)
+    good = frame(framing, b"q" * 20)
+    assert check(b"__" + good, 2, len(good)) is None
+    for bad in (good + b"!", good[:-1], frame(framing, b"q" * 200)):
+        err = check(bad, 0, len(bad))
+        with pytest.raises(type(err)) as info:
+            framing.check_message(bad, 100)
+        assert info.value.message == err.message
