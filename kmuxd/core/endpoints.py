@@ -1,4 +1,4 @@
-"""Which endpoint a connection slot dials: spread over healthy ones, eject failing ones.
+"""Which endpoint a connection slot dials, and when an endpoint is healthy: judged by traffic, not age.
 
 Theory of operation
 -------------------
@@ -13,9 +13,26 @@ A group's slots share one :class:`EndpointPool`. A slot about to dial asks
    back-off step, however many slots the group has (no reconnect storm).
 3. Otherwise nothing: the slot waits the returned number of seconds.
 
-A failed dial, or a connection that dies before it was stable, ejects the
-endpoint with the next (doubled, jittered) back-off step; a successful dial
-makes it healthy again and resets its schedule. No I/O; the caller sleeps.
+Whatever the state, one endpoint is dialled at most ``max_dials_per_second``
+times a second (a token bucket per endpoint): a server that accepts and
+closes at once, or resets every connection, cannot make the group hammer it.
+
+Health looks at what connections *did*:
+
+* A connection that carried traffic and answers, then was closed by its
+  server with a FIN, is a **recycle** (servers close after N requests or
+  when idle): the slot redials at once and the endpoint stays healthy. The
+  first answer on a connection also resets the endpoint's back-off schedule.
+* These **eject** the endpoint for the next back-off step (doubling, with
+  jitter): a failed dial; a connection reset, or closed, before it answered
+  anything; an assembly timeout (the server sent a partial message and
+  stalled); ``eject_after_timeouts`` request timeouts in a row.
+* A connection that dies *after* answering, other than by a FIN (a reset),
+  is counted as a failure but does not eject by itself: the redial that
+  follows decides, so a crashed server is ejected by its refused dials.
+
+:class:`EndpointState` keeps the why of the last ejection for operators
+(``kmux-cli group NAME``). No I/O; the caller sleeps.
 """
 
 from __future__ import annotations
@@ -26,101 +43,194 @@ from typing import Generic, TypeVar
 
 from .backoff import Backoff
 
-__all__ = ["EndpointPool", "EndpointStatistics"]
+__all__ = ["EndpointPool", "EndpointStatistics", "HEALTHY", "EJECTED", "PROBING"]
 
 E = TypeVar("E")
 
+HEALTHY, EJECTED, PROBING = "healthy", "ejected", "probing"
+
 
 class _Health:
-    __slots__ = ("backoff", "ejected_until", "probing", "connections", "failures")
+    __slots__ = (
+        "backoff", "ejected_until", "probing", "connections", "failures", "failures_total", "recycles",
+        "reason", "timeouts", "tokens", "tokens_at",
+    )
 
-    def __init__(self, backoff: Backoff) -> None:
+    def __init__(self, backoff: Backoff, burst: float) -> None:
         self.backoff = backoff
         self.ejected_until: float | None = None  # None: healthy
         self.probing = False
         self.connections = 0
-        self.failures = 0
+        self.failures = 0  # in a row, reset by an answer
+        self.failures_total = 0
+        self.recycles = 0
+        self.reason: str | None = None  # why it was last ejected
+        self.timeouts = 0  # request timeouts in a row
+        self.tokens = burst  # dials allowed now (token bucket)
+        self.tokens_at = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class EndpointStatistics:
     endpoint: str
-    healthy: bool
+    #: "healthy", "ejected" (backing off) or "probing" (one slot is trying it).
+    state: str
+    #: Why it was last ejected (None if never).
+    reason: str | None
     connections: int
-    #: Failed dials (and connections that died before they were stable) in a row.
+    #: Connections its server closed after answering (not failures).
+    recycles: int
+    #: Failures since start (failed dials, early closes, resets, timeouts).
     failures: int
     #: Seconds until an ejected endpoint may be probed again (0 when healthy or due).
     retry_in: float
 
+    @property
+    def healthy(self) -> bool:
+        return self.state == HEALTHY
+
 
 class EndpointPool(Generic[E]):
-    def __init__(self, endpoints: list[E], initial: float, maximum: float, rng: random.Random | None = None) -> None:
+    def __init__(self, endpoints: list[E], initial: float, maximum: float, rng: random.Random | None = None, *,
+                 max_dials_per_second: float = 10.0, eject_after_timeouts: int = 0) -> None:
         rng = rng or random.Random()
         self.endpoints = list(endpoints)
-        self._health = {ep: _Health(Backoff(initial, maximum, rng)) for ep in self.endpoints}
+        self.rate = max_dials_per_second
+        # A burst of one second's worth (at least one dial) lets a group's
+        # slots dial at start-up together.
+        self.burst = max(1.0, max_dials_per_second)
+        self.eject_after_timeouts = eject_after_timeouts
+        self._health = {ep: _Health(Backoff(initial, maximum, rng), self.burst) for ep in self.endpoints}
+
+    # -- choosing --------------------------------------------------------------
 
     def choose(self, now: float) -> tuple[E | None, float]:
         """``(endpoint, 0)`` to dial now, or ``(None, seconds)`` to wait first."""
+        for h in self._health.values():
+            self._refill(h, now)
         healthy = [ep for ep in self.endpoints if self._health[ep].ejected_until is None]
         if healthy:
-            ep = min(healthy, key=lambda e: self._health[e].connections)
-            self._health[ep].connections += 1  # counted from the dial on, so concurrent dials spread
+            ready = [ep for ep in healthy if self._health[ep].tokens >= 1.0]
+            if not ready:
+                return None, min(self._token_wait(self._health[ep]) for ep in healthy)
+            ep = min(ready, key=lambda e: self._health[e].connections)
+            self._dial(self._health[ep])
             return ep, 0.0
         soonest = None
         for ep in self.endpoints:
             h = self._health[ep]
             if h.probing:
                 continue
-            if h.ejected_until <= now:
+            due = max(h.ejected_until, now + self._token_wait(h))
+            if due <= now:
                 h.probing = True
-                h.connections += 1
+                self._dial(h)
                 return ep, 0.0
-            soonest = h.ejected_until if soonest is None else min(soonest, h.ejected_until)
+            soonest = due if soonest is None else min(soonest, due)
         # Everything is being probed or backing off: look again when the
         # first back-off runs out (or shortly, if all are being probed).
         wait = (soonest - now) if soonest is not None else min(h.backoff.initial for h in self._health.values())
         return None, max(wait, 0.0)
 
+    def _dial(self, h: _Health) -> None:
+        h.tokens -= 1.0
+        h.connections += 1  # counted from the dial on, so concurrent dials spread
+
+    def _refill(self, h: _Health, now: float) -> None:
+        if now > h.tokens_at:
+            h.tokens = min(self.burst, h.tokens + (now - h.tokens_at) * self.rate)
+            h.tokens_at = now
+
+    def _token_wait(self, h: _Health) -> float:
+        return 0.0 if h.tokens >= 1.0 else (1.0 - h.tokens) / self.rate
+
+    # -- what the dial and the connection did ----------------------------------------
+
     def connected(self, ep: E) -> None:
-        """The dial :meth:`choose` returned succeeded: the endpoint is healthy."""
+        """The dial :meth:`choose` returned succeeded. The endpoint takes dials
+        again, but its back-off schedule is reset only by an answer."""
         h = self._health[ep]
         h.ejected_until = None
         h.probing = False
-        h.failures = 0
 
-    def closed(self, ep: E, now: float, *, stable: bool) -> None:
-        """A connection to ``ep`` ended; one that was not stable counts as a failure.
-
-        A stable one resets the endpoint's back-off schedule, so a server that
-        accepts and closes at once keeps backing off instead of being redialled.
-        """
-        h = self._health[ep]
-        h.connections -= 1
-        if stable:
-            h.backoff.reset()
-        else:
-            self._eject(h, now)
-
-    def failed(self, ep: E, now: float) -> None:
+    def dial_failed(self, ep: E, now: float, reason: str = "dial failed") -> None:
         """The dial :meth:`choose` returned failed: eject for the next back-off step."""
         h = self._health[ep]
         h.connections -= 1
-        self._eject(h, now)
+        h.failures_total += 1
+        self._eject(h, now, reason)
 
-    @staticmethod
-    def _eject(h: _Health, now: float) -> None:
+    # Kept for callers that predate the reasons.
+    failed = dial_failed
+
+    def answered(self, ep: E) -> None:
+        """A connection to ``ep`` delivered an answer: proof of health."""
+        h = self._health[ep]
+        h.failures = 0
+        h.timeouts = 0
+        h.backoff.reset()
+
+    def request_timed_out(self, ep: E, now: float) -> bool:
+        """A request on ``ep`` timed out. True if that ejected the endpoint."""
+        h = self._health[ep]
+        h.timeouts += 1
+        if self.eject_after_timeouts and h.timeouts >= self.eject_after_timeouts:
+            h.timeouts = 0
+            h.failures_total += 1
+            self._eject(h, now, f"{self.eject_after_timeouts} request timeouts in a row")
+            return True
+        return False
+
+    def closed(self, ep: E, now: float, *, answered: bool, graceful: bool, reason: str = "",
+               requested: bool = False) -> str:
+        """A connection to ``ep`` ended. Returns how it counted: "recycle", "failure" or "requested".
+
+        ``answered``: it delivered at least one answer (or, with nothing to
+        answer, carried traffic); ``graceful``: the server closed it with a
+        FIN (not a reset, timeout or error); ``requested``: we closed it
+        (operator reconnect, drain, recycling, reload).
+        """
+        h = self._health[ep]
+        h.connections -= 1
+        if requested:
+            return "requested"
+        if answered and graceful:
+            h.recycles += 1
+            return "recycle"
+        h.failures_total += 1
+        if answered:
+            return "failure"  # reset after answering: the redial decides
+        self._eject(h, now, reason or ("closed before answering" if graceful else "reset before answering"))
+        return "failure"
+
+    def eject(self, ep: E, now: float, reason: str) -> None:
+        """Eject ``ep`` now (an assembly timeout, say)."""
+        h = self._health[ep]
+        h.failures_total += 1
+        self._eject(h, now, reason)
+
+    def _eject(self, h: _Health, now: float, reason: str) -> None:
         h.probing = False
         h.failures += 1
+        h.reason = reason
         h.ejected_until = now + h.backoff.next_delay()
 
+    # -- statistics ------------------------------------------------------------------
+
     def statistics(self, now: float) -> list[EndpointStatistics]:
-        return [
-            EndpointStatistics(
+        out = []
+        for ep, h in self._health.items():
+            if h.ejected_until is None:
+                state = HEALTHY
+            else:
+                state = PROBING if h.probing else EJECTED
+            out.append(EndpointStatistics(
                 endpoint=str(ep),
-                healthy=h.ejected_until is None,
+                state=state,
+                reason=h.reason,
                 connections=h.connections,
-                failures=h.failures,
+                recycles=h.recycles,
+                failures=h.failures_total,
                 retry_in=0.0 if h.ejected_until is None else max(0.0, h.ejected_until - now),
-            )
-            for ep, h in self._health.items()
-        ]
+            ))
+        return out

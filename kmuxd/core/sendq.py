@@ -25,10 +25,23 @@ go, following KCM:
    message not fully written (re-sent from byte 0, as KCM does) and becomes
    an *orphan*; the next connection to be available adopts it whole, by
    swapping outboxes, so pinned clients keep their order with no copying.
+   An orphan that no connection adopts within the group's
+   ``queue_timeout`` is given back (:meth:`TxScheduler.expire_orphans`):
+   its messages are refused, by seq, never written later.
+6. **Continuation.** A message that arrives in several packets is
+   assembled in place after ``tail`` (:meth:`Outbox.open`). While it is
+   open the outbox is its sender's alone: nobody else is routed to it, so
+   no other message can land inside it, and it is committed only when
+   whole. A failed connection's open message moves with its outbox.
 
-Owners (clients) are opaque here, except that they are told
-``count_written(msgs, nbytes)`` when their messages have been written;
-connections are opaque except for ``outbox`` and a ``tx_msgs`` counter.
+Each run of an owner's messages knows the seq of its first message, so a
+message that will never be written can be named to its sender.
+
+Owners (clients) and connections are opaque here. Owners are told
+``count_written(msgs, nbytes)`` when their messages were written (the one
+callback, declared by :class:`Owner`); everything else the shell reads:
+the outbox of a connection (:meth:`TxScheduler.outbox_of`), the request
+records that were written (:meth:`Outbox.take_written`), the counters.
 This module does no I/O and imports neither ``socket`` nor ``trio``.
 """
 
@@ -46,14 +59,16 @@ class Owner(Protocol):
 
 
 class _Run:
-    """Consecutive messages of one owner in an outbox, ending at ``end``."""
+    """Consecutive messages of one owner in an outbox, ending at ``end``; the
+    first is that owner's message ``first_seq``, the rest follow without gaps."""
 
-    __slots__ = ("owner", "end", "msgs")
+    __slots__ = ("owner", "end", "msgs", "first_seq")
 
-    def __init__(self, owner: Any, end: int, msgs: int) -> None:
+    def __init__(self, owner: Any, end: int, msgs: int, first_seq: int) -> None:
         self.owner = owner
         self.end = end
         self.msgs = msgs
+        self.first_seq = first_seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +114,8 @@ class Outbox:
 
     __slots__ = (
         "buf", "view", "head", "tail", "capacity", "reserve", "runs", "run_start", "owners", "parked", "conn",
-        "written_msgs", "reserved_count", "unreserved_count", "length_at", "requests",
+        "written_msgs", "reserved_count", "unreserved_count", "length_at", "requests", "written_requests",
+        "open_owner", "open_end", "orphaned_at",
     )
 
     def __init__(self, capacity: int, reserve: int, length_at: Callable[[Any, int, int], int]) -> None:
@@ -115,8 +131,14 @@ class Outbox:
         self.owners: dict[Any, int] = {}
         #: pinned owners waiting for room here
         self.parked: list[Any] = []
-        #: the connection currently carrying this outbox (None: orphaned)
+        #: the connection currently carrying this outbox (None: orphaned);
+        #: the scheduler's own bookkeeping
         self.conn: Any = None
+        #: when it became an orphan (None: carried by a connection)
+        self.orphaned_at: float | None = None
+        #: a message being assembled after ``tail`` (continuation), and where it ends so far
+        self.open_owner: Any = None
+        self.open_end = BASE
         #: messages fully written from this outbox, ever
         self.written_msgs = 0
         #: times an owner pinned itself here / was released (KCM reserved/unreserved)
@@ -134,6 +156,8 @@ class Outbox:
 
     def has_room(self) -> bool:
         """Whether one more packet (up to ``reserve`` bytes) may be received at ``tail``."""
+        if self.open_owner is not None:
+            return False  # a message is being assembled at tail
         if self.tail - self.head >= self.capacity:
             return False
         if len(self.buf) - self.tail < self.reserve:
@@ -175,21 +199,23 @@ class Outbox:
             first = self.runs[0]
             first.owner.count_written(done, pos - self.run_start)
             first.msgs -= done
+            first.first_seq += done
             self._count(done)
             self.run_start = pos
         return pos
 
-    def commit(self, owner: Any, new_tail: int, msgs: int) -> None:
-        """Record that ``msgs`` whole messages of ``owner`` now fill ``[tail, new_tail)``."""
+    def commit(self, owner: Any, new_tail: int, msgs: int, first_seq: int = 0) -> None:
+        """Record that ``msgs`` whole messages of ``owner`` (seqs ``first_seq``
+        onwards, no gaps) now fill ``[tail, new_tail)``."""
         if msgs <= 0:
             return
         runs = self.runs
-        if runs and runs[-1].owner is owner:
-            last = runs[-1]
+        last = runs[-1] if runs else None
+        if last is not None and last.owner is owner and last.first_seq + last.msgs == first_seq:
             last.end = new_tail
             last.msgs += msgs
         else:
-            runs.append(_Run(owner, new_tail, msgs))
+            runs.append(_Run(owner, new_tail, msgs, first_seq))
             count = self.owners.get(owner, 0)
             if not count:
                 self.reserved_count += 1
@@ -219,17 +245,40 @@ class Outbox:
         return released
 
     def _count(self, msgs: int) -> None:
-        # Whoever completes messages (a write, a compaction, a salvage), the
-        # connection carrying the outbox at that moment is credited, and
-        # their request records (if any) become that connection's in flight.
+        # Whoever completes messages (a write, a compaction, a salvage), their
+        # request records (if any) wait in written_requests for the shell to
+        # hand to the connection that was carrying the outbox.
         self.written_msgs += msgs
-        conn = self.conn
-        if conn is not None:
-            conn.tx_msgs += msgs
         requests = self.requests
         if requests:
+            written = self.written_requests
             for _ in range(min(msgs, len(requests))):
-                conn.request_written(requests.popleft())
+                written.append(requests.popleft())
+
+    def take_written(self) -> list[Any]:
+        """Request records whose messages were written since the last call."""
+        out = self.written_requests
+        if out:
+            self.written_requests = []
+        return out
+
+    # -- continuation ----------------------------------------------------------
+
+    def open(self, owner: Any) -> None:
+        """``owner`` starts a message that arrives in pieces, at ``tail``."""
+        self.open_owner = owner
+        self.open_end = self.tail
+
+    def close_open(self) -> tuple[int, int]:
+        """The open message is complete (or abandoned): ``(start, end)`` of its bytes.
+
+        The caller commits ``end`` with :meth:`commit`, or drops the bytes by
+        not committing them.
+        """
+        span = (self.tail, self.open_end)
+        self.open_owner = None
+        self.open_end = self.tail
+        return span
 
     def salvage(self) -> Salvage:
         """Cut back to the first message not fully written, after a stream died.
@@ -241,12 +290,19 @@ class Outbox:
         pos = self._written_prefix()
         cut = 1 if self.runs and pos < self.head else 0
         shift = pos - BASE
-        self.buf[BASE : self.tail - shift] = self.view[pos : self.tail]
+        # An open message (continuation) travels with the outbox.
+        end = self.open_end if self.open_owner is not None else self.tail
+        self.buf[BASE : end - shift] = self.view[pos:end]
         for run in self.runs:
             run.end -= shift
         self.head, self.run_start = BASE, BASE
         self.tail -= shift
+        self.open_end -= shift
         return Salvage(self.written_msgs - written_before, sum(r.msgs for r in self.runs), cut)
+
+    def unwritten(self) -> list[tuple[Any, int, int]]:
+        """``(owner, first_seq, msgs)`` of every run not yet written (after :meth:`salvage`)."""
+        return [(r.owner, r.first_seq, r.msgs) for r in self.runs if r.msgs]
 
     def statistics(self) -> OutboxStatistics:
         return OutboxStatistics(self.tail - self.head, sum(r.msgs for r in self.runs), len(self.owners))
@@ -255,11 +311,13 @@ class Outbox:
 class TxScheduler:
     """Connection selection for one group, as in the module docstring.
 
-    Connections are opaque objects with an ``outbox`` attribute the scheduler
-    manages. Methods return the owners the shell must wake (let read again).
+    Connections are opaque; the scheduler keeps which outbox each carries
+    (:meth:`outbox_of`). Methods return the owners the shell must wake (let
+    read again).
     """
 
     def __init__(self) -> None:
+        self._outbox: dict[Any, Outbox] = {}
         self._available: deque[Any] = deque()
         self._waiters: deque[Any] = deque()
         self._orphans: deque[Outbox] = deque()
@@ -274,27 +332,40 @@ class TxScheduler:
     # -- connections -------------------------------------------------------
 
     def add(self, conn: Any, outbox: Outbox) -> None:
-        conn.outbox = outbox
+        """``conn`` carries ``outbox`` from now on."""
+        self._outbox[conn] = outbox
         outbox.conn = conn
+        outbox.orphaned_at = None
+
+    def remove(self, conn: Any) -> None:
+        """``conn`` is gone for good; its (empty, or salvaged first) outbox is forgotten."""
+        self.disconnected(conn)
+        outbox = self._outbox.pop(conn, None)
+        if outbox is not None and outbox.conn is conn:
+            outbox.conn = None
+
+    def outbox_of(self, conn: Any) -> Outbox:
+        return self._outbox[conn]
 
     def connected(self, conn: Any) -> list[Any]:
         """``conn`` has a fresh TCP connection. It adopts an orphan if any."""
         self._connected.add(conn)
         return self._settle(conn)
 
-    def failed(self, conn: Any) -> tuple[Salvage, list[Any]]:
+    def failed(self, conn: Any, now: float = 0.0) -> tuple[Salvage, list[Any]]:
         """``conn``'s stream died: cut its outbox back and hand it on."""
         self._connected.discard(conn)
         self._drop_available(conn)
         self._drop_reserved(conn)
-        outbox = conn.outbox
+        outbox = self._outbox[conn]
         salvage = outbox.salvage()
         wake: list[Any] = []
-        if outbox.owners:
+        if outbox.owners or outbox.open_owner is not None:
             # The slot gets an empty outbox; the old one, pins and order
             # intact, goes whole to the next available connection.
             self.add(conn, Outbox(outbox.capacity, outbox.reserve, outbox.length_at))
             outbox.conn = None
+            outbox.orphaned_at = now
             self._orphans.append(outbox)
             while self._orphans and self._available:
                 wake += self._adopt(self._available.popleft())
@@ -324,6 +395,9 @@ class TxScheduler:
                 wake.append(owner)
         return wake
 
+    def is_waiting(self, owner: Any) -> bool:
+        return owner in self._waiters
+
     def disconnected(self, conn: Any) -> None:
         """``conn`` is gone for good (group stopping); nothing is salvaged."""
         self._connected.discard(conn)
@@ -346,7 +420,7 @@ class TxScheduler:
     def route(self, owner: Any) -> Any | None:
         """Where ``owner``'s next messages go, or None (it was queued to wait).
 
-        The caller reads into ``conn.outbox`` and reports with :meth:`committed`.
+        The caller reads into ``outbox_of(conn)`` and reports with :meth:`committed`.
         """
         outbox = self.pins.get(owner)
         if outbox is not None:
@@ -366,11 +440,11 @@ class TxScheduler:
             self._waiters.append(owner)
         return None
 
-    def committed(self, owner: Any, conn: Any, new_tail: int, msgs: int) -> list[Any]:
-        """``owner`` filled ``conn.outbox`` up to ``new_tail`` with ``msgs`` messages."""
-        outbox = conn.outbox
+    def committed(self, owner: Any, conn: Any, new_tail: int, msgs: int, first_seq: int = 0) -> list[Any]:
+        """``owner`` filled ``conn``'s outbox up to ``new_tail`` with ``msgs`` messages."""
+        outbox = self._outbox[conn]
         if msgs:
-            outbox.commit(owner, new_tail, msgs)
+            outbox.commit(owner, new_tail, msgs, first_seq)
             self.pins[owner] = outbox
             return []
         # Nothing taken: if the connection was picked as available, give it back.
@@ -378,9 +452,32 @@ class TxScheduler:
             return self._settle(conn)
         return []
 
+    def opened(self, owner: Any, conn: Any) -> Outbox:
+        """``owner`` starts a continued message on ``conn`` (see :meth:`Outbox.open`)."""
+        outbox = self._outbox[conn]
+        outbox.open(owner)
+        return outbox
+
+    def closed_open(self, owner: Any, outbox: Outbox, commit: bool, seq: int = 0) -> list[Any]:
+        """The open message of ``outbox`` is whole (``commit``: it is written like
+        any message) or dropped (refused, or its sender left); others may use
+        the outbox again."""
+        start, end = outbox.close_open()
+        if commit:
+            outbox.commit(owner, end, 1, seq)
+            self.pins[owner] = outbox
+        conn = outbox.conn
+        wake: list[Any] = []
+        if outbox.parked and outbox.has_room():
+            wake = outbox.parked
+            outbox.parked = []
+        if conn is not None and outbox.pending == 0:
+            wake += self._settle(conn)
+        return wake
+
     def written(self, conn: Any, n: int) -> list[Any]:
-        """``n`` bytes of ``conn.outbox`` went to the kernel."""
-        outbox = conn.outbox
+        """``n`` bytes of ``conn``'s outbox went to the kernel."""
+        outbox = self._outbox[conn]
         for owner in outbox.advance(n):
             if self.pins.get(owner) is outbox:
                 del self.pins[owner]
@@ -408,7 +505,8 @@ class TxScheduler:
 
     def _settle(self, conn: Any) -> list[Any]:
         """``conn`` is connected with an empty outbox: adopt an orphan, or be available."""
-        if conn not in self._connected or conn.outbox.pending or conn.outbox.owners:
+        outbox = self._outbox[conn]
+        if conn not in self._connected or outbox.pending or outbox.owners or outbox.open_owner is not None:
             return []
         if self._orphans:
             return self._adopt(conn)
@@ -440,6 +538,28 @@ class TxScheduler:
 
     def has_orphans(self) -> bool:
         return bool(self._orphans)
+
+    def expire_orphans(self, now: float, timeout: float) -> tuple[list[Outbox], list[Any]]:
+        """Orphans no connection adopted within ``timeout``: given back, never to be written.
+
+        Returns ``(outboxes, wake)``. The shell refuses each message still in
+        them (:meth:`Outbox.unwritten` names them by seq, ``requests`` holds
+        their records) and aborts an open message; their owners are unpinned
+        and parked ones woken.
+        """
+        expired = [o for o in self._orphans if o.orphaned_at is not None and now - o.orphaned_at >= timeout]
+        wake: list[Any] = []
+        for outbox in expired:
+            self._orphans.remove(outbox)
+            for owner in list(outbox.owners):
+                if self.pins.get(owner) is outbox:
+                    del self.pins[owner]
+            wake += outbox.parked
+            outbox.parked = []
+        return expired, wake
+
+    def orphans(self) -> list[Outbox]:
+        return list(self._orphans)
 
     def statistics(self) -> "SchedulerStatistics":
         return SchedulerStatistics(

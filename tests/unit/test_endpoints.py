@@ -26,6 +26,7 @@ def test_a_failing_endpoint_is_ejected_and_the_others_take_the_dials():
         assert p.choose(0.1)[0] == other
     stats = {s.endpoint: s for s in p.statistics(0.1)}
     assert not stats[ep].healthy and stats[ep].failures == 1 and 0 < stats[ep].retry_in <= 1.0
+    assert stats[ep].reason == "dial failed"
 
 
 def test_a_dead_endpoint_costs_one_dial_per_back_off_step_whatever_the_slot_count():
@@ -49,14 +50,79 @@ def test_a_dead_endpoint_costs_one_dial_per_back_off_step_whatever_the_slot_coun
     assert all(g >= 0.9 for g in gaps), gaps
 
 
-def test_success_heals_and_a_young_connection_that_dies_counts_as_a_failure():
+def test_a_connection_closed_before_answering_ejects_and_an_answer_heals():
     p = pool("a")
     ep, _ = p.choose(0.0)
     p.connected(ep)
-    p.closed(ep, 1.0, stable=False)  # accepted, then closed at once
+    assert p.closed(ep, 1.0, answered=False, graceful=True) == "failure"  # accepted, then closed at once
     assert p.choose(1.0)[0] is None  # ejected: wait
+    s = p.statistics(1.0)[0]
+    assert s.state == "ejected" and s.reason == "closed before answering"
     ep, wait = p.choose(5.0)
     assert ep == "a" and wait == 0
     p.connected(ep)
-    p.closed(ep, 20.0, stable=True)
+    p.answered(ep)
+    assert p.closed(ep, 20.0, answered=True, graceful=True) == "recycle"
     assert p.choose(20.0)[0] == "a"  # healthy: redial at once
+    assert p.statistics(20.0)[0].recycles == 1
+
+
+def test_a_server_that_recycles_every_connection_never_ejects_however_young():
+    # dnsmasq closes each TCP connection after 100 queries: a recycle every
+    # few milliseconds under load must not back the group off.
+    p = pool("dns")
+    now = 0.0
+    for i in range(500):
+        ep, wait = p.choose(now)
+        assert ep == "dns" and wait == 0, (i, wait)
+        p.connected(ep)
+        p.answered(ep)
+        now += 0.001
+        assert p.closed(ep, now, answered=True, graceful=True) == "recycle"
+        now += 0.1  # the dial rate allows 10 a second
+    assert p.statistics(now)[0].state == "healthy" and p.statistics(now)[0].failures == 0
+
+
+def test_accept_and_close_backs_off_longer_each_time_and_dials_stay_within_the_rate():
+    p = EndpointPool(["x"], initial=0.1, maximum=30.0, rng=random.Random(1), max_dials_per_second=5.0)
+    now = 0.0
+    dials = []
+    while now < 20.0:
+        ep, wait = p.choose(now)
+        if ep is None:
+            now += max(wait, 0.001)
+            continue
+        dials.append(now)
+        p.connected(ep)
+        p.closed(ep, now, answered=False, graceful=True)
+    gaps = [b - a for a, b in zip(dials, dials[1:])]
+    assert gaps == sorted(gaps) or max(gaps) > 4 * min(gaps)  # growing back-off
+    assert len(dials) < 20  # 5/s would allow 100 in 20 s
+
+
+def test_dial_rate_bounds_a_healthy_endpoint_that_resets_after_answering():
+    p = EndpointPool(["r"], initial=0.1, maximum=30.0, rng=random.Random(1), max_dials_per_second=10.0)
+    now = 0.0
+    dials = 0
+    while now < 5.0:
+        ep, wait = p.choose(now)
+        if ep is None:
+            now += max(wait, 0.0005)
+            continue
+        dials += 1
+        p.connected(ep)
+        p.answered(ep)
+        assert p.closed(ep, now, answered=True, graceful=False) == "failure"
+    assert dials <= 10 + 5 * 10 + 1  # the burst, then 10 a second
+
+
+def test_consecutive_request_timeouts_eject_and_an_answer_resets_the_count():
+    p = EndpointPool(["t"], initial=1.0, maximum=8.0, rng=random.Random(1), eject_after_timeouts=3)
+    ep, _ = p.choose(0.0)
+    p.connected(ep)
+    assert not p.request_timed_out(ep, 1.0) and not p.request_timed_out(ep, 1.0)
+    p.answered(ep)
+    assert not p.request_timed_out(ep, 2.0) and not p.request_timed_out(ep, 2.0)
+    assert p.request_timed_out(ep, 2.0)
+    s = p.statistics(2.0)[0]
+    assert s.state == "ejected" and s.reason == "3 request timeouts in a row"

@@ -34,13 +34,16 @@ class Owner:
 
 
 class Conn:
-    """Stands in for a slot: the scheduler only touches ``.outbox``."""
+    """Stands in for a connection: opaque to the scheduler, which keeps its outbox."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.outbox: Outbox | None = None
+        self.tx: TxScheduler | None = None
         self.wire = bytearray()
-        self.tx_msgs = 0  # what a TCP peer would have received
+
+    @property
+    def outbox(self) -> Outbox:
+        return self.tx.outbox_of(self)
 
     def __repr__(self) -> str:
         return f"Conn({self.name})"
@@ -50,6 +53,7 @@ def make(n_conns: int = 2, capacity: int = 256, reserve: int = 65) -> tuple[TxSc
     tx = TxScheduler()
     conns = [Conn(f"c{i}") for i in range(n_conns)]
     for c in conns:
+        c.tx = tx
         tx.add(c, Outbox(capacity, reserve, LENGTH_AT))
         assert tx.connected(c) == []
     return tx, conns
@@ -304,3 +308,48 @@ def test_random_schedules_keep_every_message_whole_once_and_in_client_order(seed
         seqs = [s for (n, s) in delivered if n == o.name]
         assert sorted(seqs) == list(range(1, next_seq[o] + 1)), (o, seqs)
         assert o.written_msgs == next_seq[o]
+
+
+def test_runs_know_their_seqs_so_unwritten_messages_can_be_named():
+    tx, (c0,) = make(n_conns=1)
+    a = Owner(1)
+    assert tx.route(a) is c0
+    ob = c0.outbox
+    f = [frame(1, s) for s in (1, 2, 3)]
+    ob.buf[ob.tail : ob.tail + 32] = f[0] + f[1]
+    tx.committed(a, c0, ob.tail + 32, 2, first_seq=1)
+    assert tx.route(a) is c0
+    # seq 3 was refused by the shell; seq 4 starts a new run
+    ob.buf[ob.tail : ob.tail + 16] = f[2]
+    tx.committed(a, c0, ob.tail + 16, 1, first_seq=4)
+    write(tx, c0, 20)  # message 1 written, message 2 cut part-way
+    tx.failed(c0, now=5.0)
+    (orphan,) = tx.orphans()
+    assert orphan.unwritten() == [(a, 2, 1), (a, 4, 1)]
+    assert tx.expire_orphans(5.5, 1.0) == ([], [])
+    expired, wake = tx.expire_orphans(6.0, 1.0)
+    assert expired == [orphan] and a not in tx.pins and not tx.has_orphans()
+
+
+def test_an_open_message_keeps_others_out_and_moves_with_its_outbox():
+    tx, (c0, c1) = make(n_conns=2)
+    a, b = Owner(1), Owner(2)
+    assert tx.route(a) is c0
+    ob = tx.opened(a, c0)
+    whole = frame(1, 1, 40)
+    ob.buf[ob.tail : ob.tail + 25] = whole[:25]  # first piece
+    ob.open_end += 25
+    # c0 is not available to b while the message is open
+    assert tx.route(b) is c1
+    tx.committed(b, c1, c1.outbox.tail, 0)
+    write(tx, c0, 0)
+    tx.failed(c0, now=1.0)  # the connection dies mid-message
+    assert tx.outbox_of(c1) is ob and ob.open_owner is a  # adopted whole by the free connection
+    assert tx.route(b) is None  # b waits: nobody may land inside the open message
+    ob.buf[ob.open_end : ob.open_end + 15] = whole[25:]  # last piece
+    ob.open_end += 15
+    start, end = ob.open_end - 40, ob.open_end
+    assert bytes(ob.buf[start:end]) == whole
+    assert tx.closed_open(a, ob, commit=True, seq=1) == []
+    write(tx, c1)
+    assert c1.wire == whole

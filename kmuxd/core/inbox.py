@@ -1,0 +1,171 @@
+"""The receive path's core: one TCP connection's incoming bytes, cut into messages.
+
+Theory of operation
+-------------------
+:class:`Inbox` is the receive twin of :class:`~kmuxd.core.sendq.Outbox`: one
+buffer allocated for the connection's life, cursors into it, the framing's
+decoder and the assembly clock. The shell reads straight into
+:meth:`Inbox.space` with one ``recv_into``, reports the count with
+:meth:`Inbox.received`, then hands the complete messages to clients *from the
+buffer* (no copy) and tells the inbox how far it got with :meth:`Inbox.take`.
+
+::
+
+    RX_BASE    head           parsed              tail
+       |        |  m1 | m2 | m3  | partial message  |   free ...   |
+                 `-- ends: [end(m1), end(m2), end(m3)]
+
+Invariants (tested with random schedules in ``tests/unit/test_inbox.py``):
+
+1. ``RX_BASE <= head <= parsed <= tail <= len(buf)``; ``ends`` is increasing,
+   its last entry is ``parsed`` and its first is after ``head``.
+2. The byte before ``head`` is always free to overwrite: it is the last
+   byte of a message already handed over (or the scratch byte at
+   ``RX_BASE - 1``). The shell writes the DATA kind byte there and sends
+   ``buf[head-1:end]`` as one packet.
+3. A partial message never holds more than ``max_message`` bytes (the
+   decoder refuses a longer announced length), and one read adds at most
+   ``read_buffer`` bytes, so the buffer never needs to grow: it is
+   ``RX_BASE + read_buffer + max_message`` bytes.
+4. The assembly clock runs only while a partial message waits for the
+   *remote's* bytes: not while the shell itself has stopped reading (no
+   ready receiver), which is push-back, not a slow remote.
+
+No I/O here; nothing imports ``socket`` or ``trio``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kmux.framing import DecoderStatistics, FrameDecoder, Framing
+
+__all__ = ["Inbox", "InboxStatistics", "RX_BASE"]
+
+#: Offset of the first received byte: one scratch byte precedes it (invariant 2).
+RX_BASE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class InboxStatistics:
+    #: Complete messages received and not yet handed over.
+    ready_msgs: int
+    #: Bytes received and not yet handed over (ready messages and the partial one).
+    buffered_bytes: int
+    #: Bytes of the message being assembled.
+    partial_bytes: int
+    decoder: DecoderStatistics
+
+
+class Inbox:
+    __slots__ = (
+        "buf", "view", "size", "head", "tail", "parsed", "ends", "partial_since",
+        "decoder", "read_buffer", "_split", "_low_water",
+    )
+
+    def __init__(self, framing: Framing, max_message: int, read_buffer: int) -> None:
+        self.buf = bytearray(RX_BASE + read_buffer + max_message)
+        self.view = memoryview(self.buf)
+        self.size = len(self.buf)
+        self.read_buffer = read_buffer
+        self.decoder = FrameDecoder(framing, max_message)
+        self._split = self.decoder.split
+        # Compact before a read when less than this is free: a read smaller
+        # than a quarter of read_buffer costs more in system calls than the
+        # copy saves.
+        self._low_water = read_buffer // 4
+        self.head = self.tail = self.parsed = RX_BASE
+        self.ends: list[int] = []
+        #: When the partial message started waiting for the remote (None: none waits).
+        self.partial_since: float | None = None
+
+    def reset(self) -> None:
+        """Forget everything: a new TCP connection starts on a clean stream."""
+        self.head = self.tail = self.parsed = RX_BASE
+        self.ends = []
+        self.partial_since = None
+
+    @property
+    def partial_bytes(self) -> int:
+        return self.tail - self.parsed
+
+    def space(self) -> memoryview:
+        """Where the next read goes (compacting first when little is free).
+
+        Only while no ready message waits (``not ends``): then at most a
+        partial message precedes the free space, so after compaction at
+        least ``read_buffer`` bytes are free and a read never gets an empty
+        buffer (which would look like end of file).
+        """
+        if self.head == self.tail:
+            self.head = self.tail = self.parsed = RX_BASE
+        elif self.size - self.tail < self._low_water:
+            self._compact()
+        return self.view[self.tail :]
+
+    def received(self, n: int, now: float) -> int:
+        """``n`` bytes were read into :meth:`space`. Returns the number of ready messages.
+
+        Raises the decoder's :class:`~kmux.errors.RemoteFrameTooBig` or
+        :class:`~kmux.errors.RemoteBadHeader`: the stream is then unusable.
+        """
+        self.tail += n
+        ends, consumed, pending = self._split(self.buf, self.parsed, self.tail)
+        if ends:
+            if self.ends:
+                self.ends.extend(ends)
+            else:
+                self.ends = ends
+            self.parsed = consumed
+        if consumed < self.tail:
+            # A partial message: its clock starts when its first bytes came
+            # (a message that completed in this read restarted it).
+            if ends or self.partial_since is None:
+                self.partial_since = now
+            if pending > 0 and self.parsed + pending > self.size:
+                self._compact()
+        else:
+            self.partial_since = None
+        return len(self.ends)
+
+    def take(self, count: int, pos: int) -> None:
+        """The first ``count`` ready messages were handed over; the next begins at ``pos``."""
+        self.head = pos
+        if count >= len(self.ends):
+            self.ends = []
+        else:
+            del self.ends[:count]
+
+    def pause_clock(self) -> None:
+        """The shell stopped reading (push-back): a partial message is not the remote's delay."""
+        self.partial_since = None
+
+    def resume_clock(self, now: float) -> None:
+        if self.tail > self.parsed and self.partial_since is None:
+            self.partial_since = now
+
+    def expired(self, now: float, timeout: float) -> bool:
+        """Whether a partial message has waited ``timeout`` seconds for the remote."""
+        since = self.partial_since
+        return since is not None and now - since >= timeout
+
+    def _compact(self) -> None:
+        # Ready messages and the partial one move to the front. Whole
+        # messages only move, never split, so ``ends`` shifts uniformly.
+        shift = self.head - RX_BASE
+        if shift <= 0:
+            return
+        self.buf[RX_BASE : self.tail - shift] = self.view[self.head : self.tail]
+        self.head = RX_BASE
+        self.tail -= shift
+        self.parsed -= shift
+        if self.ends:
+            self.ends = [e - shift for e in self.ends]
+
+    def statistics(self) -> InboxStatistics:
+        return InboxStatistics(
+            ready_msgs=len(self.ends),
+            buffered_bytes=self.tail - self.head,
+            partial_bytes=self.tail - self.parsed,
+            decoder=self.decoder.statistics(),
+        )
