@@ -201,9 +201,9 @@ class StatsCollector:
         """
         from prometheus_client.core import GaugeMetricFamily
 
-        from kmuxd.core.states import ConnState
+        from kmuxd.core.states import VISIBLE_SLOT_STATES
 
-        known = [s.value for s in ConnState]
+        known = list(VISIBLE_SLOT_STATES)
         fam = GaugeMetricFamily(
             "kmux_conn_state", "1 for the slot's current state, 0 for the others",
             labels=["group", "conn", "endpoint", "state"],

@@ -26,7 +26,8 @@ Health looks at what connections *did*:
 * These **eject** the endpoint for the next back-off step (doubling, with
   jitter): a failed dial; a connection reset, or closed, before it answered
   anything; an assembly timeout (the server sent a partial message and
-  stalled); ``eject_after_timeouts`` request timeouts in a row.
+  stalled); ``eject_after_timeouts`` request timeouts in a row, unless it is
+  the last healthy endpoint (a slow service beats none).
 * A connection that dies *after* answering, other than by a FIN (a reset),
   is counted as a failure but does not eject by itself: the redial that
   follows decides, so a crashed server is ejected by its refused dials.
@@ -171,10 +172,15 @@ class EndpointPool(Generic[E]):
         h.backoff.reset()
 
     def request_timed_out(self, ep: E, now: float) -> bool:
-        """A request on ``ep`` timed out. True if that ejected the endpoint."""
+        """A request on ``ep`` timed out. True if that ejected the endpoint.
+
+        Timeouts never eject the last healthy endpoint: a slow service is
+        still better than none (Envoy's outlier detection keeps a floor too).
+        """
         h = self._health[ep]
         h.timeouts += 1
-        if self.eject_after_timeouts and h.timeouts >= self.eject_after_timeouts:
+        others = any(o is not h and o.ejected_until is None for o in self._health.values())
+        if self.eject_after_timeouts and h.timeouts >= self.eject_after_timeouts and others:
             h.timeouts = 0
             h.failures_total += 1
             self._eject(h, now, f"{self.eject_after_timeouts} request timeouts in a row")

@@ -115,7 +115,7 @@ class Outbox:
     __slots__ = (
         "buf", "view", "head", "tail", "capacity", "reserve", "runs", "run_start", "owners", "parked", "conn",
         "written_msgs", "reserved_count", "unreserved_count", "length_at", "requests", "written_requests",
-        "open_owner", "open_end", "orphaned_at",
+        "unclaimed", "open_owner", "open_end", "orphaned_at",
     )
 
     def __init__(self, capacity: int, reserve: int, length_at: Callable[[Any, int, int], int]) -> None:
@@ -147,8 +147,12 @@ class Outbox:
         #: the group's framing: finds message boundaries when cutting back
         self.length_at = length_at
         #: request/response modes: one record per message here, in order
-        #: (see kmuxd.core.requests); empty in balance mode
+        #: (see kmuxd.core.router); empty in balance mode
         self.requests: deque[Any] = deque()
+        #: records of messages written since the shell last asked (take_written)
+        self.written_requests: list[Any] = []
+        #: messages written since the shell last asked (take_written_count)
+        self.unclaimed = 0
 
     @property
     def pending(self) -> int:
@@ -249,11 +253,21 @@ class Outbox:
         # request records (if any) wait in written_requests for the shell to
         # hand to the connection that was carrying the outbox.
         self.written_msgs += msgs
+        self.unclaimed += msgs
         requests = self.requests
         if requests:
             written = self.written_requests
             for _ in range(min(msgs, len(requests))):
                 written.append(requests.popleft())
+
+    def take_written_count(self) -> int:
+        """Messages written since the last call (by a write, a compaction or a salvage).
+
+        The connection carrying the outbox when the shell asks is credited.
+        """
+        n = self.unclaimed
+        self.unclaimed = 0
+        return n
 
     def take_written(self) -> list[Any]:
         """Request records whose messages were written since the last call."""
@@ -337,12 +351,14 @@ class TxScheduler:
         outbox.conn = conn
         outbox.orphaned_at = None
 
-    def remove(self, conn: Any) -> None:
-        """``conn`` is gone for good; its (empty, or salvaged first) outbox is forgotten."""
+    def remove(self, conn: Any) -> Outbox | None:
+        """``conn`` is gone for good (call :meth:`failed` first if its outbox may
+        hold messages). Returns the outbox it carried, for reuse."""
         self.disconnected(conn)
         outbox = self._outbox.pop(conn, None)
         if outbox is not None and outbox.conn is conn:
             outbox.conn = None
+        return outbox
 
     def outbox_of(self, conn: Any) -> Outbox:
         return self._outbox[conn]

@@ -5,19 +5,24 @@ from the table is a bug in the caller and raises IllegalTransition, so an
 impossible sequence (writing on a connection that is backing off, a client
 that sends data before its handshake) fails loudly instead of limping on.
 
-A connection *slot* outlives its TCP connections: it dials, carries traffic,
-fails, backs off and dials again, keeping its number (``conn 0..N-1``) so
-operators can follow it.
+A connection *slot* outlives its TCP connections: it dials, carries traffic
+on one live connection, backs off and dials again, keeping its number
+(``conn 0..N-1``) so operators can follow it. Recycling is make-before-break:
+the live connection retires (takes nothing new, finishes what it holds) while
+the slot already dials its replacement.
 
-    IDLE -dial-> CONNECTING -connected-> READY <-> BUSY
-    CONNECTING -dial_failed/no_endpoint-> BACKOFF -retry-> CONNECTING
-    READY/BUSY -failed-> BACKOFF          (outbox rehomed, then back-off)
-    READY/BUSY -drain-> DRAINING -drained/failed-> BACKOFF (then redial or retire)
-    DRAINING -drain_aborted-> READY       (queue did not empty in time)
-    any -close-> CLOSED
+    slot:  IDLE -dial-> CONNECTING -connected-> UP
+           CONNECTING -dial_failed/no_endpoint-> BACKOFF -retry-> CONNECTING
+           UP -lost-> BACKOFF             (the live connection failed or closed)
+           UP -recycle-> CONNECTING       (it retires; its replacement dials now)
+           any -close-> CLOSED
 
-READY means connected with nothing to write (available); BUSY means the
-kernel has refused part of a batch and the slot waits for writability.
+    conn:  READY <-> BUSY                 (BUSY: the kernel refused part of a batch)
+           READY/BUSY -retire-> DRAINING  (recycle, drain, or the server's FIN:
+                                           nothing new; flush, collect answers)
+           DRAINING -resume-> READY       (an operator's drain timed out: back in service)
+           READY/BUSY/DRAINING -fail-> CLOSED   (outbox salvaged, requests settled)
+           any -close-> CLOSED
 """
 
 from __future__ import annotations
@@ -26,61 +31,85 @@ import enum
 
 from kmux.errors import IllegalTransition
 
-__all__ = ["ConnState", "ConnEvent", "ClientState", "ClientEvent", "StateMachine"]
+__all__ = ["SlotState", "SlotEvent", "ConnState", "ConnEvent", "ClientState", "ClientEvent", "StateMachine"]
 
 
-class ConnState(enum.Enum):
+class SlotState(enum.Enum):
     IDLE = "idle"
     CONNECTING = "connecting"
-    READY = "ready"
-    BUSY = "busy"
-    DRAINING = "draining"
+    UP = "up"
     BACKOFF = "backoff"
     CLOSED = "closed"
 
 
-class ConnEvent(enum.Enum):
+class SlotEvent(enum.Enum):
     DIAL = "dial"
     CONNECTED = "connected"
     DIAL_FAILED = "dial_failed"
     NO_ENDPOINT = "no_endpoint"
+    LOST = "lost"
+    RECYCLE = "recycle"
+    RETRY = "retry"
+    CLOSE = "close"
+
+
+_L, _LE = SlotState, SlotEvent
+SLOT_TRANSITIONS: dict[tuple[SlotState, SlotEvent], SlotState] = {
+    (_L.IDLE, _LE.DIAL): _L.CONNECTING,
+    (_L.CONNECTING, _LE.CONNECTED): _L.UP,
+    (_L.CONNECTING, _LE.DIAL_FAILED): _L.BACKOFF,
+    (_L.CONNECTING, _LE.NO_ENDPOINT): _L.BACKOFF,
+    (_L.UP, _LE.LOST): _L.BACKOFF,
+    (_L.UP, _LE.RECYCLE): _L.CONNECTING,
+    (_L.BACKOFF, _LE.RETRY): _L.CONNECTING,
+}
+for _s in SlotState:
+    SLOT_TRANSITIONS[(_s, _LE.CLOSE)] = _L.CLOSED
+
+
+class ConnState(enum.Enum):
+    READY = "ready"
+    BUSY = "busy"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+class ConnEvent(enum.Enum):
     WRITE_BLOCKED = "write_blocked"
     WRITE_DONE = "write_done"
-    DRAIN = "drain"
-    DRAIN_ABORTED = "drain_aborted"
-    DRAINED = "drained"
-    FAILED = "failed"
-    RETRY = "retry"
+    RETIRE = "retire"
+    RESUME = "resume"
+    FAIL = "fail"
     CLOSE = "close"
 
 
 _C, _E = ConnState, ConnEvent
 CONN_TRANSITIONS: dict[tuple[ConnState, ConnEvent], ConnState] = {
-    (_C.IDLE, _E.DIAL): _C.CONNECTING,
-    (_C.CONNECTING, _E.CONNECTED): _C.READY,
-    (_C.CONNECTING, _E.DIAL_FAILED): _C.BACKOFF,
-    (_C.CONNECTING, _E.NO_ENDPOINT): _C.BACKOFF,
     (_C.READY, _E.WRITE_BLOCKED): _C.BUSY,
     (_C.BUSY, _E.WRITE_BLOCKED): _C.BUSY,
     (_C.BUSY, _E.WRITE_DONE): _C.READY,
     (_C.READY, _E.WRITE_DONE): _C.READY,
-    (_C.READY, _E.FAILED): _C.BACKOFF,
-    (_C.BUSY, _E.FAILED): _C.BACKOFF,
-    (_C.READY, _E.DRAIN): _C.DRAINING,
-    (_C.BUSY, _E.DRAIN): _C.DRAINING,
+    (_C.READY, _E.RETIRE): _C.DRAINING,
+    (_C.BUSY, _E.RETIRE): _C.DRAINING,
     (_C.DRAINING, _E.WRITE_BLOCKED): _C.DRAINING,
     (_C.DRAINING, _E.WRITE_DONE): _C.DRAINING,
-    (_C.DRAINING, _E.DRAINED): _C.BACKOFF,
-    (_C.DRAINING, _E.DRAIN_ABORTED): _C.READY,
-    (_C.DRAINING, _E.FAILED): _C.BACKOFF,
-    (_C.BACKOFF, _E.RETRY): _C.CONNECTING,
-    (_C.BACKOFF, _E.FAILED): _C.BACKOFF,
+    (_C.DRAINING, _E.RESUME): _C.READY,
+    (_C.READY, _E.FAIL): _C.CLOSED,
+    (_C.BUSY, _E.FAIL): _C.CLOSED,
+    (_C.DRAINING, _E.FAIL): _C.CLOSED,
 }
 for _s in ConnState:
     CONN_TRANSITIONS[(_s, _E.CLOSE)] = _C.CLOSED
 
-#: States in which the slot holds a live TCP connection.
-CONNECTED_STATES = frozenset({_C.READY, _C.BUSY, _C.DRAINING})
+#: States in which a TCP connection takes new messages.
+TAKING_STATES = frozenset({_C.READY, _C.BUSY})
+#: States in which a TCP connection is open.
+OPEN_STATES = frozenset({_C.READY, _C.BUSY, _C.DRAINING})
+#: Kept for kmux-cli and older callers: a connection is "up" in these.
+CONNECTED_STATES = OPEN_STATES
+#: What a slot's statistics show as its ``state``: its live connection's
+#: state when it has one, else the slot's own.
+VISIBLE_SLOT_STATES = ("idle", "connecting", "ready", "busy", "draining", "backoff", "closed")
 
 
 class ClientState(enum.Enum):

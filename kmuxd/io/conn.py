@@ -1,18 +1,38 @@
-"""One TCP connection slot of a group: dial, write batches, read and steer.
+"""A group's TCP connections: the slot that keeps one up, and each connection's I/O.
 
-The slot is a thin trio shell around the sans-IO cores (:mod:`kmuxd.core.sendq`,
-:mod:`kmuxd.core.steering`, :class:`kmux.framing.FrameDecoder`). It never awaits
-per message: the reader waits for readability once, then drains the socket
-with non-blocking ``recv_into`` into a buffer allocated once; writes are one
-non-blocking ``send`` of the whole outbox, tried first by whoever filled it
-(no task switch when the kernel has room), and only a blocked write wakes
-the writer task to wait for writability.
+Theory of operation
+-------------------
+A :class:`Slot` is a numbered place in the group (``conn 0..N-1``) that
+keeps one *live* TCP connection: a trio task dials (the group's endpoint
+pool says where, and when), hands the connected socket to a :class:`Conn`
+registered in the event core (:mod:`kmuxd.io.reactor`), and waits until that
+connection fails, closes or retires, then dials again.
 
-Error handling: any failure of the stream (reset, EOF, a hostile length, an
-assembly timeout) goes through :meth:`ConnSlot.fail`, which salvages the
-outbox synchronously, so no message waits on a dead stream, then cancels
-the connection's tasks. The slot then backs off and dials again; other slots
-are untouched.
+A :class:`Conn` is one TCP connection, a thin shell around the cores:
+
+* **writes**: the scheduler (:mod:`kmuxd.core.sendq`) decides which outbox a
+  client's messages go to; clients read straight into it during a pass and
+  the connection writes ``outbox[head:tail]`` with one ``send`` when the pass
+  ends. Only a refused write turns on ``EPOLLOUT``.
+* **reads**: one ``recv_into`` straight into its :class:`~kmuxd.core.inbox.Inbox`
+  per readiness event, then the group steers every complete message (one
+  plain ``send`` each, from the buffer).
+* **endings**, all through :meth:`Conn.end`, synchronously: answers already
+  received are still delivered, the outbox is cut back and handed to another
+  connection (KCM's retry from byte 0), written requests are settled by the
+  router (retried or told ``connection_lost``), the endpoint pool learns
+  how the connection ended (a recycle or a failure), and the slot is woken
+  to dial again.
+* **retiring** (make-before-break): when a connection reaches
+  ``max_requests_per_connection`` or ``max_connection_age``, or its server
+  half-closes, it takes nothing new at once and the slot dials its
+  replacement; the old one writes what it holds, collects the answers to its
+  requests in flight and closes (at the latest after ``request_timeout``, or
+  ``shutdown_grace`` without one). An operator's ``drain`` retires the live
+  connection the old way: the replacement is dialled once it has closed.
+
+Error handling: an unexpected exception in a connection's path is caught by
+the reactor's boundary and ends that connection only (:meth:`Conn.crash`).
 """
 
 from __future__ import annotations
@@ -20,35 +40,50 @@ from __future__ import annotations
 import errno
 import socket
 import time
-from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from kmux.errors import ConnectFailed, ConnectionLost, DrainInProgress, DrainTimeout, KmuxError, RemoteAssemblyTimeout
-from kmux.framing import FrameDecoder
+from kmux.errors import (
+    ConnectFailed,
+    ConnectionLost,
+    DrainInProgress,
+    DrainTimeout,
+    KmuxError,
+    RemoteAssemblyTimeout,
+)
 
+from kmuxd.core.inbox import Inbox
+from kmuxd.core.sendq import Outbox
+from kmuxd.core.states import (
+    CONN_TRANSITIONS,
+    OPEN_STATES,
+    SLOT_TRANSITIONS,
+    TAKING_STATES,
+    ConnEvent,
+    ConnState,
+    SlotEvent,
+    SlotState,
+    StateMachine,
+)
 from kmuxd.system.config import Endpoint
 from kmuxd.system.log import RateLimit
-from kmuxd.core.requests import DONE, PENDING, WRITTEN
+
+from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
 from .tcpinfo import TcpInfo, read_tcp_info
-from kmuxd.core.states import CONN_TRANSITIONS, CONNECTED_STATES, ConnEvent, ConnState, StateMachine
 
 if TYPE_CHECKING:
     from .group import Group
 
-__all__ = ["ConnSlot", "ConnStatistics"]
+__all__ = ["Slot", "Conn", "ConnStatistics"]
 
-#: A connection that stayed up this long resets the back-off schedule, so a
-#: server that accepts and immediately closes cannot cause a dial storm.
-STABLE_AFTER = 5.0
-#: Most reads when taking the answers that arrived on a failing stream.
+#: Reads of a failing stream, without waiting, to take answers already received.
 ARRIVED_READS_MAX = 64
-#: How often a draining connection checks whether its queue is empty, seconds.
-DRAIN_POLL = 0.01
-#: Offset of received bytes in the receive buffer (one free byte before them).
-RX_BASE = 1
+#: Seconds between "dial_failed" log lines per slot (all are counted).
+DIAL_LOG_INTERVAL = 10.0
+
+_BASE_MASK = EPOLLIN | EPOLLRDHUP
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +109,8 @@ class ConnStatistics:
     queued_msgs: int
     #: id/fifo steering: requests written here and not yet answered.
     in_flight: int
+    #: Requests accepted on the live connection (for max_requests_per_connection).
+    requests: int
     need_more_hdr: int
     msg_too_big: int
     msg_timeouts: int
@@ -81,134 +118,583 @@ class ConnStatistics:
     #: TCP connections established by this slot after the first.
     reconnects: int
     dial_failures: int
+    #: Connections of this slot closed by their server after answering, and
+    #: replaced by this slot before a limit was reached (make-before-break).
+    recycles: int
+    retired: int
+    #: Older connections of this slot still finishing their work.
+    retiring: int
     last_error: str | None
     #: The kernel's TCP_INFO for the live connection (None when not connected).
     tcp: TcpInfo | None
 
 
-class ConnSlot:
-    def __init__(self, group: "Group", index: int, endpoint: Endpoint) -> None:
+class Conn(Handler):
+    """One TCP connection of a slot, registered in the event core."""
+
+    __slots__ = (
+        "group", "slot", "sock", "fd", "endpoint", "sm", "inbox", "flight", "mask", "connected_at",
+        "tx_msgs", "tx_bytes", "rx_msgs", "rx_bytes", "tx_aborts", "requests", "budget", "answered",
+        "listed", "paused", "suspended", "half_closed", "retire_deadline", "retire_reason", "recycling",
+        "ended", "closed", "error",
+    )
+
+    def __init__(self, slot: "Slot", sock: socket.socket, endpoint: Endpoint, inbox: Inbox) -> None:
+        group = slot.group
         cfg = group.cfg
         self.group = group
-        self.index = index
+        self.slot = slot
+        self.sock = sock
+        self.fd = sock.fileno()
         self.endpoint = endpoint
-        self.log = group.log.bind(conn=index, endpoint=str(endpoint))
-        self.sm = StateMachine(CONN_TRANSITIONS, ConnState.IDLE, f"group {cfg.name} conn {index}")
-        self.outbox = None  # set by the group's TxScheduler
-        self.sock: socket.socket | None = None
-        # Receive side: one buffer for the slot's life; a partial message of
-        # up to max_message always fits after compaction.
-        # Bytes start at RX_BASE: the byte before any unsteered message is
-        # free (a steered message's last byte, or this scratch byte), so the
-        # steering loop writes the DATA kind byte there and sends the packet
-        # with one plain send().
-        self.rbuf = bytearray(RX_BASE + cfg.read_buffer + cfg.max_message)
-        self.rview = memoryview(self.rbuf)
-        self.rhead = RX_BASE  # first byte not yet steered
-        self.rtail = RX_BASE  # end of received bytes
-        self.rparsed = RX_BASE  # end of complete messages found (>= rhead)
-        self.rends: list[int] = []  # ends of parsed, undelivered messages
-        self.decoder = FrameDecoder(cfg.framing, cfg.max_message)
-        #: request/response modes: requests written here and not done
-        #: (fifo: a deque in written order; id: an ordered dict)
-        self.inflight: deque | dict = deque() if cfg.steering == "fifo" else {}
-        self._partial_since: float | None = None
-        self._scope: trio.CancelScope | None = None  # the live connection's tasks
-        self._run_scope = trio.CancelScope()  # the whole slot (retire cancels it)
-        self._redial_now = False
-        self._retiring = False
-        self._closed = trio.Event()  # set when the current TCP connection is closed
-        self._write_wanted = trio.Event()
-        self._error: BaseException | None = None
-        self._connected_at = 0.0
-        self._dial_log = RateLimit(10.0)
-        # counters
+        self.sm = StateMachine(CONN_TRANSITIONS, ConnState.READY, f"group {cfg.name} conn {slot.index}")
+        self.inbox = inbox
+        self.flight = group.router.flight(self) if group.router is not None else None
+        self.mask = _BASE_MASK
+        self.connected_at = time.monotonic()
         self.tx_msgs = self.tx_bytes = self.rx_msgs = self.rx_bytes = 0
         self.tx_aborts = 0
-        self.msg_timeouts = 0
-        self.connections_made = 0
-        self.dial_failures = 0
-        self.last_error: str | None = None
+        #: Requests (messages) accepted to be written here, and how many more
+        #: may be before it recycles (None: no limit).
+        self.requests = 0
+        self.budget: int | None = cfg.max_requests_per_connection or None
+        #: It delivered an answer (or, in balance mode, carried traffic): a
+        #: FIN from its server after that is a recycle, not a failure.
+        self.answered = False
+        self.listed = False  # in the reactor's flush list for this pass
+        self.paused = False  # balance: no ready receiver, not reading
+        self.suspended = False  # paused and hung up: out of the epoll until it can read
+        self.half_closed = False  # the server sent its FIN
+        self.retire_deadline: float | None = None
+        self.retire_reason = ""
+        self.recycling = False  # retired make-before-break (the slot dials at once)
+        self.ended = False
+        #: Set when the TCP connection is closed, however it ended.
+        self.closed = trio.Event()
+        self.error: str | None = None
 
-    # -- lifecycle -----------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"Conn({self.group.cfg.name}/{self.slot.index} {self.endpoint})"
 
     @property
     def state(self) -> ConnState:
         return self.sm.state
 
     @property
+    def taking(self) -> bool:
+        return self.sm.state in TAKING_STATES
+
+    def start(self) -> None:
+        group = self.group
+        group.reactor.register(self.fd, self, self.mask)
+        group.wake(group.sched.connected(self))
+        group.after_adoption()
+
+    # -- the reactor's view ------------------------------------------------------
+
+    def handle(self, events: int) -> None:
+        if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            if self.paused:
+                self._hung_up_while_paused(events)
+            else:
+                self.read()
+        if events & EPOLLOUT and not self.ended:
+            self.flush()
+
+    def crash(self, exc: BaseException) -> None:
+        self.end("error", ConnectionLost(f"internal error on this connection: {exc!r}"))
+
+    def _set_mask(self, mask: int) -> None:
+        if mask != self.mask and not self.ended and not self.suspended:
+            self.mask = mask
+            self.group.reactor.modify(self.fd, mask)
+
+    # -- writing -----------------------------------------------------------------------
+
+    def flush_soon(self) -> None:
+        """Bytes were committed to this connection's outbox: write them when the pass ends."""
+        if not self.listed:
+            self.listed = True
+            self.group.reactor.flush_later(self)
+
+    def flush(self) -> None:
+        """Write as much of the outbox as the kernel takes, without waiting."""
+        self.listed = False
+        if self.ended:
+            return
+        group = self.group
+        sched = group.sched
+        outbox = sched.outbox_of(self)
+        send = self.sock.send
+        flight = self.flight
+        while outbox.head < outbox.tail:
+            try:
+                n = send(outbox.view[outbox.head : outbox.tail])
+            except BlockingIOError:
+                if self.sm.state is not ConnState.DRAINING:
+                    self.sm.fire(ConnEvent.WRITE_BLOCKED)
+                self._set_mask(self.mask | EPOLLOUT)
+                return
+            except OSError as exc:
+                self.end("error", exc)
+                return
+            self.tx_bytes += n
+            wake = sched.written(self, n)
+            self.tx_msgs += outbox.take_written_count()
+            if flight is not None and outbox.written_requests:
+                router = group.router
+                for req in outbox.take_written():
+                    router.written(req, flight)
+            if wake:
+                group.wake(wake)
+            outbox = sched.outbox_of(self)  # an adoption may have swapped it
+        if self.sm.state is ConnState.BUSY:
+            self.sm.fire(ConnEvent.WRITE_DONE)
+        if self.mask & EPOLLOUT:
+            self._set_mask(self.mask & ~EPOLLOUT)
+        if group.flush_waited:
+            group.note_flushed()
+        if self.sm.state is ConnState.DRAINING:
+            self.maybe_finish_retiring()
+
+    def accepted(self, msgs: int) -> None:
+        """``msgs`` requests were committed to this connection's outbox."""
+        self.requests += msgs
+        if self.budget is not None:
+            self.budget -= msgs
+            if self.budget <= 0 and self.taking:
+                self.retire("max_requests_per_connection", recycle=True)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def read(self) -> None:
+        """One read into the inbox, then steer what it completed."""
+        inbox = self.inbox
+        try:
+            n = self.sock.recv_into(inbox.space())
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.end("error", exc)
+            return
+        if n == 0:
+            self.peer_closed()
+            return
+        self.rx_bytes += n
+        try:
+            ready = inbox.received(n, time.monotonic())
+        except KmuxError as exc:  # RemoteFrameTooBig / RemoteBadHeader
+            self.end("error", exc, eject=f"bad framing: {exc.message}")
+            return
+        if ready:
+            self.steer()
+
+    def steer(self) -> None:
+        group = self.group
+        if group.router is not None:
+            group.steer_responses(self)
+        elif not group.steer_balance(self):
+            self.pause()
+
+    def pause(self) -> None:
+        """Balance: no receiver is ready. Stop reading; TCP pushes back on the server."""
+        self.paused = True
+        self.inbox.pause_clock()
+        self.group.paused.append(self)
+        self._set_mask(self.mask & ~(EPOLLIN | EPOLLRDHUP))
+
+    def resume(self) -> None:
+        """A receiver became ready: steer what waits, then read again."""
+        if not self.paused or self.ended:
+            return
+        if not self.group.steer_balance(self):
+            self.group.paused.append(self)
+            return
+        self.paused = False
+        self.inbox.resume_clock(time.monotonic())
+        if self.suspended:
+            self.suspended = False
+            self.group.reactor.register(self.fd, self, self.mask | EPOLLIN | EPOLLRDHUP)
+            self.mask |= EPOLLIN | EPOLLRDHUP
+        else:
+            self._set_mask(self.mask | EPOLLIN | EPOLLRDHUP)
+        if self.half_closed:
+            self.read()
+
+    def _hung_up_while_paused(self, events: int) -> None:
+        # Level-triggered epoll reports a hang-up for as long as it lasts,
+        # whatever the mask: take the socket out of the epoll until a
+        # receiver is ready, then read what the server sent before it went.
+        if events & (EPOLLHUP | EPOLLERR):
+            self.suspended = True
+            self.group.reactor.unregister(self.fd)
+        if events & EPOLLRDHUP and not self.half_closed:
+            self.half_closed = True
+            if self.taking:
+                self.retire("the server closed its side", recycle=True)
+
+    def peer_closed(self) -> None:
+        """The server sent its FIN: everything it sent has been read."""
+        self.half_closed = True
+        self.end("fin")
+
+    # -- retiring and ending -----------------------------------------------------------------
+
+    def retire(self, reason: str, *, recycle: bool, deadline: float | None = None) -> None:
+        """Take nothing new; finish what is here, then close (see the module docstring)."""
+        if not self.taking:
+            return
+        group = self.group
+        self.sm.fire(ConnEvent.RETIRE)
+        self.retire_reason = reason
+        self.recycling = recycle
+        if deadline is None:
+            cfg = group.cfg
+            deadline = time.monotonic() + (cfg.request_timeout or group.daemon_cfg.shutdown_grace)
+        self.retire_deadline = deadline
+        group.wake(group.sched.retire(self))
+        if recycle:
+            group.recycles += 1
+            self.slot.replace_now(self)
+        self.maybe_finish_retiring()
+
+    def unretire(self) -> None:
+        """An operator's drain timed out: back in service."""
+        if self.sm.state is ConnState.DRAINING and not self.ended:
+            self.sm.fire(ConnEvent.RESUME)
+            self.retire_deadline = None
+            self.group.wake(self.group.sched.connected(self))
+
+    def maybe_finish_retiring(self) -> None:
+        """Close a retiring connection once its outbox is written and its requests answered."""
+        if self.ended or self.sm.state is not ConnState.DRAINING:
+            return
+        outbox = self.group.sched.outbox_of(self)
+        if outbox.pending or outbox.owners or outbox.open_owner is not None:
+            return
+        if self.flight is not None:
+            if self.flight.count():
+                return
+            self.end("requested")
+            return
+        # Balance: nothing tells us when the service has answered everything.
+        # Half-close and read until it closes its side (or the deadline).
+        if not self.slot.drain_half_closed(self):
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self.slot.half_closed_conns.add(self)
+
+    def retire_expired(self, now: float) -> None:
+        if self.retire_deadline is not None and now >= self.retire_deadline and not self.ended:
+            self.end("requested")
+
+    def end(self, how: str, exc: BaseException | None = None, *, eject: str | None = None) -> None:
+        """The stream is done (``how``: "fin", "error" or "requested"): settle everything now."""
+        if self.ended:
+            return
+        group = self.group
+        sched = group.sched
+        now = time.monotonic()
+        requested = how == "requested"
+        if exc is not None and not requested:
+            self.error = _describe(exc)
+        # Answers the service sent before the stream broke are still owed.
+        if group.router is not None and how == "error" and not self.paused:
+            self._take_arrived()
+        self.ended = True
+        was_draining = self.sm.state is ConnState.DRAINING
+        self.sm.fire(ConnEvent.FAIL if how != "requested" else ConnEvent.CLOSE)
+        outbox = sched.outbox_of(self)
+        cut_before = outbox.pending
+        salvage, wake = sched.failed(self, now)
+        # Messages that were whole in the kernel before the end count as written here.
+        self.tx_msgs += outbox.take_written_count()
+        if self.flight is not None:
+            for req in outbox.take_written():
+                group.router.written(req, self.flight)
+        if salvage.cut_msgs:
+            self.tx_aborts += 1
+        group.tx_retries += salvage.resend_msgs
+        if self.flight is not None:
+            why = self.error or self.retire_reason or "closed"
+            group.settle_lost(self.flight, f"connection {self.slot.index} to {self.endpoint} {_ended(how)}: {why}")
+        if self.inbox.ends:
+            group.dropped_rx_msgs += len(self.inbox.ends)  # balance: no receiver ever came
+        spare = sched.remove(self)
+        group.reactor.unregister(self.fd)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.closed.set()
+        pool = group.endpoints
+        if eject is not None:
+            pool.closed(self.endpoint, now, answered=self.answered, graceful=False, requested=True)
+            pool.eject(self.endpoint, now, eject)
+            kind = "failure"
+        else:
+            kind = pool.closed(
+                self.endpoint, now, answered=self.answered or (group.router is None and self.tx_msgs > 0),
+                graceful=how == "fin", requested=requested or was_draining,
+                reason=self.error or "",
+            )
+        log = group.log.bind(conn=self.slot.index, endpoint=str(self.endpoint))
+        (log.info if kind != "failure" else log.warning)(
+            "connection_closed" if kind != "failure" else "connection_failed",
+            how=how, counted=kind, error=self.error, reason=self.retire_reason or None,
+            error_code=getattr(exc, "code", "os_error") if exc is not None else None,
+            resend_msgs=salvage.resend_msgs, queued_bytes=cut_before,
+        )
+        if wake:
+            group.wake(wake)
+        group.after_adoption()
+        self.slot.conn_ended(self, kind, spare)
+
+    def _take_arrived(self) -> None:
+        """Read and steer, without waiting, whatever already arrived on a failing stream."""
+        inbox = self.inbox
+        for _ in range(ARRIVED_READS_MAX):
+            if inbox.ends:
+                self.steer()
+                if inbox.ends:
+                    return
+            try:
+                n = self.sock.recv_into(inbox.space())
+            except OSError:
+                return
+            if n == 0:
+                return
+            self.rx_bytes += n
+            try:
+                inbox.received(n, time.monotonic())
+            except KmuxError:
+                return
+        if inbox.ends:
+            self.steer()
+
+    def assembly_expired(self, now: float) -> bool:
+        """A partial message waited ``assembly_timeout`` for the remote: end with an ejection."""
+        cfg = self.group.cfg
+        if self.ended or not self.inbox.expired(now, cfg.assembly_timeout):
+            return False
+        exc = RemoteAssemblyTimeout(
+            f"a partial message of {self.inbox.partial_bytes} bytes did not complete "
+            f"within assembly_timeout={cfg.assembly_timeout}s"
+        )
+        self.slot.msg_timeouts += 1
+        self.end("error", exc, eject="assembly timeout")
+        return True
+
+    # -- statistics ------------------------------------------------------------------------------
+
+    def age(self, now: float) -> float:
+        return now - self.connected_at
+
+    def written_msgs(self) -> int:
+        """Messages written here, including those a compaction counted since the last write."""
+        return self.tx_msgs + self.group.sched.outbox_of(self).unclaimed
+
+
+class Slot:
+    """Connection slot ``index`` of a group: keeps one live TCP connection up."""
+
+    def __init__(self, group: "Group", index: int, endpoint: Endpoint) -> None:
+        self.group = group
+        self.index = index
+        self.endpoint = endpoint
+        self.sm = StateMachine(SLOT_TRANSITIONS, SlotState.IDLE, f"group {group.cfg.name} slot {index}")
+        self.live: Conn | None = None
+        #: Older connections of this slot still finishing their work.
+        self.retiring: set[Conn] = set()
+        #: Retiring balance-mode connections we have half-closed.
+        self.half_closed_conns: set[Conn] = set()
+        self._wake = trio.Event()
+        self._run_scope = trio.CancelScope()
+        self._stopping = False
+        self._spare_outbox: Outbox | None = None
+        self._spare_inbox: Inbox | None = None
+        self._dial_log = RateLimit(DIAL_LOG_INTERVAL)
+        self._drain_waiting: Conn | None = None
+        # counters (a slot's totals over all its connections)
+        self.ended_tx_msgs = self.ended_tx_bytes = self.ended_rx_msgs = self.ended_rx_bytes = 0
+        self.ended_tx_aborts = 0
+        self.msg_timeouts = 0
+        self.connections_made = 0
+        self.dial_failures = 0
+        self.recycles = 0
+        self.retired = 0
+        self.last_error: str | None = None
+
+    @property
+    def log(self) -> Any:
+        return self.group.log.bind(conn=self.index, endpoint=str(self.endpoint))
+
+    @property
     def connected(self) -> bool:
-        return self.sm.state in CONNECTED_STATES
+        return self.live is not None and self.live.state in OPEN_STATES
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Keep this slot connected until retired or cancelled.
+    @property
+    def state_name(self) -> str:
+        if self.live is not None and not self.live.ended:
+            return self.live.state.value
+        return self.sm.state.value
 
-        The group's endpoint pool says which endpoint to dial, or how long to
-        wait (kmuxd.core.endpoints). Reports started after the first dial, whether
-        it connected or not.
+    def conns(self) -> list[Conn]:
+        out = list(self.retiring)
+        if self.live is not None:
+            out.append(self.live)
+        return out
+
+    # -- the dial loop (a trio task) ----------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a live connection up until retired or cancelled.
+
+        Reports started after the first dial, whether it connected or not.
         """
-        pool = self.group.endpoints
-        self.sm.fire(ConnEvent.DIAL)
+        group = self.group
+        pool = group.endpoints
         started = False
+        self.sm.fire(SlotEvent.DIAL)
         with trio.CancelScope() as self._run_scope:
-            while True:
+            while not self._stopping:
                 endpoint, wait = pool.choose(time.monotonic())
                 if endpoint is None:
-                    # Every endpoint is ejected and backing off (or being probed).
-                    self.sm.fire(ConnEvent.NO_ENDPOINT)
+                    self.sm.fire(SlotEvent.NO_ENDPOINT)
                     if not started:
                         started = True
                         task_status.started()
                     await trio.sleep(wait)
-                    self.sm.fire(ConnEvent.RETRY)
+                    self.sm.fire(SlotEvent.RETRY)
                     continue
-                self._use_endpoint(endpoint)
+                self.endpoint = endpoint
                 try:
-                    sock = await self._dial()
+                    sock = await self._dial(endpoint)
                 except (OSError, ConnectFailed) as exc:
-                    pool.failed(endpoint, time.monotonic())
+                    pool.dial_failed(endpoint, time.monotonic(), _describe(exc))
                     self.dial_failures += 1
                     self.last_error = _describe(exc)
-                    self.sm.fire(ConnEvent.DIAL_FAILED)
+                    self.sm.fire(SlotEvent.DIAL_FAILED)
                     if self._dial_log.allow():
-                        self.log.warning(
-                            "dial_failed", error=self.last_error, suppressed=self._dial_log.take_suppressed()
-                        )
+                        self.log.warning("dial_failed", error=self.last_error,
+                                         suppressed=self._dial_log.take_suppressed())
                     if not started:
                         started = True
                         task_status.started()
                     await trio.lowlevel.checkpoint()  # the pool decides whether to wait
-                    self.sm.fire(ConnEvent.RETRY)
+                    self.sm.fire(SlotEvent.RETRY)
                     continue
                 pool.connected(endpoint)
-                await self._carry(sock, task_status if not started else None)
-                started = True
-                requested = self._redial_now or self._retiring
-                stable = requested or time.monotonic() - self._connected_at >= STABLE_AFTER
-                pool.closed(endpoint, time.monotonic(), stable=stable)
-                if self._retiring:
-                    break
-                self._redial_now = False
+                conn = self._carry(sock, endpoint)
+                if not started:
+                    started = True
+                    task_status.started()
+                await self._wake.wait()
+                self._wake = trio.Event()
+                if self.sm.state is SlotState.UP:
+                    self.sm.fire(SlotEvent.LOST if conn.ended else SlotEvent.RECYCLE)
+                if self.sm.state is SlotState.BACKOFF:
+                    self.sm.fire(SlotEvent.RETRY)
                 await trio.lowlevel.checkpoint()
-                self.sm.fire(ConnEvent.RETRY)
-        if self.sm.state is not ConnState.CLOSED:
-            self.sm.fire(ConnEvent.CLOSE)
 
-    def _use_endpoint(self, endpoint: Endpoint) -> None:
-        if endpoint != self.endpoint:
-            self.endpoint = endpoint
-            self.log = self.group.log.bind(conn=self.index, endpoint=str(endpoint))
+    def _carry(self, sock: socket.socket, endpoint: Endpoint) -> Conn:
+        group = self.group
+        cfg = group.cfg
+        inbox = self._spare_inbox
+        self._spare_inbox = None
+        if inbox is None:
+            inbox = Inbox(cfg.framing, cfg.max_message, cfg.read_buffer)
+        else:
+            inbox.reset()
+        conn = Conn(self, sock, endpoint, inbox)
+        outbox = self._spare_outbox
+        self._spare_outbox = None
+        if outbox is None or outbox.pending or outbox.owners:
+            outbox = Outbox(cfg.write_buffer, cfg.max_message + 1, cfg.framing._length_at)
+        group.sched.add(conn, outbox)
+        self.live = conn
+        self.connections_made += 1
+        self.sm.fire(SlotEvent.CONNECTED)
+        self.log.info("connected", local=_sockname(sock))
+        conn.start()
+        group.reactor.end_pass()
+        return conn
 
-    # -- operator actions ------------------------------------------------------
+    async def _dial(self, endpoint: Endpoint) -> socket.socket:
+        cfg = self.group.cfg
+        host, port = endpoint.host, endpoint.port
+        with trio.move_on_after(cfg.connect_timeout) as scope:
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            last: BaseException | None = None
+            for family, type_, proto, _, addr in infos:
+                sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
+                try:
+                    _tune(sock, cfg)
+                    err = sock.connect_ex(addr)
+                    if err == errno.EINPROGRESS:
+                        await trio.lowlevel.wait_writable(sock)
+                        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        raise OSError(err, f"connect to {endpoint}: {errno.errorcode.get(err, err)}")
+                    trio.lowlevel.notify_closing(sock)  # trio forgets it; the reactor owns it now
+                    return sock
+                except BaseException as exc:
+                    trio.lowlevel.notify_closing(sock)
+                    sock.close()
+                    last = exc
+                    if not isinstance(exc, OSError):
+                        raise
+            raise last or ConnectFailed(f"{endpoint}: no address")
+        assert scope.cancelled_caught
+        raise ConnectFailed(f"connect to {endpoint} timed out after {cfg.connect_timeout}s")
+
+    # -- what its connections tell it ------------------------------------------------------------
+
+    def replace_now(self, conn: Conn) -> None:
+        """``conn`` retired make-before-break: it finishes on its own; dial its replacement."""
+        if conn is self.live:
+            self.live = None
+            self.retiring.add(conn)
+            self.retired += 1
+            self._wake.set()
+
+    def conn_ended(self, conn: Conn, kind: str, spare: Outbox | None) -> None:
+        self.ended_tx_msgs += conn.tx_msgs
+        self.ended_tx_bytes += conn.tx_bytes
+        self.ended_rx_msgs += conn.rx_msgs
+        self.ended_rx_bytes += conn.rx_bytes
+        self.ended_tx_aborts += conn.tx_aborts
+        if conn.error:
+            self.last_error = conn.error
+        if kind == "recycle":
+            self.recycles += 1
+        if spare is not None and not spare.pending and not spare.owners:
+            self._spare_outbox = spare
+        if not conn.inbox.ends and self._spare_inbox is None:
+            self._spare_inbox = conn.inbox
+        self.retiring.discard(conn)
+        self.half_closed_conns.discard(conn)
+        if conn is self.live:
+            self.live = None
+            self._wake.set()
+
+    def drain_half_closed(self, conn: Conn) -> bool:
+        return conn in self.half_closed_conns
+
+    # -- operator actions ------------------------------------------------------------------------
 
     def reconnect(self) -> bool:
         """Close the live connection and dial again at once. False if not connected."""
-        if self.sm.state is ConnState.DRAINING:
+        live = self.live
+        if live is not None and live.state is ConnState.DRAINING:
             raise DrainInProgress(f"conn {self.index} is draining; it is replaced when the drain ends")
-        if not self.connected:
+        if live is None or live.ended:
             return False
-        self._redial_now = True
-        self.fail(ConnectionLost("reconnect requested by an operator"), requested=True)
+        live.retire_reason = "reconnect requested by an operator"
+        live.end("requested")
+        self.group.reactor.end_pass()
         return True
 
     async def drain(self, timeout: float, *, retire: bool = False) -> tuple[int, int]:
@@ -217,346 +703,132 @@ class ConnSlot:
         Returns (messages, bytes) written meanwhile. Raises DrainTimeout if
         the queue did not empty in time; the connection then stays in service.
         """
-        if self.sm.state is ConnState.DRAINING:
+        live = self.live
+        if live is not None and live.state is ConnState.DRAINING:
             raise DrainInProgress(f"conn {self.index} is already draining")
-        if not self.connected:
+        if live is None or live.ended:
             if retire:
-                self._run_scope.cancel()
+                self.stop()
             return 0, 0
-        group = self.group
-        msgs0, bytes0 = self.tx_msgs, self.tx_bytes
-        # This TCP connection's own "closed" event: if it dies meanwhile and
-        # the slot redials, the drain must not touch the new connection.
-        closed = self._closed
+        msgs0, bytes0 = live.tx_msgs, live.tx_bytes
         deadline = trio.current_time() + timeout
-        self.sm.fire(ConnEvent.DRAIN)
-        group.after_tx(group.tx.retire(self))
-        with trio.move_on_at(deadline) as scope:
-            while not closed.is_set() and (self.outbox.pending or self.outbox.owners):
-                await trio.sleep(DRAIN_POLL)
-        if scope.cancelled_caught and not closed.is_set():
-            self.sm.fire(ConnEvent.DRAIN_ABORTED)
-            group.after_tx(group.tx.connected(self))
-            raise DrainTimeout(
-                f"conn {self.index} still had {self.outbox.pending} bytes queued after {timeout}s; it stays in service"
-            )
+        # The drain keeps its own deadline: on time-out the connection stays in service.
+        live.retire("drain", recycle=False, deadline=float("inf"))
+        self.group.reactor.end_pass()
+        with trio.move_on_at(deadline):
+            await live.closed.wait()
+        if not live.ended:
+            outbox = self.group.sched.outbox_of(live)
+            if outbox.pending or outbox.owners:
+                live.unretire()
+                self.group.reactor.end_pass()
+                raise DrainTimeout(
+                    f"conn {self.index} still had {outbox.pending} bytes queued after {timeout}s; it stays in service"
+                )
+            live.end("requested")  # written, but the service never closed its side
+            self.group.reactor.end_pass()
         if retire:
-            self._retiring = True
-        elif not closed.is_set():
-            self._redial_now = True  # replaced at once, without back-off
-        if not closed.is_set() and self.connected:
-            # Let the service finish what it is answering: half-close, then
-            # read until it closes (or the rest of the timeout runs out).
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            with trio.move_on_at(deadline):
-                await closed.wait()
-            if not closed.is_set():
-                self.sm.fire(ConnEvent.DRAINED)
-                self._scope.cancel()
-        await closed.wait()
-        if retire:
-            self._run_scope.cancel()
-        self.log.info("drained", msgs=self.tx_msgs - msgs0, bytes=self.tx_bytes - bytes0, retire=retire)
-        return self.tx_msgs - msgs0, self.tx_bytes - bytes0
+            self.stop()
+        self.log.info("drained", msgs=live.tx_msgs - msgs0, bytes=live.tx_bytes - bytes0, retire=retire)
+        return live.tx_msgs - msgs0, live.tx_bytes - bytes0
 
-    async def _carry(self, sock: socket.socket, task_status) -> None:
-        self.sock = sock
-        self._error = None
-        self._closed = trio.Event()
-        self.rhead = self.rtail = self.rparsed = RX_BASE
-        self.rends = []
-        self._partial_since = None
-        self._connected_at = time.monotonic()
-        self.connections_made += 1
-        self.sm.fire(ConnEvent.CONNECTED)
-        self.log.info("connected", local=_sockname(sock))
-        try:
-            with trio.CancelScope() as scope:
-                self._scope = scope
-                group = self.group
-                group.after_tx(group.tx.connected(self))
-                if task_status is not None:
-                    task_status.started()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._guarded, self._reader)
-                    nursery.start_soon(self._guarded, self._writer)
-        finally:
-            self._scope = None
-            if self.connected:  # cancelled from outside (group stopping)
-                self.group.tx.disconnected(self)
-                self.sm.fire(ConnEvent.CLOSE)
-            trio.lowlevel.notify_closing(sock)
-            sock.close()
-            self.sock = None
-            self._closed.set()
-            # Closed by a drain or a stop: what is still unanswered is lost.
-            self.group.fail_requests(self, ConnectionLost(f"connection {self.index} to {self.endpoint} was closed"))
+    def stop(self) -> None:
+        """Take no new connections (the group is stopping or shrinking)."""
+        self._stopping = True
+        self._run_scope.cancel()
 
-    async def _guarded(self, task) -> None:
-        try:
-            await task()
-        except (OSError, KmuxError) as exc:
-            # While draining, the service closing its side is the expected end.
-            self.fail(exc, requested=self.sm.state is ConnState.DRAINING)
+    def close_all(self) -> None:
+        """The group is gone: close every connection now (queues were flushed or given up)."""
+        self.stop()
+        for conn in self.conns():
+            conn.end("requested")
+        if self.sm.state is not SlotState.CLOSED:
+            self.sm.fire(SlotEvent.CLOSE)
 
-    async def _dial(self) -> socket.socket:
-        cfg = self.group.cfg
-        host, port = self.endpoint.host, self.endpoint.port
-        with trio.move_on_after(cfg.connect_timeout) as scope:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            last: BaseException | None = None
-            for family, type_, proto, _, addr in infos:
-                sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    err = sock.connect_ex(addr)
-                    if err == errno.EINPROGRESS:
-                        await trio.lowlevel.wait_writable(sock)
-                        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        raise OSError(err, f"connect to {self.endpoint}: {errno.errorcode.get(err, err)}")
-                    return sock
-                except BaseException as exc:
-                    trio.lowlevel.notify_closing(sock)
-                    sock.close()
-                    last = exc
-                    if not isinstance(exc, OSError):
-                        raise
-            raise last or ConnectFailed(f"{self.endpoint}: no address")
-        assert scope.cancelled_caught
-        raise ConnectFailed(f"connect to {self.endpoint} timed out after {cfg.connect_timeout}s")
-
-    def fail(self, exc: BaseException, *, requested: bool = False) -> None:
-        """The stream is unusable: salvage the outbox now, then stop its tasks."""
-        if not self.connected:
-            return
-        self._error = exc
-        if not requested:  # an operator's reconnect or drain is not an error
-            self.last_error = _describe(exc)
-        group = self.group
-        cut_before = self.outbox.pending
-        self.sm.fire(ConnEvent.FAILED)
-        if group.request_mode:
-            # Answers the service sent before the stream broke are still
-            # owed to their clients: take them before failing the rest.
-            self._take_arrived_responses()
-        salvage, wake = group.tx.failed(self)
-        # Written requests cannot be retried safely: their clients are told,
-        # and answers parsed but not handed over are dropped with them.
-        group.fail_requests(self, exc)
-        self.rends = []
-        if salvage.cut_msgs:
-            self.tx_aborts += 1
-        group.tx_retries += salvage.resend_msgs
-        group.after_tx(wake)
-        (self.log.info if requested else self.log.warning)(
-            "connection_closed" if requested else "connection_failed",
-            error=_describe(exc),
-            error_code=getattr(exc, "code", "os_error"),
-            resend_msgs=salvage.resend_msgs,
-            queued_bytes=cut_before,
-        )
-        if self._scope is not None:
-            self._scope.cancel()
-
-    # -- send side -----------------------------------------------------------
-
-    def request_written(self, req) -> None:
-        """A request's bytes reached the kernel on this connection (see kmuxd.core.requests)."""
-        if req.state != PENDING:
-            return  # answered while its batch was still being written (fifo)
-        req.state = WRITTEN
-        req.conn = self
-        if isinstance(self.inflight, deque):
-            self.inflight.append(req)
-        else:
-            self.inflight[req] = None
-
-    def flush_nowait(self) -> None:
-        """Write as much of the outbox as the kernel takes, without waiting."""
-        outbox = self.outbox
-        sock = self.sock
-        if sock is None or not self.connected:
-            return
-        group = self.group
-        while outbox.head < outbox.tail:
-            try:
-                n = sock.send(outbox.view[outbox.head : outbox.tail])
-            except BlockingIOError:
-                if self.sm.state is not ConnState.BUSY:
-                    self.sm.fire(ConnEvent.WRITE_BLOCKED)
-                self._write_wanted.set()
-                return
-            except OSError as exc:
-                self.fail(exc)
-                return
-            wake = group.tx.written(self, n)
-            self.tx_bytes += n
-            group.after_tx(wake)
-            if outbox is not self.outbox:  # adoption/failure swapped outboxes meanwhile
-                outbox = self.outbox
-        if self.sm.state is ConnState.BUSY:
-            self.sm.fire(ConnEvent.WRITE_DONE)
-
-    async def _writer(self) -> None:
-        # The only task that waits for writability on this socket.
-        while True:
-            await self._write_wanted.wait()
-            self._write_wanted = trio.Event()
-            while self.outbox.pending and self.connected:
-                await trio.lowlevel.wait_writable(self.sock)
-                self.flush_nowait()
-
-    # -- receive side ----------------------------------------------------------
-
-    async def _reader(self) -> None:
-        sock = self.sock
-        group = self.group
-        cfg = group.cfg
-        rbuf, rview = self.rbuf, self.rview
-        size = len(rbuf)
-        split = self.decoder.split
-        while True:
-            if self._partial_since is None:
-                await trio.lowlevel.wait_readable(sock)
-            else:
-                with trio.move_on_at(self._partial_since + cfg.assembly_timeout):
-                    await trio.lowlevel.wait_readable(sock)
-                if time.monotonic() - self._partial_since >= cfg.assembly_timeout:
-                    self.msg_timeouts += 1
-                    raise RemoteAssemblyTimeout(
-                        f"a partial message of {self.rtail - self.rparsed} bytes did not complete "
-                        f"within assembly_timeout={cfg.assembly_timeout}s"
-                    )
-            while True:
-                if not self.connected:
-                    # fail() ran while this task was already scheduled: the
-                    # stream's outcomes are settled, take nothing more.
-                    return
-                # Deliver what is parsed before reading more: with no ready
-                # receiver we stop reading and TCP pushes back on the server.
-                while self.rends:
-                    if not group.steer(self):
-                        self._partial_since = None  # our own pause, not the remote's delay
-                        await group.wait_receiver()
-                        if not self.connected:
-                            return
-                if self.rtail > self.rparsed and self._partial_since is None:
-                    self._partial_since = time.monotonic()
-                if self.rhead == self.rtail:
-                    self.rhead = self.rtail = self.rparsed = RX_BASE
-                elif size - self.rtail < cfg.read_buffer // 4:
-                    self._compact()
-                try:
-                    n = sock.recv_into(rview[self.rtail :])
-                except BlockingIOError:
-                    break
-                if n == 0:
-                    raise ConnectionLost(f"{self.endpoint} closed the connection")
-                self.rtail += n
-                self.rx_bytes += n
-                ends, consumed, pending = split(rbuf, self.rparsed, self.rtail)
-                if ends:
-                    self.rends = ends
-                    self.rparsed = consumed
-                    # The partial message (if any) completed; a new one may
-                    # have begun in this read: its clock starts now.
-                    self._partial_since = None
-                if consumed < self.rtail:
-                    if self._partial_since is None:
-                        self._partial_since = time.monotonic()
-                    if pending > 0 and self.rparsed + pending > size:
-                        self._compact()
-                else:
-                    self._partial_since = None
-
-    def _take_arrived_responses(self) -> None:
-        """Read and steer, without waiting, whatever is already received on a failing stream."""
-        group = self.group
-        sock = self.sock
-        size = len(self.rbuf)
-        for _ in range(ARRIVED_READS_MAX):
-            if self.rends and not group.steer(self):
-                return  # a client cannot take its answer now; the rest is failed
-            if self.rhead == self.rtail:
-                self.rhead = self.rtail = self.rparsed = RX_BASE
-            elif size - self.rtail < self.group.cfg.read_buffer // 4:
-                self._compact()
-            try:
-                n = sock.recv_into(self.rview[self.rtail :])
-            except OSError:
-                return
-            if n == 0:
-                return
-            self.rtail += n
-            self.rx_bytes += n
-            try:
-                ends, consumed, _ = self.decoder.split(self.rbuf, self.rparsed, self.rtail)
-            except KmuxError:
-                return
-            if ends:
-                self.rends = ends
-                self.rparsed = consumed
-        if self.rends:
-            group.steer(self)
-
-    def _compact(self) -> None:
-        # Undelivered messages and the partial one move to the front.
-        shift = self.rhead - RX_BASE
-        if not shift:
-            return
-        self.rbuf[RX_BASE : self.rtail - shift] = self.rview[self.rhead : self.rtail]
-        self.rhead = RX_BASE
-        self.rtail -= shift
-        self.rparsed -= shift
-        self.rends = [e - shift for e in self.rends]
-
-    # -- statistics -------------------------------------------------------------
+    # -- statistics ---------------------------------------------------------------------------------
 
     def statistics(self) -> ConnStatistics:
-        d = self.decoder.statistics()
-        o = self.outbox.statistics()
-        sock = self.sock
+        group = self.group
+        now = time.monotonic()
+        live = self.live if self.live is not None and not self.live.ended else None
+        conns = [c for c in self.conns() if not c.ended]
+        tx_msgs = self.ended_tx_msgs + sum(c.written_msgs() for c in conns)
+        tx_bytes = self.ended_tx_bytes + sum(c.tx_bytes for c in conns)
+        rx_msgs = self.ended_rx_msgs + sum(c.rx_msgs for c in conns)
+        rx_bytes = self.ended_rx_bytes + sum(c.rx_bytes for c in conns)
+        queued_bytes = queued_msgs = reserved = unreserved = in_flight = 0
+        need_more_hdr = msg_too_big = bad_hdr_len = 0
+        for c in conns:
+            ob = group.sched.outbox_of(c)
+            o = ob.statistics()
+            queued_bytes += o.queued_bytes
+            queued_msgs += o.queued_msgs
+            reserved += ob.reserved_count
+            unreserved += ob.unreserved_count
+            if c.flight is not None:
+                in_flight += c.flight.count()
+            d = c.inbox.decoder.statistics()
+            need_more_hdr += d.need_more_hdr
+            msg_too_big += d.msg_too_big
+            bad_hdr_len += d.bad_hdr_len
+        sock = live.sock if live is not None else None
         return ConnStatistics(
             index=self.index,
-            state=self.sm.state.value,
-            endpoint=str(self.endpoint),
+            state=self.state_name,
+            endpoint=str(live.endpoint if live is not None else self.endpoint),
             local=_sockname(sock) if sock else None,
             remote=_peername(sock) if sock else None,
-            age=(time.monotonic() - self._connected_at) if sock else 0.0,
-            tx_msgs=self.tx_msgs,
-            tx_bytes=self.tx_bytes,
-            rx_msgs=self.rx_msgs,
-            rx_bytes=self.rx_bytes,
-            reserved=self.outbox.reserved_count,
-            unreserved=self.outbox.unreserved_count,
-            tx_aborts=self.tx_aborts,
-            queued_bytes=o.queued_bytes,
-            queued_msgs=o.queued_msgs,
-            in_flight=sum(1 for r in self.inflight if r.state != DONE),
-            need_more_hdr=d.need_more_hdr,
-            msg_too_big=d.msg_too_big,
+            age=live.age(now) if live is not None else 0.0,
+            tx_msgs=tx_msgs,
+            tx_bytes=tx_bytes,
+            rx_msgs=rx_msgs,
+            rx_bytes=rx_bytes,
+            reserved=reserved,
+            unreserved=unreserved,
+            tx_aborts=self.ended_tx_aborts + sum(c.tx_aborts for c in conns),
+            queued_bytes=queued_bytes,
+            queued_msgs=queued_msgs,
+            in_flight=in_flight,
+            requests=live.requests if live is not None else 0,
+            need_more_hdr=need_more_hdr,
+            msg_too_big=msg_too_big,
             msg_timeouts=self.msg_timeouts,
-            bad_hdr_len=d.bad_hdr_len,
+            bad_hdr_len=bad_hdr_len,
             reconnects=max(0, self.connections_made - 1),
             dial_failures=self.dial_failures,
+            recycles=self.recycles,
+            retired=self.retired,
+            retiring=len([c for c in self.retiring if not c.ended]),
             last_error=self.last_error,
             tcp=read_tcp_info(sock) if sock else None,
         )
 
 
+def _tune(sock: socket.socket, cfg: Any) -> None:
+    """Per-connection socket options: no Nagle, keepalive, user timeout (docs/config.md)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if cfg.keepalive_idle:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, cfg.keepalive_idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, cfg.keepalive_interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cfg.keepalive_count)
+    if cfg.tcp_user_timeout:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(cfg.tcp_user_timeout * 1000))
+
+
+def _ended(how: str) -> str:
+    return {"fin": "was closed by its server", "error": "failed", "requested": "was closed"}.get(how, how)
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, KmuxError):
-        return str(exc)
+        return exc.message
     if isinstance(exc, OSError) and exc.errno:
         return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
     return repr(exc)
 
 
-def _fmt_addr(addr) -> str:
+def _fmt_addr(addr: Any) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -573,4 +845,3 @@ def _peername(sock: socket.socket) -> str | None:
         return _fmt_addr(sock.getpeername())
     except OSError:
         return None
-

@@ -37,13 +37,12 @@ from .control import ControlRequest, ControlServer, bind_control, to_wire
 from .group import Group
 from kmuxd.system.log import get_logger
 from kmuxd.system.sd import FD_NAME_APPS, FD_NAME_CONTROL, Notifier, activated_sockets, watchdog_interval
+from .reactor import Reactor
 from .server import Server, bind_seqpacket
 from kmuxd.core.states import ConnState
 
 __all__ = ["Daemon", "DaemonStatistics", "run"]
 
-#: How often a stopping daemon checks whether queues have drained, seconds.
-DRAIN_POLL = 0.02
 #: Seconds between STATUS= summaries sent to systemd.
 STATUS_INTERVAL = 5.0
 #: Self-checks (and so WATCHDOG=1 pings) per WatchdogSec= period.
@@ -66,10 +65,14 @@ class DaemonStatistics:
     handshaking: int
     clients_accepted: int
     clients_refused: int
+    #: Hello refusals by code (permission_denied, too_many_clients, ...).
+    refused_by_code: dict
     groups: int
     reloads: int
     reload_failures: int
     last_reload_error: str | None
+    #: The event core: sockets, passes, events, interest changes, handler crashes.
+    reactor: dict
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,13 @@ class ReloadPlan:
     resized: tuple[str, ...]
     replaced: tuple[str, ...]
     unchanged: tuple[str, ...]
+    #: Changed only in settings that apply in place (limits, timeouts, access).
+    reconfigured: tuple[str, ...] = ()
+
+
+#: Group settings that need a new group (its clients reconnect) when they change;
+#: every other setting is applied in place by a reload.
+REPLACE_ON_CHANGE = ("endpoints", "framing", "steering", "id", "max_message", "write_buffer", "read_buffer")
 
 
 def plan_reload(old: Config, new: Config) -> ReloadPlan:
@@ -86,27 +96,30 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
     for key in RESTART_ONLY:
         if getattr(old.daemon, key) != getattr(new.daemon, key):
             raise ReloadRefused(f"daemon.{key} changed; that needs a restart")
-    added, removed, resized, replaced, unchanged = [], [], [], [], []
+    added, removed, resized, replaced, unchanged, reconfigured = [], [], [], [], [], []
     for name, cfg in new.groups.items():
         before = old.groups.get(name)
         if before is None:
             added.append(name)
         elif before == cfg:
             unchanged.append(name)
-        elif dataclasses.replace(before, connections=cfg.connections) == cfg:
+        elif any(getattr(before, key) != getattr(cfg, key) for key in REPLACE_ON_CHANGE):
+            replaced.append(name)
+        elif before.connections != cfg.connections:
             resized.append(name)
         else:
-            replaced.append(name)
+            reconfigured.append(name)
     removed = [name for name in old.groups if name not in new.groups]
-    return ReloadPlan(*map(tuple, (added, removed, resized, replaced, unchanged)))
+    return ReloadPlan(*map(tuple, (added, removed, resized, replaced, unchanged, reconfigured)))
 
 
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.log = get_logger()
+        self.reactor = Reactor(self.log.bind(component="reactor"))
         self.groups: dict[str, Group] = {name: self._group(g) for name, g in config.groups.items()}
-        self.server = Server(config, self.groups, self.log)
+        self.server = Server(config, self.groups, self.log, self.reactor)
         self.control_server = ControlServer(self)
         self.listener = None
         self.control_listener = None
@@ -121,7 +134,7 @@ class Daemon:
         self._owned_paths: list[str] = []
 
     def _group(self, cfg: GroupConfig) -> Group:
-        return Group(cfg, self.config.daemon, self.log)
+        return Group(cfg, self.config.daemon, self.log, self.reactor)
 
     def _open_sockets(self) -> None:
         """Take the sockets systemd passed, or bind them (then they are ours to unlink)."""
@@ -153,6 +166,7 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(self.reactor.run)
                 self.notifier.status(f"dialling {sum(g.cfg.connections for g in self.groups.values())} "
                                      f"connections of {len(self.groups)} group(s)")
                 async with trio.open_nursery() as starting:  # groups dial in parallel
@@ -199,9 +213,10 @@ class Daemon:
         self._unlink_owned()
         self.server.stop_reading()
         with trio.move_on_after(grace):
-            while any(g.queued_total() for g in self.groups.values()):
-                await trio.sleep(DRAIN_POLL)
+            for group in list(self.groups.values()):
+                await group.wait_flushed()
         left = sum(g.queued_total() for g in self.groups.values())
+        self.server.close_all("daemon stopping")
         if left:
             self.log.warning("stopped_with_queued_bytes", queued_bytes=left, shutdown_grace=grace)
         for group in self.groups.values():
@@ -238,8 +253,8 @@ class Daemon:
                 slot = group.slot(args["conn"])
                 return {"reconnected": [slot.index] if slot.reconnect() else []}
             # The whole group: a draining slot is being replaced already.
-            draining = ConnState.DRAINING
-            return {"reconnected": [s.index for s in list(group.slots) if s.state is not draining and s.reconnect()]}
+            draining = ConnState.DRAINING.value
+            return {"reconnected": [s.index for s in list(group.slots) if s.state_name != draining and s.reconnect()]}
         if request.op == "drain":
             slot = self.group(args["group"]).slot(args["conn"])
             t0 = time.monotonic()
@@ -317,10 +332,12 @@ class Daemon:
             handshaking=self.server.handshaking,
             clients_accepted=self.server.accepted,
             clients_refused=self.server.refused,
+            refused_by_code=dict(self.server.refused_by_code),
             groups=len(self.groups),
             reloads=self.reloads,
             reload_failures=self.reload_failures,
             last_reload_error=self.last_reload_error,
+            reactor=dataclasses.asdict(self.reactor.statistics()),
         )
 
     # -- reload ------------------------------------------------------------------
@@ -359,6 +376,8 @@ class Daemon:
                 self._nursery.start_soon(old_groups[name].retire)
             for name in plan.resized:
                 self._nursery.start_soon(self.groups[name].resize, new.groups[name])
+            for name in plan.reconfigured:
+                self.groups[name].reconfigure(new.groups[name])
             self.reloads += 1
             self.last_reload_error = None
             self.log.info("reload_applied", **{k: list(v) for k, v in dataclasses.asdict(plan).items()})

@@ -1,10 +1,17 @@
-"""The SEQPACKET listener: accept apps, run the handshake, attach them to groups.
+"""The SEQPACKET listeners: accept apps, check their hello, attach them to groups.
 
-trio's listeners only speak SOCK_STREAM, so the accept loop is ours. It
-follows trio's ``serve_listeners``: accept everything that is ready without
-waiting in between, and when the process runs out of descriptors or memory
-(the errnos below), log, sleep and try again instead of crashing: an
-overloaded daemon recovers when load drops, a crashed one loses every group.
+trio's listeners only speak SOCK_STREAM, so the accept loops are ours. The
+apps' listener and every app mid-handshake live in the event core
+(:mod:`kmuxd.io.reactor`): accepting, reading a hello and attaching cost no
+task and no trio wake-up, so thousands of apps reconnecting after a restart
+are served in passes. :class:`AcceptingServer` (a trio accept loop with a
+task per connection) serves the low-rate control socket.
+
+Both follow trio's ``serve_listeners``: accept everything that is ready
+without waiting in between, and when the process runs out of descriptors or
+memory (the errnos below), log, pause accepting and try again instead of
+crashing: an overloaded daemon recovers when load drops, a crashed one loses
+every group.
 """
 
 from __future__ import annotations
@@ -13,25 +20,46 @@ import errno
 import os
 import socket
 import stat
+import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from kmux.errors import DaemonShutdown, HandshakeInvalid, KmuxError, TooManyClients, UnknownGroup
+from kmux.errors import (
+    DaemonShutdown,
+    HandshakeInvalid,
+    KmuxError,
+    PermissionDenied,
+    TooManyClients,
+    TooManyClientsForUser,
+    UnknownGroup,
+)
 from kmux.protocol import HANDSHAKE_MAX, Accepted, Notice, Refused, decode_hello, encode_answer
+from kmux.sockbuf import size_send_buffer
 
 from kmuxd.system.config import Config
-from .group import Group
-from .session import ClientSession, PeerCred
+from kmuxd.system.log import RateLimit
 
-__all__ = ["AcceptingServer", "Server", "accept_loop", "bind_seqpacket"]
+from .group import Group
+from .reactor import EPOLLIN, EPOLLRDHUP, Handler, Reactor
+from .session import AppSession, PeerCred
+
+__all__ = ["AcceptingServer", "Server", "ServerStatistics", "accept_loop", "bind_seqpacket"]
 
 #: accept() errnos that mean "out of resources": back off, don't crash.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: Seconds to wait after such an error before accepting again.
 ACCEPT_CAPACITY_SLEEP = 0.1
-#: Extra socket buffer beyond max_message, for kernel overhead per packet.
-SOCKET_BUFFER_HEADROOM = 65536
+#: Most connections accepted per readiness event (then others get their turn).
+ACCEPT_BATCH = 256
+#: Bounds of the hello-deadline tick, seconds.
+HELLO_TICK_MIN = 0.01
+HELLO_TICK_MAX = 0.5
+#: Seconds between "client_refused" log lines (all refusals are counted by code).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 def bind_seqpacket(path: str, mode: int, backlog: int = 4096) -> socket.socket:
@@ -105,19 +133,244 @@ class AcceptingServer:
         raise NotImplementedError
 
 
-class Server(AcceptingServer):
-    def __init__(self, config: Config, groups: dict[str, Group], log) -> None:
+class AppListener(Handler):
+    """The apps' listening socket in the event core: accept what is ready, start hellos."""
+
+    __slots__ = ("server", "sock")
+
+    def __init__(self, server: "Server", sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+
+    def handle(self, events: int) -> None:
+        server = self.server
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    server.accept_out_of_capacity(exc)
+                    return
+                raise
+            server.hello_pending(sock)
+
+    def crash(self, exc: BaseException) -> None:
+        self.server.log.error("accept_failed", error=repr(exc))
+        self.server.accept_out_of_capacity(exc)
+
+
+class PendingHello(Handler):
+    """An app between accept and its hello."""
+
+    __slots__ = ("server", "sock", "fd", "since")
+
+    def __init__(self, server: "Server", sock: socket.socket, now: float) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.since = now
+
+    def handle(self, events: int) -> None:
+        try:
+            packet, _, flags, _ = self.sock.recvmsg(HANDSHAKE_MAX + 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.server.drop_pending(self)
+            return
+        self.server.hello(self, packet, flags)
+
+    def crash(self, exc: BaseException) -> None:
+        self.server.drop_pending(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    #: Apps attached now, and apps between accept and hello.
+    clients: int
+    handshaking: int
+    #: Hellos accepted and refused since start, and refusals by code.
+    accepted: int
+    refused: int
+    refused_by_code: dict
+
+
+class Server:
+    """The apps' side: accepting, hellos, and the registry of attached sessions.
+
+    The hello is checked in this order, each failure answered with its code
+    and the socket closed: a valid hello (``handshake_invalid``,
+    ``version_unsupported``), the daemon not stopping (``daemon_shutdown``),
+    ``max_clients`` (``too_many_clients``), ``max_clients_per_uid``
+    (``too_many_clients_for_user``), the group (``unknown_group``), its access
+    policy (``permission_denied``). No refusal names any group but the one
+    asked for. Refusals are counted by code and logged (uid, pid, comm,
+    group), at most one line per ``REFUSAL_LOG_INTERVAL`` with a count of the
+    rest.
+    """
+
+    def __init__(self, config: Config, groups: dict[str, Group], log, reactor: Reactor) -> None:
         self.config = config
         self.groups = groups
         self.log = log
+        self.reactor = reactor
         self._next_id = 1
-        self._sessions: dict[int, tuple[ClientSession, trio.CancelScope]] = {}
-        #: Apps mid-handshake now; handshakes accepted and refused since start.
-        self.handshaking = 0
+        self.sessions: dict[int, AppSession] = {}
+        self._per_uid: Counter[int] = Counter()
+        self._pending: dict[int, PendingHello] = {}
+        self._listener: AppListener | None = None
+        self._accept_paused_until: float | None = None
+        self._refusal_log = RateLimit(REFUSAL_LOG_INTERVAL)
         #: Set by stop_reading: late handshakes are refused.
         self.stopping = False
         self.accepted = 0
         self.refused = 0
+        self.refused_by_code: Counter[str] = Counter()
+
+    @property
+    def handshaking(self) -> int:
+        return len(self._pending)
+
+    # -- accepting ---------------------------------------------------------------------
+
+    async def serve(self, listener: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept apps through the event core; this task only keeps time (hello deadlines)."""
+        listener.setblocking(False)
+        self._listener = AppListener(self, listener)
+        self.reactor.register(listener.fileno(), self._listener, EPOLLIN)
+        task_status.started()
+        while True:
+            timeout = self.config.daemon.handshake_timeout
+            await trio.sleep(max(HELLO_TICK_MIN, min(HELLO_TICK_MAX, timeout / 4)))
+            now = time.monotonic()
+            for pending in [p for p in self._pending.values() if now - p.since >= timeout]:
+                self._refuse(pending, HandshakeInvalid(f"no hello within handshake_timeout={timeout}s"), None)
+            if self._accept_paused_until is not None and now >= self._accept_paused_until and self._listener:
+                self._accept_paused_until = None
+                self.reactor.modify(self._listener.sock.fileno(), EPOLLIN)
+            self.reactor.end_pass()
+
+    def accept_out_of_capacity(self, exc: BaseException) -> None:
+        # Out of descriptors or memory: stop accepting for a moment instead of
+        # spinning on a listener that stays readable (trio's serve_listeners).
+        self.log.error("accept_out_of_capacity", error=str(exc))
+        self._accept_paused_until = time.monotonic() + ACCEPT_CAPACITY_SLEEP
+        if self._listener is not None:
+            self.reactor.modify(self._listener.sock.fileno(), 0)
+
+    def stop_accepting(self) -> None:
+        if self._listener is not None:
+            self.reactor.unregister(self._listener.sock.fileno())
+            self._listener = None
+
+    def hello_pending(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        pending = PendingHello(self, sock, time.monotonic())
+        self._pending[pending.fd] = pending
+        self.reactor.register(pending.fd, pending, EPOLLIN | EPOLLRDHUP)
+
+    def drop_pending(self, pending: PendingHello) -> None:
+        if self._pending.pop(pending.fd, None) is not None:
+            self.reactor.unregister(pending.fd)
+            pending.sock.close()
+
+    # -- the hello ---------------------------------------------------------------------
+
+    def hello(self, pending: PendingHello, packet: bytes, flags: int) -> None:
+        sock = pending.sock
+        if not packet:
+            self.drop_pending(pending)  # closed before saying anything
+            return
+        cred = PeerCred.of(sock)
+        hello = None
+        try:
+            if flags & socket.MSG_TRUNC:
+                raise HandshakeInvalid(f"hello is over {HANDSHAKE_MAX} bytes")
+            hello = decode_hello(packet)
+            daemon = self.config.daemon
+            if self.stopping:
+                raise DaemonShutdown("the daemon is stopping; connect again in a moment")
+            # Checked after reading the hello, so the refusal is an answer to
+            # it: closing before the hello arrives would give the client
+            # EPIPE instead of the reason.
+            if len(self.sessions) >= daemon.max_clients:
+                raise TooManyClients(f"the daemon serves at most {daemon.max_clients} clients")
+            if daemon.max_clients_per_uid and self._per_uid[cred.uid] >= daemon.max_clients_per_uid:
+                raise TooManyClientsForUser(
+                    f"uid {cred.uid} already has {self._per_uid[cred.uid]} clients "
+                    f"(max_clients_per_uid={daemon.max_clients_per_uid})"
+                )
+            group = self.groups.get(hello.group)
+            if group is None:
+                raise UnknownGroup(f"no group {hello.group!r}")
+            access = group.cfg.access
+            if not access.open:
+                if access.groups is not None:
+                    cred = cred.with_groups(sock)
+                if not access.admits(cred.uid, cred.gid, cred.groups):
+                    raise PermissionDenied(
+                        f"this group does not admit uid {cred.uid} (its allow_users/allow_groups)"
+                    )
+        except KmuxError as exc:
+            self._refuse(pending, exc, hello, cred)
+            return
+        self._attach(pending, group, hello, cred)
+
+    def _attach(self, pending: PendingHello, group: Group, hello: Any, cred: PeerCred) -> None:
+        sock = pending.sock
+        del self._pending[pending.fd]
+        cfg = group.cfg
+        max_packet = size_send_buffer(sock, cfg.max_message + 1)
+        client_id = self._next_id
+        self._next_id += 1
+        session = AppSession(group, sock, client_id, cred, hello.name, max_packet, self)
+        answer = Accepted(
+            group=cfg.name, client_id=client_id, max_message=cfg.max_message, framing=cfg.framing,
+            steering=cfg.steering, up=group.connections_up > 0,
+        )
+        try:
+            sock.send(encode_answer(answer))
+        except OSError:
+            self.reactor.unregister(pending.fd)
+            sock.close()
+            return
+        self.sessions[client_id] = session
+        self._per_uid[cred.uid] += 1
+        self.accepted += 1
+        session.start(hello.receive)
+        group.attach(session, hello.receive)
+        session.log.info("client_attached", pid=cred.pid, uid=cred.uid, name=hello.name)
+
+    def _refuse(self, pending: PendingHello, exc: KmuxError, hello: Any, cred: PeerCred | None = None) -> None:
+        self.refused += 1
+        self.refused_by_code[exc.code] += 1
+        if self._refusal_log.allow():
+            if cred is None:
+                try:
+                    cred = PeerCred.of(pending.sock)
+                except OSError:
+                    cred = None
+            self.log.info(
+                "client_refused", error_code=exc.code, error=exc.message,
+                uid=cred.uid if cred else None, pid=cred.pid if cred else None, comm=cred.comm if cred else None,
+                group=getattr(hello, "group", None), suppressed=self._refusal_log.take_suppressed(),
+            )
+        try:
+            pending.sock.send(encode_answer(Refused(exc.code, exc.message)))
+        except OSError:
+            pass
+        self.drop_pending(pending)
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def session_closed(self, session: AppSession) -> None:
+        if self.sessions.pop(session.id, None) is not None:
+            uid = session.cred.uid
+            self._per_uid[uid] -= 1
+            if self._per_uid[uid] <= 0:
+                del self._per_uid[uid]
 
     def stop_reading(self) -> None:
         """Graceful stop: take no more messages, tell each client how many were taken.
@@ -128,90 +381,22 @@ class Server(AcceptingServer):
         after it were never read and can be sent again after reconnecting.
         """
         self.stopping = True
-        for session, _ in self._sessions.values():
+        for session in list(self.sessions.values()):
             session.stop_reading(Notice(event="shutdown", details={"accepted": session.seq}))
+        self.reactor.end_pass()
 
-    async def _handle(self, sock: socket.socket) -> None:
-        """One app: handshake, then its session until either side ends it."""
-        sock.setblocking(False)
-        try:
-            self.handshaking += 1
-            try:
-                group, hello, cred = await self._handshake(sock)
-            finally:
-                self.handshaking -= 1
-            if group is None:
-                return
-            client_id = self._next_id
-            self._next_id += 1
-            session = ClientSession(group, sock, client_id, cred, hello.name)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, group.cfg.max_message + SOCKET_BUFFER_HEADROOM)
-            except OSError:
-                pass
-            answer = Accepted(
-                group=group.cfg.name,
-                client_id=client_id,
-                max_message=group.cfg.max_message,
-                framing=group.cfg.framing,
-                steering=group.cfg.steering,
-            )
-            try:
-                sock.send(encode_answer(answer))
-            except OSError:
-                return
-            scope = session.scope
-            self._sessions[client_id] = (session, scope)
-            self.accepted += 1
-            group.attach(session, hello.receive)
-            session.log.info("client_attached", pid=cred.pid, uid=cred.uid, comm=cred.comm, name=hello.name)
-            try:
-                with scope:
-                    await session.run(hello.receive)
-            finally:
-                del self._sessions[client_id]
-                group.detach(session)
-                session.discard_unread()
-                session.log.info("client_detached", tx_msgs=session.tx_msgs, rx_msgs=session.rx_msgs)
-        finally:
-            trio.lowlevel.notify_closing(sock)
-            sock.close()
+    def close_all(self, reason: str) -> None:
+        for session in list(self.sessions.values()):
+            session.close(reason)
+        for pending in list(self._pending.values()):
+            self.drop_pending(pending)
+        self.reactor.end_pass()
 
-    async def _handshake(self, sock: socket.socket):
-        daemon = self.config.daemon
-        cred = PeerCred.of(sock)
-        try:
-            packet = None
-            with trio.move_on_after(daemon.handshake_timeout):
-                while packet is None:
-                    await trio.lowlevel.wait_readable(sock)
-                    try:
-                        packet, _, flags, _ = sock.recvmsg(HANDSHAKE_MAX + 1)
-                    except BlockingIOError:
-                        continue
-            if packet is None:
-                raise HandshakeInvalid(f"no hello within handshake_timeout={daemon.handshake_timeout}s")
-            if not packet:
-                return None, None, cred  # closed before saying anything
-            if flags & socket.MSG_TRUNC:
-                raise HandshakeInvalid(f"hello is over {HANDSHAKE_MAX} bytes")
-            hello = decode_hello(packet)
-            if self.stopping:
-                raise DaemonShutdown("the daemon is stopping; connect again in a moment")
-            # Checked after reading the hello, so the refusal is an answer to
-            # it: closing before the hello arrives would give the client
-            # EPIPE instead of the reason.
-            if len(self._sessions) >= daemon.max_clients:
-                raise TooManyClients(f"the daemon serves at most {daemon.max_clients} clients")
-            group = self.groups.get(hello.group)
-            if group is None:
-                raise UnknownGroup(f"no group {hello.group!r} (groups: {', '.join(sorted(self.groups))})")
-            return group, hello, cred
-        except KmuxError as exc:
-            self.refused += 1
-            self.log.info("client_refused", error_code=exc.code, error=exc.message, pid=cred.pid, uid=cred.uid)
-            try:
-                sock.send(encode_answer(Refused(exc.code, exc.message)))
-            except OSError:
-                pass
-            return None, None, cred
+    def statistics(self) -> ServerStatistics:
+        return ServerStatistics(
+            clients=len(self.sessions),
+            handshaking=len(self._pending),
+            accepted=self.accepted,
+            refused=self.refused,
+            refused_by_code=dict(self.refused_by_code),
+        )

@@ -1,69 +1,160 @@
-"""One attached client: its packets in, its notices and messages out.
+"""One attached app: its packets in, its responses and notices out.
 
-Resource handling: a client's packets are read only when the group's
-scheduler has an outbox for them (:meth:`TxScheduler.route`); otherwise the
-client is not read at all and blocks in the kernel, which is the push-back.
-Each packet is received straight into that outbox, checked against the
-framing in place and either committed (it will be written) or refused with a
-notice naming its ``seq``. Notices that the client is too slow to take wait
-in a bounded queue; while any wait, the client gets no data (so a
-``receive_off`` marker never falls behind data) and past
-``client_notice_limit`` its packets are not read.
+Theory of operation
+-------------------
+An :class:`AppSession` is registered in the event core from its hello to
+its end. Nothing about it runs in a trio task of its own.
 
-Error handling: a bad packet costs its sender one notice, never the session
-or other clients; only EOF or a socket error ends a session.
+**In** (:meth:`AppSession.pump`): a client's packets are read only when the
+group's scheduler has an outbox for them (:meth:`TxScheduler.route`);
+otherwise the client is not read at all (its ``EPOLLIN`` interest is off)
+and blocks in the kernel, which is the push-back. Each packet is received
+with one ``recvmsg_into`` straight into that outbox, checked in place by the
+framing's one rule (:meth:`Framing.checker`) and either committed (it will
+be written) or refused with a notice naming its ``seq``. A client reads for
+at most ``client_turn`` messages per pass; the level-triggered epoll brings
+it back in the next pass, after the others (fairness). A message in pieces
+(continuation) is assembled in place in its outbox, which is its sender's
+alone until the last piece (:mod:`kmuxd.core.sendq`, rule 6).
+
+**Out**: responses are sent from the connection's receive buffer with one
+``send`` each. What the client's socket does not take waits in the client's
+own queue (``txq``), bounded by ``client_rx_limit``, so a client that stops
+reading holds back nobody else's responses; past the limit ``rx_overflow``
+decides (disconnect as ``slow_consumer``, or drop with ``response_dropped``).
+Notices share the queue (order matters: a ``receive_off`` marker never
+falls behind data); past ``client_notice_limit`` queued notices the client's
+packets are not read.
+
+**Ends**: a hang-up is noticed whatever the session is doing, reading or
+pushed back (``EPOLLHUP``/``EPOLLRDHUP`` are always in the interest set).
+What the client had sent and the daemon had accepted is still written;
+what it had not accepted is read, dropped and counted
+(:meth:`AppSession.close`). A bad packet costs its sender one notice,
+never the session or other clients.
 """
 
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import trio
+from kmux.errors import (
+    AncillaryRefused,
+    BadPacket,
+    KmuxError,
+    MessageTooBig,
+    ResponseDropped,
+    SlowConsumer,
+)
+from kmux.protocol import (
+    DATA_MORE_PREFIX,
+    DATA_PREFIX,
+    KIND_CONTROL,
+    KIND_DATA,
+    KIND_DATA_MORE,
+    KIND_MORE,
+    KIND_REQUEUE,
+    KIND_REQUEUE_MORE,
+    Notice,
+    decode_control,
+    encode_notice,
+)
 
-from kmux.errors import BadFrame, BadPacket, KmuxError, MessageTooBig, RemoteBadHeader
-from kmux.framing import NEED_MORE
-from kmux.protocol import KIND_CONTROL, KIND_DATA, KIND_REQUEUE, Notice, decode_control, encode_notice
-
-from kmuxd.system.log import RateLimit
 from kmuxd.core.states import CLIENT_TRANSITIONS, ClientEvent, ClientState, StateMachine
+from kmuxd.system.log import RateLimit
+
+from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
 
 if TYPE_CHECKING:
+    from kmuxd.core.sendq import Outbox
+
     from .group import Group
 
-__all__ = ["ClientSession", "ClientStatistics", "PeerCred"]
+__all__ = ["AppSession", "ClientStatistics", "PeerCred"]
 
-_MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: IntFlag & costs ~1 µs per packet
-# Reasons a pull stops.
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # plain ints: IntFlag & costs ~1 µs per packet
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+# Why a pull stopped.
 _EMPTY, _FULL, _TURN, _EOF = range(4)
 #: Seconds between "message_refused" log lines for one client (all are counted).
 REFUSAL_LOG_INTERVAL = 10.0
-#: Most unread packets dropped before closing a client's socket.
+#: Most unread packets read and dropped when a session closes.
 DISCARD_LIMIT = 100_000
+#: Seconds a session detached for being a slow consumer keeps trying to
+#: deliver its slow_consumer notice before it closes anyway.
+SLOW_CONSUMER_GRACE = 1.0
+#: Marks a notice in a client's queue.
+_NOTICE = -1
+#: Where a discarded piece of a too-big continued message is read to (its
+#: length comes from MSG_TRUNC; its bytes are dropped).
+_SCRATCH = bytearray(1)
 
 
-@dataclass(frozen=True, slots=True)
 class PeerCred:
-    pid: int
-    uid: int
-    gid: int
-    comm: str
+    """Who is at the other end of an app's socket, from the kernel (``SO_PEERCRED``).
+
+    ``comm`` is read from ``/proc`` only when asked for (statistics, a
+    refusal's log line): a hello costs one ``getsockopt``. Supplementary
+    groups (``SO_PEERGROUPS``) are read only for a group that has
+    ``allow_groups`` (:meth:`with_groups`).
+    """
+
+    __slots__ = ("pid", "uid", "gid", "groups", "_comm")
+
+    def __init__(self, pid: int, uid: int, gid: int, groups: tuple[int, ...] = (), comm: str | None = None) -> None:
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups
+        self._comm = comm
 
     @classmethod
     def of(cls, sock: socket.socket) -> "PeerCred":
-        import struct
+        pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        return cls(pid, uid, gid)
 
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", raw)
+    def with_groups(self, sock: socket.socket) -> "PeerCred":
+        return PeerCred(self.pid, self.uid, self.gid, _peer_groups(sock), self._comm)
+
+    @property
+    def comm(self) -> str:
+        if self._comm is None:
+            try:
+                with open(f"/proc/{self.pid}/comm") as f:
+                    self._comm = f.read().strip()
+            except OSError:
+                self._comm = ""
+        return self._comm
+
+
+_PEERCRED = struct.Struct("3i")
+
+
+#: SO_PEERGROUPS (Linux 4.13); Python has no constant for it.
+SO_PEERGROUPS = 59
+_MAX_PEER_GROUPS = 65536
+
+
+def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    import array
+    import errno as _errno
+
+    size = 64
+    while size <= _MAX_PEER_GROUPS:
         try:
-            with open(f"/proc/{pid}/comm") as f:
-                comm = f.read().strip()
-        except OSError:
-            comm = ""
-        return cls(pid, uid, gid, comm)
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * 4)
+        except OSError as exc:
+            if exc.errno == _errno.ERANGE:
+                size *= 4
+                continue
+            return ()
+        return tuple(array.array("I", raw))
+    return ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +164,7 @@ class ClientStatistics:
     group: str
     pid: int
     uid: int
+    gid: int
     comm: str
     state: str
     receiving: bool
@@ -85,7 +177,10 @@ class ClientStatistics:
     #: Messages/bytes steered to this client.
     rx_msgs: int
     rx_bytes: int
-    #: Messages refused (bad_frame, message_too_big) and bad packets.
+    #: Responses (and their bytes) waiting in the daemon for this client to read.
+    rx_queued_msgs: int
+    rx_queued_bytes: int
+    #: Messages refused (bad_frame, message_too_big, ...) and bad packets.
     refused: int
     #: Messages this client handed back after switching receiving off.
     requeued: int
@@ -95,23 +190,53 @@ class ClientStatistics:
     connected_for: float
 
 
-class ClientSession:
+class _Open:
+    """A client message arriving in pieces (continuation)."""
+
+    __slots__ = ("outbox", "seq", "start", "discard", "since", "requeue")
+
+    def __init__(self, outbox: "Outbox | None", seq: int, start: int, since: float, requeue: bool = False) -> None:
+        self.outbox = outbox  # None while discarding
+        self.seq = seq
+        self.start = start
+        #: Set once the message is refused: its remaining pieces are read and dropped.
+        self.discard: KmuxError | None = None
+        self.since = since
+        self.requeue = requeue
+
+
+class AppSession(Handler):
     """An attached client. Also the ``Owner`` of its runs in outboxes."""
 
-    def __init__(self, group: "Group", sock: socket.socket, client_id: int, cred: PeerCred, name: str) -> None:
+    def __init__(self, group: "Group", sock: socket.socket, client_id: int, cred: PeerCred, name: str,
+                 max_packet: int, server: Any) -> None:
         self.group = group
         self.sock = sock
+        self.fd = sock.fileno()
         self.id = client_id
         self.cred = cred
         self.name = name
+        self.server = server
+        self.max_packet = max_packet
         self.log = group.log.bind(client=client_id, client_pid=cred.pid)
         self.sm = StateMachine(CLIENT_TRANSITIONS, ClientState.HANDSHAKING, f"client {client_id}")
         self.seq = 0
-        self.notices: deque[bytes] = deque()
-        self.wake = trio.Event()
-        self._want_write = trio.Event()
-        self._notices_drained = trio.Event()
-        self.since = time.monotonic()
+        #: Packets waiting for the client's socket, in order, each with what it
+        #: completes: a response's size (its last piece), 0 (an earlier
+        #: piece) or _NOTICE.
+        self.txq: deque[tuple[bytes, int]] = deque()
+        self.txq_data_bytes = 0  # responses only (client_rx_limit)
+        self.txq_data_msgs = 0
+        self.notices_queued = 0
+        self.mask = EPOLLIN | EPOLLRDHUP
+        self.reading = True  # False once the daemon stopped reading it (shutdown)
+        self.read_wanted = True  # False while pushed back
+        self.blocked_since: float | None = None  # waiting for a connection (queue_timeout)
+        self.last_activity = time.monotonic()
+        self.since = self.last_activity
+        self.open: _Open | None = None
+        self.requeue_parts: bytearray | None = None
+        self.closing_deadline: float | None = None  # slow consumer: close once its notice is out
         self.accepted = 0  # DATA messages committed to an outbox
         self.accepted_bytes = 0
         self.tx_msgs = self.tx_bytes = 0
@@ -120,13 +245,15 @@ class ClientSession:
         self.requeued = 0
         self.requeue_bytes = 0
         self.notices_sent = 0
-        #: Cancelling it ends the session (graceful stop, group retired).
-        self.scope = trio.CancelScope()
-        #: Set when the session ended: responses still coming for it are dropped.
+        self.dropped_unread = 0
+        #: Set when the session is detached: responses still coming for it are dropped.
         self.gone = False
-        #: Cancelling it stops reading the client's packets (graceful stop).
-        self._reader_scope = trio.CancelScope()
+        #: Set when its socket is closed.
+        self.closed = False
         self._refusal_log = RateLimit(REFUSAL_LOG_INTERVAL)
+
+    def __repr__(self) -> str:
+        return f"AppSession({self.id} pid={self.cred.pid} group={self.group.cfg.name})"
 
     # -- Owner protocol (called by the send core) ----------------------------
 
@@ -140,108 +267,137 @@ class ClientSession:
     def receiving(self) -> bool:
         return self.sm.state is ClientState.RECEIVING
 
-    async def run(self, receive: bool) -> None:
+    def start(self, receive: bool) -> None:
         self.sm.fire(ClientEvent.ACCEPT_RECEIVING if receive else ClientEvent.ACCEPT_NOT_RECEIVING)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer)
-                with self._reader_scope:
-                    await self._reader()
-                    nursery.cancel_scope.cancel()  # EOF: the client left
-                # Reading was stopped by the daemon: notices and messages still
-                # go out until the session itself is cancelled.
-        finally:
-            self.sm.fire(ClientEvent.CLOSE)
+        self.group.reactor.replace(self.fd, self)
+        self.group.reactor.modify(self.fd, self.mask)
+
+    def handle(self, events: int) -> None:
+        if events & EPOLLOUT:
+            self.flush_txq()
+            if self.closed:
+                return
+        if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            hung_up = bool(events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+            if self.reading and (self.read_wanted or hung_up):
+                self.pump(hung_up)
+            elif hung_up:
+                self.close("hung up")
+
+    def crash(self, exc: BaseException) -> None:
+        self.close(f"internal error: {exc!r}")
+
+    def _set_mask(self, mask: int) -> None:
+        if mask != self.mask and not self.closed:
+            self.mask = mask
+            self.group.reactor.modify(self.fd, mask)
+
+    def _want_read(self, on: bool) -> None:
+        self.read_wanted = on
+        mask = (self.mask | EPOLLIN) if on and self.reading else (self.mask & ~EPOLLIN)
+        self._set_mask(mask)
+
+    def wake(self) -> None:
+        """The scheduler has room for this client again: read it in this pass."""
+        if self.gone or not self.reading:
+            return
+        self.group.reactor.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if self.gone or not self.reading:
+            return
+        self._want_read(True)
+        self.pump(False)
 
     def stop_reading(self, notice: Notice) -> None:
         """Read nothing more from this client, then tell it so (the notice names the last seq read)."""
-        self._reader_scope.cancel()
+        self.reading = False
+        self._want_read(False)
+        self.group.sched.forget(self)
+        if self.open is not None:
+            self._abort_open(None)
         self.notify(notice)
-
-    def discard_unread(self, limit: int = DISCARD_LIMIT) -> int:
-        """Drop packets the client sent that were never read, before closing.
-
-        Closing a Unix socket with unread packets makes the peer's next read
-        fail with ECONNRESET, which would hide the final notice and the
-        clean EOF behind it; the ``shutdown`` notice already told the client
-        these were not accepted.
-        """
-        dropped = 0
-        while dropped < limit:
-            try:
-                if not self.sock.recv(1, socket.MSG_TRUNC):
-                    break
-            except OSError:
-                break
-            dropped += 1
-        return dropped
 
     # -- packets in -------------------------------------------------------------
 
-    async def _reader(self) -> None:
-        sock = self.sock
+    def pump(self, hung_up: bool) -> None:
+        """Read what the scheduler lets us, as much as one turn allows."""
         group = self.group
-        tx = group.tx
+        sched = group.sched
         limit = group.daemon_cfg.client_notice_limit
         while True:
-            await trio.lowlevel.wait_readable(sock)
-            while True:
-                if len(self.notices) >= limit:
-                    self._notices_drained = trio.Event()
-                    await self._notices_drained.wait()
-                conn = tx.route(self)
+            if self.notices_queued >= limit:
+                # Too many notices unread: the client must read before it may send.
+                self._want_read(False)
+                if hung_up:
+                    self.close("hung up")
+                return
+            if self.open is not None:
+                status = self._pieces()
+            else:
+                conn = sched.route(self)
                 if conn is None:
-                    self.wake = trio.Event()
-                    await self.wake.wait()
-                    continue
-                status = self._pull(conn)
-                if status == _EMPTY:
-                    break
-                if status == _EOF:
+                    if self.blocked_since is None:
+                        self.blocked_since = time.monotonic()
+                    self._want_read(False)
+                    if hung_up:
+                        self.close("hung up while pushed back")
                     return
-                if status == _TURN:
-                    # Others' turn: the scheduler queued us behind them if busy.
-                    await trio.lowlevel.checkpoint()
+                self.blocked_since = None
+                status = self._pull(conn)
+            if status == _EOF:
+                self.close("closed")
+                return
+            if status == _EMPTY:
+                if not self.read_wanted:
+                    self._want_read(True)
+                if hung_up:
+                    self.close("hung up")
+                return
+            if status == _TURN:
+                return  # the level-triggered epoll brings us back after the others
+            # _FULL: route again (parks on the full outbox, or moves on)
+            if self.closed:
+                return
 
-    def _pull(self, conn) -> int:
-        """Receive packets into ``conn.outbox`` until empty, full or our turn is up.
+    def _pull(self, conn: Any) -> int:
+        """Receive packets into ``conn``'s outbox until empty, full or our turn is up.
 
-        The hot loop of the send path: one ``recv_into`` per packet, straight
-        into the outbox, the length header checked in place. The packet lands
-        at ``tail - 1`` so its kind byte overwrites the last byte before the
-        message, which is saved and put back (see :class:`~kmuxd.sendq.Outbox`).
+        The hot loop of the send path: one ``recvmsg_into`` per packet,
+        straight into the outbox, the header checked in place. The packet
+        lands at ``tail - 1`` so its kind byte overwrites the last byte before
+        the message, which is saved and put back (see :class:`~kmuxd.core.sendq.Outbox`).
         """
-        if self._reader_scope.cancel_called:
-            # Reading was stopped (the shutdown notice fixed the last seq read);
-            # a reader that was already scheduled must not take more.
-            return _EOF
         group = self.group
         cfg = group.cfg
-        outbox = conn.outbox
+        sched = group.sched
+        outbox = sched.outbox_of(conn)
         outbox.has_room()  # compacts if a blocked write left little space
         buf, view = outbox.buf, outbox.view
         bufsize = len(buf)
         head, capacity, reserve = outbox.head, outbox.capacity, outbox.reserve
         tail = outbox.tail
-        recv_into = self.sock.recv_into
-        framing = cfg.framing
-        fixed = framing.fixed_field
-        if fixed is not None:
-            unpack_from, offset, header_end, adjust = fixed
-        length_at = framing._length_at
+        recvmsg_into = self.sock.recvmsg_into
+        check = group.check_message
         max_message = cfg.max_message
         turn = cfg.client_turn
-        requests = group.request_mode  # id/fifo: each message gets a record
-        msgs = 0
+        budget = conn.budget
+        if budget is not None and budget < turn:
+            turn = max(budget, 1)
+        router = group.router
+        now = time.monotonic()
+        taken = msgs = 0
+        first_seq = self.seq + 1
+        run_start = tail
         status = _TURN
-        while msgs < turn:
+        while taken + msgs < turn:
             if tail - head >= capacity or bufsize - tail < reserve:
                 status = _FULL
                 break
             saved = buf[tail - 1]
             try:
                 # MSG_TRUNC: n is the packet's real length even if it did not fit.
-                n = recv_into(view[tail - 1 :], 0, _MSG_TRUNC)
+                n, _, flags, _ = recvmsg_into((view[tail - 1 :],), 0, _MSG_TRUNC)
             except BlockingIOError:
                 status = _EMPTY
                 break
@@ -255,44 +411,208 @@ class ClientSession:
                 status = _EOF
                 break
             size = n - 1
-            if kind == KIND_DATA:
+            if kind == KIND_DATA and not flags & _MSG_CTRUNC:
                 self.seq += 1
-                if size > max_message or tail + size > bufsize:
-                    self._refuse(MessageTooBig(f"message is over the group's max_message of {max_message} bytes"))
-                    continue
-                if fixed is not None:
-                    total = unpack_from(buf, tail + offset)[0] + adjust if size >= header_end else NEED_MORE
-                else:
+                err = (MessageTooBig(f"message is {size} bytes, the group's max_message is {max_message}")
+                       if flags & _MSG_TRUNC or size > max_message else check(buf, tail, size))
+                if err is None and router is not None:
                     try:
-                        total = length_at(buf, tail, tail + size)
-                    except RemoteBadHeader as exc:
-                        self._refuse(BadFrame(f"bad length header: {exc.message}"))
-                        continue
-                if total != size:
-                    self._refuse(BadFrame(self._mismatch(size, total)))
-                    continue
-                if requests:
-                    try:
-                        outbox.requests.append(group.new_request(self, buf, tail, size))
+                        outbox.requests.append(router.accept(self, self.seq, now, buf, tail, size))
                     except KmuxError as exc:  # id_in_use, ids_exhausted, too short for its id
-                        self._refuse(exc)
-                        continue
-                tail += size
-                msgs += 1
+                        err = exc
+                if err is None:
+                    tail += size
+                    msgs += 1
+                    continue
+                # A refused message ends the run: runs name their seqs without gaps.
+                taken += self._commit(conn, outbox, run_start, tail, msgs, first_seq)
+                run_start = tail
+                msgs = 0
+                first_seq = self.seq + 1
+                self._refuse(err)
+                continue
+            # Anything else is rare: commit what we have, then deal with it clearly.
+            taken += self._commit(conn, outbox, run_start, tail, msgs, first_seq)
+            run_start = tail
+            msgs = 0
+            if flags & _MSG_CTRUNC:
+                if kind & ~KIND_MORE == KIND_DATA:
+                    self.seq += 1
+                self._refuse(AncillaryRefused(
+                    "packets may not carry file descriptors or credentials; it was dropped unread"
+                ), seq=kind & ~KIND_MORE == KIND_DATA)
+            elif kind == KIND_DATA_MORE:
+                self.seq += 1
+                self._begin_open(outbox, tail, size, flags & _MSG_TRUNC, now)
+                first_seq = self.seq + 1
+                return self._pieces() if self.open is not None and not self.gone else _TURN
             else:
-                self._packet(kind, bytes(view[tail : tail + size]), tail + size > bufsize)
-        self.accepted += msgs
-        self.accepted_bytes += tail - outbox.tail
-        group.after_tx(group.tx.committed(self, conn, tail, msgs))
-        if msgs:
-            conn.flush_nowait()
+                self._packet(kind, bytes(view[tail : tail + size]), bool(flags & _MSG_TRUNC))
+            first_seq = self.seq + 1
+        taken += self._commit(conn, outbox, run_start, tail, msgs, first_seq)
+        if taken:
+            self.last_activity = now
         return status
 
-    def _mismatch(self, size: int, total: int) -> str:
-        name = self.group.cfg.framing.name
-        if total == NEED_MORE:
-            return f"{size}-byte message is too short for a {name} header"
-        return f"{name} header announces {total} bytes, the message has {size}"
+    def _commit(self, conn: Any, outbox: "Outbox", start: int, tail: int, msgs: int, first_seq: int) -> int:
+        if not msgs:
+            group = self.group
+            group.wake(group.sched.committed(self, conn, outbox.tail, 0))
+            return 0
+        self.accepted += msgs
+        self.accepted_bytes += tail - start
+        self.group.sched.committed(self, conn, tail, msgs, first_seq)
+        conn.accepted(msgs)
+        conn.flush_soon()
+        return msgs
+
+    # -- continuation (a message in pieces) ------------------------------------------
+
+    def _begin_open(self, outbox: "Outbox", tail: int, size: int, truncated: int, now: float) -> None:
+        """The first piece of a message landed at ``tail``."""
+        open_ = _Open(outbox, self.seq, tail, now)
+        self.open = open_
+        if truncated or size > self.group.cfg.max_message:
+            self._discard_open(MessageTooBig(self._too_big_text(size)))
+            return
+        self.group.sched.opened(self, outbox.conn)
+        outbox.open_end = tail + size
+
+    def _too_big_text(self, size: int) -> str:
+        return f"message is over the group's max_message of {self.group.cfg.max_message} bytes ({size}+ so far)"
+
+    def _pieces(self) -> int:
+        """Read the next pieces of the open message; returns a pull status."""
+        open_ = self.open
+        cfg = self.group.cfg
+        max_message = cfg.max_message
+        recvmsg_into = self.sock.recvmsg_into
+        for _ in range(cfg.client_turn):
+            if open_.discard is not None:
+                try:
+                    n, _, flags, _ = recvmsg_into((_SCRATCH,), 0, _MSG_TRUNC)
+                except BlockingIOError:
+                    return _EMPTY
+                except OSError:
+                    return _EOF
+                if n == 0:
+                    return _EOF
+                kind = _SCRATCH[0]
+                if kind not in (KIND_DATA_MORE, KIND_DATA, KIND_REQUEUE_MORE, KIND_REQUEUE):
+                    self._interloper(kind)
+                    continue
+                if not kind & KIND_MORE:
+                    self.open = None  # the last piece of the refused message
+                    return _TURN
+                continue
+            outbox = open_.outbox
+            end = outbox.open_end
+            buf, view = outbox.buf, outbox.view
+            saved = buf[end - 1]
+            try:
+                n, _, flags, _ = recvmsg_into((view[end - 1 :],), 0, _MSG_TRUNC)
+            except BlockingIOError:
+                return _EMPTY
+            except OSError:
+                return _EOF
+            finally:
+                kind = buf[end - 1]
+                buf[end - 1] = saved
+            if n == 0:
+                return _EOF
+            size = n - 1
+            if flags & _MSG_CTRUNC or kind not in (KIND_DATA_MORE, KIND_DATA):
+                self._interloper(kind, ctrunc=bool(flags & _MSG_CTRUNC))
+                continue
+            total = end + size - open_.start
+            if flags & _MSG_TRUNC or total > max_message:
+                self._discard_open(MessageTooBig(self._too_big_text(total)))
+                if not kind & KIND_MORE:
+                    self.open = None
+                    return _TURN
+                continue
+            outbox.open_end = end + size
+            self.last_activity = open_.since
+            if kind == KIND_DATA:
+                self._finish_open(total)
+                return _TURN
+        return _TURN
+
+    def _finish_open(self, size: int) -> None:
+        open_ = self.open
+        self.open = None
+        outbox = open_.outbox
+        group = self.group
+        start = open_.start
+        err = group.check_message(outbox.buf, start, size)
+        req = None
+        if err is None and group.router is not None:
+            try:
+                req = group.router.accept(self, open_.seq, time.monotonic(), outbox.buf, start, size)
+            except KmuxError as exc:
+                err = exc
+        if err is not None:
+            group.wake(group.sched.closed_open(self, outbox, commit=False))
+            self._refuse(err, seq_value=open_.seq)
+            return
+        if req is not None:
+            outbox.requests.append(req)
+        conn = outbox.conn
+        group.wake(group.sched.closed_open(self, outbox, commit=True, seq=open_.seq))
+        self.accepted += 1
+        self.accepted_bytes += size
+        self.last_activity = time.monotonic()
+        if conn is not None:
+            conn.accepted(1)
+            conn.flush_soon()
+
+    def _discard_open(self, err: KmuxError) -> None:
+        """Refuse the open message now; its remaining pieces are read and dropped."""
+        open_ = self.open
+        if open_.outbox is not None and open_.outbox.open_owner is self:
+            group = self.group
+            group.wake(group.sched.closed_open(self, open_.outbox, commit=False))
+        open_.outbox = None
+        open_.discard = err
+        self._refuse(err, seq_value=open_.seq)
+
+    def _abort_open(self, err: KmuxError | None) -> None:
+        """The open message will never complete (orphan expired, session ending, assembly timeout)."""
+        if self.open is None:
+            return
+        if self.open.discard is None:
+            if err is None:
+                open_ = self.open
+                if open_.outbox is not None and open_.outbox.open_owner is self:
+                    self.group.wake(self.group.sched.closed_open(self, open_.outbox, commit=False))
+                open_.outbox = None
+                self.open = None
+                return
+            self._discard_open(err)
+
+    def _interloper(self, kind: int, ctrunc: bool = False) -> None:
+        """A packet that is not the next piece of the open message: both are refused."""
+        open_ = self.open
+        if open_.discard is None:
+            self._discard_open(BadPacket(
+                f"a packet of kind 0x{kind:02x} came between the pieces of message seq {open_.seq}; "
+                "the pieces of one message must be consecutive"
+            ))
+        if kind & ~KIND_MORE == KIND_DATA:
+            self.seq += 1
+            self._refuse(BadPacket("sent inside another message's pieces"))
+        elif ctrunc:
+            self._refuse(AncillaryRefused("packets may not carry file descriptors or credentials"), seq=False)
+
+    def assembly_expired(self, now: float) -> None:
+        open_ = self.open
+        timeout = self.group.cfg.assembly_timeout
+        if open_ is not None and open_.discard is None and now - open_.since >= timeout:
+            self._discard_open(BadPacket(
+                f"message seq {open_.seq} did not complete within assembly_timeout={timeout}s"
+            ))
+
+    # -- other packets ---------------------------------------------------------------
 
     def _packet(self, kind: int, body: bytes, truncated: bool) -> None:
         """A non-DATA packet: rare, so clarity over speed."""
@@ -303,33 +623,75 @@ class ClientSession:
                 control = decode_control(body)
                 if control.op == "receive":
                     self.set_receiving(control.args["on"])
-            elif kind == KIND_REQUEUE:
-                self.group.requeue(self, body)
+            elif kind in (KIND_REQUEUE, KIND_REQUEUE_MORE):
+                self._requeue_piece(body, more=kind == KIND_REQUEUE_MORE)
             else:
                 raise BadPacket(f"unknown packet kind 0x{kind:02x}")
         except KmuxError as exc:
             self._refuse(exc, seq=False)
 
-    def _refuse(self, err: KmuxError, seq: bool = True) -> None:
+    def _requeue_piece(self, body: bytes, more: bool) -> None:
+        parts = self.requeue_parts
+        if parts is None and not more:
+            self.group.requeue(self, body)
+            return
+        if parts is None:
+            parts = self.requeue_parts = bytearray()
+        if len(parts) + len(body) > self.group.cfg.max_message:
+            self.requeue_parts = None
+            raise BadPacket("requeued message is over max_message")
+        parts += body
+        if not more:
+            self.requeue_parts = None
+            self.group.requeue(self, bytes(parts))
+
+    def _refuse(self, err: KmuxError, seq: bool = True, seq_value: int | None = None) -> None:
         self.refused += 1
         if seq:
-            err.details["seq"] = self.seq
+            err.details["seq"] = self.seq if seq_value is None else seq_value
         # The client always gets its notice; the log gets the first refusal
         # and then one line per interval, so a buggy app cannot flood it.
         if self._refusal_log.allow():
             self.log.info(
-                "message_refused", error_code=err.code, error=err.message, seq=self.seq if seq else None,
+                "message_refused", error_code=err.code, error=err.message, seq=err.details.get("seq"),
                 suppressed=self._refusal_log.take_suppressed(),
             )
         self.notify(Notice.for_error(err))
 
+    def refuse_unread(self, err_factory: Any, limit: int) -> int:
+        """Read and refuse (each with its seq) what waits in the socket: queue_timeout."""
+        refused = 0
+        while refused < limit:
+            try:
+                n, _, flags, _ = self.sock.recvmsg_into((_SCRATCH,), 0, _MSG_TRUNC)
+            except OSError:
+                break
+            if n == 0:
+                break
+            kind = _SCRATCH[0]
+            if kind & ~KIND_MORE == KIND_DATA:
+                if self.open is None:
+                    self.seq += 1
+                    if kind == KIND_DATA_MORE:
+                        self.open = _Open(None, self.seq, 0, time.monotonic())
+                        self.open.discard = err_factory()
+                    self._refuse(err_factory())
+                    refused += 1
+                elif not kind & KIND_MORE:
+                    self.open = None
+            elif self.open is None:
+                # Not a message: nothing to refuse by seq; it is simply not read late.
+                self._refuse(BadPacket("a control packet waited for the group too; dropped"), seq=False)
+        return refused
+
     def set_receiving(self, on: bool) -> None:
-        steering = self.group.steering
+        group = self.group
+        steering = group.steering
         if on:
             self.sm.fire(ClientEvent.RECEIVE_ON)
-            if not self.notices and steering.receive_on(self):
-                self.group.receiver_ready()
-            elif self.notices:
+            if not self.txq and steering.receive_on(self):
+                group.receiver_ready()
+            elif self.txq:
                 steering.receive_on(self)
                 steering.blocked(self)
         else:
@@ -341,44 +703,211 @@ class ClientSession:
 
     def notify(self, notice: Notice) -> None:
         """Queue a notice; it goes out before any further data to this client."""
-        self.notices.append(encode_notice(notice))
-        self._flush_notices()
-
-    def _flush_notices(self) -> bool:
-        notices = self.notices
-        while notices:
+        if self.closed:
+            return
+        packet = encode_notice(notice)
+        if not self.txq:
             try:
-                self.sock.send(notices[0])
+                self.sock.send(packet)
             except BlockingIOError:
-                self.group.steering.blocked(self)
-                self._want_write.set()
-                return False
+                pass
             except OSError:
-                notices.clear()
+                return  # gone: the hang-up ends the session
+            else:
+                self.notices_sent += 1
+                return
+        self.txq.append((packet, _NOTICE))
+        self.notices_queued += 1
+        self._blocked_out()
+
+    def send_response(self, buf: bytearray, view: memoryview, pos: int, end: int, seq: int) -> bool:
+        """Hand over one response at ``buf[pos:end]`` (the byte before it is free).
+
+        Returns True if it was sent or queued for this client, False if it was
+        dropped (queue full with ``rx_overflow = "drop"``, or the client is gone).
+        """
+        size = end - pos
+        if not self.txq and size < self.max_packet:
+            buf[pos - 1] = KIND_DATA
+            try:
+                self.sock.send(view[pos - 1 : end])
+            except BlockingIOError:
+                pass
+            except OSError:
                 return False
-            notices.popleft()
-            self.notices_sent += 1
-        self._notices_drained.set()
+            else:
+                self.rx_msgs += 1
+                self.rx_bytes += size
+                return True
+        return self._queue_response(view[pos:end], seq)
+
+    def send_message(self, message: Any) -> bool:
+        """Balance steering's send for a message too large for one packet (or requeued)."""
+        return self._queue_response(memoryview(message), None, direct=True)
+
+    def _queue_response(self, message: memoryview, seq: int | None, direct: bool = False) -> bool:
+        size = len(message)
+        cfg = self.group.cfg
+        if self.txq_data_bytes + size > cfg.client_rx_limit and not direct:
+            return self._overflow(seq)
+        packets = self._packets(message)
+        if not self.txq:
+            # Send what the socket takes now, queue the rest (nothing else may come between pieces).
+            while packets:
+                try:
+                    self.sock.send(packets[0])
+                except BlockingIOError:
+                    break
+                except OSError:
+                    return False
+                packets.pop(0)
+            if not packets:
+                self.rx_msgs += 1
+                self.rx_bytes += size
+                return True
+        last = len(packets) - 1
+        self.txq.extend((packet, size if i == last else 0) for i, packet in enumerate(packets))
+        self.txq_data_bytes += size
+        self.txq_data_msgs += 1
+        self.rx_msgs += 1  # counted when handed to the daemon's queue for it
+        self.rx_bytes += size
+        self._blocked_out()
         return True
 
-    def rx_blocked(self) -> None:
-        """The group could not hand this client a message: wait for room."""
-        self.group.steering.blocked(self)
-        self._want_write.set()
+    def _packets(self, message: memoryview) -> list[bytes]:
+        """One DATA packet, or DATA_MORE pieces and a last DATA when it does not fit."""
+        piece = self.max_packet - 1
+        if len(message) <= piece:
+            return [DATA_PREFIX + message]
+        out = []
+        for i in range(0, len(message), piece):
+            chunk = message[i : i + piece]
+            last = i + piece >= len(message)
+            out.append((DATA_PREFIX if last else DATA_MORE_PREFIX) + chunk)
+        return out
 
-    async def _writer(self) -> None:
-        # The only task that waits for writability on this socket.
-        while True:
-            await self._want_write.wait()
-            self._want_write = trio.Event()
-            while True:
-                await trio.lowlevel.wait_writable(self.sock)
-                if self._flush_notices():
+    def _overflow(self, seq: int | None) -> bool:
+        group = self.group
+        if group.cfg.rx_overflow == "drop":
+            group.responses_dropped += 1
+            err = ResponseDropped(
+                f"a response was dropped: {self.txq_data_bytes} bytes already wait for this client "
+                f"(client_rx_limit={group.cfg.client_rx_limit})"
+            )
+            if seq is not None:
+                err.details["seq"] = seq
+            self.notify(Notice.for_error(err))
+            return False
+        self.slow_consumer()
+        return False
+
+    def slow_consumer(self) -> None:
+        """Detach a client that left more than client_rx_limit bytes unread."""
+        if self.closing_deadline is not None or self.closed:
+            return
+        group = self.group
+        group.slow_consumers += 1
+        limit = group.cfg.client_rx_limit
+        self.log.warning("slow_consumer", queued_bytes=self.txq_data_bytes, client_rx_limit=limit)
+        # Its queued responses are dropped; the notice is the last thing it gets.
+        self.txq.clear()
+        self.txq_data_bytes = self.txq_data_msgs = self.notices_queued = 0
+        self.stop_reading(Notice.for_error(SlowConsumer(
+            f"more than client_rx_limit={limit} bytes of responses waited unread; detached"
+        )))
+        group.detach(self)  # gone from now on: its responses are dropped; its last notice still goes out
+        group.slow.add(self)
+        self.closing_deadline = time.monotonic() + SLOW_CONSUMER_GRACE
+        if not self.txq:
+            self.close("slow consumer")
+
+    def rx_blocked(self) -> None:
+        """Balance steering could not hand this client a message: wait for room."""
+        self._blocked_out()
+
+    def _blocked_out(self) -> None:
+        self.group.steering.blocked(self)
+        self._set_mask(self.mask | EPOLLOUT)
+
+    def flush_txq(self) -> None:
+        txq = self.txq
+        send = self.sock.send
+        while txq:
+            packet, completes = txq[0]
+            try:
+                send(packet)
+            except BlockingIOError:
+                return
+            except OSError:
+                txq.clear()
+                self.close("send failed")
+                return
+            txq.popleft()
+            if completes == _NOTICE:
+                self.notices_queued -= 1
+                self.notices_sent += 1
+            elif completes:
+                self.txq_data_msgs -= 1
+                self.txq_data_bytes -= completes
+        self._set_mask(self.mask & ~EPOLLOUT)
+        if self.closing_deadline is not None:
+            self.close("slow consumer")
+            return
+        group = self.group
+        # In id/fifo modes a paused connection never waits for a client; in
+        # balance mode this one may take messages again.
+        if group.steering.unblocked(self):
+            group.receiver_ready()
+        if self.reading and not self.read_wanted and self.notices_queued < group.daemon_cfg.client_notice_limit:
+            self.wake()
+
+    # -- the end ------------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        """End the session: detach, drop (and count) what it sent that was never read, close."""
+        if self.closed:
+            return
+        self.closed = True
+        self.gone = True
+        group = self.group
+        group.slow.discard(self)
+        if self.open is not None:
+            open_ = self.open
+            self.open = None
+            if open_.outbox is not None and open_.outbox.open_owner is self:
+                group.wake(group.sched.closed_open(self, open_.outbox, commit=False))
+                self.dropped_unread += 1
+        group.detach(self)
+        if self.txq_data_msgs and group.router is not None:
+            group.router.dropped += self.txq_data_msgs  # responses it never read
+        self.dropped_unread += self.discard_unread()
+        group.dropped_unread += self.dropped_unread
+        group.reactor.unregister(self.fd)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.sm.fire(ClientEvent.CLOSE)
+        self.server.session_closed(self)
+        self.log.info("client_detached", reason=reason, tx_msgs=self.tx_msgs, rx_msgs=self.rx_msgs,
+                      dropped_unread=self.dropped_unread or None)
+
+    def discard_unread(self, limit: int = DISCARD_LIMIT) -> int:
+        """Drop packets the client sent that were never read, before closing.
+
+        Closing a Unix socket with unread packets makes the peer's next read
+        fail with ECONNRESET, which would hide the final notice and the
+        clean EOF behind it.
+        """
+        dropped = 0
+        while dropped < limit:
+            try:
+                if not self.sock.recv_into(_SCRATCH, 1, socket.MSG_TRUNC | socket.MSG_DONTWAIT):
                     break
-            # In id/fifo modes a paused connection waits for this client in
-            # particular, whatever its receive setting.
-            if self.group.steering.unblocked(self) or self.group.request_mode:
-                self.group.receiver_ready()
+            except OSError:
+                break
+            dropped += 1
+        return dropped
 
     # -- statistics ---------------------------------------------------------------
 
@@ -389,6 +918,7 @@ class ClientSession:
             group=self.group.cfg.name,
             pid=self.cred.pid,
             uid=self.cred.uid,
+            gid=self.cred.gid,
             comm=self.cred.comm,
             state=self.sm.state.value,
             receiving=self.receiving,
@@ -398,9 +928,11 @@ class ClientSession:
             queued_bytes=self.accepted_bytes - self.tx_bytes,
             rx_msgs=self.rx_msgs,
             rx_bytes=self.rx_bytes,
+            rx_queued_msgs=self.txq_data_msgs,
+            rx_queued_bytes=self.txq_data_bytes,
             refused=self.refused,
             requeued=self.requeued,
             notices_sent=self.notices_sent,
-            notices_pending=len(self.notices),
+            notices_pending=self.notices_queued,
             connected_for=time.monotonic() - self.since,
         )

@@ -634,7 +634,8 @@ def test_reload_applies_changes_and_spares_unchanged_groups(backend_factory, dae
     )
     sent_at_reload = sum(senders.sent)
     plan = json.loads(ok(ctl, "reload", "-j"))
-    assert plan == {"added": ["fresh"], "removed": ["gone"], "resized": ["grow"], "replaced": ["swap"], "unchanged": ["keep"]}
+    assert plan == {"added": ["fresh"], "removed": ["gone"], "resized": ["grow"], "replaced": ["swap"], "unchanged": ["keep"],
+                    "reconfigured": []}
     wait_until(lambda: len(grow_b.open_ids()) == 3, 10, "the third connection of grow")
     new_b.wait_open(1)
     wait_until(lambda: not gone_b.conns()[0].open, 10, "the removed group's connection closed")

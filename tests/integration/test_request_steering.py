@@ -915,8 +915,8 @@ def test_unmatched_balance_goes_to_a_receiver(backend_factory, daemon_factory):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_dead_client_responses_discarded_others_untouched(backend_factory, daemon_factory, mode):
-    """A client that stops reading blocks its connection's responses (head of line); once it
-    dies, its responses are discarded and the others get exactly theirs, in order."""
+    """A client that stops reading holds back nobody (its responses wait in its own queue);
+    once it dies, its responses are discarded and the others get exactly theirs, in order."""
     backend = backend_factory(echo=True, summarize=summarize_req, max_frame=MAX)
     daemon = daemon_factory({"g": rr_group([backend.address], mode, connections=1)})
     backend.wait_open(1)

@@ -12,10 +12,13 @@ from kmuxd.system.config import parse_config
 from kmuxd.core.states import (
     CLIENT_TRANSITIONS,
     CONN_TRANSITIONS,
+    SLOT_TRANSITIONS,
     ClientEvent,
     ClientState,
     ConnEvent,
     ConnState,
+    SlotEvent,
+    SlotState,
     StateMachine,
 )
 from kmuxd.core.steering import BalanceSteering
@@ -76,32 +79,45 @@ def test_blocked_receiver_turned_on_stays_out_until_unblocked():
 # -- state tables ------------------------------------------------------------
 
 
-def test_connection_lifecycle_follows_the_table():
-    sm = StateMachine(CONN_TRANSITIONS, ConnState.IDLE, "conn")
+def test_slot_lifecycle_follows_the_table():
+    sm = StateMachine(SLOT_TRANSITIONS, SlotState.IDLE, "slot")
     for ev, want in [
-        (ConnEvent.DIAL, ConnState.CONNECTING),
-        (ConnEvent.CONNECTED, ConnState.READY),
+        (SlotEvent.DIAL, SlotState.CONNECTING),
+        (SlotEvent.CONNECTED, SlotState.UP),
+        (SlotEvent.RECYCLE, SlotState.CONNECTING),  # make-before-break: dial the replacement now
+        (SlotEvent.CONNECTED, SlotState.UP),
+        (SlotEvent.LOST, SlotState.BACKOFF),
+        (SlotEvent.RETRY, SlotState.CONNECTING),
+        (SlotEvent.DIAL_FAILED, SlotState.BACKOFF),
+        (SlotEvent.CLOSE, SlotState.CLOSED),
+    ]:
+        assert sm.fire(ev) is want
+
+
+def test_connection_lifecycle_follows_the_table():
+    sm = StateMachine(CONN_TRANSITIONS, ConnState.READY, "conn")
+    for ev, want in [
         (ConnEvent.WRITE_BLOCKED, ConnState.BUSY),
         (ConnEvent.WRITE_DONE, ConnState.READY),
-        (ConnEvent.FAILED, ConnState.BACKOFF),
-        (ConnEvent.RETRY, ConnState.CONNECTING),
-        (ConnEvent.DIAL_FAILED, ConnState.BACKOFF),
-        (ConnEvent.CLOSE, ConnState.CLOSED),
+        (ConnEvent.RETIRE, ConnState.DRAINING),
+        (ConnEvent.WRITE_BLOCKED, ConnState.DRAINING),
+        (ConnEvent.RESUME, ConnState.READY),
+        (ConnEvent.FAIL, ConnState.CLOSED),
     ]:
         assert sm.fire(ev) is want
 
 
 @pytest.mark.parametrize(
-    "state,event",
+    "table,state,event",
     [
-        (ConnState.IDLE, ConnEvent.CONNECTED),
-        (ConnState.BACKOFF, ConnEvent.WRITE_BLOCKED),
-        (ConnState.CONNECTING, ConnEvent.WRITE_DONE),
-        (ConnState.CLOSED, ConnEvent.DIAL),
+        (SLOT_TRANSITIONS, SlotState.IDLE, SlotEvent.CONNECTED),
+        (SLOT_TRANSITIONS, SlotState.BACKOFF, SlotEvent.RECYCLE),
+        (CONN_TRANSITIONS, ConnState.READY, ConnEvent.RESUME),
+        (CONN_TRANSITIONS, ConnState.CLOSED, ConnEvent.RETIRE),
     ],
 )
-def test_illegal_connection_transitions_raise(state, event):
-    sm = StateMachine(CONN_TRANSITIONS, state, "conn 3")
+def test_illegal_transitions_raise(table, state, event):
+    sm = StateMachine(table, state, "conn 3")
     with pytest.raises(IllegalTransition) as e:
         sm.fire(event)
     assert not isinstance(e.value, KmuxError)  # a bug, never a wire error

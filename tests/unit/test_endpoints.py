@@ -117,12 +117,15 @@ def test_dial_rate_bounds_a_healthy_endpoint_that_resets_after_answering():
 
 
 def test_consecutive_request_timeouts_eject_and_an_answer_resets_the_count():
-    p = EndpointPool(["t"], initial=1.0, maximum=8.0, rng=random.Random(1), eject_after_timeouts=3)
-    ep, _ = p.choose(0.0)
-    p.connected(ep)
+    p = EndpointPool(["t", "u"], initial=1.0, maximum=8.0, rng=random.Random(1), eject_after_timeouts=3)
+    ep = "t"
     assert not p.request_timed_out(ep, 1.0) and not p.request_timed_out(ep, 1.0)
     p.answered(ep)
     assert not p.request_timed_out(ep, 2.0) and not p.request_timed_out(ep, 2.0)
     assert p.request_timed_out(ep, 2.0)
     s = p.statistics(2.0)[0]
     assert s.state == "ejected" and s.reason == "3 request timeouts in a row"
+    # ... but never the last healthy endpoint: a slow service beats none.
+    for _ in range(10):
+        assert not p.request_timed_out("u", 3.0)
+    assert p.statistics(3.0)[1].state == "healthy"

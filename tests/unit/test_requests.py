@@ -1,4 +1,6 @@
-"""Request/response correlation with no sockets: id extraction, rewrite, restore, fifo, outbox hand-off."""
+"""Request/response correlation with no sockets: id extraction, rewrite, restore, fifo, outbox hand-off.
+
+(The request lifecycle and its random-schedule property test are in test_router.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 
 from kmux.errors import BadFrame, IdInUse, IdsExhausted
 from kmux.framing import PRESETS
-from kmuxd.core.requests import DONE, PENDING, WRITTEN, IdTable, Request, fifo_match
+from kmuxd.core.router import DONE, PENDING, WRITTEN, FifoFlight, IdTable, Request, ResponseRouter
 from kmuxd.core.sendq import Outbox, TxScheduler
 
 LENGTH_AT = PRESETS["u32be"]._length_at
@@ -31,8 +33,6 @@ def test_rewrite_gives_unique_wire_ids_and_restores_the_clients_own():
     assert table.match(b, 0, len(b)) is rb and table.match(a, 0, len(a)) is ra
     table.restore(rb, b, 0)
     assert b[4:6] == b"\x00\x07"
-    table.unrestore(rb, b, 0)
-    assert b[4:6] == rb.wire_id
     table.remove(ra)
     assert table.match(a, 0, len(a)) is None and len(table) == 1
 
@@ -66,55 +66,55 @@ def test_rewritten_ids_are_reused_as_late_as_possible():
 
 
 def test_fifo_matches_written_first_then_pending_and_skips_done():
-    inflight = deque([Request("A", 1, 0.0), Request("B", 1, 0.0)])
+    flight = FifoFlight("c0")
+    flight.reqs.extend([Request("A", 1, 0.0), Request("B", 1, 0.0)])
     pending = deque([Request("C", 1, 0.0)])
-    inflight[0].state = DONE
-    assert fifo_match(inflight, pending).owner == "B" and len(inflight) == 1
-    inflight[0].state = DONE
-    assert fifo_match(inflight, pending).owner == "C"
+    flight.reqs[0].state = DONE
+    assert flight.oldest(pending).owner == "B" and len(flight.reqs) == 1
+    flight.reqs[0].state = DONE
+    assert flight.oldest(pending).owner == "C"
 
 
 class Conn:
-    def __init__(self):
-        self.outbox = None
-        self.tx_msgs = 0
-        self.inflight = deque()
-
-    def request_written(self, req):
-        if req.state == PENDING:
-            req.state = WRITTEN
-            self.inflight.append(req)
+    """Opaque to the cores."""
 
 
 class Owner:
+    gone = False
+
     def count_written(self, msgs, nbytes):
         pass
 
 
 def test_request_records_follow_their_bytes_through_writes_and_salvage():
     tx = TxScheduler()
+    router = ResponseRouter("fifo", None)
     c0, c1 = Conn(), Conn()
     for c in (c0, c1):
         tx.add(c, Outbox(256, 64, LENGTH_AT))
         tx.connected(c)
     owner = Owner()
     conn = tx.route(owner)
-    ob = conn.outbox
+    flight = router.flight(conn)
+    ob = tx.outbox_of(conn)
     tail = ob.tail
     reqs = []
     for i in range(3):
         m = msg(i, b"z" * 10)
         ob.buf[tail : tail + len(m)] = m
         tail += len(m)
-        reqs.append(Request(owner, i + 1, 0.0))
+        reqs.append(router.accept(owner, i + 1, 0.0, ob.buf, tail - len(m), len(m)))
         ob.requests.append(reqs[-1])
     tx.committed(owner, conn, tail, 3)
     tx.written(conn, 16 + 3)  # first message whole, second cut after 3 bytes
     # The run is not complete, so nothing is counted as written yet ...
-    assert [r.state for r in reqs] == [PENDING] * 3
+    assert ob.take_written() == [] and [r.state for r in reqs] == [PENDING] * 3
     salvage, _ = tx.failed(conn)
     # ... until the salvage: the first was written (its client will be told),
     # the cut one and the last go again with the outbox.
     assert salvage.written_msgs == 1 and salvage.resend_msgs == 2
-    assert list(conn.inflight) == [reqs[0]]
+    for req in ob.take_written():
+        router.written(req, flight)
+    assert list(flight.reqs) == [reqs[0]]
     assert reqs[0].state == WRITTEN and reqs[1].state == reqs[2].state == PENDING
+    assert list(ob.requests) == reqs[1:]  # they travel with the outbox

@@ -1,0 +1,213 @@
+"""The event core: every data-path socket in one epoll, served in synchronous passes.
+
+Theory of operation
+-------------------
+trio's own I/O waits cost one ``epoll_ctl`` (it arms ``EPOLLONESHOT``) and one
+task switch per socket per wake-up, and a request/response daemon gets about
+one message per wake-up, so that cost was paid per request (see
+``docs/benchmark.md``, "Where the CPU goes"). The data path therefore has an
+epoll of its own:
+
+* Every data-path socket (the apps' listener, apps mid-handshake, attached
+  apps, the groups' TCP connections) is registered **once**, and its
+  interest changes only when what we want of it changes: reading paused for
+  push-back, writing blocked. A socket in a steady state costs no
+  ``epoll_ctl`` at all.
+* **Level-triggered**, on purpose: a handler may stop after one bounded
+  slice of work (a client's turn, one read of a connection) without having
+  to drain to ``EAGAIN``; the next pass reports the socket again. That
+  spares the ``EAGAIN`` read per message that edge-triggering needs, and
+  makes fairness a matter of passes rather than of bookkeeping.
+* One trio task runs :meth:`Reactor.run`: it waits until the epoll is
+  readable, then handles *every* ready socket in one synchronous pass
+  (:meth:`Handler.handle`), then runs the end-of-pass work: every
+  connection that got bytes during the pass writes them with one ``send``
+  (:meth:`Reactor.flush_later`). Under load one pass carries many clients'
+  messages and many responses, so the per-wake-up cost is shared.
+* It gives trio the loop back after each pass (a checkpoint) so that
+  timers, signals, the control socket and dialling keep running, and waits
+  through trio only when nothing is ready.
+
+trio keeps what it is good at: lifecycles (nurseries), timers
+(``request_timeout``, ``queue_timeout``, back-off), signals, the control
+socket and cancellation.
+
+Error handling: each handler is an error boundary. An exception escaping
+one handler's :meth:`~Handler.handle` is logged with its traceback and ends
+that handler only (:meth:`Handler.crash`): one client or connection with a
+bug in its path is closed, the daemon and everyone else go on.
+"""
+
+from __future__ import annotations
+
+import select
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import trio
+
+__all__ = ["Reactor", "Handler", "ReactorStatistics", "EPOLLIN", "EPOLLOUT", "EPOLLRDHUP", "EPOLLHUP", "EPOLLERR"]
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLRDHUP = select.EPOLLRDHUP
+EPOLLHUP = select.EPOLLHUP
+EPOLLERR = select.EPOLLERR
+
+#: Most events taken from the epoll per pass.
+MAX_EVENTS = 1024
+#: Passes run back to back (while sockets keep being ready) before the
+#: reactor lets trio run its other tasks even if they are not due yet.
+PASSES_PER_CHECKPOINT = 1
+
+
+class Handler:
+    """Something registered in the reactor: a socket and what to do when it is ready."""
+
+    __slots__ = ()
+
+    def handle(self, events: int) -> None:
+        raise NotImplementedError
+
+    def crash(self, exc: BaseException) -> None:
+        """An unexpected exception escaped :meth:`handle`: end this handler (it was logged)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class ReactorStatistics:
+    #: Sockets registered.
+    sockets: int
+    #: Passes run, events handled, and interest changes (epoll_ctl MOD) since start.
+    passes: int
+    events: int
+    modifies: int
+    #: Times the reactor waited through trio because nothing was ready.
+    idle_waits: int
+    #: Handlers ended by an unexpected exception.
+    crashes: int
+
+
+class Reactor:
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self._epoll = select.epoll()
+        self._handlers: dict[int, Handler] = {}
+        self._masks: dict[int, int] = {}
+        self._flush: list[Any] = []
+        self._soon: list[Callable[[], None]] = []
+        self.passes = self.events = self.modifies = self.idle_waits = self.crashes = 0
+
+    # -- registration ------------------------------------------------------------
+
+    def register(self, fd: int, handler: Handler, mask: int) -> None:
+        self._epoll.register(fd, mask)
+        self._handlers[fd] = handler
+        self._masks[fd] = mask
+
+    def replace(self, fd: int, handler: Handler) -> None:
+        """Hand a registered socket to another handler (a client past its hello)."""
+        self._handlers[fd] = handler
+
+    def modify(self, fd: int, mask: int) -> None:
+        if self._masks.get(fd) != mask:
+            self._epoll.modify(fd, mask)
+            self._masks[fd] = mask
+            self.modifies += 1
+
+    def unregister(self, fd: int) -> None:
+        """Forget ``fd`` (before it is closed). Safe to call twice."""
+        if self._handlers.pop(fd, None) is not None:
+            del self._masks[fd]
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def registered(self, fd: int) -> bool:
+        return fd in self._handlers
+
+    # -- end-of-pass work -----------------------------------------------------------
+
+    def flush_later(self, conn: Any) -> None:
+        """``conn`` got bytes this pass: it writes them (``conn.flush()``) when the pass ends.
+
+        The caller keeps a flag so each connection is listed once per pass.
+        """
+        self._flush.append(conn)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` at the end of this pass (or the next one, if no pass is running)."""
+        self._soon.append(fn)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        poll = self._epoll.poll
+        fileno = self._epoll.fileno()
+        handlers = self._handlers
+        task_status.started()
+        while True:
+            events = poll(0, MAX_EVENTS)
+            if not events and not self._soon and not self._flush:
+                self.idle_waits += 1
+                await trio.lowlevel.wait_readable(fileno)
+                continue
+            self.passes += 1
+            self.events += len(events)
+            for fd, mask in events:
+                handler = handlers.get(fd)
+                if handler is None:
+                    continue  # closed earlier in this pass
+                try:
+                    handler.handle(mask)
+                except Exception as exc:  # noqa: BLE001 -- the error boundary
+                    self._crashed(handler, exc)
+            self.end_pass()
+            await trio.lowlevel.checkpoint()
+
+    def end_pass(self) -> None:
+        """Run what the pass deferred: wake-ups, then one write per connection."""
+        # Wake-ups may add writes; writes may wake clients (room again), so
+        # loop until both lists are empty (bounded: each round drains them).
+        for _ in range(64):
+            if not self._soon and not self._flush:
+                return
+            soon, self._soon = self._soon, []
+            for fn in soon:
+                try:
+                    fn()
+                except Exception as exc:  # noqa: BLE001
+                    owner = getattr(fn, "__self__", None)
+                    if isinstance(owner, Handler):
+                        self._crashed(owner, exc)
+                    else:
+                        self.crashes += 1
+                        self.log.exception("reactor_callback_crashed", error=repr(exc))
+            flush, self._flush = self._flush, []
+            for conn in flush:
+                try:
+                    conn.flush()
+                except Exception as exc:  # noqa: BLE001
+                    self._crashed(conn, exc)
+
+    def _crashed(self, handler: Any, exc: BaseException) -> None:
+        self.crashes += 1
+        self.log.exception("handler_crashed", handler=repr(handler), error=repr(exc))
+        try:
+            handler.crash(exc)
+        except Exception as again:  # noqa: BLE001
+            self.log.exception("handler_crash_failed", handler=repr(handler), error=repr(again))
+
+    def statistics(self) -> ReactorStatistics:
+        return ReactorStatistics(
+            sockets=len(self._handlers),
+            passes=self.passes,
+            events=self.events,
+            modifies=self.modifies,
+            idle_waits=self.idle_waits,
+            crashes=self.crashes,
+        )
+
+    def close(self) -> None:
+        self._epoll.close()
