@@ -96,7 +96,7 @@ def exit_status(
         if num in _PERMISSION_ERRNOS:
             return EXIT_PERMISSION, (
                 f"kmux-cli: permission denied on {control} "
-                "(the control socket is root-only unless control_group is set)"
+                "(only root and the socket's group may connect: daemon.control_group, or SocketGroup= under systemd)"
             )
         if num == errno.ECONNREFUSED:
             return EXIT_NOT_RUNNING, f"kmux-cli: kmuxd is not running (nothing listens on {control})"

@@ -167,18 +167,14 @@ class StatsCollector:
             info.add_metric([str(daemon.get("version", "")), str(daemon.get("pid", ""))], 1)
         yield info
         yield from self._families(family, DAEMON_METRICS, [], [((), daemon)] if daemon else [])
-        yield self._by_key(
-            CounterMetricFamily, "kmux_daemon_clients_refused", "Hellos refused, by error code", "code",
-            daemon.get("refused_by_code"),
-        )
         control = self.answer.get("control") if isinstance(self.answer.get("control"), Mapping) else {}
-        yield self._by_key(
-            CounterMetricFamily, "kmux_control_requests", "Control-socket requests, by op", "op", control.get("requests")
-        )
-        yield self._by_key(
-            CounterMetricFamily, "kmux_control_refused", "Control-socket requests refused with permission_denied, by op",
-            "op", control.get("refused"),
-        )
+        for name, doc, label, counts in (
+            ("kmux_daemon_clients_refused", "Hellos refused, by error code", "code", daemon.get("refused_by_code")),
+            ("kmux_control_requests", "Control-socket requests, by op", "op", control.get("requests")),
+            ("kmux_control_refused", "Control-socket requests refused with permission_denied, by op", "op",
+             control.get("refused")),
+        ):
+            yield self._by_key(name, doc, label, counts)
 
         groups = records(self.answer, "groups")
         yield from self._families(family, GROUP_METRICS, ["group"], [((str(g.get("name")),), g) for g in groups])
@@ -261,9 +257,11 @@ class StatsCollector:
         return fam
 
     @staticmethod
-    def _by_key(cls: Any, name: str, doc: str, label: str, counts: Any) -> Any:
-        """A ``{key: count}`` map of a record as one family with ``label`` = key."""
-        fam = cls(name, doc, labels=[label])
+    def _by_key(name: str, doc: str, label: str, counts: Any) -> Any:
+        """A ``{key: count}`` map of a record as one counter family with ``label`` = key."""
+        from prometheus_client.core import CounterMetricFamily
+
+        fam = CounterMetricFamily(name, doc, labels=[label])
         if isinstance(counts, Mapping):
             for key, value in sorted(counts.items(), key=lambda kv: str(kv[0])):
                 v = _metric_value(value, 1)

@@ -221,7 +221,8 @@ def test_group_and_clients_views(two_groups, close_all):
     assert [int(r[0]) for r in rows] == [c["id"] for c in sorted(answer["clients"], key=lambda c: (c["group"], c["id"]))]
     for r in rows:
         c = by_id[int(r[0])]
-        assert r[1:7] == [c["name"] or "-", str(c["pid"]), "0", c["comm"], c["group"], "yes" if c["receiving"] else "no"]
+        receiving = "yes" if c["receiving"] else "no"
+        assert r[1:7] == [c["name"] or "-", str(c["pid"]), "0", c["comm"], c["group"], receiving]
     assert sorted(r[1] for r in rows) == ["rx", "subproc", "tx"]  # the names the clients gave in their hellos
     pids = {r[2] for r in rows}
     assert pids == {str(os.getpid()), str(sub.proc.pid)}
@@ -519,7 +520,8 @@ def test_permission_denied_for_an_unprivileged_user(backend_factory, daemon_fact
     r = cli(ctl, "groups", prefix=as_nobody)
     assert (r.returncode, r.stdout) == (4, "")
     assert r.stderr == (
-        f"kmux-cli: permission denied on {ctl} (the control socket is root-only unless control_group is set)\n"
+        f"kmux-cli: permission denied on {ctl} (only root and the socket's group may connect: "
+        "daemon.control_group, or SocketGroup= under systemd)\n"
     )
     # The same user gets in where control_group admits it: the refusal was the socket mode.
     import grp

@@ -543,7 +543,8 @@ PATH = "/run/kmuxd/control.sock"
         (DaemonUnavailable("x", path=PATH, errno="ECONNREFUSED"), EXIT_NOT_RUNNING, "kmuxd is not running"),
         (FileNotFoundError(errno.ENOENT, "No such file"), EXIT_NOT_RUNNING, "kmuxd is not running"),
         (DaemonUnavailable("x", path=PATH, errno="EACCES"), EXIT_PERMISSION,
-         f"kmux-cli: permission denied on {PATH} (the control socket is root-only unless control_group is set)"),
+         f"kmux-cli: permission denied on {PATH} (only root and the socket's group may connect: "
+         "daemon.control_group, or SocketGroup= under systemd)"),
         (PermissionError(errno.EACCES, "Permission denied"), EXIT_PERMISSION, "permission denied"),
         (DaemonUnavailable("closed", path=PATH, errno="EPIPE"), EXIT_NOT_RUNNING, "closed the control connection"),
         (DaemonUnavailable("x", path=PATH, errno="ENOTSOCK"), EXIT_FAILED, "is not a kmuxd control socket"),
