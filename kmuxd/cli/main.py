@@ -6,6 +6,10 @@ daemon's record field names as keys), ``--watch`` for a live view. The wire
 contract is "Control socket, version 1" in ``docs/protocol.md``; the output
 and the exit codes are documented in ``docs/cli.md``.
 
+This module holds the commands, their arguments, ``--watch`` and the exit
+codes; what each command prints is in ``views.py``, units and tables in
+``format.py``, the Prometheus exposition in ``metrics.py``.
+
 The CLI is deliberately defensive about records: the daemon may be newer or
 older than this tool and records only ever gain keys, so every field is read
 with ``.get`` and anything missing shows as ``-`` (or is left out of the

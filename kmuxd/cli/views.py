@@ -334,6 +334,11 @@ def _by_key(counts: Any) -> str:
     return " (" + ", ".join(f"{fmt_text(k)} {fmt_count(v)}" for k, v in items) + ")" if items else ""
 
 
+def _total(counts: Any) -> int | None:
+    """The sum of a ``{key: count}`` map; None when it is not one."""
+    return sum(v for v in counts.values() if _is_int(v)) if isinstance(counts, Mapping) else None
+
+
 def status_view(answer: Mapping[str, Any]) -> list[str]:
     """``kmux-cli status``: the daemon record (and the control socket's own counters, when sent)."""
     d = answer.get("daemon") if isinstance(answer.get("daemon"), Mapping) else {}
@@ -351,12 +356,9 @@ def status_view(answer: Mapping[str, Any]) -> list[str]:
     ]
     control = answer.get("control")
     if isinstance(control, Mapping):
-        requests = control.get("requests")
-        total = sum(v for v in requests.values() if _is_int(v)) if isinstance(requests, Mapping) else None
-        refused = control.get("refused")
-        nrefused = sum(v for v in refused.values() if _is_int(v)) if isinstance(refused, Mapping) else None
+        requests, refused = control.get("requests"), control.get("refused")
         lines.append(
-            f"    control requests {fmt_count(total)}{_by_key(requests)}  "
-            f"refused {fmt_count(nrefused)}{_by_key(refused)}  errors {fmt_count(control.get('errors'))}"
+            f"    control requests {fmt_count(_total(requests))}{_by_key(requests)}  "
+            f"refused {fmt_count(_total(refused))}{_by_key(refused)}  errors {fmt_count(control.get('errors'))}"
         )
     return lines
