@@ -22,6 +22,7 @@ __all__ = [
     "fmt_rate",
     "fmt_byte_rate",
     "fmt_plain",
+    "fmt_text",
     "Column",
     "render_table",
     "RateTracker",
@@ -133,6 +134,21 @@ def fmt_plain(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(fmt_plain(v) for v in value) or MISSING
     return str(value)
+
+
+def fmt_text(value: Any, width: int | None = None) -> str:
+    """A string someone else chose (a client's name, its comm): safe to print, at most ``width`` wide.
+
+    Control characters are shown escaped (``\\x1b``), so a client cannot
+    send escape sequences to the terminal of whoever runs kmux-cli; text
+    longer than ``width`` is cut with ``…``.
+    """
+    if value is None or value == "":
+        return MISSING
+    text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(value))
+    if width is not None and len(text) > width:
+        text = text[: width - 1] + "…"
+    return text
 
 
 # -- tables ------------------------------------------------------------------------

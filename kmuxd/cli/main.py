@@ -6,6 +6,10 @@ daemon's record field names as keys), ``--watch`` for a live view. The wire
 contract is "Control socket, version 1" in ``docs/protocol.md``; the output
 and the exit codes are documented in ``docs/cli.md``.
 
+This module holds the commands, their arguments, ``--watch`` and the exit
+codes; what each command prints is in ``views.py``, units and tables in
+``format.py``, the Prometheus exposition in ``metrics.py``.
+
 The CLI is deliberately defensive about records: the daemon may be newer or
 older than this tool and records only ever gain keys, so every field is read
 with ``.get`` and anything missing shows as ``-`` (or is left out of the
@@ -19,33 +23,17 @@ import errno
 import json
 import os
 import shutil
-import socket
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
-import msgpack
-
-from kmux.control import DEFAULT_CONTROL, MAX_ANSWER, ControlClient
-from kmux.errors import DaemonUnavailable, KmuxError, RemoteError, UnknownGroup, error_from_code
+from kmux.control import DEFAULT_CONTROL, ControlClient
+from kmux.errors import DaemonUnavailable, KmuxError, UnknownGroup
 
 from kmuxd import __version__
-from .format import (
-    CONNECTED_STATES,
-    MISSING,
-    Column,
-    RateTracker,
-    fmt_byte_rate,
-    fmt_bytes,
-    fmt_count,
-    fmt_duration,
-    fmt_plain,
-    fmt_rate,
-    fmt_us,
-    records,
-    render_table,
-)
+from .format import RateTracker, fmt_bytes, fmt_count, fmt_duration, records
 from .metrics import metrics_registry, metrics_text
+from .views import Rates, clients_view, find_group, group_view, groups_view, select_clients, status_view
 
 __all__ = [
     "ControlClient",
@@ -57,6 +45,7 @@ __all__ = [
     "EXIT_PERMISSION",
     "EXIT_NO_SUCH",
     "exit_status",
+    "Rates",
     "groups_view",
     "group_view",
     "clients_view",
@@ -77,7 +66,6 @@ EXIT_NO_SUCH = 5  # no such group / connection
 
 _NOT_RUNNING_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR}
 _PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
-#: States in which a connection slot holds an established TCP connection.
 
 
 # -- exit codes -------------------------------------------------------------------
@@ -95,8 +83,10 @@ def exit_status(
 ) -> tuple[int, str]:
     """The exit code and the one-line message for a failure.
 
-    Pure, so the mapping is tested without a daemon (we cannot make a
-    permission error as root). ``groups``/``conns`` are optional context
+    Pure, so the mapping is tested without a daemon. Permission comes in
+    two forms: the kernel refusing the connection (EACCES: the socket's
+    mode) and kmuxd refusing an op (``permission_denied``); both exit 4.
+    ``groups``/``conns`` are optional context
     for "no such ..." messages: the known names, the group's size.
     """
     if isinstance(exc, DaemonUnavailable):
@@ -110,7 +100,7 @@ def exit_status(
         if num in _PERMISSION_ERRNOS:
             return EXIT_PERMISSION, (
                 f"kmux-cli: permission denied on {control} "
-                "(the control socket is root-only unless control_group is set)"
+                "(only root and the socket's group may connect: daemon.control_group, or SocketGroup= under systemd)"
             )
         if num == errno.ECONNREFUSED:
             return EXIT_NOT_RUNNING, f"kmux-cli: kmuxd is not running (nothing listens on {control})"
@@ -118,6 +108,9 @@ def exit_status(
             return EXIT_NOT_RUNNING, f"kmux-cli: kmuxd is not running (no control socket at {control})"
         if num in (errno.EPIPE, errno.ECONNRESET):
             return EXIT_NOT_RUNNING, f"kmux-cli: kmuxd closed the control connection on {control} (did it exit?)"
+        if num == errno.EPROTOTYPE and isinstance(exc, KmuxError):
+            # kmux.control recognised the apps' socket by its answer and says so.
+            return EXIT_FAILED, f"kmux-cli: {exc.message}"
         if num in (errno.ENOTSOCK, errno.EPROTOTYPE):
             return EXIT_FAILED, f"kmux-cli: {control} is not a kmuxd control socket"
         text = exc.message if isinstance(exc, KmuxError) else (exc.strerror or str(exc))
@@ -132,217 +125,14 @@ def exit_status(
             return EXIT_NO_SUCH, f"kmux-cli: no such connection {conn} in group {group!r}{known}"
         if code == "control_timeout":
             return EXIT_FAILED, f"kmux-cli: {exc.message}"
+        if code == "permission_denied":
+            # kmuxd let us connect (we may look) but not do this.
+            return EXIT_PERMISSION, f"kmux-cli: permission denied: {exc.message}"
         what = f"{command} failed" if command else "failed"
         # Details the message already spells out (config_invalid's path) are not repeated.
         extra = "".join(f" {k}={v}" for k, v in sorted(exc.details.items()) if str(v) not in exc.message)
         return EXIT_FAILED, f"kmux-cli: {what}: [{exc.code}] {exc.message}{extra}"
     return EXIT_FAILED, f"kmux-cli: {exc}"
-
-
-# -- table views --------------------------------------------------------------------
-
-
-def _get(field: str, fmt: Callable[[Any], str] = fmt_plain) -> Callable[[Mapping[str, Any]], str]:
-    return lambda r: fmt(r.get(field))
-
-
-def _tcp(field: str, fmt: Callable[[Any], str]) -> Callable[[Mapping[str, Any]], str]:
-    """A TCP_INFO field; ``tcp`` is None when the slot has no connection."""
-    return lambda r: fmt((r.get("tcp") or {}).get(field))
-
-
-def _conns_updown(r: Mapping[str, Any]) -> str:
-    return f"{fmt_count(r.get('connections_up'))}/{fmt_count(r.get('connections_total'))}"
-
-
-class Rates:
-    """Rate columns for one ``--watch`` refresh: a tracker and the sample time."""
-
-    def __init__(self, tracker: RateTracker, now: float) -> None:
-        self.tracker = tracker
-        self.now = now
-
-    def columns(self, key: Callable[[Mapping[str, Any]], Any], fields: Iterable[tuple[str, str, bool]]) -> list[Column]:
-        """Columns ``(header, counter field, is_bytes)``; first sample shows ``-``."""
-        out = []
-        for header, field, is_bytes in fields:
-            fmt = fmt_byte_rate if is_bytes else fmt_rate
-            out.append(Column(header, lambda r, f=field, fmt=fmt: fmt(self.tracker.rate(key(r), r, f, self.now))))
-        return out
-
-    def commit(self, key: Callable[[Mapping[str, Any]], Any], rows: Iterable[Mapping[str, Any]]) -> None:
-        for r in rows:
-            self.tracker.commit(key(r), r, self.now)
-
-
-_TRAFFIC_RATES = [
-    ("TX/s", "tx_msgs", False), ("TX_B/s", "tx_bytes", True), ("RX/s", "rx_msgs", False), ("RX_B/s", "rx_bytes", True),
-]
-
-
-def _group_key(r: Mapping[str, Any]) -> Any:
-    return ("group", r.get("name"))
-
-
-def _conn_key(group: Any) -> Callable[[Mapping[str, Any]], Any]:
-    return lambda r: ("conn", group, r.get("index"))
-
-
-def _client_key(r: Mapping[str, Any]) -> Any:
-    return ("client", r.get("id"))
-
-
-GROUP_COLUMNS = [
-    Column("GROUP", _get("name"), right=False),
-    Column("CONNS", _conns_updown),
-    Column("CLIENTS", _get("clients", fmt_count)),
-    Column("TX_MSGS", _get("tx_msgs", fmt_count)),
-    Column("TX_BYTES", _get("tx_bytes", fmt_bytes)),
-    Column("RX_MSGS", _get("rx_msgs", fmt_count)),
-    Column("RX_BYTES", _get("rx_bytes", fmt_bytes)),
-    Column("QUEUED", _get("queued_bytes", fmt_bytes)),
-    Column("RETRIES", _get("tx_retries", fmt_count)),
-    Column("REFUSED", _get("refused", fmt_count)),
-]
-
-CONN_COLUMNS = [
-    Column("CONN", _get("index", fmt_count)),
-    Column("STATE", _get("state"), right=False),
-    Column("ENDPOINT", _get("endpoint"), right=False),
-    Column("LOCAL", _get("local"), right=False),
-    Column("AGE", lambda r: fmt_duration(r.get("age")) if r.get("local") else MISSING),
-    Column("TX_MSGS", _get("tx_msgs", fmt_count)),
-    Column("TX_BYTES", _get("tx_bytes", fmt_bytes)),
-    Column("RX_MSGS", _get("rx_msgs", fmt_count)),
-    Column("RX_BYTES", _get("rx_bytes", fmt_bytes)),
-    Column("QUEUED", _get("queued_bytes", fmt_bytes)),
-    Column("RTT", _tcp("rtt_us", fmt_us)),
-    Column("RTTVAR", _tcp("rttvar_us", fmt_us)),
-    Column("RETRANS", _tcp("total_retrans", fmt_count)),
-    Column("CWND", _tcp("snd_cwnd", fmt_count)),
-    Column("UNACKED", _tcp("unacked", fmt_count)),
-    Column("RECONNECTS", _get("reconnects", fmt_count)),
-    Column("LAST_ERROR", _get("last_error"), right=False),
-]
-
-CLIENT_COLUMNS = [
-    Column("ID", _get("id", fmt_plain)),
-    Column("PID", _get("pid", fmt_plain)),
-    Column("UID", _get("uid", fmt_plain)),
-    Column("COMM", _get("comm"), right=False),
-    Column("GROUP", _get("group"), right=False),
-    Column("RX_ON", _get("receiving"), right=False),
-    Column("TX_MSGS", _get("tx_msgs", fmt_count)),
-    Column("TX_BYTES", _get("tx_bytes", fmt_bytes)),
-    Column("RX_MSGS", _get("rx_msgs", fmt_count)),
-    Column("RX_BYTES", _get("rx_bytes", fmt_bytes)),
-    Column("QUEUED", _get("queued_bytes", fmt_bytes)),
-    Column("SINCE", _get("connected_for", fmt_duration)),
-]
-
-
-def groups_view(answer: Mapping[str, Any], *, header: bool = True, rates: Rates | None = None) -> list[str]:
-    """``kmux-cli groups``: one line per group."""
-    groups = records(answer, "groups")
-    columns = list(GROUP_COLUMNS)
-    if rates is not None:
-        columns += rates.columns(_group_key, _TRAFFIC_RATES)
-    lines = render_table(columns, groups, header=header)
-    if rates is not None:
-        rates.commit(_group_key, groups)
-    return lines
-
-
-def find_group(answer: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    """The named group's record; :class:`UnknownGroup` if the answer lacks it."""
-    for g in records(answer, "groups"):
-        if g.get("name") == name:
-            return g
-    raise UnknownGroup(f"no such group: {name}")
-
-
-def group_summary(g: Mapping[str, Any]) -> list[str]:
-    """The ``key value`` block above the connection table, ``ip -s link`` style."""
-    def c(field: str) -> str:
-        return fmt_count(g.get(field))
-
-    def b(field: str) -> str:
-        return fmt_bytes(g.get(field))
-
-    return [
-        f"group {fmt_plain(g.get('name'))}: {_conns_updown(g)} connections up, {c('clients')} clients "
-        f"({c('receivers_ready')} ready to receive, {c('waiting_clients')} waiting to send)",
-        f"    endpoints {fmt_plain(g.get('endpoints'))}  framing {fmt_plain(g.get('framing'))}  "
-        f"steering {fmt_plain(g.get('steering'))}  up {fmt_duration(g.get('uptime'))}",
-        f"    tx {c('tx_msgs')} msgs {b('tx_bytes')}  rx {c('rx_msgs')} msgs {b('rx_bytes')}  "
-        f"queued {c('queued_msgs')} msgs {b('queued_bytes')}  in flight {c('requests_in_flight')}",
-        f"    latency p50 {fmt_us(g.get('latency_p50_us'))} p99 {fmt_us(g.get('latency_p99_us'))}  "
-        f"retries {c('tx_retries')}  refused {c('refused')}  requeued {c('requeued')}  "
-        f"rx_paused {c('rx_paused')}  unmatched {c('unmatched_responses')}  notices {c('notices_sent')}",
-        f"    attached {c('attached')}  unattached {c('unattached')}",
-    ]
-
-
-def group_view(
-    answer: Mapping[str, Any], name: str, *, header: bool = True, rates: Rates | None = None
-) -> list[str]:
-    """``kmux-cli group NAME``: the summary block, then one line per connection with TCP_INFO."""
-    g = find_group(answer, name)
-    conns = [r for r in g.get("connections") or [] if isinstance(r, Mapping)]
-    lines = group_summary(g)
-    columns = list(CONN_COLUMNS)
-    if rates is not None:
-        def rate(field: str, fmt: Callable[[Any], str]) -> str:
-            return fmt(rates.tracker.rate(_group_key(g), g, field, rates.now))
-
-        lines.append(
-            f"    rate tx {rate('tx_msgs', fmt_rate)} {rate('tx_bytes', fmt_byte_rate)}  "
-            f"rx {rate('rx_msgs', fmt_rate)} {rate('rx_bytes', fmt_byte_rate)}"
-        )
-        columns[5:5] = rates.columns(_conn_key(name), [("TX/s", "tx_msgs", False), ("RX/s", "rx_msgs", False)])
-        rates.commit(_group_key, [g])
-        rates.commit(_conn_key(name), conns)
-    lines.append("")
-    lines += render_table(columns, conns, header=header)
-    return lines
-
-
-def clients_view(
-    answer: Mapping[str, Any], *, group: str | None = None, header: bool = True, rates: Rates | None = None
-) -> list[str]:
-    """``kmux-cli clients``: one line per attached client, by group then id."""
-    clients = select_clients(answer, group)
-    columns = list(CLIENT_COLUMNS)
-    if rates is not None:
-        columns[-1:-1] = rates.columns(_client_key, [("TX/s", "tx_msgs", False), ("RX/s", "rx_msgs", False)])
-    lines = render_table(columns, clients, header=header)
-    if rates is not None:
-        rates.commit(_client_key, clients)
-    return lines
-
-
-def select_clients(answer: Mapping[str, Any], group: str | None) -> list[Mapping[str, Any]]:
-    clients = [c for c in records(answer, "clients") if group is None or c.get("group") == group]
-    return sorted(clients, key=lambda c: (str(c.get("group", "")), _sort_num(c.get("id"))))
-
-
-def _sort_num(v: Any) -> float:
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else float("inf")
-
-
-def status_view(answer: Mapping[str, Any]) -> list[str]:
-    """``kmux-cli status``: the daemon record."""
-    d = answer.get("daemon") if isinstance(answer.get("daemon"), Mapping) else {}
-    groups = d.get("groups")
-    ngroups = len(groups) if isinstance(groups, (list, tuple)) else groups
-    return [
-        f"kmuxd {fmt_plain(d.get('version'))}  pid {fmt_plain(d.get('pid'))}  up {fmt_duration(d.get('uptime'))}",
-        f"    config {fmt_plain(d.get('config'))}",
-        f"    socket {fmt_plain(d.get('socket'))}  control {fmt_plain(d.get('control_socket'))}",
-        f"    clients {fmt_count(d.get('clients'))}  groups {fmt_count(ngroups)}",
-        f"    reloads {fmt_count(d.get('reloads'))}  failed {fmt_count(d.get('reload_failures'))}  "
-        f"last error {fmt_plain(d.get('last_reload_error'))}",
-    ]
 
 
 # -- watch --------------------------------------------------------------------------

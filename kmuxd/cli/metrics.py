@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Mapping
 from .format import CONNECTED_STATES, records
 
 __all__ = ["metrics_registry", "metrics_text", "StatsCollector", "GROUP_METRICS", "CONN_METRICS",
-           "TCP_METRICS", "CLIENT_METRICS", "DAEMON_METRICS"]
+           "TCP_METRICS", "CLIENT_METRICS", "DAEMON_METRICS", "ENDPOINT_METRICS", "ENDPOINT_STATES"]
 
 GAUGE, COUNTER = "gauge", "counter"
 
@@ -47,7 +47,30 @@ GROUP_METRICS: list[tuple[str, str, str, str, float]] = [
     ("queued_bytes", "kmux_group_queued_bytes", GAUGE, "Bytes of messages accepted and not yet written", 1),
     ("requests_in_flight", "kmux_group_requests_in_flight", GAUGE, "Requests written and not yet answered", 1),
     ("uptime", "kmux_group_uptime_seconds", GAUGE, "Seconds since the group started", 1),
+    ("requests_retried", "kmux_group_requests_retried_total", COUNTER,
+     "Unanswered requests written again on another connection (retry_unanswered)", 1),
+    ("retries_exhausted", "kmux_group_retries_exhausted_total", COUNTER,
+     "Requests answered with connection_lost after their last retry", 1),
+    ("queue_timeouts", "kmux_group_queue_timeouts_total", COUNTER,
+     "Messages refused with group_unavailable after waiting queue_timeout for a connection", 1),
+    ("slow_consumers", "kmux_group_slow_consumers_total", COUNTER,
+     "Clients detached for leaving more than client_rx_limit bytes of responses unread", 1),
+    ("responses_dropped", "kmux_group_responses_dropped_total", COUNTER,
+     "Responses dropped because their client's queue was past client_rx_limit (rx_overflow drop)", 1),
+    ("recycles", "kmux_group_recycles_total", COUNTER,
+     "Connections replaced without loss (server FIN after traffic, max_requests, max_connection_age)", 1),
+    ("rx_queued_bytes", "kmux_group_rx_queued_bytes", GAUGE, "Bytes of responses waiting for slow clients", 1),
 ]
+
+#: Per endpoint of ``endpoint_health``; labels group and endpoint.
+ENDPOINT_METRICS: list[tuple[str, str, str, str, float]] = [
+    ("connections", "kmux_endpoint_connections", GAUGE, "Established connections to the endpoint now", 1),
+    ("recycles", "kmux_endpoint_recycles_total", COUNTER, "Connections to the endpoint replaced without loss", 1),
+    ("failures", "kmux_endpoint_failures_total", COUNTER, "Failures that ejected the endpoint", 1),
+    ("retry_in", "kmux_endpoint_retry_in_seconds", GAUGE, "Seconds until an ejected endpoint is tried again", 1),
+]
+#: Health states of an endpoint, for the kmux_endpoint_state enum.
+ENDPOINT_STATES = ("healthy", "ejected", "probing")
 
 CONN_METRICS: list[tuple[str, str, str, str, float]] = [
     ("age", "kmux_conn_age_seconds", GAUGE, "Seconds since the current TCP connection was established (0 if none)", 1),
@@ -92,6 +115,7 @@ CLIENT_METRICS: list[tuple[str, str, str, str, float]] = [
     ("notices_sent", "kmux_client_notices_sent_total", COUNTER, "Notices sent to this client", 1),
     ("notices_pending", "kmux_client_notices_pending", GAUGE, "Notices waiting for this client to read them", 1),
     ("connected_for", "kmux_client_connected_seconds", GAUGE, "Seconds since the client attached", 1),
+    ("rx_queued_bytes", "kmux_client_rx_queued_bytes", GAUGE, "Bytes of responses waiting for this client", 1),
 ]
 
 DAEMON_METRICS: list[tuple[str, str, str, str, float]] = [
@@ -143,6 +167,14 @@ class StatsCollector:
             info.add_metric([str(daemon.get("version", "")), str(daemon.get("pid", ""))], 1)
         yield info
         yield from self._families(family, DAEMON_METRICS, [], [((), daemon)] if daemon else [])
+        control = self.answer.get("control") if isinstance(self.answer.get("control"), Mapping) else {}
+        for name, doc, label, counts in (
+            ("kmux_daemon_clients_refused", "Hellos refused, by error code", "code", daemon.get("refused_by_code")),
+            ("kmux_control_requests", "Control-socket requests, by op", "op", control.get("requests")),
+            ("kmux_control_refused", "Control-socket requests refused with permission_denied, by op", "op",
+             control.get("refused")),
+        ):
+            yield self._by_key(name, doc, label, counts)
 
         groups = records(self.answer, "groups")
         yield from self._families(family, GROUP_METRICS, ["group"], [((str(g.get("name")),), g) for g in groups])
@@ -174,7 +206,20 @@ class StatsCollector:
             if isinstance(c.get("state"), str):
                 conn_up.add_metric(list(lv), 1 if c["state"] in CONNECTED_STATES else 0)
         yield conn_up
-        yield self._conn_states(conns)
+        yield self._states(
+            "kmux_conn_state", "1 for the slot's current state, 0 for the others", conn_labels, conns, _conn_states()
+        )
+
+        endpoints = []
+        for g in groups:
+            for e in g.get("endpoint_health") or []:
+                if isinstance(e, Mapping):
+                    endpoints.append(((str(g.get("name")), str(e.get("endpoint", ""))), e))
+        yield from self._families(family, ENDPOINT_METRICS, ["group", "endpoint"], endpoints)
+        yield self._states(
+            "kmux_endpoint_state", "1 for the endpoint's health state (healthy, ejected, probing), 0 for the others",
+            ["group", "endpoint"], endpoints, ENDPOINT_STATES,
+        )
 
         clients = [
             ((str(c.get("group", "")), str(c.get("id", "")), str(c.get("pid", "")), str(c.get("comm", ""))), c)
@@ -193,28 +238,42 @@ class StatsCollector:
             yield fam
 
     @staticmethod
-    def _conn_states(conns: list) -> Any:
+    def _states(name: str, doc: str, labels: list[str], rows: list, known: tuple[str, ...]) -> Any:
         """One series per known state, 1 for the current one: the Prometheus enum idiom.
 
         Series for every state (not only the current one) so a state change
         is a value change, not one series vanishing and another appearing.
+        A state this CLI does not know yet gets a series too.
         """
         from prometheus_client.core import GaugeMetricFamily
 
-        from kmuxd.core.states import VISIBLE_SLOT_STATES
-
-        known = list(VISIBLE_SLOT_STATES)
-        fam = GaugeMetricFamily(
-            "kmux_conn_state", "1 for the slot's current state, 0 for the others",
-            labels=["group", "conn", "endpoint", "state"],
-        )
-        for lv, c in conns:
-            state = c.get("state")
+        fam = GaugeMetricFamily(name, doc, labels=[*labels, "state"])
+        for lv, record in rows:
+            state = record.get("state")
             if not isinstance(state, str):
                 continue
             for s in known if state in known else [*known, state]:
                 fam.add_metric([*lv, s], 1 if s == state else 0)
         return fam
+
+    @staticmethod
+    def _by_key(name: str, doc: str, label: str, counts: Any) -> Any:
+        """A ``{key: count}`` map of a record as one counter family with ``label`` = key."""
+        from prometheus_client.core import CounterMetricFamily
+
+        fam = CounterMetricFamily(name, doc, labels=[label])
+        if isinstance(counts, Mapping):
+            for key, value in sorted(counts.items(), key=lambda kv: str(kv[0])):
+                v = _metric_value(value, 1)
+                if v is not None and not isinstance(value, bool):
+                    fam.add_metric([str(key)], v)
+        return fam
+
+
+def _conn_states() -> tuple[str, ...]:
+    from kmuxd.core.states import VISIBLE_SLOT_STATES
+
+    return VISIBLE_SLOT_STATES
 
 
 def metrics_registry(answer: Mapping[str, Any], up: bool = True) -> Any:

@@ -5,35 +5,71 @@ Theory of operation
 One SEQPACKET packet in (a msgpack map), one packet out, in order, on any
 number of connections. :func:`parse_request` validates a request against
 :data:`REQUESTS` (the op, its required and optional arguments and their
-types) with no I/O, so every malformed request gets a ``bad_request``
-answer and never reaches the daemon. :class:`ControlServer` is the thin
-shell: accept, read, dispatch to the daemon, answer. Answers carry the
-``statistics()`` records as maps; nothing here reads daemon internals.
+types, and the privilege it needs) with no I/O, so every malformed request
+gets a ``bad_request`` answer and never reaches the daemon.
+:func:`authorize` then decides from the peer's credentials, again with no
+I/O. :class:`ControlServer` is the thin shell: accept, read the peer's
+credentials once (``SO_PEERCRED`` is fixed at ``connect()``), read,
+check, dispatch to the daemon, answer. Answers carry the ``statistics()``
+records as maps; nothing here reads daemon internals. A ``stats`` answer
+also carries this server's own :class:`ControlStatistics` as ``control``.
 
-The socket is root-only (0600) unless ``control_group`` names a group; the
-kernel enforces it, so a refused user never reaches this code.
+Privileges
+----------
+Two levels, one per op in :data:`REQUESTS` (data, not scattered conditions):
+
+* :attr:`Privilege.READ` (``ping``, ``stats``; ``kmux-cli metrics`` uses
+  ``stats``): whoever may connect. The socket is root-only (0600) unless
+  ``control_group`` names a group (0660, that group); under socket
+  activation the unit's ``SocketMode=``/``SocketGroup=`` decide. The
+  kernel enforces the mode, so a refused user never reaches this code.
+* :attr:`Privilege.ADMIN` (``reconnect``, ``drain``, ``reload``): uid 0,
+  checked with ``SO_PEERCRED`` whatever the file mode, so letting a group
+  look never lets it act. kmuxd's own uid (when it does not run as root)
+  counts as admin too: a process with that uid can signal or ptrace the
+  daemon anyway, and refusing it would leave a non-root kmuxd unmanageable.
+
+A refusal is an answer (``permission_denied``, naming the op and the
+rule), counted per op in :class:`ControlStatistics` and logged as
+``control_refused`` with the peer's uid, pid and comm, at most once per
+:data:`REFUSAL_LOG_INTERVAL` per uid (the rest are counted in the next
+line's ``suppressed``).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import enum
 import grp
 import os
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import msgpack
 import trio
 
-from kmux.errors import BadRequest, KmuxError
+from kmux.errors import BadRequest, KmuxError, PermissionDenied
 
+from kmuxd.system.log import RateLimit
+from .peercred import PeerCred
 from .server import AcceptingServer, bind_seqpacket
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
-__all__ = ["ControlRequest", "ControlServer", "parse_request", "REQUESTS", "to_wire"]
+__all__ = [
+    "ControlRequest",
+    "ControlServer",
+    "ControlStatistics",
+    "OpSpec",
+    "Privilege",
+    "authorize",
+    "parse_request",
+    "REQUESTS",
+    "to_wire",
+]
 
 #: Largest request packet; requests are tiny.
 REQUEST_MAX = 4096
@@ -42,15 +78,41 @@ ANSWER_MAX = 16 * 1024 * 1024
 #: Default and largest drain timeout a request may ask for, seconds.
 DRAIN_TIMEOUT_DEFAULT = 10.0
 DRAIN_TIMEOUT_MAX = 600.0
+#: Seconds between two ``control_refused`` log lines for one uid (all are counted).
+REFUSAL_LOG_INTERVAL = 10.0
+#: Uids whose refusal log rate is tracked at once; the least recent is forgotten first.
+REFUSAL_LOG_UIDS = 256
+#: Key of :attr:`ControlStatistics.requests` for requests that did not parse.
+INVALID_OP = "invalid"
+
+
+class Privilege(enum.Enum):
+    #: Whoever the socket's file mode lets connect (root, or ``control_group``).
+    READ = "read"
+    #: uid 0 (or kmuxd's own uid), checked with SO_PEERCRED whatever the file mode.
+    ADMIN = "admin"
+
 
 _NUMBER = (int, float)
-#: op -> (required {arg: type}, optional {arg: type})
-REQUESTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "ping": ({}, {}),
-    "stats": ({}, {"group": str}),
-    "reconnect": ({"group": str}, {"conn": int}),
-    "drain": ({"group": str, "conn": int}, {"timeout": _NUMBER}),
-    "reload": ({}, {}),
+
+
+@dataclass(frozen=True, slots=True)
+class OpSpec:
+    """One op of the control protocol: its arguments and who may ask for it."""
+
+    #: {argument: type} that must be present / may be present.
+    required: Mapping[str, Any]
+    optional: Mapping[str, Any]
+    privilege: Privilege
+
+
+READ, ADMIN = Privilege.READ, Privilege.ADMIN
+REQUESTS: dict[str, OpSpec] = {
+    "ping": OpSpec({}, {}, READ),
+    "stats": OpSpec({}, {"group": str}, READ),
+    "reconnect": OpSpec({"group": str}, {"conn": int}, ADMIN),
+    "drain": OpSpec({"group": str, "conn": int}, {"timeout": _NUMBER}, ADMIN),
+    "reload": OpSpec({}, {}, ADMIN),
 }
 
 
@@ -73,12 +135,12 @@ def parse_request(packet: bytes) -> ControlRequest:
     op = data.pop("op", None)
     if op not in REQUESTS:
         raise BadRequest(f"unknown op {op!r} (ops: {', '.join(sorted(REQUESTS))})")
-    required, optional = REQUESTS[op]
-    for key, kind in required.items():
+    spec = REQUESTS[op]
+    for key in spec.required:
         if key not in data:
             raise BadRequest(f"op {op!r} needs {key!r}")
     for key, value in data.items():
-        kind = required.get(key) or optional.get(key)
+        kind = spec.required.get(key) or spec.optional.get(key)
         if kind is None:
             raise BadRequest(f"op {op!r} takes no {key!r}")
         if isinstance(value, bool) or not isinstance(value, kind):
@@ -89,6 +151,28 @@ def parse_request(packet: bytes) -> ControlRequest:
             raise BadRequest(f"drain.timeout must be in (0, {DRAIN_TIMEOUT_MAX}]")
         data["timeout"] = float(timeout)
     return ControlRequest(op, data)
+
+
+def privilege_rule(privilege: Privilege, *, control_group: str = "", daemon_uid: int = 0) -> str:
+    """The rule of a privilege level in words, for answers, logs and docs."""
+    if privilege is Privilege.READ:
+        who = f"root, or members of group {control_group!r}" if control_group else "root"
+        return f"whoever the control socket's file mode lets connect ({who})"
+    admins = "uid 0 (root)" if daemon_uid == 0 else f"uid 0 (root) or kmuxd's own uid {daemon_uid}"
+    return f"{admins}, whatever the socket's file mode"
+
+
+def authorize(op: str, uid: int, *, daemon_uid: int = 0, control_group: str = "") -> None:
+    """Raise PermissionDenied unless a peer with ``uid`` may ask for ``op``.
+
+    READ ops pass: the kernel already applied the file mode when the peer
+    connected. ADMIN ops need uid 0 or ``daemon_uid``.
+    """
+    privilege = REQUESTS[op].privilege
+    if privilege is Privilege.READ or uid in (0, daemon_uid):
+        return
+    rule = privilege_rule(privilege, control_group=control_group, daemon_uid=daemon_uid)
+    raise PermissionDenied(f"{op} needs {rule}; you are uid {uid}", op=op, rule=rule)
 
 
 def to_wire(record: Any) -> Any:
@@ -116,21 +200,59 @@ def bind_control(path: str, group: str) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True, slots=True)
+class ControlStatistics:
+    """The control server's own counters (in every ``stats`` answer as ``control``)."""
+
+    #: Control connections open now, and accepted since start.
+    connections: int
+    connections_total: int
+    #: Requests received, by op; those that did not parse count under "invalid".
+    requests: dict[str, int]
+    #: Requests refused with permission_denied, by op.
+    refused: dict[str, int]
+    #: Requests answered with any other error (bad_request, unknown_group, ...).
+    errors: int
+
+
 class ControlServer(AcceptingServer):
+    """Serves the control socket for a :class:`~kmuxd.io.daemon.Daemon` (see the module doc)."""
+
     def __init__(self, daemon: "Daemon") -> None:
         self.daemon = daemon
         self.log = daemon.log.bind(component="control")
-        self.requests = 0
+        self.daemon_uid = os.geteuid()
+        self.connections = 0
+        self.connections_total = 0
+        self._requests: collections.Counter[str] = collections.Counter()
+        self._refused: collections.Counter[str] = collections.Counter()
         self.errors = 0
+        self._refusal_logs: collections.OrderedDict[int, RateLimit] = collections.OrderedDict()
+
+    @property
+    def requests(self) -> int:
+        return sum(self._requests.values())
+
+    def statistics(self) -> ControlStatistics:
+        return ControlStatistics(
+            connections=self.connections,
+            connections_total=self.connections_total,
+            requests=dict(self._requests),
+            refused=dict(self._refused),
+            errors=self.errors,
+        )
 
     async def _handle(self, sock: socket.socket) -> None:
         """One control connection: requests answered in order until it closes."""
         sock.setblocking(False)
+        self.connections += 1
+        self.connections_total += 1
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ANSWER_MAX)
         except OSError:
             pass
         try:
+            cred = PeerCred.of(sock)
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 try:
@@ -139,29 +261,53 @@ class ControlServer(AcceptingServer):
                     continue
                 if not packet:
                     return
-                answer = await self._answer(packet, flags)
+                answer = await self._answer(packet, flags, cred)
                 await _send_packet(sock, answer)
         except OSError:
             return
         finally:
+            self.connections -= 1
             trio.lowlevel.notify_closing(sock)
             sock.close()
 
-    async def _answer(self, packet: bytes, flags: int) -> bytes:
-        self.requests += 1
+    async def _answer(self, packet: bytes, flags: int, cred: PeerCred) -> bytes:
+        op = INVALID_OP
         try:
             if flags & int(socket.MSG_TRUNC):
                 raise BadRequest(f"request is over {REQUEST_MAX} bytes")
             request = parse_request(packet)
+            op = request.op
+            self._requests[op] += 1
+            authorize(op, cred.uid, daemon_uid=self.daemon_uid, control_group=self.daemon.config.daemon.control_group)
             result = await self.daemon.control(request)
+            if op == "stats":
+                result["control"] = to_wire(self.statistics())
             answer = encode_answer(result)
             if len(answer) > ANSWER_MAX:
                 raise BadRequest(f"answer of {len(answer)} bytes is over {ANSWER_MAX}; ask for one group")
             return answer
+        except PermissionDenied as err:
+            self._refused[op] += 1
+            self._log_refusal(cred, op, err)
+            return encode_error(err)
         except KmuxError as err:
+            if op == INVALID_OP:
+                self._requests[op] += 1
             self.errors += 1
             self.log.info("control_error", error_code=err.code, error=err.message)
             return encode_error(err)
+
+    def _log_refusal(self, cred: PeerCred, op: str, err: PermissionDenied) -> None:
+        """``control_refused``, rate-limited per uid with a bounded table of limiters."""
+        limiter = self._refusal_logs.pop(cred.uid, None) or RateLimit(REFUSAL_LOG_INTERVAL)
+        self._refusal_logs[cred.uid] = limiter  # most recent last
+        while len(self._refusal_logs) > REFUSAL_LOG_UIDS:
+            self._refusal_logs.popitem(last=False)
+        if limiter.allow():
+            self.log.warning(
+                "control_refused", op=op, uid=cred.uid, pid=cred.pid, comm=cred.comm,
+                rule=err.details.get("rule"), suppressed=limiter.take_suppressed(),
+            )
 
 
 async def _send_packet(sock: socket.socket, packet: bytes) -> None:

@@ -11,6 +11,7 @@ exist, which frames arrived on which).
 from __future__ import annotations
 
 import fcntl
+import grp
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import kmux
 from kmux.control import ControlClient
 
+from .as_user import OTHER_UID, as_user, need_root
 from .helpers import (
     MIN_FRAME,
     Receiver,
@@ -51,7 +53,7 @@ MAX = 65536
 _SCRIPT = Path(sys.executable).with_name("kmux-cli")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "kmuxd.cli.main"]
 #: Fields that change between two looks at an idle daemon.
-VOLATILE = {"uptime", "age", "tcp", "connected_for"}
+VOLATILE = {"uptime", "age", "tcp", "connected_for", "control"}  # control: counts the looks themselves
 CLEAR = "\x1b[H\x1b[2J"
 
 
@@ -165,9 +167,12 @@ def test_groups_json_and_table_match_the_control_answer(two_groups, close_all):
     assert len(table) == 3, table
     assert cells(table[0]) == [
         "GROUP", "CONNS", "CLIENTS", "TX_MSGS", "TX_BYTES", "RX_MSGS", "RX_BYTES", "QUEUED", "RETRIES", "REFUSED",
+        "POLICY",
     ]
-    assert cells(table[1]) == ["echo", "2/2", "2", "10", "1000 B", "10", "1000 B", "0 B", "0", "0"]
-    assert cells(table[2]) == ["web", "1/1", "0", "0", "0 B", "0", "0 B", "0 B", "0", "0"]
+    # Neither group limits who may use it: "open" from a daemon that sends its policy, "-" from one that does not.
+    policy = ["-" if "access" not in g else "open" for g in answer["groups"]]
+    assert cells(table[1]) == ["echo", "2/2", "2", "10", "1000 B", "10", "1000 B", "0 B", "0", "0", policy[0]]
+    assert cells(table[2]) == ["web", "1/1", "0", "0", "0 B", "0", "0 B", "0 B", "0", "0", policy[1]]
     bare = ok(ctl, "groups", "-H").splitlines()
     assert [cells(line) for line in bare] == [cells(line) for line in table[1:]]
 
@@ -205,30 +210,37 @@ def test_group_and_clients_views(two_groups, close_all):
 
     table = ok(ctl, "clients").splitlines()
     assert cells(table[0]) == [
-        "ID", "PID", "UID", "COMM", "GROUP", "RX_ON", "TX_MSGS", "TX_BYTES", "RX_MSGS", "RX_BYTES", "QUEUED", "SINCE",
+        "ID", "NAME", "PID", "UID", "COMM", "GROUP", "RX_ON", "TX_MSGS", "TX_BYTES", "RX_MSGS", "RX_BYTES", "QUEUED",
+        "RX_QUEUED", "SINCE",
     ]
     rows = [cells(line) for line in table[1:]]
     by_id = {c["id"]: c for c in answer["clients"]}
     assert len(rows) == 3
     # By group, then id: echo's receiver, then web's two senders.
-    assert [r[4] for r in rows] == ["echo", "web", "web"]
+    assert [r[5] for r in rows] == ["echo", "web", "web"]
     assert [int(r[0]) for r in rows] == [c["id"] for c in sorted(answer["clients"], key=lambda c: (c["group"], c["id"]))]
     for r in rows:
         c = by_id[int(r[0])]
-        assert r[1:6] == [str(c["pid"]), "0", c["comm"], c["group"], "yes" if c["receiving"] else "no"]
-    pids = {r[1] for r in rows}
+        receiving = "yes" if c["receiving"] else "no"
+        assert r[1:7] == [c["name"] or "-", str(c["pid"]), "0", c["comm"], c["group"], receiving]
+    assert sorted(r[1] for r in rows) == ["rx", "subproc", "tx"]  # the names the clients gave in their hellos
+    pids = {r[2] for r in rows}
     assert pids == {str(os.getpid()), str(sub.proc.pid)}
-    sub_row = [r for r in rows if r[1] == str(sub.proc.pid)]
-    assert len(sub_row) == 1 and sub_row[0][6:8] == ["3", "600 B"]
+    sub_row = [r for r in rows if r[2] == str(sub.proc.pid)]
+    assert len(sub_row) == 1 and sub_row[0][7:9] == ["3", "600 B"]
 
     web_only = ok(ctl, "clients", "--group", "web").splitlines()
-    assert [cells(line)[4] for line in web_only[1:]] == ["web", "web"]
+    assert [cells(line)[5] for line in web_only[1:]] == ["web", "web"]
     listed = json.loads(ok(ctl, "clients", "--group", "echo", "-j"))
     assert [stable(c) for c in listed] == [stable(c) for c in answer["clients"] if c["group"] == "echo"]
 
     status = ok(ctl, "status").splitlines()
     assert status[0].split()[:4] == ["kmuxd", answer["daemon"]["version"], "pid", str(daemon.proc.pid)]
     assert status[3].split() == ["clients", "3", "groups", "2"]
+    assert status[4].split()[:5] == ["hellos", "accepted", "3", "refused", "0"]
+    # The control socket's own counters, as of the status request (one before the next look).
+    n = stats(daemon)["control"]["requests"]["stats"] - 1
+    assert status[6] == f"    control requests {n} (stats {n})  refused 0  errors 0"
 
 
 def test_metrics_parse_and_equal_the_json(two_groups, close_all, short_dir):
@@ -285,6 +297,9 @@ def test_metrics_parse_and_equal_the_json(two_groups, close_all, short_dir):
         assert value("kmux_client_rx_msgs_total", **labels) == c["rx_msgs"]
         assert value("kmux_client_receiving", **labels) == (1 if c["receiving"] else 0)
     assert types["kmux_group_tx_msgs"] == "counter" and types["kmux_group_queued_bytes"] == "gauge"
+    # The control socket counts its own requests; the look after the metrics' one is one more.
+    assert value("kmux_control_requests_total", op="stats") == answer["control"]["requests"]["stats"] - 1
+    assert types["kmux_control_refused"] == "counter"
 
     # --textfile writes the same exposition; with the daemon gone it says kmux_up 0 and exits 3.
     path = short_dir / "kmux.prom"
@@ -353,11 +368,11 @@ def test_watch_redraws_on_a_terminal_and_ctrl_c_exits_0(two_groups):
         lines = frame.replace("\r\n", "\n").split("\n")
         assert lines[0].startswith("Every 0.2s: kmux-cli groups")
         assert cells(lines[2])[:3] == ["GROUP", "CONNS", "CLIENTS"]
-        assert cells(lines[2])[-4:] == ["TX/s", "TX_B/s", "RX/s", "RX_B/s"]
+        assert cells(lines[2])[-5:] == ["TX/s", "TX_B/s", "RX/s", "RX_B/s", "POLICY"]  # the text column stays last
         assert [cells(line)[0] for line in lines[3:5]] == ["echo", "web"]
     # The first refresh has no rate yet; the second has one.
-    assert cells(frames[0].replace("\r\n", "\n").split("\n")[3])[-1] == "-"
-    assert cells(frames[1].replace("\r\n", "\n").split("\n")[3])[-1] != "-"
+    assert cells(frames[0].replace("\r\n", "\n").split("\n")[3])[-2] == "-"
+    assert cells(frames[1].replace("\r\n", "\n").split("\n")[3])[-2] != "-"
 
 
 def test_watch_without_a_terminal_prints_tables_or_json_lines(two_groups):
@@ -422,6 +437,56 @@ def test_exit_codes(two_groups, short_dir):
     assert (r.returncode, r.stderr) == (3, f"kmux-cli: kmuxd is not running (no control socket at {ctl})\n")
 
 
+def test_the_apps_socket_is_named_as_such(two_groups):
+    daemon, _, _ = two_groups
+    app = daemon.socket_path
+    r = cli(app, "groups")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == f"kmux-cli: {app} is kmuxd's app socket, not its control socket (see daemon.control_socket)\n"
+
+
+def test_a_group_with_no_connection_up_shows_down(backend_factory, daemon_factory):
+    live = backend_factory()
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    dead = f"127.0.0.1:{probe.getsockname()[1]}"
+    probe.close()  # nothing listens there: every dial is refused
+    daemon = daemon_factory({
+        "live": group_config(live, connections=1),
+        "dead": {"endpoints": [dead], "connections": 2, "reconnect_initial": 0.05, "reconnect_max": 0.2},
+    })
+    ctl = daemon.control_socket
+    live.wait_open(1)
+    rows = {cells(line)[0]: cells(line) for line in ok(ctl, "groups", "-H").splitlines()}
+    assert (rows["live"][1], rows["dead"][1]) == ("1/1", "0/2 DOWN")
+    out = ok(ctl, "group", "dead").splitlines()
+    assert out[0] == "group dead: 0/2 connections up (DOWN), 0 clients (0 ready to receive, 0 waiting to send)"
+    assert all(" DOWN" not in line for line in ok(ctl, "group", "live").splitlines())
+
+
+def test_a_control_group_member_looks_but_cannot_act(backend_factory, daemon_factory, short_dir):
+    need_root()
+    backend = backend_factory()
+    short_dir.chmod(0o755)  # only the socket's own mode decides who connects
+    daemon = daemon_factory({"echo": group_config(backend, connections=1)},
+                            control_group="daemon", control_socket=str(short_dir / "control.sock"))
+    ctl = daemon.control_socket
+    backend.wait_open(1)
+    member = as_user(groups=[grp.getgrnam("daemon").gr_gid])  # the group only as a supplementary one
+    assert json.loads(cli(ctl, "groups", "-j", prefix=member).stdout)[0]["name"] == "echo"
+    for args in (["reload"], ["reconnect", "echo"], ["drain", "echo", "0"]):
+        r = cli(ctl, *args, prefix=member)
+        assert (r.returncode, r.stdout) == (4, ""), r
+        assert r.stderr == (
+            f"kmux-cli: permission denied: {args[0]} needs uid 0 (root), whatever the socket's file mode; "
+            f"you are uid {OTHER_UID}\n"
+        )
+    answer = stats(daemon)
+    assert answer["daemon"]["reloads"] == 0 and answer["groups"][0]["connections"][0]["reconnects"] == 0
+    status = ok(ctl, "status").splitlines()
+    assert status[-1].endswith("refused 3 (drain 1, reconnect 1, reload 1)  errors 0")
+
+
 def test_usage_errors_change_nothing(two_groups):
     daemon, _, _ = two_groups
     ctl = daemon.control_socket
@@ -455,7 +520,8 @@ def test_permission_denied_for_an_unprivileged_user(backend_factory, daemon_fact
     r = cli(ctl, "groups", prefix=as_nobody)
     assert (r.returncode, r.stdout) == (4, "")
     assert r.stderr == (
-        f"kmux-cli: permission denied on {ctl} (the control socket is root-only unless control_group is set)\n"
+        f"kmux-cli: permission denied on {ctl} (only root and the socket's group may connect: "
+        "daemon.control_group, or SocketGroup= under systemd)\n"
     )
     # The same user gets in where control_group admits it: the refusal was the socket mode.
     import grp

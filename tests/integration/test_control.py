@@ -438,7 +438,7 @@ def test_control_requests_and_typed_errors(backend_factory, daemon_factory):
 #: The error codes "Control socket, version 1" (docs/protocol.md) lists for control answers.
 DOCUMENTED_CODES = {
     "bad_request", "unknown_group", "unknown_connection", "config_invalid", "reload_refused", "drain_timeout",
-    "drain_in_progress",
+    "drain_in_progress", "permission_denied",
 }
 
 

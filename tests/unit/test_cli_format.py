@@ -7,9 +7,11 @@ and the Prometheus output are pinned down independently of the daemon.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
+import re
 from typing import Any
 
 import pytest
@@ -17,6 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kmux.errors import DaemonUnavailable, KmuxError, ControlTimeout, UnknownGroup, error_from_code
 from kmuxd.cli import main as kmuxcli
+from kmuxd.core.access import OPEN, AccessPolicy, Principal
+from kmuxd.io.conn import ConnStatistics
+from kmuxd.io.control import ControlStatistics, to_wire
+from kmuxd.io.daemon import DaemonStatistics
+from kmuxd.io.group import GroupStatistics
+from kmuxd.io.session import ClientStatistics
+from kmuxd.io.tcpinfo import TcpInfo
 from kmuxd.cli.format import (
     Column,
     RateTracker,
@@ -29,6 +38,7 @@ from kmuxd.cli.format import (
     fmt_us,
     render_table,
 )
+from kmuxd.cli.views import NAME_WIDTH, policy_short
 from kmuxd.cli.main import (
     EXIT_FAILED,
     EXIT_NO_SUCH,
@@ -46,60 +56,131 @@ from kmuxd.cli.main import (
 )
 
 
+#: Fields the daemon's records are gaining (outage handling, access policies)
+#: that its dataclasses may not have yet; the wire carries them as plain keys.
+UPCOMING: dict[type, set[str]] = {
+    GroupStatistics: {"access", "endpoint_health", "requests_retried", "retries_exhausted", "queue_timeouts",
+                      "slow_consumers", "responses_dropped", "recycles", "rx_queued_bytes"},
+    ClientStatistics: {"rx_queued_bytes"},
+    DaemonStatistics: {"refused_by_code"},
+    ConnStatistics: set(),
+}
+
+
+def _zero(annotation: str) -> Any:
+    if "None" in annotation:
+        return None
+    return {"int": 0, "float": 0.0, "str": "", "bool": False}.get(annotation.split("[")[0], ())
+
+
+def record(cls: type, **values: Any) -> dict[str, Any]:
+    """A record as the daemon sends it: ``to_wire`` of the real statistics dataclass.
+
+    Fields the test leaves out get zero values; a key the dataclass does
+    not have must be one of the announced UPCOMING fields, so a renamed or
+    misspelt field fails here instead of rendering as ``-``.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    extra = {k: v for k, v in values.items() if k not in names}
+    assert set(extra) <= UPCOMING[cls], f"{cls.__name__} has no field(s) {sorted(set(extra) - UPCOMING[cls])}"
+    fields = {f.name: values.get(f.name, _zero(str(f.type))) for f in dataclasses.fields(cls)}
+    return {**to_wire(cls(**fields)), **extra}
+
+
 def conn(index: int, *, up: bool = True, **kw: Any) -> dict[str, Any]:
-    rec = {
+    values = {
         "index": index, "state": "ready" if up else "backoff", "endpoint": "10.0.0.1:9000",
         "local": f"10.0.0.9:{40000 + index}" if up else None, "remote": "10.0.0.1:9000" if up else None,
         "age": 192.0 if up else 0.0, "tx_msgs": 1234, "tx_bytes": 3_565_158, "rx_msgs": 1200, "rx_bytes": 1_500_000,
-        "reserved": 0, "unreserved": 0, "tx_aborts": 0, "queued_bytes": 512, "queued_msgs": 2,
-        "need_more_hdr": 0, "msg_too_big": 0, "msg_timeouts": 0, "bad_hdr_len": 0,
-        "reconnects": 1, "dial_failures": 0, "last_error": None if up else "ECONNREFUSED: connect",
-        "tcp": {"rtt_us": 850, "rttvar_us": 120, "retransmits": 0, "total_retrans": 3, "snd_cwnd": 10, "unacked": 1}
+        "queued_bytes": 512, "queued_msgs": 2, "reconnects": 1, "last_error": None if up else "ECONNREFUSED: connect",
+        "tcp": TcpInfo(rtt_us=850, rttvar_us=120, retransmits=0, total_retrans=3, snd_cwnd=10, unacked=1)
         if up else None,
     }
-    rec.update(kw)
-    return rec
+    values.update(kw)
+    return record(ConnStatistics, **values)
 
 
 def group(name: str, conns: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
-    rec = {
-        "name": name, "endpoints": ["10.0.0.1:9000"], "framing": "u32be", "steering": "balance",
+    values = {
+        "name": name, "endpoints": ("10.0.0.1:9000",), "framing": "u32be", "steering": "balance",
         "connections_up": sum(1 for c in conns if c["state"] == "ready"), "connections_total": len(conns),
         "clients": 2, "receivers_ready": 1, "tx_msgs": 1_234_567, "tx_bytes": 3_565_158_400,
         "rx_msgs": 999, "rx_bytes": 512, "tx_retries": 4, "attached": 7, "unattached": 5, "rx_ready_drops": 0,
         "rx_paused": 1, "queued_msgs": 3, "queued_bytes": 2048, "waiting_clients": 0, "refused": 1,
-        "requeued": 0, "uptime": 3600.5, "connections": conns, "requests_in_flight": 5, "notices_sent": 2,
+        "requeued": 0, "uptime": 3600.5, "requests_in_flight": 5, "notices_sent": 2,
         "unmatched_responses": 0, "latency_p50_us": 850, "latency_p99_us": 12_300,
     }
-    rec.update(kw)
-    return rec
+    values.update(kw)
+    return {**record(GroupStatistics, **values), "connections": conns}
 
 
 def client(cid: int, grp: str, **kw: Any) -> dict[str, Any]:
-    rec = {
+    values = {
         "id": cid, "name": "", "group": grp, "pid": 4000 + cid, "uid": 1000, "comm": "worker",
-        "state": "attached", "receiving": True, "tx_msgs": 10, "tx_bytes": 1000, "queued_msgs": 0,
+        "state": "receiving", "receiving": True, "tx_msgs": 10, "tx_bytes": 1000, "queued_msgs": 0,
         "queued_bytes": 0, "rx_msgs": 5, "rx_bytes": 500, "refused": 0, "requeued": 0,
         "notices_sent": 0, "notices_pending": 0, "connected_for": 75.0,
     }
-    rec.update(kw)
-    return rec
+    values.update(kw)
+    return record(ClientStatistics, **values)
+
+
+def daemon_record(**kw: Any) -> dict[str, Any]:
+    values = {
+        "version": "0.1.0", "pid": 321, "uptime": 7200.0, "config": "/etc/kmuxd/kmuxd.toml",
+        "socket": "/run/kmuxd/kmuxd.sock", "control_socket": "/run/kmuxd/control.sock",
+        "clients": 3, "groups": 2, "reloads": 1, "reload_failures": 0, "last_reload_error": None,
+    }
+    values.update(kw)
+    return record(DaemonStatistics, **values)
 
 
 def stats() -> dict[str, Any]:
+    """A stats answer of today's daemon: no access policies, endpoint health or outage counters yet."""
     return {
         "ok": True,
-        "daemon": {
-            "version": "0.1.0", "pid": 321, "uptime": 7200.0, "config": "/etc/kmuxd/kmuxd.toml",
-            "socket": "/run/kmuxd/kmuxd.sock", "control_socket": "/run/kmuxd/control.sock",
-            "clients": 3, "groups": 2, "reloads": 1, "reload_failures": 0, "last_reload_error": None,
-        },
+        "daemon": daemon_record(),
         "groups": [
             group("web", [conn(0), conn(1, up=False)]),
             group("cache", [conn(0)], latency_p99_us=None),
         ],
         "clients": [client(3, "web"), client(1, "web", receiving=False), client(2, "cache", comm="batch job")],
     }
+
+
+ALICE_AND_KMUX = AccessPolicy(users=(Principal(1000, "alice"), Principal(1042, "1042")),
+                              groups=(Principal(998, "kmux"),))
+HEALTH = [
+    {"endpoint": "10.0.0.1:9000", "state": "healthy", "reason": None, "connections": 3, "recycles": 12,
+     "failures": 0, "retry_in": 0.0},
+    {"endpoint": "10.0.0.2:9000", "state": "ejected", "reason": "ECONNREFUSED: connect to 10.0.0.2:9000",
+     "connections": 0, "recycles": 0, "failures": 7, "retry_in": 12.5},
+]
+OUTAGE = {"requests_retried": 3, "retries_exhausted": 1, "queue_timeouts": 2, "slow_consumers": 1,
+          "responses_dropped": 0, "recycles": 12, "rx_queued_bytes": 3 * 1024**2}
+
+
+def stats_new() -> dict[str, Any]:
+    """A stats answer of a daemon with access policies, endpoint health, outage counters and control stats."""
+    return {
+        "ok": True,
+        "daemon": daemon_record(clients_accepted=40, clients_refused=5,
+                                refused_by_code={"unknown_group": 1, "permission_denied": 4}),
+        "groups": [
+            group("web", [conn(0), conn(1, up=False)], access=ALICE_AND_KMUX.to_wire(), endpoint_health=HEALTH,
+                  endpoints=("10.0.0.1:9000", "10.0.0.2:9000"), **OUTAGE),
+            group("down", [conn(0, up=False)], access=OPEN.to_wire(), endpoint_health=HEALTH[1:], **OUTAGE),
+        ],
+        "clients": [client(1, "web", name="billing-worker", rx_queued_bytes=2048),
+                    client(2, "web", name="\x1b]0;owned\x07" + "x" * 100, comm="evil\x1b[2J")],
+        "control": to_wire(ControlStatistics(connections=1, connections_total=9,
+                                             requests={"stats": 8, "reload": 1}, refused={"reload": 1}, errors=0)),
+    }
+
+
+def cells(line: str) -> list[str]:
+    """Table cells: columns are separated by two or more spaces, cells hold at most single ones."""
+    return re.split(r"\s{2,}", line.strip())
 
 
 # -- units ---------------------------------------------------------------------
@@ -172,16 +253,21 @@ def test_groups_view() -> None:
     lines = groups_view(stats())
     assert lines[0].split() == [
         "GROUP", "CONNS", "CLIENTS", "TX_MSGS", "TX_BYTES", "RX_MSGS", "RX_BYTES", "QUEUED", "RETRIES", "REFUSED",
+        "POLICY",
     ]
-    assert lines[1].split() == ["web", "1/2", "2", "1.2M", "3.3", "GiB", "999", "512", "B", "2.0", "KiB", "4", "1"]
+    # Today's daemon sends no access policy: POLICY shows "-".
+    assert lines[1].split() == ["web", "1/2", "2", "1.2M", "3.3", "GiB", "999", "512", "B", "2.0", "KiB", "4", "1",
+                                "-"]
     assert lines[2].startswith("cache")
-    assert len({len(line) for line in lines}) == 1  # aligned (no trailing text column)
+    pos = lines[0].index("POLICY")  # aligned: every row's last column starts under its header
+    assert all(line[pos - 2 : pos] == "  " and line[pos] != " " for line in lines)
+    assert len({len(line[:pos]) for line in lines}) == 1
     assert groups_view(stats(), header=False)[0].startswith("web")
 
 
 def test_views_show_missing_keys_as_dash() -> None:
     answer = {"ok": True, "groups": [{"name": "old"}], "clients": [{"id": 1}]}
-    assert groups_view(answer)[1].split() == ["old", "-/-"] + ["-"] * 8
+    assert groups_view(answer)[1].split() == ["old", "-/-"] + ["-"] * 9
     assert set(clients_view(answer)[1].split()) == {"1", "-"}
     assert group_view(answer, "old")[0].startswith("group old: -/- connections up")
     assert status_view({"ok": True})[0] == "kmuxd -  pid -  up -"
@@ -210,14 +296,88 @@ def test_group_view_unknown_group() -> None:
 def test_clients_view_sorted_and_filtered() -> None:
     lines = clients_view(stats())
     assert lines[0].split() == [
-        "ID", "PID", "UID", "COMM", "GROUP", "RX_ON", "TX_MSGS", "TX_BYTES", "RX_MSGS", "RX_BYTES", "QUEUED", "SINCE",
+        "ID", "NAME", "PID", "UID", "COMM", "GROUP", "RX_ON", "TX_MSGS", "TX_BYTES", "RX_MSGS", "RX_BYTES", "QUEUED",
+        "RX_QUEUED", "SINCE",
     ]
     assert [line.split()[0] for line in lines[1:]] == ["2", "1", "3"]  # by group, then id
     assert "batch job" in lines[1]
     web = clients_view(stats(), group="web", header=False)
     assert [line.split()[0] for line in web] == ["1", "3"]
-    assert web[0].split()[5] == "no" and web[1].split()[5] == "yes"
+    assert web[0].split()[6] == "no" and web[1].split()[6] == "yes"
+    assert web[0].split()[1] == "-" and web[0].split()[-2] == "-"  # no name; no rx_queued_bytes from this daemon
     assert web[0].split()[-1] == "1m15s"
+
+
+def test_groups_view_shows_policy_and_down_groups() -> None:
+    lines = groups_view(stats_new())
+    web, down = (cells(line) for line in lines[1:])
+    assert (web[0], web[1], web[-1]) == ("web", "1/2", "u:alice,1042 g:kmux")
+    assert (down[0], down[1], down[-1]) == ("down", "0/1 DOWN", "open")
+
+
+@pytest.mark.parametrize(
+    "policy, short",
+    [
+        (OPEN, "open"),
+        (AccessPolicy(users=(Principal(1000, "alice"),)), "u:alice"),
+        (AccessPolicy(groups=(Principal(1, "daemon"), Principal(4, "adm"), Principal(27, "sudo"), Principal(5, "5"))),
+         "g:daemon,adm+2"),
+        (AccessPolicy(users=(), groups=(Principal(998, "kmux"),)), "u:none g:kmux"),
+    ],
+)
+def test_policy_short_forms(policy: AccessPolicy, short: str) -> None:
+    assert policy_short(policy.to_wire()) == short
+
+
+def test_policy_short_of_odd_records() -> None:
+    assert policy_short(None) == policy_short("open") == "-"
+    assert policy_short({"open": False, "text": "users x"}) == "users x"  # no lists: the daemon's own words
+    assert policy_short({"open": False, "users": [[7, ""], "\x1b"]}) == "u:7,\\x1b"
+
+
+def test_group_view_shows_access_outage_counters_and_endpoint_health() -> None:
+    lines = group_view(stats_new(), "web")
+    assert lines[2] == "    access users alice(1000), 1042; groups kmux(998)"
+    assert lines[5] == (
+        "    retried 3  retries exhausted 1  queue timeouts 2  slow consumers 1  responses dropped 0  recycles 12  "
+        "rx queued 3.0 MiB"
+    )
+    first_blank = lines.index("")
+    endpoints = lines[first_blank + 1 : lines.index("", first_blank + 1)]
+    assert cells(endpoints[0]) == ["ENDPOINT", "HEALTH", "CONNS", "RECYCLES", "FAILURES", "RETRY_IN", "REASON"]
+    assert cells(endpoints[1]) == ["10.0.0.1:9000", "healthy", "3", "12", "0", "-", "-"]
+    assert cells(endpoints[2]) == ["10.0.0.2:9000", "ejected", "0", "0", "7", "12.5s",
+                                   "ECONNREFUSED: connect to 10.0.0.2:9000"]
+    assert cells(lines[-1])[:2] == ["1", "backoff"]  # then the connection table, as before
+    down = group_view(stats_new(), "down")
+    assert down[0].startswith("group down: 0/1 connections up (DOWN), 2 clients")
+    assert down[2] == "    access open"
+
+
+def test_group_view_of_todays_daemon_has_no_empty_blocks() -> None:
+    lines = group_view(stats(), "web")
+    assert not [line for line in lines if line.startswith(("    access", "    retried"))]
+    assert lines.count("") == 1 and lines[lines.index("") + 1].startswith("CONN")
+    assert "DOWN" not in "\n".join(lines)
+
+
+def test_clients_view_names_escaped_and_rx_queued() -> None:
+    lines = clients_view(stats_new())
+    one, two = (cells(line) for line in lines[1:])
+    assert (one[0], one[1], one[-2]) == ("1", "billing-worker", "2.0 KiB")
+    # Strings an app chose reach the terminal escaped and cut to NAME_WIDTH.
+    assert "\x1b" not in "".join(lines) and "\x07" not in "".join(lines)
+    assert two[1] == "\\x1b]0;owned\\x07xxxxxxx…" and len(two[1]) == NAME_WIDTH
+    assert two[4] == "evil\\x1b[2J"
+    assert two[-2] == "-"  # no rx_queued_bytes for this client
+
+
+def test_status_view_shows_hello_refusals_by_code_and_control_counters() -> None:
+    lines = status_view(stats_new())
+    assert lines[4] == "    hellos accepted 40  refused 5 (permission_denied 4, unknown_group 1)"
+    assert lines[6] == "    control requests 9 (stats 8, reload 1)  refused 1 (reload 1)  errors 0"
+    old = status_view(stats())
+    assert old[4] == "    hellos accepted 0  refused 0" and len(old) == 6  # no control block from an old daemon
 
 
 def test_watch_rates_columns() -> None:
@@ -228,9 +388,9 @@ def test_watch_rates_columns() -> None:
     later["groups"][0]["tx_msgs"] += 2000
     later["groups"][0]["tx_bytes"] += 2 * 1024**2
     second = groups_view(later, rates=Rates(tracker, 12.0))
-    assert first[0].split()[-4:] == ["TX/s", "TX_B/s", "RX/s", "RX_B/s"]
-    assert first[1].split()[-4:] == ["-"] * 4
-    assert second[1].split()[-6:] == ["1.0k/s", "1.0", "MiB/s", "0/s", "0", "B/s"]
+    assert first[0].split()[-5:] == ["TX/s", "TX_B/s", "RX/s", "RX_B/s", "POLICY"]  # the text column stays last
+    assert first[1].split()[-5:] == ["-"] * 5
+    assert second[1].split()[-7:] == ["1.0k/s", "1.0", "MiB/s", "0/s", "0", "B/s", "-"]
 
 
 # -- watch ---------------------------------------------------------------------
@@ -336,6 +496,30 @@ def test_metrics_of_an_old_daemon_and_of_no_daemon() -> None:
     assert list(down) == ["kmux_up"] and sample(down, "kmux_up") == 0
 
 
+def test_metrics_of_the_new_records() -> None:
+    fams = families(metrics_text(stats_new()))
+    for field, value in OUTAGE.items():
+        name = "kmux_group_" + field
+        assert fams[name].type == ("gauge" if field == "rx_queued_bytes" else "counter")
+        suffix = "" if field == "rx_queued_bytes" else "_total"
+        assert sample(fams, name, name + suffix, group="web") == value
+    assert sample(fams, "kmux_endpoint_failures", "kmux_endpoint_failures_total",
+                  group="web", endpoint="10.0.0.2:9000") == 7
+    assert sample(fams, "kmux_endpoint_retry_in_seconds", group="web", endpoint="10.0.0.2:9000") == 12.5
+    assert sample(fams, "kmux_endpoint_state", group="web", endpoint="10.0.0.2:9000", state="ejected") == 1
+    assert sample(fams, "kmux_endpoint_state", group="web", endpoint="10.0.0.2:9000", state="healthy") == 0
+    assert sample(fams, "kmux_daemon_clients_refused", "kmux_daemon_clients_refused_total",
+                  code="permission_denied") == 4
+    assert sample(fams, "kmux_control_requests", "kmux_control_requests_total", op="stats") == 8
+    assert sample(fams, "kmux_control_refused", "kmux_control_refused_total", op="reload") == 1
+    assert sample(fams, "kmux_client_rx_queued_bytes", client="1") == 2048
+    assert not [s for s in fams["kmux_client_rx_queued_bytes"].samples if s.labels["client"] == "2"]
+    # Today's daemon sends none of them: the families are there, empty.
+    old = families(metrics_text(stats()))
+    for name in ("kmux_group_recycles", "kmux_endpoint_state", "kmux_daemon_clients_refused", "kmux_control_refused"):
+        assert old[name].samples == []
+
+
 def test_metrics_label_values_are_escaped() -> None:
     answer = stats()
     answer["clients"][0]["comm"] = 'we"ird\\name\n'
@@ -359,7 +543,8 @@ PATH = "/run/kmuxd/control.sock"
         (DaemonUnavailable("x", path=PATH, errno="ECONNREFUSED"), EXIT_NOT_RUNNING, "kmuxd is not running"),
         (FileNotFoundError(errno.ENOENT, "No such file"), EXIT_NOT_RUNNING, "kmuxd is not running"),
         (DaemonUnavailable("x", path=PATH, errno="EACCES"), EXIT_PERMISSION,
-         f"kmux-cli: permission denied on {PATH} (the control socket is root-only unless control_group is set)"),
+         f"kmux-cli: permission denied on {PATH} (only root and the socket's group may connect: "
+         "daemon.control_group, or SocketGroup= under systemd)"),
         (PermissionError(errno.EACCES, "Permission denied"), EXIT_PERMISSION, "permission denied"),
         (DaemonUnavailable("closed", path=PATH, errno="EPIPE"), EXIT_NOT_RUNNING, "closed the control connection"),
         (DaemonUnavailable("x", path=PATH, errno="ENOTSOCK"), EXIT_FAILED, "is not a kmuxd control socket"),
@@ -374,6 +559,21 @@ def test_exit_status(exc: BaseException, code: int, text: str) -> None:
     assert got_code == code
     assert text in message
     assert "\n" not in message
+
+
+def test_exit_status_of_a_refused_op_and_of_the_app_socket() -> None:
+    refused = error_from_code("permission_denied", "reload needs uid 0 (root), whatever the socket's file mode; "
+                              "you are uid 1000", op="reload", rule="uid 0 (root), whatever the socket's file mode")
+    assert exit_status(refused, PATH, command="reload") == (
+        EXIT_PERMISSION,
+        "kmux-cli: permission denied: reload needs uid 0 (root), whatever the socket's file mode; you are uid 1000",
+    )
+    app = DaemonUnavailable("/run/kmuxd/kmuxd.sock is kmuxd's app socket, not its control socket "
+                            "(see daemon.control_socket)", path="/run/kmuxd/kmuxd.sock", errno="EPROTOTYPE")
+    assert exit_status(app, "/run/kmuxd/kmuxd.sock") == (
+        EXIT_FAILED,
+        "kmux-cli: /run/kmuxd/kmuxd.sock is kmuxd's app socket, not its control socket (see daemon.control_socket)",
+    )
 
 
 def test_exit_status_no_such_group_or_connection() -> None:

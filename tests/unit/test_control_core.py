@@ -7,9 +7,9 @@ import copy
 import msgpack
 import pytest
 
-from kmux.errors import BadRequest, ReloadRefused
+from kmux.errors import BadRequest, PermissionDenied, ReloadRefused
 from kmuxd.system.config import parse_config
-from kmuxd.io.control import parse_request
+from kmuxd.io.control import REQUESTS, Privilege, authorize, parse_request, privilege_rule
 from kmuxd.io.daemon import plan_reload
 from kmuxd.core.latency import LatencyHistogram
 
@@ -45,6 +45,42 @@ def test_good_requests_parse():
     r = parse_request(req(op="drain", group="g", conn=2))
     assert (r.op, r.args) == ("drain", {"group": "g", "conn": 2, "timeout": 10.0})
     assert parse_request(req(op="reconnect", group="g")).args == {"group": "g"}
+
+
+def test_every_op_has_its_privilege_in_the_table():
+    by_level = {level: sorted(op for op, spec in REQUESTS.items() if spec.privilege is level) for level in Privilege}
+    assert by_level == {Privilege.READ: ["ping", "stats"], Privilege.ADMIN: ["drain", "reconnect", "reload"]}
+
+
+@pytest.mark.parametrize("op", sorted(REQUESTS))
+def test_root_may_ask_for_anything(op):
+    authorize(op, 0)
+    authorize(op, 0, daemon_uid=1000, control_group="kmuxadm")
+
+
+def test_others_read_but_do_not_act():
+    for op in ("ping", "stats"):
+        authorize(op, 1000, control_group="kmuxadm")  # the kernel's file mode let them connect
+    for op in ("reload", "drain", "reconnect"):
+        with pytest.raises(PermissionDenied) as e:
+            authorize(op, 1000, control_group="kmuxadm")
+        assert e.value.code == "permission_denied"
+        assert e.value.message == f"{op} needs uid 0 (root), whatever the socket's file mode; you are uid 1000"
+        assert e.value.details == {"op": op, "rule": "uid 0 (root), whatever the socket's file mode"}
+
+
+def test_a_non_root_daemon_lets_its_own_uid_act():
+    authorize("reload", 1000, daemon_uid=1000)
+    with pytest.raises(PermissionDenied) as e:
+        authorize("reload", 1001, daemon_uid=1000)
+    assert e.value.details["rule"] == "uid 0 (root) or kmuxd's own uid 1000, whatever the socket's file mode"
+
+
+def test_the_read_rule_names_the_control_group():
+    assert privilege_rule(Privilege.READ) == "whoever the control socket's file mode lets connect (root)"
+    assert privilege_rule(Privilege.READ, control_group="kmuxadm") == (
+        "whoever the control socket's file mode lets connect (root, or members of group 'kmuxadm')"
+    )
 
 
 BASE = {
