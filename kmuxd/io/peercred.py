@@ -38,7 +38,6 @@ import errno
 import os
 import socket
 import struct
-from dataclasses import dataclass
 
 __all__ = ["PeerCred", "SO_PEERGROUPS", "GROUPS_MAX", "peer_groups"]
 
@@ -55,29 +54,65 @@ _UCRED = struct.Struct("=iII")  # pid_t pid; uid_t uid; gid_t gid
 _GID_SIZE = 4  # sizeof(gid_t) on Linux
 
 
-@dataclass(frozen=True, slots=True)
 class PeerCred:
-    """A peer's credentials as the kernel recorded them at ``connect()``."""
+    """A peer's credentials as the kernel recorded them at ``connect()``.
 
-    pid: int
-    uid: int
-    #: Primary group.
-    gid: int
-    #: Process name (``/proc/PID/comm``), "" when it could not be read.
-    comm: str
-    #: Supplementary groups (``SO_PEERGROUPS``), sorted, without duplicates.
-    groups: tuple[int, ...] = ()
+    :meth:`of` reads everything at once. The daemon's hello path uses
+    :meth:`basic` (one ``getsockopt``) and reads the rest only when needed:
+    supplementary groups (:meth:`with_groups`) for a group with
+    ``allow_groups``, ``comm`` on first use (statistics, a log line), so an
+    app's hello costs no ``/proc`` read.
+    """
+
+    __slots__ = ("pid", "uid", "gid", "groups", "_comm")
+
+    def __init__(self, pid: int, uid: int, gid: int, comm: str | None = None, groups: tuple[int, ...] = ()) -> None:
+        self.pid = pid
+        self.uid = uid
+        #: Primary group.
+        self.gid = gid
+        #: Supplementary groups (``SO_PEERGROUPS``), sorted, without duplicates
+        #: (empty until read: see :meth:`with_groups`).
+        self.groups = groups
+        self._comm = comm
+
+    @classmethod
+    def basic(cls, sock: socket.socket) -> "PeerCred":
+        """pid, uid and gid only (``SO_PEERCRED``)."""
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        return cls(pid, uid, gid)
 
     @classmethod
     def of(cls, sock: socket.socket) -> "PeerCred":
-        """Read the credentials of ``sock``'s peer (an ``AF_UNIX`` socket)."""
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        pid, uid, gid = _UCRED.unpack(raw)
-        return cls(pid, uid, gid, read_comm(pid), peer_groups(sock))
+        """Read the credentials of ``sock``'s peer (an ``AF_UNIX`` socket), all of them."""
+        cred = cls.basic(sock)
+        return cls(cred.pid, cred.uid, cred.gid, read_comm(cred.pid), peer_groups(sock))
+
+    def with_groups(self, sock: socket.socket) -> "PeerCred":
+        return PeerCred(self.pid, self.uid, self.gid, self._comm, peer_groups(sock))
+
+    @property
+    def comm(self) -> str:
+        """Process name (``/proc/PID/comm``), "" when it could not be read."""
+        if self._comm is None:
+            self._comm = read_comm(self.pid)
+        return self._comm
 
     def in_group(self, gid: int) -> bool:
         """Whether ``gid`` is the primary or a supplementary group."""
         return gid == self.gid or gid in self.groups
+
+    def _key(self) -> tuple:
+        return (self.pid, self.uid, self.gid, self.comm, self.groups)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PeerCred) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"PeerCred(pid={self.pid}, uid={self.uid}, gid={self.gid}, comm={self.comm!r}, groups={self.groups})"
 
 
 def peer_groups(sock: socket.socket, limit: int = GROUPS_MAX) -> tuple[int, ...]:

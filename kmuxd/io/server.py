@@ -45,7 +45,8 @@ from kmuxd.system.log import RateLimit
 
 from .group import Group
 from .reactor import EPOLLIN, EPOLLRDHUP, Handler, Reactor
-from .session import AppSession, PeerCred
+from .peercred import PeerCred
+from .session import AppSession
 
 __all__ = ["AcceptingServer", "Server", "ServerStatistics", "accept_loop", "bind_seqpacket"]
 
@@ -283,7 +284,7 @@ class Server:
         if not packet:
             self.drop_pending(pending)  # closed before saying anything
             return
-        cred = PeerCred.of(sock)
+        cred = PeerCred.basic(sock)
         hello = None
         try:
             if flags & socket.MSG_TRUNC:
@@ -349,7 +350,7 @@ class Server:
         if self._refusal_log.allow():
             if cred is None:
                 try:
-                    cred = PeerCred.of(pending.sock)
+                    cred = PeerCred.basic(pending.sock)
                 except OSError:
                     cred = None
             self.log.info(

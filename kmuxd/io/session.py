@@ -37,7 +37,6 @@ never the session or other clients.
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ from kmux.protocol import (
 from kmuxd.core.states import CLIENT_TRANSITIONS, ClientEvent, ClientState, StateMachine
 from kmuxd.system.log import RateLimit
 
+from .peercred import PeerCred
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 
     from .group import Group
 
-__all__ = ["AppSession", "ClientStatistics", "PeerCred"]
+__all__ = ["AppSession", "ClientStatistics"]
 
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # plain ints: IntFlag & costs ~1 µs per packet
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
@@ -93,68 +93,6 @@ _NOTICE = -1
 #: Where a discarded piece of a too-big continued message is read to (its
 #: length comes from MSG_TRUNC; its bytes are dropped).
 _SCRATCH = bytearray(1)
-
-
-class PeerCred:
-    """Who is at the other end of an app's socket, from the kernel (``SO_PEERCRED``).
-
-    ``comm`` is read from ``/proc`` only when asked for (statistics, a
-    refusal's log line): a hello costs one ``getsockopt``. Supplementary
-    groups (``SO_PEERGROUPS``) are read only for a group that has
-    ``allow_groups`` (:meth:`with_groups`).
-    """
-
-    __slots__ = ("pid", "uid", "gid", "groups", "_comm")
-
-    def __init__(self, pid: int, uid: int, gid: int, groups: tuple[int, ...] = (), comm: str | None = None) -> None:
-        self.pid = pid
-        self.uid = uid
-        self.gid = gid
-        self.groups = groups
-        self._comm = comm
-
-    @classmethod
-    def of(cls, sock: socket.socket) -> "PeerCred":
-        pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        return cls(pid, uid, gid)
-
-    def with_groups(self, sock: socket.socket) -> "PeerCred":
-        return PeerCred(self.pid, self.uid, self.gid, _peer_groups(sock), self._comm)
-
-    @property
-    def comm(self) -> str:
-        if self._comm is None:
-            try:
-                with open(f"/proc/{self.pid}/comm") as f:
-                    self._comm = f.read().strip()
-            except OSError:
-                self._comm = ""
-        return self._comm
-
-
-_PEERCRED = struct.Struct("3i")
-
-
-#: SO_PEERGROUPS (Linux 4.13); Python has no constant for it.
-SO_PEERGROUPS = 59
-_MAX_PEER_GROUPS = 65536
-
-
-def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
-    import array
-    import errno as _errno
-
-    size = 64
-    while size <= _MAX_PEER_GROUPS:
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * 4)
-        except OSError as exc:
-            if exc.errno == _errno.ERANGE:
-                size *= 4
-                continue
-            return ()
-        return tuple(array.array("I", raw))
-    return ()
 
 
 @dataclass(frozen=True, slots=True)

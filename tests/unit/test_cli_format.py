@@ -58,13 +58,8 @@ from kmuxd.cli.main import (
 
 #: Fields the daemon's records are gaining (outage handling, access policies)
 #: that its dataclasses may not have yet; the wire carries them as plain keys.
-UPCOMING: dict[type, set[str]] = {
-    GroupStatistics: {"access", "endpoint_health", "requests_retried", "retries_exhausted", "queue_timeouts",
-                      "slow_consumers", "responses_dropped", "recycles", "rx_queued_bytes"},
-    ClientStatistics: {"rx_queued_bytes"},
-    DaemonStatistics: {"refused_by_code"},
-    ConnStatistics: set(),
-}
+UPCOMING: dict[type, set[str]] = {GroupStatistics: set(), ClientStatistics: set(), DaemonStatistics: set(),
+                                   ConnStatistics: set()}
 
 
 def _zero(annotation: str) -> Any:
@@ -135,16 +130,31 @@ def daemon_record(**kw: Any) -> dict[str, Any]:
     return record(DaemonStatistics, **values)
 
 
+#: Fields an older daemon (before access policies, endpoint health and the
+#: outage counters) does not send: kmux-cli must render its answers too.
+OLDER_DAEMON_LACKS = {
+    "groups": {"access", "endpoint_health", "requests_retried", "retries_exhausted", "queue_timeouts",
+               "slow_consumers", "responses_dropped", "recycles", "rx_queued_bytes", "dropped_unread", "down"},
+    "clients": {"rx_queued_bytes", "rx_queued_msgs", "gid"},
+    "daemon": {"refused_by_code", "reactor"},
+}
+
+
+def older(record: dict[str, Any], kind: str) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in OLDER_DAEMON_LACKS[kind]}
+
+
 def stats() -> dict[str, Any]:
-    """A stats answer of today's daemon: no access policies, endpoint health or outage counters yet."""
+    """A stats answer of an older daemon: no access policies, endpoint health or outage counters."""
     return {
         "ok": True,
-        "daemon": daemon_record(),
+        "daemon": older(daemon_record(), "daemon"),
         "groups": [
-            group("web", [conn(0), conn(1, up=False)]),
-            group("cache", [conn(0)], latency_p99_us=None),
+            older(group("web", [conn(0), conn(1, up=False)]), "groups"),
+            older(group("cache", [conn(0)], latency_p99_us=None), "groups"),
         ],
-        "clients": [client(3, "web"), client(1, "web", receiving=False), client(2, "cache", comm="batch job")],
+        "clients": [older(c, "clients") for c in
+                    (client(3, "web"), client(1, "web", receiving=False), client(2, "cache", comm="batch job"))],
     }
 
 
@@ -172,7 +182,7 @@ def stats_new() -> dict[str, Any]:
             group("down", [conn(0, up=False)], access=OPEN.to_wire(), endpoint_health=HEALTH[1:], **OUTAGE),
         ],
         "clients": [client(1, "web", name="billing-worker", rx_queued_bytes=2048),
-                    client(2, "web", name="\x1b]0;owned\x07" + "x" * 100, comm="evil\x1b[2J")],
+                    older(client(2, "web", name="\x1b]0;owned\x07" + "x" * 100, comm="evil\x1b[2J"), "clients")],
         "control": to_wire(ControlStatistics(connections=1, connections_total=9,
                                              requests={"stats": 8, "reload": 1}, refused={"reload": 1}, errors=0)),
     }
@@ -277,7 +287,7 @@ def test_group_view_has_tcp_info_per_connection() -> None:
     lines = group_view(stats(), "web")
     assert lines[0] == "group web: 1/2 connections up, 2 clients (1 ready to receive, 0 waiting to send)"
     assert "latency p50 850µs p99 12.3ms" in lines[3]
-    table = lines[lines.index("") + 1 :]
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("CONN ")) :]
     assert table[0].split()[:3] == ["CONN", "STATE", "ENDPOINT"]
     assert table[0].split()[-7:] == ["RTT", "RTTVAR", "RETRANS", "CWND", "UNACKED", "RECONNECTS", "LAST_ERROR"]
     up, down = table[1], table[2]
