@@ -11,16 +11,22 @@ go, following KCM:
 
 1. **Atomicity.** Bytes enter an outbox only as whole messages and leave it
    in order; a stream carries message after message, never interleaved.
-2. **Availability.** A connection is *available* when it is connected and
-   its outbox is empty (not in the middle of writing). An unpinned client
-   takes the first available connection (FIFO, so load rotates).
+2. **Availability.** A connection is *available* when it is connected, its
+   last write was not refused by the kernel (it is not *blocked*), and its
+   outbox has room. Unpinned clients take available connections in turn
+   (round robin), so in one pass of the event core many clients' messages
+   land in the same outboxes and each connection writes them with one
+   ``send``: the batching across sockets that makes a busy daemon cheaper
+   per message. A blocked or full connection is skipped.
 3. **Per-client order.** A client with bytes still unwritten in an outbox is
    *pinned* to that outbox; its next messages go to the same outbox, after
    them. The pin ends when all of its bytes there are written.
 4. **Queueing and push-back.** When no connection is available an unpinned
    client *waits* (FIFO); a pinned client whose outbox is full *parks* on
    it. Neither is read meanwhile, so the apps block in the kernel: bounded
-   memory, nothing dropped. A connection that comes free wakes one waiter.
+   memory, nothing dropped. A connection that becomes available again is
+   reserved for the longest waiter, so a busy client that keeps refilling
+   cannot starve the others.
 5. **Failure.** When a connection dies, its outbox is cut back to the first
    message not fully written (re-sent from byte 0, as KCM does) and becomes
    an *orphan*; the next connection to be available adopts it whole, by
@@ -336,6 +342,8 @@ class TxScheduler:
         self._waiters: deque[Any] = deque()
         self._orphans: deque[Outbox] = deque()
         self._connected: set[Any] = set()
+        #: connections whose last write the kernel refused (until they write again)
+        self._blocked: set[Any] = set()
         self.pins: dict[Any, Outbox] = {}
         #: owner -> connection handed to it when it came free while the owner
         #: waited; held for it (not available to others) until it reads
@@ -368,9 +376,15 @@ class TxScheduler:
         self._connected.add(conn)
         return self._settle(conn)
 
+    def blocked(self, conn: Any) -> None:
+        """The kernel refused part of ``conn``'s write: send others elsewhere until it writes."""
+        self._blocked.add(conn)
+        self._drop_available(conn)
+
     def failed(self, conn: Any, now: float = 0.0) -> tuple[Salvage, list[Any]]:
         """``conn``'s stream died: cut its outbox back and hand it on."""
         self._connected.discard(conn)
+        self._blocked.discard(conn)
         self._drop_available(conn)
         self._drop_reserved(conn)
         outbox = self._outbox[conn]
@@ -383,11 +397,16 @@ class TxScheduler:
             outbox.conn = None
             outbox.orphaned_at = now
             self._orphans.append(outbox)
-            while self._orphans and self._available:
-                wake += self._adopt(self._available.popleft())
+            for free in [c for c in self._available if self._empty(c)]:
+                if not self._orphans:
+                    break
+                self._available.remove(free)
+                wake += self._adopt(free)
             for owner, reserved in list(self._reserved.items()):
                 if not self._orphans:
                     break
+                if not self._empty(reserved):
+                    continue  # only an empty outbox can be swapped for the orphan
                 del self._reserved[owner]
                 self._waiters.appendleft(owner)
                 wake += self._adopt(reserved)
@@ -417,6 +436,7 @@ class TxScheduler:
     def disconnected(self, conn: Any) -> None:
         """``conn`` is gone for good (group stopping); nothing is salvaged."""
         self._connected.discard(conn)
+        self._blocked.discard(conn)
         self._drop_available(conn)
         self._drop_reserved(conn)
 
@@ -451,7 +471,10 @@ class TxScheduler:
             if conn in self._connected:
                 return conn
         elif self._available:
-            return self._available.popleft()
+            available = self._available
+            conn = available[0]
+            available.rotate(-1)  # the next client takes the next connection
+            return conn
         if owner not in self._waiters:
             self._waiters.append(owner)
         return None
@@ -462,11 +485,12 @@ class TxScheduler:
         if msgs:
             outbox.commit(owner, new_tail, msgs, first_seq)
             self.pins[owner] = outbox
+        if conn in self._available:
+            if not outbox.has_room():
+                self._drop_available(conn)
             return []
-        # Nothing taken: if the connection was picked as available, give it back.
-        if not outbox.owners and outbox.pending == 0 and conn in self._connected:
-            return self._settle(conn)
-        return []
+        # A reserved connection goes on to the next waiter, or back among the available.
+        return self._settle(conn) if conn in self._connected else []
 
     def opened(self, owner: Any, conn: Any) -> Outbox:
         """``owner`` starts a continued message on ``conn`` (see :meth:`Outbox.open`)."""
@@ -497,11 +521,16 @@ class TxScheduler:
         for owner in outbox.advance(n):
             if self.pins.get(owner) is outbox:
                 del self.pins[owner]
+        self._blocked.discard(conn)
         wake: list[Any] = []
         if outbox.parked and outbox.has_room():
             wake = outbox.parked
             outbox.parked = []
-        if outbox.pending == 0:
+        if conn in self._available:
+            if self._orphans and self._empty(conn):
+                self._drop_available(conn)  # written out: it adopts an orphan instead
+                wake += self._adopt(conn)
+        else:
             wake += self._settle(conn)
         return wake
 
@@ -519,14 +548,18 @@ class TxScheduler:
 
     # -- internals ---------------------------------------------------------
 
-    def _settle(self, conn: Any) -> list[Any]:
-        """``conn`` is connected with an empty outbox: adopt an orphan, or be available."""
+    def _empty(self, conn: Any) -> bool:
         outbox = self._outbox[conn]
-        if conn not in self._connected or outbox.pending or outbox.owners or outbox.open_owner is not None:
+        return not outbox.pending and not outbox.owners and outbox.open_owner is None
+
+    def _settle(self, conn: Any) -> list[Any]:
+        """``conn`` may take messages again: adopt an orphan, serve a waiter, or be available."""
+        outbox = self._outbox[conn]
+        if conn not in self._connected or conn in self._blocked or outbox.open_owner is not None:
             return []
-        if self._orphans:
+        if self._orphans and self._empty(conn):
             return self._adopt(conn)
-        if conn in self._available or conn in self._reserved.values():
+        if conn in self._available or conn in self._reserved.values() or not outbox.has_room():
             return []
         if self._waiters:
             # Hand the connection to the longest waiter, so a busy client

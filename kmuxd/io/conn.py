@@ -233,6 +233,7 @@ class Conn(Handler):
             except BlockingIOError:
                 if self.sm.state is not ConnState.DRAINING:
                     self.sm.fire(ConnEvent.WRITE_BLOCKED)
+                sched.blocked(self)
                 self._set_mask(self.mask | EPOLLOUT)
                 return
             except OSError as exc:

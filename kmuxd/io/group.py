@@ -228,6 +228,8 @@ class Group:
         self.request_mode = self.router is not None
         self.retry_feeder = RetryFeeder(self)
         self.slots = [self._new_slot(i) for i in range(cfg.connections)]
+        #: slots removed by a resize: no connection any more, but their traffic counts
+        self.retired_slots: list[Slot] = []
         self.clients: dict[int, "AppSession"] = {}
         #: balance: connections that stopped reading for want of a ready receiver
         self.paused: list = []
@@ -298,6 +300,7 @@ class Group:
             await self._nursery.start(slot.run)
         surplus = self.slots[cfg.connections :]
         del self.slots[cfg.connections :]
+        self.retired_slots.extend(surplus)  # their counts stay in the group's totals
         for slot in surplus:
             try:
                 await slot.drain(self.daemon_cfg.shutdown_grace, retire=True)
@@ -397,7 +400,8 @@ class Group:
     def queued_total(self) -> int:
         """Bytes accepted and not yet written, anywhere in the group."""
         sched = self.sched
-        total = sum(sched.outbox_of(c).pending for s in self.slots for c in s.conns() if not c.ended)
+        total = sum(sched.outbox_of(c).pending for s in self.slots + self.retired_slots
+                    for c in s.conns() if not c.ended)
         return total + sched.statistics().orphaned_bytes
 
     def set_daemon_config(self, daemon_cfg: DaemonConfig) -> None:
@@ -690,7 +694,8 @@ class Group:
 
     def statistics(self) -> GroupStatistics:
         sched = self.sched
-        conns = [c for s in self.slots for c in s.conns() if not c.ended]
+        slots = self.slots + self.retired_slots
+        conns = [c for s in slots for c in s.conns() if not c.ended]
         queues = [sched.outbox_of(c).statistics() for c in conns]
         clients = list(self.clients.values())
         sstats = sched.statistics()
@@ -705,8 +710,8 @@ class Group:
             connections_total=len(self.slots),
             clients=len(clients),
             receivers_ready=self.steering.statistics().ready,
-            tx_msgs=sum(s.ended_tx_msgs for s in self.slots) + sum(c.written_msgs() for c in conns),
-            tx_bytes=sum(s.ended_tx_bytes for s in self.slots) + sum(c.tx_bytes for c in conns),
+            tx_msgs=sum(s.ended_tx_msgs for s in slots) + sum(c.written_msgs() for c in conns),
+            tx_bytes=sum(s.ended_tx_bytes for s in slots) + sum(c.tx_bytes for c in conns),
             rx_msgs=self.rx_msgs,
             rx_bytes=self.rx_bytes,
             tx_retries=self.tx_retries,
@@ -733,7 +738,7 @@ class Group:
             responses_dropped=self.responses_dropped,
             rx_queued_bytes=sum(c.txq_data_bytes for c in clients),
             dropped_unread=self.dropped_unread,
-            recycles=self.recycles + sum(s.recycles for s in self.slots),
+            recycles=self.recycles + sum(s.recycles for s in slots),
             connections_degraded=up < self.cfg.min_connections,
             down=up == 0,
             latency_p50_us=_us(r.latency_p50) if r else None,

@@ -399,7 +399,10 @@ class AppSession(Handler):
             return 0
         self.accepted += msgs
         self.accepted_bytes += tail - start
-        self.group.sched.committed(self, conn, tail, msgs, first_seq)
+        group = self.group
+        wake = group.sched.committed(self, conn, tail, msgs, first_seq)
+        if wake:
+            group.wake(wake)  # a connection reserved for us goes on to the next waiter
         conn.accepted(msgs)
         conn.flush_soon()
         return msgs

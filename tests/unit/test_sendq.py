@@ -59,15 +59,15 @@ def make(n_conns: int = 2, capacity: int = 256, reserve: int = 65) -> tuple[TxSc
     return tx, conns
 
 
-def put(tx: TxScheduler, owner: Owner, conn: Conn, *frames: bytes) -> None:
-    """What the shell does after receiving packets into the outbox."""
+def put(tx: TxScheduler, owner: Owner, conn: Conn, *frames: bytes) -> list:
+    """What the shell does after receiving packets into the outbox; returns whom to wake."""
     ob = conn.outbox
     tail = ob.tail
     for f in frames:
         assert ob.has_room()
         ob.buf[tail : tail + len(f)] = f
         tail += len(f)
-    assert tx.committed(owner, conn, tail, len(frames)) == []
+    return tx.committed(owner, conn, tail, len(frames))
 
 
 def write(tx: TxScheduler, conn: Conn, limit: int | None = None) -> list:
@@ -80,13 +80,32 @@ def write(tx: TxScheduler, conn: Conn, limit: int | None = None) -> list:
 
 def test_unpinned_clients_take_available_connections_in_turn():
     tx, (c0, c1) = make()
-    a, b, c = Owner(1), Owner(2), Owner(3)
+    a, b, c, d = Owner(1), Owner(2), Owner(3), Owner(4)
     assert tx.route(a) is c0
     put(tx, a, c0, frame(1, 1))
-    assert tx.route(b) is c1  # c0 is busy now: the next one is used
+    assert tx.route(b) is c1  # round robin
     put(tx, b, c1, frame(2, 1))
-    assert tx.route(c) is None  # all busy: c waits
+    # c0 has room and has not been refused by the kernel: c's message joins
+    # a's in the same batch (one send carries both).
+    assert tx.route(c) is c0
+    put(tx, c, c0, frame(3, 1))
+    tx.blocked(c0)
+    tx.blocked(c1)
+    assert tx.route(d) is None  # all blocked: d waits
     assert tx.statistics().waiting_clients == 1
+    write(tx, c0)
+    assert c0.wire == frame(1, 1) + frame(3, 1)
+
+
+def test_a_full_connection_is_skipped_until_it_writes():
+    tx, (c0, c1) = make(2, capacity=32, reserve=16)
+    a, b = Owner(1), Owner(2)
+    assert tx.route(a) is c0
+    put(tx, a, c0, frame(1, 1), frame(1, 2))  # 32 bytes: at capacity
+    assert tx.route(b) is c1 and tx.route(Owner(3)) is c1
+    tx.committed(b, c1, c1.outbox.tail, 0)
+    write(tx, c0)
+    assert tx.route(b) in (c0, c1)
 
 
 def test_a_client_backlog_stays_on_its_connection_until_written():
@@ -109,14 +128,17 @@ def test_connection_that_comes_free_is_handed_to_the_longest_waiter():
     a, b, c = Owner(1), Owner(2), Owner(3)
     assert tx.route(a) is c0
     put(tx, a, c0, frame(1, 1))
+    tx.blocked(c0)  # the kernel refused the write
     assert tx.route(b) is None
     assert tx.route(c) is None
     assert write(tx, c0) == [b]
     # Reserved for b: a (now unpinned, keen to send more) must wait its turn.
     assert tx.route(a) is None
     assert tx.route(b) is c0
-    put(tx, b, c0, frame(2, 1))
-    assert write(tx, c0) == [c]
+    # b took its turn; the connection goes on to the next waiter, in order.
+    assert put(tx, b, c0, frame(2, 1)) == [c]
+    assert tx.route(a) is None and tx.route(c) is c0
+    assert put(tx, c, c0, frame(3, 1)) == [a]
 
 
 def test_woken_waiter_with_nothing_to_send_passes_the_connection_on():
@@ -124,6 +146,7 @@ def test_woken_waiter_with_nothing_to_send_passes_the_connection_on():
     a, b, c = Owner(1), Owner(2), Owner(3)
     tx.route(a)
     put(tx, a, c0, frame(1, 1))
+    tx.blocked(c0)
     tx.route(b)
     tx.route(c)
     assert write(tx, c0) == [b]
@@ -136,6 +159,7 @@ def test_waiter_that_leaves_passes_its_reservation_on():
     a, b, c = Owner(1), Owner(2), Owner(3)
     tx.route(a)
     put(tx, a, c0, frame(1, 1))
+    tx.blocked(c0)
     tx.route(b)
     tx.route(c)
     assert write(tx, c0) == [b]
@@ -273,7 +297,11 @@ def test_random_schedules_keep_every_message_whole_once_and_in_client_order(seed
         elif op < 0.9:
             live = [c for c in conns if c in up and c.outbox.pending]
             if live:
-                write(tx, rng.choice(live), rng.randint(1, 60))
+                c = rng.choice(live)
+                n = rng.randint(1, 60)
+                if n < c.outbox.pending and rng.random() < 0.5:
+                    tx.blocked(c)  # the kernel took only part: others go elsewhere
+                write(tx, c, n)
                 tx.take_flush()  # adopted orphans are simply written later
         elif op < 0.95:
             live = [c for c in conns if c in up]
