@@ -36,9 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     from .driver import SoakSettings
 
     d = SoakSettings()
-    p = argparse.ArgumentParser(prog="python -m kmuxd.tools.soak", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kmuxd.tools.soak",
+                                description="An accounted chaos soak of kmuxd (docs/soak.md).")
     p.add_argument("--duration", type=float, default=d.duration, help=f"seconds of traffic (default {d.duration:g})")
-    p.add_argument("--clients", type=int, default=d.clients, help=f"client processes (default {d.clients})")
+    p.add_argument("--clients", type=int, default=d.clients, help=f"client processes at a time (default {d.clients})")
     p.add_argument("--seed", type=int, help="seed of the fault schedule and the traffic (default: random, printed)")
     p.add_argument("--window", type=int, default=d.window,
                    help=f"most requests one session keeps outstanding (default {d.window})")
@@ -54,7 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="every group's max_requests_per_connection (default: 0, off)")
     p.add_argument("--rss-growth-mib", type=float, default=d.rss_growth_mib,
                    help=f"largest RSS growth from the warm-up to the end (default {d.rss_growth_mib:g} MiB)")
-    p.add_argument("--no-outages", action="store_true", help="no endpoint outages (connection faults only)")
+    p.add_argument("--no-outages", action="store_true", help="no endpoint outages")
+    p.add_argument("--operations", default=",".join(d.operations),
+                   help="operator actions to take during the run, comma-separated, or 'none' "
+                        f"(default {','.join(d.operations)})")
     p.add_argument("--run-dir", help="where config, sockets, logs and records go (default: a new /tmp/kmux-soak-*)")
     p.add_argument("--keep", action="store_true", help="keep the run directory after a passing run")
     p.add_argument("--json", action="store_true", help="print the result document as JSON instead of the table")
@@ -75,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             queue_timeout=args.queue_timeout, retry_unanswered=args.retry_unanswered,
             max_requests_per_connection=args.max_requests_per_connection, rss_growth_mib=args.rss_growth_mib,
             outages=not args.no_outages,
+            operations=tuple(op for op in args.operations.split(",") if op and op != "none"),
         )
     except ConfigInvalid as exc:
         parser.error("; ".join(exc.lines()))

@@ -350,7 +350,10 @@ class _Connection:
             data = self._recv()
             if data is None:
                 continue
-            if not data:
+            if not data:  # the daemon closed (a drain): answer what is held, as a server would
+                if plan.action == "late" and self.struck_at is not None:
+                    for f in self.held:
+                        self._answer(f)
                 return "eof"
             for frame in self._record_all(self._frames(data)):
                 if self._due() and self.plan.action in ("fin", "rst", "rst_mid"):

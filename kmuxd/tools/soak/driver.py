@@ -14,9 +14,11 @@ Theory of operation
    (``time.monotonic()`` is the same clock in every process on Linux, so each
    process is handed its deadline as a value).
    Meanwhile the backends' connections fail on their seeded plans, and this
-   process takes endpoints down and up on a seeded schedule
-   (:func:`outage_schedule`); a thread samples the daemon's RSS and
-   descriptors every :data:`MONITOR_INTERVAL` s.
+   process takes endpoints down and up (:func:`outage_schedule`) and acts as
+   an operator (:func:`operation_schedule`: ``reconnect``, ``drain``, and a
+   ``reload`` that resizes a group and later sizes it back), all on seeded
+   schedules; a thread samples the daemon's RSS and descriptors every
+   :data:`MONITOR_INTERVAL` s.
 3. **Calm.** For the last ``calm`` seconds no new fault starts and every
    endpoint is up, so the daemon must recover while clients still send.
 4. **Accounts.** Once the clients have finished, the driver waits until the
@@ -50,14 +52,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kmux.control import ControlClient
-from kmux.errors import ConfigInvalid
+from kmux.errors import ConfigInvalid, KmuxError
 
 from ..backend import LineReader
 from ..demo import DaemonProcess
 from .checks import Evidence, evaluate
 from .frames import ID_OFFSET, ID_SIZE
 
-__all__ = ["GroupSpec", "GROUPS", "SoakSettings", "Soak", "SoakError", "outage_schedule"]
+__all__ = ["GroupSpec", "GROUPS", "SoakSettings", "Soak", "SoakError", "outage_schedule", "operation_schedule"]
 
 #: Largest message of every soak group (both directions).
 MAX_MESSAGE = 65536
@@ -84,6 +86,15 @@ OUTAGE_GAP = (1.5, 5.0)
 OUTAGE_LENGTH = (0.3, 2.5)
 #: Share of outages that take every endpoint of a group down at once.
 WHOLE_GROUP_SHARE = 0.25
+#: Operator actions the soak knows (see operation_schedule).
+OPERATIONS = ("reconnect", "drain", "resize")
+#: Seconds between two operator actions (uniform); seconds a resized group stays resized.
+OPERATION_GAP = (2.0, 6.0)
+RESIZE_HOLD = (1.0, 4.0)
+#: The ``timeout`` of a drain request, seconds: a drain may legitimately time out under faults.
+DRAIN_TIMEOUT = 3.0
+#: Error codes an operator action may meet without anything being wrong.
+OPERATION_EXPECTED_ERRORS = frozenset({"drain_timeout", "drain_in_progress"})
 POLL = 0.05
 
 
@@ -121,6 +132,8 @@ class SoakSettings:
     max_requests_per_connection: int = 0
     rss_growth_mib: float = 16.0
     outages: bool = True
+    #: operator actions to take (a subset of OPERATIONS)
+    operations: tuple[str, ...] = ("reconnect", "drain", "resize")
 
     #: (least, most) of each numeric setting.
     LIMITS = {
@@ -136,6 +149,9 @@ class SoakSettings:
             value = getattr(self, name)
             if not low <= value <= high:
                 problems.append(ConfigInvalid(f"--{name.replace('_', '-')}", f"must be between {low} and {high}, not {value}"))
+        unknown = sorted(set(self.operations) - set(OPERATIONS))
+        if unknown:
+            problems.append(ConfigInvalid("--operations", f"unknown {', '.join(unknown)}; known: {', '.join(OPERATIONS)}"))
         if problems:
             raise ConfigInvalid.several(problems)
 
@@ -192,7 +208,51 @@ def outage_schedule(settings: SoakSettings, rng: random.Random) -> list[Outage]:
         out.append(Outage(round(t, 3), g.name, eps, how, round(length, 3)))
 
 
-def daemon_config(settings: SoakSettings, socket_path: str, ports: dict[tuple[str, int], int]) -> str:
+@dataclass(frozen=True)
+class Operation:
+    """An operator's action through the control socket, as ``kmux-cli`` sends it."""
+
+    at: float  # seconds after the clients started
+    op: str  # "reconnect", "drain" or "resize" (a reload with another connection count)
+    group: str
+    conn: int | None = None  # reconnect (None: every connection) and drain
+    connections: int | None = None  # resize
+
+
+def operation_schedule(settings: SoakSettings, rng: random.Random) -> list[Operation]:
+    """``kmux-cli reconnect``/``drain``/``reload`` (resizing a group, then back) between the
+    warm-up and the calm; a connection named always exists at that moment."""
+    if not settings.operations:
+        return []
+    ops = [op for op in ("reconnect", "reconnect", "drain", "resize") if op in settings.operations]
+    out: list[Operation] = []
+    resized: dict[str, tuple[float, float, int]] = {}  # group -> (from, until, connections)
+    t = settings.warmup / 2
+    stop = settings.duration - settings.calm
+    while True:
+        t += rng.uniform(*OPERATION_GAP)
+        if t >= stop:
+            return sorted(out, key=lambda o: o.at)
+        g = rng.choice(GROUPS).name
+        start, until, n = resized.get(g, (0.0, 0.0, settings.connections))
+        size = n if start <= t <= until else settings.connections
+        op = rng.choice(ops)
+        if op == "resize":
+            back = t + rng.uniform(*RESIZE_HOLD)
+            if until >= t or back >= stop:
+                continue
+            n = rng.choice([k for k in range(1, settings.connections + 3) if k != settings.connections])
+            resized[g] = (t, back, min(n, settings.connections))  # during the switch, the smaller count holds
+            out.append(Operation(round(t, 3), "resize", g, connections=n))
+            out.append(Operation(round(back, 3), "resize", g, connections=settings.connections))
+        elif op == "reconnect" and rng.random() < 0.3:
+            out.append(Operation(round(t, 3), "reconnect", g))
+        else:
+            out.append(Operation(round(t, 3), op, g, conn=rng.randrange(size)))
+
+
+def daemon_config(settings: SoakSettings, socket_path: str, ports: dict[tuple[str, int], int],
+                  sizes: dict[str, int] | None = None) -> str:
     """The TOML kmuxd runs with: every soak setting explicit (a default changing under us
     must not change what a run means)."""
     lines = ["# Written by kmuxd's soak (python -m kmuxd.tools.soak); safe to delete.", "version = 1", "",
@@ -201,7 +261,7 @@ def daemon_config(settings: SoakSettings, socket_path: str, ports: dict[tuple[st
     for g in GROUPS:
         endpoints = [f"127.0.0.1:{ports[(g.name, e)]}" for e in range(settings.endpoints)]
         lines += ["", f"[groups.{g.name}]", f"endpoints = {json.dumps(endpoints)}",
-                  f"connections = {settings.connections}", 'framing = "u32be"', f"steering = {json.dumps(g.mode)}",
+                  f"connections = {(sizes or {}).get(g.name, settings.connections)}", 'framing = "u32be"', f"steering = {json.dumps(g.mode)}",
                   f"max_message = {MAX_MESSAGE}", "reconnect_initial = 0.05", "reconnect_max = 0.5",
                   "connect_timeout = 2.0", f"queue_timeout = {float(settings.queue_timeout)}",
                   f"max_requests_per_connection = {settings.max_requests_per_connection}"]
@@ -430,6 +490,9 @@ class Soak:
         self.say = say
         self.rng = random.Random(settings.seed)
         self.outages = outage_schedule(settings, self.rng)
+        self.operations = operation_schedule(settings, self.rng)
+        self.operation_results: list[dict[str, Any]] = []
+        self.sizes = {g.name: settings.connections for g in GROUPS}
         self.backends: BackendsProcess | None = None
         self.daemon: DaemonProcess | None = None
         self.control = ""
@@ -457,7 +520,7 @@ class Soak:
         evidence = Evidence(
             groups={g.name: g.mode for g in GROUPS}, sessions=self._sessions(), backends=report, cli_groups=groups,
             settings=asdict(self.settings), rss_kib=rss, fds=fds, quiet=quiet, process_problems=self.problems,
-            daemon_exit=self.daemon.proc.returncode,
+            daemon_exit=self.daemon.proc.returncode, operations=self.operation_results,
         )
         totals, checks = evaluate(evidence)
         by_name = {g["name"]: g for g in groups}
@@ -476,6 +539,7 @@ class Soak:
             },
             "faults": dict(sum((Counter(b.get("faults", {})) for b in report.values()), Counter())),
             "outages": [asdict(o) for o in self.outages],
+            "operations": self.operation_results,
             "rss_kib": rss,
             "fds": fds,
             "rss_samples": monitor.samples,
@@ -491,9 +555,8 @@ class Soak:
                 "groups": [{"name": g.name, "kind": g.backend_kind, "endpoints": s.endpoints, "stray": g.mode == "id"}
                            for g in GROUPS]}
         self.backends = BackendsProcess(spec, self.run_dir / "backends.log")
-        config = self.run_dir / "kmuxd.toml"
-        config.write_text(daemon_config(s, str(self.run_dir / "kmuxd.sock"), self.backends.ports))
-        self.daemon = DaemonProcess(config, self.run_dir / "kmuxd.log")
+        self._write_config()
+        self.daemon = DaemonProcess(self.run_dir / "kmuxd.toml", self.run_dir / "kmuxd.log")
         try:
             ready = self.daemon.wait_ready(START_TIMEOUT)
         except RuntimeError as exc:
@@ -513,9 +576,9 @@ class Soak:
         s = self.settings
         t0 = time.monotonic()
         end = t0 + s.duration
-        stop_outages = threading.Event()
-        outages = threading.Thread(target=self._outages, args=(t0, stop_outages), name="outages", daemon=True)
-        outages.start()
+        stop_chaos = threading.Event()
+        chaos = threading.Thread(target=self._chaos, args=(t0, stop_chaos), name="chaos", daemon=True)
+        chaos.start()
         running: list[ClientProcess] = []
         try:
             while True:
@@ -537,8 +600,8 @@ class Soak:
             for c in running:
                 self._reap(c, end + CLIENT_FINISH_GRACE)
         finally:
-            stop_outages.set()
-            outages.join(COMMAND_TIMEOUT)
+            stop_chaos.set()
+            chaos.join(COMMAND_TIMEOUT)
         self.say(f"{len(self.clients)} client processes done after {time.monotonic() - t0:.1f} s; "
                  "waiting for the daemon to be quiet")
         if self.daemon.proc.poll() is not None:
@@ -612,19 +675,51 @@ class Soak:
                     out.append(f"{g['name']} {key}={g.get(key)} (want {want})")
         return out
 
-    def _outages(self, t0: float, stop: threading.Event) -> None:
-        events = []
+    def _write_config(self) -> None:
+        text = daemon_config(self.settings, str(self.run_dir / "kmuxd.sock"), self.backends.ports, self.sizes)
+        tmp = self.run_dir / "kmuxd.toml.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.run_dir / "kmuxd.toml")  # a reload never reads half a file
+
+    def _chaos(self, t0: float, stop: threading.Event) -> None:
+        """The outages and operator actions, each at its time (or as soon after as the previous allows)."""
+        events: list[tuple[float, Any]] = []
         for o in self.outages:
             for e in o.endpoints:
                 events.append((o.at, f"down {o.group} {e} {o.how}"))
                 events.append((o.at + o.length, f"up {o.group} {e}"))
+        events += [(o.at, o) for o in self.operations]
         events.append((self.settings.duration - self.settings.calm, "calm"))
-        for at, command in sorted(events, key=lambda ev: ev[0]):
+        for at, event in sorted(events, key=lambda ev: ev[0]):
             if stop.wait(max(0.0, t0 + at - time.monotonic())):
                 return
-            answer = self.backends.command(command)
+            if isinstance(event, Operation):
+                self._operate(event)
+                continue
+            answer = self.backends.command(event)
             if not answer.startswith("ok"):
-                self.problems.append(f"backends answered {answer!r} to {command!r}")
+                self.problems.append(f"backends answered {answer!r} to {event!r}")
+
+    def _operate(self, o: Operation) -> None:
+        result = {**asdict(o), "result": "ok"}
+        try:
+            with ControlClient(self.control, timeout=COMMAND_TIMEOUT + DRAIN_TIMEOUT) as c:
+                if o.op == "reconnect":
+                    c.request("reconnect", group=o.group, **({} if o.conn is None else {"conn": o.conn}))
+                elif o.op == "drain":
+                    c.request("drain", group=o.group, conn=o.conn, timeout=DRAIN_TIMEOUT)
+                else:
+                    self.sizes[o.group] = o.connections
+                    self._write_config()
+                    answer = c.request("reload")
+                    if o.group not in answer.get("resized", []):
+                        result["result"] = f"not resized: {answer}"
+                        self.problems.append(f"reload to resize {o.group} answered {answer}")
+        except KmuxError as exc:
+            result["result"] = exc.code
+            if exc.code not in OPERATION_EXPECTED_ERRORS:
+                self.problems.append(f"{o.op} {o.group} {o.conn if o.conn is not None else ''} failed: {exc}")
+        self.operation_results.append(result)
 
     def cleanup(self) -> None:
         """Whatever happened: nothing started here outlives the run."""

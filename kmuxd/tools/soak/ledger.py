@@ -63,39 +63,73 @@ class _Problems:
         self.counts: Counter = Counter()
         self.examples: list[str] = []
 
-    def add(self, kind: str, text: str) -> None:
+    def add(self, kind: str, text: str, n: int = 1) -> None:
         assert kind in PROBLEM_KINDS, kind
-        self.counts[kind] += 1
+        self.counts[kind] += n
         if len(self.examples) < EXAMPLES_PER_SESSION:
             self.examples.append(f"{kind}: {text}")
 
 
-class RequestLedger:
+class _SessionLedger:
+    """What every session counts: messages sent, notices by code, problems."""
+
+    mode = ""
+
+    def __init__(self, session: int) -> None:
+        self.session = session
+        self.sent = 0
+        self.sent_bytes = 0
+        self.responses = 0
+        self.notices: Counter = Counter()
+        self.abandoned = 0
+        self.missing = 0
+        self._problems = _Problems()
+
+    def _count_sent(self, seq: int, size: int) -> None:
+        if seq != self.sent + 1:
+            raise ValueError(f"session {self.session}: seq {seq} registered after {self.sent}")
+        self.sent = seq
+        self.sent_bytes += size
+
+    def client_error(self, text: str) -> None:
+        """The client library failed in a way the soak did not plan (recorded, never fatal)."""
+        self._problems.add("client_error", text)
+
+    @property
+    def problems(self) -> Counter:
+        return self._problems.counts
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "session": self.session,
+            "mode": self.mode,
+            "sent": self.sent,
+            "sent_bytes": self.sent_bytes,
+            "responses": self.responses,
+            "notices": dict(self.notices),
+            "abandoned": self.abandoned,
+            "missing": self.missing,
+            "problems": dict(self._problems.counts),
+            "examples": list(self._problems.examples),
+        }
+
+
+class RequestLedger(_SessionLedger):
     """A request/response session (``id`` or ``fifo`` steering)."""
 
     def __init__(self, session: int, mode: str) -> None:
         if mode not in ("id", "fifo"):
             raise ValueError(f"a request ledger is for id or fifo steering, not {mode!r}")
-        self.session = session
+        super().__init__(session)
         self.mode = mode
-        self.sent = 0
-        self.sent_bytes = 0
-        self.responses = 0
-        self.notices: Counter = Counter()
         #: seq -> the client's id for that request
         self.outstanding: dict[int, int] = {}
-        self.abandoned = 0
-        self.missing = 0
         self._last_by_conn: dict[int, int] = {}
-        self._problems = _Problems()
 
     # -- events -------------------------------------------------------------
 
     def will_send(self, seq: int, rid: int, size: int) -> None:
-        if seq != self.sent + 1:
-            raise ValueError(f"session {self.session}: seq {seq} registered after {self.sent}")
-        self.sent = seq
-        self.sent_bytes += size
+        self._count_sent(seq, size)
         self.outstanding[seq] = rid
 
     def response(self, message) -> None:
@@ -132,24 +166,16 @@ class RequestLedger:
         if self.mode == "id" and details.get("id") != rid:
             self._problems.add("wrong_id", f"notice {code} for seq {seq} names id {details.get('id')!r}, sent with {rid}")
 
-    def client_error(self, text: str) -> None:
-        """The client library failed in a way the soak did not plan (recorded, never fatal)."""
-        self._problems.add("client_error", text)
-
     def close(self, graceful: bool) -> None:
         """End the session: outstanding requests become missing (graceful) or abandoned."""
         left = len(self.outstanding)
         if graceful and left:
-            first = sorted(self.outstanding)[:5]
             self.missing += left
-            self._problems.counts["missing"] += left
-            if len(self._problems.examples) < EXAMPLES_PER_SESSION:
-                self._problems.examples.append(f"missing: no outcome for {left} request(s), first seqs {first}")
-        else:
+            self._problems.add("missing", f"no outcome for {left} request(s), first seqs {sorted(self.outstanding)[:5]}",
+                               left)
+        elif left:
             self.abandoned += left
         self.outstanding.clear()
-
-    # -- reading ------------------------------------------------------------
 
     def _end(self, seq: int, what: str) -> int | None:
         rid = self.outstanding.pop(seq, None)
@@ -161,41 +187,14 @@ class RequestLedger:
             self._problems.add("never_sent", f"{what} for seq {seq}; session sent {self.sent}")
         return None
 
-    @property
-    def problems(self) -> Counter:
-        return self._problems.counts
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "session": self.session,
-            "mode": self.mode,
-            "sent": self.sent,
-            "sent_bytes": self.sent_bytes,
-            "responses": self.responses,
-            "notices": dict(self.notices),
-            "abandoned": self.abandoned,
-            "missing": self.missing,
-            "problems": dict(self._problems.counts),
-            "examples": list(self._problems.examples),
-        }
-
-
-class OneWayLedger:
+class OneWayLedger(_SessionLedger):
     """A ``balance`` sender with receiving off: what it sent, and what came back (nothing, or notices)."""
 
-    def __init__(self, session: int) -> None:
-        self.session = session
-        self.mode = "balance"
-        self.sent = 0
-        self.sent_bytes = 0
-        self.notices: Counter = Counter()
-        self._problems = _Problems()
+    mode = "balance"
 
     def will_send(self, seq: int, size: int) -> None:
-        if seq != self.sent + 1:
-            raise ValueError(f"session {self.session}: seq {seq} registered after {self.sent}")
-        self.sent = seq
-        self.sent_bytes += size
+        self._count_sent(seq, size)
 
     def notice(self, code: str, seq: int | None, details: dict[str, Any]) -> None:
         if seq is None:
@@ -206,24 +205,3 @@ class OneWayLedger:
 
     def data(self, message) -> None:
         self._problems.add("unexpected_data", f"a {len(message)}-byte message reached a sender with receiving off")
-
-    def client_error(self, text: str) -> None:
-        self._problems.add("client_error", text)
-
-    @property
-    def problems(self) -> Counter:
-        return self._problems.counts
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "session": self.session,
-            "mode": self.mode,
-            "sent": self.sent,
-            "sent_bytes": self.sent_bytes,
-            "responses": 0,
-            "notices": dict(self.notices),
-            "abandoned": 0,
-            "missing": 0,
-            "problems": dict(self._problems.counts),
-            "examples": list(self._problems.examples),
-        }

@@ -1,14 +1,16 @@
 """The soak's summary table, from the result document (no I/O).
 
 The result document (``--json`` prints it) has stable keys: ``ok``, ``seed``,
-``settings``, ``features``, ``groups`` (per group: the clients' totals, plus
+``settings``, ``features``, ``client_processes``, ``groups`` (per group: the clients' totals, plus
 ``daemon``, counters from ``kmux-cli groups -j``, and ``backend``, the chaos
-servers' counts), ``faults``, ``outages``, ``rss_kib``, ``fds``, ``checks``
+servers' counts), ``faults``, ``outages``, ``operations`` (each with its ``result``: ``ok`` or
+an error code), ``rss_kib``, ``fds``, ``checks``
 (``name``, ``ok``, ``detail``) and ``run_dir``. The table shows the same.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 __all__ = ["render"]
@@ -36,6 +38,14 @@ def _codes(counts: dict[str, int]) -> str:
     return ", ".join(f"{code} {n:,}" for code, n in sorted(counts.items())) or "-"
 
 
+def _operations(ops: list[dict[str, Any]]) -> str:
+    done: dict[str, Counter] = {}
+    for o in ops:
+        done.setdefault(o["op"], Counter())[o["result"]] += 1
+    return "  ".join(f"{op} {sum(c.values())}" + (f" ({', '.join(f'{r} {n}' for r, n in c.items() if r != 'ok')})"
+                                                 if set(c) != {"ok"} else "") for op, c in done.items()) or "none"
+
+
 def render(result: dict[str, Any]) -> str:
     s = result["settings"]
     feats = "  ".join(f"{k} {v if v else 'off'}" for k, v in result["features"].items())
@@ -48,6 +58,7 @@ def render(result: dict[str, Any]) -> str:
         f"  daemon settings: {feats}",
         f"  faults struck: {faults}",
         f"  endpoint outages: {len(result['outages'])} ({whole} of every endpoint of a group)",
+        f"  operator actions: {_operations(result['operations'])}",
         "",
         "Clients (their own ledgers)",
     ]
