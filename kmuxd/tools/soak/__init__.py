@@ -11,7 +11,9 @@ Modules, each readable alone:
 * :mod:`.ledger`: a session's accounting, outcome by outcome (sans-IO);
 * :mod:`.client`: a client process (sessions with the real ``kmux`` library);
 * :mod:`.backends`: the chaos servers' process;
-* :mod:`.driver`: the run (children, fault schedule, monitor, accounts);
+* :mod:`.plan`: settings, groups, the daemon's config, the seeded schedules (sans-IO);
+* :mod:`.children`: handles on the child processes, the daemon seen from ``/proc``;
+* :mod:`.driver`: the run (start, traffic and chaos, settle, accounts);
 * :mod:`.checks`: the verdict (sans-IO); :mod:`.report`: the table.
 
 Nothing in the daemon imports this package (``tests/unit/test_layout.py``).

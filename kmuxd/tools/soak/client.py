@@ -10,7 +10,8 @@ Started by the soak driver (:mod:`.driver`), several at once. Each runs
   ``window`` requests outstanding while a receiving thread takes responses
   and notices; everything goes through one :class:`~.ledger.RequestLedger`
   under one lock. The request is registered before ``send()`` (its answer may
-  come first).
+  come first). Some receiving threads stop reading for a while (a slow
+  consumer) or switch receiving off and on.
 * ``balance`` groups: a pure sender (``receive=False``) in bursts, reading
   the notices that may come back between bursts (:class:`~.ledger.OneWayLedger`).
 
@@ -59,6 +60,14 @@ GRACEFUL_WAIT = 20.0
 WINDOW_WAIT = 30.0
 #: The receiving thread's poll: how quickly it sees "stop".
 RECV_POLL = 0.05
+#: Share of request sessions whose receiving thread stops reading once, for PAUSE seconds
+#: (uniform): the daemon must hold that client's responses and their connection waits.
+PAUSE_SHARE = 0.15
+PAUSE = (0.1, 1.5)
+#: Share of request sessions that switch receiving off (and on again TOGGLE_SPAN polls
+#: later): in id/fifo every response still belongs to its requester.
+TOGGLE_SHARE = 0.1
+TOGGLE_SPAN = 20
 #: Balance senders: messages per burst, then a pause (seconds) to read notices.
 BALANCE_BURST = 32
 BALANCE_PAUSE = 0.004
@@ -110,8 +119,21 @@ def run_request_session(spec: _Spec, group: str, mode: str, session: int, rng: r
     stop = threading.Event()
     client = kmux.connect(group, spec.socket, name=f"soak{session}", timeout=CONNECT_TIMEOUT)
 
+    # The receiving thread's own choices, drawn here so the plan does not depend on thread timing.
+    pause_after = rng.randint(1, 100) if rng.random() < PAUSE_SHARE else None
+    pause_for = rng.uniform(*PAUSE)
+    toggle_after = rng.randint(1, 100) if rng.random() < TOGGLE_SHARE else None
+
     def receive() -> None:
+        got = 0
         while not stop.is_set():
+            got += 1
+            if got == pause_after:
+                stop.wait(pause_for)  # reads nothing meanwhile: its responses block their connection
+            if got == toggle_after:
+                client.set_receive(False)  # id/fifo: its responses are still its own
+            elif toggle_after is not None and got == toggle_after + TOGGLE_SPAN:
+                client.set_receive(True)
             try:
                 msg = client.recv(timeout=RECV_POLL)
             except TimeoutError:

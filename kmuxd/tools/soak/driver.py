@@ -14,11 +14,11 @@ Theory of operation
    (``time.monotonic()`` is the same clock in every process on Linux, so each
    process is handed its deadline as a value).
    Meanwhile the backends' connections fail on their seeded plans, and this
-   process takes endpoints down and up (:func:`outage_schedule`) and acts as
-   an operator (:func:`operation_schedule`: ``reconnect``, ``drain``, and a
+   process takes endpoints down and up (:func:`.plan.outage_schedule`) and acts as
+   an operator (:func:`.plan.operation_schedule`: ``reconnect``, ``drain``, and a
    ``reload`` that resizes a group and later sizes it back), all on seeded
    schedules; a thread samples the daemon's RSS and descriptors every
-   :data:`MONITOR_INTERVAL` s.
+   :data:`.children.MONITOR_INTERVAL` s.
 3. **Calm.** For the last ``calm`` seconds no new fault starts and every
    endpoint is up, so the daemon must recover while clients still send.
 4. **Accounts.** Once the clients have finished, the driver waits until the
@@ -37,12 +37,10 @@ failing run's fault schedule and traffic plans can be repeated with
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -52,23 +50,29 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kmux.control import ControlClient
-from kmux.errors import ConfigInvalid, KmuxError
+from kmux.errors import KmuxError
 
-from ..backend import LineReader
 from ..demo import DaemonProcess
 from .checks import Evidence, evaluate
-from .frames import ID_OFFSET, ID_SIZE
+from .children import (
+    CLIENT_FINISH_GRACE,
+    COMMAND_TIMEOUT,
+    POLL,
+    START_TIMEOUT,
+    BackendsProcess,
+    ClientProcess,
+    Monitor,
+    SoakError,
+    cli_groups,
+    proc_fds,
+    proc_rss_kib,
+    wait_for,
+    wait_settled,
+)
+from .plan import GROUPS, MAX_MESSAGE, Operation, SoakSettings, daemon_config, operation_schedule, outage_schedule
 
-__all__ = ["GroupSpec", "GROUPS", "SoakSettings", "Soak", "SoakError", "outage_schedule", "operation_schedule"]
+__all__ = ["Soak", "SoakError", "SoakSettings", "make_run_dir", "remove_run_dir"]
 
-#: Largest message of every soak group (both directions).
-MAX_MESSAGE = 65536
-#: Seconds between the monitor's RSS/descriptor samples.
-MONITOR_INTERVAL = 1.0
-#: Seconds the backends and kmuxd may take to start; every group to connect.
-START_TIMEOUT = 15.0
-#: Seconds a client process may run past its deadline (its last graceful session).
-CLIENT_FINISH_GRACE = 45.0
 #: Seconds one client process lives (uniform): processes come and go during the run.
 LIFETIME = (4.0, 30.0)
 #: Client processes started in one run, at most.
@@ -77,398 +81,10 @@ MAX_CLIENT_PROCESSES = 2000
 QUIET_TIMEOUT = 30.0
 #: Seconds the backends' counts and the daemon's descriptors may take to settle.
 SETTLE_TIMEOUT = 10.0
-#: A count is settled when it has not moved for this long (seconds).
-SETTLE_QUIET = 0.5
-#: Seconds one backend command or one control request may take.
-COMMAND_TIMEOUT = 10.0
-#: Seconds between two outages (uniform), and an outage's length (uniform).
-OUTAGE_GAP = (1.5, 5.0)
-OUTAGE_LENGTH = (0.3, 2.5)
-#: Share of outages that take every endpoint of a group down at once.
-WHOLE_GROUP_SHARE = 0.25
-#: Operator actions the soak knows (see operation_schedule).
-OPERATIONS = ("reconnect", "drain", "resize")
-#: Seconds between two operator actions (uniform); seconds a resized group stays resized.
-OPERATION_GAP = (2.0, 6.0)
-RESIZE_HOLD = (1.0, 4.0)
 #: The ``timeout`` of a drain request, seconds: a drain may legitimately time out under faults.
 DRAIN_TIMEOUT = 3.0
 #: Error codes an operator action may meet without anything being wrong.
 OPERATION_EXPECTED_ERRORS = frozenset({"drain_timeout", "drain_in_progress"})
-POLL = 0.05
-
-
-class SoakError(RuntimeError):
-    """The soak could not run (a child did not start, a wait for set-up timed out)."""
-
-
-@dataclass(frozen=True)
-class GroupSpec:
-    name: str
-    mode: str  # kmuxd steering
-    weight: int  # share of client sessions
-
-    @property
-    def backend_kind(self) -> str:
-        return "sink" if self.mode == "balance" else "echo"
-
-
-GROUPS = (GroupSpec("rr-id", "id", 3), GroupSpec("rr-fifo", "fifo", 3), GroupSpec("oneway", "balance", 2))
-
-
-@dataclass(frozen=True)
-class SoakSettings:
-    """What one run does; validated when built, errors name the command-line option."""
-
-    duration: float = 120.0
-    clients: int = 8
-    seed: int = 0
-    window: int = 8
-    connections: int = 4
-    endpoints: int = 2
-    request_timeout: float = 1.0
-    queue_timeout: float = 0.0
-    retry_unanswered: int = 0
-    max_requests_per_connection: int = 0
-    rss_growth_mib: float = 16.0
-    outages: bool = True
-    #: operator actions to take (a subset of OPERATIONS)
-    operations: tuple[str, ...] = ("reconnect", "drain", "resize")
-
-    #: (least, most) of each numeric setting.
-    LIMITS = {
-        "duration": (5.0, 3600.0), "clients": (1, 64), "seed": (0, 2**63 - 1), "window": (1, 64),
-        "connections": (1, 64), "endpoints": (1, 4), "request_timeout": (0.0, 60.0),
-        "queue_timeout": (0.0, 60.0), "retry_unanswered": (0, 10), "max_requests_per_connection": (0, 2**31),
-        "rss_growth_mib": (1.0, 4096.0),
-    }
-
-    def __post_init__(self) -> None:
-        problems = []
-        for name, (low, high) in self.LIMITS.items():
-            value = getattr(self, name)
-            if not low <= value <= high:
-                problems.append(ConfigInvalid(f"--{name.replace('_', '-')}", f"must be between {low} and {high}, not {value}"))
-        unknown = sorted(set(self.operations) - set(OPERATIONS))
-        if unknown:
-            problems.append(ConfigInvalid("--operations", f"unknown {', '.join(unknown)}; known: {', '.join(OPERATIONS)}"))
-        if problems:
-            raise ConfigInvalid.several(problems)
-
-    @property
-    def warmup(self) -> float:
-        """Seconds of traffic before the RSS 'start' sample and the first outage."""
-        return min(10.0, self.duration * 0.1)
-
-    @property
-    def calm(self) -> float:
-        """Seconds at the end with no new fault and every endpoint up."""
-        return min(10.0, max(3.0, self.duration * 0.1))
-
-    def features(self) -> dict[str, Any]:
-        """The daemon settings under test, as the report shows them (0 = off)."""
-        return {
-            "request_timeout": self.request_timeout,
-            "queue_timeout": self.queue_timeout,
-            "retry_unanswered": self.retry_unanswered,
-            "max_requests_per_connection": self.max_requests_per_connection,
-        }
-
-
-@dataclass(frozen=True)
-class Outage:
-    at: float  # seconds after the clients started
-    group: str
-    endpoints: tuple[int, ...]
-    how: str  # "fin" or "rst": how the live connections are closed
-    length: float
-
-
-def outage_schedule(settings: SoakSettings, rng: random.Random) -> list[Outage]:
-    """Endpoint outages between the warm-up and the calm, never two at once on one endpoint."""
-    if not settings.outages:
-        return []
-    out: list[Outage] = []
-    busy: dict[tuple[str, int], float] = {}
-    t = settings.warmup / 2
-    stop = settings.duration - settings.calm
-    while True:
-        t += rng.uniform(*OUTAGE_GAP)
-        if t >= stop:
-            return out
-        g = rng.choice(GROUPS)
-        whole = rng.random() < WHOLE_GROUP_SHARE
-        eps = tuple(range(settings.endpoints)) if whole else (rng.randrange(settings.endpoints),)
-        length = min(rng.uniform(*OUTAGE_LENGTH), stop - t)
-        how = "fin" if g.backend_kind == "sink" else rng.choice(("fin", "rst"))
-        if any(busy.get((g.name, e), 0.0) > t for e in eps):
-            continue
-        for e in eps:
-            busy[(g.name, e)] = t + length
-        out.append(Outage(round(t, 3), g.name, eps, how, round(length, 3)))
-
-
-@dataclass(frozen=True)
-class Operation:
-    """An operator's action through the control socket, as ``kmux-cli`` sends it."""
-
-    at: float  # seconds after the clients started
-    op: str  # "reconnect", "drain" or "resize" (a reload with another connection count)
-    group: str
-    conn: int | None = None  # reconnect (None: every connection) and drain
-    connections: int | None = None  # resize
-
-
-def operation_schedule(settings: SoakSettings, rng: random.Random) -> list[Operation]:
-    """``kmux-cli reconnect``/``drain``/``reload`` (resizing a group, then back) between the
-    warm-up and the calm; a connection named always exists at that moment."""
-    if not settings.operations:
-        return []
-    ops = [op for op in ("reconnect", "reconnect", "drain", "resize") if op in settings.operations]
-    out: list[Operation] = []
-    resized: dict[str, tuple[float, float, int]] = {}  # group -> (from, until, connections)
-    t = settings.warmup / 2
-    stop = settings.duration - settings.calm
-    while True:
-        t += rng.uniform(*OPERATION_GAP)
-        if t >= stop:
-            return sorted(out, key=lambda o: o.at)
-        g = rng.choice(GROUPS).name
-        start, until, n = resized.get(g, (0.0, 0.0, settings.connections))
-        size = n if start <= t <= until else settings.connections
-        op = rng.choice(ops)
-        if op == "resize":
-            back = t + rng.uniform(*RESIZE_HOLD)
-            if until >= t or back >= stop:
-                continue
-            n = rng.choice([k for k in range(1, settings.connections + 3) if k != settings.connections])
-            resized[g] = (t, back, min(n, settings.connections))  # during the switch, the smaller count holds
-            out.append(Operation(round(t, 3), "resize", g, connections=n))
-            out.append(Operation(round(back, 3), "resize", g, connections=settings.connections))
-        elif op == "reconnect" and rng.random() < 0.3:
-            out.append(Operation(round(t, 3), "reconnect", g))
-        else:
-            out.append(Operation(round(t, 3), op, g, conn=rng.randrange(size)))
-
-
-def daemon_config(settings: SoakSettings, socket_path: str, ports: dict[tuple[str, int], int],
-                  sizes: dict[str, int] | None = None) -> str:
-    """The TOML kmuxd runs with: every soak setting explicit (a default changing under us
-    must not change what a run means)."""
-    lines = ["# Written by kmuxd's soak (python -m kmuxd.tools.soak); safe to delete.", "version = 1", "",
-             "[daemon]", f"socket = {json.dumps(socket_path)}", 'socket_mode = "0600"', 'log_format = "json"',
-             f"max_clients = {settings.clients * 4 + 16}"]
-    for g in GROUPS:
-        endpoints = [f"127.0.0.1:{ports[(g.name, e)]}" for e in range(settings.endpoints)]
-        lines += ["", f"[groups.{g.name}]", f"endpoints = {json.dumps(endpoints)}",
-                  f"connections = {(sizes or {}).get(g.name, settings.connections)}", 'framing = "u32be"', f"steering = {json.dumps(g.mode)}",
-                  f"max_message = {MAX_MESSAGE}", "reconnect_initial = 0.05", "reconnect_max = 0.5",
-                  "connect_timeout = 2.0", f"queue_timeout = {float(settings.queue_timeout)}",
-                  f"max_requests_per_connection = {settings.max_requests_per_connection}"]
-        if g.mode != "balance":
-            lines += [f"request_timeout = {float(settings.request_timeout)}",
-                      f"retry_unanswered = {settings.retry_unanswered}"]
-        if g.mode == "id":
-            lines += [f"[groups.{g.name}.id]", f"request_offset = {ID_OFFSET}", f"response_offset = {ID_OFFSET}",
-                      f"size = {ID_SIZE}", "rewrite = true"]
-    return "\n".join(lines) + "\n"
-
-
-# -- children -------------------------------------------------------------------
-
-
-class BackendsProcess:
-    """``python -m kmuxd.tools.soak.backends`` as a child: ports, commands, report."""
-
-    def __init__(self, spec: dict[str, Any], log_path: Path) -> None:
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kmuxd.tools.soak.backends", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, start_new_session=True,
-        )
-        self._lines = LineReader(self.proc.stdout.fileno())
-        self._lock = threading.Lock()
-        self.ports: dict[tuple[str, int], int] = {}
-        while True:
-            line = self._readline(START_TIMEOUT)
-            if line == "ready":
-                return
-            words = line.split()
-            if len(words) != 4 or words[0] != "listening":
-                raise SoakError(f"the backends said {line!r} while starting")
-            self.ports[(words[1], int(words[2]))] = int(words[3])
-
-    def _readline(self, timeout: float) -> str:
-        try:
-            line = self._lines.readline(timeout)
-        except TimeoutError:
-            raise SoakError(f"the backends did not answer within {timeout} s") from None
-        if line is None:
-            raise SoakError(f"the backends exited (status {self.proc.poll()}); see backends.log")
-        return line
-
-    def command(self, line: str) -> str:
-        with self._lock:
-            self.proc.stdin.write(line.encode() + b"\n")
-            self.proc.stdin.flush()
-            return self._readline(COMMAND_TIMEOUT)
-
-    def report(self) -> dict[str, Any]:
-        answer = self.command("report")
-        if not answer.startswith("report "):
-            raise SoakError(f"the backends answered {answer[:200]!r} to report")
-        return json.loads(answer[len("report "):])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(b"quit\n")
-                self.proc.stdin.close()
-                self.proc.wait(COMMAND_TIMEOUT)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(COMMAND_TIMEOUT)
-        self._log.close()
-
-
-class ClientProcess:
-    def __init__(self, proc: int, spec: dict[str, Any], run_dir: Path) -> None:
-        self.number = proc
-        self.result = Path(spec["result"])
-        self._log = open(run_dir / f"client-{proc}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kmuxd.tools.soak.client", json.dumps(spec)],
-                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-                                     start_new_session=True)
-
-    def wait(self, deadline: float) -> str | None:
-        """Wait until ``deadline`` (monotonic); a problem description, or None if it finished."""
-        try:
-            rc = self.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(COMMAND_TIMEOUT)
-            return f"client process {self.number} still running {CLIENT_FINISH_GRACE} s after the deadline; killed"
-        finally:
-            self._log.close()
-        return None if rc == 0 else f"client process {self.number} exited with status {rc}"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(COMMAND_TIMEOUT)
-
-    def sessions(self) -> tuple[list[dict[str, Any]], bool]:
-        """Its session records, and whether it wrote its final line."""
-        sessions, done = [], False
-        try:
-            text = self.result.read_text()
-        except OSError:
-            return [], False
-        for line in text.splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a kill
-            if rec.get("done"):
-                done = True
-            elif "session" in rec:
-                sessions.append(rec)
-        return sessions, done
-
-
-# -- the daemon from outside ---------------------------------------------------------
-
-
-def _proc_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _proc_fds(pid: int) -> Counter:
-    """Open descriptors by kind (``socket``, ``pipe``, ``anon_inode:[eventpoll]``, or a path)."""
-    kinds: Counter = Counter()
-    base = f"/proc/{pid}/fd"
-    for name in os.listdir(base):
-        try:
-            target = os.readlink(f"{base}/{name}")
-        except OSError:
-            continue  # closed meanwhile
-        kinds[target.split(":[")[0] if target.startswith(("socket:", "pipe:")) else target] += 1
-    return kinds
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, interval: float = POLL) -> Any:
-    """``pred()`` once truthy, else its last value after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
-def wait_settled(read: Callable[[], Any], timeout: float) -> tuple[Any, bool]:
-    """``read()`` once it has not changed for :data:`SETTLE_QUIET` s; (value, settled)."""
-    deadline = time.monotonic() + timeout
-    last, since = read(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(POLL)
-        value = read()
-        if value != last:
-            last, since = value, time.monotonic()
-        elif time.monotonic() - since >= SETTLE_QUIET:
-            return value, True
-    return last, False
-
-
-def cli_groups(control: str) -> list[dict[str, Any]]:
-    """``kmux-cli --control PATH groups -j``, the operator's view, parsed."""
-    script = Path(sys.executable).with_name("kmux-cli")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "kmuxd.cli.main"]
-    done = subprocess.run([*cmd, "--control", control, "groups", "-j"], capture_output=True, text=True,
-                          timeout=COMMAND_TIMEOUT)
-    if done.returncode != 0:
-        raise SoakError(f"kmux-cli groups -j exited {done.returncode}: {done.stderr.strip()}")
-    return json.loads(done.stdout)
-
-
-class Monitor:
-    """A thread sampling the daemon's RSS and descriptors every :data:`MONITOR_INTERVAL` s."""
-
-    def __init__(self, pid: int, warmup: float) -> None:
-        self.pid = pid
-        self.warmup = warmup
-        self.t0 = time.monotonic()
-        self.rss_after_warmup: int | None = None
-        self.peak_rss = self.peak_fds = 0
-        self.samples: list[tuple[float, int, int]] = []
-        self.died_at: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(MONITOR_INTERVAL):
-            t = time.monotonic() - self.t0
-            try:
-                rss, fds = _proc_rss_kib(self.pid), sum(_proc_fds(self.pid).values())
-            except OSError:
-                self.died_at = t
-                return
-            self.samples.append((round(t, 1), rss, fds))
-            self.peak_rss, self.peak_fds = max(self.peak_rss, rss), max(self.peak_fds, fds)
-            if self.rss_after_warmup is None and t >= self.warmup:
-                self.rss_after_warmup = rss
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(MONITOR_INTERVAL * 5)
-
-
-# -- the run --------------------------------------------------------------------------
 
 
 @dataclass
@@ -512,7 +128,7 @@ class Soak:
         finally:
             monitor.stop()
         rss = {"before_clients": baseline.rss_kib, "after_warmup": monitor.rss_after_warmup or baseline.rss_kib,
-               "end": _proc_rss_kib(self.daemon.pid), "peak": monitor.peak_rss}
+               "end": proc_rss_kib(self.daemon.pid), "peak": monitor.peak_rss}
         groups = cli_groups(self.control)
         report = self.backends.report()
         finals = self.daemon.stop()
@@ -565,8 +181,8 @@ class Soak:
         pid = self.daemon.pid
         if wait_for(lambda: not self._quiet_problems(), START_TIMEOUT) is False:
             raise SoakError(f"the groups did not connect within {START_TIMEOUT} s: {self._quiet_problems()}")
-        kinds, _ = wait_settled(lambda: _proc_fds(pid), SETTLE_TIMEOUT)
-        baseline = _Baseline(kinds, _proc_rss_kib(pid))
+        kinds, _ = wait_settled(lambda: proc_fds(pid), SETTLE_TIMEOUT)
+        baseline = _Baseline(kinds, proc_rss_kib(pid))
         self.say(f"kmuxd pid {pid} ready; baseline {baseline.fds} fds, RSS {baseline.rss_kib / 1024:.1f} MiB; "
                  f"{s.clients} client processes at a time for {s.duration:g} s")
         return baseline
@@ -630,11 +246,11 @@ class Soak:
             return tuple(sorted((k, v["frames"], v["answered"]) for k, v in self.backends.report().items()))
 
         def fds_back() -> Counter | None:
-            kinds = _proc_fds(pid)
+            kinds = proc_fds(pid)
             return kinds if sum(kinds.values()) == baseline.fds else None
 
         wait_settled(backend_totals, SETTLE_TIMEOUT)
-        kinds = wait_for(fds_back, SETTLE_TIMEOUT) or _proc_fds(pid)
+        kinds = wait_for(fds_back, SETTLE_TIMEOUT) or proc_fds(pid)
         fds: dict[str, Any] = {"baseline": baseline.fds, "end": sum(kinds.values()), "peak": monitor.peak_fds}
         if fds["end"] != baseline.fds:
             base = baseline.fd_kinds
