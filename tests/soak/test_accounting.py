@@ -203,3 +203,12 @@ def test_problems_from_ledgers_and_backends_fail_their_checks():
     ev.backends["rr"]["duplicates"] = 1
     ev.backends["ow"]["order"] = 2
     assert set(failed(ev)) >= {"no cross-delivery", "written once", "order"}
+
+
+def test_a_tx_shortfall_after_a_shrinking_resize_is_explained():
+    ev = evidence(operations=[{"op": "resize", "group": "rr", "connections": 5, "result": "ok"},
+                              {"op": "resize", "group": "rr", "connections": 4, "result": "ok"}])
+    ev.settings["connections"] = 4
+    ev.cli_groups[0]["tx_msgs"] = 15
+    got = failed(ev)["counters"]
+    assert "rr tx_msgs 15 != 20" in got and "rr was resized down during the run" in got

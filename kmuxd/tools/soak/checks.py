@@ -272,8 +272,12 @@ def evaluate(ev: Evidence) -> tuple[dict[str, GroupTotals], list[Check]]:
                         else "every session's messages reached a backend exactly once"))
 
     by_name = {g.get("name"): g for g in ev.cli_groups}
-    shrunk = {o["group"] for o in ev.operations if o["op"] == "resize" and o["result"] == "ok"
-              and o["connections"] < settings["connections"]}
+    shrunk, size = set(), {}
+    for o in ev.operations:  # in the order taken
+        if o["op"] == "resize" and o["result"] == "ok":
+            if o["connections"] < size.get(o["group"], settings["connections"]):
+                shrunk.add(o["group"])
+            size[o["group"]] = o["connections"]
     results, failures = [], []
     for t in totals.values():
         for ok, text in _counter_checks(t, by_name.get(t.name), backends.get(t.name, {}), settings):
