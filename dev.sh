@@ -5,6 +5,7 @@
 #   ./dev.sh demo [ARGS]    start kmuxd + a demo backend + several client apps
 #   ./dev.sh test [ARGS]    run the test suite (pytest ARGS)
 #   ./dev.sh bench [ARGS]   run the benchmark (python -m kmuxd.tools.bench ARGS)
+#   ./dev.sh soak [ARGS]    run the chaos soak, 120 s by default (python -m kmuxd.tools.soak ARGS)
 #   ./dev.sh setup          only set up
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -68,5 +69,6 @@ case "$cmd" in
     demo) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.demo "$@" ;;
     test) setup_system test; setup_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
     bench) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.bench "$@" ;;
-    *) echo "usage: $0 {demo|test|bench|setup} [ARGS]" >&2; exit 2 ;;
+    soak) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.soak "$@" ;;
+    *) echo "usage: $0 {demo|test|bench|soak|setup} [ARGS]" >&2; exit 2 ;;
 esac
