@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         parties = start_all(run_dir, set(args.workload))
+        print(f"kmuxd (pid {parties.daemon.pid}) and the peers up in {time.monotonic() - t0:.1f} s; "
+              f"run directory {run_dir}")
         for peer in args.peers:
             if peer in parties.skipped:
                 print(f"peer {peer} skipped: {parties.skipped[peer]}")

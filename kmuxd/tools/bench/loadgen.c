@@ -636,7 +636,9 @@ static int run_rr(int is_open) {
                 next_send += interval;
             }
         }
-        double until = is_open && next_send < we ? next_send : deadline;
+        /* Wake for the next scheduled send, or (open loop) at the window's end
+         * to see whether its last answer is in, or at the deadline. */
+        double until = !is_open ? deadline : next_send < we ? next_send : t < we ? we : deadline;
         if (until > deadline) until = deadline;
         double wait = until - now();
         if (wait < 0) wait = 0;

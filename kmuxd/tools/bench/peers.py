@@ -104,12 +104,9 @@ class Parties:
             if child is None:
                 continue
             try:
+                result = child.stop()
                 if child is self.daemon:
-                    finals = child.stop()
-                elif child is self.sink:
-                    child.stop()
-                else:
-                    child.stop()
+                    finals = result
             except RuntimeError:
                 pass
             if child.proc.poll() is None:
@@ -284,22 +281,26 @@ def _start_zmq(p: Parties, flood: bool, rr: bool) -> None:
         p.skipped["zmq"] = "pyzmq is not installed (pip install -e '.[bench]'; ./dev.sh bench does)"
         return
     peer = [sys.executable, "-m", "kmuxd.tools.bench.zmqpeer"]
+    d = p.run_dir
     try:
+        # Services first (both at once: each takes a moment to import zmq), then the brokers.
         if rr:
-            p.zmq_echo = Child("zmq echo", [*peer, "echo"], p.run_dir / "zmq-echo.log", pipe_stdout=True)
-            port = int(p.zmq_echo.expect("listening ").split()[1])
-            p.zmq_ipc_rr = str(p.run_dir / "zmq-rr.ipc")
-            p.zmq_broker_rr = Child("zmq broker", [*peer, "broker", "--ipc", p.zmq_ipc_rr, "--backend-port",
-                                                   str(port)], p.run_dir / "zmq-broker-rr.log", pipe_stdout=True)
-            p.zmq_broker_rr.expect("listening")
+            p.zmq_echo = Child("zmq echo", [*peer, "echo"], d / "zmq-echo.log", pipe_stdout=True)
         if flood:
-            p.zmq_sink = Child("zmq sink", [*peer, "sink"], p.run_dir / "zmq-sink.log", pipe_stdout=True,
-                               pipe_stdin=True)
+            p.zmq_sink = Child("zmq sink", [*peer, "sink"], d / "zmq-sink.log", pipe_stdout=True, pipe_stdin=True)
+        if rr:
+            port = int(p.zmq_echo.expect("listening ").split()[1])
+            p.zmq_ipc_rr = str(d / "zmq-rr.ipc")
+            p.zmq_broker_rr = Child("zmq broker", [*peer, "broker", "--ipc", p.zmq_ipc_rr, "--backend-port",
+                                                   str(port)], d / "zmq-broker-rr.log", pipe_stdout=True)
+        if flood:
             port = int(p.zmq_sink.expect("listening ").split()[1])
-            p.zmq_ipc_flood = str(p.run_dir / "zmq-flood.ipc")
+            p.zmq_ipc_flood = str(d / "zmq-flood.ipc")
             p.zmq_broker_flood = Child("zmq broker", [*peer, "broker", "--ipc", p.zmq_ipc_flood, "--backend-port",
-                                                      str(port)], p.run_dir / "zmq-broker-flood.log", pipe_stdout=True)
-            p.zmq_broker_flood.expect("listening")
+                                                      str(port)], d / "zmq-broker-flood.log", pipe_stdout=True)
+        for broker in (p.zmq_broker_rr, p.zmq_broker_flood):
+            if broker is not None:
+                broker.expect("listening")
     except RuntimeError as exc:
         p.skipped["zmq"] = f"the zmq peer did not start: {exc}"
 
