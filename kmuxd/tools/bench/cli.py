@@ -15,7 +15,7 @@ from typing import Any
 
 from . import report
 from .peers import CONNECTION_COUNTS, STEERINGS, Parties, start_all
-from .procs import machine, raise_nofile
+from .procs import busy_cpus, machine, raise_nofile
 from .workloads import (Cell, available, run_churn, run_flood, run_idle, run_requests, run_rss, size_label)
 
 WORKLOADS = ("flood", "rr", "open", "latency", "idle", "churn", "rss")
@@ -32,6 +32,10 @@ DEFAULT_IDLE_CLIENTS = 10_000
 CHURN_PROCS = 4
 DEFAULT_CHURN_PER_PROC = 2_500
 DEFAULT_RSS_SECONDS = 60.0
+#: Before the run, the machine's load is sampled this long; above
+#: BUSY_WARNING CPUs of others' work the output warns that figures are noise.
+BUSY_SAMPLE = 0.5
+BUSY_WARNING = 0.3
 #: --quick: a few short cells of each kind, for the test suite.
 QUICK = {"seconds": 0.25, "sizes": [64], "clients": [8], "steering": ["id"], "connections": [4],
          "open_rate": 2_000.0, "idle_clients": 200, "churn_per_proc": 25}
@@ -228,12 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kmuxd bench: {len(plan)} cells, {args.seconds:g} s window each; workloads {','.join(args.workload)}")
     print(f"machine: {info['cpus']} CPUs ({info['cpu_model']}), Linux {info['kernel']}, Python {info['python']}; "
           "nothing pinned except the 'pinned' latency cells (client, proxy and service on one CPU)")
+    busy = busy_cpus(BUSY_SAMPLE)
+    info["busy_cpus_before"] = round(busy, 2)
+    if busy > BUSY_WARNING:
+        print(f"WARNING: the machine was already busy before the run ({busy:.1f} of {info['cpus_usable']} CPUs): "
+              "throughput and latency figures will be noisy; see 'other_cpu_share' per cell in --json")
     run_dir = Path(tempfile.mkdtemp(prefix="kb-", dir="/tmp"))  # short: Unix socket paths
     parties: Parties | None = None
     cells: list[dict[str, Any]] = []
     t0 = time.monotonic()
     try:
-        parties = start_all(run_dir, set(args.workload))
+        parties = start_all(run_dir, set(args.workload), max(args.sizes))
         print(f"kmuxd (pid {parties.daemon.pid}) and the peers up in {time.monotonic() - t0:.1f} s; "
               f"run directory {run_dir}")
         for peer in args.peers:

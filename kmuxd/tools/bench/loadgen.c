@@ -394,15 +394,16 @@ struct client {
 };
 
 struct slot {
-    double t;    /* send time (rr) or scheduled time (open) */
-    int owner;   /* client index, -1 when free */
+    double t;     /* send time (rr) or scheduled time (open) */
+    int owner;    /* client index, -1 when free */
+    uint32_t id;  /* the full request id: a stale reply whose id only shares the slot is a stray */
 };
 
 static struct client *clients;
 static struct slot *slots;
 static double *samples;
 static size_t nsamples;
-static long completed, completed_bytes, overruns, notices;
+static long completed, completed_bytes, overruns, notices, strays, inflight;
 
 static uint32_t opaque_of(const unsigned char *msg, size_t len) {
     /* memcached binary: the 4-byte opaque at offset 12, echoed by the server
@@ -540,13 +541,30 @@ static void record(double latency, size_t len) {
     if (nsamples < MAX_SAMPLES) samples[nsamples++] = latency;
 }
 
+/* Send request id for client owner; t is its send (rr) or scheduled (open) time. */
+static void issue(int owner, uint32_t id, double t) {
+    struct slot *s = &slots[id % INFLIGHT_SLOTS];
+    if (s->owner >= 0) overruns++; /* INFLIGHT_SLOTS requests behind: the oldest is forgotten */
+    else inflight++;
+    s->owner = owner;
+    s->id = id;
+    s->t = t;
+    send_request(owner, id, g_scratch);
+}
+
 static void rr_reply(int c, uint32_t id, size_t len, double t) {
     (void)c;
     struct slot *s = &slots[id % INFLIGHT_SLOTS];
-    if (s->owner < 0) die("%s", "a reply to a request that is not in flight");
+    if (s->owner < 0 || s->id != id) {
+        /* Not ours: with balance steering, a late reply to a client of an
+         * earlier run that left can reach one of ours. Counted, not timed. */
+        strays++;
+        return;
+    }
     int owner = s->owner;
     double sent = s->t;
     s->owner = -1;
+    inflight--;
     if (open_loop) {
         if (sent >= g_ws && sent < g_we) {
             record(t - sent, len);
@@ -556,14 +574,8 @@ static void rr_reply(int c, uint32_t id, size_t len, double t) {
     }
     if (t >= g_ws && t < g_we) record(t - sent, len);
     /* Closed loop: the owner (with balance steering, not always the receiver) sends again. */
-    if (t < g_stop) { /* bounded: no new request after the run's end */
-        uint32_t nid = next_id++;
-        struct slot *ns = &slots[nid % INFLIGHT_SLOTS];
-        if (ns->owner >= 0) { overruns++; }
-        ns->owner = owner;
-        ns->t = now();
-        send_request(owner, nid, g_scratch);
-    }
+    if (t < g_stop) /* bounded: no new request after the run's end */
+        issue(owner, next_id++, now());
 }
 
 static int cmp_double(const void *a, const void *b) {
@@ -609,36 +621,29 @@ static int run_rr(int is_open) {
     struct epoll_event evs[EPOLL_BATCH];
     double next_send = start, interval = is_open ? 1.0 / opt.rate : 0;
     int rr_client = 0;
-    if (!is_open) {
-        for (int i = 0; i < opt.clients; i++) {
-            uint32_t id = next_id++;
-            slots[id].owner = i;
-            slots[id].t = now();
-            send_request(i, id, g_scratch);
-        }
-    }
-    double deadline = is_open ? we + DRAIN_GRACE : stop;
+    /* Ids start anywhere, so a stale reply from an earlier run is told apart. */
+    next_id = (uint32_t)(now() * 1e6) ^ ((uint32_t)getpid() << 16);
+    if (!is_open)
+        for (int i = 0; i < opt.clients; i++) issue(i, next_id++, now());
+    /* After the last send, wait (at most DRAIN_GRACE) for every answer, so
+     * nothing of this run is still on its way when the next one starts. */
+    double last_send = is_open ? we : stop, deadline = last_send + DRAIN_GRACE;
     for (;;) {
         double t = now();
-        if (t >= deadline || (is_open && t >= we && window_unfinished == 0)) break;
+        if (t >= deadline || (t >= last_send && inflight == 0)) break;
         if (is_open) {
             /* Every request whose time has come is sent now, answered or not:
              * a slow target cannot slow the schedule (no coordinated omission). */
             while (next_send <= t && next_send < we) {
-                uint32_t id = next_id++;
-                struct slot *s = &slots[id % INFLIGHT_SLOTS];
-                if (s->owner >= 0) overruns++;
-                s->owner = rr_client;
-                s->t = next_send;
                 if (next_send >= ws) window_unfinished++;
-                send_request(rr_client, id, g_scratch);
+                issue(rr_client, next_id++, next_send);
                 rr_client = (rr_client + 1) % opt.clients;
                 next_send += interval;
             }
         }
         /* Wake for the next scheduled send, or (open loop) at the window's end
          * to see whether its last answer is in, or at the deadline. */
-        double until = !is_open ? deadline : next_send < we ? next_send : t < we ? we : deadline;
+        double until = is_open && next_send < we ? next_send : t < last_send ? last_send : deadline;
         if (until > deadline) until = deadline;
         double wait = until - now();
         if (wait < 0) wait = 0;
@@ -662,10 +667,10 @@ static int run_rr(int is_open) {
     for (size_t i = 0; i < answered; i++) sum += samples[i];
     printf("{\"completed\": %ld, \"bytes\": %ld, \"window_s\": %.6f, \"p50_us\": %.2f, \"p99_us\": %.2f, "
            "\"p999_us\": %.2f, \"max_us\": %.2f, \"mean_us\": %.2f, \"samples\": %zu, \"unfinished\": %ld, "
-           "\"overruns\": %ld, \"notices\": %ld, \"sent\": %u}\n",
+           "\"overruns\": %ld, \"notices\": %ld, \"strays\": %ld, \"inflight_at_end\": %ld}\n",
            completed, completed_bytes, we - ws, pct(0.50), pct(0.99), pct(0.999),
            answered ? samples[answered - 1] * 1e6 : 0.0, answered ? sum / (double)answered * 1e6 : 0.0,
-           answered, unfinished, overruns, notices, next_id);
+           answered, unfinished, overruns, notices, strays, inflight);
     return notices || overruns ? 1 : 0;
 }
 

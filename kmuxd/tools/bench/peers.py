@@ -52,6 +52,11 @@ ASCII_KEY = b"kmux-bench:" + b"a" * 47
 VALUE = b"v" * 36
 #: Clients kmuxd must accept at once (the idle workload) and its hello timeout.
 KMUXD_MAX_CLIENTS = 20_000
+#: Bytes the zmq broker and sink may queue per socket and direction: the
+#: high-water mark (in messages) is this over the largest flood message,
+#: at most libzmq's default of 1000.
+ZMQ_QUEUE_BYTES = 32 * 1024 * 1024
+ZMQ_MAX_HWM = 1000
 #: Seconds to wait until every connection of every group is up.
 CONNECT_TIMEOUT = 15.0
 CONNECT_POLL = 0.05
@@ -117,7 +122,7 @@ class Parties:
 # -- starting ---------------------------------------------------------------------------------
 
 
-def start_all(run_dir: Path, want: set[str], daemon_cpu: int | None = None) -> Parties:
+def start_all(run_dir: Path, want: set[str], largest_message: int = 64, daemon_cpu: int | None = None) -> Parties:
     """Start what the selected workloads need; peers that cannot run go to ``skipped``."""
     p = Parties(run_dir)
     loadgen, why = build_c(HERE / "loadgen.c", run_dir / "loadgen")
@@ -136,7 +141,8 @@ def start_all(run_dir: Path, want: set[str], daemon_cpu: int | None = None) -> P
     _wait_groups_up(str(run_dir / "control.sock"))
     if needs_rr:
         _start_twemproxy(p)
-    _start_zmq(p, flood="flood" in want, rr=needs_rr)
+    _start_zmq(p, flood="flood" in want, rr=needs_rr,
+               hwm=max(1, min(ZMQ_MAX_HWM, ZMQ_QUEUE_BYTES // max(64, largest_message))))
     if "flood" in want:
         _start_crelay(p)
     return p
@@ -274,13 +280,13 @@ def _start_twemproxy(p: Parties) -> None:
                 time.sleep(CONNECT_POLL)
 
 
-def _start_zmq(p: Parties, flood: bool, rr: bool) -> None:
+def _start_zmq(p: Parties, flood: bool, rr: bool, hwm: int) -> None:
     try:
         import zmq  # noqa: F401
     except ImportError:
         p.skipped["zmq"] = "pyzmq is not installed (pip install -e '.[bench]'; ./dev.sh bench does)"
         return
-    peer = [sys.executable, "-m", "kmuxd.tools.bench.zmqpeer"]
+    peer = [sys.executable, "-m", "kmuxd.tools.bench.zmqpeer", "--hwm", str(hwm)]
     d = p.run_dir
     try:
         # Services first (both at once: each takes a moment to import zmq), then the brokers.

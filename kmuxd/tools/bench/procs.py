@@ -99,6 +99,13 @@ def system_cpu() -> tuple[float, float]:
     return (sum(fields[:8]) - idle - steal) / _CLK_TCK, steal / _CLK_TCK
 
 
+def busy_cpus(seconds: float) -> float:
+    """CPUs' worth of work the machine did over the next ``seconds`` (2.0 = both cores busy)."""
+    a = system_cpu()[0]
+    time.sleep(seconds)
+    return (system_cpu()[0] - a) / seconds
+
+
 def set_affinity(pid: int, cpus: set[int]) -> None:
     """Pin every thread of a process (what ``taskset -a -p`` does)."""
     try:
@@ -212,25 +219,28 @@ class Child:
             return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        """SIGTERM to its process group; SIGKILL if it is not gone within STOP_TIMEOUT."""
+        if not self._signal(signal.SIGTERM):
+            self.kill()
         self._close()
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(STOP_TIMEOUT)
+        self._signal(signal.SIGKILL)
         self._close()
+
+    def _signal(self, sig: int) -> bool:
+        """Signal the child's session (its own children too) and wait; False if it outlived the wait."""
+        if self.proc.poll() is not None:
+            return True
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def _close(self) -> None:
         for f in (self.proc.stdin, self.proc.stdout):

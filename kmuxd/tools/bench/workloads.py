@@ -183,6 +183,14 @@ def _finish(out: dict[str, Any], proxy: int | None, peak_reset: bool, a: _Probe,
     out["steal_share"] = (b.steal - a.steal) / elapsed
     out["peak_rss_kib"] = status_kib(proxy, "VmHWM") if proxy else None
     out["peak_rss_is_cell_peak"] = peak_reset
+    return _other_share(out)
+
+
+def _other_share(out: dict[str, Any]) -> dict[str, Any]:
+    """Whatever else used the CPUs in the window (softirq work, other users of the
+    machine): when it is large, the cell's throughput and latency are noise."""
+    out["other_cpu_share"] = (out["machine_cpu_share"] - out["clients_cpu_share"] - out["backend_cpu_share"]
+                              - (out["proxy_cpu_share"] or 0.0))
     return out
 
 
@@ -207,6 +215,7 @@ def run_flood(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
     _quiesce(sink)
     out = _finish(out, proxy, peak_reset, a, b, m2[0] - m1[0], m2[1] - m1[1], m2[2] - m1[2])
     out["backend_cpu_share"] = (m2[3] - m1[3]) / (m2[2] - m1[2])  # the sink's own clock
+    _other_share(out)
     out["sent_in_window"] = res.get("sent_in_window")
     if res.get("exit_status"):
         out["error"] = res.get("error", "load generator failed")
@@ -255,7 +264,8 @@ def run_requests(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
         for pid in pinned:
             set_affinity(pid, everywhere)
     out = _finish(out, proxy, peak_reset, a, b, res.get("completed", 0), res.get("bytes", 0), we - ws)
-    for key in ("p50_us", "p99_us", "p999_us", "max_us", "mean_us", "unfinished", "notices", "overruns"):
+    for key in ("p50_us", "p99_us", "p999_us", "max_us", "mean_us", "unfinished", "notices", "overruns", "strays",
+                "inflight_at_end"):
         out[key] = res.get(key)
     if cell.placement == "pinned":
         out["cpu"] = cpu

@@ -31,8 +31,10 @@ import time
 
 import zmq
 
-#: Messages buffered per socket before back-pressure (libzmq's high-water marks).
-HWM = 100_000
+#: Messages buffered per socket before back-pressure (libzmq's high-water
+#: mark; its default). The bench lowers it for large messages (--hwm), so
+#: the queues hold a bounded number of bytes.
+DEFAULT_HWM = 1000
 #: Sink: seconds between looks at the control pipe when idle.
 POLL_MS = 100
 
@@ -42,13 +44,13 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def broker(ipc: str, backend_port: int) -> None:
+def broker(ipc: str, backend_port: int, hwm: int) -> None:
     ctx = zmq.Context(io_threads=1)
     front = ctx.socket(zmq.ROUTER)
     back = ctx.socket(zmq.DEALER)
     for s in (front, back):
-        s.setsockopt(zmq.SNDHWM, HWM)
-        s.setsockopt(zmq.RCVHWM, HWM)
+        s.setsockopt(zmq.SNDHWM, hwm)
+        s.setsockopt(zmq.RCVHWM, hwm)
         s.setsockopt(zmq.LINGER, 0)
     front.bind(f"ipc://{ipc}")
     back.connect(f"tcp://127.0.0.1:{backend_port}")
@@ -56,20 +58,20 @@ def broker(ipc: str, backend_port: int) -> None:
     zmq.proxy(front, back)
 
 
-def echo() -> None:
+def echo(hwm: int) -> None:
     ctx = zmq.Context(io_threads=1)
     sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.SNDHWM, HWM)
-    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     _say(f"listening {port}")
     zmq.proxy(sock, sock)
 
 
-def sink() -> None:
+def sink(hwm: int) -> None:
     ctx = zmq.Context(io_threads=1)
     sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, hwm)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
@@ -108,15 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("role", choices=("broker", "echo", "sink"))
     parser.add_argument("--ipc", help="broker: the apps' ipc socket path")
     parser.add_argument("--backend-port", type=int, help="broker: the service's TCP port on 127.0.0.1")
+    parser.add_argument("--hwm", type=int, default=DEFAULT_HWM, help="messages queued per socket and direction")
     args = parser.parse_args(argv)
+    if not 1 <= args.hwm <= 1_000_000:
+        parser.error("--hwm: 1..1000000")
     if args.role == "broker":
         if not args.ipc or not args.backend_port:
             parser.error("broker needs --ipc and --backend-port")
-        broker(args.ipc, args.backend_port)
+        broker(args.ipc, args.backend_port, args.hwm)
     elif args.role == "echo":
-        echo()
+        echo(args.hwm)
     else:
-        sink()
+        sink(args.hwm)
     return 0
 
 
