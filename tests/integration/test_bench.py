@@ -93,10 +93,11 @@ def test_kmuxd_idle_and_churn(quick):
     assert churn["cpu_us_per_client"] > 0  # 100 hellos cannot cost kmuxd nothing
 
 
-def test_kmuxd_wrote_what_the_sink_counted(quick):
+def test_kmuxd_wrote_at_least_what_the_sink_counted_from_it(quick):
     _, out, _ = quick
-    flood = {g["group"]: g for g in out["group_final"] if g.get("group", "").startswith("flood")}
-    assert flood["flood4"]["tx_msgs"] > 0, out["group_final"]
+    (cell,) = [c for c in out["cells"] if c["workload"] == "flood" and c["target"] == "kmuxd"]
+    final = {g["group"]: g for g in out["group_final"]}
+    assert final["flood4"]["tx_msgs"] >= cell["msgs"] > 0, (final["flood4"], cell["msgs"])
 
 
 def test_targets_and_plot(quick):

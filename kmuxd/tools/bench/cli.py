@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import sys
@@ -16,7 +15,7 @@ from typing import Any
 from . import report
 from .peers import CONNECTION_COUNTS, STEERINGS, Parties, start_all
 from .procs import busy_cpus, machine, raise_nofile
-from .workloads import (Cell, available, run_churn, run_flood, run_idle, run_requests, run_rss, size_label)
+from .workloads import Cell, available, run_churn, run_flood, run_idle, run_requests, run_rss
 
 WORKLOADS = ("flood", "rr", "open", "latency", "idle", "churn", "rss")
 #: The full run: everything but the 60 s RSS flood (select it with --workload rss).
@@ -180,7 +179,6 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.quick:
         for key, value in QUICK.items():
             setattr(a, key, value)
-        a.workload = [w for w in a.workload if w != "rss"] if a.workload != ["rss"] else a.workload
     if not 0.1 <= a.seconds <= MAX_SECONDS or not 1 <= a.rss_seconds <= MAX_SECONDS:
         p.error(f"--seconds and --rss-seconds must be 0.1..{MAX_SECONDS:g}")
     if any(not 1 <= n <= MAX_CLIENTS for n in a.clients):

@@ -129,7 +129,8 @@ def start_all(run_dir: Path, want: set[str], largest_message: int = 64, daemon_c
     if loadgen is None:
         raise RuntimeError(f"cannot build the load generator: {why}")
     p.loadgen = loadgen
-    p.sink = BackendProcess("sink", report=run_dir / "sink.json", stderr=open(run_dir / "sink.log", "wb"))
+    with open(run_dir / "sink.log", "wb") as sink_log:  # the child keeps its own descriptor
+        p.sink = BackendProcess("sink", report=run_dir / "sink.json", stderr=sink_log)
     needs_rr = bool(want & {"rr", "open", "latency"})
     if needs_rr:
         _start_memcached(p)

@@ -206,6 +206,8 @@ def other_table(cells: list[dict[str, Any]]) -> str:
 
 _STYLE = {"kmuxd": ("tab:blue", "o"), "direct": ("black", "s"), "twemproxy": ("tab:orange", "^"),
           "zmq": ("tab:green", "D"), "crelay": ("tab:red", "v")}
+#: kmuxd's steering modes in shades of its colour; 1 connection is dashed.
+_KMUXD_SHADES = {"id": "tab:blue", "fifo": "tab:purple", "balance": "tab:cyan"}
 
 
 def plot(cells: list[dict[str, Any]], path: str, title: str) -> str | None:
@@ -227,14 +229,17 @@ def plot(cells: list[dict[str, Any]], path: str, title: str) -> str | None:
                      and y(c) is not None)
         if pts:
             color, marker = _STYLE[target]
+            if target == "kmuxd" and want.get("steering"):
+                color = _KMUXD_SHADES[want["steering"]]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label,
                     linestyle="-" if want.get("connections", 4) == 4 else "--")
 
     for t in ("kmuxd", "direct", "crelay", "zmq"):
-        extra = {"connections": 4} if t == "kmuxd" else {}
+        extra = {"connections": 4, "steering": "balance"} if t == "kmuxd" else {}
         series("flood", "size", lambda c: c["msgs_per_s"], ax_fs, t, t + (" balance/4c" if t == "kmuxd" else ""),
                **extra)
-    series("flood", "size", lambda c: c["msgs_per_s"], ax_fs, "kmuxd", "kmuxd balance/1c", connections=1)
+    series("flood", "size", lambda c: c["msgs_per_s"], ax_fs, "kmuxd", "kmuxd balance/1c", connections=1,
+           steering="balance")
     ax_fs.set(xscale="log", yscale="log", xlabel="message size (bytes)", ylabel="messages/s (sink-counted)",
               title="one-way flood, 8 clients")
     direct = {c["clients"]: c for c in cells if c["workload"] == "rr" and c["target"] == "direct"

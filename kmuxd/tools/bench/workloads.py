@@ -23,6 +23,7 @@ not apply" (a direct run has no proxy).
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -44,6 +45,8 @@ QUIESCE_POLL = 0.05
 QUIESCE_TIMEOUT = 10.0
 #: Idle clients: seconds to let the daemon settle before reading its RSS.
 IDLE_SETTLE = 1.0
+#: Idle/churn: most seconds for all the clients to connect (or churn).
+IDLE_CONNECT_TIMEOUT = 300.0
 #: Churn: seconds after the last close before the daemon's CPU is read.
 CHURN_SETTLE = 0.5
 #: RSS over a long flood: seconds between samples, and the warm-up not judged.
@@ -88,14 +91,9 @@ def size_label(size: int) -> str:
 
 
 def proxy_pid(p: Parties, cell: Cell) -> int | None:
-    return {
-        "kmuxd": p.daemon.pid if p.daemon else None,
-        "twemproxy": p.twemproxy.pid if p.twemproxy else None,
-        "zmq": (p.zmq_broker_flood if cell.workload in ("flood", "rss") else p.zmq_broker_rr).pid
-        if (p.zmq_broker_flood if cell.workload in ("flood", "rss") else p.zmq_broker_rr) else None,
-        "crelay": p.crelay.pid if p.crelay else None,
-        "direct": None,
-    }[cell.target]
+    zmq_broker = p.zmq_broker_flood if cell.workload in ("flood", "rss") else p.zmq_broker_rr
+    proxy = {"kmuxd": p.daemon, "twemproxy": p.twemproxy, "zmq": zmq_broker, "crelay": p.crelay}.get(cell.target)
+    return proxy.pid if proxy is not None else None
 
 
 def backend_pid(p: Parties, cell: Cell) -> int | None:
@@ -284,9 +282,7 @@ def run_idle(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
     rss0 = status_kib(pid, "VmRSS")
     lg = LoadGen(p.loadgen, "idle", [*client_args(p, cell), "--clients", cell.clients], run_dir / "loadgen.log")
     try:
-        import json
-
-        res = json.loads(lg.readline(120.0))
+        res = json.loads(lg.readline(IDLE_CONNECT_TIMEOUT))
         time.sleep(IDLE_SETTLE)
         rss1 = status_kib(pid, "VmRSS")
     finally:
@@ -308,7 +304,7 @@ def run_churn(p: Parties, cell: Cell, run_dir: Path, procs: int) -> dict[str, An
         a = cpu_seconds(pid)
         start = time.monotonic() + START_DELAY
         lg.go(start, start, start, start)
-        res = lg.result(120.0)
+        res = lg.result(IDLE_CONNECT_TIMEOUT)
         time.sleep(CHURN_SETTLE)
         b = cpu_seconds(pid)
     finally:
