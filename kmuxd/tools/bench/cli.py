@@ -1,4 +1,17 @@
-"""``python -m kmuxd.tools.bench``: the plan of cells, running them, and the output."""
+"""``python -m kmuxd.tools.bench``: the plan of cells, running them, and the output.
+
+The options become a *plan*: an ordered list of :class:`~.workloads.Cell`
+(flood sizes × targets, then request/response client counts × steering ×
+connections, then open loop, latency, idle, churn, rss). Every party starts
+once (:func:`~.peers.start_all`), the cells run in order with a progress
+line each, and the parties stop, whatever happened (``finally``).
+
+Error handling: a cell that fails (a load generator's error, a notice from
+kmuxd, a party that died) is recorded with its error and the run goes on;
+the exit status is then 1. A party that cannot start at all ends the run
+with status 1 and kmuxd's log tail. Ctrl-C or SIGTERM stops everything in
+order (status 130). A missed target is a result, not a failure.
+"""
 
 from __future__ import annotations
 
