@@ -73,7 +73,7 @@ def test_timed_cells_report_sane_numbers(quick):
             assert c["proxy_cpu_us"] >= 0 and c["peak_rss_kib"] > 0, c
         if c["workload"] == "flood":
             # The sink counted no more than the clients sent in the whole cell.
-            assert c["msgs"] <= c["sent_in_window"] * 3 + 10_000, c
+            assert 0 < c["sent_in_window"] <= c["sent_total"] and c["msgs"] <= c["sent_total"], c
             assert c["mb_per_s"] == pytest.approx(c["msgs_per_s"] * c["size"] / 1e6, rel=0.01)
         else:
             assert 0 < c["p50_us"] <= c["p99_us"] <= c["p999_us"], c
@@ -131,3 +131,15 @@ def test_help_shows_defaults(tmp_path):
                     "(default: flood,rr,open,latency,idle,churn)"):
         assert default in text, default
     assert os.path.exists(Path(__file__).parents[2] / "kmuxd" / "tools" / "bench" / "loadgen.c")
+
+
+def test_repeats_merge_into_medians_and_keep_failures_visible():
+    from kmuxd.tools.bench.cli import merge_runs
+
+    runs = [{"label": "x", "msgs_per_s": v, "proxy_cpu_us": c, "flat": True} for v, c in ((10.0, 3.0), (30.0, 1.0),
+                                                                                          (20.0, 2.0))]
+    merged = merge_runs([*runs, {"label": "x", "error": "loadgen died"}])
+    assert merged["msgs_per_s"] == 20.0 and merged["proxy_cpu_us"] == 2.0 and merged["flat"] is True
+    assert [r.get("error") for r in merged["runs"]] == [None, None, None, "loadgen died"]
+    failed = merge_runs([{"label": "x", "error": "a"}, {"label": "x", "error": "b"}])
+    assert failed["error"] == "a"

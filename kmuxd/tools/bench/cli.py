@@ -19,6 +19,7 @@ import argparse
 import json
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -55,6 +56,7 @@ QUICK = {"seconds": 0.25, "sizes": [64], "clients": [8], "steering": ["id"], "co
 MAX_CLIENTS = 1024
 MAX_IDLE_CLIENTS = 60_000
 MAX_SECONDS = 600.0
+MAX_REPEAT = 20
 
 
 def build_plan(a: argparse.Namespace) -> list[Cell]:
@@ -182,6 +184,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--churn-per-proc", type=int, default=DEFAULT_CHURN_PER_PROC,
                    help=f"churn: clients each of {CHURN_PROCS} processes connects, hellos and closes")
     p.add_argument("--rss-seconds", type=float, default=DEFAULT_RSS_SECONDS, help="rss: length of the flood")
+    p.add_argument("--repeat", type=int, default=1, help="run the plan this many times, in rounds; each figure is "
+                   "then the median of its cell's runs (the rss flood runs once)")
     p.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     p.add_argument("--plot", metavar="PATH", default="bench-results/bench.png", help="the PNG plot ('' for none)")
     p.add_argument("--keep", action="store_true", help="keep the run directory (configs, logs) and print its path")
@@ -200,8 +204,27 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--connections: from {CONNECTION_COUNTS} (the groups kmuxd is given)")
     if not 1 <= a.idle_clients <= MAX_IDLE_CLIENTS or not 1 <= a.churn_per_proc <= MAX_IDLE_CLIENTS:
         p.error(f"--idle-clients and --churn-per-proc: 1..{MAX_IDLE_CLIENTS}")
+    if not 1 <= a.repeat <= MAX_REPEAT:
+        p.error(f"--repeat: 1..{MAX_REPEAT}")
     if not 1 <= a.open_rate <= 1_000_000:
         p.error("--open-rate: 1..1000000 requests/s")
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell from its repeats: each number the median of the good runs; ``runs`` keeps each run's
+    headline figures. A cell whose runs all failed (or were skipped) is its first run."""
+    good = [r for r in runs if not r.get("error") and "skipped" not in r]
+    if len(runs) == 1 or not good:
+        return runs[0]
+    out = dict(good[0])
+    for key, value in good[0].items():
+        values = [r.get(key) for r in good]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and all(
+                isinstance(v, (int, float)) for v in values):
+            out[key] = statistics.median(values)
+    out["runs"] = [{k: r.get(k) for k in ("msgs_per_s", "p50_us", "p99_us", "proxy_cpu_us", "cpu_us_per_client",
+                                          "rss_per_client_kib", "error") if r.get(k) is not None} for r in runs]
+    return out
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -240,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = build_plan(args)
     info = machine()
     command = " ".join(["python -m kmuxd.tools.bench", *(sys.argv[1:] if argv is None else argv)])
-    print(f"kmuxd bench: {len(plan)} cells, {args.seconds:g} s window each; workloads {','.join(args.workload)}")
+    print(f"kmuxd bench: {len(plan)} cells, {args.seconds:g} s window each"
+          + (f", {args.repeat} rounds (medians)" if args.repeat > 1 else "") + f"; workloads {','.join(args.workload)}")
     print(f"machine: {info['cpus']} CPUs ({info['cpu_model']}), Linux {info['kernel']}, Python {info['python']}; "
           "nothing pinned except the 'pinned' latency cells (client, proxy and service on one CPU)")
     busy = busy_cpus(BUSY_SAMPLE)
@@ -260,11 +284,17 @@ def main(argv: list[str] | None = None) -> int:
             if peer in parties.skipped:
                 print(f"peer {peer} skipped: {parties.skipped[peer]}")
         sys.stdout.flush()
-        for i, cell in enumerate(plan, 1):
-            result = run_cell(parties, cell, run_dir)
-            cells.append(result)
-            print(progress(i, len(plan), result))
-            sys.stdout.flush()
+        runs: list[list[dict[str, Any]]] = [[] for _ in plan]
+        for rep in range(args.repeat):  # rounds, so slow drifts of the machine hit every cell alike
+            for i, cell in enumerate(plan):
+                if rep and cell.workload == "rss":
+                    continue
+                result = run_cell(parties, cell, run_dir)
+                runs[i].append(result)
+                line = progress(i + 1, len(plan), result)
+                print(line if args.repeat == 1 else f"r{rep + 1}/{args.repeat} {line}")
+                sys.stdout.flush()
+        cells = [merge_runs(r) for r in runs]
         finals = parties.stop()
     except KeyboardInterrupt:
         print("\ninterrupted; stopping", file=sys.stderr)

@@ -81,18 +81,22 @@ def ratio_table(cells: list[dict[str, Any]]) -> str:
                          f"{_num(tp[2], '.2f'):>6} {_num(cpu[0], '.2f'):>15} {_num(cpu[1], '.2f'):>6}")
     counts = sorted({c["clients"] for c in cells if c["workload"] == "rr"})
     if counts:
-        lines.append(f"{'rr 64 B, kmuxd id+rewrite/4c ÷ peer':<46} {'CPU/req ÷twem':>13} {'÷zmq':>8} "
+        lines.append(f"{'rr 64 B, kmuxd/4c ÷ peer':<46} {'CPU/req ÷twem':>13} {'÷zmq':>8} "
                      f"{'req/s ÷direct':>13} {'added p50 µs: kmuxd':>20} {'twem':>6} {'zmq':>6}")
         for n in counts:
-            k = find(cells, workload="rr", target="kmuxd", clients=n, steering="id", connections=4)
             t = find(cells, workload="rr", target="twemproxy", clients=n, connections=4)
             z = find(cells, workload="rr", target="zmq", clients=n)
             d = find(cells, workload="rr", target="direct", clients=n)
-            added = [_added(x, d) for x in (k, t, z)]
-            lines.append(f"  {n:>3} clients{'':<33} {_num(_ratio(k and k['proxy_cpu_us'], t and t['proxy_cpu_us']), '.2f'):>13} "
-                         f"{_num(_ratio(k and k['proxy_cpu_us'], z and z['proxy_cpu_us']), '.2f'):>8} "
-                         f"{_num(_ratio(k and k['msgs_per_s'], d and d['msgs_per_s']), '.2f'):>13} "
-                         f"{_num(added[0], '.1f'):>20} {_num(added[1], '.1f'):>6} {_num(added[2], '.1f'):>6}")
+            for steering in ("id", "fifo"):
+                k = find(cells, workload="rr", target="kmuxd", clients=n, steering=steering, connections=4)
+                if k is None:
+                    continue
+                added = [_added(x, d) for x in (k, t, z)]
+                name = f"{n} clients, {'id+rewrite' if steering == 'id' else steering}"
+                lines.append(f"  {name:<44} {_num(_ratio(k['proxy_cpu_us'], t and t['proxy_cpu_us']), '.2f'):>13} "
+                             f"{_num(_ratio(k['proxy_cpu_us'], z and z['proxy_cpu_us']), '.2f'):>8} "
+                             f"{_num(_ratio(k['msgs_per_s'], d and d['msgs_per_s']), '.2f'):>13} "
+                             f"{_num(added[0], '.1f'):>20} {_num(added[1], '.1f'):>6} {_num(added[2], '.1f'):>6}")
     return "\n".join(lines)
 
 

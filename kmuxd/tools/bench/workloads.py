@@ -215,6 +215,7 @@ def run_flood(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
     out["backend_cpu_share"] = (m2[3] - m1[3]) / (m2[2] - m1[2])  # the sink's own clock
     _other_share(out)
     out["sent_in_window"] = res.get("sent_in_window")
+    out["sent_total"] = res.get("sent")
     if res.get("exit_status"):
         out["error"] = res.get("error", "load generator failed")
     return out
