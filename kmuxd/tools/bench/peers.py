@@ -123,8 +123,19 @@ class Parties:
 
 
 def start_all(run_dir: Path, want: set[str], largest_message: int = 64, daemon_cpu: int | None = None) -> Parties:
-    """Start what the selected workloads need; peers that cannot run go to ``skipped``."""
+    """Start what the selected workloads need; peers that cannot run go to ``skipped``.
+    If anything needed fails to start, what did start is stopped before the error propagates."""
     p = Parties(run_dir)
+    try:
+        _start(p, want, largest_message, daemon_cpu)
+    except BaseException:
+        p.stop()
+        raise
+    return p
+
+
+def _start(p: Parties, want: set[str], largest_message: int, daemon_cpu: int | None) -> None:
+    run_dir = p.run_dir
     loadgen, why = build_c(HERE / "loadgen.c", run_dir / "loadgen")
     if loadgen is None:
         raise RuntimeError(f"cannot build the load generator: {why}")
@@ -146,7 +157,6 @@ def start_all(run_dir: Path, want: set[str], largest_message: int = 64, daemon_c
                hwm=max(1, min(ZMQ_MAX_HWM, ZMQ_QUEUE_BYTES // max(64, largest_message))))
     if "flood" in want:
         _start_crelay(p)
-    return p
 
 
 def kmuxd_config(socket_path: str, sink_port: int, memcached_port: int) -> str:
