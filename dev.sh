@@ -36,7 +36,10 @@ setup_system() {
     python_ok || want+=(python3 python3-venv python3-dev)
     # systemd-python (issue: systemd) builds from source against libsystemd.
     want+=(gcc pkg-config libsystemd-dev)
-    [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base)
+    # The tests' real servers; the --quick benchmark test also runs twemproxy (nutcracker).
+    [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base nutcracker)
+    # The benchmark: memcached behind kmuxd and twemproxy; gcc builds the C load generator and relay.
+    [ "${1:-}" = bench ] && want+=(memcached nutcracker gcc)
     local missing
     missing=$(missing_apt "${want[@]}")
     if [ -n "$missing" ]; then
@@ -52,13 +55,15 @@ setup_system() {
 }
 
 setup_venv() {
-    local stamp="$VENV/.kmux-installed"
+    # $1: pip extras (default "test"); each set of extras has its own stamp.
+    local extras=${1:-test}
+    local stamp="$VENV/.kmux-installed-${extras//,/-}"
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV"
     fi
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -e '.[test]'
+        "$VENV/bin/python" -m pip install -q -e ".[$extras]"
         touch "$stamp"
     fi
 }
@@ -68,7 +73,7 @@ case "$cmd" in
     setup) setup_system test; setup_venv ;;
     demo) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.demo "$@" ;;
     test) setup_system test; setup_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
-    bench) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.bench "$@" ;;
+    bench) setup_system bench; setup_venv test,bench; exec "$VENV/bin/python" -m kmuxd.tools.bench "$@" ;;
     soak) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.soak "$@" ;;
     *) echo "usage: $0 {demo|test|bench|soak|setup} [ARGS]" >&2; exit 2 ;;
 esac

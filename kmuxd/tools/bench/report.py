@@ -1,0 +1,280 @@
+"""What the benchmark prints, writes and draws.
+
+* :func:`cell_table`: one row per cell, the figures every cell has.
+* :func:`ratio_table`: kmuxd against each peer, cell by cell of the same shape.
+* :func:`targets`: the lead's targets, each next to the figure that decides
+  it (met / not met / not measured, and why).
+* :func:`plot`: a PNG with matplotlib (Agg): throughput and added latency
+  against clients and message size, kmuxd and its peers on the same axes.
+
+The reference kmuxd configurations for the ratios and targets: the flood
+goes to group ``flood4`` (balance, 4 connections); request/response uses
+``id`` with rewrite and 4 connections, twemproxy's pool of 4 connections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .workloads import size_label
+
+#: The targets the daemon must meet (same machine, same run).
+FLOOD_64_MIN_MSGS = 600_000
+FLOOD_64_MIN_CRELAY_SHARE = 2 / 3
+FLOOD_1K_MIN_MSGS = 450_000
+FLOOD_256K_MIN_MB = 2000.0
+RR_64_CLIENTS_MAX_CPU_RATIO = 1.0
+RR_8_CLIENTS_MAX_CPU_RATIO = 1.5
+PINNED_ADDED_P50_MAX_US = 35.0
+PINNED_ADDED_P99_MAX_US = 100.0
+CHURN_MAX_CPU_US = 100.0
+IDLE_MAX_RSS_KIB = 5.0
+
+
+def _num(v: Any, fmt: str = ",.0f", none: str = "-") -> str:
+    return none if v is None else format(v, fmt)
+
+
+def cell_table(cells: list[dict[str, Any]]) -> str:
+    rows = [c for c in cells if c["workload"] in ("flood", "rr", "open", "latency") and "skipped" not in c]
+    head = (f"{'cell':<44} {'msg/s':>10} {'MB/s':>8} {'p50µs':>7} {'p99µs':>7} {'p99.9µs':>8} "
+            f"{'proxyCPU µs/msg':>15} {'proxy CPU':>9} {'peakRSS MiB':>11}")
+    lines = [head, "-" * len(head)]
+    for c in rows:
+        rss = c.get("peak_rss_kib")
+        lines.append(
+            f"{c['label']:<44} {_num(c.get('msgs_per_s')):>10} {_num(c.get('mb_per_s'), ',.1f'):>8} "
+            f"{_num(c.get('p50_us'), '.1f'):>7} {_num(c.get('p99_us'), '.1f'):>7} {_num(c.get('p999_us'), '.1f'):>8} "
+            f"{_num(c.get('proxy_cpu_us'), '.2f'):>15} {_num(c.get('proxy_cpu_share'), '.0%'):>9} "
+            f"{_num(rss / 1024 if rss else None, '.1f'):>11}" + (f"  ERROR: {c['error'][:60]!r}" if c.get("error") else "")
+        )
+    for c in cells:
+        if "skipped" in c:
+            lines.append(f"{c['label']:<44} skipped: {c['skipped']}")
+    return "\n".join(lines)
+
+
+def find(cells: list[dict[str, Any]], **want: Any) -> dict[str, Any] | None:
+    for c in cells:
+        if "skipped" not in c and not c.get("error") and all(c.get(k) == v for k, v in want.items()):
+            return c
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def ratio_table(cells: list[dict[str, Any]]) -> str:
+    lines = []
+    sizes = sorted({c["size"] for c in cells if c["workload"] == "flood"})
+    if sizes:
+        lines.append(f"{'flood (8 clients), kmuxd balance/4c ÷ peer':<46} {'msg/s ÷direct':>13} "
+                     f"{'÷crelay':>8} {'÷zmq':>6} {'CPU/msg ÷crelay':>15} {'÷zmq':>6}")
+        for size in sizes:
+            k = find(cells, workload="flood", target="kmuxd", size=size, connections=4)
+            peers = {t: find(cells, workload="flood", target=t, size=size) for t in ("direct", "crelay", "zmq")}
+            tp = [_ratio(k and k["msgs_per_s"], v and v["msgs_per_s"]) for v in peers.values()]
+            cpu = [_ratio(k and k["proxy_cpu_us"], v and v["proxy_cpu_us"]) for t, v in peers.items() if t != "direct"]
+            lines.append(f"  {size_label(size):<44} {_num(tp[0], '.2f'):>13} {_num(tp[1], '.2f'):>8} "
+                         f"{_num(tp[2], '.2f'):>6} {_num(cpu[0], '.2f'):>15} {_num(cpu[1], '.2f'):>6}")
+    counts = sorted({c["clients"] for c in cells if c["workload"] == "rr"})
+    if counts:
+        lines.append(f"{'rr 64 B, kmuxd/4c ÷ peer':<46} {'CPU/req ÷twem':>13} {'÷zmq':>8} "
+                     f"{'req/s ÷direct':>13} {'added p50 µs: kmuxd':>20} {'twem':>6} {'zmq':>6}")
+        for n in counts:
+            t = find(cells, workload="rr", target="twemproxy", clients=n, connections=4)
+            z = find(cells, workload="rr", target="zmq", clients=n)
+            d = find(cells, workload="rr", target="direct", clients=n)
+            for steering in ("id", "fifo"):
+                k = find(cells, workload="rr", target="kmuxd", clients=n, steering=steering, connections=4)
+                if k is None:
+                    continue
+                added = [_added(x, d) for x in (k, t, z)]
+                name = f"{n} clients, {'id+rewrite' if steering == 'id' else steering}"
+                lines.append(f"  {name:<44} {_num(_ratio(k['proxy_cpu_us'], t and t['proxy_cpu_us']), '.2f'):>13} "
+                             f"{_num(_ratio(k['proxy_cpu_us'], z and z['proxy_cpu_us']), '.2f'):>8} "
+                             f"{_num(_ratio(k['msgs_per_s'], d and d['msgs_per_s']), '.2f'):>13} "
+                             f"{_num(added[0], '.1f'):>20} {_num(added[1], '.1f'):>6} {_num(added[2], '.1f'):>6}")
+    return "\n".join(lines)
+
+
+def _added(x: dict[str, Any] | None, direct: dict[str, Any] | None, key: str = "p50_us") -> float | None:
+    if x is None or direct is None or x.get(key) is None or direct.get(key) is None:
+        return None
+    return x[key] - direct[key]
+
+
+@dataclass
+class Target:
+    name: str
+    measured: str
+    met: bool | None  # None: not measured
+    why: str = ""
+
+
+def targets(cells: list[dict[str, Any]], skipped: dict[str, str]) -> list[Target]:
+    out: list[Target] = []
+
+    def cpu_vs_twemproxy(n: int, limit: float) -> Target:
+        name = f"rr id+rewrite 64 B, {n} clients: kmuxd CPU/req ≤ {limit:g}× twemproxy's"
+        k = find(cells, workload="rr", target="kmuxd", clients=n, steering="id", connections=4)
+        t = find(cells, workload="rr", target="twemproxy", clients=n, connections=4)
+        if k is None or t is None:
+            return Target(name, "-", None, skipped.get("twemproxy", "") if t is None else "no kmuxd cell")
+        r = k["proxy_cpu_us"] / t["proxy_cpu_us"]
+        return Target(name, f"{k['proxy_cpu_us']:.1f} µs vs {t['proxy_cpu_us']:.1f} µs = {r:.2f}×", r <= limit)
+
+    out.append(cpu_vs_twemproxy(64, RR_64_CLIENTS_MAX_CPU_RATIO))
+    out.append(cpu_vs_twemproxy(8, RR_8_CLIENTS_MAX_CPU_RATIO))
+    for placement in ("pinned", "unpinned"):
+        k = find(cells, workload="latency", target="kmuxd", placement=placement, steering="id")
+        d = find(cells, workload="latency", target="direct", placement=placement)
+        for key, limit in (("p50_us", PINNED_ADDED_P50_MAX_US), ("p99_us", PINNED_ADDED_P99_MAX_US)):
+            name = f"1 client 64 B rr, {placement}: added {key[:3]} over direct TCP"
+            if placement == "pinned":
+                name += f" ≤ {limit:g} µs"
+            if k is None or d is None:
+                out.append(Target(name, "-", None, "latency cells not run"))
+                continue
+            added = k[key] - d[key]
+            out.append(Target(name, f"{added:.1f} µs ({k[key]:.1f} vs {d[key]:.1f})",
+                              added <= limit if placement == "pinned" else None,
+                              "" if placement == "pinned" else "reported, no target"))
+
+    def flood(size: int) -> dict[str, Any] | None:
+        return find(cells, workload="flood", target="kmuxd", size=size, connections=4, clients=8)
+
+    for size, floor, unit in ((64, FLOOD_64_MIN_MSGS, "msg"), (1024, FLOOD_1K_MIN_MSGS, "msg"),
+                              (256 * 1024, FLOOD_256K_MIN_MB, "MB")):
+        name = f"flood 8 clients → 4 conns, {size_label(size)}: ≥ {floor:,.0f} {unit}/s"
+        k = flood(size)
+        if k is None:
+            out.append(Target(name, "-", None, "cell not run"))
+            continue
+        v = k["msgs_per_s"] if unit == "msg" else k["mb_per_s"]
+        out.append(Target(name, f"{v:,.0f} {unit}/s", v >= floor))
+    name = f"flood 64 B: ≥ {FLOOD_64_MIN_CRELAY_SHARE:.2f} of the C relay"
+    k, c = flood(64), find(cells, workload="flood", target="crelay", size=64)
+    if k is None or c is None:
+        out.append(Target(name, "-", None, skipped.get("crelay", "cell not run")))
+    else:
+        share = k["msgs_per_s"] / c["msgs_per_s"]
+        out.append(Target(name, f"{share:.2f} ({k['msgs_per_s']:,.0f} vs {c['msgs_per_s']:,.0f})",
+                          share >= FLOOD_64_MIN_CRELAY_SHARE))
+    ch = find(cells, workload="churn")
+    name = f"client churn: ≤ {CHURN_MAX_CPU_US:g} µs daemon CPU per client"
+    out.append(Target(name, f"{ch['cpu_us_per_client']:.1f} µs" if ch else "-",
+                      ch["cpu_us_per_client"] <= CHURN_MAX_CPU_US if ch else None, "" if ch else "not run"))
+    idle = find(cells, workload="idle")
+    name = f"idle clients: < {IDLE_MAX_RSS_KIB:g} KiB RSS each"
+    out.append(Target(name, f"{idle['rss_per_client_kib']:.2f} KiB × {idle['clients']:,}" if idle else "-",
+                      idle["rss_per_client_kib"] < IDLE_MAX_RSS_KIB if idle else None, "" if idle else "not run"))
+    rss = find(cells, workload="rss")
+    name = "RSS flat (±10%) over a long flood"
+    out.append(Target(name, f"max deviation {rss['rss_max_deviation']:.1%} over {rss['seconds']:g} s" if rss else "-",
+                      rss["flat"] if rss else None, "" if rss else "not run (--workload rss)"))
+    return out
+
+
+def target_table(ts: list[Target]) -> str:
+    width = max(len(t.name) for t in ts)
+    lines = []
+    for t in ts:
+        verdict = {True: "met", False: "NOT MET", None: "-"}[t.met]
+        lines.append(f"{t.name:<{width}}  {t.measured:<40} {verdict}" + (f"  ({t.why})" if t.why else ""))
+    return "\n".join(lines)
+
+
+def other_table(cells: list[dict[str, Any]]) -> str:
+    lines = []
+    for c in cells:
+        if c["workload"] == "idle" and "skipped" not in c:
+            lines.append(f"idle: {c['connected']:,} kmux clients connected in {c['connect_s']:.2f} s "
+                         f"({c['connect_us_per_client']:.0f} µs each); kmuxd RSS {c['rss_before_kib'] / 1024:.1f} → "
+                         f"{c['rss_after_kib'] / 1024:.1f} MiB = {c['rss_per_client_kib']:.2f} KiB per client")
+        elif c["workload"] == "churn" and "skipped" not in c:
+            lines.append(f"churn: {c['procs']} processes × {c['clients'] // c['procs']:,} clients (connect, hello, "
+                         f"close) in {c['seconds']:.2f} s = {c['clients_per_s']:,.0f}/s; kmuxd CPU "
+                         f"{c['cpu_us_per_client']:.1f} µs per client")
+        elif c["workload"] == "rss" and "skipped" not in c:
+            lines.append(f"rss: {c['seconds']:g} s flood of {size_label(c['size'])} at {c['msgs_per_s']:,.0f} msg/s: "
+                         f"kmuxd RSS median {c['rss_median_kib'] / 1024:.1f} MiB, min {c['rss_min_kib'] / 1024:.1f}, "
+                         f"max {c['rss_max_kib'] / 1024:.1f}, max deviation {c['rss_max_deviation']:.1%} "
+                         f"({'flat' if c['flat'] else 'NOT flat'})")
+    return "\n".join(lines)
+
+
+# -- the plot -------------------------------------------------------------------------------------
+
+_STYLE = {"kmuxd": ("tab:blue", "o"), "direct": ("black", "s"), "twemproxy": ("tab:orange", "^"),
+          "zmq": ("tab:green", "D"), "crelay": ("tab:red", "v")}
+#: kmuxd's steering modes in shades of its colour; 1 connection is dashed.
+_KMUXD_SHADES = {"id": "tab:blue", "fifo": "tab:purple", "balance": "tab:cyan"}
+
+
+def plot(cells: list[dict[str, Any]], path: str, title: str) -> str | None:
+    """Write the PNG; returns None, or why it was not written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]'; ./dev.sh bench does)"
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    (ax_fs, ax_rr), (ax_lat, ax_cpu) = axes
+
+    def series(workload: str, x: str, y: Callable[[dict[str, Any]], float | None], ax: Any, target: str,
+               label: str, **want: Any) -> None:
+        pts = sorted((c[x], y(c)) for c in cells if c["workload"] == workload and c["target"] == target
+                     and "skipped" not in c and not c.get("error") and all(c.get(k) == v for k, v in want.items())
+                     and y(c) is not None)
+        if pts:
+            color, marker = _STYLE[target]
+            if target == "kmuxd" and want.get("steering"):
+                color = _KMUXD_SHADES[want["steering"]]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label,
+                    linestyle="-" if want.get("connections", 4) == 4 else "--")
+
+    for t in ("kmuxd", "direct", "crelay", "zmq"):
+        extra = {"connections": 4, "steering": "balance"} if t == "kmuxd" else {}
+        series("flood", "size", lambda c: c["msgs_per_s"], ax_fs, t, t + (" balance/4c" if t == "kmuxd" else ""),
+               **extra)
+    series("flood", "size", lambda c: c["msgs_per_s"], ax_fs, "kmuxd", "kmuxd balance/1c", connections=1,
+           steering="balance")
+    ax_fs.set(xscale="log", yscale="log", xlabel="message size (bytes)", ylabel="messages/s (sink-counted)",
+              title="one-way flood, 8 clients")
+    direct = {c["clients"]: c for c in cells if c["workload"] == "rr" and c["target"] == "direct"
+              and "skipped" not in c and not c.get("error")}
+
+    def added(c: dict[str, Any]) -> float | None:
+        d = direct.get(c["clients"])
+        return c["p50_us"] - d["p50_us"] if d and c.get("p50_us") is not None else None
+
+    for steering in ("id", "fifo", "balance"):
+        series("rr", "clients", lambda c: c["msgs_per_s"], ax_rr, "kmuxd", f"kmuxd {steering}/4c",
+               steering=steering, connections=4)
+    for t in ("direct", "twemproxy", "zmq"):
+        extra = {"connections": 4} if t == "twemproxy" else {}
+        series("rr", "clients", lambda c: c["msgs_per_s"], ax_rr, t, t, **extra)
+    ax_rr.set(xscale="log", xlabel="clients (closed loop, 64 B)", ylabel="requests/s", title="request/response")
+    for t, label in (("kmuxd", "kmuxd id/4c"), ("twemproxy", "twemproxy/4c"), ("zmq", "zmq broker")):
+        extra = {"steering": "id", "connections": 4} if t == "kmuxd" else ({"connections": 4} if t == "twemproxy" else {})
+        series("rr", "clients", added, ax_lat, t, label, **extra)
+        series("rr", "clients", lambda c: c["proxy_cpu_us"], ax_cpu, t, label, **extra)
+    series("rr", "clients", lambda c: c["proxy_cpu_us"], ax_cpu, "kmuxd", "kmuxd fifo/4c", steering="fifo",
+           connections=4)
+    ax_lat.set(xscale="log", xlabel="clients", ylabel="added p50 round trip over direct (µs)",
+               title="latency a proxy adds")
+    ax_cpu.set(xscale="log", xlabel="clients", ylabel="proxy CPU per request (µs)", title="proxy CPU per request")
+    for ax in (ax_fs, ax_rr, ax_lat, ax_cpu):
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None

@@ -1,0 +1,355 @@
+"""One cell of the benchmark: one workload, one target, one setting.
+
+A *target* is what the clients talk to: ``kmuxd`` (a group of the running
+daemon), ``direct`` (the service itself, one TCP connection per client),
+``twemproxy``, ``zmq`` (the broker) or ``crelay`` (the C relay, flood only).
+The same C load generator drives every target, so the client's cost is the
+same on every row.
+
+Timeline of a timed cell (all times on CLOCK_MONOTONIC, shared with the load
+generator)::
+
+    go ── START_DELAY ── start ── GUARD ── [ window: --seconds ] ── GUARD ── stop
+
+The clients run from start to stop; everything reported is taken inside the
+window: the sink's counts and clock (``mark``), the load generator's
+completions and latencies, the proxy's CPU time from ``/proc``. The proxy's
+peak RSS (``VmHWM``) is reset just before the cell and read just after, so it
+covers the whole cell.
+
+Results are plain dicts (the JSON output's ``cells``); ``None`` means "does
+not apply" (a direct run has no proxy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from kmux.protocol import Hello, encode_hello
+
+from .peers import ASCII_GET_REQUEST, GET_REQUEST, Parties, group_name, mark
+from .procs import LoadGen, cpu_seconds, process_tree, reset_peak_rss, set_affinity, sleep_until, status_kib, system_cpu
+
+#: Seconds from "go" to the clients' start (they are connected already).
+START_DELAY = 0.2
+#: Seconds run before and after the measured window.
+GUARD = 0.3
+#: Sink drain after a flood cell: poll interval, and the most time to wait.
+QUIESCE_POLL = 0.05
+QUIESCE_TIMEOUT = 10.0
+#: Idle clients: seconds to let the daemon settle before reading its RSS.
+IDLE_SETTLE = 1.0
+#: Idle/churn: most seconds for all the clients to connect (or churn).
+IDLE_CONNECT_TIMEOUT = 300.0
+#: Churn: seconds after the last close before the daemon's CPU is read.
+CHURN_SETTLE = 0.5
+#: RSS over a long flood: seconds between samples, and the warm-up not judged.
+RSS_SAMPLE_EVERY = 1.0
+RSS_WARMUP = 5.0
+#: "Flat": every sample after the warm-up within this fraction of their median.
+RSS_FLAT_TOLERANCE = 0.10
+
+
+@dataclass(frozen=True)
+class Cell:
+    workload: str  # flood | rr | open | latency | idle | churn | rss
+    target: str  # kmuxd | direct | twemproxy | zmq | crelay
+    clients: int = 1
+    size: int = 64
+    steering: str | None = None  # kmuxd only
+    connections: int | None = None  # proxy's connections to the service
+    rate: float = 0.0  # open loop: requests per second
+    placement: str = "unpinned"  # latency: "pinned" (one CPU) or "unpinned"
+    seconds: float = 2.0
+
+    def label(self) -> str:
+        who = self.target
+        if self.target == "kmuxd" and self.steering:
+            who = f"kmuxd {self.steering}/{self.connections}c"
+        elif self.connections and self.target in ("twemproxy", "crelay"):
+            who = f"{self.target}/{self.connections}c"
+        what = {"flood": f"flood {size_label(self.size)} x{self.clients}",
+                "rr": f"rr 64 B x{self.clients}",
+                "open": f"open {self.rate:,.0f}/s x{self.clients}",
+                "latency": f"rtt 1 client {self.placement}",
+                "idle": f"idle x{self.clients}", "churn": f"churn x{self.clients}",
+                "rss": f"rss flood {size_label(self.size)} {self.seconds:g}s"}[self.workload]
+        return f"{what:<24} {who}"
+
+
+def size_label(size: int) -> str:
+    return f"{size // 1024} KiB" if size >= 1024 and size % 1024 == 0 else f"{size} B"
+
+
+# -- which process is the proxy, and how clients reach it -----------------------------------------
+
+
+def proxy_pid(p: Parties, cell: Cell) -> int | None:
+    zmq_broker = p.zmq_broker_flood if cell.workload in ("flood", "rss") else p.zmq_broker_rr
+    proxy = {"kmuxd": p.daemon, "twemproxy": p.twemproxy, "zmq": zmq_broker, "crelay": p.crelay}.get(cell.target)
+    return proxy.pid if proxy is not None else None
+
+
+def backend_pid(p: Parties, cell: Cell) -> int | None:
+    if cell.workload in ("flood", "rss"):
+        sink = p.zmq_sink if cell.target == "zmq" else p.sink
+        return sink.pid if sink else None
+    service = p.zmq_echo if cell.target == "zmq" else p.memcached
+    return service.pid if service else None
+
+
+def client_args(p: Parties, cell: Cell) -> list[str]:
+    """The load generator's transport options for this cell's target."""
+    flood = cell.workload in ("flood", "rss")
+    if cell.target == "kmuxd":
+        group = f"flood{cell.connections}" if flood else group_name(cell.steering, cell.connections)
+        if cell.workload in ("idle", "churn"):
+            group = group_name("id", 4) if p.memcached_port else "flood4"
+        hello = encode_hello(Hello(group, receive=not flood, name="bench"))
+        return ["--transport", "kmux", "--path", p.socket_path, "--hello", hello.hex()]
+    if cell.target == "direct":
+        return ["--transport", "tcp", "--port", p.sink.port if flood else p.memcached_port]
+    if cell.target == "twemproxy":
+        return ["--transport", "tcp", "--port", p.twemproxy_ports[cell.connections], "--reply", "ascii"]
+    if cell.target == "zmq":
+        return ["--transport", "zmtp", "--path", p.zmq_ipc_flood if flood else p.zmq_ipc_rr]
+    if cell.target == "crelay":
+        return ["--transport", "seqpacket", "--path", p.crelay_path]
+    raise ValueError(cell.target)
+
+
+def request_hex(cell: Cell) -> str:
+    return (ASCII_GET_REQUEST if cell.target == "twemproxy" else GET_REQUEST).hex()
+
+
+def available(p: Parties, cell: Cell) -> str | None:
+    """None if the cell can run, else why not."""
+    for peer in ("twemproxy", "zmq", "crelay"):
+        if cell.target == peer and peer in p.skipped:
+            return p.skipped[peer]
+    if cell.target in ("twemproxy", "zmq", "crelay") and proxy_pid(p, cell) is None:
+        return f"{cell.target} is not running in this run"
+    return None
+
+
+# -- timed cells ---------------------------------------------------------------------------------
+
+
+def _timeline(seconds: float) -> tuple[float, float, float, float]:
+    guard = min(GUARD, seconds / 2)  # short (--quick) windows get short guards
+    start = time.monotonic() + min(START_DELAY, seconds / 2)
+    ws = start + guard
+    we = ws + seconds
+    return start, we + guard, ws, we
+
+
+class _Probe:
+    """CPU of the proxy, the backend, the clients and the whole machine, at one instant."""
+
+    def __init__(self, proxy: int | None, backend: int | None, clients: list[int]) -> None:
+        self.t = time.monotonic()
+        self.proxy = cpu_seconds(proxy) if proxy else 0.0
+        self.backend = cpu_seconds(backend) if backend else 0.0
+        self.clients = sum(cpu_seconds(pid) for pid in clients)
+        self.machine, self.steal = system_cpu()
+
+
+def _base(cell: Cell, run_dir: Path, p: Parties) -> tuple[dict[str, Any], int | None, int | None, bool]:
+    out: dict[str, Any] = {"label": cell.label(), **asdict(cell)}
+    proxy, backend = proxy_pid(p, cell), backend_pid(p, cell)
+    peak_reset = reset_peak_rss(proxy) if proxy else False
+    return out, proxy, backend, peak_reset
+
+
+def _finish(out: dict[str, Any], proxy: int | None, peak_reset: bool, a: _Probe, b: _Probe, count: int,
+            nbytes: int, elapsed: float) -> dict[str, Any]:
+    out["window_s"] = round(elapsed, 4)
+    out["msgs"] = count
+    out["msgs_per_s"] = count / elapsed if elapsed > 0 else 0.0
+    out["mb_per_s"] = nbytes / elapsed / 1e6 if elapsed > 0 else 0.0
+    out["proxy_cpu_us"] = (b.proxy - a.proxy) / count * 1e6 if proxy and count else None
+    out["proxy_cpu_share"] = (b.proxy - a.proxy) / elapsed if proxy else None
+    out["backend_cpu_share"] = (b.backend - a.backend) / elapsed
+    out["clients_cpu_share"] = (b.clients - a.clients) / elapsed
+    out["machine_cpu_share"] = (b.machine - a.machine) / elapsed
+    out["steal_share"] = (b.steal - a.steal) / elapsed
+    out["peak_rss_kib"] = status_kib(proxy, "VmHWM") if proxy else None
+    out["peak_rss_is_cell_peak"] = peak_reset
+    return _other_share(out)
+
+
+def _other_share(out: dict[str, Any]) -> dict[str, Any]:
+    """Whatever else used the CPUs in the window (softirq work, other users of the
+    machine): when it is large, the cell's throughput and latency are noise."""
+    out["other_cpu_share"] = (out["machine_cpu_share"] - out["clients_cpu_share"] - out["backend_cpu_share"]
+                              - (out["proxy_cpu_share"] or 0.0))
+    return out
+
+
+def run_flood(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
+    """8 (``clients``) C senders flood the target; the sink counts inside the window."""
+    out, proxy, backend, peak_reset = _base(cell, run_dir, p)
+    sink = p.zmq_sink if cell.target == "zmq" else p.sink
+    lg = LoadGen(p.loadgen, "flood", [*client_args(p, cell), "--procs", cell.clients, "--size", cell.size],
+                 run_dir / "loadgen.log")
+    try:
+        lg.wait_ready()
+        client_pids = process_tree(lg.pid)  # its flood processes are connected: all there
+        start, stop, ws, we = _timeline(cell.seconds)
+        lg.go(start, stop, ws, we)
+        sleep_until(ws)
+        m1, a = mark(sink), _Probe(proxy, backend, client_pids)
+        sleep_until(we)
+        m2, b = mark(sink), _Probe(proxy, backend, client_pids)
+        res = lg.result(stop - time.monotonic() + 30)
+    finally:
+        lg.stop()
+    _quiesce(sink)
+    out = _finish(out, proxy, peak_reset, a, b, m2[0] - m1[0], m2[1] - m1[1], m2[2] - m1[2])
+    out["backend_cpu_share"] = (m2[3] - m1[3]) / (m2[2] - m1[2])  # the sink's own clock
+    _other_share(out)
+    out["sent_in_window"] = res.get("sent_in_window")
+    out["sent_total"] = res.get("sent")
+    if res.get("exit_status"):
+        out["error"] = res.get("error", "load generator failed")
+    return out
+
+
+def _quiesce(sink: Any) -> None:
+    """Wait until the sink's count stops moving: no backlog of one cell is counted in the next."""
+    deadline = time.monotonic() + QUIESCE_TIMEOUT
+    last, stable = mark(sink)[0], 0
+    while stable < 2 and time.monotonic() < deadline:
+        time.sleep(QUIESCE_POLL)
+        now = mark(sink)[0]
+        stable = stable + 1 if now == last else 0
+        last = now
+
+
+def run_requests(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
+    """rr (closed loop), open (fixed rate) and latency (rr, 1 client, placed) cells."""
+    out, proxy, backend, peak_reset = _base(cell, run_dir, p)
+    mode = "open" if cell.workload == "open" else "rr"
+    args = [*client_args(p, cell), "--clients", cell.clients, "--request", request_hex(cell)]
+    if mode == "open":
+        args += ["--rate", cell.rate]
+    cpu = None
+    pinned: list[int] = []
+    if cell.placement == "pinned":
+        cpu = min(os.sched_getaffinity(0))
+        pinned = [pid for pid in (proxy, backend) if pid]
+        for pid in pinned:
+            set_affinity(pid, {cpu})
+    lg = LoadGen(p.loadgen, mode, args, run_dir / "loadgen.log", cpu=cpu)
+    try:
+        lg.wait_ready()
+        client_pids = [lg.pid]
+        start, stop, ws, we = _timeline(cell.seconds)
+        lg.go(start, stop, ws, we)
+        sleep_until(ws)
+        a = _Probe(proxy, backend, client_pids)
+        sleep_until(we)
+        b = _Probe(proxy, backend, client_pids)
+        res = lg.result(stop - time.monotonic() + 30)
+    finally:
+        lg.stop()
+        everywhere = os.sched_getaffinity(0)
+        for pid in pinned:
+            set_affinity(pid, everywhere)
+    out = _finish(out, proxy, peak_reset, a, b, res.get("completed", 0), res.get("bytes", 0), we - ws)
+    for key in ("p50_us", "p99_us", "p999_us", "max_us", "mean_us", "unfinished", "notices", "overruns", "strays",
+                "inflight_at_end"):
+        out[key] = res.get(key)
+    if cell.placement == "pinned":
+        out["cpu"] = cpu
+    if res.get("exit_status"):
+        out["error"] = res.get("error", "load generator failed")
+    return out
+
+
+# -- kmuxd only: idle clients, churn, RSS over a long flood ---------------------------------------------
+
+
+def run_idle(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
+    """Connect ``clients`` kmux clients (hello answered) and hold them: RSS per client, connect time."""
+    out: dict[str, Any] = {"label": cell.label(), **asdict(cell)}
+    pid = p.daemon.pid
+    rss0 = status_kib(pid, "VmRSS")
+    lg = LoadGen(p.loadgen, "idle", [*client_args(p, cell), "--clients", cell.clients], run_dir / "loadgen.log")
+    try:
+        res = json.loads(lg.readline(IDLE_CONNECT_TIMEOUT))
+        time.sleep(IDLE_SETTLE)
+        rss1 = status_kib(pid, "VmRSS")
+    finally:
+        lg.stop()  # SIGTERM: the clients close
+    out.update(connect_s=res["connect_s"], connected=res["connected"], rss_before_kib=rss0, rss_after_kib=rss1,
+               rss_per_client_kib=(rss1 - rss0) / cell.clients,
+               connect_us_per_client=res["connect_s"] / cell.clients * 1e6)
+    return out
+
+
+def run_churn(p: Parties, cell: Cell, run_dir: Path, procs: int) -> dict[str, Any]:
+    """``procs`` processes x ``clients`` each: connect, hello, close. Daemon CPU per client."""
+    out: dict[str, Any] = {"label": cell.label(), **asdict(cell), "procs": procs}
+    pid = p.daemon.pid
+    lg = LoadGen(p.loadgen, "churn", [*client_args(p, cell), "--procs", procs, "--clients", cell.clients // procs],
+                 run_dir / "loadgen.log")
+    try:
+        lg.wait_ready()
+        a = cpu_seconds(pid)
+        start = time.monotonic() + START_DELAY
+        lg.go(start, start, start, start)
+        res = lg.result(IDLE_CONNECT_TIMEOUT)
+        time.sleep(CHURN_SETTLE)
+        b = cpu_seconds(pid)
+    finally:
+        lg.stop()
+    n = res.get("clients", 0)
+    out.update(clients_done=n, seconds=res.get("seconds"), daemon_cpu_s=b - a,
+               cpu_us_per_client=(b - a) / n * 1e6 if n else None,
+               clients_per_s=n / res["seconds"] if res.get("seconds") else None)
+    if res.get("exit_status"):
+        out["error"] = res.get("error", "load generator failed")
+    return out
+
+
+def run_rss(p: Parties, cell: Cell, run_dir: Path, on_sample: Callable[[float, int], None]) -> dict[str, Any]:
+    """Flood kmuxd for ``seconds``, sampling its RSS: is it flat?"""
+    out: dict[str, Any] = {"label": cell.label(), **asdict(cell)}
+    pid = p.daemon.pid
+    lg = LoadGen(p.loadgen, "flood", [*client_args(p, cell), "--procs", cell.clients, "--size", cell.size],
+                 run_dir / "loadgen.log")
+    samples: list[tuple[float, int]] = []
+    try:
+        lg.wait_ready()
+        start, stop, ws, we = _timeline(cell.seconds)
+        lg.go(start, stop, ws, we)
+        sleep_until(ws)
+        m1 = mark(p.sink)
+        t = ws
+        while t < we:  # bounded by the clock
+            rss = status_kib(pid, "VmRSS")
+            samples.append((round(time.monotonic() - ws, 2), rss))
+            on_sample(time.monotonic() - ws, rss)
+            t += RSS_SAMPLE_EVERY
+            sleep_until(min(t, we))
+        m2 = mark(p.sink)
+        res = lg.result(stop - time.monotonic() + 30)
+    finally:
+        lg.stop()
+    _quiesce(p.sink)
+    judged = [rss for at, rss in samples if at >= RSS_WARMUP] or [rss for _, rss in samples]
+    median = statistics.median(judged)
+    worst = max(abs(r - median) / median for r in judged) if median else 0.0
+    out.update(samples=samples, rss_median_kib=median, rss_min_kib=min(judged), rss_max_kib=max(judged),
+               rss_max_deviation=worst, flat=worst <= RSS_FLAT_TOLERANCE,
+               msgs_per_s=(m2[0] - m1[0]) / (m2[2] - m1[2]), sent_in_window=res.get("sent_in_window"))
+    if res.get("exit_status"):
+        out["error"] = res.get("error", "load generator failed")
+    return out

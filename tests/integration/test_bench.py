@@ -1,0 +1,145 @@
+"""``python -m kmuxd.tools.bench --quick``: the benchmark runs end to end and reports sane numbers.
+
+It starts real processes (kmuxd, memcached, the sink, twemproxy, the zmq
+broker, the C relay built from source) and drives them with the C load
+generator. Nothing here asserts a timing: only that every cell ran (or was
+skipped with a reason printed), that counts are positive and consistent,
+that percentiles are ordered, and that every target got a verdict line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kmuxd.tools.bench.procs import find_binary
+
+#: The quick run takes seconds; this bounds a hung run.
+QUICK_TIMEOUT = 240
+TIMED = ("flood", "rr", "open", "latency")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def bench(*args: str, cwd: Path, timeout: float = QUICK_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kmuxd.tools.bench", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict, Path]:
+    if find_binary("memcached") is None:
+        pytest.skip("memcached is not installed (./dev.sh test installs it)")
+    if find_binary("cc") is None and find_binary("gcc") is None:
+        pytest.skip("no C compiler for the load generator (./dev.sh test installs gcc)")
+    d = tmp_path_factory.mktemp("bench")
+    proc = bench("--quick", "--json", str(d / "out.json"), "--plot", str(d / "out.png"), cwd=d)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc, json.loads((d / "out.json").read_text()), d
+
+
+def test_every_cell_ran_or_says_why(quick):
+    proc, out, _ = quick
+    cells = out["cells"]
+    assert {c["workload"] for c in cells} == {"flood", "rr", "open", "latency", "idle", "churn"}
+    for c in cells:
+        assert not c.get("error"), c
+        if "skipped" in c:
+            assert c["skipped"] and f"skipped: {c['skipped']}" in proc.stdout
+    for peer, why in out["skipped_peers"].items():
+        assert f"peer {peer} skipped: {why}" in proc.stdout
+    ran = {c["target"] for c in cells if "skipped" not in c}
+    assert {"kmuxd", "direct"} <= ran
+    # A progress line per cell, then the table, ratios and targets.
+    assert sum(line.startswith("[") for line in proc.stdout.splitlines()) == len(cells)
+    assert "targets (same machine, same run)" in proc.stdout
+
+
+def test_timed_cells_report_sane_numbers(quick):
+    _, out, _ = quick
+    for c in out["cells"]:
+        if c["workload"] not in TIMED or "skipped" in c:
+            continue
+        assert c["msgs"] > 0 and c["msgs_per_s"] > 0 and c["mb_per_s"] > 0, c
+        assert 0 < c["window_s"] < 5, c
+        if c["target"] == "direct":
+            assert c["proxy_cpu_us"] is None and c["peak_rss_kib"] is None
+        else:
+            # CPU comes from /proc in clock ticks: a short cell may see 0, never less.
+            assert c["proxy_cpu_us"] >= 0 and c["peak_rss_kib"] > 0, c
+        if c["workload"] == "flood":
+            # The sink counted no more than the clients sent in the whole cell.
+            assert 0 < c["sent_in_window"] <= c["sent_total"] and c["msgs"] <= c["sent_total"], c
+            assert c["mb_per_s"] == pytest.approx(c["msgs_per_s"] * c["size"] / 1e6, rel=0.01)
+        else:
+            assert 0 < c["p50_us"] <= c["p99_us"] <= c["p999_us"], c
+            assert c["notices"] == c["overruns"] == c["strays"] == c["inflight_at_end"] == 0, c
+        if c["workload"] == "open":
+            assert c["unfinished"] == 0, c
+            assert c["msgs_per_s"] == pytest.approx(c["rate"], rel=0.1), c
+
+
+def test_kmuxd_idle_and_churn(quick):
+    _, out, _ = quick
+    (idle,) = [c for c in out["cells"] if c["workload"] == "idle"]
+    assert idle["connected"] == idle["clients"] == 200
+    assert idle["rss_after_kib"] > 0 and idle["connect_s"] > 0
+    (churn,) = [c for c in out["cells"] if c["workload"] == "churn"]
+    assert churn["clients_done"] == churn["clients"] == 100
+    assert churn["cpu_us_per_client"] > 0  # 100 hellos cannot cost kmuxd nothing
+
+
+def test_kmuxd_wrote_at_least_what_the_sink_counted_from_it(quick):
+    _, out, _ = quick
+    (cell,) = [c for c in out["cells"] if c["workload"] == "flood" and c["target"] == "kmuxd"]
+    final = {g["group"]: g for g in out["group_final"]}
+    assert final["flood4"]["tx_msgs"] >= cell["msgs"] > 0, (final["flood4"], cell["msgs"])
+
+
+def test_targets_and_plot(quick):
+    proc, out, d = quick
+    names = [t["name"] for t in out["targets"]]
+    assert len(names) == 13
+    for t in out["targets"]:
+        assert t["met"] in (True, False, None)
+        assert t["name"] in proc.stdout
+    if "plot: skipped: matplotlib" in proc.stdout:
+        pytest.skip("matplotlib not installed: the plot is skipped and the output says so")
+    assert (d / "out.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sizes", "3"], "size 3 is not 5..1048576 bytes"),
+    (["--connections", "2"], "--connections: from (1, 4)"),
+    (["--workload", "nope"], "choose from flood, rr, open, latency, idle, churn, rss"),
+    (["--clients", "x"], "is not a comma-separated list of integers"),
+])
+def test_bad_arguments_are_refused_clearly(tmp_path, args, message):
+    proc = bench(*args, cwd=tmp_path, timeout=30)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_help_shows_defaults(tmp_path):
+    proc = bench("--help", cwd=tmp_path, timeout=30)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())  # argparse wraps lines anywhere
+    for default in ("(default: 64,1k,16k,256k)", "(default: 1,8,64)", "(default: 2.0)", "(default: 10000)",
+                    "(default: flood,rr,open,latency,idle,churn)"):
+        assert default in text, default
+    assert os.path.exists(Path(__file__).parents[2] / "kmuxd" / "tools" / "bench" / "loadgen.c")
+
+
+def test_repeats_merge_into_medians_and_keep_failures_visible():
+    from kmuxd.tools.bench.cli import merge_runs
+
+    runs = [{"label": "x", "msgs_per_s": v, "proxy_cpu_us": c, "flat": True} for v, c in ((10.0, 3.0), (30.0, 1.0),
+                                                                                          (20.0, 2.0))]
+    merged = merge_runs([*runs, {"label": "x", "error": "loadgen died"}])
+    assert merged["msgs_per_s"] == 20.0 and merged["proxy_cpu_us"] == 2.0 and merged["flat"] is True
+    assert [r.get("error") for r in merged["runs"]] == [None, None, None, "loadgen died"]
+    failed = merge_runs([{"label": "x", "error": "a"}, {"label": "x", "error": "b"}])
+    assert failed["error"] == "a"
