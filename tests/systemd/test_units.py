@@ -7,6 +7,7 @@ issue's target is 2.0 or lower) and ``verify``.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -88,7 +89,7 @@ def test_install_writes_every_file_with_this_kmuxd(prefix: Path) -> None:
 @needs_analyze
 def test_security_score_is_at_most_2(prefix: Path) -> None:
     rendered = security_score(unit(prefix, "kmuxd.service"))
-    shipped = security_score(REPO / "packaging/systemd/kmuxd.service")
+    shipped = security_score(REPO / "kmuxd/share/systemd/kmuxd.service")
     MEASURED["systemd-analyze security --offline=true kmuxd.service"] = f"{rendered} (shipped file: {shipped})"
     assert rendered <= SECURITY_TARGET
     assert shipped <= SECURITY_TARGET
@@ -97,8 +98,10 @@ def test_security_score_is_at_most_2(prefix: Path) -> None:
 @needs_analyze
 def test_units_verify(prefix: Path) -> None:
     units = [str(unit(prefix, name)) for name in install.UNITS]
+    # verify runs `man` for each Documentation=man:...: point it at the pages install-units wrote.
+    env = dict(os.environ, MANPATH=str(prefix / install.DEFAULT_MAN_DIR.lstrip("/")))
     proc = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60,
-                          cwd=unit(prefix, ""))
+                          cwd=unit(prefix, ""), env=env)
     assert proc.returncode == 0, proc.stderr
     problems = [ln for ln in proc.stderr.splitlines() if "kmuxd" in ln and "Failed to parse system call" not in ln]
     assert not problems, "\n".join(problems)
