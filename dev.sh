@@ -5,6 +5,7 @@
 #   ./dev.sh demo [ARGS]    start kmuxd + a demo backend + several client apps
 #   ./dev.sh test [ARGS]    run the test suite (pytest ARGS)
 #   ./dev.sh bench [ARGS]   run the benchmark (python -m kmuxd.tools.bench ARGS)
+#   ./dev.sh deb [OUTDIR]   build the sdist, the wheel, a wheelhouse and the .deb into OUTDIR (dist/)
 #   ./dev.sh setup          only set up
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -36,6 +37,10 @@ setup_system() {
     # systemd-python (issue: systemd) builds from source against libsystemd.
     want+=(gcc pkg-config libsystemd-dev)
     [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base)
+    # The .deb (./dev.sh deb, and the systemd tests that build and install
+    # it): Debian's build tools, and the python3.11 it runs on; python3-venv
+    # for the tests' wheel install into a venv; groff and man for the man pages.
+    case "${1:-}" in test | deb) want+=(debhelper dpkg-dev python3.11 python3-venv groff-base man-db) ;; esac
     local missing
     missing=$(missing_apt "${want[@]}")
     if [ -n "$missing" ]; then
@@ -68,5 +73,6 @@ case "$cmd" in
     demo) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.demo "$@" ;;
     test) setup_system test; setup_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
     bench) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.bench "$@" ;;
-    *) echo "usage: $0 {demo|test|bench|setup} [ARGS]" >&2; exit 2 ;;
+    deb) setup_system deb; setup_venv; PYTHON="$VENV/bin/python" exec packaging/build.sh "$@" ;;
+    *) echo "usage: $0 {demo|test|bench|deb|setup} [ARGS]" >&2; exit 2 ;;
 esac
