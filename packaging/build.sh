@@ -25,7 +25,7 @@ LOG="$OUT/build.log"
 mkdir -p "$WHEELHOUSE"
 : >"$LOG"
 
-step() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
+step() { printf '%s: [%3ds] %s\n' "${0##*/}" "$SECONDS" "$*" >&2; }
 fail() { step "failed; the last lines of $LOG:"; tail -n 30 "$LOG" >&2; exit 1; }
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)
@@ -59,4 +59,5 @@ deb=$(cd "$work" && ls kmuxd_"$version"-1_*.deb)
 mv "$work/$deb" "$OUT/"
 rm -f "$work"/*.buildinfo "$work"/*.changes
 
+step "done"
 printf '%s\n' "$OUT/kmuxd-$version.tar.gz" "$wheel" "$WHEELHOUSE" "$OUT/$deb"

@@ -96,6 +96,18 @@ def svc(installed: InstalledService) -> InstalledService:
     return installed
 
 
+#: Messages of each client that must have reached the backend before a test disturbs the daemon.
+FLOWING = 200
+
+
+def _wait_flowing(svc: Service, backend: str, tags: set[int]) -> None:
+    """Until every client tagged ``tags`` is mid-stream (a fixed sleep is too short on a loaded machine)."""
+    def flowing():
+        counts = collections.Counter(tag for tag, _ in svc.records(backend).elements())
+        return all(counts[t] >= FLOWING for t in tags)
+    wait_until(flowing, 20, f"clients {sorted(tags)} sending through kmuxd", interval=0.1)
+
+
 # -- 1, 2: install and start ----------------------------------------------------------
 
 
@@ -153,7 +165,7 @@ def test_reload_applies_changed_config_while_traffic_flows(svc: Service) -> None
     box, pid = svc.box, svc.main_pid()
     flow = box.agent_popen("flow", "--group=sink", "--tag=4", "--count=2000", "--rate=1000", user=MEMBER)
     try:
-        time.sleep(0.7)
+        _wait_flowing(svc, "sink", {4})
         since = svc.mark()
         box.write(CONFIG, config(svc.ports, sink_connections=3, extra=True))
         box.run("systemctl", "reload", "kmuxd.service")
@@ -223,7 +235,7 @@ def test_restart_with_clients_running_loses_nothing(svc: Service) -> None:
     procs = [box.agent_popen(kind, "--group=sink", f"--tag={tag}", f"--count={count}", "--rate=1000",
                              "--deadline=45", user=MEMBER) for kind, tag in clients]
     try:
-        time.sleep(1.0)
+        _wait_flowing(svc, "sink", tags)
         box.run("systemctl", "restart", "kmuxd.service")
         svc.wait_running()
         results = [collect(p, 50) for p in procs]
