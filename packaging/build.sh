@@ -38,7 +38,7 @@ wheel="$OUT/kmuxd-$version-py3-none-any.whl"
 
 step "wheelhouse $WHEELHOUSE"
 cp "$wheel" "$WHEELHOUSE/"
-pipwheel() { "$PYTHON" -m pip wheel --isolated --wheel-dir "$WHEELHOUSE" --find-links "$WHEELHOUSE" "$@" "$wheel" >>"$LOG" 2>&1; }
+pipwheel() { "$PYTHON" -m pip wheel --wheel-dir "$WHEELHOUSE" --find-links "$WHEELHOUSE" "$@" "$wheel" >>"$LOG" 2>&1; }
 pipwheel --no-index || pipwheel || fail
 
 step "Debian package"
