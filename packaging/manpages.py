@@ -67,8 +67,11 @@ def inline(md: str) -> str:
 
 
 def heading(level: int, text: str) -> str:
-    text = re.sub(r"`([^`]*)`", r"\1", text).replace('"', "")
-    return f'.SH "{text.upper()}"' if level <= 2 else f'.SS "{text}"'
+    """.SH in capitals (but not what is in backticks: ``-j`` stays an option) or .SS."""
+    parts = text.replace('"', "").split("`")
+    if level <= 2:
+        return '.SH "' + "".join(p if i % 2 else p.upper() for i, p in enumerate(parts)) + '"'
+    return '.SS "' + "".join(parts) + '"'
 
 
 def th(name: str, section: str, version: str) -> str:
@@ -96,13 +99,14 @@ def _cells(row: str) -> list[str]:
 def table(rows: list[str]) -> list[str]:
     """A Markdown table as tagged paragraphs: the first cell is the tag, then the
     "meaning" cell, then every other cell on its own line as "Header: cell"."""
-    header = [h.lower() for h in _cells(rows[0])]
+    header = _cells(rows[0])
     out = []
     for row in rows[2:]:
         cells = dict(zip(header, _cells(row)))
         out += [".TP", inline(cells.pop(header[0]))]
         prose = [inline(cells.pop(h)) for h in ("meaning", "what it is") if cells.get(h)]
-        rest = [f"{esc(h.capitalize())}: {inline(c)}" for h, c in cells.items() if c]
+        # "default" reads "Default:"; a header such as "kmux-cli" stays as written.
+        rest = [f"{inline(h.capitalize() if h.isalpha() else h)}: {inline(c)}" for h, c in cells.items() if c]
         out += [". ".join(prose)] if prose else []
         for i, line in enumerate(rest):
             out += [".br", line] if prose or i else [line]
@@ -248,9 +252,11 @@ def page_cli() -> str:
         out += [".TP", " ".join(words), esc(sub.description or "")]
         for action in own:
             out += [".RS", ".TP", _flags(action), esc(action.help or ""), ".RE"]
-    for title in ("Output", "Actions"):
-        out += [heading(2, title), *markdown(doc[title], shift=1)]
-    out += [".SH \"EXIT STATUS\"", *markdown(doc["Exit codes"], shift=1),
+    # Every section of docs/cli.md but the options (the parser has them) and the Python API.
+    for title, body in list(doc.items())[1:]:
+        if title not in CLI_SECTIONS_SKIPPED:
+            out += [heading(2, CLI_SECTION_TITLES.get(title, title)), *markdown(body, shift=1)]
+    out += [
             ".SH ENVIRONMENT", ".TP", "\\fBKMUX_CONTROL\\fR", "the control socket when \\fB\\-\\-control\\fR is not given",
             ".SH \"SEE ALSO\"", "kmuxd(8), kmuxd.toml(5)"]
     return "\n".join(out) + "\n"
@@ -266,6 +272,10 @@ def page_config() -> str:
     out += [".SH \"SEE ALSO\"", "kmuxd(8), kmux\\-cli(8)"]
     return "\n".join(out) + "\n"
 
+
+#: docs/cli.md sections kmux-cli(8) leaves out, and the ones it renames to man(7) conventions.
+CLI_SECTIONS_SKIPPED = ("Options", "As a library")
+CLI_SECTION_TITLES = {"Exit codes": "Exit status"}
 
 PAGES = {"kmuxd.8": page_kmuxd, "kmux-cli.8": page_cli, "kmuxd.toml.5": page_config}
 
