@@ -6,6 +6,7 @@
 #   ./dev.sh test [ARGS]    run the test suite (pytest ARGS)
 #   ./dev.sh bench [ARGS]   run the benchmark (python -m kmuxd.tools.bench ARGS)
 #   ./dev.sh soak [ARGS]    run the chaos soak, 120 s by default (python -m kmuxd.tools.soak ARGS)
+#   ./dev.sh deb [OUTDIR]   build the sdist, the wheel, a wheelhouse and the .deb into OUTDIR (dist/)
 #   ./dev.sh setup          only set up
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -40,6 +41,10 @@ setup_system() {
     [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base nutcracker)
     # The benchmark: memcached behind kmuxd and twemproxy; gcc builds the C load generator and relay.
     [ "${1:-}" = bench ] && want+=(memcached nutcracker gcc)
+    # The .deb (./dev.sh deb, and the systemd tests that build and install
+    # it): Debian's build tools, and the python3.11 it runs on; python3-venv
+    # for the tests' wheel install into a venv; groff and man for the man pages.
+    case "${1:-}" in test | deb) want+=(debhelper dpkg-dev python3.11 python3-venv groff-base man-db) ;; esac
     local missing
     missing=$(missing_apt "${want[@]}")
     if [ -n "$missing" ]; then
@@ -75,5 +80,6 @@ case "$cmd" in
     test) setup_system test; setup_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
     bench) setup_system bench; setup_venv test,bench; exec "$VENV/bin/python" -m kmuxd.tools.bench "$@" ;;
     soak) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.soak "$@" ;;
-    *) echo "usage: $0 {demo|test|bench|soak|setup} [ARGS]" >&2; exit 2 ;;
+    deb) setup_system deb; setup_venv; PYTHON="$VENV/bin/python" exec packaging/build.sh "$@" ;;
+    *) echo "usage: $0 {demo|test|bench|soak|deb|setup} [ARGS]" >&2; exit 2 ;;
 esac

@@ -22,12 +22,8 @@ DEFAULT_CONFIG = "/etc/kmuxd/kmuxd.toml"
 UNIT_COMMANDS = ("install-units", "uninstall-units")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in UNIT_COMMANDS:
-        from kmuxd.system.install import main as units_main
-
-        return units_main(argv[0], argv[1:])
+def build_parser() -> argparse.ArgumentParser:
+    """The daemon's own command line (also the source of the kmuxd(8) man page)."""
     parser = argparse.ArgumentParser(
         prog="kmuxd",
         description="message multiplexer over shared TCP connection groups",
@@ -37,7 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit (0 = valid)")
     parser.add_argument("--log-format", choices=("auto", "console", "json", "journal"), help="override daemon.log_format")
     parser.add_argument("--version", action="version", version=f"kmuxd {__version__}")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in UNIT_COMMANDS:
+        from kmuxd.system.install import main as units_main
+
+        return units_main(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
     except ConfigInvalid as exc:

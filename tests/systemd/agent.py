@@ -125,7 +125,7 @@ def ping(args: argparse.Namespace) -> dict:
         while len(got) < len(sent):
             got.append(client.recv(timeout=10))
     return {"uid": os.getuid(), "groups": os.getgroups(), "sent": len(sent), "received": len(got),
-            "same": sorted(sent) == sorted(got)}
+            "same": sorted(sent) == sorted(got), "kmux": kmux.__file__}
 
 
 def refused(args: argparse.Namespace) -> dict:

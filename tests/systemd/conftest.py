@@ -12,14 +12,17 @@ root, no sdbox, or ``sdbox up`` failing (no overlayfs, no cgroup2...).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -94,9 +97,10 @@ class Box:
     def popen(self, *cmd: str, user: str | None = None) -> subprocess.Popen:
         return subprocess.Popen(self._argv(cmd, user), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def agent(self, *args: str, user: str | None = None, timeout: float = COMMAND_TIMEOUT) -> dict:
-        """Run tests/systemd/agent.py in the container; its one JSON line."""
-        proc = self.run(PYTHON, str(AGENT), *args, user=user, timeout=timeout)
+    def agent(self, *args: str, user: str | None = None, timeout: float = COMMAND_TIMEOUT,
+              python: str = PYTHON) -> dict:
+        """Run tests/systemd/agent.py in the container (with ``python``: whose kmux library); its one JSON line."""
+        proc = self.run(python, str(AGENT), *args, user=user, timeout=timeout)
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     def agent_popen(self, *args: str, user: str | None = None) -> subprocess.Popen:
@@ -115,6 +119,82 @@ class Box:
     def journal(self, *args: str) -> list[dict]:
         out = self.run("journalctl", "--no-pager", "-o", "json", *args).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+#: The kmuxd.service tests talk to; backends record what arrives under this directory.
+STATE = "/run/kmuxtest"
+#: A user in group kmux, and one outside it.
+MEMBER, OUTSIDER = "kmuxtest", "kmuxout"
+
+
+class Service:
+    """kmuxd.service in one container, however it was installed, and the loopback backends it talks to."""
+
+    def __init__(self, box: Box, ports: dict[str, int]) -> None:
+        self.box = box
+        self.ports = ports
+
+    def props(self, *names: str) -> dict[str, str]:
+        return self.box.show("kmuxd.service", *names)
+
+    def main_pid(self) -> int:
+        return int(self.props("MainPID")["MainPID"])
+
+    def wait_running(self, timeout: float = 20) -> dict[str, str]:
+        def running():
+            p = self.props("ActiveState", "SubState", "MainPID")
+            return p if (p["ActiveState"], p["SubState"]) == ("active", "running") and p["MainPID"] != "0" else None
+        return wait_until(running, timeout, "kmuxd.service active (running)")
+
+    def ensure_running(self) -> None:
+        if self.props("ActiveState")["ActiveState"] != "active":
+            self.box.run("systemctl", "reset-failed", "kmuxd.service", check=False)
+            self.box.run("systemctl", "start", "kmuxd.service")
+        self.wait_running()
+
+    def records(self, backend: str) -> collections.Counter:
+        text = self.box.run("sh", "-c", f"cat {STATE}/{backend}.rec 2>/dev/null || true").stdout
+        return collections.Counter(tuple(map(int, line.split())) for line in text.splitlines() if line.strip())
+
+    def events(self, event: str, since: str | None = None) -> list[dict]:
+        """The daemon's journal entries for one KMUX_EVENT, optionally only those after a :meth:`mark`."""
+        return self.box.journal("-u", "kmuxd.service", f"KMUX_EVENT={event}", *([since] if since else []))
+
+    def mark(self) -> str:
+        """A ``--since=`` option that selects journal entries written after now.
+
+        (journalctl 252 finds nothing with ``--after-cursor`` plus a field
+        match when the cursor's entry does not match, so: timestamps.)
+        """
+        last = self.box.journal("-n", "1")
+        usec = int(last[-1]["__REALTIME_TIMESTAMP"]) + 1 if last else 0
+        return f"--since=@{usec // 1_000_000}.{usec % 1_000_000:06d}"
+
+    def wait_event(self, since: str, event: str) -> dict:
+        """The first ``event`` after ``since``, once SubState is back to running (a reload's end)."""
+        found = wait_until(lambda: self.events(event, since), 15, f"{event} in the journal")
+        wait_until(lambda: self.props("SubState")["SubState"] == "running", 10, "SubState back to running")
+        return found[-1]
+
+
+def start_backends(box: Box, names: dict[str, bool]) -> dict[str, int]:
+    """Loopback backends as transient services in the container (``{name: echo}``); their ports.
+
+    Each records ``TAG IDX`` per frame in ``STATE/NAME.rec``; an echo backend also answers every frame.
+    """
+    box.run("mkdir", "-p", STATE)
+    for name, echo in names.items():
+        box.run("systemd-run", f"--unit=kmuxtest-{name}", "--property=Type=exec", PYTHON, str(AGENT), "backend",
+                f"--port-file={STATE}/{name}.port", f"--records={STATE}/{name}.rec", *(["--echo"] if echo else []))
+    return {name: int(wait_until(lambda: box.run("sh", "-c", f"cat {STATE}/{name}.port 2>/dev/null || true").stdout.strip(),
+                                 15, f"backend {name} listening")) for name in names}
+
+
+def add_users(box: Box, *, outsider: bool = False) -> None:
+    """MEMBER in group kmux (which must exist by now), and OUTSIDER in none."""
+    box.run("useradd", "-M", "-s", "/usr/sbin/nologin", "-G", "kmux", MEMBER)
+    if outsider:
+        box.run("useradd", "-M", "-s", "/usr/sbin/nologin", OUTSIDER)
 
 
 def _collect(proc: subprocess.Popen, timeout: float) -> dict:
@@ -146,15 +226,20 @@ def _skip_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def box():
+@contextlib.contextmanager
+def boot_box(binds: tuple[str, ...] = ()) -> Iterator[Box]:
+    """One container for a ``with`` block, always torn down; skips the test when sdbox cannot run.
+
+    ``binds``: more host directories the container must see (read-only),
+    such as a build directory under /tmp, which the container's own /tmp hides.
+    """
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
     tool = sdbox_tool()
     t0 = time.monotonic()
     try:
-        env = dict(os.environ, SDBOX_BIND=":".join(sdbox_binds()))
+        env = dict(os.environ, SDBOX_BIND=":".join([*sdbox_binds(), *binds]))
         up = subprocess.run([str(tool), "up"], capture_output=True, text=True, timeout=150, env=env)
     except subprocess.TimeoutExpired:
         pytest.skip("sdbox up did not finish in 150 s")
@@ -172,6 +257,12 @@ def box():
         subprocess.run([str(tool), "down", state], capture_output=True, timeout=120)
 
 
+@pytest.fixture(scope="module")
+def box():
+    with boot_box() as b:
+        yield b
+
+
 def _open_paths_for_users(b: Box) -> None:
     """Let unprivileged test users reach the interpreter, the venv and the checkout.
 
@@ -182,6 +273,40 @@ def _open_paths_for_users(b: Box) -> None:
     targets = [os.path.realpath(PYTHON), PYTHON, str(REPO), str(AGENT)]
     dirs = sorted({str(p) for t in targets for p in Path(t).parents if p != Path("/")})
     b.run("sh", "-c", 'for d in "$@"; do [ -d "$d" ] && chmod o+x "$d"; done; true', "sh", *dirs)
+
+
+#: Seconds packaging/build.sh may take (about 40 s here; a cold pip cache fetches the dependencies).
+BUILD_TIMEOUT = 600
+
+
+@dataclass(frozen=True)
+class Artefacts:
+    """What packaging/build.sh made, in one directory the containers see read-only."""
+
+    dir: Path
+    sdist: Path
+    wheel: Path
+    wheelhouse: Path
+    deb: Path
+
+
+@pytest.fixture(scope="session")
+def artefacts(tmp_path_factory) -> Artefacts:
+    """The sdist, the wheel, the wheelhouse and the .deb, built once per test run (./dev.sh deb's script)."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)  # nothing could install them: do not spend the build
+    missing = [tool for tool in ("dpkg-buildpackage", "dh", "/usr/bin/python3.11") if not shutil.which(tool)]
+    if missing:
+        pytest.skip(f"no {', '.join(missing)}: ./dev.sh test (or ./dev.sh deb) installs debhelper, dpkg-dev, python3.11")
+    out = tmp_path_factory.mktemp("dist")
+    t0 = time.monotonic()
+    proc = subprocess.run([str(REPO / "packaging" / "build.sh"), str(out)], capture_output=True, text=True,
+                          timeout=BUILD_TIMEOUT, env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 0, f"packaging/build.sh failed:\n{proc.stderr[-3000:]}"
+    MEASURED["packaging/build.sh (sdist, wheel, wheelhouse, .deb)"] = f"{time.monotonic() - t0:.1f} s"
+    sdist, wheel, wheelhouse, deb = (Path(p) for p in proc.stdout.split())
+    return Artefacts(out, sdist, wheel, wheelhouse, deb)
 
 
 def pytest_terminal_summary(terminalreporter):

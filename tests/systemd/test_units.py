@@ -7,6 +7,7 @@ issue's target is 2.0 or lower) and ``verify``.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -88,7 +89,7 @@ def test_install_writes_every_file_with_this_kmuxd(prefix: Path) -> None:
 @needs_analyze
 def test_security_score_is_at_most_2(prefix: Path) -> None:
     rendered = security_score(unit(prefix, "kmuxd.service"))
-    shipped = security_score(REPO / "packaging/systemd/kmuxd.service")
+    shipped = security_score(REPO / "kmuxd/share/systemd/kmuxd.service")
     MEASURED["systemd-analyze security --offline=true kmuxd.service"] = f"{rendered} (shipped file: {shipped})"
     assert rendered <= SECURITY_TARGET
     assert shipped <= SECURITY_TARGET
@@ -97,8 +98,10 @@ def test_security_score_is_at_most_2(prefix: Path) -> None:
 @needs_analyze
 def test_units_verify(prefix: Path) -> None:
     units = [str(unit(prefix, name)) for name in install.UNITS]
+    # verify runs `man` for each Documentation=man:...: point it at the pages install-units wrote.
+    env = dict(os.environ, MANPATH=str(prefix / install.DEFAULT_MAN_DIR.lstrip("/")))
     proc = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60,
-                          cwd=unit(prefix, ""))
+                          cwd=unit(prefix, ""), env=env)
     assert proc.returncode == 0, proc.stderr
     problems = [ln for ln in proc.stderr.splitlines() if "kmuxd" in ln and "Failed to parse system call" not in ln]
     assert not problems, "\n".join(problems)
@@ -172,3 +175,40 @@ def test_daemon_command_line_is_unchanged(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "groups.a.connections" in proc.stderr
     proc = run_kmuxd("--help")
     assert proc.returncode == 0 and "--check" in proc.stdout and "install-units" in proc.stdout
+
+
+def test_man_pages_are_installed_and_marked(prefix: Path) -> None:
+    for page in install.MAN_PAGES:
+        path = prefix / "usr/local/share/man" / f"man{page.rsplit('.', 1)[1]}" / page
+        first, rest = path.read_text().split("\n", 1)
+        assert first == f'.\\" {install.MARKER}'  # a roff comment
+        assert rest == (REPO / "kmuxd/share/man" / page).read_text()
+
+
+def test_packaged_layout_for_a_distribution_package(tmp_path: Path) -> None:
+    proc = run_kmuxd("install-units", "--packaged", "--prefix", str(tmp_path), "--kmuxd", "/usr/sbin/kmuxd")
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["etc/kmuxd/kmuxd.toml", "lib/systemd/system/kmuxd-control.socket",
+                     "lib/systemd/system/kmuxd.service", "lib/systemd/system/kmuxd.socket",
+                     "usr/lib/sysusers.d/kmuxd.conf", "usr/share/man/man5/kmuxd.toml.5",
+                     "usr/share/man/man8/kmux-cli.8", "usr/share/man/man8/kmuxd.8"]
+    service = tmp_path / "lib/systemd/system/kmuxd.service"
+    assert install.MARKER not in service.read_text()  # dpkg owns it; uninstall-units must never remove it
+    assert directives(service)["ExecStart"] == ["/usr/sbin/kmuxd --config /etc/kmuxd/kmuxd.toml"]
+    assert directives(service)["Documentation"] == [
+        "man:kmuxd(8) man:kmuxd.toml(5) file:///usr/share/doc/kmuxd/systemd.md"]
+    # Not a live install: it needs a DESTDIR and the packaged path of kmuxd.
+    proc = run_kmuxd("install-units", "--packaged", "--prefix", str(tmp_path))
+    assert proc.returncode == 1 and "--kmuxd" in proc.stderr
+
+
+def test_install_refuses_to_shadow_a_package(tmp_path: Path) -> None:
+    packaged = tmp_path / "lib/systemd/system/kmuxd.service"
+    packaged.parent.mkdir(parents=True)
+    packaged.write_text("[Service]\nExecStart=/usr/sbin/kmuxd\n")
+    proc = run_kmuxd("install-units", "--prefix", str(tmp_path))
+    assert proc.returncode == 1 and "installed by a package" in proc.stderr
+    assert not unit(tmp_path, "kmuxd.service").exists()
+    proc = run_kmuxd("install-units", "--prefix", str(tmp_path), "--force")
+    assert proc.returncode == 0 and unit(tmp_path, "kmuxd.service").exists()

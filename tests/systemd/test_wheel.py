@@ -1,0 +1,85 @@
+"""The wheel path in a real systemd (sdbox): a venv at /opt/kmuxd, pip install offline, install-units --now.
+
+What docs/systemd.md tells an administrator without the Debian package:
+Debian's python3 makes a venv at /opt/kmuxd, pip installs the kmuxd wheel
+from the wheelhouse packaging/build.sh made (``--no-index``: the container
+has no network), the configuration is edited, then ``kmuxd install-units
+--now``. Nothing comes from a checkout: the units, the sysusers entry, the
+example configuration and the man pages are the wheel's package data.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import MEMBER, Artefacts, Box, Service, add_users, boot_box, start_backends
+
+VENV = "/opt/kmuxd"
+KMUXD = f"{VENV}/bin/kmuxd"
+CONFIG = "/etc/kmuxd/kmuxd.toml"
+UNITS = ("kmuxd.service", "kmuxd.socket", "kmuxd-control.socket")
+
+
+def config(ports: dict[str, int]) -> str:
+    return f'version = 1\n[groups.echo]\nendpoints = ["127.0.0.1:{ports["echo"]}"]\nconnections = 2\n'
+
+
+@pytest.fixture(scope="module")
+def wheel_box(artefacts: Artefacts):
+    with boot_box((str(artefacts.dir),)) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def venv(wheel_box: Box, artefacts: Artefacts) -> Service:
+    """kmuxd pip-installed into /opt/kmuxd; an echo backend; no units yet."""
+    box = wheel_box
+    box.run("/usr/bin/python3.11", "-m", "venv", VENV)
+    # PIP_CONFIG_FILE: this machine's pip.conf names local indexes; an administrator's pip has none.
+    box.run("env", "PIP_CONFIG_FILE=/dev/null", f"{VENV}/bin/pip", "install", "--no-index",
+            f"--find-links={artefacts.wheelhouse}", "kmuxd", timeout=180)
+    ports = start_backends(box, {"echo": True})
+    box.write(CONFIG, config(ports))  # edited before install-units --now, as the README says
+    return Service(box, ports)
+
+
+def _install_units(svc: Service) -> str:
+    if svc.box.run("test", "-f", "/etc/systemd/system/kmuxd.service", check=False).returncode == 0:
+        return ""
+    proc = svc.box.run(KMUXD, "install-units", "--now")
+    if svc.box.run("id", MEMBER, check=False).returncode != 0:
+        add_users(svc.box)  # group kmux exists from here on
+    return proc.stdout
+
+
+def test_install_units_now_from_the_wheel_serves_a_member(venv: Service) -> None:
+    box = venv.box
+    box.run(KMUXD, "uninstall-units", check=False)
+    out = _install_units(venv)
+    assert f"ExecStart={KMUXD} --config {CONFIG}" in out and f"kept {CONFIG}" in out, out
+    assert "note:" not in out, out  # /opt needs no ProtectHome=/PrivateTmp= exceptions
+    venv.wait_running()
+    unit = box.read("/etc/systemd/system/kmuxd.service")
+    assert "ProtectHome=yes\n" in unit and "BindReadOnlyPaths" not in unit
+    # No checkout behind a wheel: Documentation= keeps the man pages only.
+    assert "Documentation=man:kmuxd(8) man:kmuxd.toml(5)\n" in unit
+    assert box.run("systemctl", "is-enabled", *UNITS).stdout.split() == ["enabled"] * 3
+    assert "/usr/local/share/man/man8/kmuxd.8" in box.run("man", "-w", "kmuxd").stdout.replace("/usr/local/man/",
+                                                                                               "/usr/local/share/man/")
+    result = box.agent("ping", "--group=echo", "--tag=31", "--count=50", user=MEMBER, python=f"{VENV}/bin/python")
+    assert result["uid"] != 0 and result["received"] == 50 and result["same"], result
+    assert result["kmux"].startswith(f"{VENV}/"), result  # the wheel's client library
+    assert venv.records("echo")[(31, 50)] == 1
+
+
+def test_uninstall_units_removes_what_it_wrote(venv: Service) -> None:
+    box = venv.box
+    _install_units(venv)
+    out = box.run(KMUXD, "uninstall-units", "--purge").stdout
+    assert "removed /etc/systemd/system/kmuxd.service" in out and "removed /usr/local/share/man/man8/kmuxd.8" in out
+    assert venv.props("LoadState")["LoadState"] == "not-found"
+    left = box.run("sh", "-c", "ls /etc/systemd/system/kmuxd* /etc/sysusers.d/kmuxd.conf "
+                   "/usr/local/share/man/man*/kmux* /etc/kmuxd 2>/dev/null; true").stdout.split()
+    assert not left, left
+    # Put the configuration back for a test that runs after this one.
+    box.write(CONFIG, config(venv.ports))
