@@ -375,7 +375,9 @@ class Daemon:
             for name in plan.removed + plan.replaced:
                 self._nursery.start_soon(old_groups[name].retire)
             for name in plan.resized:
-                self._nursery.start_soon(self.groups[name].resize, new.groups[name])
+                surplus = self.groups[name].resize(new.groups[name])
+                if surplus:
+                    self._nursery.start_soon(self.groups[name].shrink, surplus)
             for name in plan.reconfigured:
                 self.groups[name].reconfigure(new.groups[name])
             self.reloads += 1

@@ -286,21 +286,28 @@ class Group:
     def connections_up(self) -> int:
         return sum(1 for s in self.slots if s.connected)
 
-    async def resize(self, cfg: GroupConfig) -> None:
-        """Apply a configuration that differs only in ``connections`` (and soft settings).
+    def resize(self, cfg: GroupConfig) -> list[Slot]:
+        """Apply a configuration that differs in ``connections`` (and soft settings).
 
-        New slots dial at once; surplus slots (the highest numbers) drain
-        their queues and close. Other slots and every client are untouched.
+        New slots are created and start dialling at once (so the statistics
+        show them as soon as the reload is answered); the surplus slots (the
+        highest numbers) are returned: the caller drains them with
+        :meth:`shrink`. Other slots and every client are untouched.
         """
         old = len(self.slots)
         self.reconfigure(cfg)
         for index in range(old, cfg.connections):
             slot = self._new_slot(index)
             self.slots.append(slot)
-            await self._nursery.start(slot.run)
+            self._nursery.start_soon(slot.run)
         surplus = self.slots[cfg.connections :]
         del self.slots[cfg.connections :]
         self.retired_slots.extend(surplus)  # their counts stay in the group's totals
+        self.log.info("group_resized", connections=cfg.connections, was=old)
+        return surplus
+
+    async def shrink(self, surplus: list[Slot]) -> None:
+        """Drain the slots a resize removed (each queue written, then closed)."""
         for slot in surplus:
             try:
                 await slot.drain(self.daemon_cfg.shutdown_grace, retire=True)
@@ -308,7 +315,6 @@ class Group:
                 pass
             slot.close_all()
             self.reactor.end_pass()
-        self.log.info("group_resized", connections=cfg.connections, was=old)
 
     def reconfigure(self, cfg: GroupConfig) -> None:
         """Settings that change in place (limits, timeouts, access): clients stay attached.

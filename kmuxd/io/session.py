@@ -170,9 +170,11 @@ class AppSession(Handler):
         self.reading = True  # False once the daemon stopped reading it (shutdown)
         self.read_wanted = True  # False while pushed back
         self.blocked_since: float | None = None  # waiting for a connection (queue_timeout)
-        self.last_activity = time.monotonic()
-        self.since = self.last_activity
+        self.since = time.monotonic()
         self.open: _Open | None = None
+        #: Packets read per pass (adaptive, 1..client_turn) and the pass that used them all.
+        self.read_batch = 1
+        self.batch_pass = -2
         self.requeue_parts: bytearray | None = None
         self.closing_deadline: float | None = None  # slow consumer: close once its notice is out
         self.accepted = 0  # DATA messages committed to an outbox
@@ -318,7 +320,14 @@ class AppSession(Handler):
         recvmsg_into = self.sock.recvmsg_into
         check = group.check_message
         max_message = cfg.max_message
-        turn = cfg.client_turn
+        # Read no more than the client has shown it sends per pass: a client
+        # that sends one request and waits costs one recv, not a second one
+        # that only says EAGAIN (level-triggered epoll brings it back).
+        passes = group.reactor.passes
+        batch = self.read_batch
+        if self.batch_pass == passes - 1 and batch < cfg.client_turn:
+            batch = self.read_batch = min(cfg.client_turn, batch * 2)  # still readable: it streams
+        turn = batch
         budget = conn.budget
         if budget is not None and budget < turn:
             turn = max(budget, 1)
@@ -388,8 +397,10 @@ class AppSession(Handler):
                 self._packet(kind, bytes(view[tail : tail + size]), bool(flags & _MSG_TRUNC))
             first_seq = self.seq + 1
         taken += self._commit(conn, outbox, run_start, tail, msgs, first_seq)
-        if taken:
-            self.last_activity = now
+        if status == _TURN:
+            self.batch_pass = passes
+        elif status == _EMPTY and batch > 1:
+            self.read_batch = max(1, batch // 2)
         return status
 
     def _commit(self, conn: Any, outbox: "Outbox", start: int, tail: int, msgs: int, first_seq: int) -> int:
@@ -473,7 +484,6 @@ class AppSession(Handler):
                     return _TURN
                 continue
             outbox.open_end = end + size
-            self.last_activity = open_.since
             if kind == KIND_DATA:
                 self._finish_open(total)
                 return _TURN
@@ -502,7 +512,6 @@ class AppSession(Handler):
         group.wake(group.sched.closed_open(self, outbox, commit=True, seq=open_.seq))
         self.accepted += 1
         self.accepted_bytes += size
-        self.last_activity = time.monotonic()
         if conn is not None:
             conn.accepted(1)
             conn.flush_soon()
