@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from kmux import AccountingLost, AccountingWarning, ReconnectPolicy
-from kmux._reconnect import Backoff, ReconnectCore, as_policy, is_retryable, translate_seq
+from kmux._reconnect import ReconnectBackoff, ReconnectCore, as_policy, is_retryable, translate_seq
 from kmux.errors import BadFrame, DaemonUnavailable, UnknownGroup
 
 
@@ -47,7 +47,7 @@ def test_policy_must_be_bounded_and_sane():
 
 def test_backoff_grows_is_capped_jittered_and_gives_up_after_max_attempts():
     p = ReconnectPolicy(max_attempts=6, deadline=None, initial_delay=0.1, max_delay=0.5, multiplier=2, jitter=0.5)
-    b = Backoff(p, 0.0, random.Random(1))
+    b = ReconnectBackoff(p, 0.0, random.Random(1))
     delays = [b.failed(0.0) for _ in range(5)]
     caps = [0.1, 0.2, 0.4, 0.5, 0.5]
     assert all(cap * 0.5 <= d <= cap for d, cap in zip(delays, caps)), delays
@@ -56,7 +56,7 @@ def test_backoff_grows_is_capped_jittered_and_gives_up_after_max_attempts():
 
 
 def test_backoff_respects_the_deadline():
-    b = Backoff(ReconnectPolicy(deadline=1.0, initial_delay=0.4, max_delay=0.4, jitter=0), 10.0)
+    b = ReconnectBackoff(ReconnectPolicy(deadline=1.0, initial_delay=0.4, max_delay=0.4, jitter=0), 10.0)
     assert b.failed(10.0) == pytest.approx(0.4)
     assert b.failed(10.8) == pytest.approx(0.2)  # clipped to what is left
     assert b.failed(11.0) is None
