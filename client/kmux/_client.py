@@ -12,12 +12,11 @@ forms. The README's "Surviving daemon restarts" explains the accounting.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from ._driver import ClientDriver, ClientSettings, ClientStatistics
-from ._reconnect import ReconnectPolicy, UnknownFate, as_policy
+from ._reconnect import ReconnectCore, ReconnectPolicy, UnknownFate, as_policy
 from .errors import DaemonUnavailable
-from .framing import Framing
 
 __all__ = ["ClientInfo", "ReconnectInfo", "settings"]
 
@@ -41,36 +40,30 @@ def settings(
                           require_up=require_up, policy=as_policy(reconnect))
 
 
+def _answered(field: str, doc: str) -> property:
+    """A field of the daemon's accepted answer (the current or the latest connection's)."""
+    return property(lambda self: getattr(self._driver.session.accepted, field), doc=doc)
+
+
+def _accounted(read: Callable[[ReconnectCore], Any], doc: str) -> property:
+    """A figure of the reconnect accounting."""
+    return property(lambda self: read(self._driver.core), doc=doc)
+
+
 class ClientInfo:
     """A client's identity and limits, as the daemon's answer gave them."""
 
     _driver: ClientDriver
 
+    client_id = _answered("client_id", "The daemon's id of this connection (a reconnecting client gets a new one).")
+    max_message = _answered("max_message", "The group's bound on a message, header included, in bytes.")
+    framing = _answered("framing", "The group's framing (a kmux.Framing).")
+    steering = _answered("steering", "How the group steers received messages: balance, id or fifo.")
+    up = _answered("up", "Whether the group had a TCP connection up when it accepted this connection.")
+
     @property
     def group(self) -> str:
         return self._driver.settings.group
-
-    @property
-    def client_id(self) -> int:
-        """The daemon's id of this connection (a reconnecting client gets a new one each time)."""
-        return self._driver.session.accepted.client_id  # type: ignore[union-attr]
-
-    @property
-    def max_message(self) -> int:
-        return self._driver.session.accepted.max_message  # type: ignore[union-attr]
-
-    @property
-    def framing(self) -> Framing:
-        return self._driver.session.accepted.framing  # type: ignore[union-attr]
-
-    @property
-    def steering(self) -> str:
-        return self._driver.session.accepted.steering  # type: ignore[union-attr]
-
-    @property
-    def up(self) -> bool:
-        """Whether the group had a TCP connection up when it accepted this connection."""
-        return self._driver.session.accepted.up  # type: ignore[union-attr]
 
     @property
     def seq(self) -> int:
@@ -100,27 +93,16 @@ class ReconnectInfo:
 
     _driver: ClientDriver
 
+    accepted_seq = _accounted(lambda core: core.accepted_seq, "Every message up to this seq is accounted for.")
+    reconnects = _accounted(lambda core: core.counters.reconnects, "Connections made after the first.")
+    resent = _accounted(lambda core: core.counters.resent, "Messages sent again after a lost connection.")
+    guaranteed = _accounted(
+        lambda core: core.guaranteed, "False while a message of unknown fate may have been dropped from the buffer."
+    )
+
     @property
     def policy(self) -> ReconnectPolicy:
         return self._driver.settings.policy  # type: ignore[return-value]
-
-    @property
-    def accepted_seq(self) -> int:
-        """Every message up to this seq is accounted for."""
-        return self._driver.core.accepted_seq  # type: ignore[union-attr]
-
-    @property
-    def reconnects(self) -> int:
-        return self._driver.core.counters.reconnects  # type: ignore[union-attr]
-
-    @property
-    def resent(self) -> int:
-        return self._driver.core.counters.resent  # type: ignore[union-attr]
-
-    @property
-    def guaranteed(self) -> bool:
-        """False while a message of unknown fate may have been dropped from the resend buffer."""
-        return self._driver.core.guaranteed  # type: ignore[union-attr]
 
     @property
     def connected(self) -> bool:

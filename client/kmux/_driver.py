@@ -11,9 +11,9 @@ It never touches a socket, a thread or trio.
 
 Every operation (:meth:`ClientDriver.open`, :meth:`~ClientDriver.send`,
 :meth:`~ClientDriver.recv`, :meth:`~ClientDriver.set_receive`) is a
-generator that *yields requests* for whatever may block (:class:`Connect`,
-:class:`Send`, :class:`Recv`, :class:`Acquire`, :class:`WaitProgress`,
-:class:`Sleep`...) and is *sent back* each result, or *thrown* the
+generator that *yields requests* (:mod:`kmux._requests`: ``Connect``,
+``Send``, ``Recv``, ``Acquire``, ``WaitProgress``, ``Sleep``...) for
+whatever may block, and is *sent back* each result, or *thrown* the
 exception it raised (``OSError``, ``TimeoutError``, trio's ``Cancelled``).
 A transport runs the generator: :mod:`kmux._sync` with blocking calls,
 :mod:`kmux.trio` with ``await``. So the rules live here once, and the
@@ -76,24 +76,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from ._requests import Acquire, Connect, Recv, Send, SizeSendBuffer, Sleep, TryAcquire, WaitProgress
 from ._reconnect import ReconnectBackoff, ReconnectCore, ReconnectPolicy, UnknownFate, is_retryable, translate_seq
 from ._session import CONCAT_MAX, ClientSession, HandBack, State
 from .errors import ClientClosed, DaemonUnavailable, GroupUnavailable, InternalError, KmuxError, MessageTooBig
 
-__all__ = [
-    "ClientDriver",
-    "ClientSettings",
-    "ClientStatistics",
-    "Connect",
-    "Send",
-    "Recv",
-    "SizeSendBuffer",
-    "Acquire",
-    "TryAcquire",
-    "WaitProgress",
-    "Sleep",
-    "PEER_GONE",
-]
+__all__ = ["ClientDriver", "ClientSettings", "ClientStatistics", "PEER_GONE"]
 
 #: errnos that mean the connection is gone (rule 1).
 PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF})
@@ -102,84 +90,6 @@ PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBAD
 #: drained past at most this many such errors.
 DRAIN_RESETS_MAX = 3
 _CUT_SHORT = "the connection was closed: a message sent in pieces was cut short"
-
-
-# -- requests ------------------------------------------------------------------------
-
-
-class Connect:
-    """Open a socket to ``path`` (``deadline``: TimeoutError); returns the transport's link."""
-
-    __slots__ = ("path", "deadline")
-
-    def __init__(self, path: str, deadline: float | None) -> None:
-        self.path, self.deadline = path, deadline
-
-
-class Send:
-    """Send one packet (``parts``: buffers gathered by one ``sendmsg``); blocks for room.
-
-    Raises OSError; if it raises, nothing was sent. ``shield``: not cancellable.
-    """
-
-    __slots__ = ("link", "parts", "deadline", "shield")
-
-    def __init__(self, link: Any, parts: tuple[Any, ...], deadline: float | None, shield: bool = False) -> None:
-        self.link, self.parts, self.deadline, self.shield = link, parts, deadline, shield
-
-
-class Recv:
-    """Wait for one packet and receive it into ``buffers``; returns ``(nbytes, truncated)``."""
-
-    __slots__ = ("link", "buffers", "deadline")
-
-    def __init__(self, link: Any, buffers: list[Any], deadline: float | None) -> None:
-        self.link, self.buffers, self.deadline = link, buffers, deadline
-
-
-class SizeSendBuffer:
-    """``kmux.sockbuf.size_send_buffer(link's socket, want)``: returns the largest packet it takes."""
-
-    __slots__ = ("link", "want")
-
-    def __init__(self, link: Any, want: int) -> None:
-        self.link, self.want = link, want
-
-
-class Acquire:
-    """Take ``lock`` (one the transport gave the driver); TimeoutError at ``deadline``."""
-
-    __slots__ = ("lock", "deadline", "shield")
-
-    def __init__(self, lock: Any, deadline: float | None, shield: bool = False) -> None:
-        self.lock, self.deadline, self.shield = lock, deadline, shield
-
-
-class TryAcquire:
-    """Take ``lock`` if it is free; returns whether it was taken."""
-
-    __slots__ = ("lock",)
-
-    def __init__(self, lock: Any) -> None:
-        self.lock = lock
-
-
-class WaitProgress:
-    """Wait until ``done()`` is true, re-checking it at each progress notification; TimeoutError at ``deadline``."""
-
-    __slots__ = ("done", "deadline")
-
-    def __init__(self, done: Callable[[], bool], deadline: float | None) -> None:
-        self.done, self.deadline = done, deadline
-
-
-class Sleep:
-    """Sleep until the clock reads ``until``."""
-
-    __slots__ = ("until",)
-
-    def __init__(self, until: float) -> None:
-        self.until = until
 
 
 # -- configuration and records -------------------------------------------------------------

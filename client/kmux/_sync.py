@@ -42,20 +42,10 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+from . import _requests as rq
 from ._client import ClientInfo, ReconnectInfo, settings
+from ._driver import ClientDriver, ClientSettings
 from ._link import MSG_TRUNC, SocketLink
-from ._driver import (
-    Acquire,
-    ClientDriver,
-    ClientSettings,
-    Connect,
-    Recv,
-    Send,
-    SizeSendBuffer,
-    Sleep,
-    TryAcquire,
-    WaitProgress,
-)
 from ._reconnect import ReconnectPolicy
 from ._session import CONCAT_MAX
 from .protocol import DATA_PREFIX
@@ -113,10 +103,10 @@ class Client(ClientInfo):
         self.timeout = settings.timeout
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
-        self._progress = threading.Condition()
+        transport = _Blocking()
+        self._perform = rq.dispatch_table(transport)
         self._driver = ClientDriver(settings, send_lock=self._send_lock, recv_lock=self._recv_lock,
-                                    notify_progress=self._notify_progress, clock=time.monotonic)
-        self._perform: dict[type, Callable[[Any], Any]] = {**_PERFORM, WaitProgress: self._wait_progress}
+                                    notify_progress=transport.notify_progress, clock=time.monotonic)
 
     def send(self, message: Any) -> int:
         """Send one whole message (header included), in pieces if it needs them; returns its seq.
@@ -196,15 +186,6 @@ class Client(ClientInfo):
             except BaseException as exc:  # the driver decides what it means
                 step, arg = operation.throw, exc
 
-    def _notify_progress(self) -> None:
-        with self._progress:
-            self._progress.notify_all()
-
-    def _wait_progress(self, request: WaitProgress) -> None:
-        with self._progress:
-            if not self._progress.wait_for(request.done, _seconds_left(request.deadline)):
-                raise TimeoutError
-
 
 class ReconnectingClient(ReconnectInfo, Client):
     """A blocking client that reconnects when the daemon goes away.
@@ -232,59 +213,76 @@ def _seconds_left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _connect(request: Connect) -> _Link:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        left = _seconds_left(request.deadline)
-        sock.settimeout(None if left is None else max(left, 0.001))  # a full backlog makes connect wait
-        sock.connect(request.path)
-        sock.settimeout(None)
-    except BaseException:
-        sock.close()
-        raise
-    return _Link(sock)
+class _Blocking:
+    """Performs the driver's requests (kmux._requests) with blocking calls."""
 
+    def __init__(self) -> None:
+        self.progress = threading.Condition()
 
-def _send(request: Send) -> None:
-    sock, parts = request.link.sock, request.parts
-    flags = _FLAGS if request.deadline is None else _DONTWAIT
-    while True:
+    def notify_progress(self) -> None:
+        with self.progress:
+            self.progress.notify_all()
+
+    def wait_progress(self, request: rq.WaitProgress) -> None:
+        with self.progress:
+            if not self.progress.wait_for(request.done, _seconds_left(request.deadline)):
+                raise TimeoutError
+
+    @staticmethod
+    def connect(request: rq.Connect) -> _Link:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            if len(parts) == 1:
-                sock.send(parts[0], flags)
-            else:
-                sock.sendmsg(parts, (), flags)
-            return
-        except BlockingIOError:
-            if not select.select((), (sock,), (), _seconds_left(request.deadline))[1]:
-                raise TimeoutError from None
+            left = _seconds_left(request.deadline)
+            sock.settimeout(None if left is None else max(left, 0.001))  # a full backlog makes connect wait
+            sock.connect(request.path)
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        return _Link(sock)
 
+    @staticmethod
+    def send(request: rq.Send) -> None:
+        sock, parts = request.link.sock, request.parts
+        flags = _FLAGS if request.deadline is None else _DONTWAIT
+        while True:
+            try:
+                if len(parts) == 1:
+                    sock.send(parts[0], flags)
+                else:
+                    sock.sendmsg(parts, (), flags)
+                return
+            except BlockingIOError:
+                if not select.select((), (sock,), (), _seconds_left(request.deadline))[1]:
+                    raise TimeoutError from None
 
-def _recv(request: Recv) -> tuple[int, bool]:
-    link = request.link
-    if request.deadline is None:
-        n, _, flags, _ = link.sock.recvmsg_into(request.buffers)
-        return n, bool(flags & MSG_TRUNC)
-    while (got := link.recv_nowait(request.buffers)) is None:
-        left = _seconds_left(request.deadline)
-        if not left or not link.poll.poll(math.ceil(left * 1000)):
+    @staticmethod
+    def recv(request: rq.Recv) -> tuple[int, bool]:
+        link = request.link
+        if request.deadline is None:
+            n, _, flags, _ = link.sock.recvmsg_into(request.buffers)
+            return n, bool(flags & MSG_TRUNC)
+        while (got := link.recv_nowait(request.buffers)) is None:
+            left = _seconds_left(request.deadline)
+            if not left or not link.poll.poll(math.ceil(left * 1000)):
+                raise TimeoutError
+        return got
+
+    @staticmethod
+    def size_send_buffer(request: rq.SizeSendBuffer) -> int:
+        return size_send_buffer(request.link.sock, request.want)
+
+    @staticmethod
+    def acquire(request: rq.Acquire) -> None:
+        if request.deadline is None:
+            request.lock.acquire()
+        elif not request.lock.acquire(timeout=_seconds_left(request.deadline)):
             raise TimeoutError
-    return got
 
+    @staticmethod
+    def try_acquire(request: rq.TryAcquire) -> bool:
+        return request.lock.acquire(False)
 
-def _acquire(request: Acquire) -> None:
-    if request.deadline is None:
-        request.lock.acquire()
-    elif not request.lock.acquire(timeout=_seconds_left(request.deadline)):
-        raise TimeoutError
-
-
-_PERFORM: dict[type, Callable[[Any], Any]] = {
-    Connect: _connect,
-    Send: _send,
-    Recv: _recv,
-    SizeSendBuffer: lambda request: size_send_buffer(request.link.sock, request.want),
-    Acquire: _acquire,
-    TryAcquire: lambda request: request.lock.acquire(False),
-    Sleep: lambda request: time.sleep(max(0.0, request.until - time.monotonic())),
-}
+    @staticmethod
+    def sleep(request: rq.Sleep) -> None:
+        time.sleep(max(0.0, request.until - time.monotonic()))

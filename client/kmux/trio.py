@@ -36,6 +36,8 @@ as trio's own socket methods do.
 
 from __future__ import annotations
 
+import errno
+import functools
 import math
 import os
 import socket
@@ -43,20 +45,10 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import trio
 
+from . import _requests as rq
 from ._client import ClientInfo, ReconnectInfo, settings
+from ._driver import ClientDriver, ClientSettings
 from ._link import MSG_TRUNC, SocketLink
-from ._driver import (
-    Acquire,
-    ClientDriver,
-    ClientSettings,
-    Connect,
-    Recv,
-    Send,
-    SizeSendBuffer,
-    Sleep,
-    TryAcquire,
-    WaitProgress,
-)
 from ._reconnect import ReconnectPolicy
 from ._session import CONCAT_MAX
 from .protocol import DATA_PREFIX
@@ -103,11 +95,11 @@ class TrioClient(ClientInfo):
     def __init__(self, settings: ClientSettings) -> None:
         self._send_lock = trio.Lock()
         self._recv_lock = trio.Lock()
-        self._progress = trio.lowlevel.ParkingLot()
         self._receiving = False
+        transport = _Trio()
+        self._perform = rq.dispatch_table(transport)
         self._driver = ClientDriver(settings, send_lock=self._send_lock, recv_lock=self._recv_lock,
-                                    notify_progress=self._progress.unpark_all, clock=trio.current_time)
-        self._perform: dict[type, Callable[[Any], Awaitable[Any]]] = {**_PERFORM, WaitProgress: self._wait_progress}
+                                    notify_progress=transport.progress.unpark_all, clock=trio.current_time)
 
     async def send(self, message: Any) -> int:
         """Send one whole message (header included), in pieces if it needs them; returns its seq.
@@ -199,13 +191,6 @@ class TrioClient(ClientInfo):
             except BaseException as exc:  # the driver decides what it means (Cancelled included)
                 step, arg = operation.throw, exc
 
-    async def _wait_progress(self, request: WaitProgress) -> None:
-        async def parked() -> None:
-            while not request.done():
-                await self._progress.park()
-
-        await _within(request.deadline, False, parked)
-
 
 class ReconnectingTrioClient(ReconnectInfo, TrioClient):
     """A trio client that reconnects when the daemon goes away.
@@ -236,106 +221,104 @@ async def _within(deadline: float | None, shield: bool, fn: Callable[..., Awaita
     raise TimeoutError  # only reached when the deadline cancelled fn
 
 
-async def _wait(wait: Callable[[Any], Awaitable[None]], sock: socket.socket) -> None:
-    try:
-        await wait(sock)
-    except trio.ClosedResourceError:  # closed by another task: the driver's EBADF rule
-        raise OSError(9, "the socket was closed") from None
+async def _nonblocking(wait: Callable[[Any], Awaitable[None]], sock: socket.socket, call: Callable[[], Any]) -> Any:
+    """``call()`` on the non-blocking socket, waiting (``wait``) while it would block.
 
-
-async def _send_now(sock: socket.socket, parts: tuple[Any, ...]) -> None:
+    One checkpoint either way, as trio's socket methods: a cancellation is
+    seen before the call, never after it succeeded.
+    """
     await trio.lowlevel.checkpoint_if_cancelled()
     waited = False
     while True:
         try:
-            if len(parts) == 1:
-                sock.send(parts[0], _FLAGS)
-            else:
-                sock.sendmsg(parts, (), _FLAGS)
+            result = call()
         except BlockingIOError:
-            await _wait(trio.lowlevel.wait_writable, sock)
+            try:
+                await wait(sock)
+            except trio.ClosedResourceError:  # closed by another task: the driver's EBADF rule
+                raise OSError(errno.EBADF, "the socket was closed") from None
             waited = True
             continue
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
-        return
+        return result
 
 
-async def _recv_now(sock: socket.socket, buffers: list[Any]) -> tuple[int, bool]:
-    await trio.lowlevel.checkpoint_if_cancelled()
-    waited = False
-    while True:
+def _sender(sock: socket.socket, parts: tuple[Any, ...]) -> Callable[[], Any]:
+    if len(parts) == 1:
+        return functools.partial(sock.send, parts[0], _FLAGS)
+    return functools.partial(sock.sendmsg, parts, (), _FLAGS)
+
+
+class _Trio:
+    """Performs the driver's requests (kmux._requests) with ``await``."""
+
+    def __init__(self) -> None:
+        self.progress = trio.lowlevel.ParkingLot()
+
+    async def wait_progress(self, request: rq.WaitProgress) -> None:
+        async def parked() -> None:
+            while not request.done():
+                await self.progress.park()
+
+        await _within(request.deadline, False, parked)
+
+    @staticmethod
+    async def connect(request: rq.Connect) -> _Link:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+
+        async def connected() -> None:
+            while True:
+                try:
+                    return sock.connect(request.path)
+                except BlockingIOError:  # the listener's backlog is full
+                    await trio.sleep(BACKLOG_RETRY)
+
         try:
-            n, _, flags, _ = sock.recvmsg_into(buffers)
-        except BlockingIOError:
-            await _wait(trio.lowlevel.wait_readable, sock)
-            waited = True
-            continue
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await _within(request.deadline, False, connected)
+        except BaseException:
+            sock.close()
+            raise
+        return _Link(sock)
+
+    @staticmethod
+    async def send(request: rq.Send) -> None:
+        sock = request.link.sock
+        send = _sender(sock, request.parts)
+        if request.deadline is None and not request.shield:
+            return await _nonblocking(trio.lowlevel.wait_writable, sock, send)
+        return await _within(request.deadline, request.shield, _nonblocking, trio.lowlevel.wait_writable, sock, send)
+
+    @staticmethod
+    async def recv(request: rq.Recv) -> tuple[int, bool]:
+        sock = request.link.sock
+        receive = functools.partial(sock.recvmsg_into, request.buffers)
+        if request.deadline is None:
+            n, _, flags, _ = await _nonblocking(trio.lowlevel.wait_readable, sock, receive)
+        else:
+            n, _, flags, _ = await _within(request.deadline, False, _nonblocking, trio.lowlevel.wait_readable, sock,
+                                           receive)
         return n, bool(flags & MSG_TRUNC)
 
+    @staticmethod
+    async def size_send_buffer(request: rq.SizeSendBuffer) -> int:
+        return size_send_buffer(request.link.sock, request.want)
 
-async def _connect(request: Connect) -> _Link:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    @staticmethod
+    async def acquire(request: rq.Acquire) -> None:
+        try:
+            request.lock.acquire_nowait()  # uncontended: no trip to the scheduler
+        except trio.WouldBlock:
+            await _within(request.deadline, request.shield, request.lock.acquire)
 
-    async def connected() -> None:
-        while True:
-            try:
-                return sock.connect(request.path)
-            except BlockingIOError:  # the listener's backlog is full
-                await trio.sleep(BACKLOG_RETRY)
+    @staticmethod
+    async def try_acquire(request: rq.TryAcquire) -> bool:
+        try:
+            request.lock.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        return True
 
-    try:
-        await _within(request.deadline, False, connected)
-    except BaseException:
-        sock.close()
-        raise
-    return _Link(sock)
-
-
-async def _send(request: Send) -> None:
-    if request.deadline is None and not request.shield:
-        return await _send_now(request.link.sock, request.parts)
-    return await _within(request.deadline, request.shield, _send_now, request.link.sock, request.parts)
-
-
-async def _recv(request: Recv) -> tuple[int, bool]:
-    sock = request.link.sock
-    if request.deadline is None:
-        return await _recv_now(sock, request.buffers)
-    return await _within(request.deadline, False, _recv_now, sock, request.buffers)
-
-
-async def _acquire(request: Acquire) -> None:
-    try:
-        request.lock.acquire_nowait()  # uncontended: no trip to the scheduler
-    except trio.WouldBlock:
-        await _within(request.deadline, request.shield, request.lock.acquire)
-
-
-async def _try_acquire(request: TryAcquire) -> bool:
-    try:
-        request.lock.acquire_nowait()
-    except trio.WouldBlock:
-        return False
-    return True
-
-
-async def _size(request: SizeSendBuffer) -> int:
-    return size_send_buffer(request.link.sock, request.want)
-
-
-async def _sleep(request: Sleep) -> None:
-    await trio.sleep_until(request.until)
-
-
-_PERFORM: dict[type, Callable[[Any], Awaitable[Any]]] = {
-    Connect: _connect,
-    Send: _send,
-    Recv: _recv,
-    SizeSendBuffer: _size,
-    Acquire: _acquire,
-    TryAcquire: _try_acquire,
-    Sleep: _sleep,
-}
+    @staticmethod
+    async def sleep(request: rq.Sleep) -> None:
+        await trio.sleep_until(request.until)

@@ -56,6 +56,8 @@ from kmux.protocol import (
 )
 from kmux.sockbuf import PACKET_OVERHEAD
 
+from .helpers import wait_until
+
 #: Every blocking wait of the peer is bounded by this (seconds).
 WAIT = 10.0
 #: How often a serving thread looks up from a blocked read to see if it should stop.
@@ -87,6 +89,11 @@ class PeerSession:
         self.reading.set()
 
     # -- what the test calls ---------------------------------------------------------
+
+    @property
+    def sending(self) -> bool:
+        """A send of this peer is under way (it holds the session's send lock)."""
+        return self._send_lock.locked()
 
     @property
     def max_packet(self) -> int:
@@ -140,10 +147,10 @@ class PeerSession:
             return [k for k, _ in self.packets]
 
     def wait_messages(self, n: int, timeout: float = WAIT) -> list[bytes]:
-        return _wait(lambda: len(self.messages) >= n and list(self.messages), timeout, f"{n} messages at the peer")
+        return wait_until(lambda: len(self.messages) >= n and list(self.messages), timeout, f"{n} messages at the peer")
 
     def wait_ended(self, timeout: float = WAIT) -> str:
-        return _wait(lambda: self.ended, timeout, "the session to end")
+        return wait_until(lambda: self.ended, timeout, "the session to end")
 
     # -- the serving thread ------------------------------------------------------------
 
@@ -304,7 +311,7 @@ class ScriptedDaemon:
 
     def wait_session(self, n: int = 1, timeout: float = WAIT) -> PeerSession:
         """The ``n``-th client (1-based) once it has attached."""
-        return _wait(lambda: len(self.sessions) >= n and self.sessions[n - 1], timeout, f"client {n} to attach")
+        return wait_until(lambda: len(self.sessions) >= n and self.sessions[n - 1], timeout, f"client {n} to attach")
 
     def close(self) -> None:
         self.stopping = True
@@ -318,17 +325,6 @@ class ScriptedDaemon:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-
-def _wait(pred: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
 
 
 def _main() -> None:  # pragma: no cover - used by tools/client_bench.py

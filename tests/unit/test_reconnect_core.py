@@ -246,3 +246,42 @@ def test_session_records_the_shutdown_notice():
     assert s.shutdown_accepted == 7
     err = s.eof()
     assert isinstance(err, DaemonShutdown) and "up to seq 7" in err.message
+
+
+# -- settled messages -------------------------------------------------------------------------
+
+
+def test_a_settled_message_is_not_resent_after_a_crash():
+    c = core()
+    send(c, 5)
+    c.settle(2)  # e.g. group_unavailable named it: never written, never will be
+    rec = c.connection_lost(accepted=None)
+    u = rec.unknown
+    assert (u.first_seq, u.last_seq, u.held, u.settled) == (1, 5, 4, 1)
+    c.connected()
+    assert resend_all(c) == [1, 3, 4, 5]
+    assert send(c, 1) == [6]
+    # Notices on this connection name its own count: 1, 3, 4, 5, then 6.
+    assert [c.message_seq(n) for n in range(1, 6)] == [1, 3, 4, 5, 6]
+
+
+def test_a_settled_message_is_not_resent_after_a_shutdown_notice():
+    c = core()
+    send(c, 5)
+    c.settle(4)
+    rec = c.connection_lost(accepted=2)
+    assert rec.resend == 2
+    c.connected()
+    assert resend_all(c) == [3, 5]
+
+
+def test_settled_messages_leave_with_the_buffer():
+    c = core(buffer_messages=2, on_overflow=lambda r: None)
+    send(c, 2)
+    c.settle(1)
+    c.settle(99)  # never sent: ignored
+    send(c, 1)  # 1 leaves the buffer
+    assert c._settled == set()
+    c.settle(3)
+    c.connection_lost(accepted=3)
+    assert c._settled == set() and not c.resend_queue
