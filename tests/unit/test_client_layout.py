@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,21 @@ def test_importing_kmux_does_not_import_trio() -> None:
 def test_every_client_module_opens_with_its_theory() -> None:
     missing = [p.name for p in ROOT.glob("*.py") if ast.get_docstring(ast.parse(p.read_text())) is None]
     assert not missing, f"modules without a docstring: {missing}"
+
+
+def _parameters(fn: object) -> list[tuple[str, object]]:
+    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]  # type: ignore[arg-type]
+
+
+def test_both_transports_connect_with_the_same_parameters() -> None:
+    import kmux.trio
+
+    assert _parameters(kmux.connect) == _parameters(kmux.trio.connect)
+
+
+def test_the_readme_lists_every_parameter_of_connect() -> None:
+    readme = (ROOT.parents[1] / "README.md").read_text()
+    listed = readme[readme.index("kmux.connect(group, socket_path=None") :].split(")", 1)[0]
+    for name, default in _parameters(kmux.connect):
+        shown = name if default is inspect.Parameter.empty else f"{name}={default!r}".replace("'", '"')
+        assert shown in listed, f"README's kmux.connect(...) does not show {shown}"
