@@ -89,6 +89,11 @@ PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBAD
 #: ECONNRESET, the packets it sent before are still queued; a dead socket is
 #: drained past at most this many such errors.
 DRAIN_RESETS_MAX = 3
+#: Notices (errors) kept from lost connections until ``recv`` raises them. An
+#: app that sends only and never calls ``recv`` would keep them for ever, one
+#: socket's worth per lost connection; past this bound the oldest are dropped
+#: (counted in ``statistics().errors_dropped``). Messages are never dropped.
+STASHED_ERRORS_MAX = 1000
 _CUT_SHORT = "the connection was closed: a message sent in pieces was cut short"
 
 
@@ -134,6 +139,8 @@ class ClientStatistics:
     continued_received: int
     #: messages and errors from lost connections waiting for recv
     stashed: int
+    #: errors from lost connections dropped unread (STASHED_ERRORS_MAX)
+    errors_dropped: int
     connected: bool
     #: the reconnect accounting (zeros for a plain client)
     accepted_seq: int
@@ -194,6 +201,7 @@ class ClientDriver:
         self._next_attempt = 0.0
         self._progress_waiters = 0
         self._received = self._continued_sent = self._continued_received = 0
+        self._stashed_errors = self._errors_dropped = 0
 
     # -- what the clients show ------------------------------------------------------------
 
@@ -221,6 +229,7 @@ class ClientDriver:
             continued_sent=self._continued_sent,
             continued_received=self._continued_received,
             stashed=len(self.stash),
+            errors_dropped=self._errors_dropped,
             connected=self.connected,
             accepted_seq=core.accepted_seq if core else 0,
             reconnects=core.counters.reconnects if core else 0,
@@ -501,9 +510,19 @@ class ClientDriver:
     def _unstash(self) -> Any:
         item = self.stash.popleft()
         if isinstance(item, BaseException):
+            self._stashed_errors -= 1
             raise item
         self._received += 1
         return item
+
+    def _stash_error(self, err: KmuxError) -> None:
+        if self._stashed_errors >= STASHED_ERRORS_MAX:
+            oldest = next(item for item in self.stash if isinstance(item, BaseException))
+            self.stash.remove(oldest)
+            self._stashed_errors -= 1
+            self._errors_dropped += 1
+        self.stash.append(err)
+        self._stashed_errors += 1
 
     # -- losing and replacing the connection (rule 3) ----------------------------------------------
 
@@ -551,30 +570,13 @@ class ClientDriver:
         if self.conn is not conn:
             return
         self.conn = self.fast = None
-        conn.link.kick()  # the daemon stops sending; what it sent stays readable
         session = conn.session
-        resets = 0
-        while session.state is State.READY:
-            try:
-                got = conn.link.recv_nowait(session.recv_buffers)
-            except OSError as e:
-                if e.errno in (errno.ECONNRESET, errno.EPIPE) and resets < DRAIN_RESETS_MAX:
-                    resets += 1
-                    continue
-                break
-            if not got or got[0] == 0:
-                break
-            try:
-                event = session.received(*got)
-            except KmuxError as err:
-                self.stash.append(self._translated(err))
-                continue
-            if type(event) is HandBack:
-                event = event.message  # too late to hand it back: it is ours
-            if type(event) is memoryview:
-                self.stash.append(bytes(event))
+        try:
+            conn.link.kick()  # the daemon stops sending; what it sent stays readable
+            self._drain(conn)
+        finally:
+            conn.link.close()
         accepted = session.shutdown_accepted
-        conn.link.close()
         if conn.lost == _CUT_SHORT:
             session.close(ClientClosed, f"{_CUT_SHORT}; connect again")
         else:
@@ -585,6 +587,30 @@ class ClientDriver:
                 self.unknown_fate.append(recovery.unknown)
             if recovery.lost is not None:
                 self.pending.append(recovery.lost)
+
+    def _drain(self, conn: _Conn) -> None:
+        """Stash what a lost connection's socket still holds, without waiting."""
+        session = conn.session
+        resets = 0
+        while session.state is State.READY:
+            try:
+                got = conn.link.recv_nowait(session.recv_buffers)
+            except OSError as e:
+                if e.errno in (errno.ECONNRESET, errno.EPIPE) and resets < DRAIN_RESETS_MAX:
+                    resets += 1
+                    continue
+                return
+            if not got or got[0] == 0:
+                return
+            try:
+                event = session.received(*got)
+            except KmuxError as err:
+                self._stash_error(self._translated(err))
+                continue
+            if type(event) is HandBack:
+                event = event.message  # too late to hand it back: it is ours
+            if type(event) is memoryview:
+                self.stash.append(bytes(event))
 
     def _open_once(self, timeout: float | None) -> Iterator[Any]:
         """One connection: connect, hello, answer, size the send buffer."""

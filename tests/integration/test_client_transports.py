@@ -24,6 +24,7 @@ import pytest
 import trio
 
 import kmux
+import kmux._driver
 import kmux.trio
 from kmux import sockbuf
 
@@ -435,3 +436,23 @@ async def test_a_plain_client_keeps_raising_what_ended_its_session(transport: Tr
         await c.recv()
     with pytest.raises(kmux.IdleTimeout):
         await c.send(message(64))
+
+
+async def test_errors_kept_from_a_lost_connection_are_bounded(transport: Transport, peer_factory,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kmux._driver, "STASHED_ERRORS_MAX", 3)
+    peer = peer_factory(echo=False)
+    c = await transport.connect("g", peer.path, receive=False)  # a sender that never reads
+    s = await session_of(peer)
+    for seq in range(1, 6):
+        s.send_notice(code="bad_frame", error=f"refused {seq}", seq=seq)
+    s.close()
+    with pytest.raises(kmux.DaemonShutdown):
+        await c.send(message(64))  # finds the loss, and the five notices in the socket
+    assert c.raw.statistics().errors_dropped == 2
+    for seq in (3, 4, 5):
+        with pytest.raises(kmux.BadFrame) as info:
+            await c.recv()
+        assert info.value.seq == seq
+    with pytest.raises(kmux.DaemonShutdown):
+        await c.recv()
