@@ -5,17 +5,17 @@
         reply = client.recv(timeout=1.0)
 
 Everything a client decides is in :mod:`kmux._driver`; this module only
-performs its requests (:func:`_run`) and keeps a fast path for the common
-send.
+performs its requests (``Client._run``, ``_Blocking``) and keeps the fast
+paths below.
 
 Resource handling
 -----------------
 The socket stays in blocking mode, so a send blocks while the daemon's
 receive buffer is full. That is the intended push-back: an app that outruns
 its group's TCP connections slows down instead of piling up memory in the
-daemon. Timeouts never use socket timeouts (they would cut a blocking send
-short): a request with a deadline tries without waiting (``MSG_DONTWAIT``)
-and then polls. The receive buffer is the session's, allocated once per
+daemon. Timeouts never use socket timeouts once connected (they would cut
+a blocking send short): a request with a deadline tries without waiting
+(``MSG_DONTWAIT``) and then polls. The receive buffer is the session's, allocated once per
 connection: a fresh large buffer per ``recv`` would make glibc mmap and
 munmap it every call.
 

@@ -26,7 +26,7 @@ other task can come between them.
 Cancellation never loses a message: a packet is either still in the socket
 or fully handled; the REQUEUE of a message already taken from the socket is
 shielded. A large message whose send is cancelled after its first piece
-closes the connection (docs: README, "Large messages"); a reconnecting
+closes the connection (README, "Using it from an app"); a reconnecting
 client then reconnects.
 
 The socket is a plain non-blocking socket driven with
