@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 from . import errors
+from ._driver import ClientStatistics
 from ._reconnect import AccountingLost, AccountingWarning, Overflow, ReconnectPolicy, UnknownFate
 from ._sync import Client, ReconnectingClient, connect
 from .errors import *  # noqa: F403 -- the error classes are part of the public surface
@@ -39,6 +40,7 @@ __all__ = [
     "Client",
     "ReconnectingClient",
     "ReconnectPolicy",
+    "ClientStatistics",
     "UnknownFate",
     "Overflow",
     "AccountingLost",

@@ -11,10 +11,10 @@ tells nothing: whatever was sent on that connection has an unknown fate.
 :class:`ReconnectCore` keeps what a reconnecting client needs to act on that:
 
 * **seq.** The app sees one *message seq* per client, counted from 1 across
-  reconnects; a re-sent message keeps its seq. Each connection carries a
-  contiguous run of message seqs, so ``message seq = base + connection seq``
-  (:meth:`ReconnectCore.message_seq`), which is how notices that name a
-  connection seq are translated.
+  reconnects; a re-sent message keeps its seq. Each connection carries first
+  the re-sent messages (their seqs are kept), then new ones numbered on, so
+  :meth:`ReconnectCore.message_seq` maps a connection seq (the daemon's
+  count, which notices name) back to the message seq.
 * **Resend buffer.** Every message sent since the last accounted seq, oldest
   first, bounded by count and bytes. A message past the bound is dropped from
   the buffer, counted and reported at once (:class:`Overflow`): from then on
@@ -27,11 +27,22 @@ tells nothing: whatever was sent on that connection has an unknown fate.
   the buffered messages have an unknown fate: an :class:`UnknownFate` record
   names them, and they are re-sent (``unknown="resend"``, at-least-once) or
   handed to the app (``unknown="report"``, at-most-once).
-* **Back-off.** :class:`Backoff` yields the jittered, capped, exponential
-  delays between connect attempts and says when to give up.
+* **Settled messages.** A notice that names a message (``bad_frame``,
+  ``group_unavailable``, ``connection_lost``, ``response_dropped``...) says
+  the daemon read it and decided its fate: refused, never written, or
+  written and not to be retried. :meth:`ReconnectCore.settle` records that,
+  and no recovery ever sends a settled message again, nor reports it as of
+  unknown fate (``group_unavailable`` promises "never written later").
+* **Sessions the daemon ends.** ``slow_consumer``, ``idle_timeout`` and
+  ``permission_denied`` detach the client; the connection is then lost like
+  any other. If the notice carries ``accepted`` the accounting is exact, as
+  after a shutdown notice; without it, what was sent since the last
+  accounted seq has an unknown fate, as after a crash.
+* **Back-off.** :class:`ReconnectBackoff` yields the jittered, capped,
+  exponential delays between connect attempts and says when to give up.
 
-The shells (:mod:`kmux._sync`, :mod:`kmux.trio`) do the socket work and the
-locking; nothing here imports ``socket``, ``threading`` or ``trio``.
+The driver (:mod:`kmux._driver`) does the connecting and the locking;
+nothing here imports ``socket``, ``threading`` or ``trio``.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ from .errors import LocalError
 __all__ = [
     "ReconnectPolicy",
     "ReconnectCore",
-    "Backoff",
+    "ReconnectBackoff",
     "UnknownFate",
     "Overflow",
     "Recovery",
@@ -134,8 +145,12 @@ def as_policy(reconnect: bool | ReconnectPolicy | None) -> ReconnectPolicy | Non
     raise TypeError("reconnect must be a bool or a kmux.ReconnectPolicy")
 
 
-class Backoff:
-    """The connect attempts of one outage. Times are the caller's monotonic clock."""
+class ReconnectBackoff:
+    """The connect attempts of one outage. Times are the caller's monotonic clock.
+
+    (Not :class:`kmuxd.core.backoff.Backoff`, the daemon's back-off for its TCP
+    connections: this one also bounds an outage by attempts and deadline.)
+    """
 
     def __init__(self, policy: ReconnectPolicy, now: float, rng: random.Random | None = None) -> None:
         self.policy = policy
@@ -177,6 +192,8 @@ class UnknownFate:
     missing: int
     resent: bool
     messages: tuple[tuple[int, bytes], ...] = ()
+    #: messages of the range whose fate a notice had told (never re-sent, not in ``held``)
+    settled: int = 0
 
     @property
     def count(self) -> int:
@@ -217,20 +234,24 @@ class _Counters:
 class ReconnectCore:
     """Resend buffer, accepted-seq bookkeeping and resend queue of one reconnecting client."""
 
-    def __init__(self, policy: ReconnectPolicy, *, receive: bool = True) -> None:
+    def __init__(self, policy: ReconnectPolicy) -> None:
         self.policy = policy
-        #: What the app last asked for; each new hello carries it.
-        self.receiving = receive
         #: Message seq of the last message sent (0 before the first).
         self.seq = 0
         #: Every message up to this message seq is accounted for: written by
         #: the daemon (or refused with its own notice), or handed over in an
         #: UnknownFate/AccountingLost report.
         self.accepted_seq = 0
-        #: message seq = base + connection seq, on the current connection.
-        self.base = 0
-        #: DATA packets sent on the current connection (its connection seq).
+        #: Messages sent on the current connection (its connection seq).
         self.conn_sent = 0
+        # The current connection carries first the re-sent messages (their
+        # message seqs, in order: settled ones are skipped, so the run may
+        # have gaps), then new messages numbered on from _new_base.
+        self._resent_here: list[int] = []
+        self._new_base = 0
+        self._first_here = 1
+        # Message seqs a notice settled (a subset of the buffer's seqs).
+        self._settled: set[int] = set()
         self._buffer: deque[tuple[int, bytes]] = deque()
         self._buffer_bytes = 0
         #: Messages to send again, before anything new, on the next connection.
@@ -274,6 +295,7 @@ class ReconnectCore:
         while self._buffer and (len(self._buffer) > p.buffer_messages or self._buffer_bytes > p.buffer_bytes):
             seq, data = self._buffer.popleft()
             self._buffer_bytes -= len(data)
+            self._settled.discard(seq)
             first = first or seq
             last = seq
             count += 1
@@ -295,8 +317,21 @@ class ReconnectCore:
                 )
 
     def message_seq(self, conn_seq: int) -> int:
-        """The message seq of the current connection's packet ``conn_seq``."""
-        return self.base + conn_seq
+        """The message seq of the current connection's message ``conn_seq``."""
+        resent = self._resent_here
+        if conn_seq <= len(resent):
+            return resent[conn_seq - 1]
+        return self._new_base + conn_seq - len(resent)
+
+    def settle(self, seq: int) -> None:
+        """A notice named message ``seq``: the daemon read it and decided its
+        fate. It is never sent again, nor reported as of unknown fate."""
+        if self._buffer and self._buffer[0][0] <= seq <= self.seq:
+            self._settled.add(seq)
+
+    def _unsettled(self, messages: Any) -> list[tuple[int, bytes]]:
+        settled = self._settled
+        return [m for m in messages if m[0] not in settled] if settled else list(messages)
 
     # -- losing and regaining the connection --------------------------------
 
@@ -310,11 +345,11 @@ class ReconnectCore:
         # Whatever had not been re-sent yet from an earlier loss is still in the
         # buffer (the queue is the buffer's unaccounted tail): rebuild the queue.
         self.resend_queue.clear()
-        sent_upto = self.base + self.conn_sent  # last message seq sent on this connection
+        sent_upto = self.message_seq(self.conn_sent) if self.conn_sent else 0  # last message seq sent here
         rec = Recovery(accepted_seq=self.accepted_seq)
         if accepted is not None:
             accepted = max(0, min(accepted, self.conn_sent))
-            acc = self.base + accepted
+            acc = self.message_seq(accepted) if accepted else self._first_here - 1
             self._account_upto(acc)
             first_needed = acc + 1
             first_held = self._buffer[0][0] if self._buffer else self.seq + 1
@@ -328,7 +363,7 @@ class ReconnectCore:
                     count=n,
                 )
             self.accepted_seq = max(self.accepted_seq, first_held - 1)
-            self.resend_queue.extend(self._buffer)
+            self.resend_queue.extend(self._unsettled(self._buffer))
         else:
             first = self.accepted_seq + 1
             held = list(self._buffer)
@@ -338,7 +373,8 @@ class ReconnectCore:
             unknown_last = max(sent_upto, first - 1)
             missing = max(0, first_held - first)
             resend = self.policy.unknown == "resend"
-            unsure = [(s, d) for s, d in held if s <= unknown_last]
+            in_range = [(s, d) for s, d in held if s <= unknown_last]
+            unsure = self._unsettled(in_range)
             report = UnknownFate(
                 first_seq=first,
                 last_seq=unknown_last,
@@ -346,6 +382,7 @@ class ReconnectCore:
                 missing=missing,
                 resent=resend,
                 messages=() if resend else tuple(unsure),
+                settled=len(in_range) - len(unsure),
             )
             if report.count > 0:
                 rec.unknown = report
@@ -361,27 +398,26 @@ class ReconnectCore:
             if resend:
                 self.accepted_seq = max(self.accepted_seq, first_held - 1)
                 self._unknown_upto = max(self._unknown_upto, unknown_last)
-                self.resend_queue.extend(held)
+                self.resend_queue.extend(self._unsettled(held))
             else:
                 self._account_upto(unknown_last)
                 self.accepted_seq = max(self.accepted_seq, unknown_last)
-                self.resend_queue.extend(self._buffer)  # never sent: their fate is known
+                self.resend_queue.extend(self._unsettled(self._buffer))  # never sent: their fate is known
             if report.count > 0 and self.policy.on_unknown is not None:
                 self.policy.on_unknown(report)
         if not self._buffer or self.accepted_seq >= self._buffer[0][0] - 1:
             self.guaranteed = True
         rec.resend = len(self.resend_queue)
         rec.accepted_seq = self.accepted_seq
-        # Nothing is sent until connected(); keep the conn seq of the dead connection meaningless.
-        self.conn_sent = 0
-        self.base = self.resend_queue[0][0] - 1 if self.resend_queue else self.seq
+        self._new_connection()
         return rec
 
     def _account_upto(self, seq: int) -> None:
         buf = self._buffer
         while buf and buf[0][0] <= seq:
-            _, data = buf.popleft()
+            done, data = buf.popleft()
             self._buffer_bytes -= len(data)
+            self._settled.discard(done)
         self.accepted_seq = max(self.accepted_seq, seq)
 
     def connected(self) -> None:
@@ -389,8 +425,14 @@ class ReconnectCore:
         if self._connected_once:
             self.counters.reconnects += 1
         self._connected_once = True
+        self._new_connection()
+
+    def _new_connection(self) -> None:
+        # Nothing is sent between a loss and connected(): the numbering starts afresh.
         self.conn_sent = 0
-        self.base = self.resend_queue[0][0] - 1 if self.resend_queue else self.seq
+        self._resent_here = []
+        self._new_base = self.seq
+        self._first_here = self.resend_queue[0][0] if self.resend_queue else self.seq + 1
 
     def next_resend(self) -> bytes | None:
         """The next message to re-send on this connection, or None."""
@@ -400,6 +442,7 @@ class ReconnectCore:
         """The message from :meth:`next_resend` went out; returns its message seq."""
         seq, _ = self.resend_queue.popleft()
         self.conn_sent += 1
+        self._resent_here.append(seq)
         self.counters.resent += 1
         if seq <= self._unknown_upto:  # sent before, fate unknown: may arrive twice
             self.counters.resent_unknown += 1
@@ -424,9 +467,11 @@ class ReconnectCore:
 
 def is_retryable(exc: BaseException) -> bool:
     """Whether a failed connect attempt is worth repeating (the daemon may be restarting)."""
-    from .errors import DaemonShutdown, DaemonUnavailable, KmuxError, TooManyClients
+    from .errors import DaemonShutdown, DaemonUnavailable, GroupUnavailable, KmuxError, TooManyClients
 
-    if isinstance(exc, (DaemonUnavailable, DaemonShutdown, TooManyClients, TimeoutError)):
+    # GroupUnavailable: connect(require_up=True) found the group down; after a
+    # daemon restart its connections may take a moment to come up.
+    if isinstance(exc, (DaemonUnavailable, DaemonShutdown, TooManyClients, GroupUnavailable, TimeoutError)):
         return True
     return isinstance(exc, OSError) and not isinstance(exc, KmuxError)
 

@@ -2,33 +2,56 @@
 
 Theory of operation
 -------------------
-:class:`ClientSession` holds everything a client knows about its
-connection; the shells (:mod:`kmux._sync`, :mod:`kmux.trio`) only move
-packets between it and a socket. That keeps the rules in one place and the
-shells short enough to check by eye.
+:class:`ClientSession` holds everything a client knows about one
+connection, including the buffer its packets are received into; the
+driver (:mod:`kmux._driver`) asks it what to send and hands it what
+arrived.
 
-1. **Handshake.** The shell sends :meth:`ClientSession.hello_packet`, then
-   hands the daemon's first packet to :meth:`ClientSession.receive_answer`,
-   which returns the :class:`~kmux.protocol.Accepted` answer or raises the
-   refusal as its own error class (``UnknownGroup``, ``TooManyClients``...).
+1. **Handshake.** The hello is :meth:`ClientSession.hello_packet`. The
+   daemon's answer is received into :attr:`ClientSession.answer_buffer` and
+   taken by :meth:`ClientSession.answered`, which returns the
+   :class:`~kmux.protocol.Accepted` answer or raises the refusal as its own
+   error class (``UnknownGroup``, ``TooManyClients``...). Accepting
+   allocates the receive buffer, once, for the connection's life.
 2. **Sending.** :meth:`ClientSession.check_data` refuses a message locally
    (``BadFrame``/``MessageTooBig``) exactly as the daemon would, so the
-   mistake surfaces as an exception at the call site rather than as a
-   notice later. After the packet has gone out the shell calls
-   :meth:`ClientSession.data_sent`, which returns the message's ``seq``.
-   A message refused locally is never sent and never counted: the daemon
-   numbers only the DATA packets it receives, and our count must stay in
-   step with its count, or every later notice would name the wrong message.
-3. **Receiving.** :meth:`ClientSession.receive_packet` classifies each
-   packet by its kind byte. It returns the message (a memoryview into the
-   caller's buffer), a :class:`HandBack`, :data:`RECEIVE_OFF` or ``None``,
-   and raises the error a NOTICE carries.
-4. **Receive off.** After ``{"op": "receive", "on": false}`` the daemon
-   answers with a ``receive_off`` notice. Every DATA packet that arrives
+   mistake surfaces at the call site rather than as a notice later.
+   :meth:`ClientSession.packets` cuts a message into the packets that carry
+   it: one packet when it fits :attr:`ClientSession.max_packet` (always, for
+   messages up to :data:`CONCAT_MAX`), else DATA_MORE pieces and a last
+   DATA piece (REQUEUE_MORE/REQUEUE for a hand-back). After the whole
+   message has gone out the driver calls :meth:`ClientSession.data_sent`,
+   which returns its ``seq``: one per message, however many pieces, as the
+   daemon counts. A message refused locally is never sent and never
+   counted, or every later notice would name the wrong message.
+3. **Receiving.** Every packet is received into :attr:`recv_buffers`: the
+   kind byte into a buffer of its own, the rest into the message buffer at
+   the *join cursor*. A DATA_MORE piece moves the cursor, so the pieces of
+   a continued message land one after the other and the message is joined
+   without a copy; the DATA piece that ends it resets the cursor.
+   :meth:`ClientSession.received` classifies the packet and returns the
+   message (a memoryview into the buffer, valid until the next receive), a
+   :class:`HandBack`, :data:`RECEIVE_OFF` or ``None``, or raises the error
+   a NOTICE carries.
+4. **Bounds.** A joined message may not grow past ``max_message``: the
+   daemon promised that bound in its answer, so a message over it (or a
+   packet the buffer truncates) is a :class:`~kmux.errors.BadPacket`; the
+   partial message is dropped and the rest of its pieces are skipped.
+   Nothing but pieces of the same message may come between its first and
+   last piece (docs/protocol.md, "Continuation"); a notice or another kind
+   there is a BadPacket too.
+5. **Receive off.** After ``{"op": "receive", "on": false}`` the daemon
+   answers with a ``receive_off`` marker. Every DATA message that arrives
    before that marker had already been queued for us; the session turns it
-   into a :class:`HandBack`, which the shell returns to the daemon as a
-   REQUEUE packet so another receiver gets it. DATA that arrives while no
+   into a :class:`HandBack`, which the driver returns to the daemon as
+   REQUEUE packets so another receiver gets it. DATA that arrives while no
    marker is outstanding is delivered: dropping it would lose a message.
+6. **End of the session.** The daemon ends a session with a ``shutdown``
+   event or with a notice whose code ends it (:data:`SESSION_ENDING`:
+   ``slow_consumer``, ``idle_timeout``, ``permission_denied``,
+   ``daemon_shutdown``). Either may carry ``accepted`` (the last seq the
+   daemon read), which :attr:`shutdown_accepted` keeps for the reconnect
+   accounting. After EOF every call raises what ended it.
 
 Nothing here imports ``socket`` or ``trio``; the data path never touches
 msgpack.
@@ -52,9 +75,13 @@ from .errors import (
 from .framing import Framing
 from .protocol import (
     CONTROL_MAX,
+    DATA_MORE_PREFIX,
+    DATA_PREFIX,
     KIND_DATA,
+    KIND_DATA_MORE,
     KIND_NOTICE,
     PROTOCOL_VERSION,
+    REQUEUE_MORE_PREFIX,
     REQUEUE_PREFIX,
     Accepted,
     Control,
@@ -66,11 +93,29 @@ from .protocol import (
     encode_hello,
 )
 
-__all__ = ["ClientSession", "State", "HandBack", "RECEIVE_OFF", "ANSWER_BUFSIZE"]
+__all__ = [
+    "ClientSession",
+    "State",
+    "HandBack",
+    "RECEIVE_OFF",
+    "ANSWER_BUFSIZE",
+    "CONCAT_MAX",
+    "SESSION_ENDING",
+]
 
 #: Receive buffer for the handshake answer. The daemon keeps answers within
 #: HANDSHAKE_MAX; we accept more so a long refusal text still arrives whole.
 ANSWER_BUFSIZE: Final = 65536
+
+#: Up to this size a packet is built by concatenating the kind byte and the
+#: message (one buffer for ``send``: a copy is cheaper than ``sendmsg``'s
+#: list); above it the kind byte and the message go as two buffers, without
+#: copying the message. Every socket takes a packet this large: the kernel's
+#: smallest send buffer (SOCK_MIN_SNDBUF) carries about 4.5 KiB.
+CONCAT_MAX: Final = 4096
+
+#: Notice codes after which the daemon closes the session.
+SESSION_ENDING: Final = frozenset({"slow_consumer", "idle_timeout", "permission_denied", "daemon_shutdown"})
 
 
 class State(enum.Enum):
@@ -81,7 +126,7 @@ class State(enum.Enum):
 
 
 # (state, input) -> next state. Anything missing is an IllegalTransition,
-# except in CLOSED, where every input is ClientClosed.
+# except in CLOSED, where every input raises what closed the session.
 _TRANSITIONS: dict[tuple[State, str], State] = {
     (State.HELLO, "send_hello"): State.AWAIT_ANSWER,
     (State.AWAIT_ANSWER, "accepted"): State.READY,
@@ -100,7 +145,7 @@ class _ReceiveOff:
         return "RECEIVE_OFF"
 
 
-#: Returned by :meth:`ClientSession.receive_packet` when the last outstanding
+#: Returned by :meth:`ClientSession.received` when the last outstanding
 #: ``receive_off`` marker arrives: every message queued for us is accounted for.
 RECEIVE_OFF: Final = _ReceiveOff()
 
@@ -109,20 +154,15 @@ RECEIVE_OFF: Final = _ReceiveOff()
 class HandBack:
     """A message queued for us before receiving was switched off.
 
-    Send ``packet_parts`` (one REQUEUE packet) back to the daemon, which
-    moves the message to another receiver.
+    Send it back with ``session.packets(message, requeue=True)``: the daemon
+    moves it to another receiver.
     """
 
-    message: Any  # bytes-like; a view into the shell's buffer
-
-    @property
-    def packet_parts(self) -> tuple[bytes, Any]:
-        """The REQUEUE packet as buffers for ``sendmsg`` (no copy of the message)."""
-        return (REQUEUE_PREFIX, self.message)
+    message: Any  # a view into the session's receive buffer
 
 
 class ClientSession:
-    """Sans-IO state of one client connection: handshake, seq, receive on/off.
+    """Sans-IO state of one client connection: handshake, seq, receive buffer, receive on/off.
 
     ``validate=False`` skips the local framing check, for apps that already
     produce well-framed messages and want to save its cost; the daemon still
@@ -135,10 +175,13 @@ class ClientSession:
         self.validate = validate
         self.state = State.HELLO
         self.accepted: Accepted | None = None
-        #: The seq of the last DATA packet sent (0 before the first).
+        #: The seq of the last message sent (0 before the first).
         self.seq = 0
         #: What we last asked the daemon for.
         self.receiving = receive
+        #: The largest packet the socket takes, kind byte included; the
+        #: driver sets it after sizing the socket's send buffer.
+        self.max_packet = 0
         # receive_off requests whose marker has not arrived yet.
         self._markers_pending = 0
         # Set on READY, copied out of `accepted` for the data path.
@@ -147,22 +190,35 @@ class ClientSession:
         self._fixed: tuple | None = None  # the fixed length field, for the inline check
         self._own_responses = False
         self.recv_bufsize = ANSWER_BUFSIZE
-        #: ``accepted`` of the daemon's ``shutdown`` notice, once it arrived:
-        #: DATA packets up to this seq were read, the later ones never were.
+        self.answer_buffer = bytearray(0)
+        # The receive buffer (allocated on READY) and its join cursor.
+        self._kind = bytearray(1)
+        self._body = memoryview(bytearray(0))
+        self._joined = 0
+        self._skipping = False  # dropping the rest of an oversized continued message
+        self._whole_buffers: list[Any] = []
+        #: Where the next packet is received (``recvmsg_into``): kind byte, then the body.
+        self.recv_buffers: list[Any] = []
+        #: ``accepted`` of the notice that ended the session (the ``shutdown``
+        #: event, or a SESSION_ENDING code): DATA messages up to this seq
+        #: were read, the later ones never were.
         self.shutdown_accepted: int | None = None
-        # What to raise once CLOSED: ClientClosed, or DaemonShutdown after EOF.
+        #: The SESSION_ENDING error the daemon sent, if any.
+        self.ended_by: KmuxError | None = None
+        # What to raise once CLOSED.
         self._closed_because: tuple[type[KmuxError], str] = (ClientClosed, "the kmux client is closed")
 
     # -- state -------------------------------------------------------------
 
-    def _closed_error(self) -> KmuxError:
-        # A fresh instance each time: re-raising one object piles up tracebacks.
+    def closed_error(self) -> KmuxError:
+        """What a call on the closed session raises (a fresh instance each time:
+        re-raising one object piles up tracebacks)."""
         cls, message = self._closed_because
         return cls(message)
 
     def _transition(self, event: str) -> None:
         if self.state is State.CLOSED:
-            raise self._closed_error()
+            raise self.closed_error()
         try:
             self.state = _TRANSITIONS[self.state, event]
         except KeyError:
@@ -172,30 +228,45 @@ class ClientSession:
         """Raise unless the handshake is done and the connection is open."""
         if self.state is not State.READY:
             if self.state is State.CLOSED:
-                raise self._closed_error()
+                raise self.closed_error()
             raise IllegalTransition(f"the handshake is not complete (state {self.state.value!r})")
+
+    @property
+    def joining(self) -> bool:
+        """True between the first and the last piece of a continued message."""
+        return self._joined > 0
 
     @property
     def draining(self) -> bool:
         """True while a ``receive_off`` marker is outstanding and receiving is off."""
         return self._markers_pending > 0 and not self.receiving
 
-    def close(self) -> None:
-        """Forget the connection; every later call raises ClientClosed."""
+    def close(self, cls: type[KmuxError] = ClientClosed, message: str = "the kmux client is closed") -> None:
+        """Forget the connection; every later call raises ``cls(message)``."""
         self.state = State.CLOSED
-        self._closed_because = (ClientClosed, "the kmux client is closed")
+        self._closed_because = (cls, message)
 
     # -- handshake ---------------------------------------------------------
 
     def hello_packet(self) -> bytes:
         """The first packet to send."""
         self._transition("send_hello")
+        self.answer_buffer = bytearray(ANSWER_BUFSIZE)
         return encode_hello(self.hello)
 
+    def answered(self, nbytes: int, truncated: bool) -> Accepted:
+        """The daemon's first packet is in :attr:`answer_buffer`. Raises the refusal's error class."""
+        if nbytes == 0:
+            raise self.eof()
+        if truncated:
+            self.close(BadPacket, "the daemon's handshake answer was cut short")
+            raise BadPacket(f"handshake answer longer than {ANSWER_BUFSIZE} bytes")
+        return self.receive_answer(memoryview(self.answer_buffer)[:nbytes])
+
     def receive_answer(self, packet: Any) -> Accepted:
-        """Consume the daemon's first packet. Raises the refusal's error class."""
+        """Consume the daemon's first packet (as bytes). Raises the refusal's error class."""
         if self.state is not State.AWAIT_ANSWER:
-            self._transition("accepted")  # raises IllegalTransition or ClientClosed
+            self._transition("accepted")  # raises IllegalTransition or the closed error
         try:
             answer = decode_answer(bytes(packet))
             if isinstance(answer, Accepted) and answer.version != PROTOCOL_VERSION:
@@ -217,19 +288,26 @@ class ClientSession:
         self._own_responses = answer.steering in ("id", "fifo")
         self._fixed = answer.framing.fixed_field
         # A notice can outgrow a tiny max_message; one kind byte precedes both.
-        self.recv_bufsize = 1 + max(answer.max_message, CONTROL_MAX)
+        body = max(answer.max_message, CONTROL_MAX)
+        self.recv_bufsize = 1 + body
+        self._body = memoryview(bytearray(body))
+        self._whole_buffers = [self._kind, self._body]
+        self.recv_buffers = self._whole_buffers
+        self.answer_buffer = bytearray(0)
         return answer
 
     def eof(self) -> KmuxError:
-        """The peer closed the socket: the error the shell should raise.
+        """The peer closed the socket: the error the driver should raise.
 
         Every later call raises the same kind of error, not ClientClosed:
-        the app did nothing wrong, the daemon went away.
+        the app did nothing wrong, the daemon went away (or ended the session).
         """
         if self.state is State.CLOSED:
-            return self._closed_error()
+            return self.closed_error()
         if self.state is State.AWAIT_ANSWER:
             self._closed_because = (DaemonUnavailable, "the daemon closed the connection without answering the hello")
+        elif self.ended_by is not None:
+            self._closed_because = (type(self.ended_by), f"the daemon ended the session: {self.ended_by.message}")
         elif self.shutdown_accepted is not None:
             self._closed_because = (
                 DaemonShutdown,
@@ -238,7 +316,7 @@ class ClientSession:
         else:
             self._closed_because = (DaemonShutdown, "daemon closed the connection")
         self._transition("eof")
-        return self._closed_error()
+        return self.closed_error()
 
     # -- sending -----------------------------------------------------------
 
@@ -260,10 +338,25 @@ class ClientSession:
                     return
             self._framing.check_message(message, self._max_message)  # type: ignore[union-attr]
 
-    def data_sent(self) -> int:
-        """Count one DATA packet that went out; returns its ``seq``.
+    def packets(self, message: Any, requeue: bool = False) -> list[tuple[Any, ...]]:
+        """The packets that carry ``message``, each as buffers for one ``sendmsg``.
 
-        Call it only after the send succeeded: the daemon counts packets it
+        One packet if it fits :attr:`max_packet`, else pieces of
+        ``max_packet - 1`` bytes with the continuation bit and a last piece
+        without it. The pieces are views: the message is not copied.
+        """
+        last, more = (REQUEUE_PREFIX, REQUEUE_MORE_PREFIX) if requeue else (DATA_PREFIX, DATA_MORE_PREFIX)
+        n = len(message)
+        room = self.max_packet - 1
+        if n <= room:
+            return [(last + message,) if n <= CONCAT_MAX else (last, message)]
+        view = memoryview(message)
+        return [(more if start + room < n else last, view[start : start + room]) for start in range(0, n, room)]
+
+    def data_sent(self) -> int:
+        """Count one message that went out, all its pieces; returns its ``seq``.
+
+        Call it only after the send succeeded: the daemon counts messages it
         received, so a message refused locally or never sent has no seq.
         """
         self.seq += 1
@@ -283,30 +376,89 @@ class ClientSession:
 
     # -- receiving ---------------------------------------------------------
 
-    def receive_packet(self, packet: memoryview) -> Any:
-        """Classify one packet (kind byte included) that arrived after the handshake.
+    def received(self, nbytes: int, truncated: bool) -> Any:
+        """Classify the packet just received into :attr:`recv_buffers` (``nbytes`` > 0, kind byte included).
 
-        Returns the message (``packet[1:]``, header included) to deliver, a
-        :class:`HandBack` to requeue, :data:`RECEIVE_OFF`, or ``None`` for a
-        packet that means nothing to the app (an event this library does not
-        know, from a newer daemon). Raises the error a NOTICE carries, or
-        BadPacket for a packet the protocol does not allow.
+        Returns the message (a view into the buffer, header included) to
+        deliver, a :class:`HandBack` to requeue, :data:`RECEIVE_OFF`, or
+        ``None`` for a packet that means nothing to the app yet (a piece of
+        a continued message, an event this library does not know). Raises
+        the error a NOTICE carries, or BadPacket for a packet the protocol
+        does not allow.
         """
         if self.state is not State.READY:
             self.require_ready()
-        kind = packet[0] if len(packet) else -1
-        if kind == KIND_DATA:
-            if self._markers_pending and not self.receiving and not self._own_responses:
-                return HandBack(packet[1:])
-            return packet[1:]
-        if kind == KIND_NOTICE:
-            return self._notice(packet[1:])
-        raise BadPacket(f"daemon sent a packet of unknown kind {kind:#04x}" if kind >= 0 else "daemon sent an empty packet")
+        size = nbytes - 1
+        if self._kind[0] == KIND_DATA and not (self._joined or truncated or self._skipping) and size <= self._max_message:
+            message = self._body[:size]  # the common case: one packet, one message
+        else:
+            message = self._unusual(size, truncated)
+            if type(message) is not memoryview:
+                return message
+        if self._markers_pending and not self.receiving and not self._own_responses:
+            return HandBack(message)
+        return message
+
+    def _unusual(self, size: int, truncated: bool) -> Any:
+        """Pieces, notices and everything the protocol does not allow."""
+        kind = self._kind[0]
+        if kind not in (KIND_DATA, KIND_DATA_MORE):
+            joining = self._joined > 0
+            self._reset_join()
+            if joining:
+                raise BadPacket(f"daemon sent a packet of kind {kind:#04x} inside a continued message; it is dropped")
+            if kind == KIND_NOTICE and not truncated:
+                return self._notice(self._body[:size])
+            if kind == KIND_NOTICE:
+                raise BadPacket(f"daemon sent a notice longer than {len(self._body)} bytes")
+            raise BadPacket(f"daemon sent a packet of unknown kind {kind:#04x}")
+        more = kind == KIND_DATA_MORE
+        if self._skipping:
+            self._skipping = more
+            return None
+        total = self._joined + size
+        if truncated or total > self._max_message:
+            pieces = more or self._joined > 0
+            self._reset_join()
+            self._skipping = more
+            raise BadPacket(
+                f"daemon sent a message over max_message ({self._max_message} bytes)"
+                + ("; the rest of its pieces are skipped" if more else "")
+                if pieces
+                else f"daemon sent a packet over max_message ({self._max_message} bytes)"
+            )
+        if more:
+            self._joined = total
+            self.recv_buffers = [self._kind, self._body[total:]]
+            return None
+        self._reset_join()
+        return self._body[:total]
+
+    def _reset_join(self) -> None:
+        self._joined = 0
+        self.recv_buffers = self._whole_buffers
+
+    def receive_packet(self, packet: Any) -> Any:
+        """:meth:`received` for a packet already in memory (kind byte included),
+        as if the socket had put it into :attr:`recv_buffers`."""
+        if self.state is not State.READY:
+            self.require_ready()
+        if not len(packet):
+            raise BadPacket("daemon sent an empty packet")
+        self._kind[0] = packet[0]
+        body = self.recv_buffers[1]
+        size = min(len(packet) - 1, len(body))
+        body[:size] = packet[1 : 1 + size]
+        return self.received(1 + size, size < len(packet) - 1)
 
     def _notice(self, body: memoryview) -> Any:
         notice = decode_notice(body)
         if notice.code is not None:
-            raise notice.error  # type: ignore[misc]
+            error = notice.error
+            if notice.code in SESSION_ENDING:
+                self.ended_by = error
+                self._record_accepted(notice.details)
+            raise error  # type: ignore[misc]
         if notice.event == "receive_off":
             if self._markers_pending:
                 self._markers_pending -= 1
@@ -314,8 +466,11 @@ class ClientSession:
                     return RECEIVE_OFF
             return None
         if notice.event == "shutdown":
-            accepted = notice.details.get("accepted")
-            if isinstance(accepted, int) and not isinstance(accepted, bool):
-                self.shutdown_accepted = accepted
+            self._record_accepted(notice.details)
             return None
         return None  # an event from a newer daemon: nothing to do
+
+    def _record_accepted(self, details: dict[str, Any]) -> None:
+        accepted = details.get("accepted")
+        if isinstance(accepted, int) and not isinstance(accepted, bool):
+            self.shutdown_accepted = accepted

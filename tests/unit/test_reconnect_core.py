@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from kmux import AccountingLost, AccountingWarning, ReconnectPolicy
-from kmux._reconnect import Backoff, ReconnectCore, as_policy, is_retryable, translate_seq
+from kmux._reconnect import ReconnectBackoff, ReconnectCore, as_policy, is_retryable, translate_seq
 from kmux.errors import BadFrame, DaemonUnavailable, UnknownGroup
 
 
@@ -47,7 +47,7 @@ def test_policy_must_be_bounded_and_sane():
 
 def test_backoff_grows_is_capped_jittered_and_gives_up_after_max_attempts():
     p = ReconnectPolicy(max_attempts=6, deadline=None, initial_delay=0.1, max_delay=0.5, multiplier=2, jitter=0.5)
-    b = Backoff(p, 0.0, random.Random(1))
+    b = ReconnectBackoff(p, 0.0, random.Random(1))
     delays = [b.failed(0.0) for _ in range(5)]
     caps = [0.1, 0.2, 0.4, 0.5, 0.5]
     assert all(cap * 0.5 <= d <= cap for d, cap in zip(delays, caps)), delays
@@ -56,7 +56,7 @@ def test_backoff_grows_is_capped_jittered_and_gives_up_after_max_attempts():
 
 
 def test_backoff_respects_the_deadline():
-    b = Backoff(ReconnectPolicy(deadline=1.0, initial_delay=0.4, max_delay=0.4, jitter=0), 10.0)
+    b = ReconnectBackoff(ReconnectPolicy(deadline=1.0, initial_delay=0.4, max_delay=0.4, jitter=0), 10.0)
     assert b.failed(10.0) == pytest.approx(0.4)
     assert b.failed(10.8) == pytest.approx(0.2)  # clipped to what is left
     assert b.failed(11.0) is None
@@ -246,3 +246,42 @@ def test_session_records_the_shutdown_notice():
     assert s.shutdown_accepted == 7
     err = s.eof()
     assert isinstance(err, DaemonShutdown) and "up to seq 7" in err.message
+
+
+# -- settled messages -------------------------------------------------------------------------
+
+
+def test_a_settled_message_is_not_resent_after_a_crash():
+    c = core()
+    send(c, 5)
+    c.settle(2)  # e.g. group_unavailable named it: never written, never will be
+    rec = c.connection_lost(accepted=None)
+    u = rec.unknown
+    assert (u.first_seq, u.last_seq, u.held, u.settled) == (1, 5, 4, 1)
+    c.connected()
+    assert resend_all(c) == [1, 3, 4, 5]
+    assert send(c, 1) == [6]
+    # Notices on this connection name its own count: 1, 3, 4, 5, then 6.
+    assert [c.message_seq(n) for n in range(1, 6)] == [1, 3, 4, 5, 6]
+
+
+def test_a_settled_message_is_not_resent_after_a_shutdown_notice():
+    c = core()
+    send(c, 5)
+    c.settle(4)
+    rec = c.connection_lost(accepted=2)
+    assert rec.resend == 2
+    c.connected()
+    assert resend_all(c) == [3, 5]
+
+
+def test_settled_messages_leave_with_the_buffer():
+    c = core(buffer_messages=2, on_overflow=lambda r: None)
+    send(c, 2)
+    c.settle(1)
+    c.settle(99)  # never sent: ignored
+    send(c, 1)  # 1 leaves the buffer
+    assert c._settled == set()
+    c.settle(3)
+    c.connection_lost(accepted=3)
+    assert c._settled == set() and not c.resend_queue

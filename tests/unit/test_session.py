@@ -45,10 +45,10 @@ def accepted(**overrides):
     return Accepted(**fields)
 
 
-def ready_session(**kwargs) -> ClientSession:
+def ready_session(max_message: int = MAX, **kwargs) -> ClientSession:
     session = ClientSession("echo", **kwargs)
     session.hello_packet()
-    session.receive_answer(encode_answer(accepted()))
+    session.receive_answer(encode_answer(accepted(max_message=max_message)))
     return session
 
 
@@ -201,7 +201,7 @@ def test_data_is_the_packet_without_its_kind_byte():
     event = session.receive_packet(packet)
     assert type(event) is memoryview
     assert event == frame(U32BE, b"pong")
-    assert event.obj is packet.obj  # a view into the caller's buffer, not a copy
+    assert event.obj is session.recv_buffers[1].obj  # a view into the session's receive buffer, not a copy
 
 
 def test_error_notice_raises_its_error_with_seq():
@@ -256,12 +256,13 @@ def test_data_before_the_marker_is_handed_back():
     session.receive_control(False)
     assert session.draining
     first = session.receive_packet(data(b"queued-1"))
+    assert isinstance(first, HandBack)
+    assert first.message == b"queued-1"  # a view: the next packet reuses the buffer
     second = session.receive_packet(data(b"queued-2"))
-    assert isinstance(first, HandBack) and isinstance(second, HandBack)
-    prefix, message = first.packet_parts
-    assert prefix == b"\x02"
-    assert message == b"queued-1"
-    assert b"".join(second.packet_parts) == b"\x02queued-2"
+    assert isinstance(second, HandBack)
+    session.max_packet = 4096
+    [(requeue,)] = session.packets(second.message, requeue=True)
+    assert requeue == b"\x02queued-2"
     assert session.receive_packet(MARKER) is RECEIVE_OFF
     assert not session.draining
     # After the marker nothing should come; if it does, it is kept, not lost.
@@ -349,3 +350,90 @@ def test_closed_session_raises_client_closed():
     ):
         with pytest.raises(ClientClosed):
             call()
+
+
+# -- continuation: splitting and joining -------------------------------------------
+
+
+def test_packets_split_a_large_message_into_views():
+    session = ready_session()
+    session.max_packet = 10  # 9 bytes of message per packet
+    message = bytes(range(20))
+    packets = session.packets(message)
+    assert [(p[0], bytes(p[1])) for p in packets] == [
+        (b"\x80", message[:9]),
+        (b"\x80", message[9:18]),
+        (b"\x00", message[18:]),
+    ]
+    assert all(p[1].obj is message for p in packets)  # views, not copies
+    assert [p[0] for p in session.packets(message, requeue=True)] == [b"\x82", b"\x82", b"\x02"]
+    assert session.packets(message[:9]) == [(b"\x00" + message[:9],)]  # fits: one packet
+    assert [len(p[1]) for p in session.packets(message[:18])] == [9, 9]  # no empty last piece
+
+
+def test_large_single_packets_are_not_copied():
+    session = ready_session(max_message=1 << 20)
+    session.max_packet = 1 << 21
+    message = bytes(5000)
+    [(prefix, body)] = session.packets(message)
+    assert prefix == b"\x00" and body is message
+
+
+def test_pieces_are_joined_in_the_receive_buffer():
+    session = ready_session()
+    whole = frame(U32BE, b"0123456789" * 5)  # 54 bytes, MAX is 64
+    assert session.receive_packet(memoryview(b"\x80" + whole[:20])) is None
+    assert session.joining
+    assert session.receive_packet(memoryview(b"\x80" + whole[20:40])) is None
+    event = session.receive_packet(memoryview(b"\x00" + whole[40:]))
+    assert event == whole and not session.joining
+    assert event.obj is session.recv_buffers[1].obj  # joined where it was received: no copy
+    assert session.receive_packet(data(b"next")) == b"next"
+
+
+def test_a_joined_message_over_max_message_is_a_bad_packet_and_its_rest_is_skipped():
+    session = ready_session()
+    session.receive_packet(memoryview(b"\x80" + b"a" * 40))
+    with pytest.raises(BadPacket, match="over max_message"):
+        session.receive_packet(memoryview(b"\x80" + b"b" * 40))  # 80 > 64
+    assert not session.joining
+    assert session.receive_packet(memoryview(b"\x80" + b"c")) is None  # skipped
+    assert session.receive_packet(memoryview(b"\x00" + b"d")) is None  # its last piece: skipped
+    assert session.receive_packet(data(b"ok")) == b"ok"
+
+
+def test_a_single_packet_over_max_message_is_a_bad_packet():
+    session = ready_session(max_message=16)
+    with pytest.raises(BadPacket, match="packet over max_message"):
+        session.receive_packet(data(b"x" * 17))
+    with pytest.raises(BadPacket):  # longer than the buffer: truncated
+        session.receive_packet(data(b"x" * (CONTROL_MAX + 10)))
+
+
+def test_anything_but_a_piece_inside_a_continued_message_is_a_bad_packet():
+    for intruder in (notice(event="receive_off"), memoryview(b"\x02abc")):
+        session = ready_session()
+        session.receive_packet(memoryview(b"\x80abc"))
+        with pytest.raises(BadPacket, match="inside a continued message"):
+            session.receive_packet(intruder)
+        assert not session.joining
+        assert session.receive_packet(data(b"ok")) == b"ok"
+
+
+def test_a_continued_message_before_the_marker_is_handed_back_whole():
+    session = ready_session()
+    session.receive_control(False)
+    assert session.receive_packet(memoryview(b"\x80abc")) is None
+    event = session.receive_packet(memoryview(b"\x00def"))
+    assert isinstance(event, HandBack) and event.message == b"abcdef"
+
+
+@pytest.mark.parametrize("code", ["slow_consumer", "idle_timeout", "permission_denied"])
+def test_a_notice_that_ends_the_session_names_what_ended_it(code):
+    session = ready_session()
+    with pytest.raises(KmuxError) as info:
+        session.receive_packet(notice(code=code, error="detached", accepted=5))
+    assert info.value.code == code
+    assert session.shutdown_accepted == 5
+    err = session.eof()
+    assert err.code == code and "ended the session" in err.message

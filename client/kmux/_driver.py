@@ -1,0 +1,700 @@
+"""One kmux client, written once: the sans-IO driver under the blocking and trio clients.
+
+Theory of operation
+-------------------
+:class:`ClientDriver` is all a client does, as decisions: the handshake,
+sending (pieces included), the read loop, handing messages back, losing a
+connection, the reconnect loop with its back-off and re-sends. It composes
+:class:`~kmux._session.ClientSession` (one connection) and, when
+reconnecting, :class:`~kmux._reconnect.ReconnectCore` (the accounting).
+It never touches a socket, a thread or trio.
+
+Every operation (:meth:`ClientDriver.open`, :meth:`~ClientDriver.send`,
+:meth:`~ClientDriver.recv`, :meth:`~ClientDriver.set_receive`) is a
+generator that *yields requests* (:mod:`kmux._requests`: ``Connect``,
+``Send``, ``Recv``, ``Acquire``, ``WaitProgress``, ``Sleep``...) for
+whatever may block, and is *sent back* each result, or *thrown* the
+exception it raised (``OSError``, ``TimeoutError``, trio's ``Cancelled``).
+A transport runs the generator: :mod:`kmux._sync` with blocking calls,
+:mod:`kmux.trio` with ``await``. So the rules live here once, and the
+transports only move bytes and wait. What cannot block is called directly
+on the transport's objects: ``lock.release()``, the link's
+``recv_nowait``/``kick``/``close`` (:mod:`kmux._link`), the clock and the
+progress notification.
+
+Fast paths: most calls find a message already queued, or a small message
+to send with nothing to repair. For those a generator costs more than the
+work (measured: the blocking ``recv`` took twice the CPU through it), so
+:meth:`ClientDriver.recv_queued` takes a queued message without one (the
+transport holds ``recv_lock``, taken without waiting), and the transports
+send a small message themselves while :attr:`ClientDriver.fast` names a
+connection (nothing to repair, re-send or report first), counting it with
+:meth:`ClientDriver.count_sent`. A connection leaves ``fast`` the moment it
+is found lost; a fast send racing with that fails on the shut-down socket
+and falls through to the generator, which sends the message by the rules.
+
+Rules (each is kept in exactly one place below)
+-----------------------------------------------
+1. **Peer gone.** ``EPIPE``, ``ECONNRESET``, ``ENOTCONN`` and ``EBADF`` (the
+   socket was closed under us), or a read of 0 bytes, mean the connection
+   is gone: it is *lost* (rule 3). No other ``OSError`` is.
+2. **Cut short.** A message sent in pieces that fails after its first piece
+   (an error, or cancellation) cannot be finished, and the connection cannot
+   carry anything else mid-message: it is kicked and then lost (rule 3).
+   A failure before the first piece costs nothing: SEQPACKET sends are
+   atomic.
+3. **One way to lose a connection**, with both locks held: drain what the
+   socket still holds (messages and notices go to the *stash*, which
+   ``recv`` empties first; a ``shutdown`` notice found there gives the
+   accounting its ``accepted``), close the socket, then either remember the
+   error every later call raises (plain client) or let the reconnect core
+   account and queue the re-sends (reconnecting client).
+4. **Locks.** ``recv_lock`` is held by whoever reads the socket, ``send_lock``
+   by whoever writes a packet (every piece of a message, so pieces never
+   interleave with another sender's packets). Replacing the connection needs
+   both, always taken receive first. Whoever waits to read and holds
+   ``recv_lock`` notifies progress after each packet, so ``set_receive``
+   from another thread or task can wait for its marker without reading.
+5. **seq** counts messages, once each, when the whole message is out.
+6. **EMSGSIZE** (a packet over the socket's send buffer) can only mean the
+   buffer shrank after it was sized: before any piece went out, the driver
+   sizes it again and splits the message by what it now takes, once; else it
+   raises :class:`~kmux.errors.MessageTooBig` with the one wording of
+   :meth:`ClientDriver._too_big`.
+
+Cancellation (trio): a request the transport did not complete did not
+happen (a :class:`Send` that raises sent nothing); requests issued while an
+exception unwinds never block. Hand-backs of messages already taken from
+the socket are shielded.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from ._requests import Acquire, Connect, Recv, Send, SizeSendBuffer, Sleep, TryAcquire, WaitProgress
+from ._reconnect import ReconnectBackoff, ReconnectCore, ReconnectPolicy, UnknownFate, is_retryable, translate_seq
+from ._session import CONCAT_MAX, ClientSession, HandBack, State
+from .errors import ClientClosed, DaemonUnavailable, GroupUnavailable, InternalError, KmuxError, MessageTooBig
+from .protocol import Hello
+
+__all__ = ["ClientDriver", "ClientSettings", "ClientStatistics", "PEER_GONE"]
+
+#: errnos that mean the connection is gone (rule 1).
+PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF})
+#: A peer that closed with our packets unread makes the first read fail with
+#: ECONNRESET, the packets it sent before are still queued; a dead socket is
+#: drained past at most this many such errors.
+DRAIN_RESETS_MAX = 3
+#: Notices (errors) kept from lost connections until ``recv`` raises them. An
+#: app that sends only and never calls ``recv`` would keep them for ever, one
+#: socket's worth per lost connection; past this bound the oldest are dropped
+#: (counted in ``statistics().errors_dropped``). Messages are never dropped.
+STASHED_ERRORS_MAX = 1000
+_CUT_SHORT = "the connection was closed: a message sent in pieces was cut short"
+
+
+# -- configuration and records -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What ``connect()`` was asked for. Validates itself: a bad argument fails before any I/O."""
+
+    group: str
+    path: str
+    receive: bool = True
+    name: str = ""
+    #: bounds each connect and handshake (and set_receive's default wait), seconds
+    timeout: float | None = 5.0
+    validate: bool = True
+    #: refuse to attach to a group without a TCP connection up (``accepted.up``)
+    require_up: bool = False
+    policy: ReconnectPolicy | None = None
+
+    def __post_init__(self) -> None:
+        Hello(group=self.group, receive=self.receive, name=self.name)  # HandshakeInvalid names the key
+        if not isinstance(self.path, str) or not self.path:
+            raise TypeError("socket_path must be a non-empty path")
+        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout >= 0):
+            raise ValueError(f"timeout must be None or a number of seconds >= 0, not {self.timeout!r}")
+        for key in ("validate", "require_up"):
+            if not isinstance(getattr(self, key), bool):
+                raise TypeError(f"{key} must be a bool")
+
+
+@dataclass(frozen=True)
+class ClientStatistics:
+    """A client's counters (``client.statistics()``)."""
+
+    #: seq of the last message sent (message seqs, across reconnects)
+    seq: int
+    #: messages returned by recv
+    received: int
+    #: messages sent in more than one packet (continued), and received so
+    continued_sent: int
+    continued_received: int
+    #: messages and errors from lost connections waiting for recv
+    stashed: int
+    #: errors from lost connections dropped unread (STASHED_ERRORS_MAX)
+    errors_dropped: int
+    connected: bool
+    #: the reconnect accounting (zeros for a plain client)
+    accepted_seq: int
+    reconnects: int
+    resent: int
+    buffered: int
+    guaranteed: bool
+
+
+class _Conn:
+    """One connection: the transport's link and the session's state."""
+
+    __slots__ = ("link", "session", "lost")
+
+    def __init__(self, link: Any, session: ClientSession) -> None:
+        self.link = link
+        self.session = session
+        #: why it is unusable (rules 1 and 2), or None
+        self.lost: str | None = None
+
+
+def unavailable(path: str, exc: OSError) -> DaemonUnavailable:
+    """Name the path and the reason: the two things a user can act on."""
+    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+        reason = "no such socket" if exc.errno == errno.ENOENT else "connection refused"
+        return DaemonUnavailable(f"no daemon listening at {path} ({reason}; is kmuxd running?)")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return DaemonUnavailable(f"permission denied on {path} (is this user in the daemon's allowed groups?)")
+    return DaemonUnavailable(f"cannot connect to {path}: {exc.strerror or exc}")
+
+
+class ClientDriver:
+    """The logic of one client; see the module docstring.
+
+    ``send_lock``/``recv_lock``: the transport's locks (``release()`` and
+    ``locked()`` are called directly). ``notify_progress()``: wake every
+    :class:`WaitProgress`. ``clock()``: the transport's monotonic clock.
+    """
+
+    def __init__(self, settings: ClientSettings, *, send_lock: Any, recv_lock: Any,
+                 notify_progress: Callable[[], None], clock: Callable[[], float]) -> None:
+        s = settings
+        self.settings = s
+        self.receiving = s.receive
+        self.core = ReconnectCore(s.policy) if s.policy is not None else None
+        self.send_lock, self.recv_lock = send_lock, recv_lock
+        self._notify_progress, self.clock = notify_progress, clock
+        self.conn: _Conn | None = None
+        self.last: _Conn | None = None  # the current or the latest connection
+        #: The connection a small message may take directly (see "Fast paths"), or None.
+        self.fast: _Conn | None = None
+        #: messages (bytes) and errors read from lost connections, for recv
+        self.stash: deque[Any] = deque()
+        self.pending: deque[BaseException] = deque()  # AccountingLost, raised once
+        self.closed = False
+        self.unknown_fate: list[UnknownFate] = []
+        self._backoff: ReconnectBackoff | None = None
+        self._next_attempt = 0.0
+        self._progress_waiters = 0
+        self._received = self._continued_sent = self._continued_received = 0
+        self._stashed_errors = self._errors_dropped = 0
+
+    # -- what the clients show ------------------------------------------------------------
+
+    @property
+    def session(self) -> ClientSession:
+        """The current (or latest) connection's session."""
+        conn = self.conn or self.last
+        if conn is None:
+            raise ClientClosed("the kmux client never connected")
+        return conn.session
+
+    @property
+    def seq(self) -> int:
+        return self.core.seq if self.core is not None else self.session.seq
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and self.conn.lost is None and not self.closed
+
+    def statistics(self) -> ClientStatistics:
+        core = self.core
+        return ClientStatistics(
+            seq=self.seq if self.last is not None else 0,
+            received=self._received,
+            continued_sent=self._continued_sent,
+            continued_received=self._continued_received,
+            stashed=len(self.stash),
+            errors_dropped=self._errors_dropped,
+            connected=self.connected,
+            accepted_seq=core.accepted_seq if core else 0,
+            reconnects=core.counters.reconnects if core else 0,
+            resent=core.counters.resent if core else 0,
+            buffered=core.buffered if core else 0,
+            guaranteed=core.guaranteed if core else True,
+        )
+
+    def recv_queued(self) -> bytes | None:
+        """recv_lock held: the next message if the socket already holds it whole; else None.
+
+        None also when anything needs the full :meth:`recv` (a stash, a
+        lost connection, hand-backs while draining): the caller then runs it.
+        Pieces, events and markers read here are kept by the session as
+        usual; notices raise as they do in :meth:`recv`.
+        """
+        conn = self.conn
+        if self.stash or self.pending or self.closed or conn is None or conn.lost is not None:
+            return None
+        session = conn.session
+        if session.draining or self._resending():
+            return None
+        while True:
+            try:
+                got = conn.link.recv_nowait(session.recv_buffers)
+            except OSError as e:
+                if e.errno not in PEER_GONE:
+                    raise
+                got = (0, False)
+            if got is None:
+                return None
+            if got[0] == 0:
+                self._mark_lost(conn, "peer gone")
+                return None
+            message = self._classify(conn, got)
+            if type(message) is HandBack:  # set_receive(False) in another thread meanwhile:
+                message = message.message  # docs/protocol.md lets a client keep it
+            if type(message) is memoryview:
+                self._received += 1
+                return bytes(message)
+
+    def count_sent(self, conn: _Conn, message: Any) -> int:
+        """``message`` went out on ``conn``, whole: its seq (rule 5)."""
+        session = conn.session
+        session.seq += 1  # ClientSession.data_sent, inline: this runs per message
+        return session.seq if self.core is None else self.core.message_sent(message)
+
+    def close(self) -> None:
+        """Close at once; every later call raises ClientClosed. Not a generator: it never blocks."""
+        self.closed = True
+        self.fast = None
+        conn = self.conn
+        if conn is not None:
+            conn.session.close()
+            conn.link.kick()
+            conn.link.close()
+
+    # -- operations (generators; see the module docstring) ------------------------------------
+
+    def open(self) -> Iterator[Any]:
+        """Connect: once (plain client), or within the reconnect policy."""
+        if self.core is None:
+            conn = yield from self._open_once(self.settings.timeout)
+            self.conn = self.last = conn
+            self._refresh_fast()
+        else:
+            yield from self._with_both_locks(None, self._establish(None))
+
+    def send(self, message: Any) -> Iterator[Any]:
+        """Send one whole message; returns its seq."""
+        while True:
+            self._raise_if_unusable()
+            seen = self.conn
+            if seen is not None and seen.lost is None and not self._resending():
+                seq = yield from self._locked(self.send_lock, None, self._send_new(seen, message))
+                if seq is not None:
+                    self._refresh_fast()
+                    return seq
+            yield from self._repair(seen, None)
+
+    def recv(self, deadline: float | None) -> Iterator[Any]:
+        """Wait for one message; what lost connections left comes first."""
+        while True:
+            if self.stash:
+                return self._unstash()
+            self._raise_if_unusable()
+            conn = self.conn
+            if conn is None or conn.lost is not None or self._resending():
+                yield from self._repair(conn, deadline)
+                continue
+            message = yield from self._locked(self.recv_lock, deadline, self._receive_current(conn, deadline))
+            if message is not None:
+                return message
+
+    def set_receive(self, on: bool, deadline: float | None) -> Iterator[Any]:
+        """Switch receiving; turning it off returns once the daemon's marker arrived.
+
+        Messages queued before the marker are handed back, by this call or by
+        whichever thread or task is reading meanwhile (rule 4). A
+        reconnecting client restores the choice on every new connection.
+        """
+        if not isinstance(on, bool):
+            raise TypeError("on must be a bool")
+        self._raise_if_unusable()
+        self.receiving = on
+        conn = self.conn
+        if conn is None or conn.lost is not None:
+            if self.core is None:
+                yield from self._repair(conn, deadline)  # raises what ended the connection
+            return  # the next hello carries it
+        control = conn.session.receive_control(on)
+        sent = yield from self._locked(self.send_lock, deadline, self._send_packet(conn, (control,)))
+        try:
+            while sent and conn.session.draining and self.conn is conn and conn.lost is None:
+                if (yield TryAcquire(self.recv_lock)):
+                    message = yield from self._holding(self.recv_lock, self._receive_one(conn, deadline))
+                    if message is not None:  # another task switched receiving on meanwhile
+                        self.stash.append(message)
+                else:
+                    self._progress_waiters += 1
+                    try:
+                        yield WaitProgress(lambda: self._marker_or_free(conn), deadline)
+                    finally:
+                        self._progress_waiters -= 1
+        except TimeoutError:
+            raise TimeoutError(
+                "set_receive: no receive_off marker from kmuxd within the timeout; later recv calls finish the hand-back"
+            ) from None
+        if conn.lost is not None and self.core is None:
+            yield from self._repair(conn, deadline)  # raises what ended the connection
+        elif conn.lost is not None:
+            yield from self._with_both_locks(deadline, self._losing(conn))  # the next call reconnects
+
+    # -- locks (rule 4) ----------------------------------------------------------------------
+
+    def _locked(self, lock: Any, deadline: float | None, body: Iterator[Any], shield: bool = False) -> Iterator[Any]:
+        try:
+            yield Acquire(lock, deadline, shield)
+        except TimeoutError:
+            raise TimeoutError("timed out waiting for another thread or task using this kmux client") from None
+        return (yield from self._holding(lock, body))
+
+    def _holding(self, lock: Any, body: Iterator[Any]) -> Iterator[Any]:
+        try:
+            return (yield from body)
+        finally:
+            self.release(lock)
+
+    def release(self, lock: Any) -> None:
+        """Release one of the driver's locks; after ``recv_lock``, waiters re-check (rule 4)."""
+        lock.release()
+        if lock is self.recv_lock and self._progress_waiters:
+            self._notify_progress()
+
+    def _with_both_locks(self, deadline: float | None, body: Iterator[Any]) -> Iterator[Any]:
+        return self._locked(self.recv_lock, deadline, self._locked(self.send_lock, deadline, body))
+
+    def _marker_or_free(self, conn: _Conn) -> bool:
+        return not conn.session.draining or self.conn is not conn or conn.lost is not None or not self.recv_lock.locked()
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _send_new(self, conn: _Conn, message: Any) -> Iterator[Any]:
+        """send_lock held. The seq, or None if the connection turned out unusable."""
+        if self.conn is not conn or conn.lost is not None or self._resending():
+            return None
+        conn.session.check_data(message)
+        if (yield from self._send_message(conn, message)):
+            return self.count_sent(conn, message)
+        return None
+
+    def _send_packet(self, conn: _Conn, parts: tuple[Any, ...], shield: bool = False) -> Iterator[Any]:
+        """send_lock held. True if sent; False if the peer is gone (rule 1)."""
+        try:
+            yield Send(conn.link, parts, None, shield)
+        except OSError as e:
+            if e.errno not in PEER_GONE:
+                raise
+            self._mark_lost(conn, "peer gone")
+            return False
+        return True
+
+    def _send_message(self, conn: _Conn, message: Any, requeue: bool = False, shield: bool = False) -> Iterator[Any]:
+        """send_lock held: every packet of one message (rules 2 and 6). True if sent, False if the peer is gone."""
+        session = conn.session
+        packets = session.packets(message, requeue)
+        done = 0
+        resized = False
+        try:
+            while done < len(packets):
+                try:
+                    if not (yield from self._send_packet(conn, packets[done], shield)):
+                        return False
+                except OSError as e:
+                    if e.errno != errno.EMSGSIZE:
+                        raise
+                    if done or resized:
+                        raise self._too_big(session, message, packets[done]) from None
+                    resized = True
+                    session.max_packet = yield SizeSendBuffer(conn.link, session.accepted.max_message + 1)
+                    packets = session.packets(message, requeue)
+                    continue
+                done += 1
+        except BaseException:
+            if done:
+                self._mark_lost(conn, _CUT_SHORT)
+                conn.link.kick()
+            raise
+        if done > 1:
+            self._continued_sent += 1
+        return True
+
+    @staticmethod
+    def _too_big(session: ClientSession, message: Any, parts: tuple[Any, ...]) -> MessageTooBig:
+        size = sum(len(p) for p in parts)
+        return MessageTooBig(
+            f"a {size}-byte packet of a {len(message)}-byte message did not fit this socket's send buffer, "
+            f"sized for packets of {session.max_packet} bytes (was SO_SNDBUF lowered?)"
+        )
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def _receive_current(self, conn: _Conn, deadline: float | None) -> Iterator[Any]:
+        """recv_lock held: one packet; the message to return, or None."""
+        if self.stash or self.conn is not conn or conn.lost is not None:
+            return None
+        message = yield from self._receive_one(conn, deadline)
+        if message is not None:
+            self._received += 1
+        return message
+
+    def _receive_one(self, conn: _Conn, deadline: float | None) -> Iterator[Any]:
+        """recv_lock held: receive one packet and act on it (hand back, lose). The message (bytes), or None."""
+        session = conn.session
+        try:
+            got = yield Recv(conn.link, session.recv_buffers, deadline)
+        except TimeoutError:
+            raise TimeoutError("no message from kmuxd within the timeout") from None
+        except OSError as e:
+            if e.errno not in PEER_GONE:
+                raise
+            got = None
+        if got is None or got[0] == 0:
+            self._mark_lost(conn, "peer gone")
+            yield from self._locked(self.send_lock, None, self._losing(conn))
+            return None
+        event = self._classify(conn, got)
+        if type(event) is memoryview:
+            return bytes(event)  # the buffer is reused by the next receive
+        if type(event) is HandBack:
+            sent = yield from self._locked(
+                self.send_lock, None, self._send_message(conn, event.message, requeue=True, shield=True), shield=True
+            )
+            if not sent:
+                self.stash.append(bytes(event.message))  # the daemon is gone: the message stays ours
+        return None
+
+    def _classify(self, conn: _Conn, got: tuple[int, bool]) -> Any:
+        """The session's verdict on a packet just received; a notice's error raises, translated."""
+        session = conn.session
+        joining = session.joining
+        try:
+            event = session.received(*got)
+        except KmuxError as err:
+            raise self._translated(err) from None
+        if joining and event is not None:
+            self._continued_received += 1
+        return event
+
+    def _translated(self, err: KmuxError) -> KmuxError:
+        """A notice's error, with the message seq (rule: a named message is settled)."""
+        if self.core is not None:
+            translate_seq(err, self.core)
+            if isinstance(err.seq, int):
+                self.core.settle(err.seq)
+        return err
+
+    def _unstash(self) -> Any:
+        item = self.stash.popleft()
+        if isinstance(item, BaseException):
+            self._stashed_errors -= 1
+            raise item
+        self._received += 1
+        return item
+
+    def _stash_error(self, err: KmuxError) -> None:
+        if self._stashed_errors >= STASHED_ERRORS_MAX:
+            oldest = next(item for item in self.stash if isinstance(item, BaseException))
+            self.stash.remove(oldest)
+            self._stashed_errors -= 1
+            self._errors_dropped += 1
+        self.stash.append(err)
+        self._stashed_errors += 1
+
+    # -- losing and replacing the connection (rule 3) ----------------------------------------------
+
+    def _mark_lost(self, conn: _Conn, why: str) -> None:
+        conn.lost = conn.lost or why
+        if self.fast is conn:
+            self.fast = None
+
+    def _refresh_fast(self) -> None:
+        conn = self.conn
+        ok = conn is not None and conn.lost is None and not (self.pending or self.closed or self._resending())
+        self.fast = conn if ok else None
+
+    def _raise_if_unusable(self) -> None:
+        if self.closed:
+            raise ClientClosed("the kmux client is closed")
+        if self.pending:
+            raise self.pending.popleft()
+
+    def _resending(self) -> bool:
+        return self.core is not None and bool(self.core.resend_queue)
+
+    def _repair(self, seen: _Conn | None, deadline: float | None) -> Iterator[Any]:
+        """No lock held: lose ``seen`` if it is lost, then reconnect (or raise what ended it)."""
+        yield from self._with_both_locks(deadline, self._repair_locked(seen, deadline))
+
+    def _repair_locked(self, seen: _Conn | None, deadline: float | None) -> Iterator[Any]:
+        if seen is not None and seen.lost is not None:
+            self._lose(seen)
+        if self.closed:
+            raise ClientClosed("the kmux client is closed")
+        if self.core is None:
+            if self.conn is None:
+                raise self.session.closed_error()
+            return
+        yield from self._establish(deadline)  # AccountingLost (pending) is raised after it
+
+    def _losing(self, conn: _Conn) -> Iterator[Any]:
+        """:meth:`_lose` as the body of :meth:`_locked`."""
+        self._lose(conn)
+        yield from ()
+
+    def _lose(self, conn: _Conn) -> None:
+        """Both locks held: drain, close and account for ``conn`` (once). Never blocks."""
+        if self.conn is not conn:
+            return
+        self.conn = self.fast = None
+        session = conn.session
+        try:
+            conn.link.kick()  # the daemon stops sending; what it sent stays readable
+            self._drain(conn)
+        finally:
+            conn.link.close()
+        accepted = session.shutdown_accepted
+        if conn.lost == _CUT_SHORT:
+            session.close(ClientClosed, f"{_CUT_SHORT}; connect again")
+        else:
+            session.eof()
+        if self.core is not None:
+            recovery = self.core.connection_lost(accepted)
+            if recovery.unknown is not None:
+                self.unknown_fate.append(recovery.unknown)
+            if recovery.lost is not None:
+                self.pending.append(recovery.lost)
+
+    def _drain(self, conn: _Conn) -> None:
+        """Stash what a lost connection's socket still holds, without waiting."""
+        session = conn.session
+        resets = 0
+        while session.state is State.READY:
+            try:
+                got = conn.link.recv_nowait(session.recv_buffers)
+            except OSError as e:
+                if e.errno in (errno.ECONNRESET, errno.EPIPE) and resets < DRAIN_RESETS_MAX:
+                    resets += 1
+                    continue
+                return
+            if not got or got[0] == 0:
+                return
+            try:
+                event = session.received(*got)
+            except KmuxError as err:
+                self._stash_error(self._translated(err))
+                continue
+            if type(event) is HandBack:
+                event = event.message  # too late to hand it back: it is ours
+            if type(event) is memoryview:
+                self.stash.append(bytes(event))
+
+    def _open_once(self, timeout: float | None) -> Iterator[Any]:
+        """One connection: connect, hello, answer, size the send buffer."""
+        s = self.settings
+        session = ClientSession(s.group, receive=self.receiving, name=s.name, validate=s.validate)
+        deadline = None if timeout is None else self.clock() + timeout
+        try:
+            link = yield Connect(s.path, deadline)
+        except TimeoutError:
+            raise TimeoutError(f"kmuxd at {s.path} did not accept the connection within {timeout} s") from None
+        except OSError as e:
+            raise unavailable(s.path, e) from None
+        try:
+            yield Send(link, (session.hello_packet(),), deadline)
+            accepted = session.answered(*(yield Recv(link, [session.answer_buffer], deadline)))
+            session.max_packet = yield SizeSendBuffer(link, accepted.max_message + 1)
+            if session.max_packet <= CONCAT_MAX:  # the fast paths rely on it; the kernel's minimum is larger
+                raise InternalError(f"a socket that takes packets of only {session.max_packet} bytes")
+            if s.require_up and not accepted.up:
+                raise GroupUnavailable(f"group {s.group!r} has no TCP connection up (connect(require_up=True))")
+        except TimeoutError:
+            link.close()
+            raise TimeoutError(f"kmuxd at {s.path} did not answer the hello within {timeout} s") from None
+        except OSError as e:
+            link.close()
+            if e.errno in PEER_GONE:
+                raise session.eof() from None
+            raise
+        except BaseException:
+            link.close()
+            raise
+        return _Conn(link, session)
+
+    def _establish(self, deadline: float | None) -> Iterator[Any]:
+        """Both locks held: connect (with back-off) until connected, then re-send the queue."""
+        core = self.core
+        assert core is not None
+        while True:
+            while self.conn is None:
+                if self.closed:
+                    raise ClientClosed("the kmux client is closed")
+                now = self.clock()
+                if self._backoff is None:
+                    self._backoff = ReconnectBackoff(core.policy, now)
+                    self._next_attempt = now
+                if self._next_attempt > now:
+                    if deadline is not None and self._next_attempt > deadline:
+                        yield Sleep(deadline)
+                        raise TimeoutError("no connection to kmuxd within the timeout (still reconnecting)")
+                    yield Sleep(self._next_attempt)
+                timeout = self.settings.timeout
+                if deadline is not None:
+                    left = max(0.001, deadline - self.clock())
+                    timeout = left if timeout is None else min(timeout, left)
+                try:
+                    conn = yield from self._open_once(timeout)
+                except Exception as exc:
+                    if not is_retryable(exc):
+                        raise
+                    delay = self._backoff.failed(self.clock())
+                    if delay is None:
+                        b, self._backoff = self._backoff, None
+                        cls = GroupUnavailable if isinstance(exc, GroupUnavailable) else DaemonUnavailable
+                        raise cls(
+                            f"gave up reconnecting to kmuxd at {self.settings.path} after {b.failures} attempt(s) "
+                            f"in {self.clock() - b.started:.1f} s: {exc}"
+                        ) from exc
+                    self._next_attempt = self.clock() + delay
+                    continue
+                self._backoff = None
+                core.connected()
+                self.conn = self.last = conn
+            if (yield from self._resend(self.conn)):
+                self._refresh_fast()
+                return
+
+    def _resend(self, conn: _Conn) -> Iterator[Any]:
+        """Both locks held: the queued re-sends go first. False if the connection was lost meanwhile."""
+        core = self.core
+        assert core is not None
+        while (message := core.next_resend()) is not None:
+            if not (yield from self._send_message(conn, message)):
+                self._lose(conn)
+                return False
+            conn.session.data_sent()
+            core.resent_one()
+        return True

@@ -1,0 +1,56 @@
+"""One connected SEQPACKET socket, as the driver sees it: the calls that never block.
+
+The driver (:mod:`kmux._driver`) asks its transport for everything that may
+block; what cannot block it calls directly on the connection's link:
+
+* :meth:`SocketLink.recv_nowait`: the next packet if one is queued (the
+  receive fast path, and draining a lost connection);
+* :meth:`SocketLink.kick`: ``shutdown(SHUT_RDWR)``: a thread or task blocked
+  on the socket wakes (reads return what is queued, then 0; sends fail with
+  ``EPIPE``), and the daemon sees the end of the session;
+* :meth:`SocketLink.close`.
+
+Each transport subclasses it with what its waiting needs (a ``poll``
+object; trio's ``notify_closing``).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+__all__ = ["SocketLink", "MSG_TRUNC"]
+
+#: As a plain int: ``flags & socket.MSG_TRUNC`` goes through enum.IntFlag,
+#: which costs microseconds per packet.
+MSG_TRUNC = int(socket.MSG_TRUNC)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+
+
+class SocketLink:
+    """A connected socket; blocking or not, these calls return at once."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv_nowait(self, buffers: list[Any]) -> tuple[int, bool] | None:
+        """``(nbytes, truncated)`` of the next packet, or None if none is queued. Raises OSError."""
+        try:
+            n, _, flags, _ = self.sock.recvmsg_into(buffers, 0, _DONTWAIT)
+        except BlockingIOError:
+            return None
+        return n, bool(flags & MSG_TRUNC)
+
+    def kick(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected any more, or closed
+
+    def close(self) -> None:
+        self.sock.close()
