@@ -191,6 +191,7 @@ class Backend:
         rcvbuf: int | None = None,
         sndbuf: int | None = None,
         summarize: Callable[[bytes], Any] | None = None,
+        port: int = 0,
     ) -> None:
         self.echo = echo
         self.max_frame = max_frame
@@ -207,7 +208,8 @@ class Backend:
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if rcvbuf is not None:  # inherited by accepted sockets; also turns off autotuning
             self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self._listener.bind(("127.0.0.1", 0))
+        # port: a fixed port brings a server back where a group expects it (outage tests).
+        self._listener.bind(("127.0.0.1", port))
         self._listener.listen(64)
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
@@ -543,10 +545,12 @@ def write_config(path: Path, daemon: dict[str, Any], groups: dict[str, dict[str,
 class Daemon:
     """A running ``kmuxd --config`` subprocess and the log lines it wrote."""
 
-    def __init__(self, config_path: Path, socket_path: str, group: str) -> None:
+    def __init__(self, config_path: Path, socket_path: str, group: str, prefix: list[str] | None = None) -> None:
         self.config_path = config_path
         self.socket_path = socket_path
         self.group = group
+        #: Run kmuxd under this command (e.g. ``ip netns exec NAME``, which execs: the pid is kmuxd's).
+        self.prefix = list(prefix or [])
         self.proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._lines: list[dict[str, Any]] = []
@@ -556,7 +560,7 @@ class Daemon:
 
     def start(self, timeout: float = 10.0) -> "Daemon":
         self.proc = subprocess.Popen(
-            [*kmuxd_command(), "--config", str(self.config_path)],
+            [*self.prefix, *kmuxd_command(), "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -604,6 +608,15 @@ class Daemon:
     def control_socket(self) -> str:
         """The control socket's path, as the daemon announced it in its ``ready`` line."""
         return self.logs("ready")[0]["control_socket"]
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def fd_count(self) -> int:
+        """Descriptors kmuxd holds open now (``/proc/PID/fd``)."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def stderr_text(self) -> str:
         with self._lock:
@@ -840,3 +853,36 @@ class SubprocessSender:
                 self.proc.wait(5)
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             f.close()
+
+
+# -- looking inside a running daemon ------------------------------------------------------
+
+
+def control_stats(daemon: Daemon) -> dict[str, Any]:
+    """The daemon's ``stats`` answer, asked on its control socket as kmux-cli asks."""
+    from kmux.control import ControlClient
+
+    with ControlClient(daemon.control_socket, timeout=5.0) as c:
+        return c.request("stats")
+
+
+def group_record(daemon: Daemon, name: str | None = None) -> dict[str, Any]:
+    """One group's record (``name``, default the daemon's first group) from ``stats``."""
+    name = name or daemon.group
+    (g,) = [g for g in control_stats(daemon)["groups"] if g["name"] == name]
+    return g
+
+
+def kmux_cli(daemon: Daemon, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
+    """Run the real ``kmux-cli --control SOCKET ARGS...`` against ``daemon``."""
+    script = Path(sys.executable).with_name("kmux-cli")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-c", "import sys; from kmuxd.cli.main import main; sys.exit(main())"]
+    return subprocess.run([*cmd, "--control", daemon.control_socket, *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def log_time(entry: dict[str, Any]) -> float:
+    """A daemon log line's ``timestamp`` (ISO, UTC) as a ``time.time()`` value."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
