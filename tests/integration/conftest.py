@@ -64,3 +64,19 @@ def daemon_factory(short_dir: Path) -> Callable[..., Daemon]:
         for d in started:
             d.stop()
 
+
+
+@pytest.fixture
+def refusing_port() -> int:
+    """A loopback port bound but not listening: every dial to it is refused (ECONNREFUSED).
+    Bound with SO_REUSEADDR, so a server may listen there later (``Backend(port=...)``),
+    and the port refuses again when that server closes."""
+    import socket
+
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import kmux
 from kmux.errors import KmuxError
 from kmux.framing import PRESETS, Reassembler
+from kmux.protocol import Accepted, Hello, decode_answer, encode_hello
 
 U32BE = PRESETS["u32be"]
 
@@ -886,3 +887,75 @@ def log_time(entry: dict[str, Any]) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+# -- an app that speaks the wire protocol itself ----------------------------------------------
+
+#: Most packets a :class:`RawApp` pushes in one go (each loop is bounded).
+MAX_PACKETS = 20_000
+
+
+class RawApp:
+    """An app that speaks the wire protocol itself: non-blocking sends, and it reads
+    nothing unless asked (the library would read notices for it)."""
+
+    def __init__(self, path: str, group: str, name: str = "raw") -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.settimeout(5.0)
+        self.sock.connect(path)
+        self.sock.send(encode_hello(Hello(group=group, receive=True, name=name)))
+        answer = decode_answer(self.sock.recv(65536))
+        assert isinstance(answer, Accepted), answer
+        self.answer = answer
+        self.client_id = answer.client_id
+        self.sock.setblocking(False)
+        self.sent = 0  # DATA packets the kernel took (their seqs are 1..sent)
+        self.closed_at: float | None = None
+
+    def push(self, packet: Callable[[int], bytes], limit: int = MAX_PACKETS) -> int:
+        """Send ``packet(seq)`` until the kernel refuses more (EAGAIN) or ``limit``; returns how many."""
+        n = 0
+        while n < limit:
+            try:
+                self.sock.send(packet(self.sent + 1))
+            except BlockingIOError:
+                break
+            self.sent += 1
+            n += 1
+        return n
+
+    def close(self) -> None:
+        self.closed_at = time.time()
+        self.sock.close()
+
+
+def frame_packet(client: int, size: int = 1024) -> Callable[[int], bytes]:
+    return lambda seq: b"\x00" + make_frame(client, seq, size)
+
+
+def client_record(daemon: Daemon, client_id: int) -> dict[str, Any] | None:
+    """The client's record from ``stats`` (None once it is gone)."""
+    for c in control_stats(daemon)["clients"]:
+        if c["id"] == client_id:
+            return c
+    return None
+
+    def read_packets(self, timeout: float, until: Callable[[list[tuple[int, bytes]]], bool]) -> list[tuple[int, bytes]]:
+        """Read ``(kind, body)`` packets until ``until(packets)`` or ``timeout`` s of waiting in all."""
+        out: list[tuple[int, bytes]] = []
+        deadline = time.monotonic() + timeout
+        while not until(out):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if not ready:
+                break
+            try:
+                packet = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            if not packet:
+                break
+            out.append((packet[0], packet[1:]))
+        return out

@@ -24,20 +24,19 @@ locks a healthy group's apps out nor leaks a descriptor.
 
 from __future__ import annotations
 
-import errno
-import socket
 import struct
 import threading
 import time
-from typing import Any, Callable
 
 import pytest
 
 import kmux
 from kmux.errors import TooManyClients
-from kmux.protocol import Accepted, Hello, decode_answer, decode_notice, encode_hello
 
 from .helpers import (
+    RawApp,
+    client_record,
+    frame_packet,
     group_config,
     group_record,
     log_time,
@@ -52,68 +51,8 @@ from .helpers import (
 DETACH_BOUND = 1.0
 #: How long a test waits for a detach at all before it calls it missing.
 DETACH_WAIT = 10.0
-#: Most packets a test app pushes in one go (each loop is bounded).
-MAX_PACKETS = 20_000
 #: A u32be message whose header announces 9 bytes but that has 3: refused with bad_frame.
 BAD_FRAME = struct.pack(">I", 9) + b"abc"
-
-
-@pytest.fixture
-def dead_port():
-    """A loopback port bound but not listening: every dial to it is refused."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    try:
-        yield s.getsockname()[1]
-    finally:
-        s.close()
-
-
-class RawApp:
-    """An app that speaks the wire protocol itself: non-blocking sends, and it reads
-    nothing unless asked (the library would read notices for it)."""
-
-    def __init__(self, path: str, group: str, name: str = "raw") -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.settimeout(5.0)
-        self.sock.connect(path)
-        self.sock.send(encode_hello(Hello(group=group, receive=True, name=name)))
-        answer = decode_answer(self.sock.recv(65536))
-        assert isinstance(answer, Accepted), answer
-        self.answer = answer
-        self.client_id = answer.client_id
-        self.sock.setblocking(False)
-        self.sent = 0  # DATA packets the kernel took (their seqs are 1..sent)
-        self.closed_at: float | None = None
-
-    def push(self, packet: Callable[[int], bytes], limit: int = MAX_PACKETS) -> int:
-        """Send ``packet(seq)`` until the kernel refuses more (EAGAIN) or ``limit``; returns how many."""
-        n = 0
-        while n < limit:
-            try:
-                self.sock.send(packet(self.sent + 1))
-            except BlockingIOError:
-                break
-            self.sent += 1
-            n += 1
-        return n
-
-    def close(self) -> None:
-        self.closed_at = time.time()
-        self.sock.close()
-
-
-def frame_packet(client: int, size: int = 1024) -> Callable[[int], bytes]:
-    return lambda seq: b"\x00" + make_frame(client, seq, size)
-
-
-def client_record(daemon, client_id: int) -> dict[str, Any] | None:
-    from .helpers import control_stats
-
-    for c in control_stats(daemon)["clients"]:
-        if c["id"] == client_id:
-            return c
-    return None
 
 
 def detach_delay(daemon, app: RawApp) -> float:
@@ -142,9 +81,9 @@ def assert_not_read(daemon, app: RawApp, what: str) -> None:
 # -- each state in which the daemon stops reading an app ------------------------------------------
 
 
-def test_waiting_for_a_connection_of_a_dead_group(daemon_factory, dead_port):
+def test_waiting_for_a_connection_of_a_dead_group(daemon_factory, refusing_port):
     """No connection up at all: the app's first message waits; the app leaves; it is detached."""
-    daemon = daemon_factory({"down": {"endpoints": [f"127.0.0.1:{dead_port}"], "connections": 2,
+    daemon = daemon_factory({"down": {"endpoints": [f"127.0.0.1:{refusing_port}"], "connections": 2,
                                       "queue_timeout": 0, "reconnect_initial": 0.05, "reconnect_max": 0.2}})
     app = RawApp(daemon.socket_path, "down")
     assert app.answer.up is False, "the hello's answer must say the group has no connection up"
@@ -272,7 +211,7 @@ CHURN_THREADS = 4
 CHURN_PROBE_EVERY = 50
 
 
-def test_churn_through_a_dead_group_locks_nobody_out(backend_factory, daemon_factory, dead_port):
+def test_churn_through_a_dead_group_locks_nobody_out(backend_factory, daemon_factory, refusing_port):
     """``max_clients = 16``. 1,000 apps join a group whose endpoint refuses every dial, send,
     and exit, four at a time. Every one is detached (none is refused: a session that
     outlived its app would take a slot for ever), an app of a healthy group always gets
@@ -280,7 +219,7 @@ def test_churn_through_a_dead_group_locks_nobody_out(backend_factory, daemon_fac
     backend = backend_factory(echo=True)
     daemon = daemon_factory(
         {
-            "dead": {"endpoints": [f"127.0.0.1:{dead_port}"], "connections": 4, "queue_timeout": 0,
+            "dead": {"endpoints": [f"127.0.0.1:{refusing_port}"], "connections": 4, "queue_timeout": 0,
                      "reconnect_initial": 0.05, "reconnect_max": 0.5},
             "ok": group_config(backend, connections=2),
         },
