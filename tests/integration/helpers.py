@@ -928,19 +928,8 @@ class RawApp:
         self.closed_at = time.time()
         self.sock.close()
 
-
-def frame_packet(client: int, size: int = 1024) -> Callable[[int], bytes]:
-    return lambda seq: b"\x00" + make_frame(client, seq, size)
-
-
-def client_record(daemon: Daemon, client_id: int) -> dict[str, Any] | None:
-    """The client's record from ``stats`` (None once it is gone)."""
-    for c in control_stats(daemon)["clients"]:
-        if c["id"] == client_id:
-            return c
-    return None
-
-    def read_packets(self, timeout: float, until: Callable[[list[tuple[int, bytes]]], bool]) -> list[tuple[int, bytes]]:
+    def read_packets(self, timeout: float,
+                     until: Callable[[list[tuple[int, bytes]]], bool]) -> list[tuple[int, bytes]]:
         """Read ``(kind, body)`` packets until ``until(packets)`` or ``timeout`` s of waiting in all."""
         out: list[tuple[int, bytes]] = []
         deadline = time.monotonic() + timeout
@@ -959,3 +948,16 @@ def client_record(daemon: Daemon, client_id: int) -> dict[str, Any] | None:
                 break
             out.append((packet[0], packet[1:]))
         return out
+
+
+def frame_packet(client: int, size: int = 1024) -> Callable[[int], bytes]:
+    """``seq -> DATA packet`` of a test frame of ``size`` bytes naming ``(client, seq)``."""
+    return lambda seq: b"\x00" + make_frame(client, seq, size)
+
+
+def client_record(daemon: Daemon, client_id: int) -> dict[str, Any] | None:
+    """The client's record from ``stats`` (None once it is gone)."""
+    for c in control_stats(daemon)["clients"]:
+        if c["id"] == client_id:
+            return c
+    return None
