@@ -168,7 +168,9 @@ def test_dnsmasq_30_apps_pipelining_through_its_100_query_limit(dnsmasq, daemon_
     assert g["requests_failed"] == lost and g["requests_in_flight"] == 0, g
     assert g["recycles"] >= 1, "no connection was recycled: did dnsmasq's 100-query limit change?"
     health = g["endpoint_health"][0]
-    assert health["state"] == "healthy", health
+    # dnsmasq answers its 100th query and closes (FIN); writes that follow draw its reset (EPIPE):
+    # a recycle all the same, never a failure.
+    assert health["state"] == "healthy" and health["failures"] == 0, health
     if run != "max_requests_90":
         # Make-before-break retires ~20 connections a second here, each replacement waiting for a
         # dial token: the group has no *taking* connection for long stretches (reported, not a loss).
