@@ -101,7 +101,8 @@ def stalled(backend_factory, daemon_factory):
     """One connection to a server that reads nothing: the first app fills the outbox and parks
     on it (pinned), a second app's message waits for a connection (none is free)."""
     backend = backend_factory(rcvbuf=4096, summarize=summarize_frame)
-    daemon = daemon_factory({"g": group_config(backend, connections=1, queue_timeout=0, write_buffer=16384)})
+    daemon = daemon_factory({"g": group_config(backend, connections=1, queue_timeout=0, write_buffer=16384)},
+                            shutdown_grace=0.5)
     backend.wait_open(1)
     backend.pause()
     parked = RawApp(daemon.socket_path, "g", "parked")
@@ -141,9 +142,13 @@ def test_over_its_notice_limit(backend_factory, daemon_factory):
     limit = 4
     daemon = daemon_factory({"g": group_config(backend, connections=1, queue_timeout=0)}, client_notice_limit=limit)
     app = RawApp(daemon.socket_path, "g", "noisy")
-    wait_until(lambda: (app.push(lambda seq: b"\x00" + BAD_FRAME), app.sent > 0)[1], 5.0, "bad frames sent")
-    rec = wait_until(lambda: (r := client_record(daemon, app.client_id)) and r["notices_pending"] >= limit and r,
-                     10.0, f"{limit} notices pending")
+
+    def pending() -> dict | None:
+        app.push(lambda seq: b"\x00" + BAD_FRAME)  # more bad frames, as fast as the daemon reads them
+        r = client_record(daemon, app.client_id)
+        return r if r["notices_pending"] >= limit else None
+
+    rec = wait_until(pending, 10.0, f"{limit} notices pending")
     stuck = wait_flat(lambda: (app.push(lambda seq: b"\x00" + BAD_FRAME), app.sent)[1], 0.3, 10.0, "packets sent")
     assert app.push(lambda seq: b"\x00" + BAD_FRAME, limit=10) == 0, "the daemon still reads the app"
     app.close()
