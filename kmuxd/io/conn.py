@@ -401,9 +401,12 @@ class Conn(Handler):
         requested = how == "requested"
         if exc is not None and not requested:
             self.error = _describe(exc)
-        # Answers the service sent before the stream broke are still owed.
+        # Answers the service sent before the stream broke are still owed. A FIN
+        # among them means the server closed first and our later writes drew the
+        # reset (EPIPE/ECONNRESET): for health that is the server's recycle.
+        fin_first = False
         if group.router is not None and how == "error" and not self.paused:
-            self._take_arrived()
+            fin_first = self._take_arrived()
         self.ended = True
         was_draining = self.sm.state is ConnState.DRAINING
         self.sm.fire(ConnEvent.FAIL if how != "requested" else ConnEvent.CLOSE)
@@ -438,7 +441,7 @@ class Conn(Handler):
         else:
             kind = pool.closed(
                 self.endpoint, now, answered=self.answered or (group.router is None and self.tx_msgs > 0),
-                graceful=how == "fin", requested=requested or was_draining,
+                graceful=how == "fin" or fin_first, requested=requested or was_draining,
                 reason=self.error or "",
             )
         log = group.log.bind(conn=self.slot.index, endpoint=str(self.endpoint))
@@ -453,27 +456,32 @@ class Conn(Handler):
         group.after_adoption()
         self.slot.conn_ended(self, kind, spare)
 
-    def _take_arrived(self) -> None:
-        """Read and steer, without waiting, whatever already arrived on a failing stream."""
+    def _take_arrived(self) -> bool:
+        """Read and steer, without waiting, whatever already arrived on a failing stream.
+
+        True if the server's FIN was among it (it closed before the stream failed).
+        """
         inbox = self.inbox
         for _ in range(ARRIVED_READS_MAX):
             if inbox.ends:
                 self.steer()
                 if inbox.ends:
-                    return
+                    return False
             try:
                 n = self.sock.recv_into(inbox.space())
             except OSError:
-                return
+                return False
             if n == 0:
-                return
+                self.half_closed = True
+                return True
             self.rx_bytes += n
             try:
                 inbox.received(n, time.monotonic())
             except KmuxError:
-                return
+                return False
         if inbox.ends:
             self.steer()
+        return False
 
     def assembly_expired(self, now: float) -> bool:
         """A partial message waited ``assembly_timeout`` for the remote: end with an ejection."""

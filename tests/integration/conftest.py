@@ -3,7 +3,8 @@
 ``backend_factory(**kw)`` starts a :class:`~tests.integration.helpers.Backend`
 (closed at teardown). ``daemon_factory(groups=..., **daemon_settings)``
 writes a TOML config into a short private directory under /tmp (Unix socket
-paths must stay under 108 bytes), starts ``kmuxd --config`` and waits for its
+paths must stay under 108 bytes), starts ``kmuxd --config`` (under
+``prefix``, e.g. ``ip netns exec NAME``, if given) and waits for its
 ``ready`` line; teardown sends SIGTERM, waits 10 s, then kills.
 """
 
@@ -48,11 +49,12 @@ def backend_factory() -> Callable[..., Backend]:
 def daemon_factory(short_dir: Path) -> Callable[..., Daemon]:
     started: list[Daemon] = []
 
-    def start(groups: dict[str, dict[str, Any]], *, name: str = "kmuxd", **daemon: Any) -> Daemon:
+    def start(groups: dict[str, dict[str, Any]], *, name: str = "kmuxd", prefix: list[str] | None = None,
+              **daemon: Any) -> Daemon:
         settings = {"socket": str(short_dir / f"{name}.sock"), "log_format": "json", "log_level": "info"}
         settings.update(daemon)
         config = write_config(short_dir / f"{name}.toml", settings, groups)
-        d = Daemon(config, settings["socket"], next(iter(groups)))
+        d = Daemon(config, settings["socket"], next(iter(groups)), prefix)
         started.append(d)
         return d.start()
 
@@ -62,3 +64,19 @@ def daemon_factory(short_dir: Path) -> Callable[..., Daemon]:
         for d in started:
             d.stop()
 
+
+
+@pytest.fixture
+def refusing_port() -> int:
+    """A loopback port bound but not listening: every dial to it is refused (ECONNREFUSED).
+    Bound with SO_REUSEADDR, so a server may listen there later (``Backend(port=...)``),
+    and the port refuses again when that server closes."""
+    import socket
+
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import kmux
 from kmux.errors import KmuxError
 from kmux.framing import PRESETS, Reassembler
+from kmux.protocol import Accepted, Hello, decode_answer, encode_hello
 
 U32BE = PRESETS["u32be"]
 
@@ -191,6 +192,7 @@ class Backend:
         rcvbuf: int | None = None,
         sndbuf: int | None = None,
         summarize: Callable[[bytes], Any] | None = None,
+        port: int = 0,
     ) -> None:
         self.echo = echo
         self.max_frame = max_frame
@@ -207,7 +209,8 @@ class Backend:
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if rcvbuf is not None:  # inherited by accepted sockets; also turns off autotuning
             self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self._listener.bind(("127.0.0.1", 0))
+        # port: a fixed port brings a server back where a group expects it (outage tests).
+        self._listener.bind(("127.0.0.1", port))
         self._listener.listen(64)
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
@@ -543,10 +546,12 @@ def write_config(path: Path, daemon: dict[str, Any], groups: dict[str, dict[str,
 class Daemon:
     """A running ``kmuxd --config`` subprocess and the log lines it wrote."""
 
-    def __init__(self, config_path: Path, socket_path: str, group: str) -> None:
+    def __init__(self, config_path: Path, socket_path: str, group: str, prefix: list[str] | None = None) -> None:
         self.config_path = config_path
         self.socket_path = socket_path
         self.group = group
+        #: Run kmuxd under this command (e.g. ``ip netns exec NAME``, which execs: the pid is kmuxd's).
+        self.prefix = list(prefix or [])
         self.proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._lines: list[dict[str, Any]] = []
@@ -556,7 +561,7 @@ class Daemon:
 
     def start(self, timeout: float = 10.0) -> "Daemon":
         self.proc = subprocess.Popen(
-            [*kmuxd_command(), "--config", str(self.config_path)],
+            [*self.prefix, *kmuxd_command(), "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -604,6 +609,15 @@ class Daemon:
     def control_socket(self) -> str:
         """The control socket's path, as the daemon announced it in its ``ready`` line."""
         return self.logs("ready")[0]["control_socket"]
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def fd_count(self) -> int:
+        """Descriptors kmuxd holds open now (``/proc/PID/fd``)."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def stderr_text(self) -> str:
         with self._lock:
@@ -840,3 +854,110 @@ class SubprocessSender:
                 self.proc.wait(5)
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             f.close()
+
+
+# -- looking inside a running daemon ------------------------------------------------------
+
+
+def control_stats(daemon: Daemon) -> dict[str, Any]:
+    """The daemon's ``stats`` answer, asked on its control socket as kmux-cli asks."""
+    from kmux.control import ControlClient
+
+    with ControlClient(daemon.control_socket, timeout=5.0) as c:
+        return c.request("stats")
+
+
+def group_record(daemon: Daemon, name: str | None = None) -> dict[str, Any]:
+    """One group's record (``name``, default the daemon's first group) from ``stats``."""
+    name = name or daemon.group
+    (g,) = [g for g in control_stats(daemon)["groups"] if g["name"] == name]
+    return g
+
+
+def kmux_cli(daemon: Daemon, *args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
+    """Run the real ``kmux-cli --control SOCKET ARGS...`` against ``daemon``."""
+    script = Path(sys.executable).with_name("kmux-cli")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-c", "import sys; from kmuxd.cli.main import main; sys.exit(main())"]
+    return subprocess.run([*cmd, "--control", daemon.control_socket, *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def log_time(entry: dict[str, Any]) -> float:
+    """A daemon log line's ``timestamp`` (ISO, UTC) as a ``time.time()`` value."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+# -- an app that speaks the wire protocol itself ----------------------------------------------
+
+#: Most packets a :class:`RawApp` pushes in one go (each loop is bounded).
+MAX_PACKETS = 20_000
+
+
+class RawApp:
+    """An app that speaks the wire protocol itself: non-blocking sends, and it reads
+    nothing unless asked (the library would read notices for it)."""
+
+    def __init__(self, path: str, group: str, name: str = "raw") -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.settimeout(5.0)
+        self.sock.connect(path)
+        self.sock.send(encode_hello(Hello(group=group, receive=True, name=name)))
+        answer = decode_answer(self.sock.recv(65536))
+        assert isinstance(answer, Accepted), answer
+        self.answer = answer
+        self.client_id = answer.client_id
+        self.sock.setblocking(False)
+        self.sent = 0  # DATA packets the kernel took (their seqs are 1..sent)
+        self.closed_at: float | None = None
+
+    def push(self, packet: Callable[[int], bytes], limit: int = MAX_PACKETS) -> int:
+        """Send ``packet(seq)`` until the kernel refuses more (EAGAIN) or ``limit``; returns how many."""
+        n = 0
+        while n < limit:
+            try:
+                self.sock.send(packet(self.sent + 1))
+            except BlockingIOError:
+                break
+            self.sent += 1
+            n += 1
+        return n
+
+    def close(self) -> None:
+        self.closed_at = time.time()
+        self.sock.close()
+
+    def read_packets(self, timeout: float,
+                     until: Callable[[list[tuple[int, bytes]]], bool]) -> list[tuple[int, bytes]]:
+        """Read ``(kind, body)`` packets until ``until(packets)`` or ``timeout`` s of waiting in all."""
+        out: list[tuple[int, bytes]] = []
+        deadline = time.monotonic() + timeout
+        while not until(out):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if not ready:
+                break
+            try:
+                packet = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            if not packet:
+                break
+            out.append((packet[0], packet[1:]))
+        return out
+
+
+def frame_packet(client: int, size: int = 1024) -> Callable[[int], bytes]:
+    """``seq -> DATA packet`` of a test frame of ``size`` bytes naming ``(client, seq)``."""
+    return lambda seq: b"\x00" + make_frame(client, seq, size)
+
+
+def client_record(daemon: Daemon, client_id: int) -> dict[str, Any] | None:
+    """The client's record from ``stats`` (None once it is gone)."""
+    for c in control_stats(daemon)["clients"]:
+        if c["id"] == client_id:
+            return c
+    return None

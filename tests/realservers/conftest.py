@@ -148,8 +148,9 @@ class Memcached(ServerProcess):
         return r.value.decode()
 
 
-@pytest.fixture
-def memcached(short_dir: Path) -> Memcached:  # noqa: F811 - the imported fixture
+def start_memcached(short_dir: Path, *extra: str) -> Memcached:
+    """memcached on a free loopback port (binary protocol only); ``extra``: more options,
+    e.g. ``"-o", "idle_timeout=2"``. Skips the test if memcached is not installed."""
     binary = find_binary("memcached")
     if binary is None:
         pytest.skip("memcached is not installed (./dev.sh test installs the Debian package 'memcached')")
@@ -158,7 +159,7 @@ def memcached(short_dir: Path) -> Memcached:  # noqa: F811 - the imported fixtur
         port = free_port()
         # -U 0: no UDP; -t 2 threads; -m 64 MB; -B binary: the tests speak only the binary protocol.
         server = Memcached([binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "2", "-m", "64",
-                            "-c", "256", "-B", "binary", *user], short_dir / f"memcached-{attempt}.log", port)
+                            "-c", "256", "-B", "binary", *user, *extra], short_dir / f"memcached-{port}.log", port)
         try:
             wait_serving(server, server.version, "memcached")
         except AssertionError:
@@ -166,11 +167,17 @@ def memcached(short_dir: Path) -> Memcached:  # noqa: F811 - the imported fixtur
             if attempt == 2 or "bind" not in server.output().lower():
                 raise
             continue  # lost the race for the port: try another one
-        try:
-            yield server
-        finally:
-            server.stop()
-        return
+        return server
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def memcached(short_dir: Path) -> Memcached:  # noqa: F811 - the imported fixture
+    server = start_memcached(short_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # -- DNS servers -------------------------------------------------------------------------------
@@ -219,12 +226,16 @@ def start_dns_server(make_argv: Callable[[int], list[str]], log_prefix: Path, wh
     raise AssertionError("unreachable")
 
 
-@pytest.fixture
-def unbound(short_dir: Path) -> DnsServer:  # noqa: F811 - the imported fixture
+#: unbound's tcp-idle-timeout (ms) by default here: long, so connections stay up during a test.
+UNBOUND_TCP_IDLE_MS = 120_000
+
+
+def start_unbound(short_dir: Path, tcp_idle_timeout_ms: int = UNBOUND_TCP_IDLE_MS) -> DnsServer:
     """unbound, serving the zone as a static local zone (names outside it: NXDOMAIN, nothing forwarded).
 
-    unbound keeps a client's TCP connection for any number of pipelined queries (up to
-    tcp-idle-timeout of silence), which is what kmuxd's long-lived connections need.
+    unbound keeps a client's TCP connection for any number of pipelined queries, until
+    ``tcp_idle_timeout_ms`` of silence; then it closes it (a FIN). Skips the test if
+    unbound is not installed.
     """
     binary = find_binary("unbound")
     if binary is None:
@@ -249,7 +260,7 @@ def unbound(short_dir: Path) -> DnsServer:  # noqa: F811 - the imported fixture
             "    num-threads: 2\n"
             "    access-control: 127.0.0.0/8 allow\n"
             '    module-config: "iterator"\n'  # no DNSSEC validator: no trust anchor needed
-            "    tcp-idle-timeout: 120000\n"
+            f"    tcp-idle-timeout: {tcp_idle_timeout_ms}\n"
             "    incoming-num-tcp: 64\n"
             f'    local-zone: "{ZONE_DOMAIN}." static\n'
             + zone
@@ -258,7 +269,13 @@ def unbound(short_dir: Path) -> DnsServer:  # noqa: F811 - the imported fixture
         )
         return [binary, "-d", "-p", "-c", str(conf)]
 
-    server = start_dns_server(argv, short_dir / "unbound", "unbound")
+    return start_dns_server(argv, short_dir / f"unbound-{tcp_idle_timeout_ms}", "unbound")
+
+
+@pytest.fixture
+def unbound(short_dir: Path) -> DnsServer:  # noqa: F811 - the imported fixture
+    """unbound with a long tcp-idle-timeout (see :func:`start_unbound`)."""
+    server = start_unbound(short_dir)
     try:
         yield server
     finally:
