@@ -16,13 +16,18 @@ A group's slots share one :class:`EndpointPool`. A slot about to dial asks
 Whatever the state, one endpoint is dialled at most ``max_dials_per_second``
 times a second (a token bucket per endpoint): a server that accepts and
 closes at once, or resets every connection, cannot make the group hammer it.
+A connection that *answered* pays for its own replacement: its recycle (or
+its planned make-before-break retirement) earns a dial credit that skips the
+bucket, so a busy server that closes every 100 requests is redialled as
+fast as it recycles, while an unproductive one stays bounded by the rate.
 
 Health looks at what connections *did*:
 
-* A connection that carried traffic and answers, then was closed by its
-  server with a FIN, is a **recycle** (servers close after N requests or
-  when idle): the slot redials at once and the endpoint stays healthy. The
-  first answer on a connection also resets the endpoint's back-off schedule.
+* A connection closed by its server with a FIN, after it answered or with
+  nothing left unanswered, is a **recycle** (servers close after N requests,
+  or when idle): the slot redials at once and the endpoint stays healthy.
+  The first answer on a connection also resets the endpoint's back-off
+  schedule.
 * These **eject** the endpoint for the next back-off step (doubling, with
   jitter): a failed dial; a connection reset, or closed, before it answered
   anything; an assembly timeout (the server sent a partial message and
@@ -49,12 +54,14 @@ __all__ = ["EndpointPool", "EndpointStatistics", "HEALTHY", "EJECTED", "PROBING"
 E = TypeVar("E")
 
 HEALTHY, EJECTED, PROBING = "healthy", "ejected", "probing"
+#: Dial credits one endpoint may bank (one per productive connection that ended).
+CREDITS_MAX = 64
 
 
 class _Health:
     __slots__ = (
         "backoff", "ejected_until", "probing", "connections", "failures", "failures_total", "recycles",
-        "reason", "timeouts", "tokens", "tokens_at",
+        "reason", "timeouts", "tokens", "tokens_at", "credits",
     )
 
     def __init__(self, backoff: Backoff, burst: float) -> None:
@@ -69,6 +76,7 @@ class _Health:
         self.timeouts = 0  # request timeouts in a row
         self.tokens = burst  # dials allowed now (token bucket)
         self.tokens_at = 0.0
+        self.credits = 0  # dials earned by productive connections (skip the bucket)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +119,7 @@ class EndpointPool(Generic[E]):
             self._refill(h, now)
         healthy = [ep for ep in self.endpoints if self._health[ep].ejected_until is None]
         if healthy:
-            ready = [ep for ep in healthy if self._health[ep].tokens >= 1.0]
+            ready = [ep for ep in healthy if self._health[ep].tokens >= 1.0 or self._health[ep].credits]
             if not ready:
                 return None, min(self._token_wait(self._health[ep]) for ep in healthy)
             ep = min(ready, key=lambda e: self._health[e].connections)
@@ -134,7 +142,10 @@ class EndpointPool(Generic[E]):
         return None, max(wait, 0.0)
 
     def _dial(self, h: _Health) -> None:
-        h.tokens -= 1.0
+        if h.credits and h.tokens < 1.0:
+            h.credits -= 1
+        else:
+            h.tokens -= 1.0
         h.connections += 1  # counted from the dial on, so concurrent dials spread
 
     def _refill(self, h: _Health, now: float) -> None:
@@ -188,20 +199,26 @@ class EndpointPool(Generic[E]):
         return False
 
     def closed(self, ep: E, now: float, *, answered: bool, graceful: bool, reason: str = "",
-               requested: bool = False) -> str:
+               requested: bool = False, unanswered: bool = True) -> str:
         """A connection to ``ep`` ended. Returns how it counted: "recycle", "failure" or "requested".
 
         ``answered``: it delivered at least one answer (or, with nothing to
         answer, carried traffic); ``graceful``: the server closed it with a
         FIN (not a reset, timeout or error); ``requested``: we closed it
-        (operator reconnect, drain, recycling, reload).
+        (operator reconnect, drain, recycling, reload); ``unanswered``: it
+        had written something that got no answer (an idle connection the
+        server closed had not).
         """
         h = self._health[ep]
         h.connections -= 1
         if requested:
+            if answered:
+                h.credits = min(h.credits + 1, CREDITS_MAX)
             return "requested"
-        if answered and graceful:
+        if graceful and (answered or not unanswered):
             h.recycles += 1
+            if answered:
+                h.credits = min(h.credits + 1, CREDITS_MAX)
             return "recycle"
         h.failures_total += 1
         if answered:

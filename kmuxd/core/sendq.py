@@ -453,6 +453,16 @@ class TxScheduler:
 
     # -- clients -----------------------------------------------------------
 
+    def route_fresh(self, owner: Any, age: Any) -> Any | None:
+        """Like :meth:`route` for an unpinned owner, but take the available
+        connection with the least ``age(conn)`` (written requests, say): the
+        one least likely to be recycled soon. For retried requests."""
+        if owner not in self.pins and owner not in self._reserved and len(self._available) > 1:
+            best = min(self._available, key=age)
+            self._available.remove(best)
+            self._available.appendleft(best)
+        return self.route(owner)
+
     def route(self, owner: Any) -> Any | None:
         """Where ``owner``'s next messages go, or None (it was queued to wait).
 

@@ -189,6 +189,7 @@ class Conn(Handler):
         group.reactor.register(self.fd, self, self.mask)
         group.wake(group.sched.connected(self))
         group.after_adoption()
+        group.retry_feeder.feed()  # retried requests wait for a fresh connection like this one
 
     # -- the reactor's view ------------------------------------------------------
 
@@ -421,6 +422,7 @@ class Conn(Handler):
         if salvage.cut_msgs:
             self.tx_aborts += 1
         group.tx_retries += salvage.resend_msgs
+        unanswered = self.flight.count() > 0 if self.flight is not None else False
         if self.flight is not None:
             why = self.error or self.retire_reason or "closed"
             group.settle_lost(self.flight, f"connection {self.slot.index} to {self.endpoint} {_ended(how)}: {why}")
@@ -440,7 +442,7 @@ class Conn(Handler):
             kind = "failure"
         else:
             kind = pool.closed(
-                self.endpoint, now, answered=self.answered or (group.router is None and self.tx_msgs > 0),
+                self.endpoint, now, answered=self.answered, unanswered=unanswered,
                 graceful=how == "fin" or fin_first, requested=requested or was_draining,
                 reason=self.error or "",
             )

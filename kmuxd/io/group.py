@@ -79,6 +79,8 @@ TICK_MIN = 0.01
 TICK_MAX = 0.5
 #: Most unread packets refused per client per tick when queue_timeout expires.
 QUEUE_REFUSALS_PER_TICK = 10_000
+#: Seconds retried requests wait for a fresh connection before taking the freshest one.
+RETRY_FRESH_WAIT = 0.25
 #: Seconds between "unmatched_response" log lines per group (all are counted).
 UNMATCHED_LOG_INTERVAL = 10.0
 
@@ -159,23 +161,35 @@ class GroupStatistics:
 
 class RetryFeeder:
     """The owner of retried requests: it waits for a connection like a client
-    and writes their kept bytes (with fresh wire ids) when one has room."""
+    and writes their kept bytes (with fresh wire ids) when one has room.
+
+    Retries go to a *fresh* connection (one that has carried no request
+    yet), waiting up to ``RETRY_FRESH_WAIT`` for the slot's replacement to
+    come up: servers that close after N requests close all their
+    connections at about the same time, and a retry written on another old
+    connection would be lost again with it. Past the wait, the connection
+    that carried the fewest requests takes them.
+    """
 
     gone = False
 
     def __init__(self, group: "Group") -> None:
         self.group = group
         self.queue: deque = deque()
+        self.since: float | None = None  # when the oldest queued retry arrived
 
     def count_written(self, msgs: int, nbytes: int) -> None:
         pass
 
     def add(self, reqs: list) -> None:
+        if not self.queue:
+            self.since = time.monotonic()
         self.queue.extend(reqs)
         self.wake()
 
     def wake(self) -> None:
-        self.group.reactor.call_soon(self.feed)
+        if self.queue:
+            self.group.reactor.call_soon(self.feed)
 
     def feed(self) -> None:
         group = self.group
@@ -183,9 +197,13 @@ class RetryFeeder:
         router = group.router
         queue = self.queue
         while queue:
-            conn = sched.route(self)
+            conn = sched.route_fresh(self, _requests_carried)
             if conn is None:
                 return  # woken when a connection comes free
+            if conn.requests and time.monotonic() - (self.since or 0.0) < RETRY_FRESH_WAIT:
+                # Not fresh: give it back and wait for a replacement (Conn.start wakes us).
+                group.wake(sched.committed(self, conn, sched.outbox_of(conn).tail, 0))
+                return
             outbox = sched.outbox_of(conn)
             outbox.has_room()
             buf = outbox.buf
@@ -205,6 +223,11 @@ class RetryFeeder:
             if msgs:
                 conn.accepted(msgs)
                 conn.flush_soon()
+        self.since = None
+
+
+def _requests_carried(conn: Any) -> int:
+    return conn.requests
 
 
 class Group:
@@ -609,6 +632,8 @@ class Group:
     def apply_deadlines(self, now: float) -> None:
         cfg = self.cfg
         router = self.router
+        if self.retry_feeder.queue:
+            self.retry_feeder.feed()
         if router is not None and cfg.request_timeout > 0:
             for req in router.expire(now, cfg.request_timeout):
                 self._tell(req, RequestTimeout(f"no response within request_timeout={cfg.request_timeout}s"))
