@@ -38,7 +38,8 @@ setup_system() {
     # systemd-python (issue: systemd) builds from source against libsystemd.
     want+=(gcc pkg-config libsystemd-dev)
     # The tests' real servers; the --quick benchmark test also runs twemproxy (nutcracker).
-    [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base nutcracker)
+    # iproute2: the dead-peer tests make a network namespace and drop its packets (ip, tc).
+    [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base nutcracker iproute2)
     # The benchmark: memcached behind kmuxd and twemproxy; gcc builds the C load generator and relay.
     [ "${1:-}" = bench ] && want+=(memcached nutcracker gcc)
     # The .deb (./dev.sh deb, and the systemd tests that build and install
