@@ -67,7 +67,10 @@ setup_venv() {
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV"
     fi
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    # Rebuild when the packaging changed, or a module mypyc compiles did
+    # (kmuxd/_compiled.py; an out-of-date build would run from source).
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] ||
+        [ -n "$(find kmuxd/core kmuxd/io kmuxd/_compiled.py -name '*.py' -newer "$stamp" -print -quit)" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip
         "$VENV/bin/python" -m pip install -q -e ".[$extras]"
         touch "$stamp"

@@ -32,8 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, help=f"TOML configuration (default {DEFAULT_CONFIG})")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit (0 = valid)")
     parser.add_argument("--log-format", choices=("auto", "console", "json", "journal"), help="override daemon.log_format")
-    parser.add_argument("--version", action="version", version=f"kmuxd {__version__}")
+    parser.add_argument("--version", action="version", version=f"kmuxd {__version__} ({_build()})")
     return parser
+
+
+def _build() -> str:
+    from kmuxd._compiled import status
+
+    s = status()
+    return "data path compiled by mypyc" if s["compiled"] else f"pure Python: {s['reason']}"
 
 
 def main(argv: list[str] | None = None) -> int:

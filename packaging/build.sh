@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build the release artefacts into OUTDIR (default dist/):
 #
-#   kmuxd-VERSION.tar.gz, kmuxd-VERSION-py3-none-any.whl   python -m build
+#   kmuxd-VERSION.tar.gz, kmuxd-VERSION-*.whl   python -m build (a cp311 wheel
+#                  with the data path compiled by mypyc, or py3-none-any
+#                  when it cannot be compiled: setup.py)
 #   wheelhouse/    the kmuxd wheel and a wheel of every dependency, for an
 #                  offline `pip install --no-index --find-links wheelhouse kmuxd`
 #   kmuxd_VERSION-1_ARCH.deb   dpkg-buildpackage on the unpacked sdist plus
@@ -32,9 +34,9 @@ version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)
 [ -n "$version" ] || { step "no version in pyproject.toml"; exit 1; }
 
 step "sdist and wheel of kmuxd $version"
-rm -f "$OUT/kmuxd-$version.tar.gz" "$OUT/kmuxd-$version-py3-none-any.whl"
+rm -f "$OUT/kmuxd-$version.tar.gz" "$OUT"/kmuxd-"$version"-*.whl "$WHEELHOUSE"/kmuxd-"$version"-*.whl
 "$PYTHON" -m build --outdir "$OUT" . >>"$LOG" 2>&1 || fail
-wheel="$OUT/kmuxd-$version-py3-none-any.whl"
+wheel=$(ls "$OUT"/kmuxd-"$version"-*.whl | head -n 1)
 
 step "wheelhouse $WHEELHOUSE"
 cp "$wheel" "$WHEELHOUSE/"

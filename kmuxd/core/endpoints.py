@@ -128,7 +128,7 @@ class EndpointPool(Generic[E]):
         soonest = None
         for ep in self.endpoints:
             h = self._health[ep]
-            if h.probing:
+            if h.probing or h.ejected_until is None:
                 continue
             due = max(h.ejected_until, now + self._token_wait(h))
             if due <= now:
@@ -172,8 +172,9 @@ class EndpointPool(Generic[E]):
         h.failures_total += 1
         self._eject(h, now, reason)
 
-    # Kept for callers that predate the reasons.
-    failed = dial_failed
+    def failed(self, ep: E, now: float) -> None:
+        """The dial failed, for callers that give no reason."""
+        self.dial_failed(ep, now)
 
     def answered(self, ep: E) -> None:
         """A connection to ``ep`` delivered an answer: proof of health."""

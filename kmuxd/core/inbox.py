@@ -93,9 +93,9 @@ class Inbox:
         """Where the next read goes (compacting first when little is free).
 
         Only while no ready message waits (``not ends``): then at most a
-        partial message precedes the free space, so after compaction at
-        least ``read_buffer`` bytes are free and a read never gets an empty
-        buffer (which would look like end of file).
+        partial message precedes the free space, so at least a quarter of
+        ``read_buffer`` is free (all of it right after a compaction) and a
+        read never gets an empty buffer, which would look like end of file.
         """
         if self.head == self.tail:
             self.head = self.tail = self.parsed = RX_BASE

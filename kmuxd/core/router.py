@@ -207,8 +207,9 @@ class IdTable:
             buf[off : off + self.size] = req.orig_id
 
     def remove(self, req: Request) -> None:
-        if self._by_wire.get(req.wire_id) is req:
-            del self._by_wire[req.wire_id]
+        wire = req.wire_id
+        if wire is not None and self._by_wire.get(wire) is req:
+            del self._by_wire[wire]
 
 
 class Flight:
@@ -220,10 +221,17 @@ class Flight:
         #: The shell's connection, opaque here (for per-endpoint health).
         self.conn = conn
 
-    def written(self, req: Request) -> None: ...
-    def forget(self, req: Request) -> None: ...
-    def take_all(self) -> list[Request]: ...
-    def count(self) -> int: ...
+    def written(self, req: Request) -> None:
+        raise NotImplementedError
+
+    def forget(self, req: Request) -> None:
+        raise NotImplementedError
+
+    def take_all(self) -> list[Request]:
+        raise NotImplementedError
+
+    def count(self) -> int:
+        raise NotImplementedError
 
 
 class FifoFlight(Flight):

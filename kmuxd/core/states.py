@@ -28,6 +28,7 @@ the slot already dials its replacement.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from kmux.errors import IllegalTransition
 
@@ -63,8 +64,7 @@ SLOT_TRANSITIONS: dict[tuple[SlotState, SlotEvent], SlotState] = {
     (_L.UP, _LE.RECYCLE): _L.CONNECTING,
     (_L.BACKOFF, _LE.RETRY): _L.CONNECTING,
 }
-for _s in SlotState:
-    SLOT_TRANSITIONS[(_s, _LE.CLOSE)] = _L.CLOSED
+SLOT_TRANSITIONS.update({(state, _LE.CLOSE): _L.CLOSED for state in SlotState})
 
 
 class ConnState(enum.Enum):
@@ -98,8 +98,7 @@ CONN_TRANSITIONS: dict[tuple[ConnState, ConnEvent], ConnState] = {
     (_C.BUSY, _E.FAIL): _C.CLOSED,
     (_C.DRAINING, _E.FAIL): _C.CLOSED,
 }
-for _s in ConnState:
-    CONN_TRANSITIONS[(_s, _E.CLOSE)] = _C.CLOSED
+CONN_TRANSITIONS.update({(state, _E.CLOSE): _C.CLOSED for state in ConnState})
 
 #: States in which a TCP connection takes new messages.
 TAKING_STATES = frozenset({_C.READY, _C.BUSY})
@@ -138,8 +137,7 @@ CLIENT_TRANSITIONS: dict[tuple[ClientState, ClientEvent], ClientState] = {
     (_S.NOT_RECEIVING, _V.RECEIVE_ON): _S.RECEIVING,
     (_S.NOT_RECEIVING, _V.RECEIVE_OFF): _S.NOT_RECEIVING,
 }
-for _s in ClientState:
-    CLIENT_TRANSITIONS[(_s, _V.CLOSE)] = _S.CLOSED
+CLIENT_TRANSITIONS.update({(state, _V.CLOSE): _S.CLOSED for state in ClientState})
 
 
 class StateMachine:
@@ -147,7 +145,9 @@ class StateMachine:
 
     __slots__ = ("state", "_table", "_what")
 
-    def __init__(self, table: dict, initial: enum.Enum, what: str) -> None:
+    def __init__(self, table: dict, initial: Any, what: str) -> None:
+        #: The current state: a member of the table's state enum.
+        self.state: Any
         self._table = table
         self.state = initial
         self._what = what

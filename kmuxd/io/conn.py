@@ -245,6 +245,7 @@ class Conn(Handler):
             self.tx_msgs += outbox.take_written_count()
             if flight is not None and outbox.written_requests:
                 router = group.router
+                assert router is not None  # a flight exists only in id/fifo steering
                 for req in outbox.take_written():
                     router.written(req, flight)
             if wake:
@@ -417,8 +418,10 @@ class Conn(Handler):
         # Messages that were whole in the kernel before the end count as written here.
         self.tx_msgs += outbox.take_written_count()
         if self.flight is not None:
+            router = group.router
+            assert router is not None  # a flight exists only in id/fifo steering
             for req in outbox.take_written():
-                group.router.written(req, self.flight)
+                router.written(req, self.flight)
         if salvage.cut_msgs:
             self.tx_aborts += 1
         group.tx_retries += salvage.resend_msgs

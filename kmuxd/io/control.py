@@ -54,7 +54,7 @@ from kmux.errors import BadRequest, KmuxError, PermissionDenied
 
 from kmuxd.system.log import RateLimit
 from .peercred import PeerCred
-from .server import AcceptingServer, bind_seqpacket
+from .listen import AcceptingServer, bind_seqpacket
 
 if TYPE_CHECKING:
     from .daemon import Daemon

@@ -32,13 +32,15 @@ import trio
 from kmux.errors import ConfigInvalid, KmuxError, ReloadRefused, UnknownGroup
 
 from kmuxd import __version__
+from kmuxd._compiled import status as compiled_status
 from kmuxd.system.config import Config, GroupConfig, load_config
 from .control import ControlRequest, ControlServer, bind_control, to_wire
 from .group import Group
 from kmuxd.system.log import get_logger
 from kmuxd.system.sd import FD_NAME_APPS, FD_NAME_CONTROL, Notifier, activated_sockets, watchdog_interval
 from .reactor import Reactor
-from .server import Server, bind_seqpacket
+from .listen import bind_seqpacket
+from .server import Server
 from kmuxd.core.states import ConnState
 
 __all__ = ["Daemon", "DaemonStatistics", "run"]
@@ -73,6 +75,8 @@ class DaemonStatistics:
     last_reload_error: str | None
     #: The event core: sockets, passes, events, interest changes, handler crashes.
     reactor: dict
+    #: Whether the data path runs compiled by mypyc, and why (not).
+    compiled: dict
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +187,7 @@ class Daemon:
                     groups=len(self.groups),
                     connections_up=sum(g.statistics().connections_up for g in self.groups.values()),
                     startup_ms=startup_ms,
+                    compiled=compiled_status()["compiled"],
                 )
                 self.notifier.ready(self.status_line())
                 nursery.start_soon(self._status_loop)
@@ -338,6 +343,7 @@ class Daemon:
             reload_failures=self.reload_failures,
             last_reload_error=self.last_reload_error,
             reactor=dataclasses.asdict(self.reactor.statistics()),
+            compiled=compiled_status(),
         )
 
     # -- reload ------------------------------------------------------------------

@@ -196,6 +196,8 @@ class RetryFeeder:
         sched = group.sched
         router = group.router
         queue = self.queue
+        if router is None:
+            return  # only id/fifo steering retries
         while queue:
             conn = sched.route_fresh(self, _requests_carried)
             if conn is None:
@@ -215,6 +217,7 @@ class RetryFeeder:
                     router.refused(req)  # timed out meanwhile: its id is given back, nobody is told twice
                     continue
                 payload = req.payload
+                assert payload is not None  # kept for every request while retries are on
                 buf[tail : tail + len(payload)] = payload
                 tail += len(payload)
                 outbox.requests.append(req)
@@ -245,8 +248,9 @@ class Group:
         self.check_message = cfg.framing.checker(cfg.max_message)
         self.router: ResponseRouter | None = None
         if cfg.steering in ("id", "fifo"):
-            ids = (IdTable(cfg.id.request_offset, cfg.id.response_offset, cfg.id.size, cfg.id.rewrite)
-                   if cfg.steering == "id" else None)
+            idc = cfg.id
+            ids = (IdTable(idc.request_offset, idc.response_offset, idc.size, idc.rewrite)
+                   if idc is not None else None)
             self.router = ResponseRouter(cfg.steering, ids, retry_unanswered=cfg.retry_unanswered)
         self.request_mode = self.router is not None
         self.retry_feeder = RetryFeeder(self)
@@ -319,10 +323,12 @@ class Group:
         """
         old = len(self.slots)
         self.reconfigure(cfg)
+        nursery = self._nursery
+        assert nursery is not None  # the group runs
         for index in range(old, cfg.connections):
             slot = self._new_slot(index)
             self.slots.append(slot)
-            self._nursery.start_soon(slot.run)
+            nursery.start_soon(slot.run)
         surplus = self.slots[cfg.connections :]
         del self.slots[cfg.connections :]
         self.retired_slots.extend(surplus)  # their counts stay in the group's totals
@@ -560,6 +566,7 @@ class Group:
         buf, view = inbox.buf, inbox.view
         pos = inbox.head
         router = self.router
+        assert router is not None  # called only in id/fifo steering
         ids = router.ids
         flight = conn.flight
         pending = self.sched.outbox_of(conn).requests
@@ -602,7 +609,9 @@ class Group:
 
     def settle_lost(self, flight: Any, why: str) -> None:
         """A connection with written requests went away: retry them or tell their clients."""
-        notify, retry = self.router.lost(flight)
+        router = self.router
+        assert router is not None  # a flight exists only in id/fifo steering
+        notify, retry = router.lost(flight)
         for req in notify:
             self._tell(req, ConnectionLost(f"the connection carrying this request went away ({why})"))
         if retry:
@@ -654,7 +663,7 @@ class Group:
         idle = cfg.client_idle_timeout
         for client in list(self.clients.values()):
             if client.open is not None:
-                client.assembly_expired(now)
+                client.open.expire(now)
             if idle:
                 self._check_idle(client, now, idle)
         # Slow consumers are detached (not in self.clients) while their last notice drains.
@@ -664,7 +673,7 @@ class Group:
 
     def _check_idle(self, client: "AppSession", now: float, idle: float) -> None:
         mark = (client.seq, client.rx_msgs, client.notices_sent, len(client.txq))
-        if getattr(client, "idle_mark", None) != mark:
+        if client.idle_mark != mark:
             client.idle_mark = mark
             client.idle_since = now
             return
@@ -690,8 +699,9 @@ class Group:
                 client.blocked_since = now
         expired, wake = self.sched.expire_orphans(now, timeout)
         for outbox in expired:
-            if outbox.open_owner is not None:
-                outbox.open_owner._abort_open(unavailable())
+            owner = outbox.open_owner
+            if owner is not None and owner.open is not None:
+                owner.open.abort(unavailable())
             if self.router is not None:
                 for req in list(outbox.requests):
                     if self.router.refused(req):

@@ -24,9 +24,14 @@ epoll of its own:
   connection that got bytes during the pass writes them with one ``send``
   (:meth:`Reactor.flush_later`). Under load one pass carries many clients'
   messages and many responses, so the per-wake-up cost is shared.
-* It gives trio the loop back after each pass (a checkpoint) so that
-  timers, signals, the control socket and dialling keep running, and waits
-  through trio only when nothing is ready.
+* It gives trio the loop back only when trio has something to do (a task
+  became runnable, a deadline passed) and at least every ``YIELD_INTERVAL``
+  seconds (trio's own sockets: the control socket, dials, signals), and it
+  waits through trio only when nothing is ready. A busy daemon runs pass
+  after pass without a trio round trip between them. (trio's epoll cannot
+  sit in ours: ours already sits in trio's, and the kernel refuses loops.
+  Reading trio's run queue uses its internals; without them,
+  :class:`_TrioView` falls back to a checkpoint after every pass.)
 
 trio keeps what it is good at: lifecycles (nurseries), timers
 (``request_timeout``, ``queue_timeout``, back-off), signals, the control
@@ -41,6 +46,7 @@ bug in its path is closed, the daemon and everyone else go on.
 from __future__ import annotations
 
 import select
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -56,9 +62,9 @@ EPOLLERR = select.EPOLLERR
 
 #: Most events taken from the epoll per pass.
 MAX_EVENTS = 1024
-#: Passes run back to back (while sockets keep being ready) before the
-#: reactor lets trio run its other tasks even if they are not due yet.
-PASSES_PER_CHECKPOINT = 1
+#: Longest run of passes without giving trio the loop, seconds: a task that
+#: became runnable in the same trio batch as the reactor waits at most this.
+YIELD_INTERVAL = 0.005
 
 
 class Handler:
@@ -146,12 +152,16 @@ class Reactor:
         poll = self._epoll.poll
         fileno = self._epoll.fileno()
         handlers = self._handlers
+        monotonic = time.monotonic
+        trio_view = _TrioView.of_current_run()
         task_status.started()
+        yielded = monotonic()
         while True:
             events = poll(0, MAX_EVENTS)
             if not events and not self._soon and not self._flush:
                 self.idle_waits += 1
                 await trio.lowlevel.wait_readable(fileno)
+                yielded = monotonic()
                 continue
             self.passes += 1
             self.events += len(events)
@@ -164,7 +174,9 @@ class Reactor:
                 except Exception as exc:  # noqa: BLE001 -- the error boundary
                     self._crashed(handler, exc)
             self.end_pass()
-            await trio.lowlevel.checkpoint()
+            if trio_view is None or trio_view.has_work() or monotonic() - yielded >= YIELD_INTERVAL:
+                await trio.lowlevel.checkpoint()
+                yielded = monotonic()
 
     def end_pass(self) -> None:
         """Run what the pass deferred: wake-ups, then one write per connection."""
@@ -211,3 +223,37 @@ class Reactor:
 
     def close(self) -> None:
         self._epoll.close()
+
+
+class _TrioView:
+    """What the reactor may ask trio's run loop without a task switch.
+
+    trio has no public, cheap way to ask "is anything runnable, is a deadline
+    due?", so this reads its runner (``trio._core._run``), checked once at
+    start-up: if the layout is not what we expect, the reactor simply gives
+    trio the loop after every pass.
+    """
+
+    __slots__ = ("runq", "deadlines", "clock")
+
+    def __init__(self, runq: Any, deadlines: Any, clock: Any) -> None:
+        self.runq = runq
+        self.deadlines = deadlines
+        self.clock = clock
+
+    @classmethod
+    def of_current_run(cls) -> "_TrioView | None":
+        try:
+            from trio._core._run import GLOBAL_RUN_CONTEXT
+
+            runner = GLOBAL_RUN_CONTEXT.runner
+            view = cls(runner.runq, runner.deadlines, runner.clock)
+            view.has_work()
+            return view
+        except Exception:  # noqa: BLE001 -- any other trio: no shortcut
+            return None
+
+    def has_work(self) -> bool:
+        if self.runq:
+            return True
+        return self.deadlines.next_deadline() <= self.clock.current_time()

@@ -16,14 +16,10 @@ every group.
 
 from __future__ import annotations
 
-import errno
-import os
 import socket
-import stat
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -44,16 +40,13 @@ from kmuxd.system.config import Config
 from kmuxd.system.log import RateLimit
 
 from .group import Group
+from .listen import ACCEPT_CAPACITY_ERRNOS, ACCEPT_CAPACITY_SLEEP
 from .reactor import EPOLLIN, EPOLLRDHUP, Handler, Reactor
 from .peercred import PeerCred
 from .session import AppSession
 
-__all__ = ["AcceptingServer", "Server", "ServerStatistics", "accept_loop", "bind_seqpacket"]
+__all__ = ["Server", "ServerStatistics", "AppListener", "PendingHello"]
 
-#: accept() errnos that mean "out of resources": back off, don't crash.
-ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-#: Seconds to wait after such an error before accepting again.
-ACCEPT_CAPACITY_SLEEP = 0.1
 #: Most connections accepted per readiness event (then others get their turn).
 ACCEPT_BATCH = 256
 #: Bounds of the hello-deadline tick, seconds.
@@ -61,77 +54,6 @@ HELLO_TICK_MIN = 0.01
 HELLO_TICK_MAX = 0.5
 #: Seconds between "client_refused" log lines (all refusals are counted by code).
 REFUSAL_LOG_INTERVAL = 10.0
-
-
-def bind_seqpacket(path: str, mode: int, backlog: int = 4096) -> socket.socket:
-    """Bind the apps' socket, refusing to steal one a live daemon still serves."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if p.exists() or p.is_symlink():
-        if not stat.S_ISSOCK(p.lstat().st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            probe.connect(path)
-        except OSError:
-            p.unlink()  # stale socket from a daemon that died
-        else:
-            raise OSError(errno.EADDRINUSE, f"{path}: another daemon is listening there")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-        os.chmod(path, mode)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"{path}: {exc.strerror}") from None
-    finally:
-        os.umask(old)
-    return sock
-
-
-async def accept_loop(listener: socket.socket, nursery: trio.Nursery, handler, log) -> None:
-    """Accept everything that is ready, then wait; start ``handler(sock)`` for each."""
-    while True:
-        await trio.lowlevel.wait_readable(listener)
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                    log.error("accept_out_of_capacity", error=os.strerror(exc.errno))
-                    await trio.sleep(ACCEPT_CAPACITY_SLEEP)
-                    break
-                raise
-            nursery.start_soon(handler, sock)
-
-
-class AcceptingServer:
-    """``serve(listener)`` runs the accept loop under a cancel scope and each
-    connection's ``_handle(sock)`` in a nursery; ``stop_accepting()`` ends the
-    loop and leaves running handlers to finish."""
-
-    log = None
-    _accept_scope: trio.CancelScope | None = None
-
-    async def serve(self, listener: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as self._accept_scope:
-                task_status.started()
-                await accept_loop(listener, nursery, self._handle, self.log)
-            # Accepting stopped; the nursery now waits for handlers to end.
-
-    def stop_accepting(self) -> None:
-        if self._accept_scope is not None:
-            self._accept_scope.cancel()
-
-    async def _handle(self, sock: socket.socket) -> None:
-        raise NotImplementedError
 
 
 class AppListener(Handler):

@@ -67,6 +67,7 @@ from kmux.protocol import (
 from kmuxd.core.states import CLIENT_TRANSITIONS, ClientEvent, ClientState, StateMachine
 from kmuxd.system.log import RateLimit
 
+from .assembly import EMPTY, EOF, FULL, TURN, Assembly
 from .peercred import PeerCred
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
 
@@ -80,7 +81,7 @@ __all__ = ["AppSession", "ClientStatistics"]
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # plain ints: IntFlag & costs ~1 µs per packet
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 # Why a pull stopped.
-_EMPTY, _FULL, _TURN, _EOF = range(4)
+_EMPTY, _FULL, _TURN, _EOF = EMPTY, FULL, TURN, EOF  # shared with the assembly of messages in pieces
 #: Seconds between "message_refused" log lines for one client (all are counted).
 REFUSAL_LOG_INTERVAL = 10.0
 #: Most unread packets read and dropped when a session closes.
@@ -128,21 +129,6 @@ class ClientStatistics:
     connected_for: float
 
 
-class _Open:
-    """A client message arriving in pieces (continuation)."""
-
-    __slots__ = ("outbox", "seq", "start", "discard", "since", "requeue")
-
-    def __init__(self, outbox: "Outbox | None", seq: int, start: int, since: float, requeue: bool = False) -> None:
-        self.outbox = outbox  # None while discarding
-        self.seq = seq
-        self.start = start
-        #: Set once the message is refused: its remaining pieces are read and dropped.
-        self.discard: KmuxError | None = None
-        self.since = since
-        self.requeue = requeue
-
-
 class AppSession(Handler):
     """An attached client. Also the ``Owner`` of its runs in outboxes."""
 
@@ -171,7 +157,8 @@ class AppSession(Handler):
         self.read_wanted = True  # False while pushed back
         self.blocked_since: float | None = None  # waiting for a connection (queue_timeout)
         self.since = time.monotonic()
-        self.open: _Open | None = None
+        #: A message arriving in pieces (continuation), while one does.
+        self.open: Assembly | None = None
         #: Packets read per pass (adaptive, 1..client_turn) and the pass that used them all.
         self.read_batch = 1
         self.batch_pass = -2
@@ -190,6 +177,9 @@ class AppSession(Handler):
         self.gone = False
         #: Set when its socket is closed.
         self.closed = False
+        #: client_idle_timeout: what it had done when last looked at, and since when.
+        self.idle_mark: tuple = ()
+        self.idle_since = 0.0
         self._refusal_log = RateLimit(REFUSAL_LOG_INTERVAL)
 
     def __repr__(self) -> str:
@@ -255,7 +245,7 @@ class AppSession(Handler):
         self._want_read(False)
         self.group.sched.forget(self)
         if self.open is not None:
-            self._abort_open(None)
+            self.open.abort(None)
         self.notify(notice)
 
     # -- packets in -------------------------------------------------------------
@@ -273,7 +263,7 @@ class AppSession(Handler):
                     self.close("hung up")
                 return
             if self.open is not None:
-                status = self._pieces()
+                status = self.open.read()
             else:
                 conn = sched.route(self)
                 if conn is None:
@@ -346,14 +336,13 @@ class AppSession(Handler):
                 # MSG_TRUNC: n is the packet's real length even if it did not fit.
                 n, _, flags, _ = recvmsg_into((view[tail - 1 :],), 0, _MSG_TRUNC)
             except BlockingIOError:
-                status = _EMPTY
+                status = _EMPTY  # a failed receive wrote nothing: no byte to put back
                 break
             except OSError:
                 status = _EOF
                 break
-            finally:
-                kind = buf[tail - 1]
-                buf[tail - 1] = saved
+            kind = buf[tail - 1]
+            buf[tail - 1] = saved
             if n == 0:
                 status = _EOF
                 break
@@ -376,7 +365,7 @@ class AppSession(Handler):
                 run_start = tail
                 msgs = 0
                 first_seq = self.seq + 1
-                self._refuse(err)
+                self.refuse(err)
                 continue
             # Anything else is rare: commit what we have, then deal with it clearly.
             taken += self._commit(conn, outbox, run_start, tail, msgs, first_seq)
@@ -385,14 +374,14 @@ class AppSession(Handler):
             if flags & _MSG_CTRUNC:
                 if kind & ~KIND_MORE == KIND_DATA:
                     self.seq += 1
-                self._refuse(AncillaryRefused(
+                self.refuse(AncillaryRefused(
                     "packets may not carry file descriptors or credentials; it was dropped unread"
                 ), seq=kind & ~KIND_MORE == KIND_DATA)
             elif kind == KIND_DATA_MORE:
                 self.seq += 1
-                self._begin_open(outbox, tail, size, flags & _MSG_TRUNC, now)
+                self.open = asm = Assembly.begin(self, outbox, tail, size, bool(flags & _MSG_TRUNC), now)
                 first_seq = self.seq + 1
-                return self._pieces() if self.open is not None and not self.gone else _TURN
+                return asm.read() if self.open is not None and not self.gone else _TURN
             else:
                 self._packet(kind, bytes(view[tail : tail + size]), bool(flags & _MSG_TRUNC))
             first_seq = self.seq + 1
@@ -418,150 +407,6 @@ class AppSession(Handler):
         conn.flush_soon()
         return msgs
 
-    # -- continuation (a message in pieces) ------------------------------------------
-
-    def _begin_open(self, outbox: "Outbox", tail: int, size: int, truncated: int, now: float) -> None:
-        """The first piece of a message landed at ``tail``."""
-        open_ = _Open(outbox, self.seq, tail, now)
-        self.open = open_
-        if truncated or size > self.group.cfg.max_message:
-            self._discard_open(MessageTooBig(self._too_big_text(size)))
-            return
-        self.group.sched.opened(self, outbox.conn)
-        outbox.open_end = tail + size
-
-    def _too_big_text(self, size: int) -> str:
-        return f"message is over the group's max_message of {self.group.cfg.max_message} bytes ({size}+ so far)"
-
-    def _pieces(self) -> int:
-        """Read the next pieces of the open message; returns a pull status."""
-        open_ = self.open
-        cfg = self.group.cfg
-        max_message = cfg.max_message
-        recvmsg_into = self.sock.recvmsg_into
-        for _ in range(cfg.client_turn):
-            if open_.discard is not None:
-                try:
-                    n, _, flags, _ = recvmsg_into((_SCRATCH,), 0, _MSG_TRUNC)
-                except BlockingIOError:
-                    return _EMPTY
-                except OSError:
-                    return _EOF
-                if n == 0:
-                    return _EOF
-                kind = _SCRATCH[0]
-                if kind not in (KIND_DATA_MORE, KIND_DATA, KIND_REQUEUE_MORE, KIND_REQUEUE):
-                    self._interloper(kind)
-                    continue
-                if not kind & KIND_MORE:
-                    self.open = None  # the last piece of the refused message
-                    return _TURN
-                continue
-            outbox = open_.outbox
-            end = outbox.open_end
-            buf, view = outbox.buf, outbox.view
-            saved = buf[end - 1]
-            try:
-                n, _, flags, _ = recvmsg_into((view[end - 1 :],), 0, _MSG_TRUNC)
-            except BlockingIOError:
-                return _EMPTY
-            except OSError:
-                return _EOF
-            finally:
-                kind = buf[end - 1]
-                buf[end - 1] = saved
-            if n == 0:
-                return _EOF
-            size = n - 1
-            if flags & _MSG_CTRUNC or kind not in (KIND_DATA_MORE, KIND_DATA):
-                self._interloper(kind, ctrunc=bool(flags & _MSG_CTRUNC))
-                continue
-            total = end + size - open_.start
-            if flags & _MSG_TRUNC or total > max_message:
-                self._discard_open(MessageTooBig(self._too_big_text(total)))
-                if not kind & KIND_MORE:
-                    self.open = None
-                    return _TURN
-                continue
-            outbox.open_end = end + size
-            if kind == KIND_DATA:
-                self._finish_open(total)
-                return _TURN
-        return _TURN
-
-    def _finish_open(self, size: int) -> None:
-        open_ = self.open
-        self.open = None
-        outbox = open_.outbox
-        group = self.group
-        start = open_.start
-        err = group.check_message(outbox.buf, start, size)
-        req = None
-        if err is None and group.router is not None:
-            try:
-                req = group.router.accept(self, open_.seq, time.monotonic(), outbox.buf, start, size)
-            except KmuxError as exc:
-                err = exc
-        if err is not None:
-            group.wake(group.sched.closed_open(self, outbox, commit=False))
-            self._refuse(err, seq_value=open_.seq)
-            return
-        if req is not None:
-            outbox.requests.append(req)
-        conn = outbox.conn
-        group.wake(group.sched.closed_open(self, outbox, commit=True, seq=open_.seq))
-        self.accepted += 1
-        self.accepted_bytes += size
-        if conn is not None:
-            conn.accepted(1)
-            conn.flush_soon()
-
-    def _discard_open(self, err: KmuxError) -> None:
-        """Refuse the open message now; its remaining pieces are read and dropped."""
-        open_ = self.open
-        if open_.outbox is not None and open_.outbox.open_owner is self:
-            group = self.group
-            group.wake(group.sched.closed_open(self, open_.outbox, commit=False))
-        open_.outbox = None
-        open_.discard = err
-        self._refuse(err, seq_value=open_.seq)
-
-    def _abort_open(self, err: KmuxError | None) -> None:
-        """The open message will never complete (orphan expired, session ending, assembly timeout)."""
-        if self.open is None:
-            return
-        if self.open.discard is None:
-            if err is None:
-                open_ = self.open
-                if open_.outbox is not None and open_.outbox.open_owner is self:
-                    self.group.wake(self.group.sched.closed_open(self, open_.outbox, commit=False))
-                open_.outbox = None
-                self.open = None
-                return
-            self._discard_open(err)
-
-    def _interloper(self, kind: int, ctrunc: bool = False) -> None:
-        """A packet that is not the next piece of the open message: both are refused."""
-        open_ = self.open
-        if open_.discard is None:
-            self._discard_open(BadPacket(
-                f"a packet of kind 0x{kind:02x} came between the pieces of message seq {open_.seq}; "
-                "the pieces of one message must be consecutive"
-            ))
-        if kind & ~KIND_MORE == KIND_DATA:
-            self.seq += 1
-            self._refuse(BadPacket("sent inside another message's pieces"))
-        elif ctrunc:
-            self._refuse(AncillaryRefused("packets may not carry file descriptors or credentials"), seq=False)
-
-    def assembly_expired(self, now: float) -> None:
-        open_ = self.open
-        timeout = self.group.cfg.assembly_timeout
-        if open_ is not None and open_.discard is None and now - open_.since >= timeout:
-            self._discard_open(BadPacket(
-                f"message seq {open_.seq} did not complete within assembly_timeout={timeout}s"
-            ))
-
     # -- other packets ---------------------------------------------------------------
 
     def _packet(self, kind: int, body: bytes, truncated: bool) -> None:
@@ -578,7 +423,7 @@ class AppSession(Handler):
             else:
                 raise BadPacket(f"unknown packet kind 0x{kind:02x}")
         except KmuxError as exc:
-            self._refuse(exc, seq=False)
+            self.refuse(exc, seq=False)
 
     def _requeue_piece(self, body: bytes, more: bool) -> None:
         parts = self.requeue_parts
@@ -595,7 +440,7 @@ class AppSession(Handler):
             self.requeue_parts = None
             self.group.requeue(self, bytes(parts))
 
-    def _refuse(self, err: KmuxError, seq: bool = True, seq_value: int | None = None) -> None:
+    def refuse(self, err: KmuxError, seq: bool = True, seq_value: int | None = None) -> None:
         self.refused += 1
         if seq:
             err.details["seq"] = self.seq if seq_value is None else seq_value
@@ -623,15 +468,14 @@ class AppSession(Handler):
                 if self.open is None:
                     self.seq += 1
                     if kind == KIND_DATA_MORE:
-                        self.open = _Open(None, self.seq, 0, time.monotonic())
-                        self.open.discard = err_factory()
-                    self._refuse(err_factory())
+                        self.open = Assembly.refused_unread(self, err_factory())
+                    self.refuse(err_factory())
                     refused += 1
                 elif not kind & KIND_MORE:
                     self.open = None
             elif self.open is None:
                 # Not a message: nothing to refuse by seq; it is simply not read late.
-                self._refuse(BadPacket("a control packet waited for the group too; dropped"), seq=False)
+                self.refuse(BadPacket("a control packet waited for the group too; dropped"), seq=False)
         return refused
 
     def set_receiving(self, on: bool) -> None:
@@ -822,11 +666,10 @@ class AppSession(Handler):
         group = self.group
         group.slow.discard(self)
         if self.open is not None:
-            open_ = self.open
+            if self.open.outbox is not None:
+                self.dropped_unread += 1  # the message it was sending in pieces
+            self.open.release()
             self.open = None
-            if open_.outbox is not None and open_.outbox.open_owner is self:
-                group.wake(group.sched.closed_open(self, open_.outbox, commit=False))
-                self.dropped_unread += 1
         group.detach(self)
         if self.txq_data_msgs and group.router is not None:
             group.router.dropped += self.txq_data_msgs  # responses it never read

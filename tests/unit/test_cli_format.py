@@ -62,10 +62,14 @@ UPCOMING: dict[type, set[str]] = {GroupStatistics: set(), ClientStatistics: set(
                                    ConnStatistics: set()}
 
 
-def _zero(annotation: str) -> Any:
-    if "None" in annotation:
+def _zero(annotation: Any) -> Any:
+    # A string under `from __future__ import annotations`; the type itself in a
+    # dataclass compiled by mypyc.
+    if not isinstance(annotation, str):
+        annotation = getattr(annotation, "__name__", str(annotation))
+    if "None" in annotation or annotation == "type":  # mypyc keeps "X | None" only as `type`
         return None
-    return {"int": 0, "float": 0.0, "str": "", "bool": False}.get(annotation.split("[")[0], ())
+    return {"int": 0, "float": 0.0, "str": "", "bool": False, "dict": {}}.get(annotation.split("[")[0], ())
 
 
 def record(cls: type, **values: Any) -> dict[str, Any]:
@@ -78,7 +82,7 @@ def record(cls: type, **values: Any) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     extra = {k: v for k, v in values.items() if k not in names}
     assert set(extra) <= UPCOMING[cls], f"{cls.__name__} has no field(s) {sorted(set(extra) - UPCOMING[cls])}"
-    fields = {f.name: values.get(f.name, _zero(str(f.type))) for f in dataclasses.fields(cls)}
+    fields = {f.name: values.get(f.name, _zero(f.type)) for f in dataclasses.fields(cls)}
     return {**to_wire(cls(**fields)), **extra}
 
 
@@ -177,9 +181,9 @@ def stats_new() -> dict[str, Any]:
         "daemon": daemon_record(clients_accepted=40, clients_refused=5,
                                 refused_by_code={"unknown_group": 1, "permission_denied": 4}),
         "groups": [
-            group("web", [conn(0), conn(1, up=False)], access=ALICE_AND_KMUX.to_wire(), endpoint_health=HEALTH,
+            group("web", [conn(0), conn(1, up=False)], access=ALICE_AND_KMUX.to_wire(), endpoint_health=tuple(HEALTH),
                   endpoints=("10.0.0.1:9000", "10.0.0.2:9000"), **OUTAGE),
-            group("down", [conn(0, up=False)], access=OPEN.to_wire(), endpoint_health=HEALTH[1:], **OUTAGE),
+            group("down", [conn(0, up=False)], access=OPEN.to_wire(), endpoint_health=tuple(HEALTH[1:]), **OUTAGE),
         ],
         "clients": [client(1, "web", name="billing-worker", rx_queued_bytes=2048),
                     older(client(2, "web", name="\x1b]0;owned\x07" + "x" * 100, comm="evil\x1b[2J"), "clients")],

@@ -381,3 +381,26 @@ def test_an_open_message_keeps_others_out_and_moves_with_its_outbox():
     assert tx.closed_open(a, ob, commit=True, seq=1) == []
     write(tx, c1)
     assert c1.wire == whole
+
+
+def test_a_compaction_behind_a_part_written_message_counts_what_it_passes():
+    """Regression (was guarded only by a probabilistic integration test): messages
+    that a compaction finds written must be counted as written, exactly once."""
+    ob = Outbox(capacity=64, reserve=41, length_at=LENGTH_AT)
+    tx = TxScheduler()
+    c0 = Conn("c0")
+    c0.tx = tx
+    tx.add(c0, ob)
+    tx.connected(c0)
+    a = Owner(1)
+    assert tx.route(a) is c0
+    put(tx, a, c0, frame(1, 0, 16), frame(1, 1, 16), frame(1, 2, 16), frame(1, 3, 40))  # one run, 88 bytes
+    tx.written(c0, 16 + 16 + 5)  # two whole messages and 5 bytes of the third
+    # The run is not written whole; what counts the two messages is the
+    # compaction that the scheduler's room check does behind them.
+    assert ob.take_written_count() == 2 and a.written_msgs == 2
+    # The compaction kept the part-written third message whole at the front.
+    assert ob.head == 1 + 5 and bytes(ob.buf[1 : 1 + 16]) == frame(1, 2, 16)
+    write(tx, c0)
+    assert ob.take_written_count() == 2 and a.written_msgs == 4  # each message counted once
+    assert c0.wire[-40:] == frame(1, 3, 40)

@@ -1,0 +1,213 @@
+"""One client message arriving in pieces (continuation), assembled in place in its outbox.
+
+Theory of operation
+-------------------
+A message larger than one SEQPACKET packet comes as DATA_MORE pieces and a
+last DATA piece (``docs/protocol.md``, "Continuation"). Its first piece
+lands in an outbox like any message, at ``tail``; the outbox is then its
+sender's alone (:meth:`~kmuxd.core.sendq.Outbox.open`) and each next piece is
+received straight after the last, with the same kind-byte trick as single
+packets (the byte the kind overwrites is saved and put back). Only when the
+last piece arrives is the whole message checked (the framing's one rule,
+the router's id rules) and committed: a half-received message is never
+written.
+
+A message that grows past ``max_message``, or whose pieces are interrupted
+by another packet, or that does not complete within ``assembly_timeout``,
+is refused with its seq; its outbox is released at once and its remaining
+pieces are read into a scratch byte and dropped. A message whose outbox's
+connection died travels with the outbox (the scheduler's salvage moves the
+open bytes too) and goes on assembling wherever the outbox is adopted.
+
+Invariant: while an :class:`Assembly` has an outbox, that outbox's
+``open_owner`` is its session and nothing else lands in it.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from kmux.errors import AncillaryRefused, BadPacket, KmuxError, MessageTooBig
+from kmux.protocol import KIND_DATA, KIND_DATA_MORE, KIND_MORE, KIND_REQUEUE, KIND_REQUEUE_MORE
+
+if TYPE_CHECKING:
+    from kmuxd.core.sendq import Outbox
+
+    from .session import AppSession
+
+__all__ = ["Assembly", "EMPTY", "FULL", "TURN", "EOF"]
+
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+#: Why a read of a client stopped (shared with the session's pull).
+EMPTY, FULL, TURN, EOF = range(4)
+#: Where a dropped piece is read to (MSG_TRUNC gives its real length).
+_SCRATCH = bytearray(1)
+_PIECE_KINDS = (KIND_DATA_MORE, KIND_DATA, KIND_REQUEUE_MORE, KIND_REQUEUE)
+
+
+class Assembly:
+    """The message ``seq`` of ``session``, assembling at ``start`` in ``outbox``."""
+
+    __slots__ = ("session", "outbox", "seq", "start", "refused", "since")
+
+    def __init__(self, session: "AppSession", outbox: "Outbox | None", seq: int, start: int, since: float) -> None:
+        self.session = session
+        #: None once refused: the remaining pieces are dropped.
+        self.outbox = outbox
+        self.seq = seq
+        self.start = start
+        self.refused: KmuxError | None = None
+        self.since = since
+
+    @classmethod
+    def begin(cls, session: "AppSession", outbox: "Outbox", tail: int, size: int, truncated: bool,
+              now: float) -> "Assembly":
+        """The first piece of message ``session.seq`` landed at ``tail``."""
+        asm = cls(session, outbox, session.seq, tail, now)
+        if truncated or size > session.group.cfg.max_message:
+            asm.refuse(MessageTooBig(asm._too_big_text(size)))
+            return asm
+        session.group.sched.opened(session, outbox.conn)
+        outbox.open_end = tail + size
+        return asm
+
+    @classmethod
+    def refused_unread(cls, session: "AppSession", err: KmuxError) -> "Assembly":
+        """A message whose first piece was refused unread (queue_timeout): drop its pieces."""
+        asm = cls(session, None, session.seq, 0, time.monotonic())
+        asm.refused = err
+        return asm
+
+    def _too_big_text(self, size: int) -> str:
+        return (f"message is over the group's max_message of {self.session.group.cfg.max_message} bytes "
+                f"({size}+ so far)")
+
+    def read(self) -> int:
+        """Read the next pieces; returns a pull status (TURN once the message ended)."""
+        session = self.session
+        cfg = session.group.cfg
+        max_message = cfg.max_message
+        recvmsg_into = session.sock.recvmsg_into
+        for _ in range(cfg.client_turn):
+            outbox = self.outbox
+            if outbox is None:
+                try:
+                    n, _, flags, _ = recvmsg_into((_SCRATCH,), 0, _MSG_TRUNC)
+                except BlockingIOError:
+                    return EMPTY
+                except OSError:
+                    return EOF
+                if n == 0:
+                    return EOF
+                kind = _SCRATCH[0]
+                if kind not in _PIECE_KINDS:
+                    self.interloper(kind)
+                    continue
+                if not kind & KIND_MORE:
+                    session.open = None  # the last piece of the refused message
+                    return TURN
+                continue
+            end = outbox.open_end
+            buf, view = outbox.buf, outbox.view
+            saved = buf[end - 1]
+            try:
+                n, _, flags, _ = recvmsg_into((view[end - 1 :],), 0, _MSG_TRUNC)
+            except BlockingIOError:
+                return EMPTY
+            except OSError:
+                return EOF
+            kind = buf[end - 1]
+            buf[end - 1] = saved
+            if n == 0:
+                return EOF
+            size = n - 1
+            if flags & _MSG_CTRUNC or kind not in (KIND_DATA_MORE, KIND_DATA):
+                self.interloper(kind, ctrunc=bool(flags & _MSG_CTRUNC))
+                continue
+            total = end + size - self.start
+            if flags & _MSG_TRUNC or total > max_message:
+                self.refuse(MessageTooBig(self._too_big_text(total)))
+                if not kind & KIND_MORE:
+                    session.open = None
+                    return TURN
+                continue
+            outbox.open_end = end + size
+            if kind == KIND_DATA:
+                self.finish(outbox, total)
+                return TURN
+        return TURN
+
+    def finish(self, outbox: "Outbox", size: int) -> None:
+        """The last piece arrived: check the whole message, then commit or refuse it."""
+        session = self.session
+        session.open = None
+        group = session.group
+        start = self.start
+        err = group.check_message(outbox.buf, start, size)
+        req = None
+        router = group.router
+        if err is None and router is not None:
+            try:
+                req = router.accept(session, self.seq, time.monotonic(), outbox.buf, start, size)
+            except KmuxError as exc:
+                err = exc
+        if err is not None:
+            group.wake(group.sched.closed_open(session, outbox, commit=False))
+            session.refuse(err, seq_value=self.seq)
+            return
+        if req is not None:
+            outbox.requests.append(req)
+        conn = outbox.conn
+        group.wake(group.sched.closed_open(session, outbox, commit=True, seq=self.seq))
+        session.accepted += 1
+        session.accepted_bytes += size
+        if conn is not None:
+            conn.accepted(1)
+            conn.flush_soon()
+
+    def release(self) -> None:
+        """Give the outbox back to the others (what was assembled is dropped)."""
+        outbox = self.outbox
+        session = self.session
+        if outbox is not None and outbox.open_owner is session:
+            session.group.wake(session.group.sched.closed_open(session, outbox, commit=False))
+        self.outbox = None
+
+    def refuse(self, err: KmuxError) -> None:
+        """Refuse the message now; its remaining pieces are read and dropped."""
+        self.release()
+        self.refused = err
+        self.session.refuse(err, seq_value=self.seq)
+
+    def abort(self, err: KmuxError | None) -> None:
+        """It will never complete (orphan expired, session ending): refuse it, or just drop it."""
+        if self.refused is not None:
+            return
+        if err is None:
+            self.release()
+            self.session.open = None
+        else:
+            self.refuse(err)
+
+    def interloper(self, kind: int, ctrunc: bool = False) -> None:
+        """A packet that is not the next piece: both it and the open message are refused."""
+        session = self.session
+        if self.refused is None:
+            self.refuse(BadPacket(
+                f"a packet of kind 0x{kind:02x} came between the pieces of message seq {self.seq}; "
+                "the pieces of one message must be consecutive"
+            ))
+        if kind & ~KIND_MORE == KIND_DATA:
+            session.seq += 1
+            session.refuse(BadPacket("sent inside another message's pieces"))
+        elif ctrunc:
+            session.refuse(AncillaryRefused("packets may not carry file descriptors or credentials"), seq=False)
+
+    def expire(self, now: float) -> None:
+        """assembly_timeout for clients: a message whose pieces stopped coming is refused."""
+        timeout = self.session.group.cfg.assembly_timeout
+        if self.refused is None and now - self.since >= timeout:
+            self.refuse(BadPacket(f"message seq {self.seq} did not complete within assembly_timeout={timeout}s"))

@@ -1,0 +1,69 @@
+"""The data path compiled by mypyc, and its pure-Python fallback (kmuxd/_compiled.py).
+
+The same sources run both ways, so the same tests must pass both ways: the
+suite runs against whatever the build produced (compiled when mypyc and a C
+compiler were there), and this module runs the cores' unit tests once more
+with ``KMUXD_PURE_PYTHON=1``, in a subprocess, and checks that the modules
+really came from source there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kmuxd
+from kmuxd._compiled import COMPILED_MODULES, status
+
+ROOT = Path(kmuxd.__file__).resolve().parent.parent
+CORE_TESTS = ["tests/unit/test_sendq.py", "tests/unit/test_router.py", "tests/unit/test_requests.py",
+              "tests/unit/test_endpoints.py", "tests/unit/test_inbox.py"]
+
+
+def _built() -> bool:
+    return any((ROOT / m.replace(".", "/")).parent.glob(m.rsplit(".", 1)[1] + ".*.so") for m in COMPILED_MODULES)
+
+
+def _where(env: dict[str, str]) -> dict:
+    code = (
+        "import json, importlib, kmuxd._compiled as c\n"
+        f"mods = {list(COMPILED_MODULES)!r}\n"
+        "files = {m: importlib.import_module(m).__file__ for m in mods}\n"
+        "print(json.dumps({'status': c.status(), 'files': files}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_every_compiled_module_comes_from_one_place():
+    where = _where(dict(os.environ))
+    kinds = {f.endswith(".so") for f in where["files"].values()}
+    assert len(kinds) == 1, f"a mix of compiled and source modules: {where['files']}"
+    assert where["status"]["compiled"] == kinds.pop()
+
+
+@pytest.mark.skipif(not _built(), reason="the data path was not compiled (no mypyc or no C compiler at build time)")
+def test_the_build_is_in_use_here():
+    assert status()["compiled"], status()
+
+
+def test_pure_python_switch_loads_every_module_from_source():
+    where = _where({**os.environ, "KMUXD_PURE_PYTHON": "1"})
+    assert all(f.endswith(".py") for f in where["files"].values()), where["files"]
+    assert where["status"]["compiled"] is False and "KMUXD_PURE_PYTHON" in where["status"]["reason"]
+
+
+def test_the_cores_pass_their_tests_in_pure_python_too():
+    tests = [t for t in CORE_TESTS if (ROOT / t).exists()]
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        env={**os.environ, "KMUXD_PURE_PYTHON": "1"}, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout
