@@ -14,14 +14,17 @@ asked for is found by a substring search over every configured name.
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import pytest
 
+from kmux.control import ControlClient
+
 from kmuxd.io.server import REFUSAL_LOG_INTERVAL
 
 from .as_user import AppPeer, need_root
-from .helpers import group_config
+from .helpers import group_config, wait_until, write_config
 from .test_cli import cli
 from .test_request_steering import summarize_req
 
@@ -152,3 +155,81 @@ def test_refusals_are_counted_and_logged_at_a_bounded_rate(policy_daemon):
     _, second = daemon.wait_log("client_refused", count=2)
     assert (second["uid"], second["comm"], second["group"], second["suppressed"]) == (4243, "kmx-late", "alpha-uids", burst)
 
+
+def client_records(daemon) -> dict[str, dict]:
+    with ControlClient(daemon.control_socket, timeout=5.0) as c:
+        return {r["name"]: r for r in c.request("stats")["clients"]}
+
+
+def test_a_reload_detaches_whom_the_new_policy_refuses_and_still_writes_what_it_accepted(
+    backend_factory, daemon_factory, short_dir
+):
+    """``kmux-cli reload`` and SIGHUP: a client the new lists no longer admit gets
+    ``permission_denied`` and is detached; every message the daemon had accepted
+    from it (queued, not yet written: the backend is paused) still reaches the
+    backend, once, in order. Clients still admitted stay, among them one admitted
+    now only through a supplementary group that nobody read at its hello."""
+    need_root()
+    short_dir.chmod(0o755)
+    backend = backend_factory(summarize=summarize_req, max_frame=65536, rcvbuf=16384)
+    # A large outbox: everything the revoked client sends is accepted while the backend is paused.
+    # (8 MB sent: more than the kernel's TCP buffers take, 4 MiB at most here.)
+    settings = {"connections": 1, "write_buffer": 16 << 20}
+    daemon = daemon_factory(
+        {"ledger": group_config(backend, allow_users=[4242, 4243, 4250], **settings)}, socket_mode="0666"
+    )
+    backend.wait_open(1)
+    a = AppPeer(daemon.socket_path, uid=4242, gid=4242, comm="kmx-revoked")
+    b = AppPeer(daemon.socket_path, uid=4243, gid=4243)
+    c = AppPeer(daemon.socket_path, uid=4250, gid=4250, groups=[4350])
+    try:
+        ha, hb, hc = (p.connect(group="ledger", name=n, receive=False)["client"] for p, n in ((a, "a"), (b, "b"), (c, "c")))
+        backend.pause()
+        count = 250
+        assert a.send(client=ha, cid=1, count=count, size=32768)["sent"] == count
+        assert b.send(client=hb, cid=2, count=10)["sent"] == 10
+        queued = wait_until(
+            lambda: (r := client_records(daemon)["a"])["tx_msgs"] + r["queued_msgs"] == count and r["queued_msgs"],
+            10, "every message of a accepted",
+        )
+        assert queued > 0  # accepted and not yet written when the policy changes
+
+        write_config(daemon.config_path, settings_of(daemon),
+                     {"ledger": group_config(backend, allow_users=[4243], allow_groups=[4350], **settings)})
+        reload = cli(daemon.control_socket, "reload")
+        assert reload.returncode == 0, reload
+        notice = a.recv(client=ha, timeout=5.0)
+        assert (notice["kind"], notice["code"]) == ("notice", "permission_denied"), notice
+        assert "seq" not in notice["details"] and "ledger" in notice["message"]
+        assert a.recv(client=ha, timeout=5.0)["code"] == "daemon_shutdown"  # then the socket is closed
+        (line,) = daemon.wait_log("client_no_longer_admitted")
+        assert (line["uid"], line["pid"]) == (4242, a.proc.pid)
+        assert set(client_records(daemon)) == {"b", "c"}
+
+        backend.resume()
+        backend.wait_count(count + 10)
+        frames = [rec for _, rec in backend.records()]
+        assert [seq for client, seq, _ in frames if client == 1] == list(range(1, count + 1))
+        assert [seq for client, seq, _ in frames if client == 2] == list(range(1, 11))
+
+        # SIGHUP does the same: now b goes, c (supplementary 4350) stays and is served.
+        write_config(daemon.config_path, settings_of(daemon),
+                     {"ledger": group_config(backend, allow_users=[], allow_groups=[4350], **settings)})
+        daemon.proc.send_signal(signal.SIGHUP)
+        notice = b.recv(client=hb, timeout=5.0)
+        assert (notice["kind"], notice["code"]) == ("notice", "permission_denied"), notice
+        daemon.wait_log("reload_applied", count=2)
+        assert set(client_records(daemon)) == {"c"}
+        assert c.send(client=hc, cid=3, count=5)["sent"] == 5
+        backend.wait_count(count + 15)
+        assert [seq for _, (client, seq, _) in backend.records() if client == 3] == [1, 2, 3, 4, 5]
+    finally:
+        for peer in (a, b, c):
+            peer.close()
+
+
+def settings_of(daemon) -> dict:
+    """The daemon table the fixture wrote (socket, logging, mode), to write the file again."""
+    import tomllib
+
+    return tomllib.loads(daemon.config_path.read_text())["daemon"]
