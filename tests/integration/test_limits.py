@@ -1,0 +1,101 @@
+"""Per-client limits against a real kmuxd: clients per uid, idle clients, descriptors in packets.
+
+* ``max_clients_per_uid`` beside ``max_clients``: one uid (a real process
+  under its own uid) cannot take every slot; other uids still get in, and
+  a slot it frees is its own again.
+* ``client_idle_timeout``: a client that neither sends nor receives is
+  detached with an ``idle_timeout`` notice; clients that send, or only
+  receive, are not; a group without the setting keeps idle clients.
+* ``SCM_RIGHTS``: a packet carrying descriptors is refused with
+  ``ancillary_refused`` (naming the DATA message's seq) and the descriptors
+  never stay in the daemon: its ``/proc/PID/fd`` count does not grow after
+  tens of thousands of them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import kmux
+
+from .as_user import AppPeer, need_root
+from .helpers import Receiver, SenderThreads, group_config, summarize_frame, wait_until
+from .test_cli import cli
+
+MAX = 65536
+
+
+def refused_by_code(daemon) -> dict:
+    return json.loads(cli(daemon.control_socket, "status", "-j").stdout)["refused_by_code"]
+
+
+def clients_by_name(daemon) -> dict[str, dict]:
+    return {c["name"]: c for c in json.loads(cli(daemon.control_socket, "clients", "-j").stdout)}
+
+
+def test_one_uid_cannot_take_every_slot(backend_factory, daemon_factory, short_dir):
+    need_root()
+    short_dir.chmod(0o755)
+    backend = backend_factory(summarize=summarize_frame, max_frame=MAX)
+    daemon = daemon_factory({"echo": group_config(backend, connections=1)}, socket_mode="0666",
+                            max_clients=5, max_clients_per_uid=2)
+    backend.wait_open(1)
+    with AppPeer(daemon.socket_path, uid=4242, gid=4242) as greedy, AppPeer(daemon.socket_path, uid=4243, gid=4243) as other:
+        first, second, third = (greedy.connect(group="echo", name=f"greedy{i}") for i in range(3))
+        assert first["ok"] and second["ok"]
+        assert (third["ok"], third["code"]) == (False, "too_many_clients_for_user")
+        assert third["message"] == "uid 4242 already has 2 clients (max_clients_per_uid=2)"
+        # Other uids still get in: root twice, uid 4243 once.
+        own = [daemon.connect(name=f"root{i}") for i in range(2)]
+        try:
+            assert other.connect(group="echo", name="other0")["ok"]
+            # A slot uid 4242 frees is its own again.
+            greedy.disconnect(client=first["client"])
+            wait_until(lambda: "greedy0" not in clients_by_name(daemon), 5, "greedy0 detached")
+            assert greedy.connect(group="echo", name="greedy3")["ok"]
+            # max_clients still holds for everyone: 5 attached.
+            full = other.connect(group="echo", name="other1")
+            assert (full["ok"], full["code"]) == (False, "too_many_clients")
+            with pytest.raises(kmux.TooManyClients):
+                daemon.connect(name="root2")
+            names = clients_by_name(daemon)
+            assert sorted(names) == ["greedy1", "greedy3", "other0", "root0", "root1"]
+            assert sorted(c["uid"] for c in names.values()) == [0, 0, 4242, 4242, 4243]
+        finally:
+            for c in own:
+                c.close()
+    assert refused_by_code(daemon) == {"too_many_clients_for_user": 1, "too_many_clients": 2}
+
+
+def test_idle_clients_are_detached_busy_ones_are_not(backend_factory, daemon_factory):
+    idle_timeout = 0.6
+    backend = backend_factory(echo=True, summarize=summarize_frame, max_frame=MAX)
+    daemon = daemon_factory({
+        "echo": group_config(backend, connections=1, client_idle_timeout=idle_timeout),
+        "quiet": group_config(backend, connections=1),
+    })
+    backend.wait_open(2)
+    idle = daemon.connect(name="idle")
+    patient = daemon.connect(group="quiet", name="patient")  # idle too, in a group without the timeout
+    receiver = Receiver(daemon.connect(name="receiver"))  # only receives (the sender's echoes)
+    sender = SenderThreads(daemon, 1, size=lambda rng: 64, prefix="sender", pace=idle_timeout / 6)
+    try:
+        with pytest.raises(kmux.IdleTimeout) as notice:
+            idle.recv(timeout=10 * idle_timeout)
+        assert notice.value.seq is None
+        assert f"client_idle_timeout={idle_timeout}s" in notice.value.message
+        with pytest.raises(kmux.DaemonShutdown):
+            idle.recv(timeout=5)  # then it is closed
+        daemon.wait_log("client_idle", client=idle.client_id)
+        # Three timeouts later the busy ones and the other group's idle one are still there.
+        time.sleep(3 * idle_timeout)
+        assert sorted(clients_by_name(daemon)) == ["patient", "receiver", "sender0"]
+        assert receiver.count() > 0 and sender.sent[0] > 0
+    finally:
+        sender.close()
+        receiver.close()
+        idle.close()
+        patient.close()
