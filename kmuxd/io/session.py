@@ -88,6 +88,8 @@ DISCARD_LIMIT = 100_000
 #: Seconds a session detached for being a slow consumer keeps trying to
 #: deliver its slow_consumer notice before it closes anyway.
 SLOW_CONSUMER_GRACE = 1.0
+#: What a packet that carried descriptors or credentials is told.
+ANCILLARY_TEXT = "packets may not carry file descriptors or credentials; it was dropped unread"
 #: Marks a notice in a client's queue.
 _NOTICE = -1
 #: Where a discarded piece of a too-big continued message is read to (its
@@ -374,11 +376,9 @@ class AppSession(Handler):
             run_start = tail
             msgs = 0
             if flags & _MSG_CTRUNC:
-                if kind & ~KIND_MORE == KIND_DATA:
-                    self.seq += 1
-                self._refuse(AncillaryRefused(
-                    "packets may not carry file descriptors or credentials; it was dropped unread"
-                ), seq=kind & ~KIND_MORE == KIND_DATA)
+                self._refuse_ancillary(kind, now)
+                if self.open is not None:
+                    return self._pieces()  # the rest of that message goes with it
             elif kind == KIND_DATA_MORE:
                 self.seq += 1
                 self._begin_open(outbox, tail, size, flags & _MSG_TRUNC, now)
@@ -459,12 +459,15 @@ class AppSession(Handler):
             if n == 0:
                 return _EOF
             size = n - 1
-            if flags & _MSG_CTRUNC or kind not in (KIND_DATA_MORE, KIND_DATA):
+            if kind not in (KIND_DATA_MORE, KIND_DATA):
                 self._interloper(kind, ctrunc=bool(flags & _MSG_CTRUNC))
                 continue
             total = end + size - open_.start
-            if flags & _MSG_TRUNC or total > max_message:
-                self._discard_open(MessageTooBig(self._too_big_text(total)))
+            if flags & (_MSG_TRUNC | _MSG_CTRUNC) or total > max_message:
+                # One of its own pieces carried descriptors, or it grew too big:
+                # the whole message is refused, its remaining pieces dropped.
+                self._discard_open(AncillaryRefused(ANCILLARY_TEXT) if flags & _MSG_CTRUNC
+                                   else MessageTooBig(self._too_big_text(total)))
                 if not kind & KIND_MORE:
                     self.open = None
                     return _TURN
@@ -475,6 +478,21 @@ class AppSession(Handler):
                 self._finish_open(total)
                 return _TURN
         return _TURN
+
+    def _refuse_ancillary(self, kind: int, now: float) -> None:
+        """A packet carried descriptors or credentials (the kernel closed them:
+        we pass no control buffer). A DATA packet is a message refused by its
+        seq; a first piece opens that message in discard mode, so its other
+        pieces are dropped with it rather than read as messages of their own."""
+        err = AncillaryRefused(ANCILLARY_TEXT)
+        if kind & ~KIND_MORE != KIND_DATA:
+            self._refuse(err, seq=False)
+            return
+        self.seq += 1
+        if kind & KIND_MORE:
+            self.open = _Open(None, self.seq, 0, now)
+            self.open.discard = err
+        self._refuse(err)
 
     def _finish_open(self, size: int) -> None:
         open_ = self.open
@@ -540,7 +558,7 @@ class AppSession(Handler):
             self.seq += 1
             self._refuse(BadPacket("sent inside another message's pieces"))
         elif ctrunc:
-            self._refuse(AncillaryRefused("packets may not carry file descriptors or credentials"), seq=False)
+            self._refuse(AncillaryRefused(ANCILLARY_TEXT), seq=False)
 
     def assembly_expired(self, now: float) -> None:
         open_ = self.open

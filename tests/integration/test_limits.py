@@ -14,15 +14,19 @@
 
 from __future__ import annotations
 
+import array
 import json
+import os
+import socket
 import time
 
+import msgpack
 import pytest
 
 import kmux
 
 from .as_user import AppPeer, need_root
-from .helpers import Receiver, SenderThreads, group_config, summarize_frame, wait_until
+from .helpers import Receiver, SenderThreads, group_config, make_frame, summarize_frame, u32be, wait_until
 from .test_cli import cli
 
 MAX = 65536
@@ -99,3 +103,100 @@ def test_idle_clients_are_detached_busy_ones_are_not(backend_factory, daemon_fac
         receiver.close()
         idle.close()
         patient.close()
+
+
+# -- descriptors in packets -----------------------------------------------------------
+
+#: Descriptors per packet (the kernel allows 253) and packets sent.
+FDS_PER_PACKET = 200
+PACKETS = 150
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def raw_client(daemon, group: str = "echo") -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(5.0)
+    s.connect(daemon.socket_path)
+    s.send(msgpack.packb({"kmux": 1, "group": group, "receive": False}))
+    answer = msgpack.unpackb(s.recv(65536))
+    assert answer["ok"] is True, answer
+    return s
+
+
+def send_with_fds(sock: socket.socket, packet: bytes, fds: list[int]) -> None:
+    sock.sendmsg([packet], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def notice(sock: socket.socket) -> dict:
+    packet = sock.recv(65536)
+    assert packet[:1] == b"\x01", packet
+    return msgpack.unpackb(packet[1:])
+
+
+def test_packets_with_descriptors_are_refused_and_the_descriptors_closed(backend_factory, daemon_factory):
+    backend = backend_factory(summarize=summarize_frame, max_frame=MAX)
+    daemon = daemon_factory({"echo": group_config(backend, connections=1)})
+    backend.wait_open(1)
+    pid = daemon.proc.pid
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(FDS_PER_PACKET)]
+    try:
+        s = raw_client(daemon)
+        before = open_fds(pid)
+        seq = 0
+        for _ in range(PACKETS):
+            seq += 1
+            send_with_fds(s, b"\x00" + make_frame(1, seq, 64), fds)
+            got = notice(s)
+            assert (got["code"], got["seq"]) == ("ancillary_refused", seq), got
+        # A control packet with descriptors: refused, no seq (it is not a message).
+        send_with_fds(s, b"\x01" + msgpack.packb({"op": "receive", "on": True}), fds)
+        got = notice(s)
+        assert got["code"] == "ancillary_refused" and "seq" not in got, got
+        # A continued message with descriptors on its first piece, then one with them on a
+        # middle piece: each is one message refused by its seq, its other pieces dropped with it.
+        frame = make_frame(1, 0, 96)
+        send_with_fds(s, b"\x80" + frame[:30], fds)
+        s.send(b"\x00" + frame[30:])
+        s.send(b"\x80" + frame[:30])
+        send_with_fds(s, b"\x80" + frame[30:60], fds)
+        s.send(b"\x00" + frame[60:])
+        # The session goes on, counting messages as the app does: the next ones are seq + 3, + 4.
+        s.send(b"\x00" + make_frame(1, seq + 3, 64))
+        s.send(b"\x00" + u32be(b"x")[:-1])  # a bad frame: its notice names the seq the daemon counted
+        got = [notice(s) for _ in range(3)]
+        assert [(n["code"], n["seq"]) for n in got] == [
+            ("ancillary_refused", seq + 1), ("ancillary_refused", seq + 2), ("bad_frame", seq + 4)
+        ], got
+        backend.wait_count(1, timeout=5)
+        assert [rec for _, rec in backend.records()] == [(1, seq + 3, 64)]  # only the good message
+        # Nothing stayed open in the daemon: tens of thousands of descriptors went through.
+        assert wait_until(lambda: open_fds(pid) == before, 5, f"the daemon's fd count back at {before}")
+        s.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_hello_with_descriptors_is_refused_and_they_are_closed(backend_factory, daemon_factory):
+    backend = backend_factory(summarize=summarize_frame, max_frame=MAX)
+    daemon = daemon_factory({"echo": group_config(backend, connections=1)})
+    backend.wait_open(1)
+    pid = daemon.proc.pid
+    before = open_fds(pid)
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(FDS_PER_PACKET)]
+    try:
+        for _ in range(20):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.settimeout(5.0)
+            s.connect(daemon.socket_path)
+            send_with_fds(s, msgpack.packb({"kmux": 1, "group": "echo"}), fds)
+            answer = msgpack.unpackb(s.recv(65536))
+            s.close()
+            assert (answer["ok"], answer["code"]) == (False, "ancillary_refused"), answer
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert wait_until(lambda: open_fds(pid) == before, 5, f"the daemon's fd count back at {before}")
