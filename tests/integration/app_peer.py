@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import sys
 import threading
 import time
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import kmux  # noqa: E402
 from kmux.errors import KmuxError  # noqa: E402
+from kmux.protocol import DATA_PREFIX, KIND_NOTICE, decode_notice  # noqa: E402
 
 from tests.integration.helpers import BadTestFrame  # noqa: E402
 from tests.integration.test_request_steering import make_req, parse_resp  # noqa: E402
@@ -51,20 +53,30 @@ def _error(exc: KmuxError) -> dict:
 
 class Flood:
     """Send requests as fast as the daemon takes them (or at ``pace``), and read
-    the answers in a second thread unless ``read`` is false (a stalled reader)."""
+    the answers in a second thread unless ``read`` is false (a stalled reader).
+
+    The sender writes DATA packets on the client's socket itself, as the
+    protocol says (docs/protocol.md), numbering them from ``first_seq``: when
+    a send fails because the daemon closed the socket, ``kmux.Client.send``
+    marks the whole session closed, and a ``recv`` in another thread then
+    drops the packets the daemon sent before closing (its last notice among
+    them; see test_limits.py). The reading side must still see them.
+    """
 
     def __init__(self, client: kmux.Client, cid: int, size: int, read: bool, window: int, pace: float,
-                 count: int | None) -> None:
+                 count: int | None, first_seq: int) -> None:
         self.client, self.cid, self.size = client, cid, size
+        self.next_seq = first_seq
         self.window, self.pace, self.count = window, pace, count
         self.outstanding: set[int] = set()
         self.cond = threading.Condition()
         self.stop = threading.Event()
         self.sent = self.responses = 0
         self.notices: Counter = Counter()
-        self.notice_seqs: list[tuple[str, int | None]] = []
         self.anomalies: list[str] = []
         self.end: dict | None = None
+        #: Once stopped: when the reader gives up waiting for the last answers.
+        self.settle_by = float("inf")
         self.threads = [threading.Thread(target=self._send, daemon=True)]
         if read:
             self.threads.append(threading.Thread(target=self._read, daemon=True))
@@ -79,15 +91,14 @@ class Flood:
                     with self.cond:
                         while len(self.outstanding) >= self.window and not self.stop.is_set():
                             self.cond.wait(0.05)
-                seq = self.sent + 1
+                seq = self.next_seq
                 with self.cond:
                     self.outstanding.add(seq)
-                self.client.send(make_req(self.cid, seq, seq & 0xFFFFFFFF, self.size, rng))
-                self.sent = seq
+                self.client._sock.send(DATA_PREFIX + make_req(self.cid, seq, seq & 0xFFFFFFFF, self.size, rng))
+                self.next_seq += 1
+                self.sent += 1
                 if self.pace:
                     time.sleep(self.pace)
-        except KmuxError as exc:
-            self.end = _error(exc)
         except OSError as exc:
             self.end = {"code": "oserror", "message": str(exc)}
 
@@ -121,8 +132,6 @@ class Flood:
                 self.cond.notify()
             self.responses += 1
 
-    settle_by = float("inf")
-
     def finish(self) -> dict:
         self.settle_by = time.monotonic() + FLOOD_SETTLE
         self.stop.set()
@@ -140,6 +149,7 @@ class Peer:
         self.path = path
         self.clients: dict[int, kmux.Client] = {}
         self.floods: dict[int, Flood] = {}
+        self.flood_seq: dict[int, int] = {}
         self.next = 1
         self.rng = random.Random(os.getpid())
 
@@ -195,8 +205,9 @@ class Peer:
             return {"kind": "torn", "message": str(exc)}
         return {"kind": "data", "id": rid, "client": cid, "seq": seq}
 
-    def recv_all(self, client: int, cid: int, timeout: float, limit: int = 100_000) -> dict:
-        """Read until ``timeout`` s pass with nothing, or the session ends.
+    def recv_all(self, client: int, cid: int, timeout: float, expect: int | None = None, limit: int = 100_000) -> dict:
+        """Read until ``timeout`` s pass with nothing, the session ends, or
+        ``expect`` requests have their outcome (a response or a notice naming it).
 
         Answers the seqs of the responses (in order), the notices as
         ``[code, seq]``, responses that were not ``cid``'s (``foreign``) and
@@ -207,6 +218,8 @@ class Peer:
         foreign: list[dict] = []
         end = None
         for _ in range(limit):
+            if expect is not None and len(responses) + len(notices) >= expect:
+                break
             got = self.recv(client, timeout)
             if got["kind"] == "timeout":
                 break
@@ -218,27 +231,67 @@ class Peer:
                 notices.append([got["code"], got["details"]["seq"]])
             else:
                 end = got
+                if got["code"] == "daemon_shutdown":
+                    end = self._read_past_reset(client, cid, responses, notices, foreign) or end
                 break
         return {"responses": responses, "notices": notices, "foreign": foreign[:REPORT_MAX], "end": end}
 
+    def _read_past_reset(self, client: int, cid: int, responses: list, notices: list, foreign: list) -> dict | None:
+        """What the daemon sent before closing, still queued behind an ``ECONNRESET``.
+
+        A daemon that closes a socket with packets of ours unread makes the
+        first ``recv`` fail with ``ECONNRESET``; ``kmux.Client`` then reports
+        the end at once, while docs/protocol.md tells apps to keep reading
+        until 0. This reads on as the protocol says (the socket is the
+        client's own, taken from it), so a test sees the daemon's last word.
+        """
+        sock = self.clients[client]._sock
+        last = None
+        for _ in range(REPORT_MAX * 1000):
+            try:
+                packet = sock.recv(1 << 21, socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            if not packet:
+                break
+            if packet[0] == KIND_NOTICE:
+                notice = decode_notice(packet[1:])
+                if notice.seq is not None:
+                    notices.append([notice.code, notice.seq])
+                else:
+                    last = {"kind": "notice", "code": notice.code, "message": notice.message,
+                            "details": notice.details, "after_reset": True}
+                continue
+            try:
+                _, owner, seq = parse_resp(packet[1:])
+            except BadTestFrame:
+                foreign.append({"kind": "torn"})
+                continue
+            (responses if owner == cid else foreign).append(seq)
+        return last
+
     def lockstep(self, client: int, cid: int, count: int, size: int = 64, timeout: float = 5.0) -> dict:
         """``count`` requests, each sent when the previous one's response came back;
-        the round trips in µs, and anything received that was not the awaited response."""
+        the round trips in µs, anything received that was not the awaited response,
+        and ``sent_at``: ``[seq, time.monotonic() at send]`` of each request (the
+        clock is the system's, so a backend can say how long each took to reach it)."""
         c = self.clients[client]
         rng = random.Random(cid)
         latency: list[float] = []
+        sent_at: list[list] = []
         anomalies: list[str] = []
         clock = time.perf_counter_ns
         for _ in range(count):
             seq = c.seq + 1
             frame = make_req(cid, seq, seq & 0xFFFFFFFF, size, rng)
+            sent_at.append([seq, time.monotonic()])
             start = clock()
             c.send(frame)
             while True:
                 try:
                     msg = c.recv(timeout=timeout)
                 except (TimeoutError, KmuxError) as exc:
-                    return {"latency_us": latency, "anomalies": anomalies + [f"seq {seq}: {exc!r}"]}
+                    return {"latency_us": latency, "sent_at": sent_at, "anomalies": anomalies + [f"seq {seq}: {exc!r}"]}
                 try:
                     rid, owner, got = parse_resp(msg)
                 except BadTestFrame as exc:
@@ -248,18 +301,22 @@ class Peer:
                     break
                 anomalies.append(f"waiting for seq {seq}, got client {owner} seq {got} id {rid}")
             latency.append((clock() - start) / 1000)
-        return {"latency_us": latency, "anomalies": anomalies[:REPORT_MAX]}
+        return {"latency_us": latency, "sent_at": sent_at, "anomalies": anomalies[:REPORT_MAX]}
 
     def flood_start(self, client: int, cid: int, size: int = 64, read: bool = True, window: int = 0,
                     pace: float = 0.0, count: int | None = None) -> dict:
-        self.floods[client] = Flood(self.clients[client], cid, size, read, window, pace, count)
+        """Start a :class:`Flood`; its seqs go on from the client's earlier floods."""
+        first = self.flood_seq.get(client, 1)
+        self.floods[client] = Flood(self.clients[client], cid, size, read, window, pace, count, first)
         return {"ok": True}
 
     def flood_sent(self, client: int) -> dict:
         return {"sent": self.floods[client].sent}
 
     def flood_stop(self, client: int) -> dict:
-        return self.floods.pop(client).finish()
+        flood = self.floods.pop(client)
+        self.flood_seq[client] = flood.next_seq
+        return flood.finish()
 
     def disconnect(self, client: int) -> dict:
         self.clients.pop(client).close()

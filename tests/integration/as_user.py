@@ -89,10 +89,18 @@ class AppPeer:
         return json.loads(line)
 
     def call(self, op: str, answer_within: float = PEER_COMMAND_TIMEOUT, **args: Any) -> dict:
+        self.begin(op, **args)
+        return self.end(answer_within)
+
+    def begin(self, op: str, **args: Any) -> None:
+        """Start a command and return at once (the peer works on it meanwhile); :meth:`end` answers."""
         self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
         self.proc.stdin.flush()
+        self._op = op
+
+    def end(self, answer_within: float = PEER_COMMAND_TIMEOUT) -> dict:
         answer = self._answer(answer_within)
-        assert "failed" not in answer, f"peer command {op} failed: {answer['failed']}"
+        assert "failed" not in answer, f"peer command {self._op} failed: {answer['failed']}"
         return answer
 
     def __getattr__(self, op: str) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections import Counter
 
 import pytest
 
@@ -90,8 +91,25 @@ def assert_names_only(text: str, asked: str) -> None:
     assert not others, f"the refusal for {asked!r} names {others}: {text!r}"
 
 
-def test_each_list_admits_by_uid_primary_or_supplementary_group_and_refusals_name_no_other_group(policy_daemon):
+def test_who_is_admitted_and_what_refusals_say_and_how_they_are_counted_and_logged(policy_daemon):
+    """Each identity of IDENTITIES joins exactly the groups that admit it (and can use
+    them); every refusal is permission_denied (unknown_group for the unknown name) and
+    names no group but the one asked for. Refusals are counted by code, and logged
+    with uid, pid, comm and group: the first in full, then nothing for
+    REFUSAL_LOG_INTERVAL, then one line that says how many were left out."""
     daemon, _ = policy_daemon
+    burst = 300
+    with AppPeer(daemon.socket_path, uid=4242, gid=4242, comm="kmx-knocker") as peer:
+        pid = peer.whoami()["pid"]
+        got = peer.connect_many(group="bravo-gids", count=burst)
+        assert got["codes"] == {"permission_denied": burst}
+        assert len(got["messages"]) == 1  # one wording for all: uid 4242 is not admitted
+        burst_over = time.monotonic()  # the first line was logged before this
+    (first,) = daemon.wait_log("client_refused")
+    assert (first["uid"], first["pid"], first["comm"], first["group"]) == (4242, pid, "kmx-knocker", "bravo-gids")
+    assert (first["error_code"], first["suppressed"]) == ("permission_denied", 0)
+
+    refused = Counter({"permission_denied": burst})
     for cid, ((uid, gid, groups), admitted) in enumerate(IDENTITIES, start=100):
         with AppPeer(daemon.socket_path, uid=uid, gid=gid, groups=groups) as peer:
             assert peer.whoami()["uid"] == uid
@@ -101,14 +119,27 @@ def test_each_list_admits_by_uid_primary_or_supplementary_group_and_refusals_nam
         for name, answer in outcome.items():
             if answer["ok"]:
                 continue
+            refused[answer["code"]] += 1
             assert answer["code"] == ("unknown_group" if name == UNKNOWN else "permission_denied"), answer
             assert_names_only(answer["message"], name)
             if name != UNKNOWN:
                 assert f"uid {uid}" in answer["message"]
     # root is no exception: the lists are the policy.
     with AppPeer(daemon.socket_path) as root:
-        got = {name for name, answer in try_every_group(root, 99).items() if answer["ok"]}
-    assert got == {"open-sesame"}
+        outcome = try_every_group(root, 99)
+    assert {name for name, answer in outcome.items() if answer["ok"]} == {"open-sesame"}
+    refused.update(answer["code"] for answer in outcome.values() if not answer["ok"])
+
+    status = json.loads(cli(daemon.control_socket, "status", "-j").stdout)
+    assert status["refused_by_code"] == dict(refused)
+    assert status["clients_refused"] == sum(refused.values())
+    assert len(daemon.logs("client_refused")) == 1  # all the others within the interval: counted only
+    time.sleep(max(0.0, burst_over + REFUSAL_LOG_INTERVAL + 0.1 - time.monotonic()))
+    with AppPeer(daemon.socket_path, uid=4243, gid=4243, comm="kmx-late") as peer:
+        assert peer.connect_many(group="alpha-uids", count=1)["codes"] == {"permission_denied": 1}
+    _, second = daemon.wait_log("client_refused", count=2)
+    assert (second["uid"], second["comm"], second["group"]) == (4243, "kmx-late", "alpha-uids")
+    assert second["suppressed"] == sum(refused.values()) - 1
 
 
 def test_the_policy_is_shown_by_kmux_cli(policy_daemon):
@@ -127,33 +158,6 @@ def test_the_policy_is_shown_by_kmux_cli(policy_daemon):
     assert policy_column["delta-closed"] == "u:none"
     detail = cli(daemon.control_socket, "group", "charlie-names").stdout
     assert "access users nobody(65534); groups daemon(1), nogroup(65534)" in detail
-
-
-def test_refusals_are_counted_and_logged_at_a_bounded_rate(policy_daemon):
-    daemon, _ = policy_daemon
-    burst = 300
-    with AppPeer(daemon.socket_path, uid=4242, gid=4242, comm="kmx-knocker") as peer:
-        pid = peer.whoami()["pid"]
-        got = peer.connect_many(group="bravo-gids", count=burst)
-        assert got["codes"] == {"permission_denied": burst}
-        assert len(got["messages"]) == 1  # one wording for all: uid 4242 is not admitted
-        assert peer.connect_many(group=UNKNOWN, count=1)["codes"] == {"unknown_group": 1}
-        burst_over = time.monotonic()  # the first line was logged before this
-    status = json.loads(cli(daemon.control_socket, "status", "-j").stdout)
-    assert status["refused_by_code"] == {"permission_denied": burst, "unknown_group": 1}
-    assert status["clients_refused"] == burst + 1
-    # The first refusal is logged in full, the rest of the burst only counted ...
-    (first,) = daemon.wait_log("client_refused")
-    assert (first["uid"], first["pid"], first["comm"], first["group"]) == (4242, pid, "kmx-knocker", "bravo-gids")
-    assert (first["error_code"], first["suppressed"]) == ("permission_denied", 0)
-    time.sleep(0.5)
-    assert len(daemon.logs("client_refused")) == 1
-    # ... and the next line, once the interval is over, says how many were left out.
-    time.sleep(max(0.0, burst_over + REFUSAL_LOG_INTERVAL + 0.1 - time.monotonic()))
-    with AppPeer(daemon.socket_path, uid=4243, gid=4243, comm="kmx-late") as peer:
-        assert peer.connect_many(group="alpha-uids", count=1)["codes"] == {"permission_denied": 1}
-    _, second = daemon.wait_log("client_refused", count=2)
-    assert (second["uid"], second["comm"], second["group"], second["suppressed"]) == (4243, "kmx-late", "alpha-uids", burst)
 
 
 def client_records(daemon) -> dict[str, dict]:
