@@ -64,9 +64,11 @@ class Flood:
     """
 
     def __init__(self, client: kmux.Client, cid: int, size: int, read: bool, window: int, pace: float,
-                 count: int | None, first_seq: int) -> None:
+                 count: int | None, first_seq: int, start_at: float | None = None) -> None:
         self.client, self.cid, self.size = client, cid, size
         self.next_seq = first_seq
+        #: time.monotonic() (the system's clock) at which to start: floods of several peers at once
+        self.start_at = start_at
         self.window, self.pace, self.count = window, pace, count
         self.outstanding: set[int] = set()
         self.cond = threading.Condition()
@@ -85,6 +87,8 @@ class Flood:
 
     def _send(self) -> None:
         rng = random.Random(self.cid)
+        if self.start_at is not None:
+            time.sleep(max(0.0, min(FLOOD_SETTLE, self.start_at - time.monotonic())))
         try:
             while not self.stop.is_set() and (self.count is None or self.sent < self.count):
                 if self.window:
@@ -304,10 +308,10 @@ class Peer:
         return {"latency_us": latency, "sent_at": sent_at, "anomalies": anomalies[:REPORT_MAX]}
 
     def flood_start(self, client: int, cid: int, size: int = 64, read: bool = True, window: int = 0,
-                    pace: float = 0.0, count: int | None = None) -> dict:
+                    pace: float = 0.0, count: int | None = None, start_at: float | None = None) -> dict:
         """Start a :class:`Flood`; its seqs go on from the client's earlier floods."""
         first = self.flood_seq.get(client, 1)
-        self.floods[client] = Flood(self.clients[client], cid, size, read, window, pace, count, first)
+        self.floods[client] = Flood(self.clients[client], cid, size, read, window, pace, count, first, start_at)
         return {"ok": True}
 
     def flood_sent(self, client: int) -> dict:

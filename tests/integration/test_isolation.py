@@ -437,9 +437,10 @@ def test_a_flooder_does_not_raise_anothers_round_trip_p99_past_the_bound(backend
 #: The group's client_turn (the default): messages taken from one client per turn.
 CLIENT_TURN = 64
 #: Fairness bounds: the longest stretch of one client's messages on the stream, in
-#: turns (a client may get a second turn before the others are seen waiting in the
-#: same pass), and the smallest share of a client against the largest one.
-MAX_TURNS_IN_A_ROW = 2
+#: turns (a client may get a second turn, and part of a third, before the others
+#: are seen waiting in the same pass), and the smallest share of a client against
+#: the largest one.
+MAX_TURNS_IN_A_ROW = 3
 MIN_SHARE = 0.6
 #: Nice value of the senders in the turns test (root only): the CPU scheduler must
 #: not leave a sender with an empty socket, or it drops out of the rotation by itself.
@@ -457,41 +458,47 @@ def runs_of(sequence: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def tcp_wmem_max() -> int:
+    """The largest send buffer the kernel grows a TCP socket to (net.ipv4.tcp_wmem)."""
+    with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+        return int(f.read().split()[2])
+
+
 def client_and_seq(frame: bytes) -> tuple[int, int]:
     """Where make_req puts them (bytes 8-9 and 10-13); cheap, for a backend under load."""
     return int.from_bytes(frame[8:10], "big"), int.from_bytes(frame[10:14], "big")
 
 
 def test_when_the_connection_is_the_bottleneck_clients_are_served_in_turn(backend_factory, daemon_factory, peers):
-    """Three clients each queue 3000 messages for a group of one connection to a
-    slow server (it sleeps 2 ms after each read of at most 64 KiB). On the
-    stream the clients alternate, a turn (``client_turn``) each, until one runs
-    out: none may keep the connection by refilling its outbox while the others
-    wait for it."""
+    """Three clients each send 4000 messages at once to a group of one connection to
+    a slow server (it sleeps 2 ms after each read of at most 64 KiB). Once the
+    kernel's buffers are full, the clients alternate on the stream, a turn
+    (``client_turn``) each, until one runs out: none may keep the connection by
+    refilling its outbox while the others wait for it."""
     need_root()
-    per_client = 3000
+    per_client = 4000
     backend = backend_factory(summarize=client_and_seq, max_frame=MAX, rcvbuf=65536, read_pause=0.002)
     # max_message 1 MiB: the apps' sockets then hold about 1000 messages each.
     daemon = daemon_factory({"g": group_config(backend, connections=1, max_message=1 << 20)})
     backend.wait_open(1)
-    backend.pause()
     senders = [peers(daemon) for _ in range(3)]
     for peer in senders:
         os.setpriority(os.PRIO_PROCESS, peer.pid, SENDER_NICE)
     handles = [p.connect(group="g", name=f"s{i}", receive=False)["client"] for i, p in enumerate(senders)]
+    start_at = time.monotonic() + 0.2
     for cid, (peer, handle) in enumerate(zip(senders, handles), start=10):
-        peer.flood_start(client=handle, cid=cid, size=1024, read=False, count=per_client)
-    wait_until(lambda: group_stats(daemon)["waiting_clients"] >= 2, 10, "the clients pushed back")
-    backend.resume()
+        peer.flood_start(client=handle, cid=cid, size=1024, read=False, count=per_client, start_at=start_at)
     backend.wait_count(3 * per_client, timeout=60)
     for peer, handle in zip(senders, handles):
         assert peer.flood_stop(client=handle)["sent"] == per_client
     records = [rec for _, rec in backend.records()]
     for cid in (10, 11, 12):  # each client's own messages in order, once
         assert [seq for client, seq in records if client == cid] == list(range(1, per_client + 1))
-    # From when all three are on the stream until the first runs out: who was served, for how long.
+    # From when the kernel's buffers are full (before that the connection takes whatever
+    # comes) until the first client runs out: who was served, for how long.
     order = [client for client, _ in records]
-    first_end = max(order.index(cid) for cid in (10, 11, 12))
+    absorbed = (tcp_wmem_max() + 65536) // 1024
+    first_end = max(absorbed, *(order.index(cid) for cid in (10, 11, 12)))
     last_start = min(len(order) - 1 - order[::-1].index(cid) for cid in (10, 11, 12))
     window = order[first_end:last_start]
     longest = max(n for _, n in runs_of(window))
