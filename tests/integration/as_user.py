@@ -8,6 +8,9 @@ need no passwd or group entries. ``setpriv`` rather than subprocess's
 ``user=``: it resolves the interpreter's path before giving up root, and
 this checkout's virtualenv points into root's home. Needs root; callers
 skip otherwise.
+
+:class:`AppPeer` runs ``app_peer.py`` (an app driven command by command)
+that way, or as a plain second process when no ids are given.
 """
 
 from __future__ import annotations
