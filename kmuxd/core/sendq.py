@@ -23,10 +23,12 @@ go, following KCM:
    them. The pin ends when all of its bytes there are written.
 4. **Queueing and push-back.** When no connection is available an unpinned
    client *waits* (FIFO); a pinned client whose outbox is full *parks* on
-   it. Neither is read meanwhile, so the apps block in the kernel: bounded
-   memory, nothing dropped. A connection that becomes available again is
-   reserved for the longest waiter, so a busy client that keeps refilling
-   cannot starve the others.
+   it, and so does a pinned client while any client waits (its turn is
+   over: it may not keep the connection by refilling the outbox). Neither
+   is read meanwhile, so the apps block in the kernel: bounded memory,
+   nothing dropped. A connection that becomes available again is reserved
+   for the longest waiter, so a busy client that keeps refilling cannot
+   starve the others.
 5. **Failure.** When a connection dies, its outbox is cut back to the first
    message not fully written (re-sent from byte 0, as KCM does) and becomes
    an *orphan*; the next connection to be available adopts it whole, by
@@ -471,7 +473,13 @@ class TxScheduler:
         outbox = self.pins.get(owner)
         if outbox is not None:
             conn = outbox.conn
-            if conn is not None and conn in self._connected and outbox.has_room():
+            # While others wait (for a connection, or parked on this outbox)
+            # its turn is over: it parks, so the outbox drains and the
+            # connection goes to the longest waiter (rule 4). Refilling would
+            # hold the connection for as long as it keeps sending when the
+            # connection, not the clients, is the bottleneck.
+            others = self._waiters or (outbox.parked and outbox.parked != [owner])
+            if conn is not None and conn in self._connected and outbox.has_room() and not others:
                 return conn
             if owner not in outbox.parked:
                 outbox.parked.append(owner)

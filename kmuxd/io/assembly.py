@@ -46,6 +46,8 @@ EMPTY, FULL, TURN, EOF = range(4)
 #: Where a dropped piece is read to (MSG_TRUNC gives its real length).
 _SCRATCH = bytearray(1)
 _PIECE_KINDS = (KIND_DATA_MORE, KIND_DATA, KIND_REQUEUE_MORE, KIND_REQUEUE)
+#: What a packet that carried descriptors or credentials is told.
+ANCILLARY_TEXT = "packets may not carry file descriptors or credentials; it was dropped unread"
 
 
 class Assembly:
@@ -124,12 +126,15 @@ class Assembly:
             if n == 0:
                 return EOF
             size = n - 1
-            if flags & _MSG_CTRUNC or kind not in (KIND_DATA_MORE, KIND_DATA):
+            if kind not in (KIND_DATA_MORE, KIND_DATA):
                 self.interloper(kind, ctrunc=bool(flags & _MSG_CTRUNC))
                 continue
             total = end + size - self.start
-            if flags & _MSG_TRUNC or total > max_message:
-                self.refuse(MessageTooBig(self._too_big_text(total)))
+            if flags & (_MSG_TRUNC | _MSG_CTRUNC) or total > max_message:
+                # One of its own pieces carried descriptors, or it grew too big:
+                # the whole message is refused, its remaining pieces dropped.
+                self.refuse(AncillaryRefused(ANCILLARY_TEXT) if flags & _MSG_CTRUNC
+                            else MessageTooBig(self._too_big_text(total)))
                 if not kind & KIND_MORE:
                     session.open = None
                     return TURN
@@ -204,7 +209,7 @@ class Assembly:
             session.seq += 1
             session.refuse(BadPacket("sent inside another message's pieces"))
         elif ctrunc:
-            session.refuse(AncillaryRefused("packets may not carry file descriptors or credentials"), seq=False)
+            session.refuse(AncillaryRefused(ANCILLARY_TEXT), seq=False)
 
     def expire(self, now: float) -> None:
         """assembly_timeout for clients: a message whose pieces stopped coming is refused."""

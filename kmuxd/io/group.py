@@ -360,6 +360,11 @@ class Group:
             self.router.retry_unanswered = cfg.retry_unanswered
             self.router.keep_payload = cfg.retry_unanswered > 0
         for client in list(self.clients.values()):
+            if cfg.access.groups is not None:
+                # The hello reads supplementary groups only when the policy of
+                # the day needs them: read them now, or a client the new
+                # allow_groups admits only through one would be detached.
+                client.cred = client.cred.with_groups(client.sock)
             cred = client.cred
             if not cfg.access.admits(cred.uid, cred.gid, cred.groups):
                 client.log.info("client_no_longer_admitted", uid=cred.uid, pid=cred.pid)

@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from kmux.errors import (
+    AncillaryRefused,
     DaemonShutdown,
     HandshakeInvalid,
     KmuxError,
@@ -125,7 +126,7 @@ class Server:
 
     The hello is checked in this order, each failure answered with its code
     and the socket closed: a valid hello (``handshake_invalid``,
-    ``version_unsupported``), the daemon not stopping (``daemon_shutdown``),
+    ``version_unsupported``; ``ancillary_refused`` if it carried descriptors), the daemon not stopping (``daemon_shutdown``),
     ``max_clients`` (``too_many_clients``), ``max_clients_per_uid``
     (``too_many_clients_for_user``), the group (``unknown_group``), its access
     policy (``permission_denied``). No refusal names any group but the one
@@ -211,6 +212,9 @@ class Server:
         try:
             if flags & socket.MSG_TRUNC:
                 raise HandshakeInvalid(f"hello is over {HANDSHAKE_MAX} bytes")
+            if flags & socket.MSG_CTRUNC:
+                # recvmsg got no control buffer, so the kernel closed them already.
+                raise AncillaryRefused("the hello may not carry file descriptors or credentials; it was dropped")
             hello = decode_hello(packet)
             daemon = self.config.daemon
             if self.stopping:

@@ -67,7 +67,7 @@ from kmux.protocol import (
 from kmuxd.core.states import CLIENT_TRANSITIONS, ClientEvent, ClientState, StateMachine
 from kmuxd.system.log import RateLimit
 
-from .assembly import EMPTY, EOF, FULL, TURN, Assembly
+from .assembly import ANCILLARY_TEXT, EMPTY, EOF, FULL, TURN, Assembly
 from .peercred import PeerCred
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
 
@@ -372,11 +372,9 @@ class AppSession(Handler):
             run_start = tail
             msgs = 0
             if flags & _MSG_CTRUNC:
-                if kind & ~KIND_MORE == KIND_DATA:
-                    self.seq += 1
-                self.refuse(AncillaryRefused(
-                    "packets may not carry file descriptors or credentials; it was dropped unread"
-                ), seq=kind & ~KIND_MORE == KIND_DATA)
+                self._refuse_ancillary(kind, now)
+                if self.open is not None:
+                    return self.open.read()  # the rest of that message goes with it
             elif kind == KIND_DATA_MORE:
                 self.seq += 1
                 self.open = asm = Assembly.begin(self, outbox, tail, size, bool(flags & _MSG_TRUNC), now)
@@ -406,6 +404,20 @@ class AppSession(Handler):
         conn.accepted(msgs)
         conn.flush_soon()
         return msgs
+
+    def _refuse_ancillary(self, kind: int, now: float) -> None:
+        """A packet carried descriptors or credentials (the kernel closed them:
+        we pass no control buffer). A DATA packet is a message refused by its
+        seq; a first piece opens that message refused, so its other pieces are
+        dropped with it rather than read as messages of their own."""
+        err = AncillaryRefused(ANCILLARY_TEXT)
+        if kind & ~KIND_MORE != KIND_DATA:
+            self.refuse(err, seq=False)
+            return
+        self.seq += 1
+        if kind & KIND_MORE:
+            self.open = Assembly.refused_unread(self, err)
+        self.refuse(err)
 
     # -- other packets ---------------------------------------------------------------
 

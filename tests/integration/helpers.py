@@ -182,21 +182,28 @@ class ConnInfo:
 
 
 class Backend:
-    """A TCP server on 127.0.0.1 that records u32be frames per connection (see module doc)."""
+    """A TCP server on 127.0.0.1 that records u32be frames per connection (see module doc).
+
+    ``echo``: False, True (every frame), or a predicate choosing the frames to echo.
+    ``read_pause``: seconds the backend's thread sleeps after each read, a slow
+    server (with a small ``rcvbuf``, each read takes at most that many bytes).
+    """
 
     def __init__(
         self,
         *,
-        echo: bool = False,
+        echo: bool | Callable[[bytes], bool] = False,
         max_frame: int = 1 << 24,
         rcvbuf: int | None = None,
         sndbuf: int | None = None,
+        read_pause: float = 0.0,
         summarize: Callable[[bytes], Any] | None = None,
         port: int = 0,
     ) -> None:
         self.echo = echo
         self.max_frame = max_frame
         self.sndbuf = sndbuf
+        self.read_pause = read_pause
         self.summarize = summarize or (lambda frame: frame)
         self._lock = threading.Lock()
         self._conns: dict[int, BackendConn] = {}
@@ -465,6 +472,8 @@ class Backend:
             if not data:
                 self._close(c, "eof")
                 return
+            if self.read_pause:
+                time.sleep(self.read_pause)
             if c.parse_error is not None:
                 continue  # the stream is desynchronised; keep draining, record nothing
             try:
@@ -479,8 +488,9 @@ class Backend:
                     self._records.append((c.id, s))
             if self.echo and frames:
                 for f in frames:
-                    c.out += f
-                    c.out_total += len(f)
+                    if self.echo is True or self.echo(f):
+                        c.out += f
+                        c.out_total += len(f)
                 self._flush(c)
 
     def _flush(self, c: BackendConn) -> None:
