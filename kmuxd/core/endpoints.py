@@ -23,9 +23,10 @@ fast as it recycles, while an unproductive one stays bounded by the rate.
 
 Health looks at what connections *did*:
 
-* A connection closed by its server with a FIN, after it answered or with
-  nothing left unanswered, is a **recycle** (servers close after N requests,
-  or when idle): the slot redials at once and the endpoint stays healthy.
+* A connection closed by its server with a FIN after it answered, or with
+  nothing asked of it after it had been open a moment (``CLOSED_AT_ONCE``),
+  is a **recycle** (servers close after N requests, or when idle): the slot
+  redials at once and the endpoint stays healthy.
   The first answer on a connection also resets the endpoint's back-off
   schedule.
 * These **eject** the endpoint for the next back-off step (doubling, with
@@ -44,6 +45,7 @@ Health looks at what connections *did*:
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -54,6 +56,11 @@ __all__ = ["EndpointPool", "EndpointStatistics", "HEALTHY", "EJECTED", "PROBING"
 E = TypeVar("E")
 
 HEALTHY, EJECTED, PROBING = "healthy", "ejected", "probing"
+#: A connection closed by its server sooner than this after it was accepted,
+#: without an answer, is a failure (an accept-and-close server), not an idle close.
+CLOSED_AT_ONCE = 0.05
+#: Recycles whose request counts an endpoint remembers (its learned limit).
+RECYCLES_REMEMBERED = 8
 #: Dial credits one endpoint may bank (one per productive connection that ended).
 CREDITS_MAX = 64
 
@@ -61,7 +68,7 @@ CREDITS_MAX = 64
 class _Health:
     __slots__ = (
         "backoff", "ejected_until", "probing", "connections", "failures", "failures_total", "recycles",
-        "reason", "timeouts", "tokens", "tokens_at", "credits",
+        "reason", "timeouts", "tokens", "tokens_at", "credits", "recycled_after",
     )
 
     def __init__(self, backoff: Backoff, burst: float) -> None:
@@ -77,6 +84,8 @@ class _Health:
         self.tokens = burst  # dials allowed now (token bucket)
         self.tokens_at = 0.0
         self.credits = 0  # dials earned by productive connections (skip the bucket)
+        #: requests carried by the last connections the server recycled
+        self.recycled_after: deque[int] = deque(maxlen=RECYCLES_REMEMBERED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +209,8 @@ class EndpointPool(Generic[E]):
         return False
 
     def closed(self, ep: E, now: float, *, answered: bool, graceful: bool, reason: str = "",
-               requested: bool = False, unanswered: bool = True) -> str:
+               requested: bool = False, unanswered: bool = True, age: float = float("inf"),
+               requests: int = 0) -> str:
         """A connection to ``ep`` ended. Returns how it counted: "recycle", "failure" or "requested".
 
         ``answered``: it delivered at least one answer (or, with nothing to
@@ -208,7 +218,10 @@ class EndpointPool(Generic[E]):
         FIN (not a reset, timeout or error); ``requested``: we closed it
         (operator reconnect, drain, recycling, reload); ``unanswered``: it
         had written something that got no answer (an idle connection the
-        server closed had not).
+        server closed had not); ``age``: seconds it was open. A server that
+        closes a connection it was never asked anything on is closing it for
+        idleness, unless it does so at once (within ``CLOSED_AT_ONCE``): a
+        server that accepts and closes at once is failing.
         """
         h = self._health[ep]
         h.connections -= 1
@@ -216,16 +229,24 @@ class EndpointPool(Generic[E]):
             if answered:
                 h.credits = min(h.credits + 1, CREDITS_MAX)
             return "requested"
-        if graceful and (answered or not unanswered):
+        if graceful and (answered or (not unanswered and age >= CLOSED_AT_ONCE)):
             h.recycles += 1
             if answered:
                 h.credits = min(h.credits + 1, CREDITS_MAX)
+                if unanswered:
+                    h.recycled_after.append(requests)  # the server's own limit, as it shows
             return "recycle"
         h.failures_total += 1
         if answered:
             return "failure"  # reset after answering: the redial decides
         self._eject(h, now, reason or ("closed before answering" if graceful else "reset before answering"))
         return "failure"
+
+    def requests_per_connection(self, ep: E) -> int | None:
+        """The fewest requests ``ep`` let a connection carry before it closed it
+        with requests unanswered, over its last recycles (None: not seen)."""
+        seen = self._health[ep].recycled_after
+        return min(seen) if seen else None
 
     def eject(self, ep: E, now: float, reason: str) -> None:
         """Eject ``ep`` now (an assembly timeout, say)."""

@@ -101,7 +101,12 @@ class Inbox:
             self.head = self.tail = self.parsed = RX_BASE
         elif self.size - self.tail < self._low_water:
             self._compact()
-        return self.view[self.tail :]
+        # One read takes at most read_buffer bytes: that bounds the work one
+        # connection brings into a pass (every message it completes is
+        # steered in the same pass), so a flood of responses for one client
+        # cannot stretch the passes that everyone else's messages wait for.
+        tail = self.tail
+        return self.view[tail : tail + self.read_buffer]
 
     def received(self, n: int, now: float) -> int:
         """``n`` bytes were read into :meth:`space`. Returns the number of ready messages.

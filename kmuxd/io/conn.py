@@ -445,7 +445,8 @@ class Conn(Handler):
             kind = "failure"
         else:
             kind = pool.closed(
-                self.endpoint, now, answered=self.answered, unanswered=unanswered,
+                self.endpoint, now, answered=self.answered, unanswered=unanswered, age=now - self.connected_at,
+                requests=self.requests,
                 graceful=how == "fin" or fin_first, requested=requested or was_draining,
                 reason=self.error or "",
             )

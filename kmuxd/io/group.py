@@ -211,7 +211,11 @@ class RetryFeeder:
             buf = outbox.buf
             tail = outbox.tail
             msgs = 0
-            while queue and tail - outbox.head < outbox.capacity and len(buf) - tail >= outbox.reserve:
+            # A server that closes after N requests would lose retries past N
+            # again: give one connection at most half of what it lets one carry.
+            limit = group.endpoints.requests_per_connection(conn.endpoint)
+            room = len(queue) if limit is None else max(1, limit // 2 - conn.requests)
+            while queue and msgs < room and tail - outbox.head < outbox.capacity and len(buf) - tail >= outbox.reserve:
                 req = queue.popleft()
                 if req.state != PENDING:
                     router.refused(req)  # timed out meanwhile: its id is given back, nobody is told twice
@@ -226,6 +230,8 @@ class RetryFeeder:
             if msgs:
                 conn.accepted(msgs)
                 conn.flush_soon()
+            if queue and msgs >= room and time.monotonic() - (self.since or 0.0) < RETRY_FRESH_WAIT:
+                return  # the next fresh connection takes the rest (Conn.start wakes us)
         self.since = None
 
 

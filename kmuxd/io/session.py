@@ -86,9 +86,6 @@ _EMPTY, _FULL, _TURN, _EOF = EMPTY, FULL, TURN, EOF  # shared with the assembly 
 REFUSAL_LOG_INTERVAL = 10.0
 #: Most unread packets read and dropped when a session closes.
 DISCARD_LIMIT = 100_000
-#: Seconds a session detached for being a slow consumer keeps trying to
-#: deliver its slow_consumer notice before it closes anyway.
-SLOW_CONSUMER_GRACE = 1.0
 #: Marks a notice in a client's queue.
 _NOTICE = -1
 #: Where a discarded piece of a too-big continued message is read to (its
@@ -623,7 +620,7 @@ class AppSession(Handler):
         )))
         group.detach(self)  # gone from now on: its responses are dropped; its last notice still goes out
         group.slow.add(self)
-        self.closing_deadline = time.monotonic() + SLOW_CONSUMER_GRACE
+        self.closing_deadline = time.monotonic() + group.cfg.slow_consumer_grace
         if not self.txq:
             self.close("slow consumer")
 

@@ -125,8 +125,10 @@ class GroupConfig:
     write_buffer: int = 262144
     #: Messages taken from one client per turn before the next client's turn.
     client_turn: int = 64
-    #: Bytes read from a TCP connection per recv (plus room for max_message).
-    read_buffer: int = 262144
+    #: Bytes read from a TCP connection per recv, at most (the receive
+    #: buffer holds this plus max_message): bounds the responses one
+    #: connection brings into one pass of the event core.
+    read_buffer: int = 65536
     #: Messages steered to one receiver before moving to the next (balance).
     rx_batch: int = 16
     #: steering = "id": where the id sits in requests and responses.
@@ -170,6 +172,9 @@ class GroupConfig:
     #: What happens when that queue is full: detach the client as a slow
     #: consumer, or drop the response with a notice naming its seq.
     rx_overflow: str = "disconnect"
+    #: Seconds a client detached as a slow consumer keeps its socket, so that
+    #: its slow_consumer notice can still be read once it reads its backlog.
+    slow_consumer_grace: float = 5.0
     #: Seconds a client may send and receive nothing before it is detached
     #: (idle_timeout notice). 0: never.
     client_idle_timeout: float = 0.0
@@ -349,6 +354,7 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
     "tcp_user_timeout": (float, 0.0, 3600.0),
     "client_rx_limit": (int, 4096, 1 << 40),
     "client_idle_timeout": (float, 0.0, 30 * 86400.0),
+    "slow_consumer_grace": (float, 0.0, 3600.0),
 }
 #: Keys of a group table that are not GroupConfig fields of the same name.
 _GROUP_KEYS = (set(GroupConfig.__dataclass_fields__) - {"name", "access"}) | {"allow_users", "allow_groups"}

@@ -47,6 +47,12 @@ REPORT_MAX = 20
 FLOOD_SETTLE = 5.0
 
 
+def raw_socket(client: kmux.Client) -> socket.socket:
+    """The client's connected socket, as a second socket object on the same descriptor's
+    file (``dup``): the test speaks the protocol on it directly, as docs/protocol.md says."""
+    return socket.socket(fileno=os.dup(client.fileno()))
+
+
 def _error(exc: KmuxError) -> dict:
     return {"code": exc.code, "message": exc.message, "details": {k: v for k, v in exc.details.items()}}
 
@@ -66,6 +72,8 @@ class Flood:
     def __init__(self, client: kmux.Client, cid: int, size: int, read: bool, window: int, pace: float,
                  count: int | None, first_seq: int, start_at: float | None = None) -> None:
         self.client, self.cid, self.size = client, cid, size
+        #: The client's own socket (a duplicate descriptor of it), for raw sends.
+        self.sock = raw_socket(client)
         self.next_seq = first_seq
         #: time.monotonic() (the system's clock) at which to start: floods of several peers at once
         self.start_at = start_at
@@ -98,7 +106,7 @@ class Flood:
                 seq = self.next_seq
                 with self.cond:
                     self.outstanding.add(seq)
-                self.client._sock.send(DATA_PREFIX + make_req(self.cid, seq, seq & 0xFFFFFFFF, self.size, rng))
+                self.sock.send(DATA_PREFIX + make_req(self.cid, seq, seq & 0xFFFFFFFF, self.size, rng))
                 self.next_seq += 1
                 self.sent += 1
                 if self.pace:
@@ -249,7 +257,7 @@ class Peer:
         until 0. This reads on as the protocol says (the socket is the
         client's own, taken from it), so a test sees the daemon's last word.
         """
-        sock = self.clients[client]._sock
+        sock = raw_socket(self.clients[client])
         last = None
         for _ in range(REPORT_MAX * 1000):
             try:

@@ -51,7 +51,7 @@ def test_random_chunking_and_takes_keep_every_message_whole_and_in_order(seed):
             ib.take(k, pos)
         elif not ib.ends and sent < len(stream):
             space = ib.space()
-            assert len(space) >= read_buffer // 4 > 0  # never an empty buffer: it would read as EOF
+            assert read_buffer >= len(space) >= read_buffer // 4 > 0  # never empty (EOF); one read bounded
             n = min(len(space), rng.randint(1, read_buffer), len(stream) - sent)
             space[:n] = stream[sent : sent + n]
             sent += n
