@@ -84,7 +84,7 @@ class _Health:
         self.tokens = burst  # dials allowed now (token bucket)
         self.tokens_at = 0.0
         self.credits = 0  # dials earned by productive connections (skip the bucket)
-        #: requests carried by the last connections the server recycled
+        #: answers given on the last connections the server recycled with requests unanswered
         self.recycled_after: deque[int] = deque(maxlen=RECYCLES_REMEMBERED)
 
 
@@ -210,7 +210,7 @@ class EndpointPool(Generic[E]):
 
     def closed(self, ep: E, now: float, *, answered: bool, graceful: bool, reason: str = "",
                requested: bool = False, unanswered: bool = True, age: float = float("inf"),
-               requests: int = 0) -> str:
+               answers: int = 0) -> str:
         """A connection to ``ep`` ended. Returns how it counted: "recycle", "failure" or "requested".
 
         ``answered``: it delivered at least one answer (or, with nothing to
@@ -234,7 +234,7 @@ class EndpointPool(Generic[E]):
             if answered:
                 h.credits = min(h.credits + 1, CREDITS_MAX)
                 if unanswered:
-                    h.recycled_after.append(requests)  # the server's own limit, as it shows
+                    h.recycled_after.append(answers)  # the server's own limit, as it shows
             return "recycle"
         h.failures_total += 1
         if answered:
@@ -243,8 +243,8 @@ class EndpointPool(Generic[E]):
         return "failure"
 
     def requests_per_connection(self, ep: E) -> int | None:
-        """The fewest requests ``ep`` let a connection carry before it closed it
-        with requests unanswered, over its last recycles (None: not seen)."""
+        """The fewest answers ``ep`` gave on a connection before it closed it with
+        requests unanswered, over its last recycles (None: not seen)."""
         seen = self._health[ep].recycled_after
         return min(seen) if seen else None
 

@@ -135,7 +135,7 @@ class Conn(Handler):
     __slots__ = (
         "group", "slot", "sock", "fd", "endpoint", "sm", "inbox", "flight", "mask", "connected_at",
         "tx_msgs", "tx_bytes", "rx_msgs", "rx_bytes", "tx_aborts", "requests", "budget", "answered",
-        "listed", "paused", "suspended", "half_closed", "retire_deadline", "retire_reason", "recycling",
+        "listed", "paused", "suspended", "half_closed", "retire_deadline", "retire_reason", "recycling", "flight_total",
         "ended", "closed", "error",
     )
 
@@ -158,6 +158,9 @@ class Conn(Handler):
         #: may be before it recycles (None: no limit).
         self.requests = 0
         self.budget: int | None = cfg.max_requests_per_connection or None
+        #: Requests written on this connection (its outbox may hold others'
+        #: adopted ones, so this is not ``requests``).
+        self.flight_total = 0
         #: It delivered an answer (or, in balance mode, carried traffic): a
         #: FIN from its server after that is a recycle, not a failure.
         self.answered = False
@@ -246,7 +249,9 @@ class Conn(Handler):
             if flight is not None and outbox.written_requests:
                 router = group.router
                 assert router is not None  # a flight exists only in id/fifo steering
-                for req in outbox.take_written():
+                written = outbox.take_written()
+                self.flight_total += len(written)
+                for req in written:
                     router.written(req, flight)
             if wake:
                 group.wake(wake)
@@ -446,7 +451,7 @@ class Conn(Handler):
         else:
             kind = pool.closed(
                 self.endpoint, now, answered=self.answered, unanswered=unanswered, age=now - self.connected_at,
-                requests=self.requests,
+                answers=self.rx_msgs,
                 graceful=how == "fin" or fin_first, requested=requested or was_draining,
                 reason=self.error or "",
             )

@@ -163,28 +163,32 @@ class RetryFeeder:
     """The owner of retried requests: it waits for a connection like a client
     and writes their kept bytes (with fresh wire ids) when one has room.
 
-    Retries go to a *fresh* connection (one that has carried no request
-    yet), waiting up to ``RETRY_FRESH_WAIT`` for the slot's replacement to
-    come up: servers that close after N requests close all their
-    connections at about the same time, and a retry written on another old
-    connection would be lost again with it. Past the wait, the connection
-    that carried the fewest requests takes them.
+    A retry must not be lost again with the next recycle. Servers that close
+    after N requests close their connections at about the same time, so:
+
+    * once the endpoint's limit is known (the fewest answers its recycled
+      connections gave, :meth:`EndpointPool.requests_per_connection`), a
+      connection takes retries only up to half of it, counting what it
+      carried already; the rest wait for fresher connections (each slot dials
+      its replacement at once), however long that takes, within
+      ``queue_timeout`` (then ``group_unavailable``) and ``request_timeout``;
+    * before any limit is known, retries wait up to ``RETRY_FRESH_WAIT`` for
+      a connection that carried nothing yet, then take the freshest one.
     """
 
     gone = False
 
     def __init__(self, group: "Group") -> None:
         self.group = group
+        #: retried requests and when each was queued, oldest first
         self.queue: deque = deque()
-        self.since: float | None = None  # when the oldest queued retry arrived
 
     def count_written(self, msgs: int, nbytes: int) -> None:
         pass
 
     def add(self, reqs: list) -> None:
-        if not self.queue:
-            self.since = time.monotonic()
-        self.queue.extend(reqs)
+        now = time.monotonic()
+        self.queue.extend((req, now) for req in reqs)
         self.wake()
 
     def wake(self) -> None:
@@ -202,8 +206,17 @@ class RetryFeeder:
             conn = sched.route_fresh(self, _requests_carried)
             if conn is None:
                 return  # woken when a connection comes free
-            if conn.requests and time.monotonic() - (self.since or 0.0) < RETRY_FRESH_WAIT:
-                # Not fresh: give it back and wait for a replacement (Conn.start wakes us).
+            limit = group.endpoints.requests_per_connection(conn.endpoint)
+            if limit is not None:
+                # Its place in the stream: what was written on it, and what waits in
+                # its outbox (an adopted orphan's requests included).
+                room = limit // 2 - conn.flight_total - len(sched.outbox_of(conn).requests)
+            elif conn.requests and time.monotonic() - queue[0][1] < RETRY_FRESH_WAIT:
+                room = 0
+            else:
+                room = len(queue)
+            if room <= 0:
+                # Not fresh enough: give it back; Conn.start wakes us for a new one.
                 group.wake(sched.committed(self, conn, sched.outbox_of(conn).tail, 0))
                 return
             outbox = sched.outbox_of(conn)
@@ -211,12 +224,8 @@ class RetryFeeder:
             buf = outbox.buf
             tail = outbox.tail
             msgs = 0
-            # A server that closes after N requests would lose retries past N
-            # again: give one connection at most half of what it lets one carry.
-            limit = group.endpoints.requests_per_connection(conn.endpoint)
-            room = len(queue) if limit is None else max(1, limit // 2 - conn.requests)
             while queue and msgs < room and tail - outbox.head < outbox.capacity and len(buf) - tail >= outbox.reserve:
-                req = queue.popleft()
+                req, _ = queue.popleft()
                 if req.state != PENDING:
                     router.refused(req)  # timed out meanwhile: its id is given back, nobody is told twice
                     continue
@@ -230,13 +239,20 @@ class RetryFeeder:
             if msgs:
                 conn.accepted(msgs)
                 conn.flush_soon()
-            if queue and msgs >= room and time.monotonic() - (self.since or 0.0) < RETRY_FRESH_WAIT:
-                return  # the next fresh connection takes the rest (Conn.start wakes us)
-        self.since = None
+            else:
+                return
+
+    def expire(self, now: float, timeout: float) -> list:
+        """Retries that waited ``timeout`` for a connection: never written (returned)."""
+        out = []
+        queue = self.queue
+        while queue and now - queue[0][1] >= timeout:
+            out.append(queue.popleft()[0])
+        return out
 
 
 def _requests_carried(conn: Any) -> int:
-    return conn.requests
+    return conn.flight_total
 
 
 class Group:
@@ -708,6 +724,12 @@ class Group:
                 n = client.refuse_unread(unavailable, QUEUE_REFUSALS_PER_TICK)
                 self.queue_timeouts += n
                 client.blocked_since = now
+        router = self.router
+        if router is not None:
+            for req in self.retry_feeder.expire(now, timeout):
+                if router.refused(req):
+                    self.queue_timeouts += 1
+                    self._tell(req, unavailable())
         expired, wake = self.sched.expire_orphans(now, timeout)
         for outbox in expired:
             owner = outbox.open_owner

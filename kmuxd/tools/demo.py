@@ -446,11 +446,11 @@ def coordinate(args: argparse.Namespace) -> int:
                                  stderr=open(run_dir / "backend.log", "wb"))
         config = run_dir / "kmuxd.toml"
         write_config(config, socket_path, GROUP, backend.port, CONNECTIONS)
-        daemon = DaemonProcess(config, run_dir / "kmuxd.system.log")
+        daemon = DaemonProcess(config, run_dir / "kmuxd.log")
         ready = daemon.wait_ready()
         print(f"kmuxd demo: {args.apps} apps x {args.messages} messages through group {GROUP!r} "
               f"({CONNECTIONS} TCP connections, balance steering, u32be framing)")
-        print(f"  run dir {run_dir}   socket {socket_path}")
+        print(f"  run dir {_shown(run_dir)}   socket {_shown(Path(socket_path))}")
         print(f"  echo backend 127.0.0.1:{backend.port} (pid {backend.pid}), kmuxd pid {daemon.pid}: "
               f"ready in {ready.get('startup_ms')} ms with {ready.get('connections_up')}/{CONNECTIONS} connections up")
         print()
@@ -486,7 +486,7 @@ def coordinate(args: argparse.Namespace) -> int:
                 problems.append("kmuxd logged no group_final")
         if problems:
             print("MISMATCH:\n  " + "\n  ".join(problems))
-            print(f"logs: {run_dir / 'kmuxd.system.log'}, {run_dir / 'backend.log'}")
+            print(f"logs: {run_dir / 'kmuxd.log'}, {run_dir / 'backend.log'}")
             return 1
         print(f"OK: {_fmt_int(sent)} messages ({_fmt_int(sent_bytes)} bytes) sent by {len(apps)} apps, "
               f"written by kmuxd, echoed, and received intact; every count agrees. "
@@ -505,6 +505,14 @@ def coordinate(args: argparse.Namespace) -> int:
         for app in apps:
             app.stop()
         stop_children(daemon, backend)
+
+
+def _shown(path: Path) -> str:
+    """A path as the user typed it: relative to the working directory when it is below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,18 +20,17 @@ def test_a_pinned_client_takes_no_more_room_while_another_waits():
     a, b = Owner(1), Owner(2)
     assert tx.route(a) is c
     put(tx, a, c, frame(1, 1), frame(1, 2))
-    assert tx.route(b) is None  # the only connection is busy: b waits
-    write(tx, c, limit=16)  # the kernel took one message: a still pinned, room again
-    assert c.outbox.has_room()
-    assert tx.route(a) is None  # a yields its turn
-    woken = write(tx, c)  # drained: the connection goes to the longest waiter
-    assert b in woken
+    tx.blocked(c)  # the kernel refused part of the write: the connection is the bottleneck
+    assert tx.route(b) is None  # b waits
+    assert tx.route(a) is None  # a is pinned to c, but b waits: a parks, it does not refill
+    woken = write(tx, c)  # written out: the connection goes to the longest waiter, then a
+    assert b in woken and a in woken
     assert tx.route(b) is c
     put(tx, b, c, frame(2, 1))
-    assert tx.route(a) is None  # a waits behind b
-    assert a in write(tx, c)
-    assert tx.route(a) is c
-    assert bytes(c.wire) == frame(1, 1) + frame(1, 2) + frame(2, 1)
+    assert tx.route(a) is c  # nobody waits any more: a shares the batch again
+    put(tx, a, c, frame(1, 3))
+    write(tx, c)
+    assert bytes(c.wire) == frame(1, 1) + frame(1, 2) + frame(2, 1) + frame(1, 3)
 
 
 def test_without_waiters_a_pinned_client_keeps_filling_its_outbox():
