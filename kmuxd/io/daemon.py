@@ -21,6 +21,7 @@ the old one retires), and unchanged groups are not touched at all.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import signal
 import time
@@ -190,6 +191,7 @@ class Daemon:
                     compiled=compiled_status()["compiled"],
                 )
                 self.notifier.ready(self.status_line())
+                gc.freeze()  # what start-up built lives for ever: the collector skips it
                 nursery.start_soon(self._status_loop)
                 interval = watchdog_interval()
                 if interval:
@@ -416,5 +418,13 @@ def _unlink(path: str) -> None:
         pass
 
 
+#: Allocations between two young-generation collections. Python's default
+#: (700) runs a collection every few requests on the data path, whose objects
+#: (request records, views, tuples) die young and hold no cycles; the daemon's
+#: long-lived objects are frozen out of the collector once it is ready.
+GC_YOUNG_THRESHOLD = 50_000
+
+
 def run(config: Config) -> None:
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     trio.run(Daemon(config).run)

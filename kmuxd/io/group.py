@@ -268,6 +268,8 @@ class Group:
         )
         self.steering = BalanceSteering(cfg.rx_batch)
         self.check_message = cfg.framing.checker(cfg.max_message)
+        #: (unpack_from, offset, header_end, adjust) of a fixed length field, or None
+        self.fixed_field: Any = cfg.framing.fixed_field
         self.router: ResponseRouter | None = None
         if cfg.steering in ("id", "fifo"):
             idc = cfg.id

@@ -25,8 +25,8 @@ epoll of its own:
   (:meth:`Reactor.flush_later`). Under load one pass carries many clients'
   messages and many responses, so the per-wake-up cost is shared.
 * It gives trio the loop back only when trio has something to do (a task
-  became runnable, a deadline passed) and at least every ``YIELD_INTERVAL``
-  seconds (trio's own sockets: the control socket, dials, signals), and it
+  became runnable) and at least every ``YIELD_INTERVAL`` seconds (timers,
+  trio's own sockets: the control socket, dials, signals), and it
   waits through trio only when nothing is ready. A busy daemon runs pass
   after pass without a trio round trip between them. (trio's epoll cannot
   sit in ours: ours already sits in trio's, and the kernel refuses loops.
@@ -63,8 +63,9 @@ EPOLLERR = select.EPOLLERR
 #: Most events taken from the epoll per pass.
 MAX_EVENTS = 1024
 #: Longest run of passes without giving trio the loop, seconds: a task that
-#: became runnable in the same trio batch as the reactor waits at most this.
-YIELD_INTERVAL = 0.005
+#: became runnable in the same trio batch as the reactor, a timer that came
+#: due and trio's own sockets wait at most this.
+YIELD_INTERVAL = 0.001
 
 
 class Handler:
@@ -254,6 +255,5 @@ class _TrioView:
             return None
 
     def has_work(self) -> bool:
-        if self.runq:
-            return True
-        return self.deadlines.next_deadline() <= self.clock.current_time()
+        """A task is runnable (timers coming due wait for the next YIELD_INTERVAL)."""
+        return bool(self.runq)
