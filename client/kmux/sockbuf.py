@@ -27,7 +27,7 @@ import os
 import socket
 from pathlib import Path
 
-__all__ = ["STOCK_WMEM_MAX", "WMEM_MAX_ENV", "PACKET_OVERHEAD", "wmem_max", "size_send_buffer", "max_packet"]
+__all__ = ["STOCK_WMEM_MAX", "WMEM_MAX_ENV", "PACKET_OVERHEAD", "wmem_max", "forget_wmem_max", "size_send_buffer", "max_packet"]
 
 #: ``net.core.wmem_max`` of a stock Linux kernel.
 STOCK_WMEM_MAX = 212992
@@ -38,19 +38,35 @@ WMEM_MAX_ENV = "KMUX_WMEM_MAX"
 PACKET_OVERHEAD = 64
 
 
+#: ``/proc/sys/net/core/wmem_max`` as read once per process (see :func:`wmem_max`).
+_proc_wmem_max: int | None = None
+
+
 def wmem_max() -> int:
     """The largest ``SO_SNDBUF`` an unprivileged process may ask for.
 
     ``$KMUX_WMEM_MAX`` if set, else ``/proc/sys/net/core/wmem_max``, else the
-    stock value.
+    stock value. The file is read once per process, because the daemon asks
+    at every hello and a read costs more than the rest of the hello's
+    buffer sizing; :func:`forget_wmem_max` makes the next call read it again
+    (the daemon does so at reload).
     """
+    global _proc_wmem_max
     override = os.environ.get(WMEM_MAX_ENV)
     if override:
         return max(4096, int(override))
-    try:
-        return int(Path("/proc/sys/net/core/wmem_max").read_text())
-    except (OSError, ValueError):
-        return STOCK_WMEM_MAX
+    if _proc_wmem_max is None:
+        try:
+            _proc_wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+        except (OSError, ValueError):
+            _proc_wmem_max = STOCK_WMEM_MAX
+    return _proc_wmem_max
+
+
+def forget_wmem_max() -> None:
+    """Read ``net.core.wmem_max`` afresh at the next :func:`wmem_max` call."""
+    global _proc_wmem_max
+    _proc_wmem_max = None
 
 
 def max_packet(sock: socket.socket) -> int:

@@ -31,6 +31,7 @@ import msgpack
 import trio
 
 from kmux.errors import ConfigInvalid, KmuxError, ReloadRefused, UnknownGroup
+from kmux.sockbuf import forget_wmem_max
 
 from kmuxd import __version__
 from kmuxd._compiled import status as compiled_status
@@ -360,6 +361,7 @@ class Daemon:
         """Read the configuration file again and apply it (see the module docstring)."""
         async with self._reload_lock:
             self.notifier.reloading()
+            forget_wmem_max()  # an operator may have raised net.core.wmem_max for this reload
             try:
                 new = load_config(self.config.source)
                 plan = plan_reload(self.config, new)

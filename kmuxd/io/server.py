@@ -56,6 +56,9 @@ HELLO_TICK_MAX = 0.5
 #: Seconds between "client_refused" log lines (all refusals are counted by code).
 REFUSAL_LOG_INTERVAL = 10.0
 
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # plain ints: an IntFlag & costs more than the test
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+
 
 class AppListener(Handler):
     """The apps' listening socket in the event core: accept what is ready, start hellos."""
@@ -210,9 +213,9 @@ class Server:
         cred = PeerCred.basic(sock)
         hello = None
         try:
-            if flags & socket.MSG_TRUNC:
+            if flags & _MSG_TRUNC:
                 raise HandshakeInvalid(f"hello is over {HANDSHAKE_MAX} bytes")
-            if flags & socket.MSG_CTRUNC:
+            if flags & _MSG_CTRUNC:
                 # recvmsg got no control buffer, so the kernel closed them already.
                 raise AncillaryRefused("the hello may not carry file descriptors or credentials; it was dropped")
             hello = decode_hello(packet)

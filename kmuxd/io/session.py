@@ -80,6 +80,7 @@ __all__ = ["AppSession", "ClientStatistics"]
 
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # plain ints: IntFlag & costs ~1 µs per packet
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 # Why a pull stopped.
 _EMPTY, _FULL, _TURN, _EOF = EMPTY, FULL, TURN, EOF  # shared with the assembly of messages in pieces
 #: Seconds between "message_refused" log lines for one client (all are counted).
@@ -713,7 +714,7 @@ class AppSession(Handler):
         dropped = 0
         while dropped < limit:
             try:
-                if not self.sock.recv_into(_SCRATCH, 1, socket.MSG_TRUNC | socket.MSG_DONTWAIT):
+                if not self.sock.recv_into(_SCRATCH, 1, _MSG_TRUNC | _MSG_DONTWAIT):
                     break
             except OSError:
                 break
