@@ -47,6 +47,14 @@ REPORT_MAX = 20
 FLOOD_SETTLE = 5.0
 
 
+def socket_of(client: kmux.Client) -> socket.socket:
+    """The client's own socket (the library keeps it in its driver's connection)."""
+    conn = client._driver.conn
+    if conn is None:
+        raise OSError("the client has no connection")
+    return conn.link.sock
+
+
 def _error(exc: KmuxError) -> dict:
     return {"code": exc.code, "message": exc.message, "details": {k: v for k, v in exc.details.items()}}
 
@@ -98,7 +106,7 @@ class Flood:
                 seq = self.next_seq
                 with self.cond:
                     self.outstanding.add(seq)
-                self.client._sock.send(DATA_PREFIX + make_req(self.cid, seq, seq & 0xFFFFFFFF, self.size, rng))
+                socket_of(self.client).send(DATA_PREFIX + make_req(self.cid, seq, seq & 0xFFFFFFFF, self.size, rng))
                 self.next_seq += 1
                 self.sent += 1
                 if self.pace:
@@ -249,7 +257,7 @@ class Peer:
         until 0. This reads on as the protocol says (the socket is the
         client's own, taken from it), so a test sees the daemon's last word.
         """
-        sock = self.clients[client]._sock
+        sock = socket_of(self.clients[client])
         last = None
         for _ in range(REPORT_MAX * 1000):
             try:
