@@ -100,8 +100,8 @@ class Assembly:
                     n, _, flags, _ = recvmsg_into((_SCRATCH,), 0, _MSG_TRUNC)
                 except BlockingIOError:
                     return EMPTY
-                except OSError:
-                    return EOF
+                except OSError as exc:
+                    return session.recv_failed(exc)
                 if n == 0:
                     return EOF
                 kind = _SCRATCH[0]
@@ -119,8 +119,8 @@ class Assembly:
                 n, _, flags, _ = recvmsg_into((view[end - 1 :],), 0, _MSG_TRUNC)
             except BlockingIOError:
                 return EMPTY
-            except OSError:
-                return EOF
+            except OSError as exc:
+                return session.recv_failed(exc)
             kind = buf[end - 1]
             buf[end - 1] = saved
             if n == 0:

@@ -71,6 +71,7 @@ from kmuxd.system.config import Endpoint
 from kmuxd.system.log import RateLimit
 
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
+from .sockerr import errno_name
 from .tcpinfo import TcpInfo, read_tcp_info
 
 if TYPE_CHECKING:
@@ -390,8 +391,12 @@ class Conn(Handler):
         if not self.slot.drain_half_closed(self):
             try:
                 self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            except OSError as exc:
+                # ENOTCONN: the server reset it already; its read side reports
+                # that and ends the connection (connection_failed names it).
+                log = self.group.log
+                (log.debug if exc.errno == errno.ENOTCONN else log.warning)(
+                    "half_close_failed", conn=self.slot.index, errno=errno_name(exc))
             self.slot.half_closed_conns.add(self)
 
     def retire_expired(self, now: float) -> None:
@@ -441,7 +446,7 @@ class Conn(Handler):
         try:
             self.sock.close()
         except OSError:
-            pass
+            pass  # the descriptor is released whatever close() says; the end is logged below
         self.closed.set()
         pool = group.endpoints
         if eject is not None:
@@ -481,7 +486,7 @@ class Conn(Handler):
             try:
                 n = self.sock.recv_into(inbox.space())
             except OSError:
-                return False
+                return False  # EAGAIN: all taken; else the stream's error, which end() logs
             if n == 0:
                 self.half_closed = True
                 return True
@@ -857,11 +862,11 @@ def _sockname(sock: socket.socket) -> str | None:
     try:
         return _fmt_addr(sock.getsockname())
     except OSError:
-        return None
+        return None  # closed meanwhile: statistics show no address
 
 
 def _peername(sock: socket.socket) -> str | None:
     try:
         return _fmt_addr(sock.getpeername())
     except OSError:
-        return None
+        return None  # ENOTCONN once the server has reset it: statistics show no address

@@ -55,6 +55,7 @@ from kmux.errors import BadRequest, KmuxError, PermissionDenied
 from kmuxd.system.log import RateLimit
 from .peercred import PeerCred
 from .listen import AcceptingServer, bind_seqpacket
+from .sockerr import SocketErrors
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -228,6 +229,8 @@ class ControlServer(AcceptingServer):
         self._refused: collections.Counter[str] = collections.Counter()
         self.errors = 0
         self._refusal_logs: collections.OrderedDict[int, RateLimit] = collections.OrderedDict()
+        #: Control connections that ended on a socket error (counted, logged rate-limited).
+        self.socket_errors = SocketErrors(self.log, "control_socket_error")
 
     @property
     def requests(self) -> int:
@@ -249,8 +252,9 @@ class ControlServer(AcceptingServer):
         self.connections_total += 1
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ANSWER_MAX)
-        except OSError:
-            pass
+        except OSError as exc:
+            # Answers up to the default buffer still go out; a larger one fails and is logged below.
+            self.socket_errors.note("set_sndbuf", exc, None)
         try:
             cred = PeerCred.of(sock)
             while True:
@@ -263,7 +267,8 @@ class ControlServer(AcceptingServer):
                     return
                 answer = await self._answer(packet, flags, cred)
                 await _send_packet(sock, answer)
-        except OSError:
+        except OSError as exc:  # the peer left mid-request (debug), or a real failure (warning)
+            self.socket_errors.note("serve", exc, sock)
             return
         finally:
             self.connections -= 1

@@ -325,7 +325,13 @@ class Daemon:
 
     def _unlink_owned(self) -> None:
         for path in self._owned_paths:
-            _unlink(path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # removed already (by an operator, or a second stop): the goal is reached
+            except OSError as exc:
+                # The next start finds it stale and replaces it; say why it stayed.
+                self.log.warning("socket_not_removed", path=path, error=exc.strerror)
         self._owned_paths.clear()
 
     def statistics(self) -> DaemonStatistics:
@@ -411,13 +417,6 @@ def _group_record(group: Group) -> dict:
     record = to_wire(group.statistics())
     record["connections"] = [to_wire(c) for c in group.connection_statistics()]
     return record
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 #: Allocations between two young-generation collections. Python's default

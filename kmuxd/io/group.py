@@ -523,8 +523,13 @@ class Group:
                     k += 1
             except BlockingIOError:
                 receiver.rx_blocked()
-            except OSError:
-                steering.remove(receiver)  # gone; its session ends on the hang-up
+            except OSError as exc:
+                # It can take nothing: out of the ring, and the message that
+                # failed (not consumed) goes to the next ready receiver at once.
+                # An app that closed is detached on its hang-up; one that shut
+                # down only its reading side stays attached, receiving nothing.
+                receiver.socket_error("send", exc)
+                steering.remove(receiver)
             else:
                 steering.used(k)
             receiver.rx_msgs += k
@@ -580,8 +585,9 @@ class Group:
                     k += 1
             except BlockingIOError:
                 receiver.rx_blocked()
-            except OSError:
-                steering.remove(receiver)
+            except OSError as exc:
+                receiver.socket_error("send", exc)
+                steering.remove(receiver)  # as in steer_balance: the message stays first in line
             else:
                 steering.used(k)
         return True
@@ -633,7 +639,14 @@ class Group:
                              suppressed=self._unmatched_log.take_suppressed())
         if self.cfg.unmatched == "balance":
             receiver, _ = self.steering.take()
-            if receiver is not None and receiver.send_message(view[pos:end]):
+            if receiver is None:
+                return
+            try:
+                receiver.send_message(view[pos:end])
+            except OSError as exc:
+                receiver.socket_error("send", exc)
+                self.steering.remove(receiver)  # best effort: the unmatched response is dropped
+            else:
                 self.steering.used(1)
 
     def settle_lost(self, flight: Any, why: str) -> None:

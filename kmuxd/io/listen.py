@@ -21,12 +21,16 @@ from typing import Any
 
 import trio
 
+from kmuxd.system.log import RateLimit
+
 __all__ = ["AcceptingServer", "accept_loop", "bind_seqpacket", "ACCEPT_CAPACITY_ERRNOS", "ACCEPT_CAPACITY_SLEEP"]
 
 #: accept() errnos that mean "out of resources": back off, don't crash.
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: Seconds to wait after such an error before accepting again.
 ACCEPT_CAPACITY_SLEEP = 0.1
+#: Seconds between "accept_out_of_capacity" log lines of one accept loop (each pause is counted).
+ACCEPT_CAPACITY_LOG_INTERVAL = 10.0
 
 
 def bind_seqpacket(path: str, mode: int, backlog: int = 4096) -> socket.socket:
@@ -40,7 +44,9 @@ def bind_seqpacket(path: str, mode: int, backlog: int = 4096) -> socket.socket:
         try:
             probe.connect(path)
         except OSError:
-            p.unlink()  # stale socket from a daemon that died
+            # ECONNREFUSED: nobody listens, a stale socket from a daemon that died.
+            # Any other failure to connect means the same for us: nobody we could steal it from.
+            p.unlink()
         else:
             raise OSError(errno.EADDRINUSE, f"{path}: another daemon is listening there")
         finally:
@@ -61,6 +67,7 @@ def bind_seqpacket(path: str, mode: int, backlog: int = 4096) -> socket.socket:
 
 async def accept_loop(listener: socket.socket, nursery: trio.Nursery, handler, log) -> None:
     """Accept everything that is ready, then wait; start ``handler(sock)`` for each."""
+    capacity_log = RateLimit(ACCEPT_CAPACITY_LOG_INTERVAL)
     while True:
         await trio.lowlevel.wait_readable(listener)
         while True:
@@ -70,7 +77,9 @@ async def accept_loop(listener: socket.socket, nursery: trio.Nursery, handler, l
                 break
             except OSError as exc:
                 if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                    log.error("accept_out_of_capacity", error=os.strerror(exc.errno))
+                    if capacity_log.allow():
+                        log.error("accept_out_of_capacity", error=os.strerror(exc.errno),
+                                  suppressed=capacity_log.take_suppressed())
                     await trio.sleep(ACCEPT_CAPACITY_SLEEP)
                     break
                 raise

@@ -129,6 +129,8 @@ class Reactor:
             try:
                 self._epoll.unregister(fd)
             except (OSError, ValueError):
+                # The descriptor was closed first: the kernel already dropped
+                # it from the epoll, which is all unregistering is for.
                 pass
 
     def registered(self, fd: int) -> bool:
@@ -155,6 +157,8 @@ class Reactor:
         handlers = self._handlers
         monotonic = time.monotonic
         trio_view = _TrioView.of_current_run()
+        if trio_view is None:
+            self.log.info("reactor_yields_every_pass", reason="trio's run queue is not readable in this trio version")
         task_status.started()
         yielded = monotonic()
         while True:

@@ -45,6 +45,7 @@ from .listen import ACCEPT_CAPACITY_ERRNOS, ACCEPT_CAPACITY_SLEEP
 from .reactor import EPOLLIN, EPOLLRDHUP, Handler, Reactor
 from .peercred import PeerCred
 from .session import AppSession
+from .sockerr import SocketErrors
 
 __all__ = ["Server", "ServerStatistics", "AppListener", "PendingHello"]
 
@@ -55,6 +56,8 @@ HELLO_TICK_MIN = 0.01
 HELLO_TICK_MAX = 0.5
 #: Seconds between "client_refused" log lines (all refusals are counted by code).
 REFUSAL_LOG_INTERVAL = 10.0
+#: Seconds between "accept_out_of_capacity" log lines (accepting pauses each time).
+CAPACITY_LOG_INTERVAL = 10.0
 
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # plain ints: an IntFlag & costs more than the test
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
@@ -104,7 +107,8 @@ class PendingHello(Handler):
             packet, _, flags, _ = self.sock.recvmsg(HANDSHAKE_MAX + 1)
         except BlockingIOError:
             return
-        except OSError:
+        except OSError as exc:
+            self.server.hello_errors.note("receive_hello", exc, self.sock)
             self.server.drop_pending(self)
             return
         self.server.hello(self, packet, flags)
@@ -150,6 +154,9 @@ class Server:
         self._listener: AppListener | None = None
         self._accept_paused_until: float | None = None
         self._refusal_log = RateLimit(REFUSAL_LOG_INTERVAL)
+        self._capacity_log = RateLimit(CAPACITY_LOG_INTERVAL)
+        #: Apps whose socket failed between accept and attach (counted, logged rate-limited).
+        self.hello_errors = SocketErrors(log, "hello_socket_error")
         #: Set by stop_reading: late handshakes are refused.
         self.stopping = False
         self.accepted = 0
@@ -182,7 +189,8 @@ class Server:
     def accept_out_of_capacity(self, exc: BaseException) -> None:
         # Out of descriptors or memory: stop accepting for a moment instead of
         # spinning on a listener that stays readable (trio's serve_listeners).
-        self.log.error("accept_out_of_capacity", error=str(exc))
+        if self._capacity_log.allow():
+            self.log.error("accept_out_of_capacity", error=str(exc), suppressed=self._capacity_log.take_suppressed())
         self._accept_paused_until = time.monotonic() + ACCEPT_CAPACITY_SLEEP
         if self._listener is not None:
             self.reactor.modify(self._listener.sock.fileno(), 0)
@@ -262,7 +270,8 @@ class Server:
         )
         try:
             sock.send(encode_answer(answer))
-        except OSError:
+        except OSError as exc:  # gone before its answer (nothing it sent was read)
+            self.hello_errors.note("send_answer", exc, sock)
             self.reactor.unregister(pending.fd)
             sock.close()
             return
@@ -281,7 +290,7 @@ class Server:
                 try:
                     cred = PeerCred.basic(pending.sock)
                 except OSError:
-                    cred = None
+                    cred = None  # it left already; the line below still says what was refused
             self.log.info(
                 "client_refused", error_code=exc.code, error=exc.message,
                 uid=cred.uid if cred else None, pid=cred.pid if cred else None, comm=cred.comm if cred else None,
@@ -289,8 +298,8 @@ class Server:
             )
         try:
             pending.sock.send(encode_answer(Refused(exc.code, exc.message)))
-        except OSError:
-            pass
+        except OSError as err:  # the refusal itself is counted and logged above
+            self.hello_errors.note("send_refusal", err, pending.sock)
         self.drop_pending(pending)
 
     # -- sessions ----------------------------------------------------------------------

@@ -70,6 +70,7 @@ from kmuxd.system.log import RateLimit
 from .assembly import ANCILLARY_TEXT, EMPTY, EOF, FULL, TURN, Assembly
 from .peercred import PeerCred
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
+from .sockerr import SocketErrors, errno_name
 
 if TYPE_CHECKING:
     from kmuxd.core.sendq import Outbox
@@ -179,6 +180,10 @@ class AppSession(Handler):
         self.idle_mark: tuple = ()
         self.idle_since = 0.0
         self._refusal_log = RateLimit(REFUSAL_LOG_INTERVAL)
+        #: Failed sends and receives on its socket (counted; logged rate-limited).
+        self.socket_errors = SocketErrors(self.log, "client_socket_error")
+        #: Why the last receive failed, for the detach line ("receive failed: ECONNRESET").
+        self.recv_error: str | None = None
 
     def __repr__(self) -> str:
         return f"AppSession({self.id} pid={self.cred.pid} group={self.group.cfg.name})"
@@ -274,7 +279,7 @@ class AppSession(Handler):
                 self.blocked_since = None
                 status = self._pull(conn)
             if status == _EOF:
-                self.close("closed")
+                self.close(self.recv_error or "closed")
                 return
             if status == _EMPTY:
                 if not self.read_wanted:
@@ -340,8 +345,8 @@ class AppSession(Handler):
             except BlockingIOError:
                 status = _EMPTY  # a failed receive wrote nothing: no byte to put back
                 break
-            except OSError:
-                status = _EOF
+            except OSError as exc:
+                status = self.recv_failed(exc)
                 break
             kind = buf[tail - 1]
             buf[tail - 1] = saved
@@ -459,6 +464,15 @@ class AppSession(Handler):
             self.requeue_parts = None
             self.group.requeue(self, bytes(parts))
 
+    def recv_failed(self, exc: OSError) -> int:
+        """A receive failed (not EAGAIN): the session ends, and its detach line says why."""
+        self.recv_error = f"receive failed: {errno_name(exc)}"
+        return _EOF
+
+    def socket_error(self, op: str, exc: OSError) -> None:
+        """A send or receive on this client's socket failed (not EAGAIN): counted, logged rate-limited."""
+        self.socket_errors.note(op, exc, self.sock)
+
     def refuse(self, err: KmuxError, seq: bool = True, seq_value: int | None = None) -> None:
         self.refused += 1
         if seq:
@@ -478,7 +492,11 @@ class AppSession(Handler):
         while refused < limit:
             try:
                 n, _, flags, _ = self.sock.recvmsg_into((_SCRATCH,), 0, _MSG_TRUNC)
-            except OSError:
+            except BlockingIOError:
+                break  # nothing more waits
+            except OSError as exc:
+                # The socket failed: the reactor reports it (EPOLLERR/EPOLLHUP) and the pump ends the session.
+                self.socket_error("receive", exc)
                 break
             if n == 0:
                 break
@@ -524,8 +542,9 @@ class AppSession(Handler):
                 self.sock.send(packet)
             except BlockingIOError:
                 pass
-            except OSError:
-                return  # gone: the hang-up ends the session
+            except OSError as exc:
+                self.socket_error("send_notice", exc)  # lost; if the app is gone, its hang-up ends the session
+                return
             else:
                 self.notices_sent += 1
                 return
@@ -546,7 +565,8 @@ class AppSession(Handler):
                 self.sock.send(view[pos - 1 : end])
             except BlockingIOError:
                 pass
-            except OSError:
+            except OSError as exc:
+                self.socket_error("send", exc)
                 return False
             else:
                 self.rx_msgs += 1
@@ -554,9 +574,13 @@ class AppSession(Handler):
                 return True
         return self._queue_response(view[pos:end], seq)
 
-    def send_message(self, message: Any) -> bool:
-        """Balance steering's send for a message too large for one packet (or requeued)."""
-        return self._queue_response(memoryview(message), None, direct=True)
+    def send_message(self, message: Any) -> None:
+        """Balance steering's send for a message too large for one packet (or requeued).
+
+        Raises OSError (not EAGAIN) if the socket failed before the message was
+        taken: the caller counts it and hands the message to another receiver.
+        """
+        self._queue_response(memoryview(message), None, direct=True)
 
     def _queue_response(self, message: memoryview, seq: int | None, direct: bool = False) -> bool:
         size = len(message)
@@ -571,7 +595,10 @@ class AppSession(Handler):
                     self.sock.send(packets[0])
                 except BlockingIOError:
                     break
-                except OSError:
+                except OSError as exc:
+                    if direct:
+                        raise  # balance steering: the message goes to another receiver
+                    self.socket_error("send", exc)
                     return False
                 packets.pop(0)
             if not packets:
@@ -651,9 +678,9 @@ class AppSession(Handler):
                 send(packet)
             except BlockingIOError:
                 return
-            except OSError:
+            except OSError as exc:
                 txq.clear()
-                self.close("send failed")
+                self.close(f"send failed: {errno_name(exc)}")  # the detach line is the log line
                 return
             txq.popleft()
             if completes == _NOTICE:
@@ -698,11 +725,11 @@ class AppSession(Handler):
         try:
             self.sock.close()
         except OSError:
-            pass
+            pass  # the descriptor is released whatever close() says; nothing is lost that was not counted
         self.sm.fire(ClientEvent.CLOSE)
         self.server.session_closed(self)
         self.log.info("client_detached", reason=reason, tx_msgs=self.tx_msgs, rx_msgs=self.rx_msgs,
-                      dropped_unread=self.dropped_unread or None)
+                      dropped_unread=self.dropped_unread or None, socket_errors=self.socket_errors.count or None)
 
     def discard_unread(self, limit: int = DISCARD_LIMIT) -> int:
         """Drop packets the client sent that were never read, before closing.
@@ -717,7 +744,7 @@ class AppSession(Handler):
                 if not self.sock.recv_into(_SCRATCH, 1, _MSG_TRUNC | _MSG_DONTWAIT):
                     break
             except OSError:
-                break
+                break  # EAGAIN: nothing left; anything else: the app is gone and its packets with it
             dropped += 1
         return dropped
 

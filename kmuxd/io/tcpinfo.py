@@ -39,7 +39,7 @@ def read_tcp_info(sock: socket.socket) -> TcpInfo | None:
     try:
         raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _LAYOUT.size)
     except OSError:
-        return None
+        return None  # closed or reset meanwhile: statistics show "-" (read per stats request, never logged)
     if len(raw) < _LAYOUT.size:
         return None
     f = _LAYOUT.unpack(raw)

@@ -276,7 +276,7 @@ def _ours(path: Path) -> bool:
         with path.open() as f:
             return MARKER in f.readline()
     except (OSError, UnicodeDecodeError):
-        return False
+        return False  # unreadable or not text: not ours, and the caller says it kept the file
 
 
 def _write(path: Path, text: str, mode: int) -> None:
@@ -389,8 +389,8 @@ def uninstall(args: argparse.Namespace, say=print) -> int:
             try:
                 config.parent.rmdir()
                 say(f"  removed {config.parent}")
-            except OSError:
-                pass  # not empty: someone else's files
+            except OSError as exc:  # usually not empty: someone else's files
+                say(f"  kept {config.parent}: {exc.strerror}")
         else:
             say(f"  kept {config} (--purge removes it)")
     say("  kept the kmux group (groupdel kmux removes it)")

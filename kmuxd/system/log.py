@@ -48,7 +48,7 @@ def under_journald(stream) -> bool:
     try:
         st = os.fstat(stream.fileno())
     except (OSError, ValueError):
-        return False
+        return False  # no descriptor to compare (closed, or not a real file): not journald's stream
     return expected == f"{st.st_dev}:{st.st_ino}"
 
 

@@ -17,6 +17,7 @@ Everything here uses real sockets and real processes, bounded by timeouts:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import queue
@@ -27,6 +28,7 @@ import socket
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import zlib
@@ -54,6 +56,20 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str = "condition",
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def unread_by_peer(sock: socket.socket | int) -> int:
+    """Bytes (the kernel's accounting, headers included) ``sock`` sent that its peer has not read yet.
+
+    ``SIOCOUTQ`` on a Unix socket: 0 once the peer has read everything, which
+    is how a test knows the daemon took a packet without sleeping.
+    """
+    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def unread_here(sock: socket.socket | int) -> int:
+    """Bytes waiting in ``sock``'s own receive queue (``FIONREAD``)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
 
 
 def wait_flat(read: Callable[[], Any], quiet: float, timeout: float, what: str = "value") -> Any:

@@ -134,6 +134,7 @@ def test_who_is_admitted_and_what_refusals_say_and_how_they_are_counted_and_logg
     assert status["refused_by_code"] == dict(refused)
     assert status["clients_refused"] == sum(refused.values())
     assert len(daemon.logs("client_refused")) == 1  # all the others within the interval: counted only
+    # The rate limit's interval has to pass for the next line: that is what is tested.
     time.sleep(max(0.0, burst_over + REFUSAL_LOG_INTERVAL + 0.1 - time.monotonic()))
     with AppPeer(daemon.socket_path, uid=4243, gid=4243, comm="kmx-late") as peer:
         assert peer.connect_many(group="alpha-uids", count=1)["codes"] == {"permission_denied": 1}

@@ -28,6 +28,7 @@ import kmux._driver
 import kmux.trio
 from kmux import sockbuf
 
+from .helpers import unread_here
 from .scripted import PeerSession, ScriptedDaemon
 from .transports import WAIT, Transport, transport, until  # noqa: F401 -- the fixture
 
@@ -237,7 +238,9 @@ async def test_a_daemon_gone_mid_message_ends_the_send(transport: Transport, pee
                 await c.send(message(MAX, seed=9))
 
         nursery.start_soon(send_big)
-        await trio.sleep(0.3)  # (the outcome is the same if the crash comes first)
+        # Mid-message: its first piece waits in the paused peer's socket (the outcome
+        # would be the same if the crash came first; this makes it the harder case).
+        await until(lambda: unread_here(s.sock) > 0, "the first piece at the peer")
         s.close()
     with pytest.raises(kmux.DaemonShutdown):
         await c.send(message(64))
@@ -259,7 +262,7 @@ async def test_a_reconnecting_client_sends_a_message_cut_by_a_crash_again_whole(
             assert await c.send(big) == 1
 
         nursery.start_soon(send_big)
-        await trio.sleep(0.3)
+        await until(lambda: unread_here(s1.sock) > 0, "the first piece at the peer")  # mid-message
         s1.close()
     s2 = await session_of(peer, 2)
     assert await in_thread(s2.wait_messages, 1) == [big]
@@ -347,7 +350,7 @@ async def test_close_wakes_a_blocked_receiver(transport: Transport, peer_factory
                 await c.recv(timeout=WAIT)
 
         nursery.start_soon(reader)
-        await trio.sleep(0.2)
+        await until(lambda: c.raw._recv_lock.locked(), "the reader inside recv")
         await c.close()
     with pytest.raises(kmux.ClientClosed):
         await c.send(message(64))

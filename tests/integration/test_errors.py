@@ -14,7 +14,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -231,6 +230,7 @@ def test_bad_messages_are_refused_and_never_reach_the_server(echo_daemon):
     thread.start()
     try:
         with daemon.connect(receive=False, validate=False) as bad:
+            bad_id = bad.client_id
             short_header = struct.pack(">I", 196) + make_frame(1, 2, 100)[4:]  # announces 200 bytes, has 100
             long_header = struct.pack(">I", 40) + make_frame(1, 3, 100)[4:]  # announces 44, has 100
             plan = [
@@ -277,7 +277,8 @@ def test_bad_messages_are_refused_and_never_reach_the_server(echo_daemon):
     with ControlClient(daemon.control_socket, timeout=5) as control:
         group = control.request("stats", group="echo")["groups"][0]
     assert group["refused"] == 6
-    time.sleep(0.2)
+    # Its detach line follows every refusal line it could have caused, in log order.
+    daemon.wait_log("client_detached", client=bad_id, timeout=5)
     assert len(daemon.logs("message_refused")) == 1
 
 

@@ -43,6 +43,7 @@ from .helpers import (
     make_frame,
     parse_frame,
     summarize_frame,
+    unread_by_peer,
     wait_flat,
     wait_until,
 )
@@ -72,6 +73,7 @@ def assert_not_read(daemon, app: RawApp, what: str) -> None:
     """The daemon has stopped reading ``app``: its sends hit EAGAIN and the count stays flat."""
     app.push(frame_packet(app.client_id))
     before = client_record(daemon, app.client_id)
+    # Not reading is an absence: give a daemon that wrongly reads a window to do so.
     time.sleep(0.2)
     assert app.push(frame_packet(app.client_id), limit=50) == 0, f"{what}: the daemon is still reading the app"
     after = client_record(daemon, app.client_id)
@@ -168,7 +170,7 @@ def test_in_the_middle_of_a_continued_message(backend_factory, daemon_factory):
     app = RawApp(daemon.socket_path, "g", "pieces")
     whole = make_frame(1, 1, 4000)
     app.sock.send(b"\x80" + whole[:1000])  # DATA_MORE: the message goes on in the next packet
-    time.sleep(0.1)
+    wait_until(lambda: unread_by_peer(app.sock) == 0, 5.0, "the daemon to read the first piece")
     app.close()
     delay = assert_detached_promptly(daemon, app, "mid continuation")
     g = wait_until(lambda: (g := group_record(daemon))["dropped_unread"] == 1 and g, 5.0, "the open message counted")

@@ -279,7 +279,7 @@ def test_assembly_timeout_is_per_message_on_a_steady_stream(backend_factory, dae
     chunks = [frames[0][:100]] + [p[100:] + n[:100] for p, n in zip(frames, frames[1:])] + [frames[-1][100:]]
     for i, chunk in enumerate(chunks):
         if i:
-            time.sleep(0.1)
+            time.sleep(0.1)  # the stimulus: a stream that is never between messages, at a steady pace
         if not backend.conn(conn).open:
             break
         backend.send(conn, chunk)

@@ -24,7 +24,7 @@ import trio
 import kmux
 from kmux import ReconnectPolicy
 
-from .helpers import Daemon, group_config, make_frame, summarize_frame, wait_until
+from .helpers import Daemon, group_config, group_record, make_frame, summarize_frame, wait_until
 from .transports import AsyncClient, Transport, transport, until  # noqa: F401 -- the fixture
 
 # The resend buffer must hold everything a sender can send between connect
@@ -105,7 +105,7 @@ def _restart(old: Daemon, sig: int, started: list[Daemon]) -> Daemon:
         old.proc.wait(5)  # the socket file stays: the new daemon finds it stale and binds again
     else:
         wait_until(lambda: not os.path.exists(old.socket_path), 5, "the old daemon to remove its socket")
-    time.sleep(0.1)  # clients find no socket (ENOENT/ECONNREFUSED) for a moment
+    time.sleep(0.1)  # the stimulus: clients find no socket (ENOENT/ECONNREFUSED) for a moment
     new = Daemon(old.config_path, old.socket_path, old.group)
     started.append(new)
     return new.start()
@@ -228,9 +228,10 @@ async def test_recv_delivers_the_old_sockets_messages_then_reconnects(transport,
     msgs = [make_frame(1, i, 40) for i in range(1, 51)]
     for m in msgs:
         await client.send(m)
-    # Every echo is in our socket before the daemon stops.
+    # Every echo is in our socket before the daemon stops: steered to us, none left in the daemon's queue.
     await until(lambda: sum(c.frames for c in backend.conns()) == 50, "50 frames at the backend", 5)
-    await trio.sleep(0.2)
+    await trio.to_thread.run_sync(lambda: wait_until(
+        lambda: (g := group_record(d1, "g"))["rx_msgs"] == 50 and g["rx_queued_bytes"] == 0, 5, "50 echoes steered"))
     await trio.to_thread.run_sync(_restart, d1, signal.SIGTERM, restarted)
     got = [await client.recv(timeout=5) for _ in range(50)]
     assert sorted(got) == sorted(msgs)

@@ -144,7 +144,9 @@ def test_keepalive_finds_a_peer_that_vanished_with_a_request_acknowledged(netns,
         set_and_get(c, b"ka", 1)
         memcached_in.pause()  # its kernel still ACKs: the request below is acknowledged, never answered
         seq = c.send(mc_get(b"ka", opaque=3))
-        time.sleep(0.2)
+        # Written and acknowledged by the server's kernel (TCP_INFO: nothing unacked) before the network dies.
+        wait_until(lambda: (conn := group_stats(daemon)["connections"][0])["in_flight"] == 1
+                   and conn["tcp"]["unacked"] == 0, 5.0, "the request written and acknowledged")
         blackhole(netns, True)
         try:
             bound = idle + interval * count + KERNEL_SLACK

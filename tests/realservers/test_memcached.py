@@ -22,7 +22,8 @@ import kmux
 from kmux import errors as kmux_errors
 
 from . import OP_GET, OP_SET, STATUS_KEY_NOT_FOUND, STATUS_OK, McResponse, mc_get, mc_parse, mc_set, run_threads
-from .conftest import assert_request_counters, start_kmuxd
+from .conftest import assert_request_counters, group_stats, start_kmuxd
+from tests.integration.helpers import wait_until
 
 CLIENTS = 16
 RECV_TIMEOUT = 5.0
@@ -264,7 +265,9 @@ def test_id_request_timeout_then_late_response_discarded(memcached, daemon_facto
                 other.recv(timeout=RECV_TIMEOUT)
         finally:
             memcached.resume()
-        no_more(c, wait=0.5)  # the late responses were not delivered to anyone
+        # Both late responses came back and were discarded (counted), not delivered to anyone.
+        wait_until(lambda: group_stats(daemon)["late_responses"] == 2, 5.0, "the late responses")
+        no_more(c, wait=0.1)
         no_more(other, wait=0.1)
         r = roundtrip(c, mc_get(key, opaque=7))
         expect(r, OP_GET, 7, "GET after the resume")
@@ -283,7 +286,8 @@ def test_id_no_rewrite_id_in_use(memcached, daemon_factory):
         memcached.pause()
         try:
             a.send(mc_get(key, opaque=99))
-            time.sleep(0.1)  # a's request is in flight (the server is stopped)
+            # a's request holds opaque 99 (the server is stopped, so it stays in flight).
+            wait_until(lambda: group_stats(daemon)["requests_in_flight"] == 1, 5.0, "a's request in flight")
             seq = b.send(mc_set(key, b"B", opaque=99))
             with pytest.raises(kmux_errors.error_class("id_in_use")) as info:
                 b.recv(timeout=RECV_TIMEOUT)
@@ -315,7 +319,9 @@ def test_server_killed_requests_in_flight_get_connection_lost(memcached, daemon_
         sent: list[set[int]] = []
         for c in clients:
             sent.append({c.send(mc_get(b"k%d" % n, opaque=n + 1 if steering == "id" else 0)) for n in range(4)})
-        time.sleep(0.2)
+        # Every request written to a connection (the stopped server's kernel takes them) before it dies.
+        wait_until(lambda: sum(c["in_flight"] for c in group_stats(daemon)["connections"]) == 16, 5.0,
+                   "16 requests written")
         memcached.stop()  # SIGKILL: the kernel closes its sockets
         for i, c in enumerate(clients):
             lost = set()

@@ -283,7 +283,7 @@ def libflow(args: argparse.Namespace) -> dict:
             if delay > 0:
                 time.sleep(delay)
             client.send(frame(args.tag, idx, args.size))
-        time.sleep(args.linger)
+        time.sleep(args.linger)  # stay connected a moment after the last send, as the flow agent does
         stats = client.stats()
     return {"tag": args.tag, "count": args.count, "stats": stats, "seconds": round(time.monotonic() - t0, 3)}
 

@@ -197,8 +197,8 @@ def _wait_groups_up(control_path: str) -> None:
             last = {g["name"]: (g["connections_up"], g["connections_total"]) for g in groups}
             if all(up == total for up, total in last.values()):
                 return
-        except (OSError, KeyError, Exception):  # the control socket is the daemon's; any failure: retry
-            pass
+        except Exception as exc:  # noqa: BLE001 -- not up yet (no socket, no answer): retry, and say it if time runs out
+            last = exc
         time.sleep(CONNECT_POLL)
     raise RuntimeError(f"kmuxd's groups did not all connect within {CONNECT_TIMEOUT} s: {last}")
 
