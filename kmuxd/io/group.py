@@ -61,7 +61,7 @@ from kmux.protocol import KIND_DATA, Notice
 from kmuxd.core.endpoints import EndpointPool, EndpointStatistics
 from kmuxd.core.router import PENDING, IdTable, ResponseRouter
 from kmuxd.core.sendq import TxScheduler
-from kmuxd.core.states import ConnState
+from kmuxd.core.states import ConnState, SlotState
 from kmuxd.core.steering import BalanceSteering
 from kmuxd.system.config import DaemonConfig, GroupConfig
 from kmuxd.system.log import RateLimit
@@ -170,8 +170,11 @@ class RetryFeeder:
       connections gave, :meth:`EndpointPool.requests_per_connection`), a
       connection takes retries only up to half of it, counting what it
       carried already; the rest wait for fresher connections (each slot dials
-      its replacement at once), however long that takes, within
-      ``queue_timeout`` (then ``group_unavailable``) and ``request_timeout``;
+      its replacement at once) while one is on its way, within
+      ``queue_timeout`` (then ``group_unavailable``) and ``request_timeout``.
+      When none is coming (every slot up, so the close that taught the limit
+      was not a rule of the server's) they wait ``RETRY_FRESH_WAIT``, then
+      take the freshest connection;
     * before any limit is known, retries wait up to ``RETRY_FRESH_WAIT`` for
       a connection that carried nothing yet, then take the freshest one.
     """
@@ -207,11 +210,16 @@ class RetryFeeder:
             if conn is None:
                 return  # woken when a connection comes free
             limit = group.endpoints.requests_per_connection(conn.endpoint)
+            waited = time.monotonic() - queue[0][1]
             if limit is not None:
                 # Its place in the stream: what was written on it, and what waits in
                 # its outbox (an adopted orphan's requests included).
                 room = limit // 2 - conn.flight_total - len(sched.outbox_of(conn).requests)
-            elif conn.requests and time.monotonic() - queue[0][1] < RETRY_FRESH_WAIT:
+                if room <= 0 and waited >= RETRY_FRESH_WAIT and not group.connection_coming():
+                    # The limit came from one close that need not repeat, and nothing
+                    # fresher is on its way: waiting could only end in group_unavailable.
+                    room = len(queue)
+            elif conn.requests and waited < RETRY_FRESH_WAIT:
                 room = 0
             else:
                 room = len(queue)
@@ -332,6 +340,11 @@ class Group:
             if slot.index == index:
                 return slot
         raise UnknownConnection(f"group {self.cfg.name!r} has no connection {index} (0..{len(self.slots) - 1})")
+
+    def connection_coming(self) -> bool:
+        """A slot is dialing, backing off or waiting for an endpoint: a fresh
+        connection may come up (the retry feeder waits for one)."""
+        return any(not slot.connected and slot.sm.state is not SlotState.CLOSED for slot in self.slots)
 
     @property
     def connections_up(self) -> int:

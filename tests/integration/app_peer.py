@@ -327,8 +327,11 @@ class Peer:
 
     def flood_stop(self, client: int) -> dict:
         flood = self.floods.pop(client)
+        report = flood.finish()
+        # Read after the sender thread ended: read before, a seq sent just then was used again
+        # by the next flood (a duplicate the test took for the daemon's).
         self.flood_seq[client] = flood.next_seq
-        return flood.finish()
+        return report
 
     def disconnect(self, client: int) -> dict:
         self.clients.pop(client).close()
