@@ -155,11 +155,12 @@ def test_over_its_notice_limit(backend_factory, daemon_factory):
     assert app.push(lambda seq: b"\x00" + BAD_FRAME, limit=10) == 0, "the daemon still reads the app"
     app.close()
     delay = assert_detached_promptly(daemon, app, "over its notice limit")
-    g = wait_until(lambda: (g := group_record(daemon))["dropped_unread"] > 0 and g, 5.0, "unread packets counted")
-    # Every bad frame it sent was either refused (a notice) or never read (counted).
-    assert g["refused"] + g["dropped_unread"] == stuck, (g["refused"], g["dropped_unread"], stuck)
+    # Every bad frame it sent was either refused (a notice) or never read (counted). Which of
+    # the two depends on whether the hang-up was seen while packets were still queued.
+    g = wait_until(lambda: (g := group_record(daemon))["refused"] + g["dropped_unread"] == stuck and g, 5.0,
+                   "every bad frame refused or counted as unread")
     print(f"notice limit: {stuck} bad frames, {rec['refused']} refused before the limit, "
-          f"detached {delay * 1000:.0f} ms after close")
+          f"{g['dropped_unread']} dropped unread, detached {delay * 1000:.0f} ms after close")
 
 
 def test_in_the_middle_of_a_continued_message(backend_factory, daemon_factory):
