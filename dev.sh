@@ -5,6 +5,8 @@
 #   ./dev.sh demo [ARGS]    start kmuxd + a demo backend + several client apps
 #   ./dev.sh test [ARGS]    run the test suite (pytest ARGS)
 #   ./dev.sh bench [ARGS]   run the benchmark (python -m kmuxd.tools.bench ARGS)
+#   ./dev.sh fuzz [ARGS]    long fuzz run: >= 100,000 examples per decoder target
+#                           (pytest tests/fuzz ARGS; docs/fuzzing.md)
 #   ./dev.sh setup          only set up
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -68,5 +70,7 @@ case "$cmd" in
     demo) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.demo "$@" ;;
     test) setup_system test; setup_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
     bench) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.bench "$@" ;;
-    *) echo "usage: $0 {demo|test|bench|setup} [ARGS]" >&2; exit 2 ;;
+    fuzz) setup_system; setup_venv
+        HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-long} exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/fuzz "$@" ;;
+    *) echo "usage: $0 {demo|test|bench|fuzz|setup} [ARGS]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,71 @@
+"""Fuzz target: ``kmuxd.io.control.parse_request``, the control socket's request decoder.
+
+Invariants: every valid request built from :data:`REQUESTS` (the op, its
+required and optional arguments, values of the declared types) parses to
+the same op and arguments; any other bytes raise ``BadRequest`` and nothing
+else, with a printable message.
+"""
+
+from __future__ import annotations
+
+import msgpack
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kmux.errors import BadRequest, KmuxError
+from kmuxd.io.control import DRAIN_TIMEOUT_DEFAULT, DRAIN_TIMEOUT_MAX, REQUEST_MAX, REQUESTS, ControlRequest, parse_request
+
+from .checks import check_error, default_recursion_limit
+from .profiles import fuzz_settings
+from .strategies import hostile_msgpack, odd_values, shaped_maps
+
+_OPS = sorted(REQUESTS)
+_ARG_NAMES = sorted({name for required, optional in REQUESTS.values() for name in (*required, *optional)})
+
+
+def _value_of(kind) -> st.SearchStrategy:
+    if kind is str:
+        return st.text(max_size=40)
+    if kind is int:
+        return st.integers(-(2**63), 2**64 - 1)
+    # The drain timeout: a number in (0, DRAIN_TIMEOUT_MAX].
+    return st.one_of(st.integers(1, int(DRAIN_TIMEOUT_MAX)), st.floats(0, DRAIN_TIMEOUT_MAX, exclude_min=True))
+
+
+@st.composite
+def valid_requests(draw) -> dict:
+    op = draw(st.sampled_from(_OPS))
+    required, optional = REQUESTS[op]
+    args = {name: draw(_value_of(kind)) for name, kind in required.items()}
+    for name, kind in optional.items():
+        if draw(st.booleans()):
+            args[name] = draw(_value_of(kind))
+    return {"op": op, **args}
+
+
+_shaped = shaped_maps(["op", *_ARG_NAMES], st.one_of(st.sampled_from(_OPS), odd_values))
+_oversized = st.integers(REQUEST_MAX - 8, REQUEST_MAX + 8).map(lambda n: msgpack.packb({"op": "ping", "x": "p" * n}))
+
+
+@fuzz_settings
+@given(request=valid_requests())
+def test_valid_requests_parse_to_themselves(request):
+    parsed = parse_request(msgpack.packb(request))
+    op = request.pop("op")
+    if op == "drain":
+        request["timeout"] = float(request.get("timeout", DRAIN_TIMEOUT_DEFAULT))
+    assert parsed == ControlRequest(op, request)
+
+
+@fuzz_settings
+@given(packet=st.one_of(hostile_msgpack(valid_requests().map(msgpack.packb)), _shaped, _oversized))
+def test_parse_request_on_hostile_bytes(packet):
+    try:
+        with default_recursion_limit():
+            request = parse_request(packet)
+    except KmuxError as exc:
+        check_error(exc, (BadRequest,))
+        return
+    assert len(packet) <= REQUEST_MAX
+    required, optional = REQUESTS[request.op]
+    assert set(required) <= set(request.args) <= set(required) | set(optional)
