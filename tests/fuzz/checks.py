@@ -35,3 +35,26 @@ def check_error(exc: KmuxError, allowed: tuple[type[KmuxError], ...]) -> None:
     assert exc.code == type(exc).code if type(exc) is not KmuxError else isinstance(exc.code, str)
     with default_recursion_limit():
         assert str(exc)
+
+
+class _Refused:
+    def __repr__(self) -> str:
+        return "REFUSED"
+
+
+#: What :func:`decode_or_refuse` returns when the decoder refused its input.
+REFUSED = _Refused()
+
+
+def decode_or_refuse(decode, data, allowed: tuple[type[KmuxError], ...], show=repr):
+    """``decode(data)``, printed with ``show`` as an app or a log line would, under
+    Python's default recursion limit; :data:`REFUSED` once the error it raised
+    passed :func:`check_error`. Any other exception fails the target."""
+    try:
+        with default_recursion_limit():
+            value = decode(data)
+            assert show(value)
+    except KmuxError as exc:
+        check_error(exc, allowed)
+        return REFUSED
+    return value

@@ -12,10 +12,10 @@ import msgpack
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kmux.errors import BadRequest, KmuxError
+from kmux.errors import BadRequest
 from kmuxd.io.control import DRAIN_TIMEOUT_DEFAULT, DRAIN_TIMEOUT_MAX, REQUEST_MAX, REQUESTS, ControlRequest, parse_request
 
-from .checks import check_error, default_recursion_limit
+from .checks import REFUSED, decode_or_refuse
 from .profiles import fuzz_settings
 from .strategies import hostile_msgpack, odd_values, shaped_maps
 
@@ -60,11 +60,8 @@ def test_valid_requests_parse_to_themselves(request):
 @fuzz_settings
 @given(packet=st.one_of(hostile_msgpack(valid_requests().map(msgpack.packb)), _shaped, _oversized))
 def test_parse_request_on_hostile_bytes(packet):
-    try:
-        with default_recursion_limit():
-            request = parse_request(packet)
-    except KmuxError as exc:
-        check_error(exc, (BadRequest,))
+    request = decode_or_refuse(parse_request, packet, (BadRequest,))
+    if request is REFUSED:
         return
     assert len(packet) <= REQUEST_MAX
     required, optional = REQUESTS[request.op]

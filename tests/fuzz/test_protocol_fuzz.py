@@ -23,7 +23,7 @@ import msgpack
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kmux.errors import BadPacket, HandshakeInvalid, KmuxError, VersionUnsupported
+from kmux.errors import BadPacket, HandshakeInvalid, VersionUnsupported
 from kmux.protocol import (
     HANDSHAKE_MAX,
     Accepted,
@@ -39,7 +39,7 @@ from kmux.protocol import (
     encode_notice,
 )
 
-from .checks import check_error, default_recursion_limit
+from .checks import REFUSED, decode_or_refuse
 from .profiles import fuzz_settings
 from .strategies import (
     accepteds,
@@ -63,6 +63,12 @@ _field_values = st.one_of(
 
 def hostile(valid: st.SearchStrategy[bytes], keys: list[str]) -> st.SearchStrategy[bytes]:
     return st.one_of(hostile_msgpack(valid), shaped_maps(keys, _field_values))
+
+
+def _shown_by_the_client(value) -> str:
+    """A refusal or an error notice becomes an exception the app prints; anything else, its repr."""
+    error = getattr(value, "error", None)
+    return str(error) if error is not None else repr(value)
 
 
 # -- round trips ----------------------------------------------------------------
@@ -103,11 +109,8 @@ _hello_at_limit = st.integers(HANDSHAKE_MAX - 40, HANDSHAKE_MAX + 40).map(
 @fuzz_settings
 @given(packet=st.one_of(hostile(hellos.map(encode_hello), _HELLO_KEYS), _hello_at_limit))
 def test_hello_decoder_on_hostile_bytes(packet):
-    try:
-        with default_recursion_limit():
-            hello = decode_hello(packet)
-    except KmuxError as exc:
-        check_error(exc, (HandshakeInvalid, VersionUnsupported))
+    hello = decode_or_refuse(decode_hello, packet, (HandshakeInvalid, VersionUnsupported))
+    if hello is REFUSED:
         return
     assert len(packet) <= HANDSHAKE_MAX
     assert isinstance(hello, Hello) and hello == Hello(hello.group, hello.receive, hello.name)
@@ -116,14 +119,10 @@ def test_hello_decoder_on_hostile_bytes(packet):
 @fuzz_settings
 @given(packet=hostile(st.one_of(accepteds, refuseds).map(encode_answer), _ANSWER_KEYS))
 def test_answer_decoder_on_hostile_bytes(packet):
-    try:
-        with default_recursion_limit():
-            answer = decode_answer(packet)
-            printed = str(answer.error) if isinstance(answer, Refused) else repr(answer)
-    except KmuxError as exc:
-        check_error(exc, (HandshakeInvalid,))
+    answer = decode_or_refuse(decode_answer, packet, (HandshakeInvalid,), show=_shown_by_the_client)
+    if answer is REFUSED:
         return
-    assert isinstance(answer, (Accepted, Refused)) and printed
+    assert isinstance(answer, (Accepted, Refused))
     if isinstance(answer, Accepted):
         assert answer.framing.min_header >= 1
 
@@ -131,25 +130,17 @@ def test_answer_decoder_on_hostile_bytes(packet):
 @fuzz_settings
 @given(body=hostile(notices.map(lambda n: encode_notice(n)[1:]), _NOTICE_KEYS), view=st.booleans())
 def test_notice_decoder_on_hostile_bytes(body, view):
-    try:
-        with default_recursion_limit():
-            notice = decode_notice(memoryview(body) if view else body)
-            # What the client raises, and the app prints.
-            printed = str(notice.error) if notice.code is not None else repr(notice)
-    except KmuxError as exc:
-        check_error(exc, (BadPacket,))
+    notice = decode_or_refuse(decode_notice, memoryview(body) if view else body, (BadPacket,),
+                              show=_shown_by_the_client)
+    if notice is REFUSED:
         return
     assert isinstance(notice.code, (str, type(None))) and isinstance(notice.event, (str, type(None)))
-    assert printed
 
 
 @fuzz_settings
 @given(body=hostile(controls.map(lambda c: encode_control(c)[1:]), _CONTROL_KEYS), view=st.booleans())
 def test_control_decoder_on_hostile_bytes(body, view):
-    try:
-        with default_recursion_limit():
-            control = decode_control(memoryview(body) if view else body)
-    except KmuxError as exc:
-        check_error(exc, (BadPacket,))
+    control = decode_or_refuse(decode_control, memoryview(body) if view else body, (BadPacket,))
+    if control is REFUSED:
         return
     assert control.op == "receive" and isinstance(control.args["on"], bool)
