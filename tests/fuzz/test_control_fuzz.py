@@ -1,9 +1,11 @@
 """Fuzz target: ``kmuxd.io.control.parse_request``, the control socket's request decoder.
 
-Invariants: every valid request built from :data:`REQUESTS` (the op, its
-required and optional arguments, values of the declared types) parses to
-the same op and arguments; any other bytes raise ``BadRequest`` and nothing
-else, with a printable message.
+Invariants: every valid request of ``docs/protocol.md`` ("Control socket,
+version 1": the op, its required and optional arguments, values of the
+documented types) parses to the same op and arguments; any other bytes
+raise ``BadRequest`` and nothing else, with a printable message. The
+requests are written here from the docs, not read from the daemon's
+``REQUESTS`` table, so the table is checked against the docs too.
 """
 
 from __future__ import annotations
@@ -13,33 +15,42 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kmux.errors import BadRequest
-from kmuxd.io.control import DRAIN_TIMEOUT_DEFAULT, DRAIN_TIMEOUT_MAX, REQUEST_MAX, REQUESTS, ControlRequest, parse_request
+from kmuxd.io.control import (
+    DRAIN_TIMEOUT_DEFAULT,
+    DRAIN_TIMEOUT_MAX,
+    REQUEST_MAX,
+    REQUESTS,
+    ControlRequest,
+    parse_request,
+)
 
 from .checks import REFUSED, decode_or_refuse
 from .profiles import fuzz_settings
 from .strategies import hostile_msgpack, odd_values, shaped_maps
 
-_OPS = sorted(REQUESTS)
-_ARG_NAMES = sorted({name for required, optional in REQUESTS.values() for name in (*required, *optional)})
-
-
-def _value_of(kind) -> st.SearchStrategy:
-    if kind is str:
-        return st.text(max_size=40)
-    if kind is int:
-        return st.integers(-(2**63), 2**64 - 1)
-    # The drain timeout: a number in (0, DRAIN_TIMEOUT_MAX].
-    return st.one_of(st.integers(1, int(DRAIN_TIMEOUT_MAX)), st.floats(0, DRAIN_TIMEOUT_MAX, exclude_min=True))
+_NAME = st.text(max_size=40)
+_INDEX = st.integers(-(2**63), 2**64 - 1)
+_SECONDS = st.one_of(st.integers(1, int(DRAIN_TIMEOUT_MAX)), st.floats(0, DRAIN_TIMEOUT_MAX, exclude_min=True))
+#: docs/protocol.md, "Control socket, version 1": op -> (required, optional) arguments and their values.
+DOCUMENTED: dict[str, tuple[dict[str, st.SearchStrategy], dict[str, st.SearchStrategy]]] = {
+    "ping": ({}, {}),
+    "stats": ({}, {"group": _NAME}),
+    "reconnect": ({"group": _NAME}, {"conn": _INDEX}),
+    "drain": ({"group": _NAME, "conn": _INDEX}, {"timeout": _SECONDS}),
+    "reload": ({}, {}),
+}
+_OPS = sorted(DOCUMENTED)
+_ARG_NAMES = sorted({name for required, optional in DOCUMENTED.values() for name in (*required, *optional)})
 
 
 @st.composite
 def valid_requests(draw) -> dict:
     op = draw(st.sampled_from(_OPS))
-    required, optional = REQUESTS[op]
-    args = {name: draw(_value_of(kind)) for name, kind in required.items()}
-    for name, kind in optional.items():
+    required, optional = DOCUMENTED[op]
+    args = {name: draw(values) for name, values in required.items()}
+    for name, values in optional.items():
         if draw(st.booleans()):
-            args[name] = draw(_value_of(kind))
+            args[name] = draw(values)
     return {"op": op, **args}
 
 
@@ -64,5 +75,9 @@ def test_parse_request_on_hostile_bytes(packet):
     if request is REFUSED:
         return
     assert len(packet) <= REQUEST_MAX
-    required, optional = REQUESTS[request.op]
+    required, optional = DOCUMENTED[request.op]
     assert set(required) <= set(request.args) <= set(required) | set(optional)
+
+
+def test_the_daemon_knows_exactly_the_documented_ops():
+    assert set(REQUESTS) == set(DOCUMENTED)

@@ -1,22 +1,25 @@
-"""Fuzz target: the daemon's receive loop, its buffer and cursors, under any stream and any reads.
+"""Fuzz target: the daemon's receive buffer and cursors, under any stream and any read sizes.
 
-:class:`RxLoopModel` replays ``ConnSlot._reader`` (``kmuxd/io/conn.py``)
-step for step with the socket replaced by a list of read sizes and steering
-by "deliver every parsed message" (the real loop waits until every parsed
-message is steered before it reads again, so that is what a read sees). It
-uses the real buffer size (``RX_BASE + read_buffer + max_message``), the
-real :class:`FrameDecoder` and the same compaction rules. If the shell's
-receive path moves into a sans-IO core, point this target at the core and
-delete the model.
+:class:`RxLoopModel` replays the receive loop of ``ConnSlot._reader``
+(``kmuxd/io/conn.py``) step for step, behind the interface of the sans-IO
+receive core that replaces it (``kmuxd.core.inbox.Inbox``: ``space()``,
+``received(n, now)``, ``take(count, pos)``). It uses the real buffer size
+(``RX_BASE + read_buffer + max_message``), the real :class:`FrameDecoder` and
+the same compaction rules. Once ``Inbox`` is on this branch, import it in
+place of the model and delete the model; the test itself does not change.
+
+The test plays the shell: it reads into ``space()`` with reads of random
+sizes (capped by the room, as ``recv_into`` is) and hands over every ready
+message before reading again, as the shell does.
 
 Invariants:
 
 * every read has room for at least one byte (``recv_into`` into an empty
-  view returns 0, which the loop takes for the peer's EOF);
+  view returns 0, which the shell takes for the peer's EOF);
 * the bytes held after a read never exceed ``max_message`` plus that read,
   and after the cut only a partial message shorter than ``max_message`` is
   left;
-* the messages delivered and the error raised (``RemoteFrameTooBig``,
+* the messages handed over and the error raised (``RemoteFrameTooBig``,
   ``RemoteBadHeader``) are the oracle's, whatever the read sizes.
 
 ``read_buffer`` goes down to 4 here, far below the config's floor of 4096,
@@ -32,7 +35,6 @@ from hypothesis import strategies as st
 
 from kmux.errors import RemoteBadHeader, RemoteFrameTooBig
 from kmux.framing import FrameDecoder, Framing
-from kmuxd.io.conn import RX_BASE
 
 from . import oracle
 from .profiles import fuzz_settings
@@ -40,61 +42,76 @@ from .strategies import stream_cases
 
 #: The smallest read_buffer whose compaction threshold (read_buffer // 4) is at least 1.
 READ_BUFFER_MIN = 4
+#: Offset of the first received byte in conn.py's buffer (one scratch byte precedes it).
+RX_BASE = 1
 
 
 class RxLoopModel:
-    def __init__(self, framing: Framing, max_message: int, read_buffer: int) -> None:
-        self.max_message = max_message
-        self.read_buffer = read_buffer
-        self.rbuf = bytearray(RX_BASE + read_buffer + max_message)
-        self.rhead = self.rtail = self.rparsed = RX_BASE
-        self.rends: list[int] = []
-        self.decoder = FrameDecoder(framing, max_message)
-        self.delivered: list[bytes] = []
+    """``ConnSlot._reader``'s buffer handling, shaped like ``kmuxd.core.inbox.Inbox``."""
 
-    def _steer_all(self) -> None:
-        for end in self.rends:
-            self.delivered.append(bytes(self.rbuf[self.rhead : end]))
-            self.rhead = end
-        self.rends = []
+    def __init__(self, framing: Framing, max_message: int, read_buffer: int) -> None:
+        self.buf = bytearray(RX_BASE + read_buffer + max_message)
+        self.size = len(self.buf)
+        self.read_buffer = read_buffer
+        self.decoder = FrameDecoder(framing, max_message)
+        self.head = self.tail = self.parsed = RX_BASE
+        self.ends: list[int] = []
+
+    def space(self) -> memoryview:
+        # conn.py: before each recv_into, once every parsed message is steered.
+        if self.head == self.tail:
+            self.head = self.tail = self.parsed = RX_BASE
+        elif self.size - self.tail < self.read_buffer // 4:
+            self._compact()
+        return memoryview(self.buf)[self.tail :]
+
+    def received(self, n: int, now: float) -> int:
+        self.tail += n
+        ends, consumed, pending = self.decoder.split(self.buf, self.parsed, self.tail)
+        if ends:
+            self.ends = ends
+            self.parsed = consumed
+        if consumed < self.tail and pending > 0 and self.parsed + pending > self.size:
+            self._compact()
+        return len(self.ends)
+
+    def take(self, count: int, pos: int) -> None:
+        self.head = pos
+        del self.ends[:count]
 
     def _compact(self) -> None:
-        shift = self.rhead - RX_BASE
+        shift = self.head - RX_BASE
         if not shift:
             return
-        self.rbuf[RX_BASE : self.rtail - shift] = self.rbuf[self.rhead : self.rtail]
-        self.rhead = RX_BASE
-        self.rtail -= shift
-        self.rparsed -= shift
-        self.rends = [e - shift for e in self.rends]
+        self.buf[RX_BASE : self.tail - shift] = self.buf[self.head : self.tail]
+        self.head = RX_BASE
+        self.tail -= shift
+        self.parsed -= shift
+        self.ends = [e - shift for e in self.ends]
 
-    def run(self, stream: bytes, reads: list[int]) -> None:
-        """Receive ``stream`` in reads of the given sizes (cycled, capped by the free room)."""
-        size = len(self.rbuf)
-        pos = i = 0
-        while True:
-            self._steer_all()
-            if self.rhead == self.rtail:
-                self.rhead = self.rtail = self.rparsed = RX_BASE
-            elif size - self.rtail < self.read_buffer // 4:
-                self._compact()
-            room = size - self.rtail
-            assert room >= 1, "a read with no room: recv_into would return 0, taken for EOF"
-            if pos == len(stream):
-                return
-            n = min(reads[i % len(reads)], room, len(stream) - pos)
-            i += 1
-            self.rbuf[self.rtail : self.rtail + n] = stream[pos : pos + n]
-            self.rtail += n
-            pos += n
-            assert self.rtail - self.rhead <= self.max_message + n
-            ends, consumed, pending = self.decoder.split(self.rbuf, self.rparsed, self.rtail)
-            if ends:
-                self.rends = ends
-                self.rparsed = consumed
-            assert self.rtail - self.rparsed < self.max_message
-            if consumed < self.rtail and pending > 0 and self.rparsed + pending > size:
-                self._compact()
+
+def receive(inbox, stream: bytes, reads: list[int], max_message: int, delivered: list[bytes]) -> None:
+    """Play the shell: read ``stream`` into ``inbox`` in reads of the given sizes (cycled),
+    appending each message handed over to ``delivered``."""
+    pos = i = 0
+    while True:
+        if inbox.ends:
+            start = inbox.head
+            for end in inbox.ends:
+                delivered.append(bytes(inbox.buf[start:end]))
+                start = end
+            inbox.take(len(inbox.ends), start)
+        room = inbox.space()
+        assert len(room) >= 1, "a read with no room: recv_into would return 0, taken for EOF"
+        if pos == len(stream):
+            return
+        n = min(reads[i % len(reads)], len(room), len(stream) - pos)
+        i += 1
+        room[:n] = stream[pos : pos + n]
+        pos += n
+        inbox.received(n, 0.0)
+        assert inbox.tail - inbox.head <= max_message + n
+        assert inbox.tail - inbox.parsed < max_message
 
 
 @fuzz_settings
@@ -106,15 +123,16 @@ class RxLoopModel:
 def test_receive_loop_buffer_and_cursors(case, read_buffer, reads):
     framing, max_message, stream = case
     expected = oracle.decode(framing, stream, max_message)
-    model = RxLoopModel(framing, max_message, read_buffer)
+    inbox = RxLoopModel(framing, max_message, read_buffer)
+    delivered: list[bytes] = []
     error = None
     try:
-        model.run(stream, reads)
+        receive(inbox, stream, reads, max_message, delivered)
     except (RemoteFrameTooBig, RemoteBadHeader) as exc:
         error = type(exc)
     assert error is expected.error
     if error is None:
-        assert model.delivered == expected.messages
-        assert model.rtail - model.rparsed == expected.partial
+        assert delivered == expected.messages
+        assert inbox.tail - inbox.parsed == expected.partial
     else:
-        assert model.delivered == expected.messages[: len(model.delivered)]
+        assert delivered == expected.messages[: len(delivered)]
