@@ -172,7 +172,17 @@ def decode_hello(packet: bytes) -> Hello:
             f"the first packet must be the hello, a msgpack map naming the group; this is {what} "
             "(see docs/protocol.md, 'Handshake')"
         )
-    data = _unpack_map(packet, "hello", HandshakeInvalid)
+    try:
+        data = _unpack_map(packet, "hello", HandshakeInvalid)
+    except HandshakeInvalid as exc:
+        # 0x80 and 0x82 (DATA_MORE, REQUEUE_MORE) are msgpack map headers too: a piece
+        # of a continued message sent first is a broken map, so name the likely mistake.
+        if packet[:1] in (DATA_MORE_PREFIX, REQUEUE_MORE_PREFIX):
+            raise HandshakeInvalid(
+                f"{exc.message.rstrip('.')}; if this is a {_KIND_NAMES[packet[0]]} packet (kind byte 0x{packet[0]:02x}): "
+                "the first packet must be the hello, a msgpack map naming the group (see docs/protocol.md, 'Handshake')"
+            ) from None
+        raise
     version = data.get("kmux")
     if "op" in data and version is None:
         raise HandshakeInvalid(

@@ -91,3 +91,10 @@ def test_nesting_limit_is_exact():
     assert decode_notice(nested(NESTING_MAX)).message.startswith("[")
     with pytest.raises(BadPacket, match=f"deeper than {NESTING_MAX} levels"):
         decode_notice(nested(NESTING_MAX + 1))
+
+
+@pytest.mark.parametrize(("packet", "kind"), [(b"\x80\x00\x00\x00\x04ping", "DATA_MORE"), (b"\x82abc", "REQUEUE_MORE")])
+def test_a_continued_piece_sent_first_is_named(packet, kind):
+    # 0x80/0x82 are msgpack map headers: the refusal said only "not valid msgpack".
+    with pytest.raises(HandshakeInvalid, match=f"if this is a {kind} packet.*the first packet must be the hello"):
+        decode_hello(packet)
