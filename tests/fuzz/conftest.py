@@ -47,6 +47,15 @@ def pytest_runtest_call(item: pytest.Item):
     yield
     if item.nodeid in _examples:
         _seconds[item.nodeid] = time.perf_counter() - t0
+        if PROFILE != "ci":
+            # A long run prints each target as it ends, so a run cut short keeps what it did.
+            reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+            reporter.write_line(f"fuzz: {_name(item.nodeid)}: {_examples[item.nodeid]:,} examples, "
+                                f"{_seconds[item.nodeid]:.1f} s")
+
+
+def _name(nodeid: str) -> str:
+    return nodeid.split("::", 1)[1]
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -54,10 +63,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if not ran:
         return
     write = terminalreporter.write_line
-    width = max(len(n.split("::", 1)[1]) for n in ran)
+    width = max(len(_name(n)) for n in ran)
     write("")
     write(f"fuzz targets (profile {PROFILE}, max_examples={fuzz_settings.max_examples})")
     write(f"  {'target':<{width}}  {'examples':>10}  {'seconds':>8}")
     for nodeid in ran:
-        write(f"  {nodeid.split('::', 1)[1]:<{width}}  {_examples[nodeid]:>10,}  {_seconds[nodeid]:>8.1f}")
+        write(f"  {_name(nodeid):<{width}}  {_examples[nodeid]:>10,}  {_seconds[nodeid]:>8.1f}")
     write(f"  {'all':<{width}}  {sum(_examples[n] for n in ran):>10,}  {sum(_seconds.values()):>8.1f}")
