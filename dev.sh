@@ -7,6 +7,8 @@
 #   ./dev.sh bench [ARGS]   run the benchmark (python -m kmuxd.tools.bench ARGS)
 #   ./dev.sh soak [ARGS]    run the chaos soak, 120 s by default (python -m kmuxd.tools.soak ARGS)
 #   ./dev.sh deb [OUTDIR]   build the sdist, the wheel, a wheelhouse and the .deb into OUTDIR (dist/)
+#   ./dev.sh fuzz [ARGS]    long fuzz run: >= 100,000 examples per decoder target
+#                           (pytest tests/fuzz ARGS; docs/fuzzing.md)
 #   ./dev.sh setup          only set up
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -85,5 +87,7 @@ case "$cmd" in
     bench) setup_system bench; setup_venv test,bench; exec "$VENV/bin/python" -m kmuxd.tools.bench "$@" ;;
     soak) setup_system; setup_venv; exec "$VENV/bin/python" -m kmuxd.tools.soak "$@" ;;
     deb) setup_system deb; setup_venv; PYTHON="$VENV/bin/python" exec packaging/build.sh "$@" ;;
-    *) echo "usage: $0 {demo|test|bench|soak|deb|setup} [ARGS]" >&2; exit 2 ;;
+    fuzz) setup_system test; setup_venv
+        HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-long} exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/fuzz "$@" ;;
+    *) echo "usage: $0 {demo|test|bench|soak|deb|fuzz|setup} [ARGS]" >&2; exit 2 ;;
 esac

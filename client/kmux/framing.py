@@ -114,7 +114,7 @@ class Framing:
                 raise ConfigInvalid(f"{path}.{key}", f"must be an integer, not {value!r}")
             kwargs[key] = value
         order = spec.get("length_order", "big")
-        if order not in _ORDERS:
+        if not isinstance(order, str) or order not in _ORDERS:  # an array is unhashable
             raise ConfigInvalid(f"{path}.length_order", f"must be 'big' or 'little', not {order!r}")
         if kwargs["length_size"] not in _STRUCT_CODES:
             raise ConfigInvalid(f"{path}.length_size", f"must be 1, 2, 4 or 8, not {kwargs['length_size']!r}")
@@ -139,6 +139,8 @@ class Framing:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> "Framing":
+        if not isinstance(data, dict):
+            raise TypeError(f"a framing must be a map, not {type(data).__name__}")
         if data.get("kind") == "varint":
             return PRESETS["varint"]
         return cls(

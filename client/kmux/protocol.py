@@ -94,6 +94,9 @@ NOTICE_PREFIX = b"\x01"
 REQUEUE_PREFIX = b"\x02"
 
 _NAME_MAX = 128
+#: Deepest nesting of lists and maps in a hello, answer, notice or control map (the
+#: packet's own map is level 1; the answer's framing map is level 2).
+NESTING_MAX = 16
 
 
 def _unpack_map(packet: bytes, what: str, exc: type[KmuxError]) -> dict[str, Any]:
@@ -105,7 +108,26 @@ def _unpack_map(packet: bytes, what: str, exc: type[KmuxError]) -> dict[str, Any
         raise exc(f"{what} is not valid msgpack: {e}") from None
     if not isinstance(data, dict):
         raise exc(f"{what} must be a msgpack map, not {type(data).__name__}")
+    # strict_map_key lets bin keys through; a mix of str and bytes keys cannot be
+    # sorted, and KmuxError.__str__ sorts a notice's details.
+    if not all(isinstance(key, str) for key in data):
+        raise exc(f"{what} keys must be strings")
+    # msgpack nests up to 1024 levels; printing a value that deep overflows Python's
+    # stack (RecursionError), and these maps are all but flat.
+    if _nests_deeper(data, NESTING_MAX):
+        raise exc(f"{what} nests lists or maps deeper than {NESTING_MAX} levels")
     return data
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            if level > limit:
+                return True
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +172,17 @@ def decode_hello(packet: bytes) -> Hello:
             f"the first packet must be the hello, a msgpack map naming the group; this is {what} "
             "(see docs/protocol.md, 'Handshake')"
         )
-    data = _unpack_map(packet, "hello", HandshakeInvalid)
+    try:
+        data = _unpack_map(packet, "hello", HandshakeInvalid)
+    except HandshakeInvalid as exc:
+        # 0x80 and 0x82 (DATA_MORE, REQUEUE_MORE) are msgpack map headers too: a piece
+        # of a continued message sent first is a broken map, so name the likely mistake.
+        if packet[:1] in (DATA_MORE_PREFIX, REQUEUE_MORE_PREFIX):
+            raise HandshakeInvalid(
+                f"{exc.message.rstrip('.')}; if this is a {_KIND_NAMES[packet[0]]} packet (kind byte 0x{packet[0]:02x}): "
+                "the first packet must be the hello, a msgpack map naming the group (see docs/protocol.md, 'Handshake')"
+            ) from None
+        raise
     version = data.get("kmux")
     if "op" in data and version is None:
         raise HandshakeInvalid(
@@ -227,7 +259,7 @@ def decode_answer(packet: bytes) -> Accepted | Refused:
                 up=bool(data.get("up", True)),
             )
         return Refused(code=str(data["code"]), message=str(data.get("error", "")), version=int(data["kmux"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
         raise HandshakeInvalid(f"malformed handshake answer: {e!r}") from None
 
 
@@ -312,7 +344,7 @@ def decode_control(body: bytes | memoryview) -> Control:
         raise BadPacket(f"control packet is {len(body)} bytes, the limit is {CONTROL_MAX}")
     data = _unpack_map(bytes(body), "control packet", BadPacket)
     op = data.pop("op", None)
-    if op not in CONTROL_OPS:
+    if not isinstance(op, str) or op not in CONTROL_OPS:  # a list op is unhashable
         raise BadPacket(f"unknown control op {op!r}")
     unknown = set(data) - CONTROL_OPS[op]
     if unknown:

@@ -43,6 +43,7 @@ import dataclasses
 import enum
 import grp
 import os
+import reprlib
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
@@ -134,8 +135,9 @@ def parse_request(packet: bytes) -> ControlRequest:
     if not isinstance(data, dict):
         raise BadRequest("request must be a msgpack map")
     op = data.pop("op", None)
-    if op not in REQUESTS:
-        raise BadRequest(f"unknown op {op!r} (ops: {', '.join(sorted(REQUESTS))})")
+    if not isinstance(op, str) or op not in REQUESTS:  # a list op is unhashable
+        # reprlib: a value nested ~1000 deep would overflow the stack in repr().
+        raise BadRequest(f"unknown op {reprlib.repr(op)} (ops: {', '.join(sorted(REQUESTS))})")
     spec = REQUESTS[op]
     for key in spec.required:
         if key not in data:
@@ -145,7 +147,7 @@ def parse_request(packet: bytes) -> ControlRequest:
         if kind is None:
             raise BadRequest(f"op {op!r} takes no {key!r}")
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise BadRequest(f"{op}.{key} has the wrong type: {value!r}")
+            raise BadRequest(f"{op}.{key} has the wrong type: {reprlib.repr(value)}")
     if op == "drain":
         timeout = data.get("timeout", DRAIN_TIMEOUT_DEFAULT)
         if not 0 < timeout <= DRAIN_TIMEOUT_MAX:

@@ -27,7 +27,8 @@ The contract under test (docs/config.md, docs/protocol.md):
 The fault servers here (:class:`FaultServer`) are thread-per-connection
 echo servers whose connections drop (FIN), reset (RST), stall or answer
 late on cue; the property test (:func:`test_random_faults_exactly_one_outcome`)
-drives them randomly and writes its totals to ``/tmp/kmux-fault-counts.json``.
+drives them randomly and writes its totals to ``kmux-fault-counts.json`` in the
+test's own temporary directory (pytest ``tmp_path``; the path is printed).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from .helpers import BadTestFrame, check_order_per_connection, wait_flat, wait_u
 
 MAX = 65536
 ID_OFFSET = 4
-COUNTS_FILE = "/tmp/kmux-fault-counts.json"
+COUNTS_FILE = "kmux-fault-counts.json"
 _BLOB = random.Random(4321).randbytes(1 << 17)
 _IDENT = struct.Struct(">HII")  # client, seq, crc
 
@@ -1102,7 +1103,7 @@ def _one_run(run: int, daemon_factory, fault_servers, detail: dict | None = None
     return tally
 
 
-def test_random_faults_exactly_one_outcome(daemon_factory, fault_servers, capsys):
+def test_random_faults_exactly_one_outcome(daemon_factory, fault_servers, capsys, tmp_path):
     """20 seeded runs (id with rewrite, fifo, id without rewrite), random sizes and windows, the
     server's connections dropping, resetting, stalling or answering late at random points."""
     t0 = time.monotonic()
@@ -1123,10 +1124,11 @@ def test_random_faults_exactly_one_outcome(daemon_factory, fault_servers, capsys
         "late_responses": sum(r["late_responses"] or 0 for r in runs),
         "seconds": round(time.monotonic() - t0, 2),
     }
-    with open(COUNTS_FILE, "w") as f:
+    counts_file = tmp_path / COUNTS_FILE
+    with open(counts_file, "w") as f:
         json.dump({"totals": totals, "runs": runs}, f, indent=1, default=str)
     with capsys.disabled():
-        print(f"\nkmux fault property totals ({COUNTS_FILE}): {json.dumps(totals)}")
+        print(f"\nkmux fault property totals ({counts_file}): {json.dumps(totals)}")
     problems = [(r["run"], r["mode"], p) for r in runs for p in r["problems"]]
     assert not problems, f"{len(problems)} problems, first: {problems[:8]}"
     assert totals["requests"] == totals["responses"] + totals["error_notices"] + totals["refused_id_in_use"]
