@@ -38,7 +38,7 @@ from kmux.protocol import HANDSHAKE_MAX, Accepted, Notice, Refused, decode_hello
 from kmux.sockbuf import size_send_buffer
 
 from kmuxd.system.config import Config
-from kmuxd.system.log import RateLimit
+from kmuxd.system.log import LineBudget, RateLimit
 
 from .group import Group
 from .listen import ACCEPT_CAPACITY_ERRNOS, ACCEPT_CAPACITY_SLEEP
@@ -155,6 +155,8 @@ class Server:
         self._accept_paused_until: float | None = None
         self._refusal_log = RateLimit(REFUSAL_LOG_INTERVAL)
         self._capacity_log = RateLimit(CAPACITY_LOG_INTERVAL)
+        #: Shared by every client's client_attached and client_detached lines.
+        self.client_lines = LineBudget(config.daemon.client_log_rate)
         #: Apps whose socket failed between accept and attach (counted, logged rate-limited).
         self.hello_errors = SocketErrors(log, "hello_socket_error")
         #: Set by stop_reading: late handshakes are refused.
@@ -179,12 +181,20 @@ class Server:
             timeout = self.config.daemon.handshake_timeout
             await trio.sleep(max(HELLO_TICK_MIN, min(HELLO_TICK_MAX, timeout / 4)))
             now = time.monotonic()
+            self._report_suppressed_client_lines(now)
             for pending in [p for p in self._pending.values() if now - p.since >= timeout]:
                 self._refuse(pending, HandshakeInvalid(f"no hello within handshake_timeout={timeout}s"), None)
             if self._accept_paused_until is not None and now >= self._accept_paused_until and self._listener:
                 self._accept_paused_until = None
                 self.reactor.modify(self._listener.sock.fileno(), EPOLLIN)
             self.reactor.end_pass()
+
+    def _report_suppressed_client_lines(self, now: float) -> None:
+        # After a storm, no client line may come to carry the count: say it here.
+        lines = self.client_lines
+        lines.rate = self.config.daemon.client_log_rate  # a reload may change it
+        if lines.suppressed and lines.allow(now):
+            self.log.info("client_lines_suppressed", suppressed=lines.take_suppressed(), client_log_rate=lines.rate)
 
     def accept_out_of_capacity(self, exc: BaseException) -> None:
         # Out of descriptors or memory: stop accepting for a moment instead of
@@ -280,7 +290,10 @@ class Server:
         self.accepted += 1
         session.start(hello.receive)
         group.attach(session, hello.receive)
-        session.log.info("client_attached", pid=cred.pid, uid=cred.uid, name=hello.name)
+        lines = self.client_lines
+        if lines.allow(time.monotonic()):
+            session.log.info("client_attached", pid=cred.pid, uid=cred.uid, name=hello.name,
+                             suppressed=lines.take_suppressed())
 
     def _refuse(self, pending: PendingHello, exc: KmuxError, hello: Any, cred: PeerCred | None = None) -> None:
         self.refused += 1

@@ -728,8 +728,11 @@ class AppSession(Handler):
             pass  # the descriptor is released whatever close() says; nothing is lost that was not counted
         self.sm.fire(ClientEvent.CLOSE)
         self.server.session_closed(self)
-        self.log.info("client_detached", reason=reason, tx_msgs=self.tx_msgs, rx_msgs=self.rx_msgs,
-                      dropped_unread=self.dropped_unread or None, socket_errors=self.socket_errors.count or None)
+        lines = self.server.client_lines
+        if lines.allow(time.monotonic()):
+            self.log.info("client_detached", reason=reason, tx_msgs=self.tx_msgs, rx_msgs=self.rx_msgs,
+                          dropped_unread=self.dropped_unread or None, socket_errors=self.socket_errors.count or None,
+                          suppressed=lines.take_suppressed())
 
     def discard_unread(self, limit: int = DISCARD_LIMIT) -> int:
         """Drop packets the client sent that were never read, before closing.

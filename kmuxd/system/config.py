@@ -94,6 +94,10 @@ class DaemonConfig:
     max_clients_per_uid: int = 512
     #: Seconds a new client may take to send its hello.
     handshake_timeout: float = 5.0
+    #: client_attached and client_detached log lines per second (a token
+    #: bucket, bursts of as many); the rest are counted, and the next line
+    #: logged says how many (suppressed=). 0: every line.
+    client_log_rate: int = 100
     #: Seconds a stopping daemon spends flushing queued messages.
     shutdown_grace: float = 5.0
     #: Pending notices (errors, events) one client may have unread before
@@ -281,6 +285,7 @@ _DAEMON_SETTINGS: dict[str, Any] = {
     "max_clients": lambda v, p: _int(v, p, 1, 1_000_000),
     "max_clients_per_uid": lambda v, p: _int(v, p, 0, 1_000_000),
     "handshake_timeout": lambda v, p: _float(v, p, 0.01, 3600),
+    "client_log_rate": lambda v, p: _int(v, p, 0, 1_000_000),
     "shutdown_grace": lambda v, p: _float(v, p, 0, 3600),
     "client_notice_limit": lambda v, p: _int(v, p, 1, 1_000_000),
     "log_format": lambda v, p: _choice(v, p, _LOG_FORMATS),

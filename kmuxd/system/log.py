@@ -4,7 +4,11 @@ Events are short snake_case names with key/value context (``group=``,
 ``conn=``, ``error_code=``). Under systemd the same keys become indexed
 journal fields (GROUP=, CONN=, CLIENT_PID=, ERROR_CODE=), key events carry a
 MESSAGE_ID= and levels map to PRIORITY=. Repeated failures are thinned by
-:class:`RateLimit`, so a flapping endpoint cannot flood the journal.
+:class:`RateLimit`, so a flapping endpoint cannot flood the journal, and the
+per-client lines (``client_attached``, ``client_detached``) by
+:class:`LineBudget`, so a reconnect storm of 10,000 apps costs neither the
+journal nor the daemon's CPU 20,000 lines: a line costs about as much CPU as
+the rest of the client's connect, hello and close together.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 
 import structlog
 
-__all__ = ["configure", "get_logger", "RateLimit"]
+__all__ = ["configure", "get_logger", "LineBudget", "RateLimit"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -132,3 +136,39 @@ class RateLimit:
     def take_suppressed(self) -> int:
         n, self.suppressed = self.suppressed, 0
         return n
+
+
+class LineBudget:
+    """At most ``rate`` lines per second, in bursts of up to ``rate``; count the rest.
+
+    A token bucket: the everyday trickle of clients is logged line by line,
+    a storm is logged at ``rate`` and the lines not logged are counted
+    (:meth:`take_suppressed`: the next line carries the count). ``rate`` 0
+    lets every line through.
+    """
+
+    __slots__ = ("rate", "tokens", "_last", "suppressed")
+
+    def __init__(self, rate: int, now: float | None = None) -> None:
+        self.rate = rate
+        self.tokens = float(rate)
+        self._last = time.monotonic() if now is None else now
+        self.suppressed = 0
+
+    def allow(self, now: float) -> bool:
+        rate = self.rate
+        if rate <= 0:
+            return True
+        tokens = min(float(rate), self.tokens + (now - self._last) * rate)
+        self._last = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return True
+        self.tokens = tokens
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int | None:
+        """Lines not logged since the last call (None: none, so a log line can leave the key out)."""
+        n, self.suppressed = self.suppressed, 0
+        return n or None

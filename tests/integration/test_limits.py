@@ -214,3 +214,31 @@ def test_a_hello_with_descriptors_is_refused_and_they_are_closed(backend_factory
         for fd in fds:
             os.close(fd)
     assert wait_until(lambda: open_fds(pid) == before, 5, f"the daemon's fd count back at {before}")
+
+
+def test_a_reconnect_storm_is_logged_at_client_log_rate_and_every_line_counted(backend_factory, daemon_factory):
+    """300 apps connect and close back to back with ``client_log_rate = 20``: at most the
+    burst plus the rate's share of the elapsed time is written, and the lines written plus
+    every ``suppressed`` count add up to exactly one attach and one detach per app."""
+    rate, apps = 20, 300
+    backend = backend_factory(summarize=summarize_frame, max_frame=MAX)
+    daemon = daemon_factory({"echo": group_config(backend, connections=1)}, client_log_rate=rate)
+    backend.wait_open(1)
+    before = len(daemon.logs("client_attached")) + len(daemon.logs("client_detached"))
+    assert before == 0
+    t0 = time.monotonic()
+    for i in range(apps):
+        daemon.connect(name=f"storm{i}").close()
+
+    def accounted():
+        written = daemon.logs("client_attached") + daemon.logs("client_detached")
+        summaries = daemon.logs("client_lines_suppressed")
+        counted = sum(e.get("suppressed") or 0 for e in written + summaries)
+        return len(written) + counted == 2 * apps and (written, summaries)
+
+    written, summaries = wait_until(accounted, 15.0, "every client line written or counted")
+    elapsed = time.monotonic() - t0
+    print(f"storm of {apps} apps in {elapsed:.2f} s at client_log_rate={rate}: {len(written)} lines written, "
+          f"{2 * apps - len(written)} counted in suppressed= ({len(summaries)} client_lines_suppressed lines)")
+    assert len(written) <= rate + rate * elapsed + 1, (len(written), elapsed)
+    assert len(written) < 2 * apps
