@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import kmux
+from kmux.control import ControlClient
 from kmux.errors import KmuxError
 from kmux.framing import PRESETS, Reassembler
 from kmux.protocol import Accepted, Hello, decode_answer, encode_hello
@@ -887,8 +888,6 @@ class SubprocessSender:
 
 def control_stats(daemon: Daemon) -> dict[str, Any]:
     """The daemon's ``stats`` answer, asked on its control socket as kmux-cli asks."""
-    from kmux.control import ControlClient
-
     with ControlClient(daemon.control_socket, timeout=5.0) as c:
         return c.request("stats")
 
@@ -987,3 +986,29 @@ def client_record(daemon: Daemon, client_id: int) -> dict[str, Any] | None:
         if c["id"] == client_id:
             return c
     return None
+
+
+# -- the control socket's stats answer -------------------------------------------------
+
+
+def stats(daemon, **args) -> dict:
+    """The daemon's ``stats`` answer, asked on its control socket."""
+    with ControlClient(daemon.control_socket, timeout=5.0) as c:
+        return c.request("stats", **args)
+
+
+def group_of(answer: dict, name: str) -> dict:
+    (g,) = [g for g in answer["groups"] if g["name"] == name]
+    return g
+
+
+def conn_of(answer: dict, group: str, index: int) -> dict:
+    (c,) = [c for c in group_of(answer, group)["connections"] if c["index"] == index]
+    return c
+
+
+def local_port(conn: dict) -> int:
+    """The local port of a connection in a ``stats`` answer (the tests dial IPv4 loopback)."""
+    host, port = conn["local"].rsplit(":", 1)
+    assert host == "127.0.0.1", conn["local"]
+    return int(port)

@@ -32,10 +32,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import kmux
-from kmux.control import ControlClient
 
 from .as_user import OTHER_UID, as_user, need_root
 from .helpers import (
+    conn_of,
+    group_of,
+    local_port,
+    stats,
     MIN_FRAME,
     Receiver,
     SenderThreads,
@@ -71,25 +74,6 @@ def ok(control: str, *args: str, **kw: Any) -> str:
     r = cli(control, *args, **kw)
     assert r.returncode == 0 and r.stderr == "", r
     return r.stdout
-
-
-def stats(daemon, **args) -> dict:
-    with ControlClient(daemon.control_socket, timeout=5.0) as c:
-        return c.request("stats", **args)
-
-
-def group_of(answer: dict, name: str) -> dict:
-    (g,) = [g for g in answer["groups"] if g["name"] == name]
-    return g
-
-
-def conn_of(answer: dict, group: str, index: int) -> dict:
-    (c,) = [c for c in group_of(answer, group)["connections"] if c["index"] == index]
-    return c
-
-
-def local_port(conn: dict) -> int:
-    return int(conn["local"].rsplit(":", 1)[1])
 
 
 def stable(value: Any) -> Any:

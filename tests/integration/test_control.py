@@ -23,6 +23,10 @@ import kmux.errors
 from kmux.control import ControlClient
 
 from .helpers import (
+    conn_of,
+    group_of,
+    local_port,
+    stats,
     MIN_FRAME,
     Receiver,
     SenderThreads,
@@ -41,27 +45,6 @@ MAX = 65536
 
 
 # -- helpers -----------------------------------------------------------------------
-
-
-def stats(daemon, **args) -> dict:
-    with ControlClient(daemon.control_socket, timeout=5.0) as c:
-        return c.request("stats", **args)
-
-
-def group_of(answer: dict, name: str) -> dict:
-    (g,) = [g for g in answer["groups"] if g["name"] == name]
-    return g
-
-
-def conn_of(answer: dict, group: str, index: int) -> dict:
-    (c,) = [c for c in group_of(answer, group)["connections"] if c["index"] == index]
-    return c
-
-
-def local_port(conn: dict) -> int:
-    host, port = conn["local"].rsplit(":", 1)
-    assert host == "127.0.0.1", conn["local"]
-    return int(port)
 
 
 def clients_by_name(answer: dict) -> dict[str, dict]:
