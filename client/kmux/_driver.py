@@ -10,7 +10,8 @@ reconnecting, :class:`~kmux._reconnect.ReconnectCore` (the accounting).
 It never touches a socket, a thread or trio.
 
 Every operation (:meth:`ClientDriver.open`, :meth:`~ClientDriver.send`,
-:meth:`~ClientDriver.recv`, :meth:`~ClientDriver.set_receive`) is a
+:meth:`~ClientDriver.recv`, :meth:`~ClientDriver.set_receive`,
+:meth:`~ClientDriver.flush`) is a
 generator that *yields requests* (:mod:`kmux._requests`: ``Connect``,
 ``Send``, ``Recv``, ``Acquire``, ``WaitProgress``, ``Sleep``...) for
 whatever may block, and is *sent back* each result, or *thrown* the
@@ -95,6 +96,11 @@ DRAIN_RESETS_MAX = 3
 #: (counted in ``statistics().errors_dropped``). Messages are never dropped.
 STASHED_ERRORS_MAX = 1000
 _CUT_SHORT = "the connection was closed: a message sent in pieces was cut short"
+#: ``flush`` polls how much of what we sent the daemon has not read yet: first
+#: after this many seconds, then twice as long each time, up to FLUSH_POLL_MAX.
+#: (The kernel offers no wake-up for "the peer has read it".)
+FLUSH_POLL_MIN = 0.001
+FLUSH_POLL_MAX = 0.05
 
 
 # -- configuration and records -------------------------------------------------------------
@@ -323,6 +329,43 @@ class ClientDriver:
             message = yield from self._locked(self.recv_lock, deadline, self._receive_current(conn, deadline))
             if message is not None:
                 return message
+
+    def flush(self, deadline: float | None) -> Iterator[Any]:
+        """Wait until the daemon has read every packet sent so far.
+
+        A send returns once its packet is in the socket; the daemon reads it
+        when it can place it (push-back: no connection up, or the group's
+        queues full). Packets still unread when the client hangs up are
+        dropped by the daemon, and counted (``dropped_unread``), so an app
+        that must not lose its last messages flushes before it closes.
+        What the daemon has read is accepted (written, or refused with a
+        notice naming its seq). TimeoutError past ``deadline``; a daemon that
+        ended the session meanwhile raises what ended it (plain client), or
+        the reconnecting client re-sends by its accounting and flushes again.
+        """
+        delay = FLUSH_POLL_MIN
+        while True:
+            self._raise_if_unusable()
+            conn = self.conn
+            if conn is None or conn.lost is not None:
+                yield from self._repair(conn, deadline)
+                continue
+            unread = conn.link.unread_bytes()
+            if unread == 0:
+                if not conn.link.hung_up():
+                    return
+                # The daemon closed its end: packets it had not read were dropped with it.
+                self._mark_lost(conn, "the daemon closed the connection")
+                continue
+            now = self.clock()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(
+                    f"the daemon has not read {unread} bytes of this client's packets yet "
+                    "(it reads them once it can place them: no connection up, or the group's queues full)"
+                )
+            until = now + delay
+            yield Sleep(until if deadline is None else min(until, deadline))
+            delay = min(2 * delay, FLUSH_POLL_MAX)
 
     def set_receive(self, on: bool, deadline: float | None) -> Iterator[Any]:
         """Switch receiving; turning it off returns once the daemon's marker arrived.

@@ -8,6 +8,9 @@ block; what cannot block it calls directly on the connection's link:
 * :meth:`SocketLink.kick`: ``shutdown(SHUT_RDWR)``: a thread or task blocked
   on the socket wakes (reads return what is queued, then 0; sends fail with
   ``EPIPE``), and the daemon sees the end of the session;
+* :meth:`SocketLink.unread_bytes` and :meth:`SocketLink.hung_up`: whether
+  the daemon has read what we sent, and whether it closed its end
+  (``flush``);
 * :meth:`SocketLink.close`.
 
 Each transport subclasses it with what its waiting needs (a ``poll``
@@ -16,7 +19,11 @@ object; trio's ``notify_closing``).
 
 from __future__ import annotations
 
+import array
+import fcntl
+import select
 import socket
+import termios
 from typing import Any
 
 __all__ = ["SocketLink", "MSG_TRUNC"]
@@ -25,6 +32,9 @@ __all__ = ["SocketLink", "MSG_TRUNC"]
 #: which costs microseconds per packet.
 MSG_TRUNC = int(socket.MSG_TRUNC)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
+#: SIOCOUTQ: on a Unix socket, the bytes of packets sent and not yet read by the peer.
+_SIOCOUTQ = termios.TIOCOUTQ
+_HUNG_UP = select.POLLHUP | select.POLLRDHUP | select.POLLERR
 
 
 class SocketLink:
@@ -45,6 +55,18 @@ class SocketLink:
         except BlockingIOError:
             return None
         return n, bool(flags & MSG_TRUNC)
+
+    def unread_bytes(self) -> int:
+        """Bytes of our packets the daemon has not read yet (0 also once it closed its end)."""
+        out = array.array("i", [0])
+        fcntl.ioctl(self.sock.fileno(), _SIOCOUTQ, out, True)
+        return out[0]
+
+    def hung_up(self) -> bool:
+        """Whether the daemon closed its end (or the socket has an error), without waiting."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLRDHUP)
+        return any(events & _HUNG_UP for _, events in poller.poll(0))
 
     def kick(self) -> None:
         try:

@@ -159,8 +159,18 @@ class Client(ClientInfo):
         timeout = self.timeout if timeout is _DEFAULT else timeout
         self._run(self._driver.set_receive(on, None if timeout is None else time.monotonic() + timeout))
 
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the daemon has read every message sent so far (TimeoutError after ``timeout``).
+
+        ``close()`` does not wait: messages the daemon has not read yet
+        (push-back) are dropped when the client hangs up, and counted by the
+        daemon. Flush first when the last messages matter. A message the
+        daemon has read is accepted: written, or refused with a notice.
+        """
+        self._run(self._driver.flush(None if timeout is None else time.monotonic() + timeout))
+
     def close(self) -> None:
-        """Close the connection. Safe to call twice, and from another thread."""
+        """Close the connection at once (see :meth:`flush`). Safe to call twice, and from another thread."""
         self._driver.close()
 
     def __enter__(self) -> Client:

@@ -159,8 +159,17 @@ class TrioClient(ClientInfo):
         """
         await self._run(self._driver.set_receive(on, None))
 
+    async def flush(self) -> None:
+        """Wait until the daemon has read every message sent so far (bound it with ``trio.fail_after``).
+
+        ``aclose()`` does not wait: messages the daemon has not read yet
+        (push-back) are dropped when the client hangs up, and counted by the
+        daemon. Flush first when the last messages matter.
+        """
+        await self._run(self._driver.flush(None))
+
     async def aclose(self) -> None:
-        """Close the connection. Safe to call twice."""
+        """Close the connection at once (see :meth:`flush`). Safe to call twice."""
         self._driver.close()
         await trio.lowlevel.checkpoint()
 

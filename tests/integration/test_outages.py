@@ -320,3 +320,54 @@ def test_half_close_with_requests_in_flight_is_settled_at_once(fault_servers, da
         assert codes["connection_lost"] >= 1 and g["requests_failed"] == codes["connection_lost"], (codes, g)
     print(f"half-close ({mode}, retry {retry}): {len(ledger.responses)} answered, "
           f"{codes.get('connection_lost', 0)} connection_lost, {g['requests_retried']} retried; slowest outcome {took * 1000:.0f} ms")
+
+
+# -- flush: the last messages of an app that leaves during an outage ----------------------------------
+
+
+@pytest.mark.parametrize("flush", [True, False], ids=["flush", "no-flush"])
+def test_flush_before_close_keeps_the_last_messages_of_an_outage(daemon_factory, backend_factory, refusing_port,
+                                                                  flush):
+    """No connection up and queue_timeout off: the daemon does not read a sender it cannot
+    place messages for. ``flush()`` waits (TimeoutError while the group is down), the
+    server comes up, ``flush()`` returns and every message is written after the app has
+    gone. Without it, ``close()`` drops the unread messages and the daemon counts them."""
+    daemon = daemon_factory({"g": down_group(refusing_port, queue_timeout=0)})
+    c = daemon.connect(receive=False)
+    seqs = [c.send(make_frame(1, seq, 100)) for seq in (1, 2, 3)]
+    backend = None
+    if flush:
+        with pytest.raises(TimeoutError, match=r"the daemon has not read \d+ bytes"):
+            c.flush(timeout=0.3)
+        backend = backend_factory(summarize=summarize_frame, port=refusing_port)
+        t0 = time.monotonic()
+        c.flush(timeout=10.0)
+        flushed = time.monotonic() - t0
+    c.close()
+    if flush:
+        wait_until(lambda: len(backend.records()) == len(seqs), 10.0, "every flushed message written")
+        assert [r for _, r in backend.records()] == [(1, s, 100) for s in seqs]
+        print(f"flush: returned {flushed * 1000:.0f} ms after the server came up; {len(seqs)} of {len(seqs)} written")
+    else:
+        g = wait_until(lambda: (g := group_record(daemon))["dropped_unread"] == len(seqs) and g, 5.0,
+                       "the unread messages counted")
+        assert g["tx_msgs"] == 0, g
+        print(f"no flush: close() with {len(seqs)} unread messages: {g['dropped_unread']} dropped unread, counted")
+
+
+async def test_trio_flush_waits_until_the_daemon_has_read(daemon_factory, backend_factory, refusing_port):
+    import trio
+
+    import kmux.trio
+
+    daemon = daemon_factory({"g": down_group(refusing_port, queue_timeout=0)})
+    async with await kmux.trio.connect("g", daemon.socket_path, receive=False) as c:
+        for seq in (1, 2):
+            await c.send(make_frame(2, seq, 64))
+        with trio.move_on_after(0.3) as scope:
+            await c.flush()
+        assert scope.cancelled_caught, "flush returned while the group was down"
+        backend = backend_factory(summarize=summarize_frame, port=refusing_port)
+        with trio.fail_after(10):
+            await c.flush()
+    wait_until(lambda: len(backend.records()) == 2, 10.0, "both flushed messages written")

@@ -17,10 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 20261130
-#: Resizing is left out until kmuxd keeps a retired connection's counts in its group's
-#: totals (a resize from 4 connections to 3 makes tx_msgs go backwards; docs/soak.md,
-#: "Findings"). ``./dev.sh soak`` resizes by default.
-OPERATIONS = "reconnect,drain"
+#: Every operator action ``./dev.sh soak`` takes by default, resizing included.
+OPERATIONS = "reconnect,drain,resize"
 ARGS = ["--duration", "14", "--clients", "4", "--seed", str(SEED), "--operations", OPERATIONS]
 #: Seconds the whole run may take (set-up, 14 s of traffic, the clients' last
 #: sessions, settling) before the test gives up on it.

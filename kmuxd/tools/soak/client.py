@@ -53,6 +53,9 @@ LONG_SESSION = 2000
 ABRUPT_SHARE = 0.25
 #: Seconds a client waits for its connect and handshake.
 CONNECT_TIMEOUT = 5.0
+#: Seconds a graceful one-way sender waits for the daemon to read its last messages
+#: (an endpoint outage lasts at most 2.5 s, then the reconnect back-off).
+FLUSH_TIMEOUT = 15.0
 #: Seconds a graceful session waits for its last outcomes (request_timeout
 #: bounds it in a healthy daemon; this only stops a broken one hanging the run).
 GRACEFUL_WAIT = 20.0
@@ -228,6 +231,10 @@ def run_oneway_session(spec: _Spec, group: str, session: int, rng: random.Random
             if seq % BALANCE_BURST == 0:
                 read_notices(0)
                 time.sleep(BALANCE_PAUSE)
+        if not abrupt:
+            # close() drops what the daemon has not read yet (push-back during an
+            # outage): a graceful sender waits until it has read everything.
+            client.flush(timeout=FLUSH_TIMEOUT)
         # With queue_timeout on, a refusal may come up to queue_timeout after the last send.
         read_notices(0 if abrupt or not spec.queue_timeout else spec.queue_timeout + 1.0)
     except (DaemonShutdown, ClientClosed, OSError) as exc:
