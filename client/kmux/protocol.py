@@ -75,6 +75,8 @@ __all__ = [
 PROTOCOL_VERSION = 1
 #: Largest hello or answer packet, in bytes. A hello over this is refused.
 HANDSHAKE_MAX = 4096
+#: The largest max_message a group may have (bounded memory, both sides).
+MAX_MESSAGE_CEILING = 64 * 1024 * 1024
 #: Largest CONTROL or NOTICE body.
 CONTROL_MAX = 4096
 
@@ -249,10 +251,16 @@ def decode_answer(packet: bytes) -> Accepted | Refused:
     data = _unpack_map(packet, "handshake answer", HandshakeInvalid)
     try:
         if data["ok"]:
+            max_message = int(data["max_message"])
+            if not 1 <= max_message <= MAX_MESSAGE_CEILING:
+                # A client sizes its receive buffer by it: never trust it unbounded.
+                raise HandshakeInvalid(
+                    f"malformed handshake answer: max_message {max_message} is outside 1..{MAX_MESSAGE_CEILING}"
+                )
             return Accepted(
                 group=data["group"],
                 client_id=int(data["client_id"]),
-                max_message=int(data["max_message"]),
+                max_message=max_message,
                 framing=Framing.from_wire(data["framing"]),
                 steering=str(data["steering"]),
                 version=int(data["kmux"]),

@@ -21,6 +21,7 @@ from typing import Any
 
 from kmux.errors import ConfigInvalid
 from kmux.framing import Framing
+from kmux.protocol import MAX_MESSAGE_CEILING
 
 from kmuxd.core.access import OPEN, AccessPolicy, Principal
 
@@ -35,8 +36,6 @@ CLIENT_RX_LIMIT_DEFAULT = 4 * 1024 * 1024
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LOG_FORMATS = ("auto", "console", "json", "journal")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-#: Hard ceiling for max_message whatever the kernel allows (bounded memory).
-MAX_MESSAGE_CEILING = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

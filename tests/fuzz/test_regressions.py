@@ -74,6 +74,28 @@ def test_answer_with_an_infinite_number_is_handshake_invalid():
         decode_answer(msgpack.packb(answer))
 
 
+@pytest.mark.parametrize("max_message", [2**64 - 1, 0, -1, 64 * 1024 * 1024 + 1])
+def test_answer_with_a_max_message_out_of_range_is_handshake_invalid(max_message):
+    # Found by the long run: 2**64 - 1 passed, and ClientSession.receive_answer raised
+    # OverflowError sizing its receive buffer (bytearray(max_message)).
+    answer = {"kmux": 1, "ok": True, "group": "g", "client_id": 1, "max_message": max_message,
+              "framing": {"kind": "varint"}, "steering": "balance"}
+    with pytest.raises(HandshakeInvalid, match="max_message .* is outside 1..67108864"):
+        decode_answer(msgpack.packb(answer))
+
+
+def test_a_client_session_refuses_an_answer_with_a_huge_max_message():
+    from kmux._session import ClientSession
+
+    session = ClientSession("g")
+    session.hello_packet()
+    answer = {"kmux": 1, "ok": True, "group": "g", "client_id": 0, "max_message": 2**64 - 1,
+              "framing": {"kind": "varint"}, "steering": "balance", "up": False}
+    with pytest.raises(HandshakeInvalid):
+        session.receive_answer(msgpack.packb(answer))
+    assert session.state.value == "closed"
+
+
 def test_notice_with_str_and_bin_keys_is_bad_packet():
     # Was a KmuxError whose str() raised TypeError (its details' keys could not be sorted).
     with pytest.raises(BadPacket, match="keys must be strings"):
