@@ -155,8 +155,15 @@ def _code_paths(exe: str) -> list[str]:
 
     from kmuxd import __file__ as kmuxd_init
 
+    import kmuxd.core.sendq  # noqa: F401 -- compiled, it loads mypyc's shared module (below)
+
     paths = [exe, os.path.realpath(exe), os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix),
              str(Path(kmuxd_init).resolve().parent), str(Path(kmux.__file__).resolve().parent)]
+    # mypyc's shared runtime module (``<hash>__mypyc``) lies beside the top-level
+    # packages, not inside them: in an editable install, at the checkout's root.
+    # A service that cannot see it fails to import its compiled modules.
+    paths += [os.path.realpath(m.__file__) for name, m in list(sys.modules.items())
+              if name.endswith("__mypyc") and getattr(m, "__file__", None)]
     return list(dict.fromkeys(paths))
 
 

@@ -67,3 +67,16 @@ def test_the_cores_pass_their_tests_in_pure_python_too():
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout
+
+
+def test_install_units_lets_the_service_see_mypycs_shared_module():
+    """The shared runtime module (``<hash>__mypyc``) lies outside the packages (at the
+    checkout's root in an editable install). A service whose sandbox binds only the
+    packages cannot import a compiled module (found with a checkout under /tmp)."""
+    from kmuxd.system.install import _code_paths
+
+    shared = [p for p in _code_paths(sys.executable) if "__mypyc" in Path(p).name]
+    if status()["compiled"]:
+        assert shared and all(Path(p).is_file() for p in shared), shared
+    else:
+        assert not shared
