@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import array
 import fcntl
-import select
 import socket
 import termios
 from typing import Any
+
+from .sockbuf import hung_up
 
 __all__ = ["SocketLink", "MSG_TRUNC"]
 
@@ -34,7 +35,6 @@ MSG_TRUNC = int(socket.MSG_TRUNC)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 #: SIOCOUTQ: on a Unix socket, the bytes of packets sent and not yet read by the peer.
 _SIOCOUTQ = termios.TIOCOUTQ
-_HUNG_UP = select.POLLHUP | select.POLLRDHUP | select.POLLERR
 
 
 class SocketLink:
@@ -64,9 +64,7 @@ class SocketLink:
 
     def hung_up(self) -> bool:
         """Whether the daemon closed its end (or the socket has an error), without waiting."""
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLRDHUP)
-        return any(events & _HUNG_UP for _, events in poller.poll(0))
+        return hung_up(self.sock)
 
     def kick(self) -> None:
         try:

@@ -16,6 +16,10 @@ what ``max_message`` needs, lets the kernel cap it, and returns the largest
 packet the socket will really take. Nothing here raises on a capped buffer:
 a smaller buffer only means more pieces per large message.
 
+:func:`hung_up` asks the kernel, without waiting, whether the peer has
+closed its end (both ends use it: the daemon to tell a peer that left from
+a socket error, the client's ``flush`` to tell "read" from "dropped").
+
 Tests can force the stock limit without root: ``$KMUX_WMEM_MAX`` overrides
 what :func:`wmem_max` reads, and every buffer request is capped by it, so
 the kernel refuses larger packets exactly as on a stock machine.
@@ -24,10 +28,12 @@ the kernel refuses larger packets exactly as on a stock machine.
 from __future__ import annotations
 
 import os
+import select
 import socket
 from pathlib import Path
 
-__all__ = ["STOCK_WMEM_MAX", "WMEM_MAX_ENV", "PACKET_OVERHEAD", "wmem_max", "forget_wmem_max", "size_send_buffer", "max_packet"]
+__all__ = ["STOCK_WMEM_MAX", "WMEM_MAX_ENV", "PACKET_OVERHEAD", "wmem_max", "forget_wmem_max", "size_send_buffer", "max_packet",
+           "hung_up"]
 
 #: ``net.core.wmem_max`` of a stock Linux kernel.
 STOCK_WMEM_MAX = 212992
@@ -90,3 +96,20 @@ def size_send_buffer(sock: socket.socket, want_packet: int) -> int:
     except OSError:
         pass
     return max_packet(sock)
+
+
+#: The peer hung up, or the socket has a pending error.
+_HUNG_UP = select.POLLHUP | select.POLLRDHUP | select.POLLERR
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """Whether the peer has hung up (or the socket has a pending error), without waiting."""
+    try:
+        fd = sock.fileno()
+    except OSError:
+        return True
+    if fd < 0:
+        return True  # closed already
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return any(events & _HUNG_UP for _, events in poller.poll(0))

@@ -18,7 +18,7 @@ A socket call that fails with ``BlockingIOError`` (``EAGAIN``) only means
   as warnings.
 
 The two are told apart at the moment of logging, by asking the kernel
-whether the socket has hung up (:func:`hung_up`, one ``poll`` with no
+whether the socket has hung up (:func:`kmux.sockbuf.hung_up`, one ``poll`` with no
 timeout). A send can fail once per message, so each object that owns a
 socket (a session, the server's hellos, the control server) keeps one
 :class:`SocketErrors`: every error is counted, the first is logged, then
@@ -33,9 +33,10 @@ here or ending something that logs it (a connection's
 from __future__ import annotations
 
 import errno
-import select
 import socket
 from typing import Any
+
+from kmux.sockbuf import hung_up
 
 from kmuxd.system.log import RateLimit
 
@@ -45,8 +46,6 @@ __all__ = ["PEER_GONE_ERRNOS", "SOCKET_ERROR_LOG_INTERVAL", "SocketErrors", "err
 PEER_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED})
 #: Seconds between log lines of one object's socket errors (all are counted).
 SOCKET_ERROR_LOG_INTERVAL = 10.0
-#: The peer hung up, or the socket has a pending error: the reactor will end its owner.
-_HUNG_UP = select.POLLHUP | select.POLLRDHUP | select.POLLERR
 
 
 def errno_name(exc: BaseException) -> str:
@@ -55,19 +54,6 @@ def errno_name(exc: BaseException) -> str:
     if code is None:
         return type(exc).__name__
     return errno.errorcode.get(code, str(code))
-
-
-def hung_up(sock: socket.socket) -> bool:
-    """Whether the peer has hung up (or the socket has a pending error), without waiting."""
-    try:
-        fd = sock.fileno()
-    except OSError:
-        return True
-    if fd < 0:
-        return True  # closed already
-    poller = select.poll()
-    poller.register(fd, select.POLLRDHUP)
-    return any(events & _HUNG_UP for _, events in poller.poll(0))
 
 
 class SocketErrors:
