@@ -233,18 +233,16 @@ class Reactor:
 class _TrioView:
     """What the reactor may ask trio's run loop without a task switch.
 
-    trio has no public, cheap way to ask "is anything runnable, is a deadline
-    due?", so this reads its runner (``trio._core._run``), checked once at
+    trio has no public, cheap way to ask "is anything runnable?", so this
+    reads its runner's run queue (``trio._core._run``), checked once at
     start-up: if the layout is not what we expect, the reactor simply gives
     trio the loop after every pass.
     """
 
-    __slots__ = ("runq", "deadlines", "clock")
+    __slots__ = ("runq",)
 
-    def __init__(self, runq: Any, deadlines: Any, clock: Any) -> None:
+    def __init__(self, runq: Any) -> None:
         self.runq = runq
-        self.deadlines = deadlines
-        self.clock = clock
 
     @classmethod
     def of_current_run(cls) -> "_TrioView | None":
@@ -252,7 +250,7 @@ class _TrioView:
             from trio._core._run import GLOBAL_RUN_CONTEXT
 
             runner = GLOBAL_RUN_CONTEXT.runner
-            view = cls(runner.runq, runner.deadlines, runner.clock)
+            view = cls(runner.runq)
             view.has_work()
             return view
         except Exception:  # noqa: BLE001 -- any other trio: no shortcut
