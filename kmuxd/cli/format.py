@@ -232,10 +232,6 @@ class RateTracker:
         self._prev, self._next = self._next, {}
 
 
-#: Connection states in which a slot holds a live TCP connection (as in kmuxd.core.states).
-CONNECTED_STATES = ("ready", "busy", "draining")
-
-
 def records(answer: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
     """A list of records from a control answer, ignoring anything that is not a map."""
     value = answer.get(key)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Mapping
 
-from .format import CONNECTED_STATES, records
+from kmuxd.core.states import OPEN_STATE_NAMES
+
+from .format import records
 
 __all__ = ["metrics_registry", "metrics_text", "StatsCollector", "GROUP_METRICS", "CONN_METRICS",
            "TCP_METRICS", "CLIENT_METRICS", "DAEMON_METRICS", "ENDPOINT_METRICS", "ENDPOINT_STATES"]
@@ -204,7 +206,7 @@ class StatsCollector:
         )
         for lv, c in conns:
             if isinstance(c.get("state"), str):
-                conn_up.add_metric(list(lv), 1 if c["state"] in CONNECTED_STATES else 0)
+                conn_up.add_metric(list(lv), 1 if c["state"] in OPEN_STATE_NAMES else 0)
         yield conn_up
         yield self._states(
             "kmux_conn_state", "1 for the slot's current state, 0 for the others", conn_labels, conns, _conn_states()

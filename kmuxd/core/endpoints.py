@@ -44,6 +44,7 @@ Health looks at what connections *did*:
 
 from __future__ import annotations
 
+import enum
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -51,11 +52,24 @@ from typing import Generic, TypeVar
 
 from .backoff import Backoff
 
-__all__ = ["EndpointPool", "EndpointStatistics", "HEALTHY", "EJECTED", "PROBING"]
+__all__ = ["EndpointPool", "EndpointStatistics", "Verdict", "HEALTHY", "EJECTED", "PROBING"]
 
 E = TypeVar("E")
 
 HEALTHY, EJECTED, PROBING = "healthy", "ejected", "probing"
+
+
+class Verdict(str, enum.Enum):
+    """How an ended connection counted for its endpoint's health (:meth:`EndpointPool.closed`)."""
+
+    #: The server closed it after serving it (or for idleness): redial at once.
+    RECYCLE = "recycle"
+    #: It failed (reset, or closed before answering): counted, maybe ejected.
+    FAILURE = "failure"
+    #: We closed it: no verdict on the server.
+    REQUESTED = "requested"
+
+
 #: A connection closed by its server sooner than this after it was accepted,
 #: without an answer, is a failure (an accept-and-close server), not an idle close.
 CLOSED_AT_ONCE = 0.05
@@ -210,8 +224,8 @@ class EndpointPool(Generic[E]):
 
     def closed(self, ep: E, now: float, *, answered: bool, graceful: bool, reason: str = "",
                requested: bool = False, unanswered: bool = True, age: float = float("inf"),
-               answers: int = 0) -> str:
-        """A connection to ``ep`` ended. Returns how it counted: "recycle", "failure" or "requested".
+               answers: int = 0) -> Verdict:
+        """A connection to ``ep`` ended. Returns how it counted (a :class:`Verdict`).
 
         ``answered``: it delivered at least one answer (or, with nothing to
         answer, carried traffic); ``graceful``: the server closed it with a
@@ -228,19 +242,19 @@ class EndpointPool(Generic[E]):
         if requested:
             if answered:
                 h.credits = min(h.credits + 1, CREDITS_MAX)
-            return "requested"
+            return Verdict.REQUESTED
         if graceful and (answered or (not unanswered and age >= CLOSED_AT_ONCE)):
             h.recycles += 1
             if answered:
                 h.credits = min(h.credits + 1, CREDITS_MAX)
                 if unanswered:
                     h.recycled_after.append(answers)  # the server's own limit, as it shows
-            return "recycle"
+            return Verdict.RECYCLE
         h.failures_total += 1
         if answered:
-            return "failure"  # reset after answering: the redial decides
+            return Verdict.FAILURE  # reset after answering: the redial decides
         self._eject(h, now, reason or ("closed before answering" if graceful else "reset before answering"))
-        return "failure"
+        return Verdict.FAILURE
 
     def requests_per_connection(self, ep: E) -> int | None:
         """The fewest answers ``ep`` gave on a connection before it closed it with

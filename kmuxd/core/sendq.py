@@ -45,25 +45,63 @@ go, following KCM:
 Each run of an owner's messages knows the seq of its first message, so a
 message that will never be written can be named to its sender.
 
-Owners (clients) and connections are opaque here. Owners are told
-``count_written(msgs, nbytes)`` when their messages were written (the one
-callback, declared by :class:`Owner`); everything else the shell reads:
-the outbox of a connection (:meth:`TxScheduler.outbox_of`), the request
-records that were written (:meth:`Outbox.take_written`), the counters.
-This module does no I/O and imports neither ``socket`` nor ``trio``.
+The shell talks to the scheduler through one typed interface each way.
+Owners (clients, the retry feeder) and connections are :class:`Owner` and
+:class:`Carrier` here: the scheduler wakes owners it let route again
+(``wake``), counts for them what they got accepted, written or given back,
+and asks a connection to write when a pass ends (``flush_soon``). The shell
+fills an outbox's buffer (it receives straight into it) and then tells the
+scheduler with one call, :meth:`TxScheduler.commit`, whoever fills it: a
+client's packets, the last piece of a message in pieces, retried requests.
+Everything else the shell reads: the outbox of a connection
+(:meth:`TxScheduler.outbox_of`), the request records that were written
+(:meth:`Outbox.take_written`), the counters. This module does no I/O and
+imports neither ``socket`` nor ``trio``.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-__all__ = ["BASE", "Outbox", "TxScheduler", "Owner", "OutboxStatistics", "Salvage"]
+if TYPE_CHECKING:
+    from .router import Request
+
+__all__ = ["BASE", "Outbox", "TxScheduler", "Owner", "Carrier", "OutboxStatistics", "Salvage"]
 
 
 class Owner(Protocol):
-    def count_written(self, msgs: int, nbytes: int) -> None: ...
+    """A sender whose messages the scheduler places: a client, or the retry feeder."""
+
+    #: It left: its accepted messages are still written, but it is told nothing more.
+    gone: bool
+
+    def wake(self) -> None:
+        """It may route again (room came, a connection was handed to it): read it soon."""
+
+    def count_accepted(self, msgs: int, nbytes: int) -> None:
+        """``msgs`` of its messages (``nbytes`` bytes) were committed to an outbox."""
+
+    def count_written(self, msgs: int, nbytes: int) -> None:
+        """``msgs`` of its messages (``nbytes`` bytes) reached the kernel."""
+
+    def count_given_back(self, msgs: int) -> None:
+        """``msgs`` of its accepted messages will never be written (an orphan expired)."""
+
+
+class Carrier(Protocol):
+    """A connection that carries an outbox."""
+
+    def count_accepted(self, msgs: int) -> None:
+        """``msgs`` messages were committed to its outbox (max_requests_per_connection)."""
+
+    def flush_soon(self) -> None:
+        """Its outbox holds bytes to write: write them when the pass ends."""
+
+
+#: Reads ``buf`` at ``pos`` (with data up to ``end``): the length of the message there.
+LengthAt = Callable[[Any, int, int], int]
 
 
 class _Run:
@@ -72,7 +110,7 @@ class _Run:
 
     __slots__ = ("owner", "end", "msgs", "first_seq")
 
-    def __init__(self, owner: Any, end: int, msgs: int, first_seq: int) -> None:
+    def __init__(self, owner: Owner, end: int, msgs: int, first_seq: int) -> None:
         self.owner = owner
         self.end = end
         self.msgs = msgs
@@ -126,7 +164,7 @@ class Outbox:
         "unclaimed", "open_owner", "open_end", "orphaned_at",
     )
 
-    def __init__(self, capacity: int, reserve: int, length_at: Callable[[Any, int, int], int]) -> None:
+    def __init__(self, capacity: int, reserve: int, length_at: LengthAt) -> None:
         self.buf = bytearray(BASE + capacity + reserve)
         self.view = memoryview(self.buf)
         self.head = BASE  # written up to here
@@ -136,16 +174,16 @@ class Outbox:
         self.runs: deque[_Run] = deque()
         self.run_start = BASE  # where runs[0] begins (it may be partly written)
         #: owner -> number of its runs in this outbox (it is pinned while > 0)
-        self.owners: dict[Any, int] = {}
+        self.owners: dict[Owner, int] = {}
         #: pinned owners waiting for room here
-        self.parked: list[Any] = []
+        self.parked: list[Owner] = []
         #: the connection currently carrying this outbox (None: orphaned);
         #: the scheduler's own bookkeeping
-        self.conn: Any = None
+        self.conn: Carrier | None = None
         #: when it became an orphan (None: carried by a connection)
         self.orphaned_at: float | None = None
         #: a message being assembled after ``tail`` (continuation), and where it ends so far
-        self.open_owner: Any = None
+        self.open_owner: Owner | None = None
         self.open_end = BASE
         #: messages fully written from this outbox, ever
         self.written_msgs = 0
@@ -156,9 +194,9 @@ class Outbox:
         self.length_at = length_at
         #: request/response modes: one record per message here, in order
         #: (see kmuxd.core.router); empty in balance mode
-        self.requests: deque[Any] = deque()
+        self.requests: deque[Request] = deque()
         #: records of messages written since the shell last asked (take_written)
-        self.written_requests: list[Any] = []
+        self.written_requests: list[Request] = []
         #: messages written since the shell last asked (take_written_count)
         self.unclaimed = 0
 
@@ -167,11 +205,17 @@ class Outbox:
         return self.tail - self.head
 
     def has_room(self) -> bool:
-        """Whether one more packet (up to ``reserve`` bytes) may be received at ``tail``."""
-        if self.open_owner is not None:
-            return False  # a message is being assembled at tail
-        if self.tail - self.head >= self.capacity:
-            return False
+        """Whether one more packet (up to ``reserve`` bytes) may be received at ``tail`` now.
+
+        A query only; the scheduler asks :meth:`make_room`, which may compact first.
+        """
+        return (self.open_owner is None and self.tail - self.head < self.capacity
+                and len(self.buf) - self.tail >= self.reserve)
+
+    def make_room(self) -> bool:
+        """:meth:`has_room`, after compacting if a blocked write left too little space at the end."""
+        if self.open_owner is not None or self.tail - self.head >= self.capacity:
+            return False  # a message is being assembled at tail, or the batch is full
         if len(self.buf) - self.tail < self.reserve:
             self._compact()
             # A partly written message may still hold the front: no room yet.
@@ -216,11 +260,13 @@ class Outbox:
             self.run_start = pos
         return pos
 
-    def commit(self, owner: Any, new_tail: int, msgs: int, first_seq: int = 0) -> None:
+    def add_request(self, req: Request) -> None:
+        """The record of the next message received at ``tail`` (id/fifo steering)."""
+        self.requests.append(req)
+
+    def add_run(self, owner: Owner, new_tail: int, msgs: int, first_seq: int) -> None:
         """Record that ``msgs`` whole messages of ``owner`` (seqs ``first_seq``
         onwards, no gaps) now fill ``[tail, new_tail)``."""
-        if msgs <= 0:
-            return
         runs = self.runs
         last = runs[-1] if runs else None
         if last is not None and last.owner is owner and last.first_seq + last.msgs == first_seq:
@@ -234,7 +280,7 @@ class Outbox:
             self.owners[owner] = count + 1
         self.tail = new_tail
 
-    def advance(self, n: int) -> list[Any]:
+    def advance(self, n: int) -> list[Owner]:
         """``n`` more bytes were written. Returns owners no longer pinned here."""
         self.head += n
         head = self.head
@@ -277,7 +323,7 @@ class Outbox:
         self.unclaimed = 0
         return n
 
-    def take_written(self) -> list[Any]:
+    def take_written(self) -> list[Request]:
         """Request records whose messages were written since the last call."""
         out = self.written_requests
         if out:
@@ -286,16 +332,20 @@ class Outbox:
 
     # -- continuation ----------------------------------------------------------
 
-    def open(self, owner: Any) -> None:
+    def open(self, owner: Owner) -> None:
         """``owner`` starts a message that arrives in pieces, at ``tail``."""
         self.open_owner = owner
         self.open_end = self.tail
 
-    def close_open(self) -> tuple[int, int]:
+    def grow_open(self, nbytes: int) -> None:
+        """The next ``nbytes`` of the open message were received at ``open_end``."""
+        self.open_end += nbytes
+
+    def end_open(self) -> tuple[int, int]:
         """The open message is complete (or abandoned): ``(start, end)`` of its bytes.
 
-        The caller commits ``end`` with :meth:`commit`, or drops the bytes by
-        not committing them.
+        The scheduler commits ``end`` (:meth:`TxScheduler.commit`), or the
+        bytes are dropped by not committing them.
         """
         span = (self.tail, self.open_end)
         self.open_owner = None
@@ -322,7 +372,7 @@ class Outbox:
         self.open_end -= shift
         return Salvage(self.written_msgs - written_before, sum(r.msgs for r in self.runs), cut)
 
-    def unwritten(self) -> list[tuple[Any, int, int]]:
+    def unwritten(self) -> list[tuple[Owner, int, int]]:
         """``(owner, first_seq, msgs)`` of every run not yet written (after :meth:`salvage`)."""
         return [(r.owner, r.first_seq, r.msgs) for r in self.runs if r.msgs]
 
@@ -333,35 +383,33 @@ class Outbox:
 class TxScheduler:
     """Connection selection for one group, as in the module docstring.
 
-    Connections are opaque; the scheduler keeps which outbox each carries
-    (:meth:`outbox_of`). Methods return the owners the shell must wake (let
-    read again).
+    Connections are opaque (:class:`Carrier`); the scheduler keeps which
+    outbox each carries (:meth:`outbox_of`). Owners it lets route again are
+    woken (:meth:`Owner.wake`) from whichever call freed the room.
     """
 
     def __init__(self) -> None:
-        self._outbox: dict[Any, Outbox] = {}
-        self._available: deque[Any] = deque()
-        self._waiters: deque[Any] = deque()
+        self._outbox: dict[Carrier, Outbox] = {}
+        self._available: deque[Carrier] = deque()
+        self._waiters: deque[Owner] = deque()
         self._orphans: deque[Outbox] = deque()
-        self._connected: set[Any] = set()
+        self._connected: set[Carrier] = set()
         #: connections whose last write the kernel refused (until they write again)
-        self._blocked: set[Any] = set()
-        self.pins: dict[Any, Outbox] = {}
+        self._blocked: set[Carrier] = set()
+        self.pins: dict[Owner, Outbox] = {}
         #: owner -> connection handed to it when it came free while the owner
         #: waited; held for it (not available to others) until it reads
-        self._reserved: dict[Any, Any] = {}
-        #: connections that adopted an orphan outbox and must write it
-        self.to_flush: list[Any] = []
+        self._reserved: dict[Owner, Carrier] = {}
 
     # -- connections -------------------------------------------------------
 
-    def add(self, conn: Any, outbox: Outbox) -> None:
+    def add(self, conn: Carrier, outbox: Outbox) -> None:
         """``conn`` carries ``outbox`` from now on."""
         self._outbox[conn] = outbox
         outbox.conn = conn
         outbox.orphaned_at = None
 
-    def remove(self, conn: Any) -> Outbox | None:
+    def remove(self, conn: Carrier) -> Outbox | None:
         """``conn`` is gone for good (call :meth:`failed` first if its outbox may
         hold messages). Returns the outbox it carried, for reuse."""
         self.disconnected(conn)
@@ -370,20 +418,20 @@ class TxScheduler:
             outbox.conn = None
         return outbox
 
-    def outbox_of(self, conn: Any) -> Outbox:
+    def outbox_of(self, conn: Carrier) -> Outbox:
         return self._outbox[conn]
 
-    def connected(self, conn: Any) -> list[Any]:
+    def connected(self, conn: Carrier) -> None:
         """``conn`` has a fresh TCP connection. It adopts an orphan if any."""
         self._connected.add(conn)
-        return self._settle(conn)
+        self._settle(conn)
 
-    def blocked(self, conn: Any) -> None:
+    def blocked(self, conn: Carrier) -> None:
         """The kernel refused part of ``conn``'s write: send others elsewhere until it writes."""
         self._blocked.add(conn)
         self._drop_available(conn)
 
-    def failed(self, conn: Any, now: float = 0.0) -> tuple[Salvage, list[Any]]:
+    def failed(self, conn: Carrier, now: float = 0.0) -> Salvage:
         """``conn``'s stream died: cut its outbox back and hand it on."""
         self._connected.discard(conn)
         self._blocked.discard(conn)
@@ -391,7 +439,6 @@ class TxScheduler:
         self._drop_reserved(conn)
         outbox = self._outbox[conn]
         salvage = outbox.salvage()
-        wake: list[Any] = []
         if outbox.owners or outbox.open_owner is not None:
             # The slot gets an empty outbox; the old one, pins and order
             # intact, goes whole to the next available connection.
@@ -403,7 +450,7 @@ class TxScheduler:
                 if not self._orphans:
                     break
                 self._available.remove(free)
-                wake += self._adopt(free)
+                self._adopt(free)
             for owner, reserved in list(self._reserved.items()):
                 if not self._orphans:
                     break
@@ -411,43 +458,37 @@ class TxScheduler:
                     continue  # only an empty outbox can be swapped for the orphan
                 del self._reserved[owner]
                 self._waiters.appendleft(owner)
-                wake += self._adopt(reserved)
+                self._adopt(reserved)
         else:
-            wake += outbox.parked
-            outbox.parked = []
-        return salvage, wake
+            _wake_all(outbox)
+        return salvage
 
-    def retire(self, conn: Any) -> list[Any]:
+    def retire(self, conn: Carrier) -> None:
         """Take no new messages on ``conn`` (draining); its outbox still flushes.
 
         Clients pinned to it park until it is written, then go elsewhere.
         """
         self._connected.discard(conn)
         self._drop_available(conn)
-        wake = []
         for owner, reserved in list(self._reserved.items()):
             if reserved is conn:
                 del self._reserved[owner]
                 self._waiters.appendleft(owner)
-                wake.append(owner)
-        return wake
+                owner.wake()
 
-    def is_waiting(self, owner: Any) -> bool:
-        return owner in self._waiters
-
-    def disconnected(self, conn: Any) -> None:
+    def disconnected(self, conn: Carrier) -> None:
         """``conn`` is gone for good (group stopping); nothing is salvaged."""
         self._connected.discard(conn)
         self._blocked.discard(conn)
         self._drop_available(conn)
         self._drop_reserved(conn)
 
-    def _drop_reserved(self, conn: Any) -> None:
+    def _drop_reserved(self, conn: Carrier) -> None:
         for owner, reserved in list(self._reserved.items()):
             if reserved is conn:
                 del self._reserved[owner]
 
-    def _drop_available(self, conn: Any) -> None:
+    def _drop_available(self, conn: Carrier) -> None:
         try:
             self._available.remove(conn)
         except ValueError:
@@ -455,7 +496,7 @@ class TxScheduler:
 
     # -- clients -----------------------------------------------------------
 
-    def route_fresh(self, owner: Any, age: Any) -> Any | None:
+    def route_fresh(self, owner: Owner, age: Callable[[Any], int]) -> Carrier | None:
         """Like :meth:`route` for an unpinned owner, but take the available
         connection with the least ``age(conn)`` (written requests, say): the
         one least likely to be recycled soon. For retried requests."""
@@ -465,10 +506,12 @@ class TxScheduler:
             self._available.appendleft(best)
         return self.route(owner)
 
-    def route(self, owner: Any) -> Any | None:
+    def route(self, owner: Owner) -> Carrier | None:
         """Where ``owner``'s next messages go, or None (it was queued to wait).
 
-        The caller reads into ``outbox_of(conn)`` and reports with :meth:`committed`.
+        The outbox of the connection returned (:meth:`outbox_of`) has room
+        for at least one packet. The caller receives into it and reports
+        with :meth:`commit`, even if it took nothing.
         """
         outbox = self.pins.get(owner)
         if outbox is not None:
@@ -479,7 +522,7 @@ class TxScheduler:
             # hold the connection for as long as it keeps sending when the
             # connection, not the clients, is the bottleneck.
             others = self._waiters or (outbox.parked and outbox.parked != [owner])
-            if conn is not None and conn in self._connected and outbox.has_room() and not others:
+            if conn is not None and conn in self._connected and not others and outbox.make_room():
                 return conn
             if owner not in outbox.parked:
                 outbox.parked.append(owner)
@@ -487,72 +530,98 @@ class TxScheduler:
         conn = self._reserved.pop(owner, None)
         if conn is not None:
             if conn in self._connected:
-                return conn
-        elif self._available:
+                if self._outbox[conn].make_room():
+                    return conn
+                # An open message (continuation) took it meanwhile: still first in line.
+                self._waiters.appendleft(owner)
+                return None
+        else:
             available = self._available
-            conn = available[0]
-            available.rotate(-1)  # the next client takes the next connection
-            return conn
+            while available:
+                conn = available[0]
+                if self._outbox[conn].make_room():
+                    available.rotate(-1)  # the next client takes the next connection
+                    return conn
+                # Full behind a blocked write, or an open message (continuation)
+                # holds it: nobody may land there until it has room again.
+                available.popleft()
         if owner not in self._waiters:
             self._waiters.append(owner)
         return None
 
-    def committed(self, owner: Any, conn: Any, new_tail: int, msgs: int, first_seq: int = 0) -> list[Any]:
-        """``owner`` filled ``conn``'s outbox up to ``new_tail`` with ``msgs`` messages."""
-        outbox = self._outbox[conn]
-        if msgs:
-            outbox.commit(owner, new_tail, msgs, first_seq)
-            self.pins[owner] = outbox
-        if conn in self._available:
-            if not outbox.has_room():
-                self._drop_available(conn)
-            return []
-        # A reserved connection goes on to the next waiter, or back among the available.
-        return self._settle(conn) if conn in self._connected else []
+    def commit(self, owner: Owner, outbox: Outbox, new_tail: int, msgs: int, first_seq: int = 0) -> int:
+        """``owner`` filled ``outbox`` up to ``new_tail`` with ``msgs`` whole
+        messages, seqs ``first_seq`` onwards (0: it took nothing). Returns ``msgs``.
 
-    def opened(self, owner: Any, conn: Any) -> Outbox:
-        """``owner`` starts a continued message on ``conn`` (see :meth:`Outbox.open`)."""
+        The one door for bytes into an outbox, whoever fills it: a client's
+        packets (after :meth:`route`), the last piece of a message in pieces
+        (its open message, after :meth:`open`), retried requests. The owner
+        and the connection count what was accepted, the connection writes
+        when the pass ends, and owners that may route again are woken.
+        """
+        conn = outbox.conn
+        whole = outbox.open_owner is owner
+        if whole:
+            # The last piece of its message in pieces: the whole message is committed.
+            new_tail = outbox.end_open()[1]
+            msgs = 1
+        if msgs:
+            nbytes = new_tail - outbox.tail
+            outbox.add_run(owner, new_tail, msgs, first_seq)
+            self.pins[owner] = outbox
+            owner.count_accepted(msgs, nbytes)
+        if whole and outbox.parked and outbox.make_room():
+            _wake_all(outbox)  # the outbox is everyone's again
+        if conn is not None:
+            if conn in self._available:
+                if not outbox.make_room():
+                    self._drop_available(conn)
+            elif conn in self._connected:
+                # A connection reserved for it (or held by its open message)
+                # goes on to the next waiter, or back among the available.
+                self._settle(conn)
+            if msgs:
+                conn.count_accepted(msgs)
+                conn.flush_soon()
+        return msgs
+
+    def open(self, owner: Owner, conn: Carrier) -> Outbox:
+        """``owner`` starts a message in pieces on ``conn`` (see :meth:`Outbox.open`);
+        nobody else lands in that outbox until it is committed or dropped."""
         outbox = self._outbox[conn]
         outbox.open(owner)
+        self._drop_available(conn)
         return outbox
 
-    def closed_open(self, owner: Any, outbox: Outbox, commit: bool, seq: int = 0) -> list[Any]:
-        """The open message of ``outbox`` is whole (``commit``: it is written like
-        any message) or dropped (refused, or its sender left); others may use
-        the outbox again."""
-        start, end = outbox.close_open()
-        if commit:
-            outbox.commit(owner, end, 1, seq)
-            self.pins[owner] = outbox
+    def drop_open(self, owner: Owner, outbox: Outbox) -> None:
+        """``owner``'s message in pieces was refused, or it left: its bytes are
+        dropped and others may use the outbox again."""
+        if outbox.open_owner is not owner:
+            return
+        outbox.end_open()
+        if outbox.parked and outbox.make_room():
+            _wake_all(outbox)
         conn = outbox.conn
-        wake: list[Any] = []
-        if outbox.parked and outbox.has_room():
-            wake = outbox.parked
-            outbox.parked = []
-        if conn is not None and outbox.pending == 0:
-            wake += self._settle(conn)
-        return wake
+        if conn is not None:
+            self._settle(conn)
 
-    def written(self, conn: Any, n: int) -> list[Any]:
+    def written(self, conn: Carrier, n: int) -> None:
         """``n`` bytes of ``conn``'s outbox went to the kernel."""
         outbox = self._outbox[conn]
         for owner in outbox.advance(n):
             if self.pins.get(owner) is outbox:
                 del self.pins[owner]
         self._blocked.discard(conn)
-        wake: list[Any] = []
-        if outbox.parked and outbox.has_room():
-            wake = outbox.parked
-            outbox.parked = []
+        if outbox.parked and outbox.make_room():
+            _wake_all(outbox)
         if conn in self._available:
             if self._orphans and self._empty(conn):
                 self._drop_available(conn)  # written out: it adopts an orphan instead
-                wake += self._adopt(conn)
+                self._adopt(conn)
         else:
-            wake += self._settle(conn)
-        return wake
+            self._settle(conn)
 
-    def forget(self, owner: Any) -> list[Any]:
+    def forget(self, owner: Owner) -> None:
         """``owner`` left. Its queued bytes still go out; it just stops waiting."""
         try:
             self._waiters.remove(owner)
@@ -562,68 +631,64 @@ class TxScheduler:
         if outbox is not None and owner in outbox.parked:
             outbox.parked.remove(owner)
         conn = self._reserved.pop(owner, None)
-        return self._settle(conn) if conn is not None else []
+        if conn is not None:
+            self._settle(conn)
 
     # -- internals ---------------------------------------------------------
 
-    def _empty(self, conn: Any) -> bool:
+    def _empty(self, conn: Carrier) -> bool:
         outbox = self._outbox[conn]
         return not outbox.pending and not outbox.owners and outbox.open_owner is None
 
-    def _settle(self, conn: Any) -> list[Any]:
+    def _settle(self, conn: Carrier) -> None:
         """``conn`` may take messages again: adopt an orphan, serve a waiter, or be available."""
         outbox = self._outbox[conn]
         if conn not in self._connected or conn in self._blocked or outbox.open_owner is not None:
-            return []
+            return
         if self._orphans and self._empty(conn):
-            return self._adopt(conn)
-        if conn in self._available or conn in self._reserved.values() or not outbox.has_room():
-            return []
+            self._adopt(conn)
+            return
+        if conn in self._available or conn in self._reserved.values() or not outbox.make_room():
+            return
         if self._waiters:
             # Hand the connection to the longest waiter, so a busy client
             # that keeps refilling cannot starve the others.
             owner = self._waiters.popleft()
             self._reserved[owner] = conn
-            return [owner]
+            owner.wake()
+            return
         self._available.append(conn)
-        return []
 
-    def _adopt(self, conn: Any) -> list[Any]:
+    def _adopt(self, conn: Carrier) -> None:
         # The slot that lost the orphan already got a fresh outbox, so
         # conn's empty one is simply dropped.
         orphan = self._orphans.popleft()
         self.add(conn, orphan)
-        self.to_flush.append(conn)
-        wake = orphan.parked
-        orphan.parked = []
-        return wake
-
-    def take_flush(self) -> list[Any]:
-        """Connections that adopted an orphan and must write it now."""
-        out, self.to_flush = self.to_flush, []
-        return out
+        conn.flush_soon()
+        _wake_all(orphan)
 
     def has_orphans(self) -> bool:
         return bool(self._orphans)
 
-    def expire_orphans(self, now: float, timeout: float) -> tuple[list[Outbox], list[Any]]:
+    def expire_orphans(self, now: float, timeout: float) -> list[Outbox]:
         """Orphans no connection adopted within ``timeout``: given back, never to be written.
 
-        Returns ``(outboxes, wake)``. The shell refuses each message still in
-        them (:meth:`Outbox.unwritten` names them by seq, ``requests`` holds
-        their records) and aborts an open message; their owners are unpinned
-        and parked ones woken.
+        The shell refuses each message still in the returned outboxes
+        (:meth:`Outbox.unwritten` names them by seq, ``requests`` holds their
+        records) and aborts an open message. Their owners are unpinned, told
+        what was given back (:meth:`Owner.count_given_back`), and woken if parked.
         """
         expired = [o for o in self._orphans if o.orphaned_at is not None and now - o.orphaned_at >= timeout]
-        wake: list[Any] = []
         for outbox in expired:
             self._orphans.remove(outbox)
             for owner in list(outbox.owners):
                 if self.pins.get(owner) is outbox:
                     del self.pins[owner]
-            wake += outbox.parked
-            outbox.parked = []
-        return expired, wake
+            for run in outbox.runs:
+                if run.msgs:
+                    run.owner.count_given_back(run.msgs)
+            _wake_all(outbox)
+        return expired
 
     def orphans(self) -> list[Outbox]:
         return list(self._orphans)
@@ -637,6 +702,15 @@ class TxScheduler:
             orphaned_msgs=sum(sum(r.msgs for r in o.runs) for o in self._orphans),
             orphaned_bytes=sum(o.pending for o in self._orphans),
         )
+
+
+def _wake_all(outbox: Outbox) -> None:
+    """Wake the owners parked on ``outbox``: it has room, or it is gone."""
+    parked = outbox.parked
+    if parked:
+        outbox.parked = []
+        for owner in parked:
+            owner.wake()
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,10 @@ from typing import Any
 
 from kmux.errors import IllegalTransition
 
-__all__ = ["SlotState", "SlotEvent", "ConnState", "ConnEvent", "ClientState", "ClientEvent", "StateMachine"]
+__all__ = [
+    "SlotState", "SlotEvent", "ConnState", "ConnEvent", "EndReason", "RetireReason",
+    "ClientState", "ClientEvent", "CloseReason", "StateMachine",
+]
 
 
 class SlotState(enum.Enum):
@@ -104,11 +107,43 @@ CONN_TRANSITIONS.update({(state, _E.CLOSE): _C.CLOSED for state in ConnState})
 TAKING_STATES = frozenset({_C.READY, _C.BUSY})
 #: States in which a TCP connection is open.
 OPEN_STATES = frozenset({_C.READY, _C.BUSY, _C.DRAINING})
-#: Kept for kmux-cli and older callers: a connection is "up" in these.
-CONNECTED_STATES = OPEN_STATES
+#: What statistics show (``state``) for a slot whose live connection is open:
+#: kmux-cli counts such a slot as up.
+OPEN_STATE_NAMES = frozenset(state.value for state in OPEN_STATES)
 #: What a slot's statistics show as its ``state``: its live connection's
 #: state when it has one, else the slot's own.
 VISIBLE_SLOT_STATES = ("idle", "connecting", "ready", "busy", "draining", "backoff", "closed")
+
+
+class EndReason(enum.Enum):
+    """Why a TCP connection ended (:meth:`kmuxd.io.conn.Conn.end`)."""
+
+    #: The server sent its FIN and everything it sent has been read.
+    FIN = "fin"
+    #: The stream failed: a socket error, bad framing from the server, a timeout, a crash.
+    ERROR = "error"
+    #: We closed it: an operator, a finished drain or recycle, a stopping group.
+    REQUESTED = "requested"
+
+    @property
+    def text(self) -> str:
+        """How it ended, for the notices of the requests it carried."""
+        return _END_TEXT[self]
+
+
+_END_TEXT = {EndReason.FIN: "was closed by its server", EndReason.ERROR: "failed", EndReason.REQUESTED: "was closed"}
+
+
+class RetireReason(enum.Enum):
+    """Why a connection retired: took nothing new and finished what it held (the value is logged)."""
+
+    MAX_REQUESTS = "max_requests_per_connection"
+    MAX_AGE = "max_connection_age"
+    SERVER_CLOSED = "the server closed its side"
+    ENDPOINT_EJECTED = "endpoint ejected: request timeouts"
+    DRAIN = "drain"
+    #: Not a retirement: an operator's reconnect closes the connection at once.
+    RECONNECT = "reconnect requested by an operator"
 
 
 class ClientState(enum.Enum):
@@ -138,6 +173,27 @@ CLIENT_TRANSITIONS: dict[tuple[ClientState, ClientEvent], ClientState] = {
     (_S.NOT_RECEIVING, _V.RECEIVE_OFF): _S.NOT_RECEIVING,
 }
 CLIENT_TRANSITIONS.update({(state, _V.CLOSE): _S.CLOSED for state in ClientState})
+
+
+class CloseReason(enum.Enum):
+    """Why a client's session ended (the value is the ``client_detached`` line's reason)."""
+
+    #: It closed its socket (EOF), or hung up (while read, or pushed back).
+    CLOSED = "closed"
+    HUNG_UP = "hung up"
+    HUNG_UP_PUSHED_BACK = "hung up while pushed back"
+    #: A receive or a send on its socket failed (the errno follows).
+    RECEIVE_FAILED = "receive failed"
+    SEND_FAILED = "send failed"
+    #: The daemon detached it: responses left unread, idleness, a reload's access policy.
+    SLOW_CONSUMER = "slow consumer"
+    IDLE = "idle"
+    ACCESS_REVOKED = "access revoked by a reload"
+    #: Its group or the daemon stopped.
+    GROUP_STOPPED = "group stopped"
+    DAEMON_STOPPING = "daemon stopping"
+    #: A bug in its path (the exception follows).
+    INTERNAL_ERROR = "internal error"
 
 
 class StateMachine:

@@ -50,10 +50,6 @@ class BalanceSteering:
         self._blocked: set[Any] = set()
         self._left = 0  # messages the ring's front may still take this turn
 
-    def add(self, receiver: Any, receiving: bool = True) -> None:
-        if receiving:
-            self.receive_on(receiver)
-
     def remove(self, receiver: Any) -> None:
         self._receiving.discard(receiver)
         self._blocked.discard(receiver)

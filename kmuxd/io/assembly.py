@@ -26,7 +26,6 @@ Invariant: while an :class:`Assembly` has an outbox, that outbox's
 from __future__ import annotations
 
 import socket
-import time
 from typing import TYPE_CHECKING
 
 from kmux.errors import AncillaryRefused, BadPacket, KmuxError, MessageTooBig
@@ -72,14 +71,16 @@ class Assembly:
         if truncated or size > session.group.cfg.max_message:
             asm.refuse(MessageTooBig(asm._too_big_text(size)))
             return asm
-        session.group.sched.opened(session, outbox.conn)
-        outbox.open_end = tail + size
+        conn = outbox.conn
+        assert conn is not None  # the first piece was received after route() named it
+        session.group.sched.open(session, conn)
+        outbox.grow_open(size)
         return asm
 
     @classmethod
     def refused_unread(cls, session: "AppSession", err: KmuxError) -> "Assembly":
         """A message whose first piece was refused unread (queue_timeout): drop its pieces."""
-        asm = cls(session, None, session.seq, 0, time.monotonic())
+        asm = cls(session, None, session.seq, 0, session.clock())
         asm.refused = err
         return asm
 
@@ -139,7 +140,7 @@ class Assembly:
                     session.open = None
                     return TURN
                 continue
-            outbox.open_end = end + size
+            outbox.grow_open(size)
             if kind == KIND_DATA:
                 self.finish(outbox, total)
                 return TURN
@@ -156,29 +157,23 @@ class Assembly:
         router = group.router
         if err is None and router is not None:
             try:
-                req = router.accept(session, self.seq, time.monotonic(), outbox.buf, start, size)
+                req = router.accept(session, self.seq, session.clock(), outbox.buf, start, size)
             except KmuxError as exc:
                 err = exc
         if err is not None:
-            group.wake(group.sched.closed_open(session, outbox, commit=False))
+            group.sched.drop_open(session, outbox)
             session.refuse(err, seq_value=self.seq)
             return
         if req is not None:
-            outbox.requests.append(req)
-        conn = outbox.conn
-        group.wake(group.sched.closed_open(session, outbox, commit=True, seq=self.seq))
-        session.accepted += 1
-        session.accepted_bytes += size
-        if conn is not None:
-            conn.accepted(1)
-            conn.flush_soon()
+            outbox.add_request(req)
+        group.sched.commit(session, outbox, outbox.open_end, 1, self.seq)
 
     def release(self) -> None:
         """Give the outbox back to the others (what was assembled is dropped)."""
         outbox = self.outbox
         session = self.session
-        if outbox is not None and outbox.open_owner is session:
-            session.group.wake(session.group.sched.closed_open(session, outbox, commit=False))
+        if outbox is not None:
+            session.group.sched.drop_open(session, outbox)
         self.outbox = None
 
     def refuse(self, err: KmuxError) -> None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +53,7 @@ from kmux.errors import (
     RemoteAssemblyTimeout,
 )
 
+from kmuxd.core.endpoints import Verdict
 from kmuxd.core.inbox import Inbox
 from kmuxd.core.sendq import Outbox
 from kmuxd.core.states import (
@@ -63,6 +63,8 @@ from kmuxd.core.states import (
     TAKING_STATES,
     ConnEvent,
     ConnState,
+    EndReason,
+    RetireReason,
     SlotEvent,
     SlotState,
     StateMachine,
@@ -134,10 +136,10 @@ class Conn(Handler):
     """One TCP connection of a slot, registered in the event core."""
 
     __slots__ = (
-        "group", "slot", "sock", "fd", "endpoint", "sm", "inbox", "flight", "mask", "connected_at",
-        "tx_msgs", "tx_bytes", "rx_msgs", "rx_bytes", "tx_aborts", "requests", "budget", "answered",
-        "listed", "paused", "suspended", "half_closed", "retire_deadline", "retire_reason", "recycling", "flight_total",
-        "ended", "closed", "error",
+        "group", "slot", "clock", "sock", "fd", "endpoint", "sm", "inbox", "flight", "mask", "connected_at",
+        "tx_msgs", "tx_bytes", "rx_msgs", "rx_bytes", "tx_aborts", "requests", "budget", "delivered",
+        "paused", "suspended", "half_closed", "retire_deadline", "retire_reason", "flight_total",
+        "ended", "_closed_event", "error",
     )
 
     def __init__(self, slot: "Slot", sock: socket.socket, endpoint: Endpoint, inbox: Inbox) -> None:
@@ -145,6 +147,7 @@ class Conn(Handler):
         cfg = group.cfg
         self.group = group
         self.slot = slot
+        self.clock = slot.clock
         self.sock = sock
         self.fd = sock.fileno()
         self.endpoint = endpoint
@@ -152,7 +155,7 @@ class Conn(Handler):
         self.inbox = inbox
         self.flight = group.router.flight(self) if group.router is not None else None
         self.mask = _BASE_MASK
-        self.connected_at = time.monotonic()
+        self.connected_at = self.clock()
         self.tx_msgs = self.tx_bytes = self.rx_msgs = self.rx_bytes = 0
         self.tx_aborts = 0
         #: Requests (messages) accepted to be written here, and how many more
@@ -162,19 +165,18 @@ class Conn(Handler):
         #: Requests written on this connection (its outbox may hold others'
         #: adopted ones, so this is not ``requests``).
         self.flight_total = 0
-        #: It delivered an answer (or, in balance mode, carried traffic): a
-        #: FIN from its server after that is a recycle, not a failure.
-        self.answered = False
-        self.listed = False  # in the reactor's flush list for this pass
+        #: Messages from its server delivered to clients (answers, or in
+        #: balance mode any message): once it delivered one, a FIN from its
+        #: server is a recycle, not a failure.
+        self.delivered = 0
         self.paused = False  # balance: no ready receiver, not reading
         self.suspended = False  # paused and hung up: out of the epoll until it can read
         self.half_closed = False  # the server sent its FIN
         self.retire_deadline: float | None = None
-        self.retire_reason = ""
-        self.recycling = False  # retired make-before-break (the slot dials at once)
+        self.retire_reason: RetireReason | None = None
         self.ended = False
-        #: Set when the TCP connection is closed, however it ended.
-        self.closed = trio.Event()
+        #: Set when the TCP connection is closed, however it ended (:meth:`wait_closed`).
+        self._closed_event = trio.Event()
         self.error: str | None = None
 
     def __repr__(self) -> str:
@@ -191,8 +193,7 @@ class Conn(Handler):
     def start(self) -> None:
         group = self.group
         group.reactor.register(self.fd, self, self.mask)
-        group.wake(group.sched.connected(self))
-        group.after_adoption()
+        group.sched.connected(self)
         group.retry_feeder.feed()  # retried requests wait for a fresh connection like this one
 
     # -- the reactor's view ------------------------------------------------------
@@ -207,7 +208,11 @@ class Conn(Handler):
             self.flush()
 
     def crash(self, exc: BaseException) -> None:
-        self.end("error", ConnectionLost(f"internal error on this connection: {exc!r}"))
+        self.end(EndReason.ERROR, ConnectionLost(f"internal error on this connection: {exc!r}"))
+
+    async def wait_closed(self) -> None:
+        """Wait until the TCP connection is closed, however it ends."""
+        await self._closed_event.wait()
 
     def _set_mask(self, mask: int) -> None:
         if mask != self.mask and not self.ended and not self.suspended:
@@ -218,13 +223,10 @@ class Conn(Handler):
 
     def flush_soon(self) -> None:
         """Bytes were committed to this connection's outbox: write them when the pass ends."""
-        if not self.listed:
-            self.listed = True
-            self.group.reactor.flush_later(self)
+        self.group.reactor.flush_later(self)
 
     def flush(self) -> None:
         """Write as much of the outbox as the kernel takes, without waiting."""
-        self.listed = False
         if self.ended:
             return
         group = self.group
@@ -242,10 +244,10 @@ class Conn(Handler):
                 self._set_mask(self.mask | EPOLLOUT)
                 return
             except OSError as exc:
-                self.end("error", exc)
+                self.end(EndReason.ERROR, exc)
                 return
             self.tx_bytes += n
-            wake = sched.written(self, n)
+            sched.written(self, n)
             self.tx_msgs += outbox.take_written_count()
             if flight is not None and outbox.written_requests:
                 router = group.router
@@ -254,9 +256,9 @@ class Conn(Handler):
                 self.flight_total += len(written)
                 for req in written:
                     router.written(req, flight)
-            if wake:
-                group.wake(wake)
-            outbox = sched.outbox_of(self)  # an adoption may have swapped it
+            # written() may have had this connection adopt an orphan (when its
+            # own outbox emptied): the next bytes to write are the orphan's.
+            outbox = sched.outbox_of(self)
         if self.sm.state is ConnState.BUSY:
             self.sm.fire(ConnEvent.WRITE_DONE)
         if self.mask & EPOLLOUT:
@@ -266,13 +268,13 @@ class Conn(Handler):
         if self.sm.state is ConnState.DRAINING:
             self.maybe_finish_retiring()
 
-    def accepted(self, msgs: int) -> None:
+    def count_accepted(self, msgs: int) -> None:
         """``msgs`` requests were committed to this connection's outbox."""
         self.requests += msgs
         if self.budget is not None:
             self.budget -= msgs
             if self.budget <= 0 and self.taking:
-                self.retire("max_requests_per_connection", recycle=True)
+                self.retire(RetireReason.MAX_REQUESTS, recycle=True)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -284,16 +286,16 @@ class Conn(Handler):
         except BlockingIOError:
             return
         except OSError as exc:
-            self.end("error", exc)
+            self.end(EndReason.ERROR, exc)
             return
         if n == 0:
             self.peer_closed()
             return
         self.rx_bytes += n
         try:
-            ready = inbox.received(n, time.monotonic())
+            ready = inbox.received(n, self.clock())
         except KmuxError as exc:  # RemoteFrameTooBig / RemoteBadHeader
-            self.end("error", exc, eject=f"bad framing: {exc.message}")
+            self.end(EndReason.ERROR, exc, eject=f"bad framing: {exc.message}")
             return
         if ready:
             self.steer()
@@ -303,16 +305,16 @@ class Conn(Handler):
         if group.router is not None:
             group.steer_responses(self)
         elif not group.steer_balance(self):
-            self.pause()
+            self.pause_reading()
 
-    def pause(self) -> None:
+    def pause_reading(self) -> None:
         """Balance: no receiver is ready. Stop reading; TCP pushes back on the server."""
         self.paused = True
         self.inbox.pause_clock()
         self.group.paused.append(self)
         self._set_mask(self.mask & ~(EPOLLIN | EPOLLRDHUP))
 
-    def resume(self) -> None:
+    def resume_reading(self) -> None:
         """A receiver became ready: steer what waits, then read again."""
         if not self.paused or self.ended:
             return
@@ -320,7 +322,7 @@ class Conn(Handler):
             self.group.paused.append(self)
             return
         self.paused = False
-        self.inbox.resume_clock(time.monotonic())
+        self.inbox.resume_clock(self.clock())
         if self.suspended:
             self.suspended = False
             self.group.reactor.register(self.fd, self, self.mask | EPOLLIN | EPOLLRDHUP)
@@ -340,39 +342,38 @@ class Conn(Handler):
         if events & EPOLLRDHUP and not self.half_closed:
             self.half_closed = True
             if self.taking:
-                self.retire("the server closed its side", recycle=True)
+                self.retire(RetireReason.SERVER_CLOSED, recycle=True)
 
     def peer_closed(self) -> None:
         """The server sent its FIN: everything it sent has been read."""
         self.half_closed = True
-        self.end("fin")
+        self.end(EndReason.FIN)
 
     # -- retiring and ending -----------------------------------------------------------------
 
-    def retire(self, reason: str, *, recycle: bool, deadline: float | None = None) -> None:
+    def retire(self, reason: RetireReason, recycle: bool, deadline: float | None = None) -> None:
         """Take nothing new; finish what is here, then close (see the module docstring)."""
         if not self.taking:
             return
         group = self.group
         self.sm.fire(ConnEvent.RETIRE)
         self.retire_reason = reason
-        self.recycling = recycle
         if deadline is None:
             cfg = group.cfg
-            deadline = time.monotonic() + (cfg.request_timeout or group.daemon_cfg.shutdown_grace)
+            deadline = self.clock() + (cfg.request_timeout or group.daemon_cfg.shutdown_grace)
         self.retire_deadline = deadline
-        group.wake(group.sched.retire(self))
+        group.sched.retire(self)
         if recycle:
             group.recycles += 1
             self.slot.replace_now(self)
         self.maybe_finish_retiring()
 
-    def unretire(self) -> None:
+    def resume(self) -> None:
         """An operator's drain timed out: back in service."""
         if self.sm.state is ConnState.DRAINING and not self.ended:
             self.sm.fire(ConnEvent.RESUME)
             self.retire_deadline = None
-            self.group.wake(self.group.sched.connected(self))
+            self.group.sched.connected(self)
 
     def maybe_finish_retiring(self) -> None:
         """Close a retiring connection once its outbox is written and its requests answered."""
@@ -384,7 +385,7 @@ class Conn(Handler):
         if self.flight is not None:
             if self.flight.count():
                 return
-            self.end("requested")
+            self.end(EndReason.REQUESTED)
             return
         # Balance: nothing tells us when the service has answered everything.
         # Half-close and read until it closes its side (or the deadline).
@@ -401,30 +402,30 @@ class Conn(Handler):
 
     def retire_expired(self, now: float) -> None:
         if self.retire_deadline is not None and now >= self.retire_deadline and not self.ended:
-            self.end("requested")
+            self.end(EndReason.REQUESTED)
 
-    def end(self, how: str, exc: BaseException | None = None, *, eject: str | None = None) -> None:
-        """The stream is done (``how``: "fin", "error" or "requested"): settle everything now."""
+    def end(self, how: EndReason, exc: BaseException | None = None, *, eject: str | None = None) -> None:
+        """The stream is done: settle everything now."""
         if self.ended:
             return
         group = self.group
         sched = group.sched
-        now = time.monotonic()
-        requested = how == "requested"
+        now = self.clock()
+        requested = how is EndReason.REQUESTED
         if exc is not None and not requested:
             self.error = _describe(exc)
         # Answers the service sent before the stream broke are still owed. A FIN
         # among them means the server closed first and our later writes drew the
         # reset (EPIPE/ECONNRESET): for health that is the server's recycle.
         fin_first = False
-        if group.router is not None and how == "error" and not self.paused:
+        if group.router is not None and how is EndReason.ERROR and not self.paused:
             fin_first = self._take_arrived()
         self.ended = True
         was_draining = self.sm.state is ConnState.DRAINING
-        self.sm.fire(ConnEvent.FAIL if how != "requested" else ConnEvent.CLOSE)
+        self.sm.fire(ConnEvent.CLOSE if requested else ConnEvent.FAIL)
         outbox = sched.outbox_of(self)
         cut_before = outbox.pending
-        salvage, wake = sched.failed(self, now)
+        salvage = sched.failed(self, now)
         # Messages that were whole in the kernel before the end count as written here.
         self.tx_msgs += outbox.take_written_count()
         if self.flight is not None:
@@ -437,8 +438,8 @@ class Conn(Handler):
         group.tx_retries += salvage.resend_msgs
         unanswered = self.flight.count() > 0 if self.flight is not None else False
         if self.flight is not None:
-            why = self.error or self.retire_reason or "closed"
-            group.settle_lost(self.flight, f"connection {self.slot.index} to {self.endpoint} {_ended(how)}: {why}")
+            why = self.error or (self.retire_reason.value if self.retire_reason else "closed")
+            group.settle_lost(self.flight, f"connection {self.slot.index} to {self.endpoint} {how.text}: {why}")
         if self.inbox.ends:
             group.dropped_rx_msgs += len(self.inbox.ends)  # balance: no receiver ever came
         spare = sched.remove(self)
@@ -447,29 +448,29 @@ class Conn(Handler):
             self.sock.close()
         except OSError:
             pass  # the descriptor is released whatever close() says; the end is logged below
-        self.closed.set()
+        self._closed_event.set()
         pool = group.endpoints
+        answered = self.delivered > 0
         if eject is not None:
-            pool.closed(self.endpoint, now, answered=self.answered, graceful=False, requested=True)
+            pool.closed(self.endpoint, now, answered=answered, graceful=False, requested=True)
             pool.eject(self.endpoint, now, eject)
-            kind = "failure"
+            kind = Verdict.FAILURE
         else:
             kind = pool.closed(
-                self.endpoint, now, answered=self.answered, unanswered=unanswered, age=now - self.connected_at,
+                self.endpoint, now, answered=answered, unanswered=unanswered, age=now - self.connected_at,
                 answers=self.rx_msgs,
-                graceful=how == "fin" or fin_first, requested=requested or was_draining,
+                graceful=how is EndReason.FIN or fin_first, requested=requested or was_draining,
                 reason=self.error or "",
             )
         log = group.log.bind(conn=self.slot.index, endpoint=str(self.endpoint))
-        (log.info if kind != "failure" else log.warning)(
-            "connection_closed" if kind != "failure" else "connection_failed",
-            how=how, counted=kind, error=self.error, reason=self.retire_reason or None,
+        failed = kind is Verdict.FAILURE
+        (log.warning if failed else log.info)(
+            "connection_failed" if failed else "connection_closed",
+            how=how.value, counted=kind.value, error=self.error,
+            reason=self.retire_reason.value if self.retire_reason else None,
             error_code=getattr(exc, "code", "os_error") if exc is not None else None,
             resend_msgs=salvage.resend_msgs, queued_bytes=cut_before,
         )
-        if wake:
-            group.wake(wake)
-        group.after_adoption()
         self.slot.conn_ended(self, kind, spare)
 
     def _take_arrived(self) -> bool:
@@ -492,7 +493,7 @@ class Conn(Handler):
                 return True
             self.rx_bytes += n
             try:
-                inbox.received(n, time.monotonic())
+                inbox.received(n, self.clock())
             except KmuxError:
                 return False
         if inbox.ends:
@@ -509,7 +510,7 @@ class Conn(Handler):
             f"within assembly_timeout={cfg.assembly_timeout}s"
         )
         self.slot.msg_timeouts += 1
-        self.end("error", exc, eject="assembly timeout")
+        self.end(EndReason.ERROR, exc, eject="assembly timeout")
         return True
 
     # -- statistics ------------------------------------------------------------------------------
@@ -527,6 +528,7 @@ class Slot:
 
     def __init__(self, group: "Group", index: int, endpoint: Endpoint) -> None:
         self.group = group
+        self.clock = group.clock
         self.index = index
         self.endpoint = endpoint
         self.sm = StateMachine(SLOT_TRANSITIONS, SlotState.IDLE, f"group {group.cfg.name} slot {index}")
@@ -585,7 +587,7 @@ class Slot:
         self.sm.fire(SlotEvent.DIAL)
         with trio.CancelScope() as self._run_scope:
             while not self._stopping:
-                endpoint, wait = pool.choose(time.monotonic())
+                endpoint, wait = pool.choose(self.clock())
                 if endpoint is None:
                     self.sm.fire(SlotEvent.NO_ENDPOINT)
                     if not started:
@@ -598,7 +600,7 @@ class Slot:
                 try:
                     sock = await self._dial(endpoint)
                 except (OSError, ConnectFailed) as exc:
-                    pool.dial_failed(endpoint, time.monotonic(), _describe(exc))
+                    pool.dial_failed(endpoint, self.clock(), _describe(exc))
                     self.dial_failures += 1
                     self.last_error = _describe(exc)
                     self.sm.fire(SlotEvent.DIAL_FAILED)
@@ -612,7 +614,7 @@ class Slot:
                     self.sm.fire(SlotEvent.RETRY)
                     continue
                 pool.connected(endpoint)
-                conn = self._carry(sock, endpoint)
+                conn = group.reactor.call(self.carry, sock, endpoint)
                 if not started:
                     started = True
                     task_status.started()
@@ -624,7 +626,8 @@ class Slot:
                     self.sm.fire(SlotEvent.RETRY)
                 await trio.lowlevel.checkpoint()
 
-    def _carry(self, sock: socket.socket, endpoint: Endpoint) -> Conn:
+    def carry(self, sock: socket.socket, endpoint: Endpoint) -> Conn:
+        """Carry traffic on ``sock``, a connected TCP socket to ``endpoint`` (inside a pass)."""
         group = self.group
         cfg = group.cfg
         inbox = self._spare_inbox
@@ -644,7 +647,6 @@ class Slot:
         self.sm.fire(SlotEvent.CONNECTED)
         self.log.info("connected", local=_sockname(sock))
         conn.start()
-        group.reactor.end_pass()
         return conn
 
     async def _dial(self, endpoint: Endpoint) -> socket.socket:
@@ -685,7 +687,7 @@ class Slot:
             self.retired += 1
             self._wake.set()
 
-    def conn_ended(self, conn: Conn, kind: str, spare: Outbox | None) -> None:
+    def conn_ended(self, conn: Conn, kind: Verdict, spare: Outbox | None) -> None:
         self.ended_tx_msgs += conn.tx_msgs
         self.ended_tx_bytes += conn.tx_bytes
         self.ended_rx_msgs += conn.rx_msgs
@@ -693,7 +695,7 @@ class Slot:
         self.ended_tx_aborts += conn.tx_aborts
         if conn.error:
             self.last_error = conn.error
-        if kind == "recycle":
+        if kind is Verdict.RECYCLE:
             self.recycles += 1
         if spare is not None and not spare.pending and not spare.owners:
             self._spare_outbox = spare
@@ -712,18 +714,21 @@ class Slot:
 
     def reconnect(self) -> bool:
         """Close the live connection and dial again at once. False if not connected."""
+        return bool(self.group.reactor.call(self._reconnect))
+
+    def _reconnect(self) -> bool:
         live = self.live
         if live is not None and live.state is ConnState.DRAINING:
             raise DrainInProgress(f"conn {self.index} is draining; it is replaced when the drain ends")
         if live is None or live.ended:
             return False
-        live.retire_reason = "reconnect requested by an operator"
-        live.end("requested")
-        self.group.reactor.end_pass()
+        live.retire_reason = RetireReason.RECONNECT
+        live.end(EndReason.REQUESTED)
         return True
 
-    async def drain(self, timeout: float, *, retire: bool = False) -> tuple[int, int]:
-        """Write everything queued here, taking nothing new, then replace (or retire) the connection.
+    async def drain(self, timeout: float, *, remove: bool = False) -> tuple[int, int]:
+        """Write everything queued here, taking nothing new, then replace the connection
+        (``remove``: then stop the slot for good; a resize removed it).
 
         Returns (messages, bytes) written meanwhile. Raises DrainTimeout if
         the queue did not empty in time; the connection then stays in service.
@@ -732,29 +737,27 @@ class Slot:
         if live is not None and live.state is ConnState.DRAINING:
             raise DrainInProgress(f"conn {self.index} is already draining")
         if live is None or live.ended:
-            if retire:
+            if remove:
                 self.stop()
             return 0, 0
         msgs0, bytes0 = live.tx_msgs, live.tx_bytes
         deadline = trio.current_time() + timeout
         # The drain keeps its own deadline: on time-out the connection stays in service.
-        live.retire("drain", recycle=False, deadline=float("inf"))
-        self.group.reactor.end_pass()
+        reactor = self.group.reactor
+        reactor.call(live.retire, RetireReason.DRAIN, False, float("inf"))
         with trio.move_on_at(deadline):
-            await live.closed.wait()
+            await live.wait_closed()
         if not live.ended:
             outbox = self.group.sched.outbox_of(live)
             if outbox.pending or outbox.owners:
-                live.unretire()
-                self.group.reactor.end_pass()
+                reactor.call(live.resume)
                 raise DrainTimeout(
                     f"conn {self.index} still had {outbox.pending} bytes queued after {timeout}s; it stays in service"
                 )
-            live.end("requested")  # written, but the service never closed its side
-            self.group.reactor.end_pass()
-        if retire:
+            reactor.call(live.end, EndReason.REQUESTED)  # written, but the service never closed its side
+        if remove:
             self.stop()
-        self.log.info("drained", msgs=live.tx_msgs - msgs0, bytes=live.tx_bytes - bytes0, retire=retire)
+        self.log.info("drained", msgs=live.tx_msgs - msgs0, bytes=live.tx_bytes - bytes0, remove=remove)
         return live.tx_msgs - msgs0, live.tx_bytes - bytes0
 
     def stop(self) -> None:
@@ -766,7 +769,7 @@ class Slot:
         """The group is gone: close every connection now (queues were flushed or given up)."""
         self.stop()
         for conn in self.conns():
-            conn.end("requested")
+            conn.end(EndReason.REQUESTED)
         if self.sm.state is not SlotState.CLOSED:
             self.sm.fire(SlotEvent.CLOSE)
 
@@ -774,7 +777,7 @@ class Slot:
 
     def statistics(self) -> ConnStatistics:
         group = self.group
-        now = time.monotonic()
+        now = self.clock()
         live = self.live if self.live is not None and not self.live.ended else None
         conns = [c for c in self.conns() if not c.ended]
         tx_msgs = self.ended_tx_msgs + sum(c.written_msgs() for c in conns)
@@ -839,10 +842,6 @@ def _tune(sock: socket.socket, cfg: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cfg.keepalive_count)
     if cfg.tcp_user_timeout:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(cfg.tcp_user_timeout * 1000))
-
-
-def _ended(how: str) -> str:
-    return {"fin": "was closed by its server", "error": "failed", "requested": "was closed"}.get(how, how)
 
 
 def _describe(exc: BaseException) -> str:

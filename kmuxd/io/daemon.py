@@ -40,7 +40,7 @@ from .control import ControlRequest, ControlServer, bind_control, to_wire
 from .group import Group
 from kmuxd.system.log import get_logger
 from kmuxd.system.sd import FD_NAME_APPS, FD_NAME_CONTROL, Notifier, activated_sockets, watchdog_interval
-from .reactor import Reactor
+from .reactor import Clock, Reactor
 from .listen import bind_seqpacket
 from .server import Server
 from kmuxd.core.states import ConnState
@@ -120,16 +120,18 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Clock = time.monotonic) -> None:
         self.config = config
+        #: Every object of the shell reads the time from this clock (through the reactor).
+        self.clock = clock
         self.log = get_logger()
-        self.reactor = Reactor(self.log.bind(component="reactor"))
+        self.reactor = Reactor(self.log.bind(component="reactor"), clock)
         self.groups: dict[str, Group] = {name: self._group(g) for name, g in config.groups.items()}
         self.server = Server(config, self.groups, self.log, self.reactor)
         self.control_server = ControlServer(self)
         self.listener = None
         self.control_listener = None
-        self.started_at = time.monotonic()
+        self.started_at = clock()
         self.reloads = 0
         self.reload_failures = 0
         self.last_reload_error: str | None = None
@@ -165,7 +167,7 @@ class Daemon:
             self._owned_paths.append(daemon_cfg.control_socket)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        t0 = time.monotonic()
+        t0 = self.clock()
         daemon_cfg = self.config.daemon
         self.notifier.status("binding sockets")
         self._open_sockets()
@@ -180,7 +182,7 @@ class Daemon:
                         starting.start_soon(nursery.start, group.run)
                 await nursery.start(self.server.serve, self.listener)
                 await nursery.start(self.control_server.serve, self.control_listener)
-                startup_ms = round((time.monotonic() - t0) * 1000, 1)
+                startup_ms = round((self.clock() - t0) * 1000, 1)
                 self.log.info(
                     "ready",
                     socket=daemon_cfg.socket,
@@ -224,7 +226,7 @@ class Daemon:
             for group in list(self.groups.values()):
                 await group.wait_flushed()
         left = sum(g.queued_total() for g in self.groups.values())
-        self.server.close_all("daemon stopping")
+        self.server.close_all()
         if left:
             self.log.warning("stopped_with_queued_bytes", queued_bytes=left, shutdown_grace=grace)
         for group in self.groups.values():
@@ -265,9 +267,9 @@ class Daemon:
             return {"reconnected": [s.index for s in list(group.slots) if s.state_name != draining and s.reconnect()]}
         if request.op == "drain":
             slot = self.group(args["group"]).slot(args["conn"])
-            t0 = time.monotonic()
+            t0 = self.clock()
             msgs, nbytes = await slot.drain(args["timeout"])
-            return {"drained_msgs": msgs, "drained_bytes": nbytes, "seconds": round(time.monotonic() - t0, 3)}
+            return {"drained_msgs": msgs, "drained_bytes": nbytes, "seconds": round(self.clock() - t0, 3)}
         if request.op == "reload":
             return dataclasses.asdict(await self.reload())
         raise AssertionError(f"op {request.op} validated but not handled")
@@ -293,7 +295,7 @@ class Daemon:
             stats = [g.statistics() for g in self.groups.values()]
             tx = sum(g.tx_msgs for g in stats)
             rx = sum(g.rx_msgs for g in stats)
-            now = time.monotonic()
+            now = self.clock()
             rates = ""
             if previous is not None:
                 t0, tx0, rx0 = previous
@@ -338,13 +340,13 @@ class Daemon:
         return DaemonStatistics(
             version=__version__,
             pid=os.getpid(),
-            uptime=time.monotonic() - self.started_at,
+            uptime=self.clock() - self.started_at,
             config=self.config.source,
             socket=self.config.daemon.socket,
             control_socket=self.config.daemon.control_socket,
             clients=sum(len(g.clients) for g in self.groups.values()),
             handshaking=self.server.handshaking,
-            clients_accepted=self.server.accepted,
+            clients_accepted=self.server.hellos_accepted,
             clients_refused=self.server.refused,
             refused_by_code=dict(self.server.refused_by_code),
             groups=len(self.groups),
@@ -389,7 +391,7 @@ class Daemon:
             for name in plan.removed:
                 del self.groups[name]
             for name in plan.removed + plan.replaced:
-                self._nursery.start_soon(old_groups[name].retire)
+                self._nursery.start_soon(old_groups[name].stop)
             for name in plan.resized:
                 surplus = self.groups[name].resize(new.groups[name])
                 if surplus:

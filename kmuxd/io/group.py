@@ -38,10 +38,9 @@ end of a retiring connection, ``max_connection_age``, and
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -61,7 +60,7 @@ from kmux.protocol import KIND_DATA, Notice
 from kmuxd.core.endpoints import EndpointPool, EndpointStatistics
 from kmuxd.core.router import PENDING, IdTable, ResponseRouter
 from kmuxd.core.sendq import TxScheduler
-from kmuxd.core.states import ConnState, SlotState
+from kmuxd.core.states import CloseReason, ConnState, RetireReason, SlotState
 from kmuxd.core.steering import BalanceSteering
 from kmuxd.system.config import DaemonConfig, GroupConfig
 from kmuxd.system.log import RateLimit
@@ -69,7 +68,8 @@ from kmuxd.system.log import RateLimit
 from .conn import ConnStatistics, Slot
 
 if TYPE_CHECKING:
-    from .reactor import Reactor
+    from .conn import Conn
+    from .reactor import Clock, Reactor
     from .session import AppSession, ClientStatistics
 
 __all__ = ["Group", "GroupStatistics"]
@@ -186,11 +186,19 @@ class RetryFeeder:
         #: retried requests and when each was queued, oldest first
         self.queue: deque = deque()
 
+    # -- Owner protocol: retried requests are not a client's; nothing to count
+
+    def count_accepted(self, msgs: int, nbytes: int) -> None:
+        pass
+
     def count_written(self, msgs: int, nbytes: int) -> None:
         pass
 
+    def count_given_back(self, msgs: int) -> None:
+        pass
+
     def add(self, reqs: list) -> None:
-        now = time.monotonic()
+        now = self.group.clock()
         self.queue.extend((req, now) for req in reqs)
         self.wake()
 
@@ -206,11 +214,11 @@ class RetryFeeder:
         if router is None:
             return  # only id/fifo steering retries
         while queue:
-            conn = sched.route_fresh(self, _requests_carried)
+            conn = cast("Conn | None", sched.route_fresh(self, _requests_carried))
             if conn is None:
                 return  # woken when a connection comes free
             limit = group.endpoints.requests_per_connection(conn.endpoint)
-            waited = time.monotonic() - queue[0][1]
+            waited = group.clock() - queue[0][1]
             if limit is not None:
                 # Its place in the stream: what was written on it, and what waits in
                 # its outbox (an adopted orphan's requests included).
@@ -223,12 +231,11 @@ class RetryFeeder:
                 room = 0
             else:
                 room = len(queue)
+            outbox = sched.outbox_of(conn)
             if room <= 0:
                 # Not fresh enough: give it back; Conn.start wakes us for a new one.
-                group.wake(sched.committed(self, conn, sched.outbox_of(conn).tail, 0))
+                sched.commit(self, outbox, outbox.tail, 0)
                 return
-            outbox = sched.outbox_of(conn)
-            outbox.has_room()
             buf = outbox.buf
             tail = outbox.tail
             msgs = 0
@@ -241,13 +248,9 @@ class RetryFeeder:
                 assert payload is not None  # kept for every request while retries are on
                 buf[tail : tail + len(payload)] = payload
                 tail += len(payload)
-                outbox.requests.append(req)
+                outbox.add_request(req)
                 msgs += 1
-            group.wake(sched.committed(self, conn, tail, msgs))
-            if msgs:
-                conn.accepted(msgs)
-                conn.flush_soon()
-            else:
+            if not sched.commit(self, outbox, tail, msgs):
                 return
 
     def expire(self, now: float, timeout: float) -> list:
@@ -269,6 +272,8 @@ class Group:
         self.daemon_cfg = daemon_cfg
         self.log = log.bind(group=cfg.name)
         self.reactor = reactor
+        #: The shell's clock (the reactor's): every deadline of the group is read from it.
+        self.clock: "Clock" = reactor.clock
         self.sched = TxScheduler()
         self.endpoints = EndpointPool(
             list(cfg.endpoints), cfg.reconnect_initial, cfg.reconnect_max,
@@ -288,7 +293,7 @@ class Group:
         self.retry_feeder = RetryFeeder(self)
         self.slots = [self._new_slot(i) for i in range(cfg.connections)]
         #: slots removed by a resize: no connection any more, but their traffic counts
-        self.retired_slots: list[Slot] = []
+        self.removed_slots: list[Slot] = []
         self.clients: dict[int, "AppSession"] = {}
         #: balance: connections that stopped reading for want of a ready receiver
         self.paused: list = []
@@ -298,7 +303,7 @@ class Group:
         self._flushed = trio.Event()
         #: someone waits in wait_flushed(): emptied outboxes must say so
         self.flush_waited = False
-        self.started_at = time.monotonic()
+        self.started_at = self.clock()
         self._nursery: trio.Nursery | None = None
         # counters
         self.tx_retries = 0
@@ -368,7 +373,7 @@ class Group:
             nursery.start_soon(slot.run)
         surplus = self.slots[cfg.connections :]
         del self.slots[cfg.connections :]
-        self.retired_slots.extend(surplus)  # their counts stay in the group's totals
+        self.removed_slots.extend(surplus)  # their counts stay in the group's totals
         self.log.info("group_resized", connections=cfg.connections, was=old)
         return surplus
 
@@ -376,11 +381,10 @@ class Group:
         """Drain the slots a resize removed (each queue written, then closed)."""
         for slot in surplus:
             try:
-                await slot.drain(self.daemon_cfg.shutdown_grace, retire=True)
+                await slot.drain(self.daemon_cfg.shutdown_grace, remove=True)
             except DrainTimeout:
                 pass
-            slot.close_all()
-            self.reactor.end_pass()
+            self.reactor.call(slot.close_all)
 
     def reconfigure(self, cfg: GroupConfig) -> None:
         """Settings that change in place (limits, timeouts, access): clients stay attached.
@@ -389,6 +393,9 @@ class Group:
         ``permission_denied`` and detached; what they sent and the daemon
         accepted is still written.
         """
+        self.reactor.call(self._reconfigure, cfg)
+
+    def _reconfigure(self, cfg: GroupConfig) -> None:
         self.cfg = cfg
         self.endpoints.rate = cfg.max_dials_per_second
         self.endpoints.burst = max(1.0, cfg.max_dials_per_second)
@@ -408,26 +415,29 @@ class Group:
                 client.stop_reading(Notice.for_error(PermissionDenied(
                     f"group {cfg.name!r} no longer admits this client (reload)"
                 )))
-                client.close("access revoked by a reload")
-        self.reactor.end_pass()
+                client.close(CloseReason.ACCESS_REVOKED)
 
-    async def retire(self) -> None:
+    async def stop(self) -> None:
         """Stop the group: stop reading its clients (each told the last seq read),
         flush what they sent, then release them and close its connections."""
-        for client in list(self.clients.values()):
-            client.stop_reading(Notice(event="shutdown", details={"accepted": client.seq}))
-        self.reactor.end_pass()
+        self.reactor.call(self._stop_reading)
         with trio.move_on_after(self.daemon_cfg.shutdown_grace):
             await self.wait_flushed()
-        for client in list(self.clients.values()):
-            client.close("group retired")
         left = self.queued_total()
-        for slot in self.slots:
-            slot.close_all()
-        self.reactor.end_pass()
-        self.log.info("group_retired", queued_bytes_lost=left)
+        self.reactor.call(self._close_all)
+        self.log.info("group_stopped", queued_bytes_lost=left)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    def _stop_reading(self) -> None:
+        for client in list(self.clients.values()):
+            client.stop_reading(Notice(event="shutdown", details={"accepted": client.seq}))
+
+    def _close_all(self) -> None:
+        for client in list(self.clients.values()):
+            client.close(CloseReason.GROUP_STOPPED)
+        for slot in self.slots:
+            slot.close_all()
 
     async def wait_flushed(self) -> None:
         """Wait until nothing accepted is left unwritten (no polling: flushes wake us)."""
@@ -447,7 +457,6 @@ class Group:
     def attach(self, client: "AppSession", receive: bool) -> None:
         self.clients[client.id] = client
         self.attached += 1
-        self.steering.add(client, receiving=False)  # turned on by the session's state
         if receive and self.steering.receive_on(client):
             self.receiver_ready()
 
@@ -457,27 +466,16 @@ class Group:
         self.unattached += 1
         client.gone = True  # responses still on their way to it are dropped
         self.steering.remove(client)
-        self.wake(self.sched.forget(client))
+        self.sched.forget(client)
         # Its accepted messages still go out; keep its counts in the totals.
         self._departed_refused += client.refused
         self._departed_requeued += client.requeued
         self._departed_notices += client.notices_sent
 
-    def wake(self, owners: list) -> None:
-        """Let woken owners (clients, the retry feeder) try the scheduler again."""
-        for owner in owners:
-            owner.wake()
-
-    def after_adoption(self) -> None:
-        """Connections that adopted an orphaned outbox write it."""
-        if self.sched.to_flush:
-            for conn in self.sched.take_flush():
-                conn.flush_soon()
-
     def queued_total(self) -> int:
         """Bytes accepted and not yet written, anywhere in the group."""
         sched = self.sched
-        total = sum(sched.outbox_of(c).pending for s in self.slots + self.retired_slots
+        total = sum(sched.outbox_of(c).pending for s in self.slots + self.removed_slots
                     for c in s.conns() if not c.ended)
         return total + sched.statistics().orphaned_bytes
 
@@ -495,7 +493,7 @@ class Group:
             return
         paused, self.paused = self.paused, []
         for conn in paused:
-            conn.resume()
+            conn.resume_reading()
 
     def steer_balance(self, conn: Any) -> bool:
         """Hand the connection's ready messages to ready receivers. False if some remain."""
@@ -552,7 +550,7 @@ class Group:
         self.rx_bytes += total_bytes
         conn.rx_msgs += i
         if i:
-            conn.answered = True
+            conn.delivered += i
         inbox.take(i, pos)
         if i == count:
             return True
@@ -618,7 +616,7 @@ class Group:
         ids = router.ids
         flight = conn.flight
         pending = self.sched.outbox_of(conn).requests
-        now = time.monotonic()
+        now = self.clock()
         answered = 0
         nbytes = 0
         for end in ends:
@@ -640,8 +638,7 @@ class Group:
         self.rx_msgs += answered
         self.rx_bytes += nbytes
         if answered:
-            if not conn.answered:
-                conn.answered = True
+            conn.delivered += answered
             self.endpoints.answered(conn.endpoint)
         if conn.state is ConnState.DRAINING:
             conn.maybe_finish_retiring()
@@ -690,8 +687,7 @@ class Group:
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(self._tick())
-            self.apply_deadlines(time.monotonic())
-            self.reactor.end_pass()
+            self.reactor.call(self.apply_deadlines, self.clock())
 
     def apply_deadlines(self, now: float) -> None:
         cfg = self.cfg
@@ -714,7 +710,7 @@ class Group:
                     continue
                 conn.retire_expired(now)
                 if cfg.max_connection_age and conn.taking and conn.age(now) >= cfg.max_connection_age:
-                    conn.retire("max_connection_age", recycle=True)
+                    conn.retire(RetireReason.MAX_AGE, recycle=True)
         idle = cfg.client_idle_timeout
         for client in list(self.clients.values()):
             if client.open is not None:
@@ -724,7 +720,7 @@ class Group:
         # Slow consumers are detached (not in self.clients) while their last notice drains.
         for client in list(self.slow):
             if client.closing_deadline is not None and now >= client.closing_deadline:
-                client.close("slow consumer")
+                client.close(CloseReason.SLOW_CONSUMER)
 
     def _check_idle(self, client: "AppSession", now: float, idle: float) -> None:
         mark = (client.seq, client.rx_msgs, client.notices_sent, len(client.txq))
@@ -737,7 +733,7 @@ class Group:
             client.stop_reading(Notice.for_error(IdleTimeout(
                 f"sent and received nothing for client_idle_timeout={idle}s; detached"
             )))
-            client.close("idle")
+            client.close(CloseReason.IDLE)
 
     def _expire_queued(self, now: float, timeout: float) -> None:
         def unavailable() -> GroupUnavailable:
@@ -758,11 +754,13 @@ class Group:
                 if router.refused(req):
                     self.queue_timeouts += 1
                     self._tell(req, unavailable())
-        expired, wake = self.sched.expire_orphans(now, timeout)
+        expired = self.sched.expire_orphans(now, timeout)
         for outbox in expired:
-            owner = outbox.open_owner
-            if owner is not None and owner.open is not None:
-                owner.open.abort(unavailable())
+            # Only clients open messages and, in balance mode, own runs (the
+            # retry feeder exists only in id/fifo steering).
+            opener = cast("AppSession | None", outbox.open_owner)
+            if opener is not None and opener.open is not None:
+                opener.open.abort(unavailable())
             if self.router is not None:
                 for req in list(outbox.requests):
                     if self.router.refused(req):
@@ -770,7 +768,8 @@ class Group:
                         self._tell(req, unavailable())
                 outbox.requests.clear()
             else:
-                for owner, first_seq, msgs in outbox.unwritten():
+                for run_owner, first_seq, msgs in outbox.unwritten():
+                    owner = cast("AppSession", run_owner)
                     if owner.gone:
                         continue
                     for seq in range(first_seq, first_seq + msgs):
@@ -778,25 +777,21 @@ class Group:
                         err = unavailable()
                         err.details["seq"] = seq
                         owner.notify(Notice.for_error(err))
-            for owner, _, msgs in outbox.unwritten():
-                if hasattr(owner, "accepted"):
-                    owner.accepted -= msgs  # given back: no longer queued for it
         if expired:
             self.log.warning("orphans_expired", outboxes=len(expired), queue_timeout=timeout)
-        self.wake(wake)
 
     def _retire_endpoint(self, endpoint: Any) -> None:
         """An endpoint was ejected for request timeouts: its connections are replaced elsewhere."""
         for slot in self.slots:
             live = slot.live
             if live is not None and live.endpoint == endpoint and live.taking:
-                live.retire("endpoint ejected: request timeouts", recycle=True)
+                live.retire(RetireReason.ENDPOINT_EJECTED, recycle=True)
 
     # -- statistics ---------------------------------------------------------------
 
     def statistics(self) -> GroupStatistics:
         sched = self.sched
-        slots = self.slots + self.retired_slots
+        slots = self.slots + self.removed_slots
         conns = [c for s in slots for c in s.conns() if not c.ended]
         queues = [sched.outbox_of(c).statistics() for c in conns]
         clients = list(self.clients.values())
@@ -845,9 +840,9 @@ class Group:
             down=up == 0,
             latency_p50_us=_us(r.latency_p50) if r else None,
             latency_p99_us=_us(r.latency_p99) if r else None,
-            uptime=time.monotonic() - self.started_at,
+            uptime=self.clock() - self.started_at,
             access=self.cfg.access.to_wire(),
-            endpoint_health=tuple(self.endpoints.statistics(time.monotonic())),
+            endpoint_health=tuple(self.endpoints.statistics(self.clock())),
         )
 
     def connection_statistics(self) -> list[ConnStatistics]:

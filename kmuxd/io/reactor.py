@@ -37,6 +37,20 @@ trio keeps what it is good at: lifecycles (nurseries), timers
 (``request_timeout``, ``queue_timeout``, back-off), signals, the control
 socket and cancellation.
 
+**The pass boundary.** Data-path state (outboxes, scheduler, sessions,
+connections) is touched only inside a *pass*, and a pass always ends with
+its deferred work: wake-ups (:meth:`Reactor.call_soon`), then one write per
+connection that got bytes (:meth:`Reactor.flush_later`). The reactor's own
+loop runs passes; trio-side work (a timer tick, a dial that connected, an
+operator's drain, a reload) enters the data path through
+:meth:`Reactor.call`, which runs it as a pass of its own. Deferring work
+outside a pass raises :class:`~kmux.errors.InternalError` (a bug): without
+an end of pass it would sit unserved until some socket happened to be ready.
+
+**Time** comes from the clock the reactor is given (``time.monotonic`` in
+the daemon, a fake one in tests); every object of the shell reads the same
+one, so a test can step time without sleeping.
+
 Error handling: each handler is an error boundary. An exception escaping
 one handler's :meth:`~Handler.handle` is logged with its traceback and ends
 that handler only (:meth:`Handler.crash`): one client or connection with a
@@ -46,13 +60,17 @@ bug in its path is closed, the daemon and everyone else go on.
 from __future__ import annotations
 
 import select
-import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import trio
 
-__all__ = ["Reactor", "Handler", "ReactorStatistics", "EPOLLIN", "EPOLLOUT", "EPOLLRDHUP", "EPOLLHUP", "EPOLLERR"]
+from kmux.errors import InternalError
+
+__all__ = [
+    "Reactor", "Handler", "Flushable", "Clock", "ReactorStatistics",
+    "EPOLLIN", "EPOLLOUT", "EPOLLRDHUP", "EPOLLHUP", "EPOLLERR",
+]
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -66,6 +84,19 @@ MAX_EVENTS = 1024
 #: became runnable in the same trio batch as the reactor, a timer that came
 #: due and trio's own sockets wait at most this.
 YIELD_INTERVAL = 0.001
+
+
+#: Where the shell reads the time: seconds, monotonic (``time.monotonic``;
+#: tests pass a clock they step themselves).
+Clock = Callable[[], float]
+
+
+class Flushable(Protocol):
+    """A connection that writes what it was given during a pass when the pass ends."""
+
+    def flush(self) -> None: ...
+
+    def crash(self, exc: BaseException) -> None: ...
 
 
 class Handler:
@@ -96,13 +127,17 @@ class ReactorStatistics:
 
 
 class Reactor:
-    def __init__(self, log: Any) -> None:
+    def __init__(self, log: Any, clock: Clock) -> None:
         self.log = log
+        #: The shell's clock (see the module docstring).
+        self.clock = clock
         self._epoll = select.epoll()
         self._handlers: dict[int, Handler] = {}
         self._masks: dict[int, int] = {}
-        self._flush: list[Any] = []
+        #: connections to write at the end of this pass, each once (insertion order)
+        self._flush: dict[Flushable, None] = {}
         self._soon: list[Callable[[], None]] = []
+        self._in_pass = False
         self.passes = self.events = self.modifies = self.idle_waits = self.crashes = 0
 
     # -- registration ------------------------------------------------------------
@@ -133,43 +168,48 @@ class Reactor:
                 # it from the epoll, which is all unregistering is for.
                 pass
 
-    def registered(self, fd: int) -> bool:
-        return fd in self._handlers
+    # -- the pass boundary --------------------------------------------------------------
 
-    # -- end-of-pass work -----------------------------------------------------------
-
-    def flush_later(self, conn: Any) -> None:
-        """``conn`` got bytes this pass: it writes them (``conn.flush()``) when the pass ends.
-
-        The caller keeps a flag so each connection is listed once per pass.
-        """
-        self._flush.append(conn)
+    def flush_later(self, conn: Flushable) -> None:
+        """``conn`` got bytes this pass: it writes them (``conn.flush()``) when the pass ends, once."""
+        if not self._in_pass:
+            raise InternalError(f"{conn!r} was given bytes outside a pass: enter through Reactor.call")
+        self._flush[conn] = None
 
     def call_soon(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` at the end of this pass (or the next one, if no pass is running)."""
+        """Run ``fn`` at the end of this pass."""
+        if not self._in_pass:
+            raise InternalError(f"{fn!r} was deferred outside a pass: enter through Reactor.call")
         self._soon.append(fn)
 
-    # -- the loop ---------------------------------------------------------------------
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` (trio-side work on the data path) as a pass of its own.
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        poll = self._epoll.poll
-        fileno = self._epoll.fileno()
+        Whatever it defers (wake-ups, writes) runs before this returns, even
+        if ``fn`` raises. Called from inside a pass, ``fn`` simply becomes
+        part of that pass.
+        """
+        if self._in_pass:
+            return fn(*args)
+        self._in_pass = True
+        try:
+            return fn(*args)
+        finally:
+            try:
+                self._finish_pass()
+            finally:
+                self._in_pass = False
+
+    def serve_ready(self) -> bool:
+        """One pass over every socket ready now, without waiting. False if there was nothing to do."""
+        events = self._epoll.poll(0, MAX_EVENTS)
+        if not events and not self._soon and not self._flush:
+            return False
+        self.passes += 1
+        self.events += len(events)
         handlers = self._handlers
-        monotonic = time.monotonic
-        trio_view = _TrioView.of_current_run()
-        if trio_view is None:
-            self.log.info("reactor_yields_every_pass", reason="trio's run queue is not readable in this trio version")
-        task_status.started()
-        yielded = monotonic()
-        while True:
-            events = poll(0, MAX_EVENTS)
-            if not events and not self._soon and not self._flush:
-                self.idle_waits += 1
-                await trio.lowlevel.wait_readable(fileno)
-                yielded = monotonic()
-                continue
-            self.passes += 1
-            self.events += len(events)
+        self._in_pass = True
+        try:
             for fd, mask in events:
                 handler = handlers.get(fd)
                 if handler is None:
@@ -178,15 +218,35 @@ class Reactor:
                     handler.handle(mask)
                 except Exception as exc:  # noqa: BLE001 -- the error boundary
                     self._crashed(handler, exc)
-            self.end_pass()
-            if trio_view is None or trio_view.has_work() or monotonic() - yielded >= YIELD_INTERVAL:
-                await trio.lowlevel.checkpoint()
-                yielded = monotonic()
+            self._finish_pass()
+        finally:
+            self._in_pass = False
+        return True
 
-    def end_pass(self) -> None:
+    # -- the loop ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        fileno = self._epoll.fileno()
+        clock = self.clock
+        trio_view = _TrioView.of_current_run()
+        if trio_view is None:
+            self.log.info("reactor_yields_every_pass", reason="trio's run queue is not readable in this trio version")
+        task_status.started()
+        yielded = clock()
+        while True:
+            if not self.serve_ready():
+                self.idle_waits += 1
+                await trio.lowlevel.wait_readable(fileno)
+                yielded = clock()
+                continue
+            if trio_view is None or trio_view.has_work() or clock() - yielded >= YIELD_INTERVAL:
+                await trio.lowlevel.checkpoint()
+                yielded = clock()
+
+    def _finish_pass(self) -> None:
         """Run what the pass deferred: wake-ups, then one write per connection."""
         # Wake-ups may add writes; writes may wake clients (room again), so
-        # loop until both lists are empty (bounded: each round drains them).
+        # loop until both are empty (bounded: each round drains them).
         for _ in range(64):
             if not self._soon and not self._flush:
                 return
@@ -201,7 +261,7 @@ class Reactor:
                     else:
                         self.crashes += 1
                         self.log.exception("reactor_callback_crashed", error=repr(exc))
-            flush, self._flush = self._flush, []
+            flush, self._flush = self._flush, {}
             for conn in flush:
                 try:
                     conn.flush()

@@ -17,7 +17,6 @@ every group.
 from __future__ import annotations
 
 import socket
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +36,13 @@ from kmux.errors import (
 from kmux.protocol import HANDSHAKE_MAX, Accepted, Notice, Refused, decode_hello, encode_answer
 from kmux.sockbuf import size_send_buffer
 
+from kmuxd.core.states import CloseReason
 from kmuxd.system.config import Config
 from kmuxd.system.log import LineBudget, RateLimit
 
 from .group import Group
 from .listen import ACCEPT_CAPACITY_ERRNOS, ACCEPT_CAPACITY_SLEEP
-from .reactor import EPOLLIN, EPOLLRDHUP, Handler, Reactor
+from .reactor import EPOLLIN, EPOLLRDHUP, Clock, Handler, Reactor
 from .peercred import PeerCred
 from .session import AppSession
 from .sockerr import SocketErrors
@@ -147,6 +147,8 @@ class Server:
         self.groups = groups
         self.log = log
         self.reactor = reactor
+        #: The shell's clock (the reactor's): hello deadlines and log budgets.
+        self.clock: Clock = reactor.clock
         self._next_id = 1
         self.sessions: dict[int, AppSession] = {}
         self._per_uid: Counter[int] = Counter()
@@ -161,7 +163,8 @@ class Server:
         self.hello_errors = SocketErrors(log, "hello_socket_error")
         #: Set by stop_reading: late handshakes are refused.
         self.stopping = False
-        self.accepted = 0
+        #: Hellos accepted (clients attached) and refused since start.
+        self.hellos_accepted = 0
         self.refused = 0
         self.refused_by_code: Counter[str] = Counter()
 
@@ -180,14 +183,16 @@ class Server:
         while True:
             timeout = self.config.daemon.handshake_timeout
             await trio.sleep(max(HELLO_TICK_MIN, min(HELLO_TICK_MAX, timeout / 4)))
-            now = time.monotonic()
-            self._report_suppressed_client_lines(now)
-            for pending in [p for p in self._pending.values() if now - p.since >= timeout]:
-                self._refuse(pending, HandshakeInvalid(f"no hello within handshake_timeout={timeout}s"), None)
-            if self._accept_paused_until is not None and now >= self._accept_paused_until and self._listener:
-                self._accept_paused_until = None
-                self.reactor.modify(self._listener.sock.fileno(), EPOLLIN)
-            self.reactor.end_pass()
+            self.reactor.call(self._tick, self.clock(), timeout)
+
+    def _tick(self, now: float, timeout: float) -> None:
+        """Hello deadlines, and accepting again after a pause for capacity."""
+        self._report_suppressed_client_lines(now)
+        for pending in [p for p in self._pending.values() if now - p.since >= timeout]:
+            self._refuse(pending, HandshakeInvalid(f"no hello within handshake_timeout={timeout}s"), None)
+        if self._accept_paused_until is not None and now >= self._accept_paused_until and self._listener:
+            self._accept_paused_until = None
+            self.reactor.modify(self._listener.sock.fileno(), EPOLLIN)
 
     def _report_suppressed_client_lines(self, now: float) -> None:
         # After a storm, no client line may come to carry the count: say it here.
@@ -201,7 +206,7 @@ class Server:
         # spinning on a listener that stays readable (trio's serve_listeners).
         if self._capacity_log.allow():
             self.log.error("accept_out_of_capacity", error=str(exc), suppressed=self._capacity_log.take_suppressed())
-        self._accept_paused_until = time.monotonic() + ACCEPT_CAPACITY_SLEEP
+        self._accept_paused_until = self.clock() + ACCEPT_CAPACITY_SLEEP
         if self._listener is not None:
             self.reactor.modify(self._listener.sock.fileno(), 0)
 
@@ -212,7 +217,7 @@ class Server:
 
     def hello_pending(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        pending = PendingHello(self, sock, time.monotonic())
+        pending = PendingHello(self, sock, self.clock())
         self._pending[pending.fd] = pending
         self.reactor.register(pending.fd, pending, EPOLLIN | EPOLLRDHUP)
 
@@ -287,11 +292,11 @@ class Server:
             return
         self.sessions[client_id] = session
         self._per_uid[cred.uid] += 1
-        self.accepted += 1
+        self.hellos_accepted += 1
         session.start(hello.receive)
         group.attach(session, hello.receive)
         lines = self.client_lines
-        if lines.allow(time.monotonic()):
+        if lines.allow(self.clock()):
             session.log.info("client_attached", pid=cred.pid, uid=cred.uid, name=hello.name,
                              suppressed=lines.take_suppressed())
 
@@ -333,22 +338,27 @@ class Server:
         after it were never read and can be sent again after reconnecting.
         """
         self.stopping = True
+        self.reactor.call(self._stop_reading)
+
+    def _stop_reading(self) -> None:
         for session in list(self.sessions.values()):
             session.stop_reading(Notice(event="shutdown", details={"accepted": session.seq}))
-        self.reactor.end_pass()
 
-    def close_all(self, reason: str) -> None:
+    def close_all(self) -> None:
+        """The daemon is stopping: end every session and every pending hello."""
+        self.reactor.call(self._close_all)
+
+    def _close_all(self) -> None:
         for session in list(self.sessions.values()):
-            session.close(reason)
+            session.close(CloseReason.DAEMON_STOPPING)
         for pending in list(self._pending.values()):
             self.drop_pending(pending)
-        self.reactor.end_pass()
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
             clients=len(self.sessions),
             handshaking=len(self._pending),
-            accepted=self.accepted,
+            accepted=self.hellos_accepted,
             refused=self.refused,
             refused_by_code=dict(self.refused_by_code),
         )

@@ -37,7 +37,6 @@ never the session or other clients.
 from __future__ import annotations
 
 import socket
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -64,7 +63,7 @@ from kmux.protocol import (
     encode_notice,
 )
 
-from kmuxd.core.states import CLIENT_TRANSITIONS, ClientEvent, ClientState, StateMachine
+from kmuxd.core.states import CLIENT_TRANSITIONS, ClientEvent, ClientState, CloseReason, StateMachine
 from kmuxd.system.log import RateLimit
 
 from .assembly import ANCILLARY_TEXT, EMPTY, EOF, FULL, TURN, Assembly
@@ -134,6 +133,7 @@ class AppSession(Handler):
     def __init__(self, group: "Group", sock: socket.socket, client_id: int, cred: PeerCred, name: str,
                  max_packet: int, server: Any) -> None:
         self.group = group
+        self.clock = group.clock
         self.sock = sock
         self.fd = sock.fileno()
         self.id = client_id
@@ -155,7 +155,7 @@ class AppSession(Handler):
         self.reading = True  # False once the daemon stopped reading it (shutdown)
         self.read_wanted = True  # False while pushed back
         self.blocked_since: float | None = None  # waiting for a connection (queue_timeout)
-        self.since = time.monotonic()
+        self.since = self.clock()
         #: A message arriving in pieces (continuation), while one does.
         self.open: Assembly | None = None
         #: Packets read per pass (adaptive, 1..client_turn) and the pass that used them all.
@@ -163,7 +163,7 @@ class AppSession(Handler):
         self.batch_pass = -2
         self.requeue_parts: bytearray | None = None
         self.closing_deadline: float | None = None  # slow consumer: close once its notice is out
-        self.accepted = 0  # DATA messages committed to an outbox
+        self.accepted_msgs = 0  # DATA messages committed to an outbox
         self.accepted_bytes = 0
         self.tx_msgs = self.tx_bytes = 0
         self.rx_msgs = self.rx_bytes = 0
@@ -174,15 +174,13 @@ class AppSession(Handler):
         self.dropped_unread = 0
         #: Set when the session is detached: responses still coming for it are dropped.
         self.gone = False
-        #: Set when its socket is closed.
-        self.closed = False
         #: client_idle_timeout: what it had done when last looked at, and since when.
         self.idle_mark: tuple = ()
         self.idle_since = 0.0
         self._refusal_log = RateLimit(REFUSAL_LOG_INTERVAL)
         #: Failed sends and receives on its socket (counted; logged rate-limited).
         self.socket_errors = SocketErrors(self.log, "client_socket_error")
-        #: Why the last receive failed, for the detach line ("receive failed: ECONNRESET").
+        #: Why the last receive failed (an errno name), for the detach line.
         self.recv_error: str | None = None
 
     def __repr__(self) -> str:
@@ -190,15 +188,27 @@ class AppSession(Handler):
 
     # -- Owner protocol (called by the send core) ----------------------------
 
+    def count_accepted(self, msgs: int, nbytes: int) -> None:
+        self.accepted_msgs += msgs
+        self.accepted_bytes += nbytes
+
     def count_written(self, msgs: int, nbytes: int) -> None:
         self.tx_msgs += msgs
         self.tx_bytes += nbytes
+
+    def count_given_back(self, msgs: int) -> None:
+        self.accepted_msgs -= msgs  # no longer queued: refused by seq (queue_timeout)
 
     # -- lifecycle ------------------------------------------------------------
 
     @property
     def receiving(self) -> bool:
         return self.sm.state is ClientState.RECEIVING
+
+    @property
+    def closed(self) -> bool:
+        """Its socket is closed (the session ended)."""
+        return self.sm.state is ClientState.CLOSED
 
     def start(self, receive: bool) -> None:
         self.sm.fire(ClientEvent.ACCEPT_RECEIVING if receive else ClientEvent.ACCEPT_NOT_RECEIVING)
@@ -215,10 +225,10 @@ class AppSession(Handler):
             if self.reading and (self.read_wanted or hung_up):
                 self.pump(hung_up)
             elif hung_up:
-                self.close("hung up")
+                self.close(CloseReason.HUNG_UP)
 
     def crash(self, exc: BaseException) -> None:
-        self.close(f"internal error: {exc!r}")
+        self.close(CloseReason.INTERNAL_ERROR, repr(exc))
 
     def _set_mask(self, mask: int) -> None:
         if mask != self.mask and not self.closed:
@@ -263,7 +273,7 @@ class AppSession(Handler):
                 # Too many notices unread: the client must read before it may send.
                 self._want_read(False)
                 if hung_up:
-                    self.close("hung up")
+                    self.close(CloseReason.HUNG_UP)
                 return
             if self.open is not None:
                 status = self.open.read()
@@ -271,21 +281,24 @@ class AppSession(Handler):
                 conn = sched.route(self)
                 if conn is None:
                     if self.blocked_since is None:
-                        self.blocked_since = time.monotonic()
+                        self.blocked_since = self.clock()
                     self._want_read(False)
                     if hung_up:
-                        self.close("hung up while pushed back")
+                        self.close(CloseReason.HUNG_UP_PUSHED_BACK)
                     return
                 self.blocked_since = None
                 status = self._pull(conn)
             if status == _EOF:
-                self.close(self.recv_error or "closed")
+                if self.recv_error is not None:
+                    self.close(CloseReason.RECEIVE_FAILED, self.recv_error)
+                else:
+                    self.close(CloseReason.CLOSED)
                 return
             if status == _EMPTY:
                 if not self.read_wanted:
                     self._want_read(True)
                 if hung_up:
-                    self.close("hung up")
+                    self.close(CloseReason.HUNG_UP)
                 return
             if status == _TURN:
                 return  # the level-triggered epoll brings us back after the others
@@ -304,8 +317,10 @@ class AppSession(Handler):
         group = self.group
         cfg = group.cfg
         sched = group.sched
+        # The outbox route() made room in. Nothing in this loop can hand it to
+        # another connection (only a write or a failure adopts), and every
+        # commit below names it, so the bytes go where they were received.
         outbox = sched.outbox_of(conn)
-        outbox.has_room()  # compacts if a blocked write left little space
         buf, view = outbox.buf, outbox.view
         bufsize = len(buf)
         head, capacity, reserve = outbox.head, outbox.capacity, outbox.reserve
@@ -329,10 +344,9 @@ class AppSession(Handler):
         if budget is not None and budget < turn:
             turn = max(budget, 1)
         router = group.router
-        now = time.monotonic()
+        now = self.clock()
         taken = msgs = 0
         first_seq = self.seq + 1
-        run_start = tail
         status = _TURN
         while taken + msgs < turn:
             if tail - head >= capacity or bufsize - tail < reserve:
@@ -356,6 +370,7 @@ class AppSession(Handler):
             size = n - 1
             if kind == KIND_DATA and not flags & _MSG_CTRUNC:
                 self.seq += 1
+                err: KmuxError | None
                 if flags & _MSG_TRUNC or size > max_message:
                     err = MessageTooBig(f"message is {size} bytes, the group's max_message is {max_message}")
                 elif (fixed is not None and size >= fixed[2]
@@ -365,7 +380,7 @@ class AppSession(Handler):
                     err = check(buf, tail, size)
                 if err is None and router is not None:
                     try:
-                        outbox.requests.append(router.accept(self, self.seq, now, buf, tail, size))
+                        outbox.add_request(router.accept(self, self.seq, now, buf, tail, size))
                     except KmuxError as exc:  # id_in_use, ids_exhausted, too short for its id
                         err = exc
                 if err is None:
@@ -373,15 +388,13 @@ class AppSession(Handler):
                     msgs += 1
                     continue
                 # A refused message ends the run: runs name their seqs without gaps.
-                taken += self._commit(conn, outbox, run_start, tail, msgs, first_seq)
-                run_start = tail
+                taken += sched.commit(self, outbox, tail, msgs, first_seq)
                 msgs = 0
                 first_seq = self.seq + 1
                 self.refuse(err)
                 continue
             # Anything else is rare: commit what we have, then deal with it clearly.
-            taken += self._commit(conn, outbox, run_start, tail, msgs, first_seq)
-            run_start = tail
+            taken += sched.commit(self, outbox, tail, msgs, first_seq)
             msgs = 0
             if flags & _MSG_CTRUNC:
                 self._refuse_ancillary(kind, now)
@@ -395,27 +408,12 @@ class AppSession(Handler):
             else:
                 self._packet(kind, bytes(view[tail : tail + size]), bool(flags & _MSG_TRUNC))
             first_seq = self.seq + 1
-        taken += self._commit(conn, outbox, run_start, tail, msgs, first_seq)
+        taken += sched.commit(self, outbox, tail, msgs, first_seq)
         if status == _TURN:
             self.batch_pass = passes
         elif status == _EMPTY and batch > 1:
             self.read_batch = max(1, batch // 2)
         return status
-
-    def _commit(self, conn: Any, outbox: "Outbox", start: int, tail: int, msgs: int, first_seq: int) -> int:
-        if not msgs:
-            group = self.group
-            group.wake(group.sched.committed(self, conn, outbox.tail, 0))
-            return 0
-        self.accepted += msgs
-        self.accepted_bytes += tail - start
-        group = self.group
-        wake = group.sched.committed(self, conn, tail, msgs, first_seq)
-        if wake:
-            group.wake(wake)  # a connection reserved for us goes on to the next waiter
-        conn.accepted(msgs)
-        conn.flush_soon()
-        return msgs
 
     def _refuse_ancillary(self, kind: int, now: float) -> None:
         """A packet carried descriptors or credentials (the kernel closed them:
@@ -466,7 +464,7 @@ class AppSession(Handler):
 
     def recv_failed(self, exc: OSError) -> int:
         """A receive failed (not EAGAIN): the session ends, and its detach line says why."""
-        self.recv_error = f"receive failed: {errno_name(exc)}"
+        self.recv_error = errno_name(exc)
         return _EOF
 
     def socket_error(self, op: str, exc: OSError) -> None:
@@ -657,9 +655,9 @@ class AppSession(Handler):
         )))
         group.detach(self)  # gone from now on: its responses are dropped; its last notice still goes out
         group.slow.add(self)
-        self.closing_deadline = time.monotonic() + group.cfg.slow_consumer_grace
+        self.closing_deadline = self.clock() + group.cfg.slow_consumer_grace
         if not self.txq:
-            self.close("slow consumer")
+            self.close(CloseReason.SLOW_CONSUMER)
 
     def rx_blocked(self) -> None:
         """Balance steering could not hand this client a message: wait for room."""
@@ -680,7 +678,7 @@ class AppSession(Handler):
                 return
             except OSError as exc:
                 txq.clear()
-                self.close(f"send failed: {errno_name(exc)}")  # the detach line is the log line
+                self.close(CloseReason.SEND_FAILED, errno_name(exc))  # the detach line is the log line
                 return
             txq.popleft()
             if completes == _NOTICE:
@@ -691,7 +689,7 @@ class AppSession(Handler):
                 self.txq_data_bytes -= completes
         self._set_mask(self.mask & ~EPOLLOUT)
         if self.closing_deadline is not None:
-            self.close("slow consumer")
+            self.close(CloseReason.SLOW_CONSUMER)
             return
         group = self.group
         # In id/fifo modes a paused connection never waits for a client; in
@@ -703,11 +701,14 @@ class AppSession(Handler):
 
     # -- the end ------------------------------------------------------------------------
 
-    def close(self, reason: str) -> None:
-        """End the session: detach, drop (and count) what it sent that was never read, close."""
+    def close(self, reason: CloseReason, detail: str | None = None) -> None:
+        """End the session: detach, drop (and count) what it sent that was never read, close.
+
+        ``detail`` (an errno name, an exception) follows the reason in the detach line.
+        """
         if self.closed:
             return
-        self.closed = True
+        self.sm.fire(ClientEvent.CLOSE)  # first: nothing below may start a second close
         self.gone = True
         group = self.group
         group.slow.discard(self)
@@ -726,11 +727,11 @@ class AppSession(Handler):
             self.sock.close()
         except OSError:
             pass  # the descriptor is released whatever close() says; nothing is lost that was not counted
-        self.sm.fire(ClientEvent.CLOSE)
         self.server.session_closed(self)
         lines = self.server.client_lines
-        if lines.allow(time.monotonic()):
-            self.log.info("client_detached", reason=reason, tx_msgs=self.tx_msgs, rx_msgs=self.rx_msgs,
+        if lines.allow(self.clock()):
+            text = reason.value if detail is None else f"{reason.value}: {detail}"
+            self.log.info("client_detached", reason=text, tx_msgs=self.tx_msgs, rx_msgs=self.rx_msgs,
                           dropped_unread=self.dropped_unread or None, socket_errors=self.socket_errors.count or None,
                           suppressed=lines.take_suppressed())
 
@@ -766,7 +767,7 @@ class AppSession(Handler):
             receiving=self.receiving,
             tx_msgs=self.tx_msgs,
             tx_bytes=self.tx_bytes,
-            queued_msgs=self.accepted - self.tx_msgs,
+            queued_msgs=self.accepted_msgs - self.tx_msgs,
             queued_bytes=self.accepted_bytes - self.tx_bytes,
             rx_msgs=self.rx_msgs,
             rx_bytes=self.rx_bytes,
@@ -776,5 +777,5 @@ class AppSession(Handler):
             requeued=self.requeued,
             notices_sent=self.notices_sent,
             notices_pending=self.notices_queued,
-            connected_for=time.monotonic() - self.since,
+            connected_for=self.clock() - self.since,
         )

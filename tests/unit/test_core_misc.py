@@ -40,15 +40,15 @@ def drain(steering: BalanceSteering, n: int) -> list:
 def test_balance_gives_each_receiver_a_batch_in_turn():
     s = BalanceSteering(batch=3)
     for r in "abc":
-        s.add(r)
+        s.receive_on(r)
     got = "".join(drain(s, 18))
     assert got == "bbbcccaaa" * 2  # whole batches, the ring turning after each
 
 
 def test_blocked_receiver_is_skipped_and_comes_back():
     s = BalanceSteering(batch=2)
-    s.add("a")
-    s.add("b")
+    s.receive_on("a")
+    s.receive_on("b")
     s.blocked("a")
     assert set(drain(s, 6)) == {"b"}
     assert s.unblocked("a") is True
@@ -57,7 +57,7 @@ def test_blocked_receiver_is_skipped_and_comes_back():
 
 def test_receive_off_leaves_the_ring_and_no_receiver_means_none():
     s = BalanceSteering(batch=1)
-    s.add("a")
+    s.receive_on("a")
     s.receive_off("a")
     assert s.take() == (None, 0)
     # Unblocking a receiver that is not receiving does not make it ready.
@@ -68,7 +68,7 @@ def test_receive_off_leaves_the_ring_and_no_receiver_means_none():
 
 def test_blocked_receiver_turned_on_stays_out_until_unblocked():
     s = BalanceSteering(batch=1)
-    s.add("a", receiving=False)
+    # "a" attached with receiving off: the ring never saw it
     s.blocked("a")
     assert s.receive_on("a") is False
     assert s.take() == (None, 0)

@@ -76,13 +76,30 @@ def test_fifo_matches_written_first_then_pending_and_skips_done():
 
 
 class Conn:
-    """Opaque to the cores."""
+    """A connection as the send core sees it (kmuxd.core.sendq.Carrier)."""
+
+    def count_accepted(self, msgs):
+        pass
+
+    def flush_soon(self):
+        pass
 
 
 class Owner:
+    """A client as the send core sees it (kmuxd.core.sendq.Owner)."""
+
     gone = False
 
+    def wake(self):
+        pass
+
+    def count_accepted(self, msgs, nbytes):
+        pass
+
     def count_written(self, msgs, nbytes):
+        pass
+
+    def count_given_back(self, msgs):
         pass
 
 
@@ -104,12 +121,12 @@ def test_request_records_follow_their_bytes_through_writes_and_salvage():
         ob.buf[tail : tail + len(m)] = m
         tail += len(m)
         reqs.append(router.accept(owner, i + 1, 0.0, ob.buf, tail - len(m), len(m)))
-        ob.requests.append(reqs[-1])
-    tx.committed(owner, conn, tail, 3)
+        ob.add_request(reqs[-1])
+    tx.commit(owner, ob, tail, 3)
     tx.written(conn, 16 + 3)  # first message whole, second cut after 3 bytes
     # The run is not complete, so nothing is counted as written yet ...
     assert ob.take_written() == [] and [r.state for r in reqs] == [PENDING] * 3
-    salvage, _ = tx.failed(conn)
+    salvage = tx.failed(conn)
     # ... until the salvage: the first was written (its client will be told),
     # the cut one and the last go again with the outbox.
     assert salvage.written_msgs == 1 and salvage.resend_msgs == 2

@@ -19,27 +19,65 @@ def frame(owner: int, seq: int, size: int = 16) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
+#: Owners the scheduler woke since the test last looked (:func:`woken`).
+WOKEN: list = []
+
+
+def woken() -> list:
+    """Owners woken since the last call, in order."""
+    out = list(WOKEN)
+    WOKEN.clear()
+    return out
+
+
 class Owner:
+    """Stands in for a client: the scheduler's :class:`kmuxd.core.sendq.Owner`."""
+
     def __init__(self, name: int) -> None:
         self.name = name
+        self.gone = False
+        self.accepted_msgs = 0
         self.written_msgs = 0
         self.written_bytes = 0
+        self.given_back = 0
+
+    def wake(self) -> None:
+        WOKEN.append(self)
+
+    def count_accepted(self, msgs: int, nbytes: int) -> None:
+        self.accepted_msgs += msgs
 
     def count_written(self, msgs: int, nbytes: int) -> None:
         self.written_msgs += msgs
         self.written_bytes += nbytes
+
+    def count_given_back(self, msgs: int) -> None:
+        self.given_back += msgs
 
     def __repr__(self) -> str:
         return f"Owner({self.name})"
 
 
 class Conn:
-    """Stands in for a connection: opaque to the scheduler, which keeps its outbox."""
+    """Stands in for a connection (a :class:`kmuxd.core.sendq.Carrier`); the scheduler keeps its outbox."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.tx: TxScheduler | None = None
         self.wire = bytearray()
+        self.accepted = 0
+        #: the scheduler asked it to write when the pass ends
+        self.flush_asked = False
+
+    def count_accepted(self, msgs: int) -> None:
+        self.accepted += msgs
+
+    def flush_soon(self) -> None:
+        self.flush_asked = True
+
+    def take_flush(self) -> bool:
+        asked, self.flush_asked = self.flush_asked, False
+        return asked
 
     @property
     def outbox(self) -> Outbox:
@@ -50,32 +88,47 @@ class Conn:
 
 
 def make(n_conns: int = 2, capacity: int = 256, reserve: int = 65) -> tuple[TxScheduler, list[Conn]]:
+    woken()  # what earlier tests left
     tx = TxScheduler()
     conns = [Conn(f"c{i}") for i in range(n_conns)]
     for c in conns:
         c.tx = tx
         tx.add(c, Outbox(capacity, reserve, LENGTH_AT))
-        assert tx.connected(c) == []
+        tx.connected(c)
+        assert woken() == []
     return tx, conns
 
 
 def put(tx: TxScheduler, owner: Owner, conn: Conn, *frames: bytes) -> list:
-    """What the shell does after receiving packets into the outbox; returns whom to wake."""
+    """What the shell does after receiving packets into the outbox; returns whom it woke."""
+    woken()
     ob = conn.outbox
     tail = ob.tail
     for f in frames:
         assert ob.has_room()
         ob.buf[tail : tail + len(f)] = f
         tail += len(f)
-    return tx.committed(owner, conn, tail, len(frames))
+    assert tx.commit(owner, ob, tail, len(frames)) == len(frames)
+    if frames:
+        assert conn.take_flush()  # it writes them when the pass ends
+    return woken()
+
+
+def give_back(tx: TxScheduler, owner: Owner, conn: Conn) -> list:
+    """The owner was routed to ``conn`` but took nothing; returns whom that woke."""
+    woken()
+    tx.commit(owner, conn.outbox, conn.outbox.tail, 0)
+    return woken()
 
 
 def write(tx: TxScheduler, conn: Conn, limit: int | None = None) -> list:
-    """The kernel takes up to ``limit`` bytes of the outbox."""
+    """The kernel takes up to ``limit`` bytes of the outbox; returns whom that woke."""
+    woken()
     ob = conn.outbox
     n = ob.pending if limit is None else min(limit, ob.pending)
     conn.wire += ob.view[ob.head : ob.head + n]
-    return tx.written(conn, n)
+    tx.written(conn, n)
+    return woken()
 
 
 def test_unpinned_clients_take_available_connections_in_turn():
@@ -103,7 +156,7 @@ def test_a_full_connection_is_skipped_until_it_writes():
     assert tx.route(a) is c0
     put(tx, a, c0, frame(1, 1), frame(1, 2))  # 32 bytes: at capacity
     assert tx.route(b) is c1 and tx.route(Owner(3)) is c1
-    tx.committed(b, c1, c1.outbox.tail, 0)
+    give_back(tx, b, c1)
     write(tx, c0)
     assert tx.route(b) in (c0, c1)
 
@@ -151,7 +204,7 @@ def test_woken_waiter_with_nothing_to_send_passes_the_connection_on():
     tx.route(c)
     assert write(tx, c0) == [b]
     assert tx.route(b) is c0
-    assert tx.committed(b, c0, c0.outbox.tail, 0) == [c]
+    assert give_back(tx, b, c0) == [c]
 
 
 def test_waiter_that_leaves_passes_its_reservation_on():
@@ -163,7 +216,8 @@ def test_waiter_that_leaves_passes_its_reservation_on():
     tx.route(b)
     tx.route(c)
     assert write(tx, c0) == [b]
-    assert tx.forget(b) == [c]
+    tx.forget(b)
+    assert woken() == [c]
     assert tx.route(c) is c0
 
 
@@ -209,15 +263,16 @@ def test_salvage_resends_the_cut_message_from_byte_zero_on_another_connection():
     assert tx.route(c) is c1
     put(tx, c, c1, frame(3, 1))
     write(tx, c0, 16 + 5)  # frame 1 whole, frame 2 cut after 5 bytes
-    salvage, wake = tx.failed(c0)
+    salvage = tx.failed(c0)
     assert (salvage.written_msgs, salvage.resend_msgs, salvage.cut_msgs) == (1, 3, 1)
     assert a.written_msgs == 1
     # a and b stay pinned to the orphan and park until it is adopted.
     assert tx.route(a) is None and tx.route(b) is None
     assert tx.statistics().orphaned_msgs == 3
+    c1.take_flush()
     wake = write(tx, c1)  # c1 comes free and adopts the orphan
     assert set(wake) == {a, b}
-    assert tx.take_flush() == [c1]
+    assert c1.take_flush() and not c0.take_flush()
     assert tx.route(a) is c1  # a's order continues on c1, after its resent messages
     put(tx, a, c1, frame(1, 4))
     write(tx, c1)
@@ -232,12 +287,14 @@ def test_orphan_waits_for_a_reconnect_when_every_connection_is_down():
     a = Owner(1)
     tx.route(a)
     put(tx, a, c0, frame(1, 1))
-    salvage, _ = tx.failed(c0)
+    salvage = tx.failed(c0)
     assert salvage.resend_msgs == 1 and salvage.cut_msgs == 0
     assert c0.outbox.pending == 0  # the slot got a fresh, empty outbox
     assert tx.route(a) is None
-    assert tx.connected(c0) == [a]  # the reconnected slot adopts it
-    assert tx.take_flush() == [c0]
+    woken()
+    tx.connected(c0)
+    assert woken() == [a]  # the reconnected slot adopts it
+    assert c0.take_flush()
     write(tx, c0)
     assert a.written_msgs == 1
 
@@ -246,8 +303,9 @@ def test_failed_connection_with_nothing_queued_wakes_parked_clients():
     tx, (c0, c1) = make(2)
     a = Owner(1)
     assert tx.route(a) is c0
-    salvage, wake = tx.failed(c0)
-    assert salvage.resend_msgs == 0 and wake == []
+    woken()
+    salvage = tx.failed(c0)
+    assert salvage.resend_msgs == 0 and woken() == []
     assert tx.route(a) is c1
 
 
@@ -293,7 +351,7 @@ def test_random_schedules_keep_every_message_whole_once_and_in_client_order(seed
                     ob.buf[tail : tail + len(f)] = f
                     tail += len(f)
                     taken += 1
-                tx.committed(o, conn, tail, taken)
+                tx.commit(o, ob, tail, taken)
         elif op < 0.9:
             live = [c for c in conns if c in up and c.outbox.pending]
             if live:
@@ -301,8 +359,7 @@ def test_random_schedules_keep_every_message_whole_once_and_in_client_order(seed
                 n = rng.randint(1, 60)
                 if n < c.outbox.pending and rng.random() < 0.5:
                     tx.blocked(c)  # the kernel took only part: others go elsewhere
-                write(tx, c, n)
-                tx.take_flush()  # adopted orphans are simply written later
+                write(tx, c, n)  # adopted orphans are simply written later
         elif op < 0.95:
             live = [c for c in conns if c in up]
             if len(live) > 1:
@@ -345,42 +402,66 @@ def test_runs_know_their_seqs_so_unwritten_messages_can_be_named():
     ob = c0.outbox
     f = [frame(1, s) for s in (1, 2, 3)]
     ob.buf[ob.tail : ob.tail + 32] = f[0] + f[1]
-    tx.committed(a, c0, ob.tail + 32, 2, first_seq=1)
+    tx.commit(a, ob, ob.tail + 32, 2, first_seq=1)
     assert tx.route(a) is c0
     # seq 3 was refused by the shell; seq 4 starts a new run
     ob.buf[ob.tail : ob.tail + 16] = f[2]
-    tx.committed(a, c0, ob.tail + 16, 1, first_seq=4)
+    tx.commit(a, ob, ob.tail + 16, 1, first_seq=4)
     write(tx, c0, 20)  # message 1 written, message 2 cut part-way
     tx.failed(c0, now=5.0)
     (orphan,) = tx.orphans()
     assert orphan.unwritten() == [(a, 2, 1), (a, 4, 1)]
-    assert tx.expire_orphans(5.5, 1.0) == ([], [])
-    expired, wake = tx.expire_orphans(6.0, 1.0)
+    assert tx.expire_orphans(5.5, 1.0) == []
+    expired = tx.expire_orphans(6.0, 1.0)
     assert expired == [orphan] and a not in tx.pins and not tx.has_orphans()
+    assert a.given_back == 2  # seqs 2 and 4: accepted, never written
 
 
 def test_an_open_message_keeps_others_out_and_moves_with_its_outbox():
     tx, (c0, c1) = make(n_conns=2)
     a, b = Owner(1), Owner(2)
     assert tx.route(a) is c0
-    ob = tx.opened(a, c0)
+    ob = tx.open(a, c0)
     whole = frame(1, 1, 40)
     ob.buf[ob.tail : ob.tail + 25] = whole[:25]  # first piece
-    ob.open_end += 25
+    ob.grow_open(25)
     # c0 is not available to b while the message is open
     assert tx.route(b) is c1
-    tx.committed(b, c1, c1.outbox.tail, 0)
+    give_back(tx, b, c1)
     write(tx, c0, 0)
     tx.failed(c0, now=1.0)  # the connection dies mid-message
     assert tx.outbox_of(c1) is ob and ob.open_owner is a  # adopted whole by the free connection
     assert tx.route(b) is None  # b waits: nobody may land inside the open message
     ob.buf[ob.open_end : ob.open_end + 15] = whole[25:]  # last piece
-    ob.open_end += 15
+    ob.grow_open(15)
     start, end = ob.open_end - 40, ob.open_end
     assert bytes(ob.buf[start:end]) == whole
-    assert tx.closed_open(a, ob, commit=True, seq=1) == []
+    woken()
+    assert tx.commit(a, ob, end, 1, first_seq=1) == 1
+    # Whole: the connection is everyone's again, first for b, who waited meanwhile.
+    assert woken() == [b] and a.accepted_msgs == 1
     write(tx, c1)
     assert c1.wire == whole
+
+
+def test_an_open_message_keeps_its_connection_from_every_other_client():
+    """Regression: an available connection whose outbox got an open message
+    stayed available, so a third client was routed into the open message's bytes."""
+    tx, (c0, c1) = make(n_conns=2)
+    a, b, c = Owner(1), Owner(2), Owner(3)
+    assert tx.route(a) is c0
+    ob = tx.open(a, c0)
+    ob.buf[ob.tail : ob.tail + 10] = frame(1, 1, 40)[:10]
+    ob.grow_open(10)
+    assert tx.route(b) is c1
+    give_back(tx, b, c1)
+    assert tx.route(c) is c1  # never c0 while a's message is open there
+    give_back(tx, c, c1)
+    tx.blocked(c1)
+    d = Owner(4)
+    assert tx.route(d) is None  # nothing else is available: it waits
+    tx.drop_open(a, ob)  # a's message was refused: c0 is everyone's again, first d's
+    assert woken() == [d] and tx.route(d) is c0
 
 
 def test_a_compaction_behind_a_part_written_message_counts_what_it_passes():
