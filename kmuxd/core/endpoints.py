@@ -171,6 +171,12 @@ class EndpointPool(Generic[E]):
             h.tokens -= 1.0
         h.connections += 1  # counted from the dial on, so concurrent dials spread
 
+    def reconfigure(self, max_dials_per_second: float, eject_after_timeouts: int) -> None:
+        """A reload changed the dial rate or the ejection rule (health is kept)."""
+        self.rate = max_dials_per_second
+        self.burst = max(1.0, max_dials_per_second)
+        self.eject_after_timeouts = eject_after_timeouts
+
     def _refill(self, h: _Health, now: float) -> None:
         if now > h.tokens_at:
             h.tokens = min(self.burst, h.tokens + (now - h.tokens_at) * self.rate)

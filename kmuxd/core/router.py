@@ -63,7 +63,7 @@ from .latency import LatencyHistogram
 
 __all__ = [
     "Request", "IdTable", "Flight", "FifoFlight", "IdFlight", "ResponseRouter", "RouterStatistics",
-    "PENDING", "WRITTEN", "TIMED_OUT", "DONE", "TRANSITIONS", "STATE_NAMES",
+    "PENDING", "WRITTEN", "TIMED_OUT", "DONE", "TRANSITIONS", "STATE_NAMES", "retry_room", "RETRY_FRESH_WAIT",
 ]
 
 # States and inputs are small ints so a transition is one dict lookup on the
@@ -325,6 +325,7 @@ class ResponseRouter:
         self.mode = mode
         self.ids = ids
         self.retry_unanswered = retry_unanswered
+        #: a copy of each request's bytes is kept while retries are on
         self.keep_payload = retry_unanswered > 0
         #: requests neither done nor timed out, oldest first (for request_timeout)
         self.live: dict[Request, None] = {}
@@ -332,6 +333,11 @@ class ResponseRouter:
         self.unmatched = self.late = self.dropped = 0
         self.failed = self.timed_out = self.expired = 0
         self.retried = self.retries_exhausted = 0
+
+    def reconfigure(self, retry_unanswered: int) -> None:
+        """A reload changed ``retry_unanswered`` (requests accepted from now on follow it)."""
+        self.retry_unanswered = retry_unanswered
+        self.keep_payload = retry_unanswered > 0
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -384,6 +390,12 @@ class ResponseRouter:
             return False
         self.latency.record(now - req.t0)
         return True
+
+    def undelivered(self, n: int) -> None:
+        """``n`` responses matched their requests but their clients could not take
+        them (a full queue with ``rx_overflow = "drop"``, a failed socket, a client
+        that left with them queued): dropped, counted."""
+        self.dropped += n
 
     def lost(self, flight: Flight) -> tuple[list[Request], list[Request]]:
         """``flight``'s connection went away. Returns (notify connection_lost, write again)."""
@@ -486,3 +498,39 @@ class ResponseRouter:
             latency_p50=self.latency.percentile(50),
             latency_p99=self.latency.percentile(99),
         )
+
+
+#: Seconds retried requests wait for a fresh connection before taking the freshest one.
+RETRY_FRESH_WAIT = 0.25
+
+
+def retry_room(backlog: int, waited: float, *, limit: int | None, carried: int, queued: int, fresh: bool,
+               coming: bool) -> int:
+    """How many of ``backlog`` retried requests a connection may take now (0: wait).
+
+    A retry must not be lost again with the next recycle, and servers that
+    close after N requests close their connections at about the same time:
+
+    * once the endpoint's limit is known (``limit``: the fewest answers its
+      recycled connections gave), a connection takes retries only up to half
+      of it, counting what it ``carried`` (requests written on it) and what is
+      ``queued`` in its outbox already; the rest wait for a fresher connection
+      (each slot dials its replacement at once) while one is ``coming``. When
+      none is (every slot up, so the close that taught the limit was not a
+      rule of the server's), they wait ``RETRY_FRESH_WAIT`` (``waited``: the
+      oldest retry's wait so far), then take it;
+    * before any limit is known, retries wait up to ``RETRY_FRESH_WAIT`` for a
+      connection that carried nothing yet (``fresh``), then take any.
+
+    Pure: no state, no clock of its own.
+    """
+    if limit is not None:
+        room = limit // 2 - carried - queued
+        if room <= 0 and waited >= RETRY_FRESH_WAIT and not coming:
+            # The limit came from one close that need not repeat, and nothing
+            # fresher is on its way: waiting could only end in group_unavailable.
+            return backlog
+        return room
+    if not fresh and waited < RETRY_FRESH_WAIT:
+        return 0
+    return backlog

@@ -96,6 +96,10 @@ class Carrier(Protocol):
     def count_accepted(self, msgs: int) -> None:
         """``msgs`` messages were committed to its outbox (max_requests_per_connection)."""
 
+    def count_written(self, msgs: int) -> None:
+        """``msgs`` messages of the outbox it carries reached the kernel (a write, a
+        compaction behind a blocked write, or the salvage when it failed)."""
+
     def flush_soon(self) -> None:
         """Its outbox holds bytes to write: write them when the pass ends."""
 
@@ -161,7 +165,7 @@ class Outbox:
     __slots__ = (
         "buf", "view", "head", "tail", "capacity", "reserve", "runs", "run_start", "owners", "parked", "conn",
         "written_msgs", "reserved_count", "unreserved_count", "length_at", "requests", "written_requests",
-        "unclaimed", "open_owner", "open_end", "orphaned_at",
+        "open_owner", "open_end", "orphaned_at",
     )
 
     def __init__(self, capacity: int, reserve: int, length_at: LengthAt) -> None:
@@ -197,8 +201,6 @@ class Outbox:
         self.requests: deque[Request] = deque()
         #: records of messages written since the shell last asked (take_written)
         self.written_requests: list[Request] = []
-        #: messages written since the shell last asked (take_written_count)
-        self.unclaimed = 0
 
     @property
     def pending(self) -> int:
@@ -286,10 +288,11 @@ class Outbox:
         head = self.head
         released = []
         runs = self.runs
+        done = 0
         while runs and runs[0].end <= head:
             run = runs.popleft()
             run.owner.count_written(run.msgs, run.end - self.run_start)
-            self._count(run.msgs)
+            done += run.msgs
             self.run_start = run.end
             left = self.owners[run.owner] - 1
             if left:
@@ -298,30 +301,25 @@ class Outbox:
                 del self.owners[run.owner]
                 self.unreserved_count += 1
                 released.append(run.owner)
+        if done:
+            self._count(done)
         if head == self.tail:
             self.head = self.tail = self.run_start = BASE
         return released
 
     def _count(self, msgs: int) -> None:
-        # Whoever completes messages (a write, a compaction, a salvage), their
-        # request records (if any) wait in written_requests for the shell to
-        # hand to the connection that was carrying the outbox.
+        # Whoever completes messages (a write, a compaction, a salvage), the
+        # connection carrying the outbox counts them, and their request
+        # records (if any) wait in written_requests for it to take.
         self.written_msgs += msgs
-        self.unclaimed += msgs
+        conn = self.conn
+        if conn is not None:
+            conn.count_written(msgs)
         requests = self.requests
         if requests:
             written = self.written_requests
             for _ in range(min(msgs, len(requests))):
                 written.append(requests.popleft())
-
-    def take_written_count(self) -> int:
-        """Messages written since the last call (by a write, a compaction or a salvage).
-
-        The connection carrying the outbox when the shell asks is credited.
-        """
-        n = self.unclaimed
-        self.unclaimed = 0
-        return n
 
     def take_written(self) -> list[Request]:
         """Request records whose messages were written since the last call."""
@@ -371,6 +369,12 @@ class Outbox:
         self.tail -= shift
         self.open_end -= shift
         return Salvage(self.written_msgs - written_before, sum(r.msgs for r in self.runs), cut)
+
+    def take_requests(self) -> list[Request]:
+        """The records of every message still here, taken (an expired orphan's: refused)."""
+        out = list(self.requests)
+        self.requests.clear()
+        return out
 
     def unwritten(self) -> list[tuple[Owner, int, int]]:
         """``(owner, first_seq, msgs)`` of every run not yet written (after :meth:`salvage`)."""

@@ -1,9 +1,13 @@
-"""Lifecycles as data: the states of a TCP connection slot and of a client.
+"""Lifecycles as data: the states of a connection slot, of a TCP connection and of a client.
 
 Each machine is a table ``{(state, event): next_state}``. Anything missing
 from the table is a bug in the caller and raises IllegalTransition, so an
 impossible sequence (writing on a connection that is backing off, a client
 that sends data before its handshake) fails loudly instead of limping on.
+Everything that decides what a connection may do lives in its machine
+(:class:`ConnMachine`), not in flags beside it (h11's rule 1): a new step
+in a connection's life (a TLS handshake, an authentication exchange) is a
+row in a table, never a flag.
 
 A connection *slot* outlives its TCP connections: it dials, carries traffic
 on one live connection, backs off and dials again, keeping its number
@@ -12,17 +16,38 @@ the live connection retires (takes nothing new, finishes what it holds) while
 the slot already dials its replacement.
 
     slot:  IDLE -dial-> CONNECTING -connected-> UP
-           CONNECTING -dial_failed/no_endpoint-> BACKOFF -retry-> CONNECTING
+           CONNECTING -handshake-> HANDSHAKING -authenticate-> AUTHENTICATING
+           HANDSHAKING/AUTHENTICATING -connected-> UP
+                                          (a TLS handshake, a credential
+                                           exchange: rows for what comes next;
+                                           nothing takes them yet)
+           CONNECTING/HANDSHAKING/AUTHENTICATING -dial_failed-> BACKOFF
+           CONNECTING -no_endpoint-> BACKOFF -retry-> CONNECTING
            UP -lost-> BACKOFF             (the live connection failed or closed)
            UP -recycle-> CONNECTING       (it retires; its replacement dials now)
            any -close-> CLOSED
+
+A TCP connection has two sides, each its own table in :class:`ConnMachine`.
+What we write (its lifecycle)::
 
     conn:  READY <-> BUSY                 (BUSY: the kernel refused part of a batch)
            READY/BUSY -retire-> DRAINING  (recycle, drain, or the server's FIN:
                                            nothing new; flush, collect answers)
            DRAINING -resume-> READY       (an operator's drain timed out: back in service)
-           READY/BUSY/DRAINING -fail-> CLOSED   (outbox salvaged, requests settled)
+           DRAINING -shut_write-> WRITE_SHUT   (balance: all written, we sent our
+                                           FIN; read until the server closes its side)
+           READY/BUSY/DRAINING/WRITE_SHUT -fail-> CLOSED (outbox salvaged, requests settled)
            any -close-> CLOSED
+
+What the server sends (balance steering only ever leaves READING)::
+
+    rx:    READING -pause-> PAUSED        (no ready receiver: not read, TCP pushes back)
+           PAUSED -hang_up-> SUSPENDED    (it hung up meanwhile: out of the epoll,
+                                           which would report the hang-up every pass)
+           PAUSED/SUSPENDED -unpause-> READING
+
+The *server's* FIN is no state of ours: a read of 0 bytes ends the connection
+(:attr:`EndReason.FIN`), and one seen while paused retires it.
 """
 
 from __future__ import annotations
@@ -33,14 +58,18 @@ from typing import Any
 from kmux.errors import IllegalTransition
 
 __all__ = [
-    "SlotState", "SlotEvent", "ConnState", "ConnEvent", "EndReason", "RetireReason",
-    "ClientState", "ClientEvent", "CloseReason", "StateMachine",
+    "SlotState", "SlotEvent", "ConnState", "ConnEvent", "RxState", "RxEvent", "ConnMachine",
+    "EndReason", "RetireReason", "ClientState", "ClientEvent", "CloseReason", "StateMachine",
+    "SLOT_TRANSITIONS", "CONN_TRANSITIONS", "RX_TRANSITIONS", "CLIENT_TRANSITIONS",
+    "TAKING_STATES", "OPEN_STATES", "OPEN_STATE_NAMES", "VISIBLE_SLOT_STATES",
 ]
 
 
 class SlotState(enum.Enum):
     IDLE = "idle"
     CONNECTING = "connecting"
+    HANDSHAKING = "handshaking"
+    AUTHENTICATING = "authenticating"
     UP = "up"
     BACKOFF = "backoff"
     CLOSED = "closed"
@@ -48,6 +77,8 @@ class SlotState(enum.Enum):
 
 class SlotEvent(enum.Enum):
     DIAL = "dial"
+    HANDSHAKE = "handshake"
+    AUTHENTICATE = "authenticate"
     CONNECTED = "connected"
     DIAL_FAILED = "dial_failed"
     NO_ENDPOINT = "no_endpoint"
@@ -61,7 +92,13 @@ _L, _LE = SlotState, SlotEvent
 SLOT_TRANSITIONS: dict[tuple[SlotState, SlotEvent], SlotState] = {
     (_L.IDLE, _LE.DIAL): _L.CONNECTING,
     (_L.CONNECTING, _LE.CONNECTED): _L.UP,
+    (_L.CONNECTING, _LE.HANDSHAKE): _L.HANDSHAKING,
+    (_L.HANDSHAKING, _LE.AUTHENTICATE): _L.AUTHENTICATING,
+    (_L.HANDSHAKING, _LE.CONNECTED): _L.UP,
+    (_L.AUTHENTICATING, _LE.CONNECTED): _L.UP,
     (_L.CONNECTING, _LE.DIAL_FAILED): _L.BACKOFF,
+    (_L.HANDSHAKING, _LE.DIAL_FAILED): _L.BACKOFF,
+    (_L.AUTHENTICATING, _LE.DIAL_FAILED): _L.BACKOFF,
     (_L.CONNECTING, _LE.NO_ENDPOINT): _L.BACKOFF,
     (_L.UP, _LE.LOST): _L.BACKOFF,
     (_L.UP, _LE.RECYCLE): _L.CONNECTING,
@@ -74,6 +111,7 @@ class ConnState(enum.Enum):
     READY = "ready"
     BUSY = "busy"
     DRAINING = "draining"
+    WRITE_SHUT = "write_shut"
     CLOSED = "closed"
 
 
@@ -82,6 +120,7 @@ class ConnEvent(enum.Enum):
     WRITE_DONE = "write_done"
     RETIRE = "retire"
     RESUME = "resume"
+    SHUT_WRITE = "shut_write"
     FAIL = "fail"
     CLOSE = "close"
 
@@ -97,22 +136,54 @@ CONN_TRANSITIONS: dict[tuple[ConnState, ConnEvent], ConnState] = {
     (_C.DRAINING, _E.WRITE_BLOCKED): _C.DRAINING,
     (_C.DRAINING, _E.WRITE_DONE): _C.DRAINING,
     (_C.DRAINING, _E.RESUME): _C.READY,
+    (_C.DRAINING, _E.SHUT_WRITE): _C.WRITE_SHUT,
+    (_C.WRITE_SHUT, _E.WRITE_DONE): _C.WRITE_SHUT,
     (_C.READY, _E.FAIL): _C.CLOSED,
     (_C.BUSY, _E.FAIL): _C.CLOSED,
     (_C.DRAINING, _E.FAIL): _C.CLOSED,
+    (_C.WRITE_SHUT, _E.FAIL): _C.CLOSED,
 }
 CONN_TRANSITIONS.update({(state, _E.CLOSE): _C.CLOSED for state in ConnState})
 
 #: States in which a TCP connection takes new messages.
 TAKING_STATES = frozenset({_C.READY, _C.BUSY})
 #: States in which a TCP connection is open.
-OPEN_STATES = frozenset({_C.READY, _C.BUSY, _C.DRAINING})
+OPEN_STATES = frozenset({_C.READY, _C.BUSY, _C.DRAINING, _C.WRITE_SHUT})
+#: States in which a connection finishes what it holds and takes nothing new.
+RETIRING_STATES = frozenset({_C.DRAINING, _C.WRITE_SHUT})
+#: How statistics name a connection's state where it is not the state's own name:
+#: a connection that shut its writing side is still draining, to an operator.
+_SHOWN_AS = {_C.WRITE_SHUT: _C.DRAINING.value}
 #: What statistics show (``state``) for a slot whose live connection is open:
 #: kmux-cli counts such a slot as up.
-OPEN_STATE_NAMES = frozenset(state.value for state in OPEN_STATES)
+OPEN_STATE_NAMES = frozenset(_SHOWN_AS.get(state, state.value) for state in OPEN_STATES)
+
+
+class RxState(enum.Enum):
+    READING = "reading"
+    PAUSED = "paused"
+    SUSPENDED = "suspended"
+
+
+class RxEvent(enum.Enum):
+    PAUSE = "pause"
+    HANG_UP = "hang_up"
+    UNPAUSE = "unpause"
+
+
+RX_TRANSITIONS: dict[tuple[RxState, RxEvent], RxState] = {
+    (RxState.READING, RxEvent.PAUSE): RxState.PAUSED,
+    (RxState.PAUSED, RxEvent.HANG_UP): RxState.SUSPENDED,
+    (RxState.PAUSED, RxEvent.UNPAUSE): RxState.READING,
+    (RxState.SUSPENDED, RxEvent.UNPAUSE): RxState.READING,
+}
+
 #: What a slot's statistics show as its ``state``: its live connection's
-#: state when it has one, else the slot's own.
-VISIBLE_SLOT_STATES = ("idle", "connecting", "ready", "busy", "draining", "backoff", "closed")
+#: state when it has one, else the slot's own (every row of both tables).
+VISIBLE_SLOT_STATES = tuple(dict.fromkeys(
+    [s.value for s in SlotState if s is not SlotState.UP]
+    + [_SHOWN_AS.get(s, s.value) for s in ConnState if s is not ConnState.CLOSED]
+))
 
 
 class EndReason(enum.Enum):
@@ -144,6 +215,61 @@ class RetireReason(enum.Enum):
     DRAIN = "drain"
     #: Not a retirement: an operator's reconnect closes the connection at once.
     RECONNECT = "reconnect requested by an operator"
+
+
+class ConnMachine:
+    """All of one TCP connection's state: its lifecycle (what we write) and its receive side.
+
+    ``closed``, ``taking`` and ``reading`` are read on every pass, so the
+    transitions keep them as plain attributes; they follow ``state`` and
+    ``rx`` and nothing else sets them.
+    """
+
+    __slots__ = ("state", "rx", "closed", "taking", "reading", "_what")
+
+    def __init__(self, what: str) -> None:
+        self.state = ConnState.READY
+        self.rx = RxState.READING
+        #: ``state`` is CLOSED.
+        self.closed = False
+        #: ``state`` takes new messages (READY or BUSY).
+        self.taking = True
+        #: ``rx`` is READING.
+        self.reading = True
+        self._what = what
+
+    def fire(self, event: ConnEvent) -> ConnState:
+        try:
+            state = CONN_TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise IllegalTransition(
+                f"{self._what}: no transition from {self.state.value!r} on {event.value!r}"
+            ) from None
+        self.state = state
+        self.closed = state is ConnState.CLOSED
+        self.taking = state in TAKING_STATES
+        return state
+
+    def fire_rx(self, event: RxEvent) -> RxState:
+        try:
+            rx = RX_TRANSITIONS[(self.rx, event)]
+        except KeyError:
+            raise IllegalTransition(
+                f"{self._what}: no receive-side transition from {self.rx.value!r} on {event.value!r}"
+            ) from None
+        self.rx = rx
+        self.reading = rx is RxState.READING
+        return rx
+
+    @property
+    def retiring(self) -> bool:
+        """It takes nothing new and finishes what it holds (DRAINING or WRITE_SHUT)."""
+        return self.state in RETIRING_STATES
+
+    @property
+    def shown(self) -> str:
+        """The state's name for statistics and kmux-cli."""
+        return _SHOWN_AS.get(self.state, self.state.value)
 
 
 class ClientState(enum.Enum):
@@ -208,7 +334,7 @@ class StateMachine:
         self.state = initial
         self._what = what
 
-    def fire(self, event: enum.Enum) -> enum.Enum:
+    def fire(self, event: enum.Enum) -> Any:
         try:
             self.state = self._table[(self.state, event)]
         except KeyError:

@@ -1,31 +1,94 @@
-"""Receive steering: which client gets the next message parsed from a connection.
+"""Receive steering: which client gets each message parsed from a connection.
 
-Theory of operation (``balance`` mode, KCM's)
----------------------------------------------
-A receiver is *ready* when its receiving is on, its socket took the last
-message without blocking, and it has no notices waiting. Ready receivers
-form a ring. Messages go to the receiver at the front, ``batch`` at a time,
-then the ring turns, so wake-ups are amortised over a batch and no receiver
-is starved.
+Theory of operation
+-------------------
+A group's steering mode is a strategy object, chosen once when the group is
+built (:func:`steering_for`). The connection's shell reads bytes into its
+:class:`~kmuxd.core.inbox.Inbox` and calls :meth:`Steering.steer`; the
+strategy decides who gets each complete message and hands it to that
+client through the :class:`Receiver` protocol, straight from the inbox's
+buffer. The client's shell does the send (and queues what its socket does
+not take). What a strategy could not hand over stays in the inbox.
 
-* A receiver whose socket is full is marked *blocked* and leaves the ring;
-  the message it could not take goes to the next one. It comes back when
-  its socket is writable again.
-* A receiver that switches receiving off leaves the ring; messages already
-  queued for it are handed back by the client and steered again.
-* With no receiver ready, :meth:`take` returns ``None`` and the caller
-  stops parsing (push-back through TCP). Nothing is dropped here.
+* :class:`ResponseSteering` (``id`` and ``fifo``): the
+  :class:`~kmuxd.core.router.ResponseRouter` matches each response to the
+  request it answers; the response goes to that request's client, with the
+  client's own id put back (``id`` with rewrite). It never waits: a client
+  that does not read has its responses queued in its own bounded queue. A
+  response that matches nothing is counted (and, with ``unmatched =
+  "balance"``, offered to a ready receiver).
+* :class:`BalanceSteering` (``balance``, KCM's): messages go round robin to
+  ready receivers (:class:`ReceiverRing`), ``rx_batch`` at a time. With no
+  receiver ready the rest stays in the inbox and the connection stops
+  reading: push-back through TCP, nothing dropped. Messages a client hands
+  back after switching receiving off (REQUEUE) go first, before anything
+  newer from any connection.
 
-No I/O; receivers are opaque objects.
+**The ring** (balance): a receiver is *ready* when its receiving is on, its
+socket took the last message without blocking, and it has no notices
+waiting. Messages go to the receiver at the front, ``batch`` at a time,
+then the ring turns, so wake-ups are amortised over a batch and no
+receiver is starved. A receiver whose socket is full is marked *blocked*
+and leaves the ring (the message it could not take goes to the next one);
+it comes back when its socket is writable again. A receiver that switches
+receiving off leaves the ring.
+
+**The kind byte.** A message is sent to its client as one DATA packet: the
+kind byte, then the message. The byte before a message in the inbox is
+free (``Inbox`` invariant 2), so :func:`data_packet` writes the kind there
+and the packet is sent from the buffer with no copy. It is the only place
+that writes it.
+
+No I/O; receivers are opaque objects behind :class:`Receiver`.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-__all__ = ["BalanceSteering", "SteeringStatistics"]
+from kmux.protocol import KIND_DATA
+
+from .counters import GroupCounters
+
+if TYPE_CHECKING:
+    from .inbox import Inbox
+    from .router import Flight, Request, ResponseRouter
+
+__all__ = [
+    "ReceiverRing", "SteeringStatistics", "Receiver", "Steering", "BalanceSteering", "ResponseSteering",
+    "steering_for", "data_packet", "TAKEN", "TAKEN_LAST", "BLOCKED", "FAILED",
+]
+
+#: What :meth:`Receiver.offer` did with a message: took it (and may take the
+#: next), took it and its turn is over (it went out in pieces), could not take
+#: it for now (socket full: the receiver left the ring itself), or failed (it
+#: can take nothing; the message goes to the next receiver).
+TAKEN, TAKEN_LAST, BLOCKED, FAILED = range(4)
+
+
+def data_packet(buf: bytearray, view: memoryview, pos: int, end: int) -> memoryview:
+    """The DATA packet of the message at ``buf[pos:end]``: its kind byte is written
+    into the free byte before it (``Inbox`` invariant 2), so it is sent without a copy."""
+    buf[pos - 1] = KIND_DATA
+    return view[pos - 1 : end]
+
+
+class Receiver(Protocol):
+    """A client as receive steering sees it."""
+
+    #: It left: answers still owed to it are dropped (counted).
+    gone: bool
+
+    def deliver(self, buf: bytearray, view: memoryview, pos: int, end: int, seq: int) -> bool:
+        """The response to its request ``seq`` is at ``buf[pos:end]`` (the byte before
+        it is free). True if sent or queued for it, False if dropped (counted)."""
+
+    def offer(self, buf: bytearray, view: memoryview, pos: int, end: int, keep: bool = False) -> int:
+        """Balance: the message at ``buf[pos:end]`` (the byte before it is free).
+        TAKEN, TAKEN_LAST, BLOCKED or FAILED. ``keep``: queue it rather than
+        leave it when the socket is full (it has nowhere else to go)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +99,7 @@ class SteeringStatistics:
     receiving: int
 
 
-class BalanceSteering:
+class ReceiverRing:
     """Round robin over ready receivers, ``batch`` messages per turn."""
 
     __slots__ = ("batch", "_ring", "_receiving", "_blocked", "_left")
@@ -82,8 +145,8 @@ class BalanceSteering:
             return True
         return False
 
-    def take(self) -> tuple[Any, int] | tuple[None, int]:
-        """The receiver for the next messages and how many it may take now."""
+    def take(self) -> tuple[Any, int]:
+        """The receiver for the next messages and how many it may take now (None, 0: none ready)."""
         ring = self._ring
         if not ring:
             return None, 0
@@ -109,3 +172,175 @@ class BalanceSteering:
 
     def statistics(self) -> SteeringStatistics:
         return SteeringStatistics(ready=len(self._ring), receiving=len(self._receiving))
+
+
+class Steering:
+    """A group's receive steering: who gets each message a connection's inbox completed."""
+
+    #: Its deliveries answer requests: each is proof of the endpoint's health.
+    answers: bool = False
+
+    def __init__(self, ring: ReceiverRing, counters: GroupCounters) -> None:
+        #: Ready receivers (balance; id/fifo use it for unmatched responses).
+        self.ring = ring
+        #: The group's record: delivered messages and bytes are counted here.
+        self.counters = counters
+
+    def steer(self, inbox: Inbox, flight: Flight | None, pending: deque[Request], now: float) -> int:
+        """Hand the inbox's complete messages to their clients; returns how many were
+        delivered. What could not be handed over stays in the inbox (balance only)."""
+        raise NotImplementedError
+
+    def requeue(self, message: bytes) -> None:
+        """A message a client handed back (balance only)."""
+        raise NotImplementedError
+
+    def pump_requeued(self) -> bool:
+        """Send handed-back messages to ready receivers. True when none is left."""
+        return True
+
+
+class BalanceSteering(Steering):
+    """``balance``: round robin over ready receivers, handed-back messages first."""
+
+    def __init__(self, ring: ReceiverRing, counters: GroupCounters) -> None:
+        super().__init__(ring, counters)
+        #: Messages clients handed back (REQUEUE), oldest first.
+        self.requeued: deque[bytes] = deque()
+
+    def steer(self, inbox: Inbox, flight: Flight | None, pending: deque[Request], now: float) -> int:
+        if self.requeued:
+            return 0  # handed-back messages go first
+        ends = inbox.ends
+        buf, view = inbox.buf, inbox.view
+        pos = inbox.head
+        i = 0
+        count = len(ends)
+        ring = self.ring
+        first = pos
+        while i < count:
+            receiver, quota = ring.take()
+            if receiver is None:
+                break
+            k = 0
+            got = TAKEN
+            while k < quota and i < count:
+                end = ends[i]
+                got = receiver.offer(buf, view, pos, end)
+                if got > TAKEN_LAST:
+                    break  # not taken: it stays first in line
+                pos = end
+                i += 1
+                k += 1
+                if got == TAKEN_LAST:
+                    break
+            if got == FAILED:
+                # It can take nothing: out of the ring, and the message goes to
+                # the next ready receiver at once. An app that closed is
+                # detached on its hang-up; one that shut down only its reading
+                # side stays attached, receiving nothing.
+                ring.remove(receiver)
+            elif got != BLOCKED:
+                ring.used(k)
+        counters = self.counters
+        counters.rx_msgs += i
+        counters.rx_bytes += pos - first
+        inbox.take(i, pos)
+        if i < count:
+            counters.rx_paused += 1
+        return i
+
+    def requeue(self, message: bytes) -> None:
+        self.requeued.append(message)
+
+    def pump_requeued(self) -> bool:
+        queue = self.requeued
+        ring = self.ring
+        while queue:
+            receiver, quota = ring.take()
+            if receiver is None:
+                return False
+            k = 0
+            got = TAKEN
+            while k < quota and queue:
+                message = queue[0]
+                packet = bytearray(1 + len(message))
+                packet[1:] = message
+                got = receiver.offer(packet, memoryview(packet), 1, len(packet))
+                if got > TAKEN_LAST:
+                    break  # as in steer: the message stays first in line
+                queue.popleft()
+                k += 1
+            if got == FAILED:
+                ring.remove(receiver)
+            elif got != BLOCKED:
+                ring.used(k)
+        return True
+
+
+class ResponseSteering(Steering):
+    """``id`` and ``fifo``: each response to the client whose request it answers."""
+
+    answers = True
+
+    def __init__(self, ring: ReceiverRing, counters: GroupCounters, router: ResponseRouter, *,
+                 unmatched_to_balance: bool, on_unmatched: Callable[[Flight, int], None]) -> None:
+        super().__init__(ring, counters)
+        self.router = router
+        #: ``unmatched = "balance"``: a response that matches nothing goes to a ready receiver.
+        self.unmatched_to_balance = unmatched_to_balance
+        #: The shell's log line for a response that matched nothing (its size).
+        self.on_unmatched = on_unmatched
+
+    def steer(self, inbox: Inbox, flight: Flight | None, pending: deque[Request], now: float) -> int:
+        assert flight is not None  # every connection has one in id/fifo steering
+        ends = inbox.ends
+        buf, view = inbox.buf, inbox.view
+        pos = inbox.head
+        router = self.router
+        ids = router.ids
+        delivered = 0
+        nbytes = 0
+        for end in ends:
+            req = router.match(flight, pending, buf, pos, end - pos)
+            if req is None:
+                self._unmatched(flight, buf, view, pos, end)
+            elif router.answered(req, now):
+                if ids is not None:
+                    ids.restore(req, buf, pos)
+                if req.owner.deliver(buf, view, pos, end, req.seq):
+                    delivered += 1
+                    nbytes += end - pos
+                else:
+                    router.undelivered(1)
+            pos = end
+        inbox.take(len(ends), pos)
+        counters = self.counters
+        counters.rx_msgs += delivered
+        counters.rx_bytes += nbytes
+        return delivered
+
+    def _unmatched(self, flight: Flight, buf: bytearray, view: memoryview, pos: int, end: int) -> None:
+        self.on_unmatched(flight, end - pos)
+        if not self.unmatched_to_balance:
+            return
+        receiver, _ = self.ring.take()
+        if receiver is None:
+            return
+        got = receiver.offer(buf, view, pos, end, True)
+        if got == FAILED:
+            self.ring.remove(receiver)  # best effort: the unmatched response is dropped
+        elif got != BLOCKED:
+            self.ring.used(1)
+
+
+def steering_for(mode: str, ring: ReceiverRing, counters: GroupCounters, router: ResponseRouter | None, *,
+                 unmatched_to_balance: bool = False,
+                 on_unmatched: Callable[[Flight, int], None] | None = None) -> Steering:
+    """The strategy for a group's ``steering`` setting (``router``: id and fifo only)."""
+    if mode == "balance":
+        return BalanceSteering(ring, counters)
+    if router is None or on_unmatched is None:
+        raise ValueError(f"steering {mode!r} needs a ResponseRouter and an unmatched-response hook")
+    return ResponseSteering(ring, counters, router, unmatched_to_balance=unmatched_to_balance,
+                            on_unmatched=on_unmatched)

@@ -34,13 +34,13 @@ from kmux.protocol import KIND_DATA, KIND_DATA_MORE, KIND_MORE, KIND_REQUEUE, KI
 if TYPE_CHECKING:
     from kmuxd.core.sendq import Outbox
 
-    from .session import AppSession
+    from .intake import Intake
 
 __all__ = ["Assembly", "EMPTY", "FULL", "TURN", "EOF"]
 
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
-#: Why a read of a client stopped (shared with the session's pull).
+#: Why a read of a client stopped (shared with the intake's pull).
 EMPTY, FULL, TURN, EOF = range(4)
 #: Where a dropped piece is read to (MSG_TRUNC gives its real length).
 _SCRATCH = bytearray(1)
@@ -50,12 +50,12 @@ ANCILLARY_TEXT = "packets may not carry file descriptors or credentials; it was 
 
 
 class Assembly:
-    """The message ``seq`` of ``session``, assembling at ``start`` in ``outbox``."""
+    """The message ``seq`` of ``intake``, assembling at ``start`` in ``outbox``."""
 
-    __slots__ = ("session", "outbox", "seq", "start", "refused", "since")
+    __slots__ = ("intake", "outbox", "seq", "start", "refused", "since")
 
-    def __init__(self, session: "AppSession", outbox: "Outbox | None", seq: int, start: int, since: float) -> None:
-        self.session = session
+    def __init__(self, intake: "Intake", outbox: "Outbox | None", seq: int, start: int, since: float) -> None:
+        self.intake = intake
         #: None once refused: the remaining pieces are dropped.
         self.outbox = outbox
         self.seq = seq
@@ -64,36 +64,36 @@ class Assembly:
         self.since = since
 
     @classmethod
-    def begin(cls, session: "AppSession", outbox: "Outbox", tail: int, size: int, truncated: bool,
+    def begin(cls, intake: "Intake", outbox: "Outbox", tail: int, size: int, truncated: bool,
               now: float) -> "Assembly":
-        """The first piece of message ``session.seq`` landed at ``tail``."""
-        asm = cls(session, outbox, session.seq, tail, now)
-        if truncated or size > session.group.cfg.max_message:
+        """The first piece of message ``intake.seq`` landed at ``tail``."""
+        asm = cls(intake, outbox, intake.seq, tail, now)
+        if truncated or size > intake.group.cfg.max_message:
             asm.refuse(MessageTooBig(asm._too_big_text(size)))
             return asm
         conn = outbox.conn
         assert conn is not None  # the first piece was received after route() named it
-        session.group.sched.open(session, conn)
+        intake.group.sched.open(intake.session, conn)
         outbox.grow_open(size)
         return asm
 
     @classmethod
-    def refused_unread(cls, session: "AppSession", err: KmuxError) -> "Assembly":
+    def refused_unread(cls, intake: "Intake", err: KmuxError) -> "Assembly":
         """A message whose first piece was refused unread (queue_timeout): drop its pieces."""
-        asm = cls(session, None, session.seq, 0, session.clock())
+        asm = cls(intake, None, intake.seq, 0, intake.clock())
         asm.refused = err
         return asm
 
     def _too_big_text(self, size: int) -> str:
-        return (f"message is over the group's max_message of {self.session.group.cfg.max_message} bytes "
+        return (f"message is over the group's max_message of {self.intake.group.cfg.max_message} bytes "
                 f"({size}+ so far)")
 
     def read(self) -> int:
         """Read the next pieces; returns a pull status (TURN once the message ended)."""
-        session = self.session
-        cfg = session.group.cfg
+        intake = self.intake
+        cfg = intake.group.cfg
         max_message = cfg.max_message
-        recvmsg_into = session.sock.recvmsg_into
+        recvmsg_into = intake.sock.recvmsg_into
         for _ in range(cfg.client_turn):
             outbox = self.outbox
             if outbox is None:
@@ -102,7 +102,7 @@ class Assembly:
                 except BlockingIOError:
                     return EMPTY
                 except OSError as exc:
-                    return session.recv_failed(exc)
+                    return intake.recv_failed(exc)
                 if n == 0:
                     return EOF
                 kind = _SCRATCH[0]
@@ -110,7 +110,7 @@ class Assembly:
                     self.interloper(kind)
                     continue
                 if not kind & KIND_MORE:
-                    session.open = None  # the last piece of the refused message
+                    intake.open = None  # the last piece of the refused message
                     return TURN
                 continue
             end = outbox.open_end
@@ -121,7 +121,7 @@ class Assembly:
             except BlockingIOError:
                 return EMPTY
             except OSError as exc:
-                return session.recv_failed(exc)
+                return intake.recv_failed(exc)
             kind = buf[end - 1]
             buf[end - 1] = saved
             if n == 0:
@@ -137,7 +137,7 @@ class Assembly:
                 self.refuse(AncillaryRefused(ANCILLARY_TEXT) if flags & _MSG_CTRUNC
                             else MessageTooBig(self._too_big_text(total)))
                 if not kind & KIND_MORE:
-                    session.open = None
+                    intake.open = None
                     return TURN
                 continue
             outbox.grow_open(size)
@@ -148,39 +148,39 @@ class Assembly:
 
     def finish(self, outbox: "Outbox", size: int) -> None:
         """The last piece arrived: check the whole message, then commit or refuse it."""
-        session = self.session
-        session.open = None
-        group = session.group
+        intake = self.intake
+        intake.open = None
+        group = intake.group
         start = self.start
         err = group.check_message(outbox.buf, start, size)
         req = None
         router = group.router
         if err is None and router is not None:
             try:
-                req = router.accept(session, self.seq, session.clock(), outbox.buf, start, size)
+                req = router.accept(intake.session, self.seq, intake.clock(), outbox.buf, start, size)
             except KmuxError as exc:
                 err = exc
         if err is not None:
-            group.sched.drop_open(session, outbox)
-            session.refuse(err, seq_value=self.seq)
+            group.sched.drop_open(intake.session, outbox)
+            intake.refuse(err, seq_value=self.seq)
             return
         if req is not None:
             outbox.add_request(req)
-        group.sched.commit(session, outbox, outbox.open_end, 1, self.seq)
+        group.sched.commit(intake.session, outbox, outbox.open_end, 1, self.seq)
 
     def release(self) -> None:
         """Give the outbox back to the others (what was assembled is dropped)."""
         outbox = self.outbox
-        session = self.session
+        intake = self.intake
         if outbox is not None:
-            session.group.sched.drop_open(session, outbox)
+            intake.group.sched.drop_open(intake.session, outbox)
         self.outbox = None
 
     def refuse(self, err: KmuxError) -> None:
         """Refuse the message now; its remaining pieces are read and dropped."""
         self.release()
         self.refused = err
-        self.session.refuse(err, seq_value=self.seq)
+        self.intake.refuse(err, seq_value=self.seq)
 
     def abort(self, err: KmuxError | None) -> None:
         """It will never complete (orphan expired, session ending): refuse it, or just drop it."""
@@ -188,26 +188,26 @@ class Assembly:
             return
         if err is None:
             self.release()
-            self.session.open = None
+            self.intake.open = None
         else:
             self.refuse(err)
 
     def interloper(self, kind: int, ctrunc: bool = False) -> None:
         """A packet that is not the next piece: both it and the open message are refused."""
-        session = self.session
+        intake = self.intake
         if self.refused is None:
             self.refuse(BadPacket(
                 f"a packet of kind 0x{kind:02x} came between the pieces of message seq {self.seq}; "
                 "the pieces of one message must be consecutive"
             ))
         if kind & ~KIND_MORE == KIND_DATA:
-            session.seq += 1
-            session.refuse(BadPacket("sent inside another message's pieces"))
+            intake.seq += 1
+            intake.refuse(BadPacket("sent inside another message's pieces"))
         elif ctrunc:
-            session.refuse(AncillaryRefused(ANCILLARY_TEXT), seq=False)
+            intake.refuse(AncillaryRefused(ANCILLARY_TEXT), seq=False)
 
     def expire(self, now: float) -> None:
         """assembly_timeout for clients: a message whose pieces stopped coming is refused."""
-        timeout = self.session.group.cfg.assembly_timeout
+        timeout = self.intake.group.cfg.assembly_timeout
         if self.refused is None and now - self.since >= timeout:
             self.refuse(BadPacket(f"message seq {self.seq} did not complete within assembly_timeout={timeout}s"))

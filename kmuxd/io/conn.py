@@ -1,35 +1,42 @@
-"""A group's TCP connections: the slot that keeps one up, and each connection's I/O.
+"""One TCP connection of a group: a thin shell around the cores.
 
 Theory of operation
 -------------------
-A :class:`Slot` is a numbered place in the group (``conn 0..N-1``) that
-keeps one *live* TCP connection: a trio task dials (the group's endpoint
-pool says where, and when), hands the connected socket to a :class:`Conn`
-registered in the event core (:mod:`kmuxd.io.reactor`), and waits until that
-connection fails, closes or retires, then dials again.
-
-A :class:`Conn` is one TCP connection, a thin shell around the cores:
+A :class:`Conn` is one TCP connection, handed a connected socket by its
+slot (:mod:`kmuxd.io.slot`) and registered in the event core
+(:mod:`kmuxd.io.reactor`). Everything about its state lives in its
+:class:`~kmuxd.core.states.ConnMachine` (lifecycle and receive side, as
+tables); the connection carries out what the cores decide:
 
 * **writes**: the scheduler (:mod:`kmuxd.core.sendq`) decides which outbox a
   client's messages go to; clients read straight into it during a pass and
   the connection writes ``outbox[head:tail]`` with one ``send`` when the pass
-  ends. Only a refused write turns on ``EPOLLOUT``.
+  ends (:meth:`Conn.flush`, the one place its socket is written). Only a
+  refused write turns on ``EPOLLOUT``.
 * **reads**: one ``recv_into`` straight into its :class:`~kmuxd.core.inbox.Inbox`
-  per readiness event, then the group steers every complete message (one
-  plain ``send`` each, from the buffer).
-* **endings**, all through :meth:`Conn.end`, synchronously: answers already
-  received are still delivered, the outbox is cut back and handed to another
-  connection (KCM's retry from byte 0), written requests are settled by the
-  router (retried or told ``connection_lost``), the endpoint pool learns
-  how the connection ended (a recycle or a failure), and the slot is woken
-  to dial again.
+  per readiness event (:meth:`Conn.read`, the one place its socket is read),
+  then the group's steering strategy hands every complete message to its
+  client (:mod:`kmuxd.core.steering`). In balance mode, with no receiver
+  ready, it stops reading (the receive side's PAUSED): TCP pushes back.
 * **retiring** (make-before-break): when a connection reaches
   ``max_requests_per_connection`` or ``max_connection_age``, or its server
-  half-closes, it takes nothing new at once and the slot dials its
-  replacement; the old one writes what it holds, collects the answers to its
-  requests in flight and closes (at the latest after ``request_timeout``, or
-  ``shutdown_grace`` without one). An operator's ``drain`` retires the live
+  half-closes, it takes nothing new at once (DRAINING) and its slot dials the
+  replacement; it writes what it holds, collects the answers to its requests
+  in flight and closes (at the latest after ``request_timeout``, or
+  ``shutdown_grace`` without one). In balance mode nothing says when the
+  server has answered everything: it shuts its writing side (WRITE_SHUT) and
+  reads until the server closes. An operator's ``drain`` retires the live
   connection the old way: the replacement is dialled once it has closed.
+* **the end** (:meth:`Conn.end`), synchronously, in named steps:
+  answers already received are still delivered; *salvage*: the outbox is cut
+  back and handed to another connection (KCM's retry from byte 0); *settle*:
+  written requests are retried or told ``connection_lost`` by the router;
+  *release*: out of the scheduler and the event core, socket closed;
+  *health verdict*: the endpoint pool learns how it ended (a recycle, a
+  failure, or ours); then the slot is told and dials again.
+
+Counts go to the connection's own fields (its life), its slot's and its
+group's records (:mod:`kmuxd.core.counters`) as the events happen.
 
 Error handling: an unexpected exception in a connection's path is caught by
 the reactor's boundary and ends that connection only (:meth:`Conn.crash`).
@@ -39,97 +46,32 @@ from __future__ import annotations
 
 import errno
 import socket
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
-from kmux.errors import (
-    ConnectFailed,
-    ConnectionLost,
-    DrainInProgress,
-    DrainTimeout,
-    KmuxError,
-    RemoteAssemblyTimeout,
-)
+from kmux.errors import ConnectionLost, KmuxError, RemoteAssemblyTimeout
 
 from kmuxd.core.endpoints import Verdict
 from kmuxd.core.inbox import Inbox
-from kmuxd.core.sendq import Outbox
-from kmuxd.core.states import (
-    CONN_TRANSITIONS,
-    OPEN_STATES,
-    SLOT_TRANSITIONS,
-    TAKING_STATES,
-    ConnEvent,
-    ConnState,
-    EndReason,
-    RetireReason,
-    SlotEvent,
-    SlotState,
-    StateMachine,
-)
+from kmuxd.core.router import Flight
+from kmuxd.core.sendq import Outbox, Salvage
+from kmuxd.core.states import ConnEvent, ConnMachine, ConnState, EndReason, RetireReason, RxEvent, RxState
 from kmuxd.system.config import Endpoint
-from kmuxd.system.log import RateLimit
 
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
-from .sockerr import errno_name
-from .tcpinfo import TcpInfo, read_tcp_info
+from .sockerr import describe_error, errno_name
+from .statistics import ConnStatistics
 
 if TYPE_CHECKING:
-    from .group import Group
+    from .slot import Slot
 
-__all__ = ["Slot", "Conn", "ConnStatistics"]
+__all__ = ["Conn", "ConnStatistics"]
 
 #: Reads of a failing stream, without waiting, to take answers already received.
 ARRIVED_READS_MAX = 64
-#: Seconds between "dial_failed" log lines per slot (all are counted).
-DIAL_LOG_INTERVAL = 10.0
 
 _BASE_MASK = EPOLLIN | EPOLLRDHUP
-
-
-@dataclass(frozen=True, slots=True)
-class ConnStatistics:
-    index: int
-    state: str
-    endpoint: str
-    local: str | None
-    remote: str | None
-    #: Seconds since this TCP connection was established (0 if none).
-    age: float
-    tx_msgs: int
-    tx_bytes: int
-    rx_msgs: int
-    rx_bytes: int
-    #: Clients that pinned their backlog to this connection (KCM reserved/unreserved).
-    reserved: int
-    unreserved: int
-    #: Streams that died with a write cut part-way.
-    tx_aborts: int
-    #: Bytes and messages queued for writing here now.
-    queued_bytes: int
-    queued_msgs: int
-    #: id/fifo steering: requests written here and not yet answered.
-    in_flight: int
-    #: Requests accepted on the live connection (for max_requests_per_connection).
-    requests: int
-    need_more_hdr: int
-    msg_too_big: int
-    msg_timeouts: int
-    bad_hdr_len: int
-    #: TCP connections established by this slot after the first.
-    reconnects: int
-    dial_failures: int
-    #: Connections of this slot closed by their server after answering, and
-    #: replaced by this slot before a limit was reached (make-before-break).
-    recycles: int
-    retired: int
-    #: Older connections of this slot still finishing their work.
-    retiring: int
-    last_error: str | None
-    #: The kernel's TCP_INFO for the live connection (None when not connected).
-    tcp: TcpInfo | None
 
 
 class Conn(Handler):
@@ -137,9 +79,8 @@ class Conn(Handler):
 
     __slots__ = (
         "group", "slot", "clock", "sock", "fd", "endpoint", "sm", "inbox", "flight", "mask", "connected_at",
-        "tx_msgs", "tx_bytes", "rx_msgs", "rx_bytes", "tx_aborts", "requests", "budget", "delivered",
-        "paused", "suspended", "half_closed", "retire_deadline", "retire_reason", "flight_total",
-        "ended", "_closed_event", "error",
+        "steering", "slot_counters", "counters", "tx_msgs", "tx_bytes", "rx_msgs", "requests", "budget",
+        "delivered", "flight_total", "retire_deadline", "retire_reason", "_closed_event", "error",
     )
 
     def __init__(self, slot: "Slot", sock: socket.socket, endpoint: Endpoint, inbox: Inbox) -> None:
@@ -151,13 +92,19 @@ class Conn(Handler):
         self.sock = sock
         self.fd = sock.fileno()
         self.endpoint = endpoint
-        self.sm = StateMachine(CONN_TRANSITIONS, ConnState.READY, f"group {cfg.name} conn {slot.index}")
+        #: All of its state (see kmuxd.core.states).
+        self.sm = ConnMachine(f"group {cfg.name} conn {slot.index}")
         self.inbox = inbox
-        self.flight = group.router.flight(self) if group.router is not None else None
+        self.flight: Flight | None = group.router.flight(self) if group.router is not None else None
         self.mask = _BASE_MASK
         self.connected_at = self.clock()
-        self.tx_msgs = self.tx_bytes = self.rx_msgs = self.rx_bytes = 0
-        self.tx_aborts = 0
+        self.steering = group.steering
+        self.slot_counters = slot.counters
+        self.counters = group.counters
+        #: Messages/bytes written on this connection (its slot's and group's totals count them too).
+        self.tx_msgs = self.tx_bytes = 0
+        #: Messages cut from its stream (delivered or not): its answers, for endpoint health.
+        self.rx_msgs = 0
         #: Requests (messages) accepted to be written here, and how many more
         #: may be before it recycles (None: no limit).
         self.requests = 0
@@ -169,12 +116,8 @@ class Conn(Handler):
         #: balance mode any message): once it delivered one, a FIN from its
         #: server is a recycle, not a failure.
         self.delivered = 0
-        self.paused = False  # balance: no ready receiver, not reading
-        self.suspended = False  # paused and hung up: out of the epoll until it can read
-        self.half_closed = False  # the server sent its FIN
         self.retire_deadline: float | None = None
         self.retire_reason: RetireReason | None = None
-        self.ended = False
         #: Set when the TCP connection is closed, however it ended (:meth:`wait_closed`).
         self._closed_event = trio.Event()
         self.error: str | None = None
@@ -182,64 +125,70 @@ class Conn(Handler):
     def __repr__(self) -> str:
         return f"Conn({self.group.cfg.name}/{self.slot.index} {self.endpoint})"
 
-    @property
-    def state(self) -> ConnState:
-        return self.sm.state
-
-    @property
-    def taking(self) -> bool:
-        return self.sm.state in TAKING_STATES
-
     def start(self) -> None:
         group = self.group
         group.reactor.register(self.fd, self, self.mask)
         group.sched.connected(self)
         group.retry_feeder.feed()  # retried requests wait for a fresh connection like this one
 
+    async def wait_closed(self) -> None:
+        """Wait until the TCP connection is closed, however it ends."""
+        await self._closed_event.wait()
+
     # -- the reactor's view ------------------------------------------------------
 
     def handle(self, events: int) -> None:
         if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-            if self.paused:
-                self._hung_up_while_paused(events)
-            else:
+            if self.sm.reading:
                 self.read()
-        if events & EPOLLOUT and not self.ended:
+            else:
+                self._hung_up_while_paused(events)
+        if events & EPOLLOUT and not self.sm.closed:
             self.flush()
 
     def crash(self, exc: BaseException) -> None:
         self.end(EndReason.ERROR, ConnectionLost(f"internal error on this connection: {exc!r}"))
 
-    async def wait_closed(self) -> None:
-        """Wait until the TCP connection is closed, however it ends."""
-        await self._closed_event.wait()
-
     def _set_mask(self, mask: int) -> None:
-        if mask != self.mask and not self.ended and not self.suspended:
+        sm = self.sm
+        if mask != self.mask and not sm.closed and sm.rx is not RxState.SUSPENDED:
             self.mask = mask
             self.group.reactor.modify(self.fd, mask)
 
-    # -- writing -----------------------------------------------------------------------
+    # -- writing (kmuxd.core.sendq.Carrier) ---------------------------------------
 
     def flush_soon(self) -> None:
         """Bytes were committed to this connection's outbox: write them when the pass ends."""
         self.group.reactor.flush_later(self)
 
+    def count_accepted(self, msgs: int) -> None:
+        """``msgs`` requests were committed to this connection's outbox."""
+        self.requests += msgs
+        if self.budget is not None:
+            self.budget -= msgs
+            if self.budget <= 0 and self.sm.taking:
+                self.retire(RetireReason.MAX_REQUESTS, True)
+
+    def count_written(self, msgs: int) -> None:
+        """``msgs`` messages of the outbox it carries reached the kernel (a write,
+        a compaction behind a blocked write, or the salvage of its end)."""
+        self.tx_msgs += msgs
+        self.slot_counters.tx_msgs += msgs
+        self.counters.tx_msgs += msgs
+
     def flush(self) -> None:
         """Write as much of the outbox as the kernel takes, without waiting."""
-        if self.ended:
+        if self.sm.closed:
             return
         group = self.group
         sched = group.sched
         outbox = sched.outbox_of(self)
         send = self.sock.send
-        flight = self.flight
         while outbox.head < outbox.tail:
             try:
                 n = send(outbox.view[outbox.head : outbox.tail])
             except BlockingIOError:
-                if self.sm.state is not ConnState.DRAINING:
-                    self.sm.fire(ConnEvent.WRITE_BLOCKED)
+                self.sm.fire(ConnEvent.WRITE_BLOCKED)
                 sched.blocked(self)
                 self._set_mask(self.mask | EPOLLOUT)
                 return
@@ -247,15 +196,11 @@ class Conn(Handler):
                 self.end(EndReason.ERROR, exc)
                 return
             self.tx_bytes += n
+            self.slot_counters.tx_bytes += n
+            self.counters.tx_bytes += n
             sched.written(self, n)
-            self.tx_msgs += outbox.take_written_count()
-            if flight is not None and outbox.written_requests:
-                router = group.router
-                assert router is not None  # a flight exists only in id/fifo steering
-                written = outbox.take_written()
-                self.flight_total += len(written)
-                for req in written:
-                    router.written(req, flight)
+            if self.flight is not None:
+                self._flight_written(outbox)
             # written() may have had this connection adopt an orphan (when its
             # own outbox emptied): the next bytes to write are the orphan's.
             outbox = sched.outbox_of(self)
@@ -268,13 +213,16 @@ class Conn(Handler):
         if self.sm.state is ConnState.DRAINING:
             self.maybe_finish_retiring()
 
-    def count_accepted(self, msgs: int) -> None:
-        """``msgs`` requests were committed to this connection's outbox."""
-        self.requests += msgs
-        if self.budget is not None:
-            self.budget -= msgs
-            if self.budget <= 0 and self.taking:
-                self.retire(RetireReason.MAX_REQUESTS, recycle=True)
+    def _flight_written(self, outbox: Outbox) -> None:
+        """Requests whose bytes reached the kernel are in flight on this connection now."""
+        written = outbox.take_written()
+        if written:
+            flight = self.flight
+            router = self.group.router
+            assert flight is not None and router is not None  # id/fifo steering only
+            self.flight_total += len(written)
+            for req in written:
+                router.written(req, flight)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -289,9 +237,9 @@ class Conn(Handler):
             self.end(EndReason.ERROR, exc)
             return
         if n == 0:
-            self.peer_closed()
+            self.end(EndReason.FIN)  # everything the server sent has been read
             return
-        self.rx_bytes += n
+        self.slot_counters.rx_bytes += n
         try:
             ready = inbox.received(n, self.clock())
         except KmuxError as exc:  # RemoteFrameTooBig / RemoteBadHeader
@@ -301,59 +249,71 @@ class Conn(Handler):
             self.steer()
 
     def steer(self) -> None:
-        group = self.group
-        if group.router is not None:
-            group.steer_responses(self)
-        elif not group.steer_balance(self):
+        """Hand the inbox's complete messages over; stop reading if some must wait."""
+        if not self._hand_over():
             self.pause_reading()
+        elif self.sm.state is ConnState.DRAINING:
+            self.maybe_finish_retiring()
+
+    def _hand_over(self) -> bool:
+        """The steering strategy hands over what it can. True if the inbox has no message left."""
+        inbox = self.inbox
+        count = len(inbox.ends)
+        delivered = self.steering.steer(inbox, self.flight, self.group.sched.outbox_of(self).requests, self.clock())
+        left = len(inbox.ends)
+        self.rx_msgs += count - left
+        self.slot_counters.rx_msgs += count - left
+        if delivered:
+            self.delivered += delivered
+            if self.steering.answers:
+                self.group.endpoints.answered(self.endpoint)
+        return not left
 
     def pause_reading(self) -> None:
         """Balance: no receiver is ready. Stop reading; TCP pushes back on the server."""
-        self.paused = True
+        self.sm.fire_rx(RxEvent.PAUSE)
         self.inbox.pause_clock()
-        self.group.paused.append(self)
+        self.group.wait_for_receiver(self)
         self._set_mask(self.mask & ~(EPOLLIN | EPOLLRDHUP))
 
     def resume_reading(self) -> None:
-        """A receiver became ready: steer what waits, then read again."""
-        if not self.paused or self.ended:
+        """A receiver became ready: hand over what waits, then read again."""
+        sm = self.sm
+        if sm.reading or sm.closed:
             return
-        if not self.group.steer_balance(self):
-            self.group.paused.append(self)
+        if not self._hand_over():
+            self.group.wait_for_receiver(self)
             return
-        self.paused = False
+        hung_up = sm.rx is RxState.SUSPENDED
+        sm.fire_rx(RxEvent.UNPAUSE)
         self.inbox.resume_clock(self.clock())
-        if self.suspended:
-            self.suspended = False
-            self.group.reactor.register(self.fd, self, self.mask | EPOLLIN | EPOLLRDHUP)
+        if hung_up:
+            # Back into the epoll, and read now: a hang-up means the rest of
+            # the stream (and its end) is there to read.
             self.mask |= EPOLLIN | EPOLLRDHUP
+            self.group.reactor.register(self.fd, self, self.mask)
+            self.read()
         else:
             self._set_mask(self.mask | EPOLLIN | EPOLLRDHUP)
-        if self.half_closed:
-            self.read()
 
     def _hung_up_while_paused(self, events: int) -> None:
         # Level-triggered epoll reports a hang-up for as long as it lasts,
         # whatever the mask: take the socket out of the epoll until a
         # receiver is ready, then read what the server sent before it went.
-        if events & (EPOLLHUP | EPOLLERR):
-            self.suspended = True
+        if events & (EPOLLHUP | EPOLLERR) and self.sm.rx is RxState.PAUSED:
+            self.sm.fire_rx(RxEvent.HANG_UP)
             self.group.reactor.unregister(self.fd)
-        if events & EPOLLRDHUP and not self.half_closed:
-            self.half_closed = True
-            if self.taking:
-                self.retire(RetireReason.SERVER_CLOSED, recycle=True)
+        if events & EPOLLRDHUP and self.sm.taking:
+            self.retire(RetireReason.SERVER_CLOSED, True)
 
-    def peer_closed(self) -> None:
-        """The server sent its FIN: everything it sent has been read."""
-        self.half_closed = True
-        self.end(EndReason.FIN)
-
-    # -- retiring and ending -----------------------------------------------------------------
+    # -- retiring ------------------------------------------------------------------------------
 
     def retire(self, reason: RetireReason, recycle: bool, deadline: float | None = None) -> None:
-        """Take nothing new; finish what is here, then close (see the module docstring)."""
-        if not self.taking:
+        """Take nothing new; finish what is here, then close (see the module docstring).
+
+        ``recycle``: make-before-break, the slot dials the replacement now.
+        """
+        if not self.sm.taking:
             return
         group = self.group
         self.sm.fire(ConnEvent.RETIRE)
@@ -364,114 +324,147 @@ class Conn(Handler):
         self.retire_deadline = deadline
         group.sched.retire(self)
         if recycle:
-            group.recycles += 1
+            self.counters.recycles += 1
             self.slot.replace_now(self)
         self.maybe_finish_retiring()
 
     def resume(self) -> None:
         """An operator's drain timed out: back in service."""
-        if self.sm.state is ConnState.DRAINING and not self.ended:
+        if self.sm.state is ConnState.DRAINING:
             self.sm.fire(ConnEvent.RESUME)
             self.retire_deadline = None
             self.group.sched.connected(self)
 
     def maybe_finish_retiring(self) -> None:
         """Close a retiring connection once its outbox is written and its requests answered."""
-        if self.ended or self.sm.state is not ConnState.DRAINING:
+        if self.sm.state is not ConnState.DRAINING:
             return
         outbox = self.group.sched.outbox_of(self)
         if outbox.pending or outbox.owners or outbox.open_owner is not None:
             return
         if self.flight is not None:
-            if self.flight.count():
-                return
-            self.end(EndReason.REQUESTED)
+            if not self.flight.count():
+                self.end(EndReason.REQUESTED)
             return
         # Balance: nothing tells us when the service has answered everything.
         # Half-close and read until it closes its side (or the deadline).
-        if not self.slot.drain_half_closed(self):
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                # ENOTCONN: the server reset it already; its read side reports
-                # that and ends the connection (connection_failed names it).
-                log = self.group.log
-                (log.debug if exc.errno == errno.ENOTCONN else log.warning)(
-                    "half_close_failed", conn=self.slot.index, errno=errno_name(exc))
-            self.slot.half_closed_conns.add(self)
+        self.sm.fire(ConnEvent.SHUT_WRITE)
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            # ENOTCONN: the server reset it already; its read side reports
+            # that and ends the connection (connection_failed names it).
+            log = self.group.log
+            (log.debug if exc.errno == errno.ENOTCONN else log.warning)(
+                "half_close_failed", conn=self.slot.index, errno=errno_name(exc))
 
-    def retire_expired(self, now: float) -> None:
-        if self.retire_deadline is not None and now >= self.retire_deadline and not self.ended:
+    def apply_deadlines(self, now: float) -> None:
+        """assembly_timeout, the end of a retirement, max_connection_age (housekeeping)."""
+        if self.sm.closed or self._assembly_expired(now):
+            return
+        if self.retire_deadline is not None and now >= self.retire_deadline:
             self.end(EndReason.REQUESTED)
+            return
+        age = self.group.cfg.max_connection_age
+        if age and self.sm.taking and now - self.connected_at >= age:
+            self.retire(RetireReason.MAX_AGE, True)
+
+    def _assembly_expired(self, now: float) -> bool:
+        """A partial message waited ``assembly_timeout`` for the remote: end with an ejection."""
+        cfg = self.group.cfg
+        if not self.inbox.expired(now, cfg.assembly_timeout):
+            return False
+        exc = RemoteAssemblyTimeout(
+            f"a partial message of {self.inbox.partial_bytes} bytes did not complete "
+            f"within assembly_timeout={cfg.assembly_timeout}s"
+        )
+        self.slot_counters.msg_timeouts += 1
+        self.end(EndReason.ERROR, exc, eject="assembly timeout")
+        return True
+
+    # -- the end ---------------------------------------------------------------------------------
 
     def end(self, how: EndReason, exc: BaseException | None = None, *, eject: str | None = None) -> None:
-        """The stream is done: settle everything now."""
-        if self.ended:
+        """The stream is done: settle everything now (``eject``: and eject its endpoint, why)."""
+        if self.sm.closed:
             return
-        group = self.group
-        sched = group.sched
         now = self.clock()
         requested = how is EndReason.REQUESTED
         if exc is not None and not requested:
-            self.error = _describe(exc)
+            self.error = describe_error(exc)
         # Answers the service sent before the stream broke are still owed. A FIN
         # among them means the server closed first and our later writes drew the
         # reset (EPIPE/ECONNRESET): for health that is the server's recycle.
-        fin_first = False
-        if group.router is not None and how is EndReason.ERROR and not self.paused:
-            fin_first = self._take_arrived()
-        self.ended = True
-        was_draining = self.sm.state is ConnState.DRAINING
+        fin_first = how is EndReason.ERROR and self.flight is not None and self.sm.reading and self._take_arrived()
+        was_retiring = self.sm.retiring
         self.sm.fire(ConnEvent.CLOSE if requested else ConnEvent.FAIL)
+        queued = self.group.sched.outbox_of(self).pending
+        salvage = self._salvage(now)
+        unanswered = self._settle(how)
+        spare = self._release()
+        verdict = self._health_verdict(how, now, eject, fin_first or how is EndReason.FIN,
+                                       requested or was_retiring, unanswered)
+        log = self.group.log.bind(conn=self.slot.index, endpoint=str(self.endpoint))
+        failed = verdict is Verdict.FAILURE
+        (log.warning if failed else log.info)(
+            "connection_failed" if failed else "connection_closed",
+            how=how.value, counted=verdict.value, error=self.error,
+            reason=self.retire_reason.value if self.retire_reason else None,
+            error_code=getattr(exc, "code", "os_error") if exc is not None else None,
+            resend_msgs=salvage.resend_msgs, queued_bytes=queued,
+        )
+        self.slot.conn_ended(self, verdict, spare)
+
+    def _salvage(self, now: float) -> Salvage:
+        """The outbox is cut back to its first message not fully written and handed on;
+        messages whole in the kernel count as written here (their requests in flight)."""
+        sched = self.group.sched
         outbox = sched.outbox_of(self)
-        cut_before = outbox.pending
         salvage = sched.failed(self, now)
-        # Messages that were whole in the kernel before the end count as written here.
-        self.tx_msgs += outbox.take_written_count()
         if self.flight is not None:
-            router = group.router
-            assert router is not None  # a flight exists only in id/fifo steering
-            for req in outbox.take_written():
-                router.written(req, self.flight)
+            self._flight_written(outbox)
         if salvage.cut_msgs:
-            self.tx_aborts += 1
-        group.tx_retries += salvage.resend_msgs
-        unanswered = self.flight.count() > 0 if self.flight is not None else False
-        if self.flight is not None:
-            why = self.error or (self.retire_reason.value if self.retire_reason else "closed")
-            group.settle_lost(self.flight, f"connection {self.slot.index} to {self.endpoint} {how.text}: {why}")
-        if self.inbox.ends:
-            group.dropped_rx_msgs += len(self.inbox.ends)  # balance: no receiver ever came
-        spare = sched.remove(self)
+            self.slot_counters.tx_aborts += 1
+        self.counters.tx_retries += salvage.resend_msgs
+        return salvage
+
+    def _settle(self, how: EndReason) -> bool:
+        """Requests written here and not answered: retried or told ``connection_lost``.
+        True if there were any."""
+        flight = self.flight
+        if flight is None:
+            return False
+        unanswered = flight.count() > 0
+        why = self.error or (self.retire_reason.value if self.retire_reason else "closed")
+        self.group.settle_lost(flight, f"connection {self.slot.index} to {self.endpoint} {how.text}: {why}")
+        return unanswered
+
+    def _release(self) -> Outbox | None:
+        """Out of the scheduler and the event core, socket closed, waiters woken.
+        Returns the outbox it carried, for its slot to reuse."""
+        group = self.group
+        spare = group.sched.remove(self)
         group.reactor.unregister(self.fd)
         try:
             self.sock.close()
         except OSError:
-            pass  # the descriptor is released whatever close() says; the end is logged below
+            pass  # the descriptor is released whatever close() says; the end is logged
         self._closed_event.set()
-        pool = group.endpoints
+        return spare
+
+    def _health_verdict(self, how: EndReason, now: float, eject: str | None, graceful: bool, requested: bool,
+                        unanswered: bool) -> Verdict:
+        """What the endpoint pool makes of this end (``graceful``: the server closed first)."""
+        pool = self.group.endpoints
         answered = self.delivered > 0
         if eject is not None:
             pool.closed(self.endpoint, now, answered=answered, graceful=False, requested=True)
             pool.eject(self.endpoint, now, eject)
-            kind = Verdict.FAILURE
-        else:
-            kind = pool.closed(
-                self.endpoint, now, answered=answered, unanswered=unanswered, age=now - self.connected_at,
-                answers=self.rx_msgs,
-                graceful=how is EndReason.FIN or fin_first, requested=requested or was_draining,
-                reason=self.error or "",
-            )
-        log = group.log.bind(conn=self.slot.index, endpoint=str(self.endpoint))
-        failed = kind is Verdict.FAILURE
-        (log.warning if failed else log.info)(
-            "connection_failed" if failed else "connection_closed",
-            how=how.value, counted=kind.value, error=self.error,
-            reason=self.retire_reason.value if self.retire_reason else None,
-            error_code=getattr(exc, "code", "os_error") if exc is not None else None,
-            resend_msgs=salvage.resend_msgs, queued_bytes=cut_before,
+            return Verdict.FAILURE
+        return pool.closed(
+            self.endpoint, now, answered=answered, unanswered=unanswered, age=now - self.connected_at,
+            answers=self.rx_msgs, graceful=graceful, requested=requested, reason=self.error or "",
         )
-        self.slot.conn_ended(self, kind, spare)
 
     def _take_arrived(self) -> bool:
         """Read and steer, without waiting, whatever already arrived on a failing stream.
@@ -481,7 +474,7 @@ class Conn(Handler):
         inbox = self.inbox
         for _ in range(ARRIVED_READS_MAX):
             if inbox.ends:
-                self.steer()
+                self._hand_over()
                 if inbox.ends:
                     return False
             try:
@@ -489,383 +482,18 @@ class Conn(Handler):
             except OSError:
                 return False  # EAGAIN: all taken; else the stream's error, which end() logs
             if n == 0:
-                self.half_closed = True
                 return True
-            self.rx_bytes += n
+            self.slot_counters.rx_bytes += n
             try:
                 inbox.received(n, self.clock())
             except KmuxError:
                 return False
         if inbox.ends:
-            self.steer()
+            self._hand_over()
         return False
-
-    def assembly_expired(self, now: float) -> bool:
-        """A partial message waited ``assembly_timeout`` for the remote: end with an ejection."""
-        cfg = self.group.cfg
-        if self.ended or not self.inbox.expired(now, cfg.assembly_timeout):
-            return False
-        exc = RemoteAssemblyTimeout(
-            f"a partial message of {self.inbox.partial_bytes} bytes did not complete "
-            f"within assembly_timeout={cfg.assembly_timeout}s"
-        )
-        self.slot.msg_timeouts += 1
-        self.end(EndReason.ERROR, exc, eject="assembly timeout")
-        return True
 
     # -- statistics ------------------------------------------------------------------------------
 
     def age(self, now: float) -> float:
         return now - self.connected_at
 
-    def written_msgs(self) -> int:
-        """Messages written here, including those a compaction counted since the last write."""
-        return self.tx_msgs + self.group.sched.outbox_of(self).unclaimed
-
-
-class Slot:
-    """Connection slot ``index`` of a group: keeps one live TCP connection up."""
-
-    def __init__(self, group: "Group", index: int, endpoint: Endpoint) -> None:
-        self.group = group
-        self.clock = group.clock
-        self.index = index
-        self.endpoint = endpoint
-        self.sm = StateMachine(SLOT_TRANSITIONS, SlotState.IDLE, f"group {group.cfg.name} slot {index}")
-        self.live: Conn | None = None
-        #: Older connections of this slot still finishing their work.
-        self.retiring: set[Conn] = set()
-        #: Retiring balance-mode connections we have half-closed.
-        self.half_closed_conns: set[Conn] = set()
-        self._wake = trio.Event()
-        self._run_scope = trio.CancelScope()
-        self._stopping = False
-        self._spare_outbox: Outbox | None = None
-        self._spare_inbox: Inbox | None = None
-        self._dial_log = RateLimit(DIAL_LOG_INTERVAL)
-        self._drain_waiting: Conn | None = None
-        # counters (a slot's totals over all its connections)
-        self.ended_tx_msgs = self.ended_tx_bytes = self.ended_rx_msgs = self.ended_rx_bytes = 0
-        self.ended_tx_aborts = 0
-        self.msg_timeouts = 0
-        self.connections_made = 0
-        self.dial_failures = 0
-        self.recycles = 0
-        self.retired = 0
-        self.last_error: str | None = None
-
-    @property
-    def log(self) -> Any:
-        return self.group.log.bind(conn=self.index, endpoint=str(self.endpoint))
-
-    @property
-    def connected(self) -> bool:
-        return self.live is not None and self.live.state in OPEN_STATES
-
-    @property
-    def state_name(self) -> str:
-        if self.live is not None and not self.live.ended:
-            return self.live.state.value
-        return self.sm.state.value
-
-    def conns(self) -> list[Conn]:
-        out = list(self.retiring)
-        if self.live is not None:
-            out.append(self.live)
-        return out
-
-    # -- the dial loop (a trio task) ----------------------------------------------------------
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep a live connection up until retired or cancelled.
-
-        Reports started after the first dial, whether it connected or not.
-        """
-        group = self.group
-        pool = group.endpoints
-        started = False
-        self.sm.fire(SlotEvent.DIAL)
-        with trio.CancelScope() as self._run_scope:
-            while not self._stopping:
-                endpoint, wait = pool.choose(self.clock())
-                if endpoint is None:
-                    self.sm.fire(SlotEvent.NO_ENDPOINT)
-                    if not started:
-                        started = True
-                        task_status.started()
-                    await trio.sleep(wait)
-                    self.sm.fire(SlotEvent.RETRY)
-                    continue
-                self.endpoint = endpoint
-                try:
-                    sock = await self._dial(endpoint)
-                except (OSError, ConnectFailed) as exc:
-                    pool.dial_failed(endpoint, self.clock(), _describe(exc))
-                    self.dial_failures += 1
-                    self.last_error = _describe(exc)
-                    self.sm.fire(SlotEvent.DIAL_FAILED)
-                    if self._dial_log.allow():
-                        self.log.warning("dial_failed", error=self.last_error,
-                                         suppressed=self._dial_log.take_suppressed())
-                    if not started:
-                        started = True
-                        task_status.started()
-                    await trio.lowlevel.checkpoint()  # the pool decides whether to wait
-                    self.sm.fire(SlotEvent.RETRY)
-                    continue
-                pool.connected(endpoint)
-                conn = group.reactor.call(self.carry, sock, endpoint)
-                if not started:
-                    started = True
-                    task_status.started()
-                await self._wake.wait()
-                self._wake = trio.Event()
-                if self.sm.state is SlotState.UP:
-                    self.sm.fire(SlotEvent.LOST if conn.ended else SlotEvent.RECYCLE)
-                if self.sm.state is SlotState.BACKOFF:
-                    self.sm.fire(SlotEvent.RETRY)
-                await trio.lowlevel.checkpoint()
-
-    def carry(self, sock: socket.socket, endpoint: Endpoint) -> Conn:
-        """Carry traffic on ``sock``, a connected TCP socket to ``endpoint`` (inside a pass)."""
-        group = self.group
-        cfg = group.cfg
-        inbox = self._spare_inbox
-        self._spare_inbox = None
-        if inbox is None:
-            inbox = Inbox(cfg.framing, cfg.max_message, cfg.read_buffer)
-        else:
-            inbox.reset()
-        conn = Conn(self, sock, endpoint, inbox)
-        outbox = self._spare_outbox
-        self._spare_outbox = None
-        if outbox is None or outbox.pending or outbox.owners:
-            outbox = Outbox(cfg.write_buffer, cfg.max_message + 1, cfg.framing._length_at)
-        group.sched.add(conn, outbox)
-        self.live = conn
-        self.connections_made += 1
-        self.sm.fire(SlotEvent.CONNECTED)
-        self.log.info("connected", local=_sockname(sock))
-        conn.start()
-        return conn
-
-    async def _dial(self, endpoint: Endpoint) -> socket.socket:
-        cfg = self.group.cfg
-        host, port = endpoint.host, endpoint.port
-        with trio.move_on_after(cfg.connect_timeout) as scope:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            last: BaseException | None = None
-            for family, type_, proto, _, addr in infos:
-                sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
-                try:
-                    _tune(sock, cfg)
-                    err = sock.connect_ex(addr)
-                    if err == errno.EINPROGRESS:
-                        await trio.lowlevel.wait_writable(sock)
-                        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        raise OSError(err, f"connect to {endpoint}: {errno.errorcode.get(err, err)}")
-                    trio.lowlevel.notify_closing(sock)  # trio forgets it; the reactor owns it now
-                    return sock
-                except BaseException as exc:
-                    trio.lowlevel.notify_closing(sock)
-                    sock.close()
-                    last = exc
-                    if not isinstance(exc, OSError):
-                        raise
-            raise last or ConnectFailed(f"{endpoint}: no address")
-        assert scope.cancelled_caught
-        raise ConnectFailed(f"connect to {endpoint} timed out after {cfg.connect_timeout}s")
-
-    # -- what its connections tell it ------------------------------------------------------------
-
-    def replace_now(self, conn: Conn) -> None:
-        """``conn`` retired make-before-break: it finishes on its own; dial its replacement."""
-        if conn is self.live:
-            self.live = None
-            self.retiring.add(conn)
-            self.retired += 1
-            self._wake.set()
-
-    def conn_ended(self, conn: Conn, kind: Verdict, spare: Outbox | None) -> None:
-        self.ended_tx_msgs += conn.tx_msgs
-        self.ended_tx_bytes += conn.tx_bytes
-        self.ended_rx_msgs += conn.rx_msgs
-        self.ended_rx_bytes += conn.rx_bytes
-        self.ended_tx_aborts += conn.tx_aborts
-        if conn.error:
-            self.last_error = conn.error
-        if kind is Verdict.RECYCLE:
-            self.recycles += 1
-        if spare is not None and not spare.pending and not spare.owners:
-            self._spare_outbox = spare
-        if not conn.inbox.ends and self._spare_inbox is None:
-            self._spare_inbox = conn.inbox
-        self.retiring.discard(conn)
-        self.half_closed_conns.discard(conn)
-        if conn is self.live:
-            self.live = None
-            self._wake.set()
-
-    def drain_half_closed(self, conn: Conn) -> bool:
-        return conn in self.half_closed_conns
-
-    # -- operator actions ------------------------------------------------------------------------
-
-    def reconnect(self) -> bool:
-        """Close the live connection and dial again at once. False if not connected."""
-        return bool(self.group.reactor.call(self._reconnect))
-
-    def _reconnect(self) -> bool:
-        live = self.live
-        if live is not None and live.state is ConnState.DRAINING:
-            raise DrainInProgress(f"conn {self.index} is draining; it is replaced when the drain ends")
-        if live is None or live.ended:
-            return False
-        live.retire_reason = RetireReason.RECONNECT
-        live.end(EndReason.REQUESTED)
-        return True
-
-    async def drain(self, timeout: float, *, remove: bool = False) -> tuple[int, int]:
-        """Write everything queued here, taking nothing new, then replace the connection
-        (``remove``: then stop the slot for good; a resize removed it).
-
-        Returns (messages, bytes) written meanwhile. Raises DrainTimeout if
-        the queue did not empty in time; the connection then stays in service.
-        """
-        live = self.live
-        if live is not None and live.state is ConnState.DRAINING:
-            raise DrainInProgress(f"conn {self.index} is already draining")
-        if live is None or live.ended:
-            if remove:
-                self.stop()
-            return 0, 0
-        msgs0, bytes0 = live.tx_msgs, live.tx_bytes
-        deadline = trio.current_time() + timeout
-        # The drain keeps its own deadline: on time-out the connection stays in service.
-        reactor = self.group.reactor
-        reactor.call(live.retire, RetireReason.DRAIN, False, float("inf"))
-        with trio.move_on_at(deadline):
-            await live.wait_closed()
-        if not live.ended:
-            outbox = self.group.sched.outbox_of(live)
-            if outbox.pending or outbox.owners:
-                reactor.call(live.resume)
-                raise DrainTimeout(
-                    f"conn {self.index} still had {outbox.pending} bytes queued after {timeout}s; it stays in service"
-                )
-            reactor.call(live.end, EndReason.REQUESTED)  # written, but the service never closed its side
-        if remove:
-            self.stop()
-        self.log.info("drained", msgs=live.tx_msgs - msgs0, bytes=live.tx_bytes - bytes0, remove=remove)
-        return live.tx_msgs - msgs0, live.tx_bytes - bytes0
-
-    def stop(self) -> None:
-        """Take no new connections (the group is stopping or shrinking)."""
-        self._stopping = True
-        self._run_scope.cancel()
-
-    def close_all(self) -> None:
-        """The group is gone: close every connection now (queues were flushed or given up)."""
-        self.stop()
-        for conn in self.conns():
-            conn.end(EndReason.REQUESTED)
-        if self.sm.state is not SlotState.CLOSED:
-            self.sm.fire(SlotEvent.CLOSE)
-
-    # -- statistics ---------------------------------------------------------------------------------
-
-    def statistics(self) -> ConnStatistics:
-        group = self.group
-        now = self.clock()
-        live = self.live if self.live is not None and not self.live.ended else None
-        conns = [c for c in self.conns() if not c.ended]
-        tx_msgs = self.ended_tx_msgs + sum(c.written_msgs() for c in conns)
-        tx_bytes = self.ended_tx_bytes + sum(c.tx_bytes for c in conns)
-        rx_msgs = self.ended_rx_msgs + sum(c.rx_msgs for c in conns)
-        rx_bytes = self.ended_rx_bytes + sum(c.rx_bytes for c in conns)
-        queued_bytes = queued_msgs = reserved = unreserved = in_flight = 0
-        need_more_hdr = msg_too_big = bad_hdr_len = 0
-        for c in conns:
-            ob = group.sched.outbox_of(c)
-            o = ob.statistics()
-            queued_bytes += o.queued_bytes
-            queued_msgs += o.queued_msgs
-            reserved += ob.reserved_count
-            unreserved += ob.unreserved_count
-            if c.flight is not None:
-                in_flight += c.flight.count()
-            d = c.inbox.decoder.statistics()
-            need_more_hdr += d.need_more_hdr
-            msg_too_big += d.msg_too_big
-            bad_hdr_len += d.bad_hdr_len
-        sock = live.sock if live is not None else None
-        return ConnStatistics(
-            index=self.index,
-            state=self.state_name,
-            endpoint=str(live.endpoint if live is not None else self.endpoint),
-            local=_sockname(sock) if sock else None,
-            remote=_peername(sock) if sock else None,
-            age=live.age(now) if live is not None else 0.0,
-            tx_msgs=tx_msgs,
-            tx_bytes=tx_bytes,
-            rx_msgs=rx_msgs,
-            rx_bytes=rx_bytes,
-            reserved=reserved,
-            unreserved=unreserved,
-            tx_aborts=self.ended_tx_aborts + sum(c.tx_aborts for c in conns),
-            queued_bytes=queued_bytes,
-            queued_msgs=queued_msgs,
-            in_flight=in_flight,
-            requests=live.requests if live is not None else 0,
-            need_more_hdr=need_more_hdr,
-            msg_too_big=msg_too_big,
-            msg_timeouts=self.msg_timeouts,
-            bad_hdr_len=bad_hdr_len,
-            reconnects=max(0, self.connections_made - 1),
-            dial_failures=self.dial_failures,
-            recycles=self.recycles,
-            retired=self.retired,
-            retiring=len([c for c in self.retiring if not c.ended]),
-            last_error=self.last_error,
-            tcp=read_tcp_info(sock) if sock else None,
-        )
-
-
-def _tune(sock: socket.socket, cfg: Any) -> None:
-    """Per-connection socket options: no Nagle, keepalive, user timeout (docs/config.md)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if cfg.keepalive_idle:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, cfg.keepalive_idle)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, cfg.keepalive_interval)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cfg.keepalive_count)
-    if cfg.tcp_user_timeout:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(cfg.tcp_user_timeout * 1000))
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, KmuxError):
-        return exc.message
-    if isinstance(exc, OSError) and exc.errno:
-        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
-    return repr(exc)
-
-
-def _fmt_addr(addr: Any) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _sockname(sock: socket.socket) -> str | None:
-    try:
-        return _fmt_addr(sock.getsockname())
-    except OSError:
-        return None  # closed meanwhile: statistics show no address
-
-
-def _peername(sock: socket.socket) -> str | None:
-    try:
-        return _fmt_addr(sock.getpeername())
-    except OSError:
-        return None  # ENOTCONN once the server has reset it: statistics show no address

@@ -1,25 +1,27 @@
-"""A group: its connection slots, its clients, and the steering between them.
+"""A group: its connection slots, its clients, and the cores between them.
 
 Theory of operation
 -------------------
-The group owns the sans-IO cores and carries out their decisions:
+The group owns the sans-IO cores, built once from its configuration, and
+the objects of the shell that carry out their decisions:
 
 * :class:`~kmuxd.core.sendq.TxScheduler`: which connection carries which
-  client's messages (the clients and connections call it directly from
-  their event handlers; the group wakes whoever it says may read again);
-* :class:`~kmuxd.core.steering.BalanceSteering` (``balance``): received
-  messages go round robin to ready receivers, ``rx_batch`` at a time; with
-  none ready the connection stops reading and TCP pushes back on the server;
-* :class:`~kmuxd.core.router.ResponseRouter` (``id`` and ``fifo``): each
-  response goes to the client whose request it answers (with the client's
-  own id put back, in ``id`` mode with rewrite). A client that is not
-  reading gets its responses queued in its own bounded queue, so the
-  connection never waits for it. Written requests whose connection went
-  away are written again (:class:`RetryFeeder`, ``retry_unanswered``) or
-  answered with ``connection_lost``; requests past ``request_timeout`` get
-  ``request_timeout`` and their late answers are discarded;
+  client's messages. Clients and connections call it from their event
+  handlers through its typed interface (``Owner``, ``Carrier``, ``commit``).
+* the steering strategy (:mod:`kmuxd.core.steering`), chosen once from
+  ``steering``: ``balance`` hands received messages round robin to ready
+  receivers, and with none ready the connection stops reading (TCP pushes
+  back on the server); ``id`` and ``fifo`` hand each response to the client
+  whose request it answers, through the
+  :class:`~kmuxd.core.router.ResponseRouter`. Written requests whose
+  connection went away are written again (:mod:`kmuxd.io.retry`,
+  ``retry_unanswered``) or answered with ``connection_lost``; requests past
+  ``request_timeout`` get ``request_timeout`` and their late answers are
+  discarded;
 * :class:`~kmuxd.core.endpoints.EndpointPool`: where slots dial, and which
-  endpoints are ejected.
+  endpoints are ejected;
+* its slots (:mod:`kmuxd.io.slot`), each keeping one TCP connection up, and
+  its clients (:mod:`kmuxd.io.session`), seen through :class:`Client`.
 
 **REQUEUE** (``balance`` only): a client that switched receiving off hands
 back the messages queued for it before the ``receive_off`` marker; they go
@@ -27,243 +29,92 @@ to other receivers, in order, before anything newer from the same stream
 would (they are sent ahead of the paused connections when a receiver
 becomes ready).
 
-**Time** lives in one trio task per group, :meth:`Group._housekeeping`,
-which ticks at a quarter of the shortest timeout in use (10 ms to 0.5 s)
-and applies every deadline: ``request_timeout``, ``queue_timeout`` (clients
-waiting for a connection, and orphaned outboxes nobody adopted),
-``assembly_timeout`` (connections and clients with a partial message), the
-end of a retiring connection, ``max_connection_age``, and
-``client_idle_timeout``. Everything else happens in the event core.
+**Time** lives in one trio task per group (:mod:`kmuxd.io.deadlines`),
+which applies every deadline in a pass of its own. Everything else happens
+in the event core.
+
+**Counts**: one :class:`~kmuxd.core.counters.GroupCounters` record, counted
+into as events happen by whoever sees them; :meth:`Group.statistics` reads
+it, and the gauges (what is queued, who is connected) from their holders.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import trio
 
-from kmux.errors import (
-    BadFrame,
-    BadPacket,
-    ConnectionLost,
-    DrainTimeout,
-    GroupUnavailable,
-    IdleTimeout,
-    PermissionDenied,
-    RequestTimeout,
-    UnknownConnection,
-)
-from kmux.protocol import KIND_DATA, Notice
+from kmux.errors import ConnectionLost, DrainTimeout, KmuxError, UnknownConnection
+from kmux.protocol import Notice
 
-from kmuxd.core.endpoints import EndpointPool, EndpointStatistics
-from kmuxd.core.router import PENDING, IdTable, ResponseRouter
-from kmuxd.core.sendq import TxScheduler
-from kmuxd.core.states import CloseReason, ConnState, RetireReason, SlotState
-from kmuxd.core.steering import BalanceSteering
+from kmuxd.core.access import AccessPolicy
+from kmuxd.core.counters import GroupCounters
+from kmuxd.core.endpoints import EndpointPool
+from kmuxd.core.router import Flight, IdTable, Request, ResponseRouter
+from kmuxd.core.sendq import Owner, TxScheduler
+from kmuxd.core.states import CloseReason, SlotState
+from kmuxd.core.steering import Receiver, ReceiverRing, Steering, steering_for
 from kmuxd.system.config import DaemonConfig, GroupConfig
 from kmuxd.system.log import RateLimit
 
-from .conn import ConnStatistics, Slot
+from .conn import ConnStatistics
+from .deadlines import Housekeeper
+from .retry import RetryFeeder
+from .slot import Slot
+from .statistics import ClientStatistics, GroupStatistics
 
 if TYPE_CHECKING:
-    from .conn import Conn
     from .reactor import Clock, Reactor
-    from .session import AppSession, ClientStatistics
 
-__all__ = ["Group", "GroupStatistics"]
+__all__ = ["Group", "GroupStatistics", "Client"]
 
-#: Bounds of the housekeeping tick, seconds.
-TICK_MIN = 0.01
-TICK_MAX = 0.5
-#: Most unread packets refused per client per tick when queue_timeout expires.
-QUEUE_REFUSALS_PER_TICK = 10_000
-#: Seconds retried requests wait for a fresh connection before taking the freshest one.
-RETRY_FRESH_WAIT = 0.25
 #: Seconds between "unmatched_response" log lines per group (all are counted).
 UNMATCHED_LOG_INTERVAL = 10.0
 
 
+class Client(Owner, Receiver, Protocol):
+    """An attached app, as its group sees it (:class:`kmuxd.io.session.AppSession`):
+    a sender to the scheduler, a receiver to steering, and these."""
+
+    id: int
+    #: Detached: what is still owed to it is dropped (counted).
+    gone: bool
+
+    @property
+    def seq(self) -> int:
+        """Its last DATA packet read (the shutdown notice tells it)."""
+
+    def notify(self, notice: Notice) -> None: ...
+
+    def stop_reading(self, notice: Notice) -> None: ...
+
+    def close(self, reason: CloseReason, detail: str | None = None) -> None: ...
+
+    def abort_open(self, err: KmuxError) -> None:
+        """Its message in pieces will never complete (its orphaned outbox expired): refuse it."""
+
+    def check_access(self, access: AccessPolicy, group: str) -> None:
+        """Detach it (``permission_denied``) if ``access`` no longer admits it (a reload)."""
+
+    def apply_deadlines(self, now: float) -> None:
+        """Its own deadlines: a message in pieces, ``client_idle_timeout``, a slow consumer's grace."""
+
+    def expire_queued(self, now: float, timeout: float, refusal: Callable[[], KmuxError]) -> int:
+        """Waited ``timeout`` for a connection: refuse what waits unread. Returns how many."""
+
+    def queued_response_bytes(self) -> int: ...
+
+    def statistics(self) -> ClientStatistics: ...
+
+
+class PausedReader(Protocol):
+    """A connection that stopped reading for want of a ready receiver (balance)."""
+
+    def resume_reading(self) -> None: ...
+
+
 def _us(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e6, 1)
-
-
-@dataclass(frozen=True, slots=True)
-class GroupStatistics:
-    name: str
-    endpoints: tuple[str, ...]
-    framing: str
-    steering: str
-    connections_up: int
-    connections_total: int
-    clients: int
-    receivers_ready: int
-    #: Messages/bytes written to TCP, and received from TCP and steered.
-    tx_msgs: int
-    tx_bytes: int
-    rx_msgs: int
-    rx_bytes: int
-    #: Messages re-sent from byte 0 after their connection failed.
-    tx_retries: int
-    #: Clients attached / detached since start (KCM attach/unattach).
-    attached: int
-    unattached: int
-    #: KCM's rx_ready_drops: always 0 here, parsing pauses instead.
-    rx_ready_drops: int
-    #: Times parsing paused because no receiver was ready.
-    rx_paused: int
-    #: Messages accepted and not yet written / bytes of them.
-    queued_msgs: int
-    queued_bytes: int
-    #: Clients waiting for any connection to come free.
-    waiting_clients: int
-    refused: int
-    requeued: int
-    #: Notices (per-message errors and events) sent to clients.
-    notices_sent: int
-    #: Request/response steering: requests awaiting a response, responses
-    #: that matched none, and request latency from a bounded histogram (µs).
-    requests_in_flight: int
-    unmatched_responses: int
-    #: Responses that came after their request timed out, and responses for
-    #: clients that had left: both discarded.
-    late_responses: int
-    dropped_responses: int
-    #: Requests answered with connection_lost / request_timeout notices.
-    requests_failed: int
-    requests_timed_out: int
-    #: Requests written again after their connection went away, and
-    #: requests whose retries ran out.
-    requests_retried: int
-    retries_exhausted: int
-    #: Messages refused with group_unavailable (they waited queue_timeout).
-    queue_timeouts: int
-    #: Clients detached as slow consumers; responses dropped (rx_overflow = "drop").
-    slow_consumers: int
-    responses_dropped: int
-    #: Bytes of responses waiting in the daemon for clients that do not read.
-    rx_queued_bytes: int
-    #: Packets clients sent that were never read (dropped when they left).
-    dropped_unread: int
-    #: Connections retired to be replaced (make-before-break) and server recycles.
-    recycles: int
-    #: Fewer connections up than min_connections; no connection up at all.
-    connections_degraded: bool
-    down: bool
-    latency_p50_us: float | None
-    latency_p99_us: float | None
-    uptime: float
-    #: Who may use the group (kmuxd.core.access.AccessPolicy.to_wire()).
-    access: dict
-    endpoint_health: tuple[EndpointStatistics, ...]
-
-
-class RetryFeeder:
-    """The owner of retried requests: it waits for a connection like a client
-    and writes their kept bytes (with fresh wire ids) when one has room.
-
-    A retry must not be lost again with the next recycle. Servers that close
-    after N requests close their connections at about the same time, so:
-
-    * once the endpoint's limit is known (the fewest answers its recycled
-      connections gave, :meth:`EndpointPool.requests_per_connection`), a
-      connection takes retries only up to half of it, counting what it
-      carried already; the rest wait for fresher connections (each slot dials
-      its replacement at once) while one is on its way, within
-      ``queue_timeout`` (then ``group_unavailable``) and ``request_timeout``.
-      When none is coming (every slot up, so the close that taught the limit
-      was not a rule of the server's) they wait ``RETRY_FRESH_WAIT``, then
-      take the freshest connection;
-    * before any limit is known, retries wait up to ``RETRY_FRESH_WAIT`` for
-      a connection that carried nothing yet, then take the freshest one.
-    """
-
-    gone = False
-
-    def __init__(self, group: "Group") -> None:
-        self.group = group
-        #: retried requests and when each was queued, oldest first
-        self.queue: deque = deque()
-
-    # -- Owner protocol: retried requests are not a client's; nothing to count
-
-    def count_accepted(self, msgs: int, nbytes: int) -> None:
-        pass
-
-    def count_written(self, msgs: int, nbytes: int) -> None:
-        pass
-
-    def count_given_back(self, msgs: int) -> None:
-        pass
-
-    def add(self, reqs: list) -> None:
-        now = self.group.clock()
-        self.queue.extend((req, now) for req in reqs)
-        self.wake()
-
-    def wake(self) -> None:
-        if self.queue:
-            self.group.reactor.call_soon(self.feed)
-
-    def feed(self) -> None:
-        group = self.group
-        sched = group.sched
-        router = group.router
-        queue = self.queue
-        if router is None:
-            return  # only id/fifo steering retries
-        while queue:
-            conn = cast("Conn | None", sched.route_fresh(self, _requests_carried))
-            if conn is None:
-                return  # woken when a connection comes free
-            limit = group.endpoints.requests_per_connection(conn.endpoint)
-            waited = group.clock() - queue[0][1]
-            if limit is not None:
-                # Its place in the stream: what was written on it, and what waits in
-                # its outbox (an adopted orphan's requests included).
-                room = limit // 2 - conn.flight_total - len(sched.outbox_of(conn).requests)
-                if room <= 0 and waited >= RETRY_FRESH_WAIT and not group.connection_coming():
-                    # The limit came from one close that need not repeat, and nothing
-                    # fresher is on its way: waiting could only end in group_unavailable.
-                    room = len(queue)
-            elif conn.requests and waited < RETRY_FRESH_WAIT:
-                room = 0
-            else:
-                room = len(queue)
-            outbox = sched.outbox_of(conn)
-            if room <= 0:
-                # Not fresh enough: give it back; Conn.start wakes us for a new one.
-                sched.commit(self, outbox, outbox.tail, 0)
-                return
-            buf = outbox.buf
-            tail = outbox.tail
-            msgs = 0
-            while queue and msgs < room and tail - outbox.head < outbox.capacity and len(buf) - tail >= outbox.reserve:
-                req, _ = queue.popleft()
-                if req.state != PENDING:
-                    router.refused(req)  # timed out meanwhile: its id is given back, nobody is told twice
-                    continue
-                payload = req.payload
-                assert payload is not None  # kept for every request while retries are on
-                buf[tail : tail + len(payload)] = payload
-                tail += len(payload)
-                outbox.add_request(req)
-                msgs += 1
-            if not sched.commit(self, outbox, tail, msgs):
-                return
-
-    def expire(self, now: float, timeout: float) -> list:
-        """Retries that waited ``timeout`` for a connection: never written (returned)."""
-        out = []
-        queue = self.queue
-        while queue and now - queue[0][1] >= timeout:
-            out.append(queue.popleft()[0])
-        return out
-
-
-def _requests_carried(conn: Any) -> int:
-    return conn.flight_total
 
 
 class Group:
@@ -274,12 +125,13 @@ class Group:
         self.reactor = reactor
         #: The shell's clock (the reactor's): every deadline of the group is read from it.
         self.clock: "Clock" = reactor.clock
+        #: The one record of the group's totals (see kmuxd.core.counters).
+        self.counters = GroupCounters()
         self.sched = TxScheduler()
         self.endpoints = EndpointPool(
             list(cfg.endpoints), cfg.reconnect_initial, cfg.reconnect_max,
             max_dials_per_second=cfg.max_dials_per_second, eject_after_timeouts=cfg.eject_after_timeouts,
         )
-        self.steering = BalanceSteering(cfg.rx_batch)
         self.check_message = cfg.framing.checker(cfg.max_message)
         #: (unpack_from, offset, header_end, adjust) of a fixed length field, or None
         self.fixed_field: Any = cfg.framing.fixed_field
@@ -289,36 +141,35 @@ class Group:
             ids = (IdTable(idc.request_offset, idc.response_offset, idc.size, idc.rewrite)
                    if idc is not None else None)
             self.router = ResponseRouter(cfg.steering, ids, retry_unanswered=cfg.retry_unanswered)
-        self.request_mode = self.router is not None
+        #: Ready receivers, round robin (balance; id/fifo for unmatched responses).
+        self.receivers = ReceiverRing(cfg.rx_batch)
+        #: Receive steering, chosen once (see kmuxd.core.steering).
+        self.steering: Steering = steering_for(
+            cfg.steering, self.receivers, self.counters, self.router,
+            unmatched_to_balance=cfg.unmatched == "balance", on_unmatched=self._unmatched,
+        )
         self.retry_feeder = RetryFeeder(self)
+        #: Every deadline of the group, applied on a timer (see kmuxd.io.deadlines).
+        self.housekeeper = Housekeeper(self)
         self.slots = [self._new_slot(i) for i in range(cfg.connections)]
-        #: slots removed by a resize: no connection any more, but their traffic counts
+        #: slots removed by a resize: no connection any more, their totals still the group's
         self.removed_slots: list[Slot] = []
-        self.clients: dict[int, "AppSession"] = {}
+        self.clients: dict[int, Client] = {}
         #: balance: connections that stopped reading for want of a ready receiver
-        self.paused: list = []
+        self._paused: list[PausedReader] = []
         #: clients detached as slow consumers, until their last notice is out
-        self.slow: set = set()
-        self._requeued: deque[bytes] = deque()
+        self.slow: set[Client] = set()
         self._flushed = trio.Event()
         #: someone waits in wait_flushed(): emptied outboxes must say so
         self.flush_waited = False
         self.started_at = self.clock()
         self._nursery: trio.Nursery | None = None
-        # counters
-        self.tx_retries = 0
-        self.rx_msgs = self.rx_bytes = 0
-        self.attached = self.unattached = 0
-        self.rx_paused = 0
-        self.queue_timeouts = 0
-        self.slow_consumers = 0
-        self.responses_dropped = 0
-        self.dropped_unread = 0
-        self.dropped_rx_msgs = 0
-        self.recycles = 0
-        self._departed_refused = self._departed_requeued = self._departed_notices = 0
-        self._departed_tx = [0, 0]
         self._unmatched_log = RateLimit(UNMATCHED_LOG_INTERVAL)
+
+    @property
+    def request_mode(self) -> bool:
+        """``id`` or ``fifo`` steering: every message is a request that gets a response."""
+        return self.router is not None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -331,7 +182,7 @@ class Group:
             async with trio.open_nursery() as starting:
                 for slot in self.slots:
                     starting.start_soon(nursery.start, slot.run)
-            nursery.start_soon(self._housekeeping)
+            nursery.start_soon(self.housekeeper.run)
             up = sum(s.connected for s in self.slots)
             self.log.info("group_up", connections_up=up, connections=len(self.slots))
             task_status.started()
@@ -373,7 +224,7 @@ class Group:
             nursery.start_soon(slot.run)
         surplus = self.slots[cfg.connections :]
         del self.slots[cfg.connections :]
-        self.removed_slots.extend(surplus)  # their counts stay in the group's totals
+        self.removed_slots.extend(surplus)  # their totals stay the group's
         self.log.info("group_resized", connections=cfg.connections, was=old)
         return surplus
 
@@ -397,25 +248,11 @@ class Group:
 
     def _reconfigure(self, cfg: GroupConfig) -> None:
         self.cfg = cfg
-        self.endpoints.rate = cfg.max_dials_per_second
-        self.endpoints.burst = max(1.0, cfg.max_dials_per_second)
-        self.endpoints.eject_after_timeouts = cfg.eject_after_timeouts
+        self.endpoints.reconfigure(cfg.max_dials_per_second, cfg.eject_after_timeouts)
         if self.router is not None:
-            self.router.retry_unanswered = cfg.retry_unanswered
-            self.router.keep_payload = cfg.retry_unanswered > 0
+            self.router.reconfigure(cfg.retry_unanswered)
         for client in list(self.clients.values()):
-            if cfg.access.groups is not None:
-                # The hello reads supplementary groups only when the policy of
-                # the day needs them: read them now, or a client the new
-                # allow_groups admits only through one would be detached.
-                client.cred = client.cred.with_groups(client.sock)
-            cred = client.cred
-            if not cfg.access.admits(cred.uid, cred.gid, cred.groups):
-                client.log.info("client_no_longer_admitted", uid=cred.uid, pid=cred.pid)
-                client.stop_reading(Notice.for_error(PermissionDenied(
-                    f"group {cfg.name!r} no longer admits this client (reload)"
-                )))
-                client.close(CloseReason.ACCESS_REVOKED)
+            client.check_access(cfg.access, cfg.name)
 
     async def stop(self) -> None:
         """Stop the group: stop reading its clients (each told the last seq read),
@@ -454,33 +291,37 @@ class Group:
         if self.flush_waited and not self.queued_total():
             self._flushed.set()
 
-    def attach(self, client: "AppSession", receive: bool) -> None:
-        self.clients[client.id] = client
-        self.attached += 1
-        if receive and self.steering.receive_on(client):
-            self.receiver_ready()
-
-    def detach(self, client: "AppSession") -> None:
-        if self.clients.pop(client.id, None) is None:
-            return
-        self.unattached += 1
-        client.gone = True  # responses still on their way to it are dropped
-        self.steering.remove(client)
-        self.sched.forget(client)
-        # Its accepted messages still go out; keep its counts in the totals.
-        self._departed_refused += client.refused
-        self._departed_requeued += client.requeued
-        self._departed_notices += client.notices_sent
-
     def queued_total(self) -> int:
         """Bytes accepted and not yet written, anywhere in the group."""
-        sched = self.sched
-        total = sum(sched.outbox_of(c).pending for s in self.slots + self.removed_slots
-                    for c in s.conns() if not c.ended)
-        return total + sched.statistics().orphaned_bytes
+        total = sum(s.queued_bytes() for s in self.slots + self.removed_slots)
+        return total + self.sched.statistics().orphaned_bytes
 
     def set_daemon_config(self, daemon_cfg: DaemonConfig) -> None:
         self.daemon_cfg = daemon_cfg
+
+    # -- clients ---------------------------------------------------------------------------
+
+    def attach(self, client: Client, receive: bool) -> None:
+        self.clients[client.id] = client
+        self.counters.attached += 1
+        if receive and self.receivers.receive_on(client):
+            self.receiver_ready()
+
+    def detach(self, client: Client) -> None:
+        """The client left, or was detached (it is ``gone``): its accepted messages still go out."""
+        if self.clients.pop(client.id, None) is None:
+            return
+        self.counters.unattached += 1
+        self.receivers.remove(client)
+        self.sched.forget(client)
+
+    def detach_slow(self, client: Client) -> None:
+        """A slow consumer: detached now, closed once its last notice is out (or its grace ends)."""
+        self.detach(client)
+        self.slow.add(client)
+
+    def forget_slow(self, client: Client) -> None:
+        self.slow.discard(client)
 
     # -- balance steering -------------------------------------------------------------
 
@@ -489,315 +330,64 @@ class Group:
         self.reactor.call_soon(self._feed_receivers)
 
     def _feed_receivers(self) -> None:
-        if self._requeued and not self._pump_requeued():
+        if not self.steering.pump_requeued():
             return
-        paused, self.paused = self.paused, []
+        paused, self._paused = self._paused, []
         for conn in paused:
             conn.resume_reading()
 
-    def steer_balance(self, conn: Any) -> bool:
-        """Hand the connection's ready messages to ready receivers. False if some remain."""
-        if self._requeued:
-            return False  # handed-back messages go first
-        inbox = conn.inbox
-        ends = inbox.ends
-        buf, view = inbox.buf, inbox.view
-        pos = inbox.head
-        i = 0
-        count = len(ends)
-        steering = self.steering
-        total_bytes = 0
-        while i < count:
-            receiver, quota = steering.take()
-            if receiver is None:
-                break
-            send = receiver.sock.send
-            limit = receiver.max_packet - 1
-            k = 0
-            start = pos
-            try:
-                while k < quota and i < count:
-                    end = ends[i]
-                    if end - pos > limit:
-                        # Too large for one packet: the receiver's queue sends it in pieces.
-                        receiver.send_message(view[pos:end])
-                        pos = end
-                        i += 1
-                        k += 1
-                        break
-                    # The byte before the message is already steered (or the
-                    # inbox's scratch byte): the kind byte goes there.
-                    buf[pos - 1] = KIND_DATA
-                    send(view[pos - 1 : end])
-                    pos = end
-                    i += 1
-                    k += 1
-            except BlockingIOError:
-                receiver.rx_blocked()
-            except OSError as exc:
-                # It can take nothing: out of the ring, and the message that
-                # failed (not consumed) goes to the next ready receiver at once.
-                # An app that closed is detached on its hang-up; one that shut
-                # down only its reading side stays attached, receiving nothing.
-                receiver.socket_error("send", exc)
-                steering.remove(receiver)
-            else:
-                steering.used(k)
-            receiver.rx_msgs += k
-            receiver.rx_bytes += pos - start
-            total_bytes += pos - start
-        self.rx_msgs += i
-        self.rx_bytes += total_bytes
-        conn.rx_msgs += i
-        if i:
-            conn.delivered += i
-        inbox.take(i, pos)
-        if i == count:
-            return True
-        self.rx_paused += 1
-        return False
+    def wait_for_receiver(self, conn: PausedReader) -> None:
+        """Balance: ``conn`` has messages no receiver could take; it reads again when one can."""
+        self._paused.append(conn)
 
-    def requeue(self, client: "AppSession", message: bytes) -> None:
-        """A client hands back a message it got before switching receiving off."""
-        if self.request_mode:
-            raise BadPacket(
-                f"REQUEUE is only for balance steering; with steering = {self.cfg.steering!r} "
-                "every response belongs to the client that asked"
-            )
-        if client.receiving:
-            raise BadPacket("REQUEUE is only allowed while receiving is off")
-        if client.requeued + 1 > client.rx_msgs or client.requeue_bytes + len(message) > client.rx_bytes:
-            raise BadPacket("REQUEUE of more messages than were delivered to this client")
-        if self.check_message(message, 0, len(message)) is not None:
-            raise BadFrame("requeued message is not one well-framed message")
-        client.requeued += 1
-        client.requeue_bytes += len(message)
-        self._requeued.append(message)
+    def requeue(self, message: bytes) -> None:
+        """A client handed back a message (validated by its session): it goes out first."""
+        self.steering.requeue(message)
         self.receiver_ready()
-
-    def _pump_requeued(self) -> bool:
-        """Send handed-back messages to ready receivers. True when none is left."""
-        queue = self._requeued
-        steering = self.steering
-        while queue:
-            receiver, quota = steering.take()
-            if receiver is None:
-                return False
-            k = 0
-            try:
-                while k < quota and queue:
-                    message = queue[0]
-                    if len(message) >= receiver.max_packet:
-                        receiver.send_message(message)
-                    else:
-                        receiver.sock.send(b"\x00" + message)
-                    receiver.rx_msgs += 1
-                    receiver.rx_bytes += len(queue.popleft())
-                    k += 1
-            except BlockingIOError:
-                receiver.rx_blocked()
-            except OSError as exc:
-                receiver.socket_error("send", exc)
-                steering.remove(receiver)  # as in steer_balance: the message stays first in line
-            else:
-                steering.used(k)
-        return True
 
     # -- request/response steering ---------------------------------------------------------
 
-    def steer_responses(self, conn: Any) -> None:
-        """Each response to the client whose request it answers (id or fifo); never waits."""
-        inbox = conn.inbox
-        ends = inbox.ends
-        buf, view = inbox.buf, inbox.view
-        pos = inbox.head
-        router = self.router
-        assert router is not None  # called only in id/fifo steering
-        ids = router.ids
-        flight = conn.flight
-        pending = self.sched.outbox_of(conn).requests
-        now = self.clock()
-        answered = 0
-        nbytes = 0
-        for end in ends:
-            req = router.match(flight, pending, buf, pos, end - pos)
-            if req is None:
-                self._unmatched(conn, view, pos, end)
-            elif router.answered(req, now):
-                if ids is not None:
-                    ids.restore(req, buf, pos)
-                if req.owner.send_response(buf, view, pos, end, req.seq):
-                    answered += 1
-                    nbytes += end - pos
-                else:
-                    router.dropped += 1
-            pos = end
-        count = len(ends)
-        inbox.take(count, pos)
-        conn.rx_msgs += count
-        self.rx_msgs += answered
-        self.rx_bytes += nbytes
-        if answered:
-            conn.delivered += answered
-            self.endpoints.answered(conn.endpoint)
-        if conn.state is ConnState.DRAINING:
-            conn.maybe_finish_retiring()
+    def _unmatched(self, flight: Flight, nbytes: int) -> None:
+        """A response matched no request (counted by the router): say so, rate-limited."""
+        if self._unmatched_log.allow(self.clock()):
+            self.log.warning("unmatched_response", conn=flight.conn.slot.index, bytes=nbytes,
+                             policy=self.cfg.unmatched, suppressed=self._unmatched_log.take_suppressed())
 
-    def _unmatched(self, conn: Any, view: memoryview, pos: int, end: int) -> None:
-        if self._unmatched_log.allow():
-            self.log.warning("unmatched_response", conn=conn.slot.index, bytes=end - pos, policy=self.cfg.unmatched,
-                             suppressed=self._unmatched_log.take_suppressed())
-        if self.cfg.unmatched == "balance":
-            receiver, _ = self.steering.take()
-            if receiver is None:
-                return
-            try:
-                receiver.send_message(view[pos:end])
-            except OSError as exc:
-                receiver.socket_error("send", exc)
-                self.steering.remove(receiver)  # best effort: the unmatched response is dropped
-            else:
-                self.steering.used(1)
-
-    def settle_lost(self, flight: Any, why: str) -> None:
+    def settle_lost(self, flight: Flight, why: str) -> None:
         """A connection with written requests went away: retry them or tell their clients."""
         router = self.router
         assert router is not None  # a flight exists only in id/fifo steering
         notify, retry = router.lost(flight)
         for req in notify:
-            self._tell(req, ConnectionLost(f"the connection carrying this request went away ({why})"))
+            self.tell(req, ConnectionLost(f"the connection carrying this request went away ({why})"))
         if retry:
             self.retry_feeder.add(retry)
 
-    def _tell(self, req: Any, err: Any) -> None:
+    def tell(self, req: Request, err: KmuxError) -> None:
+        """The one outcome of ``req`` is this error: a notice to its client, naming it."""
         err.details["seq"] = req.seq
         if req.orig_id is not None:
             err.details["id"] = req.id_value()
-        if not req.owner.gone:
-            req.owner.notify(Notice.for_error(err))
+        owner = req.owner
+        if not owner.gone:
+            owner.notify(Notice.for_error(err))
 
     # -- time ----------------------------------------------------------------------------------
 
-    def _tick(self) -> float:
-        cfg = self.cfg
-        timeouts = [t for t in (cfg.request_timeout, cfg.queue_timeout, cfg.assembly_timeout,
-                                cfg.client_idle_timeout, cfg.max_connection_age) if t > 0]
-        return min(TICK_MAX, max(TICK_MIN, min(timeouts, default=TICK_MAX * 4) / 4))
-
-    async def _housekeeping(self) -> None:
-        while True:
-            await trio.sleep(self._tick())
-            self.reactor.call(self.apply_deadlines, self.clock())
-
     def apply_deadlines(self, now: float) -> None:
-        cfg = self.cfg
-        router = self.router
-        if self.retry_feeder.queue:
-            self.retry_feeder.feed()
-        if router is not None and cfg.request_timeout > 0:
-            for req in router.expire(now, cfg.request_timeout):
-                self._tell(req, RequestTimeout(f"no response within request_timeout={cfg.request_timeout}s"))
-                flight = req.flight
-                if flight is not None and self.endpoints.request_timed_out(flight.conn.endpoint, now):
-                    self._retire_endpoint(flight.conn.endpoint)
-        if cfg.queue_timeout > 0:
-            self._expire_queued(now, cfg.queue_timeout)
-        for slot in self.slots:
-            for conn in slot.conns():
-                if conn.ended:
-                    continue
-                if conn.assembly_expired(now):
-                    continue
-                conn.retire_expired(now)
-                if cfg.max_connection_age and conn.taking and conn.age(now) >= cfg.max_connection_age:
-                    conn.retire(RetireReason.MAX_AGE, recycle=True)
-        idle = cfg.client_idle_timeout
-        for client in list(self.clients.values()):
-            if client.open is not None:
-                client.open.expire(now)
-            if idle:
-                self._check_idle(client, now, idle)
-        # Slow consumers are detached (not in self.clients) while their last notice drains.
-        for client in list(self.slow):
-            if client.closing_deadline is not None and now >= client.closing_deadline:
-                client.close(CloseReason.SLOW_CONSUMER)
-
-    def _check_idle(self, client: "AppSession", now: float, idle: float) -> None:
-        mark = (client.seq, client.rx_msgs, client.notices_sent, len(client.txq))
-        if client.idle_mark != mark:
-            client.idle_mark = mark
-            client.idle_since = now
-            return
-        if now - client.idle_since >= idle:
-            client.log.info("client_idle", idle_seconds=round(now - client.idle_since, 3))
-            client.stop_reading(Notice.for_error(IdleTimeout(
-                f"sent and received nothing for client_idle_timeout={idle}s; detached"
-            )))
-            client.close(CloseReason.IDLE)
-
-    def _expire_queued(self, now: float, timeout: float) -> None:
-        def unavailable() -> GroupUnavailable:
-            return GroupUnavailable(
-                f"no connection of group {self.cfg.name!r} took this message within queue_timeout={timeout}s "
-                f"({self.connections_up}/{len(self.slots)} connections up); it was not written and never will be"
-            )
-
-        for client in list(self.clients.values()):
-            since = client.blocked_since
-            if since is not None and now - since >= timeout and client.reading:
-                n = client.refuse_unread(unavailable, QUEUE_REFUSALS_PER_TICK)
-                self.queue_timeouts += n
-                client.blocked_since = now
-        router = self.router
-        if router is not None:
-            for req in self.retry_feeder.expire(now, timeout):
-                if router.refused(req):
-                    self.queue_timeouts += 1
-                    self._tell(req, unavailable())
-        expired = self.sched.expire_orphans(now, timeout)
-        for outbox in expired:
-            # Only clients open messages and, in balance mode, own runs (the
-            # retry feeder exists only in id/fifo steering).
-            opener = cast("AppSession | None", outbox.open_owner)
-            if opener is not None and opener.open is not None:
-                opener.open.abort(unavailable())
-            if self.router is not None:
-                for req in list(outbox.requests):
-                    if self.router.refused(req):
-                        self.queue_timeouts += 1
-                        self._tell(req, unavailable())
-                outbox.requests.clear()
-            else:
-                for run_owner, first_seq, msgs in outbox.unwritten():
-                    owner = cast("AppSession", run_owner)
-                    if owner.gone:
-                        continue
-                    for seq in range(first_seq, first_seq + msgs):
-                        self.queue_timeouts += 1
-                        err = unavailable()
-                        err.details["seq"] = seq
-                        owner.notify(Notice.for_error(err))
-        if expired:
-            self.log.warning("orphans_expired", outboxes=len(expired), queue_timeout=timeout)
-
-    def _retire_endpoint(self, endpoint: Any) -> None:
-        """An endpoint was ejected for request timeouts: its connections are replaced elsewhere."""
-        for slot in self.slots:
-            live = slot.live
-            if live is not None and live.endpoint == endpoint and live.taking:
-                live.retire(RetireReason.ENDPOINT_EJECTED, recycle=True)
+        """Every deadline of the group at ``now`` (inside a pass; see kmuxd.io.deadlines)."""
+        self.housekeeper.apply(now)
 
     # -- statistics ---------------------------------------------------------------
 
     def statistics(self) -> GroupStatistics:
+        c = self.counters
         sched = self.sched
-        slots = self.slots + self.removed_slots
-        conns = [c for s in slots for c in s.conns() if not c.ended]
-        queues = [sched.outbox_of(c).statistics() for c in conns]
-        clients = list(self.clients.values())
+        queues = [sched.outbox_of(conn).statistics() for s in self.slots + self.removed_slots for conn in s.conns()]
         sstats = sched.statistics()
         r = self.router.statistics() if self.router is not None else None
         up = self.connections_up
+        now = self.clock()
         return GroupStatistics(
             name=self.cfg.name,
             endpoints=tuple(str(e) for e in self.cfg.endpoints),
@@ -805,23 +395,23 @@ class Group:
             steering=self.cfg.steering,
             connections_up=up,
             connections_total=len(self.slots),
-            clients=len(clients),
-            receivers_ready=self.steering.statistics().ready,
-            tx_msgs=sum(s.ended_tx_msgs for s in slots) + sum(c.written_msgs() for c in conns),
-            tx_bytes=sum(s.ended_tx_bytes for s in slots) + sum(c.tx_bytes for c in conns),
-            rx_msgs=self.rx_msgs,
-            rx_bytes=self.rx_bytes,
-            tx_retries=self.tx_retries,
-            attached=self.attached,
-            unattached=self.unattached,
+            clients=len(self.clients),
+            receivers_ready=self.receivers.statistics().ready,
+            tx_msgs=c.tx_msgs,
+            tx_bytes=c.tx_bytes,
+            rx_msgs=c.rx_msgs,
+            rx_bytes=c.rx_bytes,
+            tx_retries=c.tx_retries,
+            attached=c.attached,
+            unattached=c.unattached,
             rx_ready_drops=0,
-            rx_paused=self.rx_paused,
+            rx_paused=c.rx_paused,
             queued_msgs=sum(q.queued_msgs for q in queues) + sstats.orphaned_msgs,
             queued_bytes=sum(q.queued_bytes for q in queues) + sstats.orphaned_bytes,
             waiting_clients=sstats.waiting_clients,
-            refused=self._departed_refused + sum(c.refused for c in clients),
-            requeued=self._departed_requeued + sum(c.requeued for c in clients),
-            notices_sent=self._departed_notices + sum(c.notices_sent for c in clients),
+            refused=c.refused,
+            requeued=c.requeued,
+            notices_sent=c.notices_sent,
             requests_in_flight=r.in_flight if r else 0,
             unmatched_responses=r.unmatched if r else 0,
             late_responses=r.late if r else 0,
@@ -830,23 +420,24 @@ class Group:
             requests_timed_out=r.timed_out if r else 0,
             requests_retried=r.retried if r else 0,
             retries_exhausted=r.retries_exhausted if r else 0,
-            queue_timeouts=self.queue_timeouts,
-            slow_consumers=self.slow_consumers,
-            responses_dropped=self.responses_dropped,
-            rx_queued_bytes=sum(c.txq_data_bytes for c in clients),
-            dropped_unread=self.dropped_unread,
-            recycles=self.recycles + sum(s.recycles for s in slots),
+            queue_timeouts=c.queue_timeouts,
+            slow_consumers=c.slow_consumers,
+            responses_dropped=c.responses_dropped,
+            rx_queued_bytes=sum(client.queued_response_bytes() for client in self.clients.values()),
+            dropped_unread=c.dropped_unread,
+            recycles=c.recycles,
             connections_degraded=up < self.cfg.min_connections,
             down=up == 0,
             latency_p50_us=_us(r.latency_p50) if r else None,
             latency_p99_us=_us(r.latency_p99) if r else None,
-            uptime=self.clock() - self.started_at,
+            uptime=now - self.started_at,
             access=self.cfg.access.to_wire(),
-            endpoint_health=tuple(self.endpoints.statistics(self.clock())),
+            endpoint_health=tuple(self.endpoints.statistics(now)),
         )
 
     def connection_statistics(self) -> list[ConnStatistics]:
         return [s.statistics() for s in self.slots]
 
-    def client_statistics(self) -> list["ClientStatistics"]:
+    def client_statistics(self) -> list[ClientStatistics]:
         return [c.statistics() for c in self.clients.values()]
+

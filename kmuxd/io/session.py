@@ -3,28 +3,23 @@
 Theory of operation
 -------------------
 An :class:`AppSession` is registered in the event core from its hello to
-its end. Nothing about it runs in a trio task of its own.
+its end. Nothing about it runs in a trio task of its own. To its group it
+is a :class:`~kmuxd.io.group.Client`: a sender to the scheduler
+(:class:`~kmuxd.core.sendq.Owner`) and a receiver to steering
+(:class:`~kmuxd.core.steering.Receiver`).
 
-**In** (:meth:`AppSession.pump`): a client's packets are read only when the
-group's scheduler has an outbox for them (:meth:`TxScheduler.route`);
-otherwise the client is not read at all (its ``EPOLLIN`` interest is off)
-and blocks in the kernel, which is the push-back. Each packet is received
-with one ``recvmsg_into`` straight into that outbox, checked in place by the
-framing's one rule (:meth:`Framing.checker`) and either committed (it will
-be written) or refused with a notice naming its ``seq``. A client reads for
-at most ``client_turn`` messages per pass; the level-triggered epoll brings
-it back in the next pass, after the others (fairness). A message in pieces
-(continuation) is assembled in place in its outbox, which is its sender's
-alone until the last piece (:mod:`kmuxd.core.sendq`, rule 6).
+**In** (:mod:`kmuxd.io.intake`): a client's packets are read only when the
+group's scheduler has an outbox for them, straight into it, one
+``recvmsg_into`` each; each is committed or refused with a notice naming its
+``seq``. While the scheduler has no room for it the session turns its
+``EPOLLIN`` interest off and the app blocks in the kernel: the push-back.
 
-**Out**: responses are sent from the connection's receive buffer with one
-``send`` each. What the client's socket does not take waits in the client's
-own queue (``txq``), bounded by ``client_rx_limit``, so a client that stops
-reading holds back nobody else's responses; past the limit ``rx_overflow``
-decides (disconnect as ``slow_consumer``, or drop with ``response_dropped``).
-Notices share the queue (order matters: a ``receive_off`` marker never
-falls behind data); past ``client_notice_limit`` queued notices the client's
-packets are not read.
+**Out** (:mod:`kmuxd.io.replies`): responses are sent from the connection's
+receive buffer with one ``send`` each; what the client's socket does not
+take waits in its own bounded queue, with its notices. A client that leaves
+more than ``client_rx_limit`` unread is detached as a slow consumer (or its
+responses dropped, ``rx_overflow``); past ``client_notice_limit`` queued
+notices it is not read.
 
 **Ends**: a hang-up is noticed whatever the session is doing, reading or
 pushed back (``EPOLLHUP``/``EPOLLRDHUP`` are always in the interest set).
@@ -37,103 +32,37 @@ never the session or other clients.
 from __future__ import annotations
 
 import socket
-from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Callable
 
-from kmux.errors import (
-    AncillaryRefused,
-    BadPacket,
-    KmuxError,
-    MessageTooBig,
-    ResponseDropped,
-    SlowConsumer,
-)
-from kmux.protocol import (
-    DATA_MORE_PREFIX,
-    DATA_PREFIX,
-    KIND_CONTROL,
-    KIND_DATA,
-    KIND_DATA_MORE,
-    KIND_MORE,
-    KIND_REQUEUE,
-    KIND_REQUEUE_MORE,
-    Notice,
-    decode_control,
-    encode_notice,
-)
+from kmux.errors import IdleTimeout, KmuxError, PermissionDenied, SlowConsumer
+from kmux.protocol import Notice
 
+from kmuxd.core.access import AccessPolicy
 from kmuxd.core.states import CLIENT_TRANSITIONS, ClientEvent, ClientState, CloseReason, StateMachine
-from kmuxd.system.log import RateLimit
 
-from .assembly import ANCILLARY_TEXT, EMPTY, EOF, FULL, TURN, Assembly
+from .intake import Intake
 from .peercred import PeerCred
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
+from .replies import SEND_FAILED, STILL_FULL, Replies
 from .sockerr import SocketErrors, errno_name
+from .statistics import ClientStatistics
 
 if TYPE_CHECKING:
-    from kmuxd.core.sendq import Outbox
-
     from .group import Group
+    from .server import Server
 
 __all__ = ["AppSession", "ClientStatistics"]
 
-_MSG_TRUNC = int(socket.MSG_TRUNC)  # plain ints: IntFlag & costs ~1 µs per packet
-_MSG_CTRUNC = int(socket.MSG_CTRUNC)
-_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
-# Why a pull stopped.
-_EMPTY, _FULL, _TURN, _EOF = EMPTY, FULL, TURN, EOF  # shared with the assembly of messages in pieces
-#: Seconds between "message_refused" log lines for one client (all are counted).
-REFUSAL_LOG_INTERVAL = 10.0
-#: Most unread packets read and dropped when a session closes.
-DISCARD_LIMIT = 100_000
-#: Marks a notice in a client's queue.
-_NOTICE = -1
-#: Where a discarded piece of a too-big continued message is read to (its
-#: length comes from MSG_TRUNC; its bytes are dropped).
-_SCRATCH = bytearray(1)
-
-
-@dataclass(frozen=True, slots=True)
-class ClientStatistics:
-    id: int
-    name: str
-    group: str
-    pid: int
-    uid: int
-    gid: int
-    comm: str
-    state: str
-    receiving: bool
-    #: Messages/bytes from this client written to TCP.
-    tx_msgs: int
-    tx_bytes: int
-    #: Messages/bytes accepted from this client and not yet written.
-    queued_msgs: int
-    queued_bytes: int
-    #: Messages/bytes steered to this client.
-    rx_msgs: int
-    rx_bytes: int
-    #: Responses (and their bytes) waiting in the daemon for this client to read.
-    rx_queued_msgs: int
-    rx_queued_bytes: int
-    #: Messages refused (bad_frame, message_too_big, ...) and bad packets.
-    refused: int
-    #: Messages this client handed back after switching receiving off.
-    requeued: int
-    notices_sent: int
-    notices_pending: int
-    #: Seconds since the client attached.
-    connected_for: float
-
 
 class AppSession(Handler):
-    """An attached client. Also the ``Owner`` of its runs in outboxes."""
+    """An attached client (see the module docstring)."""
 
     def __init__(self, group: "Group", sock: socket.socket, client_id: int, cred: PeerCred, name: str,
-                 max_packet: int, server: Any) -> None:
+                 max_packet: int, server: "Server") -> None:
         self.group = group
         self.clock = group.clock
+        #: The group's record of totals: what this client does is counted there too.
+        self.counters = group.counters
         self.sock = sock
         self.fd = sock.fileno()
         self.id = client_id
@@ -143,45 +72,24 @@ class AppSession(Handler):
         self.max_packet = max_packet
         self.log = group.log.bind(client=client_id, client_pid=cred.pid)
         self.sm = StateMachine(CLIENT_TRANSITIONS, ClientState.HANDSHAKING, f"client {client_id}")
-        self.seq = 0
-        #: Packets waiting for the client's socket, in order, each with what it
-        #: completes: a response's size (its last piece), 0 (an earlier
-        #: piece) or _NOTICE.
-        self.txq: deque[tuple[bytes, int]] = deque()
-        self.txq_data_bytes = 0  # responses only (client_rx_limit)
-        self.txq_data_msgs = 0
-        self.notices_queued = 0
         self.mask = EPOLLIN | EPOLLRDHUP
         self.reading = True  # False once the daemon stopped reading it (shutdown)
         self.read_wanted = True  # False while pushed back
-        self.blocked_since: float | None = None  # waiting for a connection (queue_timeout)
         self.since = self.clock()
-        #: A message arriving in pieces (continuation), while one does.
-        self.open: Assembly | None = None
-        #: Packets read per pass (adaptive, 1..client_turn) and the pass that used them all.
-        self.read_batch = 1
-        self.batch_pass = -2
-        self.requeue_parts: bytearray | None = None
         self.closing_deadline: float | None = None  # slow consumer: close once its notice is out
-        self.accepted_msgs = 0  # DATA messages committed to an outbox
-        self.accepted_bytes = 0
+        #: DATA messages (and their bytes) committed to an outbox, and written to TCP.
+        self.accepted_msgs = self.accepted_bytes = 0
         self.tx_msgs = self.tx_bytes = 0
-        self.rx_msgs = self.rx_bytes = 0
-        self.refused = 0
-        self.requeued = 0
-        self.requeue_bytes = 0
-        self.notices_sent = 0
-        self.dropped_unread = 0
         #: Set when the session is detached: responses still coming for it are dropped.
         self.gone = False
         #: client_idle_timeout: what it had done when last looked at, and since when.
         self.idle_mark: tuple = ()
         self.idle_since = 0.0
-        self._refusal_log = RateLimit(REFUSAL_LOG_INTERVAL)
         #: Failed sends and receives on its socket (counted; logged rate-limited).
         self.socket_errors = SocketErrors(self.log, "client_socket_error")
-        #: Why the last receive failed (an errno name), for the detach line.
-        self.recv_error: str | None = None
+        #: Its packets in, and its packets out.
+        self.intake = Intake(self)
+        self.replies = Replies(self, sock, max_packet)
 
     def __repr__(self) -> str:
         return f"AppSession({self.id} pid={self.cred.pid} group={self.group.cfg.name})"
@@ -198,6 +106,12 @@ class AppSession(Handler):
 
     def count_given_back(self, msgs: int) -> None:
         self.accepted_msgs -= msgs  # no longer queued: refused by seq (queue_timeout)
+
+    def wake(self) -> None:
+        """The scheduler has room for this client again: read it in this pass."""
+        if self.gone or not self.reading:
+            return
+        self.group.reactor.call_soon(self._resume)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -217,13 +131,13 @@ class AppSession(Handler):
 
     def handle(self, events: int) -> None:
         if events & EPOLLOUT:
-            self.flush_txq()
+            self.flush_out()
             if self.closed:
                 return
         if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
             hung_up = bool(events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
             if self.reading and (self.read_wanted or hung_up):
-                self.pump(hung_up)
+                self.intake.pump(hung_up)
             elif hung_up:
                 self.close(CloseReason.HUNG_UP)
 
@@ -235,458 +149,150 @@ class AppSession(Handler):
             self.mask = mask
             self.group.reactor.modify(self.fd, mask)
 
-    def _want_read(self, on: bool) -> None:
+    def want_read(self, on: bool) -> None:
+        """Read the client (``EPOLLIN``) or not (pushed back, or stopped)."""
         self.read_wanted = on
         mask = (self.mask | EPOLLIN) if on and self.reading else (self.mask & ~EPOLLIN)
         self._set_mask(mask)
 
-    def wake(self) -> None:
-        """The scheduler has room for this client again: read it in this pass."""
-        if self.gone or not self.reading:
-            return
-        self.group.reactor.call_soon(self._resume)
-
     def _resume(self) -> None:
         if self.gone or not self.reading:
             return
-        self._want_read(True)
-        self.pump(False)
+        self.want_read(True)
+        self.intake.pump(False)
 
     def stop_reading(self, notice: Notice) -> None:
         """Read nothing more from this client, then tell it so (the notice names the last seq read)."""
         self.reading = False
-        self._want_read(False)
+        self.want_read(False)
         self.group.sched.forget(self)
-        if self.open is not None:
-            self.open.abort(None)
+        if self.intake.open is not None:
+            self.intake.open.abort(None)
         self.notify(notice)
 
-    # -- packets in -------------------------------------------------------------
+    # -- packets in (read by its Intake) ----------------------------------------------
 
-    def pump(self, hung_up: bool) -> None:
-        """Read what the scheduler lets us, as much as one turn allows."""
-        group = self.group
-        sched = group.sched
-        limit = group.daemon_cfg.client_notice_limit
-        while True:
-            if self.notices_queued >= limit:
-                # Too many notices unread: the client must read before it may send.
-                self._want_read(False)
-                if hung_up:
-                    self.close(CloseReason.HUNG_UP)
-                return
-            if self.open is not None:
-                status = self.open.read()
-            else:
-                conn = sched.route(self)
-                if conn is None:
-                    if self.blocked_since is None:
-                        self.blocked_since = self.clock()
-                    self._want_read(False)
-                    if hung_up:
-                        self.close(CloseReason.HUNG_UP_PUSHED_BACK)
-                    return
-                self.blocked_since = None
-                status = self._pull(conn)
-            if status == _EOF:
-                if self.recv_error is not None:
-                    self.close(CloseReason.RECEIVE_FAILED, self.recv_error)
-                else:
-                    self.close(CloseReason.CLOSED)
-                return
-            if status == _EMPTY:
-                if not self.read_wanted:
-                    self._want_read(True)
-                if hung_up:
-                    self.close(CloseReason.HUNG_UP)
-                return
-            if status == _TURN:
-                return  # the level-triggered epoll brings us back after the others
-            # _FULL: route again (parks on the full outbox, or moves on)
-            if self.closed:
-                return
+    @property
+    def seq(self) -> int:
+        """The seq of its last DATA packet read."""
+        return self.intake.seq
 
-    def _pull(self, conn: Any) -> int:
-        """Receive packets into ``conn``'s outbox until empty, full or our turn is up.
-
-        The hot loop of the send path: one ``recvmsg_into`` per packet,
-        straight into the outbox, the header checked in place. The packet
-        lands at ``tail - 1`` so its kind byte overwrites the last byte before
-        the message, which is saved and put back (see :class:`~kmuxd.core.sendq.Outbox`).
-        """
-        group = self.group
-        cfg = group.cfg
-        sched = group.sched
-        # The outbox route() made room in. Nothing in this loop can hand it to
-        # another connection (only a write or a failure adopts), and every
-        # commit below names it, so the bytes go where they were received.
-        outbox = sched.outbox_of(conn)
-        buf, view = outbox.buf, outbox.view
-        bufsize = len(buf)
-        head, capacity, reserve = outbox.head, outbox.capacity, outbox.reserve
-        tail = outbox.tail
-        recvmsg_into = self.sock.recvmsg_into
-        check = group.check_message
-        # The framing's fixed length field, for the common case inline: a
-        # header that agrees costs one unpack and a comparison here; anything
-        # else goes to the framing's one rule (check), which also says why.
-        fixed = group.fixed_field
-        max_message = cfg.max_message
-        # Read no more than the client has shown it sends per pass: a client
-        # that sends one request and waits costs one recv, not a second one
-        # that only says EAGAIN (level-triggered epoll brings it back).
-        passes = group.reactor.passes
-        batch = self.read_batch
-        if self.batch_pass == passes - 1 and batch < cfg.client_turn:
-            batch = self.read_batch = min(cfg.client_turn, batch * 2)  # still readable: it streams
-        turn = batch
-        budget = conn.budget
-        if budget is not None and budget < turn:
-            turn = max(budget, 1)
-        router = group.router
-        now = self.clock()
-        taken = msgs = 0
-        first_seq = self.seq + 1
-        status = _TURN
-        while taken + msgs < turn:
-            if tail - head >= capacity or bufsize - tail < reserve:
-                status = _FULL
-                break
-            saved = buf[tail - 1]
-            try:
-                # MSG_TRUNC: n is the packet's real length even if it did not fit.
-                n, _, flags, _ = recvmsg_into((view[tail - 1 :],), 0, _MSG_TRUNC)
-            except BlockingIOError:
-                status = _EMPTY  # a failed receive wrote nothing: no byte to put back
-                break
-            except OSError as exc:
-                status = self.recv_failed(exc)
-                break
-            kind = buf[tail - 1]
-            buf[tail - 1] = saved
-            if n == 0:
-                status = _EOF
-                break
-            size = n - 1
-            if kind == KIND_DATA and not flags & _MSG_CTRUNC:
-                self.seq += 1
-                err: KmuxError | None
-                if flags & _MSG_TRUNC or size > max_message:
-                    err = MessageTooBig(f"message is {size} bytes, the group's max_message is {max_message}")
-                elif (fixed is not None and size >= fixed[2]
-                      and fixed[0](buf, tail + fixed[1])[0] + fixed[3] == size):
-                    err = None
-                else:
-                    err = check(buf, tail, size)
-                if err is None and router is not None:
-                    try:
-                        outbox.add_request(router.accept(self, self.seq, now, buf, tail, size))
-                    except KmuxError as exc:  # id_in_use, ids_exhausted, too short for its id
-                        err = exc
-                if err is None:
-                    tail += size
-                    msgs += 1
-                    continue
-                # A refused message ends the run: runs name their seqs without gaps.
-                taken += sched.commit(self, outbox, tail, msgs, first_seq)
-                msgs = 0
-                first_seq = self.seq + 1
-                self.refuse(err)
-                continue
-            # Anything else is rare: commit what we have, then deal with it clearly.
-            taken += sched.commit(self, outbox, tail, msgs, first_seq)
-            msgs = 0
-            if flags & _MSG_CTRUNC:
-                self._refuse_ancillary(kind, now)
-                if self.open is not None:
-                    return self.open.read()  # the rest of that message goes with it
-            elif kind == KIND_DATA_MORE:
-                self.seq += 1
-                self.open = asm = Assembly.begin(self, outbox, tail, size, bool(flags & _MSG_TRUNC), now)
-                first_seq = self.seq + 1
-                return asm.read() if self.open is not None and not self.gone else _TURN
-            else:
-                self._packet(kind, bytes(view[tail : tail + size]), bool(flags & _MSG_TRUNC))
-            first_seq = self.seq + 1
-        taken += sched.commit(self, outbox, tail, msgs, first_seq)
-        if status == _TURN:
-            self.batch_pass = passes
-        elif status == _EMPTY and batch > 1:
-            self.read_batch = max(1, batch // 2)
-        return status
-
-    def _refuse_ancillary(self, kind: int, now: float) -> None:
-        """A packet carried descriptors or credentials (the kernel closed them:
-        we pass no control buffer). A DATA packet is a message refused by its
-        seq; a first piece opens that message refused, so its other pieces are
-        dropped with it rather than read as messages of their own."""
-        err = AncillaryRefused(ANCILLARY_TEXT)
-        if kind & ~KIND_MORE != KIND_DATA:
-            self.refuse(err, seq=False)
-            return
-        self.seq += 1
-        if kind & KIND_MORE:
-            self.open = Assembly.refused_unread(self, err)
-        self.refuse(err)
-
-    # -- other packets ---------------------------------------------------------------
-
-    def _packet(self, kind: int, body: bytes, truncated: bool) -> None:
-        """A non-DATA packet: rare, so clarity over speed."""
-        try:
-            if truncated:
-                raise BadPacket("packet truncated: larger than max_message + 1")
-            if kind == KIND_CONTROL:
-                control = decode_control(body)
-                if control.op == "receive":
-                    self.set_receiving(control.args["on"])
-            elif kind in (KIND_REQUEUE, KIND_REQUEUE_MORE):
-                self._requeue_piece(body, more=kind == KIND_REQUEUE_MORE)
-            else:
-                raise BadPacket(f"unknown packet kind 0x{kind:02x}")
-        except KmuxError as exc:
-            self.refuse(exc, seq=False)
-
-    def _requeue_piece(self, body: bytes, more: bool) -> None:
-        parts = self.requeue_parts
-        if parts is None and not more:
-            self.group.requeue(self, body)
-            return
-        if parts is None:
-            parts = self.requeue_parts = bytearray()
-        if len(parts) + len(body) > self.group.cfg.max_message:
-            self.requeue_parts = None
-            raise BadPacket("requeued message is over max_message")
-        parts += body
-        if not more:
-            self.requeue_parts = None
-            self.group.requeue(self, bytes(parts))
-
-    def recv_failed(self, exc: OSError) -> int:
-        """A receive failed (not EAGAIN): the session ends, and its detach line says why."""
-        self.recv_error = errno_name(exc)
-        return _EOF
+    def expire_queued(self, now: float, timeout: float, refusal: Callable[[], KmuxError]) -> int:
+        return self.intake.expire_queued(now, timeout, refusal)
 
     def socket_error(self, op: str, exc: OSError) -> None:
-        """A send or receive on this client's socket failed (not EAGAIN): counted, logged rate-limited."""
+        """A send or receive on its socket failed (not EAGAIN): counted, logged rate-limited."""
         self.socket_errors.note(op, exc, self.sock)
-
-    def refuse(self, err: KmuxError, seq: bool = True, seq_value: int | None = None) -> None:
-        self.refused += 1
-        if seq:
-            err.details["seq"] = self.seq if seq_value is None else seq_value
-        # The client always gets its notice; the log gets the first refusal
-        # and then one line per interval, so a buggy app cannot flood it.
-        if self._refusal_log.allow():
-            self.log.info(
-                "message_refused", error_code=err.code, error=err.message, seq=err.details.get("seq"),
-                suppressed=self._refusal_log.take_suppressed(),
-            )
-        self.notify(Notice.for_error(err))
-
-    def refuse_unread(self, err_factory: Any, limit: int) -> int:
-        """Read and refuse (each with its seq) what waits in the socket: queue_timeout."""
-        refused = 0
-        while refused < limit:
-            try:
-                n, _, flags, _ = self.sock.recvmsg_into((_SCRATCH,), 0, _MSG_TRUNC)
-            except BlockingIOError:
-                break  # nothing more waits
-            except OSError as exc:
-                # The socket failed: the reactor reports it (EPOLLERR/EPOLLHUP) and the pump ends the session.
-                self.socket_error("receive", exc)
-                break
-            if n == 0:
-                break
-            kind = _SCRATCH[0]
-            if kind & ~KIND_MORE == KIND_DATA:
-                if self.open is None:
-                    self.seq += 1
-                    if kind == KIND_DATA_MORE:
-                        self.open = Assembly.refused_unread(self, err_factory())
-                    self.refuse(err_factory())
-                    refused += 1
-                elif not kind & KIND_MORE:
-                    self.open = None
-            elif self.open is None:
-                # Not a message: nothing to refuse by seq; it is simply not read late.
-                self.refuse(BadPacket("a control packet waited for the group too; dropped"), seq=False)
-        return refused
 
     def set_receiving(self, on: bool) -> None:
         group = self.group
-        steering = group.steering
+        ring = group.receivers
         if on:
             self.sm.fire(ClientEvent.RECEIVE_ON)
-            if not self.txq and steering.receive_on(self):
+            if not self.replies and ring.receive_on(self):
                 group.receiver_ready()
-            elif self.txq:
-                steering.receive_on(self)
-                steering.blocked(self)
+            elif self.replies:
+                ring.receive_on(self)
+                ring.blocked(self)
         else:
             self.sm.fire(ClientEvent.RECEIVE_OFF)
-            steering.receive_off(self)
+            ring.receive_off(self)
             self.notify(Notice(event="receive_off"))
 
-    # -- packets out --------------------------------------------------------------
+    # -- time (the group's housekeeping) ---------------------------------------------
+
+    def apply_deadlines(self, now: float) -> None:
+        """Its message in pieces (assembly_timeout), client_idle_timeout, a slow consumer's grace."""
+        if self.gone:
+            # Detached (a slow consumer): closed once its last notice is out, or its grace is over.
+            if self.closing_deadline is not None and now >= self.closing_deadline:
+                self.close(CloseReason.SLOW_CONSUMER)
+            return
+        if self.intake.open is not None:
+            self.intake.open.expire(now)
+        idle = self.group.cfg.client_idle_timeout
+        if not idle:
+            return
+        mark = (self.intake.seq, self.replies.rx_msgs, self.replies.notices_sent, len(self.replies.queue))
+        if self.idle_mark != mark:
+            self.idle_mark = mark
+            self.idle_since = now
+            return
+        if now - self.idle_since >= idle:
+            self.log.info("client_idle", idle_seconds=round(now - self.idle_since, 3))
+            self.stop_reading(Notice.for_error(IdleTimeout(
+                f"sent and received nothing for client_idle_timeout={idle}s; detached"
+            )))
+            self.close(CloseReason.IDLE)
+
+    def abort_open(self, err: KmuxError) -> None:
+        """Its message in pieces will never complete (its orphaned outbox expired): refuse it."""
+        if self.intake.open is not None:
+            self.intake.open.abort(err)
+
+    def check_access(self, access: AccessPolicy, group: str) -> None:
+        """A reload changed the group's access policy: detach it if it is no longer admitted."""
+        if access.groups is not None:
+            # The hello reads supplementary groups only when the policy of
+            # the day needs them: read them now, or a client the new
+            # allow_groups admits only through one would be detached.
+            self.cred = self.cred.with_groups(self.sock)
+        cred = self.cred
+        if access.admits(cred.uid, cred.gid, cred.groups):
+            return
+        self.log.info("client_no_longer_admitted", uid=cred.uid, pid=cred.pid)
+        self.stop_reading(Notice.for_error(PermissionDenied(f"group {group!r} no longer admits this client (reload)")))
+        self.close(CloseReason.ACCESS_REVOKED)
+
+    # -- packets out (kmuxd.core.steering.Receiver; sent by its Replies) ---------------
 
     def notify(self, notice: Notice) -> None:
-        """Queue a notice; it goes out before any further data to this client."""
-        if self.closed:
-            return
-        packet = encode_notice(notice)
-        if not self.txq:
-            try:
-                self.sock.send(packet)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                self.socket_error("send_notice", exc)  # lost; if the app is gone, its hang-up ends the session
-                return
-            else:
-                self.notices_sent += 1
-                return
-        self.txq.append((packet, _NOTICE))
-        self.notices_queued += 1
-        self._blocked_out()
+        """Send a notice, or queue it; it goes out before any further data to this client."""
+        if not self.closed:
+            self.replies.notify(notice)
 
-    def send_response(self, buf: bytearray, view: memoryview, pos: int, end: int, seq: int) -> bool:
-        """Hand over one response at ``buf[pos:end]`` (the byte before it is free).
+    def deliver(self, buf: bytearray, view: memoryview, pos: int, end: int, seq: int) -> bool:
+        return self.replies.deliver(buf, view, pos, end, seq)
 
-        Returns True if it was sent or queued for this client, False if it was
-        dropped (queue full with ``rx_overflow = "drop"``, or the client is gone).
-        """
-        size = end - pos
-        if not self.txq and size < self.max_packet:
-            buf[pos - 1] = KIND_DATA
-            try:
-                self.sock.send(view[pos - 1 : end])
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                self.socket_error("send", exc)
-                return False
-            else:
-                self.rx_msgs += 1
-                self.rx_bytes += size
-                return True
-        return self._queue_response(view[pos:end], seq)
+    def offer(self, buf: bytearray, view: memoryview, pos: int, end: int, keep: bool = False) -> int:
+        return self.replies.offer(buf, view, pos, end, keep)
 
-    def send_message(self, message: Any) -> None:
-        """Balance steering's send for a message too large for one packet (or requeued).
+    def queued_response_bytes(self) -> int:
+        return self.replies.data_bytes
 
-        Raises OSError (not EAGAIN) if the socket failed before the message was
-        taken: the caller counts it and hands the message to another receiver.
-        """
-        self._queue_response(memoryview(message), None, direct=True)
-
-    def _queue_response(self, message: memoryview, seq: int | None, direct: bool = False) -> bool:
-        size = len(message)
-        cfg = self.group.cfg
-        if self.txq_data_bytes + size > cfg.client_rx_limit and not direct:
-            return self._overflow(seq)
-        packets = self._packets(message)
-        if not self.txq:
-            # Send what the socket takes now, queue the rest (nothing else may come between pieces).
-            while packets:
-                try:
-                    self.sock.send(packets[0])
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if direct:
-                        raise  # balance steering: the message goes to another receiver
-                    self.socket_error("send", exc)
-                    return False
-                packets.pop(0)
-            if not packets:
-                self.rx_msgs += 1
-                self.rx_bytes += size
-                return True
-        last = len(packets) - 1
-        self.txq.extend((packet, size if i == last else 0) for i, packet in enumerate(packets))
-        self.txq_data_bytes += size
-        self.txq_data_msgs += 1
-        self.rx_msgs += 1  # counted when handed to the daemon's queue for it
-        self.rx_bytes += size
-        self._blocked_out()
-        return True
-
-    def _packets(self, message: memoryview) -> list[bytes]:
-        """One DATA packet, or DATA_MORE pieces and a last DATA when it does not fit."""
-        piece = self.max_packet - 1
-        if len(message) <= piece:
-            return [DATA_PREFIX + message]
-        out = []
-        for i in range(0, len(message), piece):
-            chunk = message[i : i + piece]
-            last = i + piece >= len(message)
-            out.append((DATA_PREFIX if last else DATA_MORE_PREFIX) + chunk)
-        return out
-
-    def _overflow(self, seq: int | None) -> bool:
-        group = self.group
-        if group.cfg.rx_overflow == "drop":
-            group.responses_dropped += 1
-            err = ResponseDropped(
-                f"a response was dropped: {self.txq_data_bytes} bytes already wait for this client "
-                f"(client_rx_limit={group.cfg.client_rx_limit})"
-            )
-            if seq is not None:
-                err.details["seq"] = seq
-            self.notify(Notice.for_error(err))
-            return False
-        self.slow_consumer()
-        return False
+    def blocked_out(self) -> None:
+        """Its socket is full: no more messages for it until it is writable again."""
+        self.group.receivers.blocked(self)
+        self._set_mask(self.mask | EPOLLOUT)
 
     def slow_consumer(self) -> None:
         """Detach a client that left more than client_rx_limit bytes unread."""
         if self.closing_deadline is not None or self.closed:
             return
         group = self.group
-        group.slow_consumers += 1
+        self.counters.slow_consumers += 1
         limit = group.cfg.client_rx_limit
-        self.log.warning("slow_consumer", queued_bytes=self.txq_data_bytes, client_rx_limit=limit)
+        self.log.warning("slow_consumer", queued_bytes=self.replies.data_bytes, client_rx_limit=limit)
         # Its queued responses are dropped; the notice is the last thing it gets.
-        self.txq.clear()
-        self.txq_data_bytes = self.txq_data_msgs = self.notices_queued = 0
+        self.replies.clear()
         self.stop_reading(Notice.for_error(SlowConsumer(
             f"more than client_rx_limit={limit} bytes of responses waited unread; detached"
         )))
-        group.detach(self)  # gone from now on: its responses are dropped; its last notice still goes out
-        group.slow.add(self)
+        self.gone = True  # from now on its responses are dropped; its last notice still goes out
+        group.detach_slow(self)
         self.closing_deadline = self.clock() + group.cfg.slow_consumer_grace
-        if not self.txq:
+        if not self.replies:
             self.close(CloseReason.SLOW_CONSUMER)
 
-    def rx_blocked(self) -> None:
-        """Balance steering could not hand this client a message: wait for room."""
-        self._blocked_out()
-
-    def _blocked_out(self) -> None:
-        self.group.steering.blocked(self)
-        self._set_mask(self.mask | EPOLLOUT)
-
-    def flush_txq(self) -> None:
-        txq = self.txq
-        send = self.sock.send
-        while txq:
-            packet, completes = txq[0]
-            try:
-                send(packet)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                txq.clear()
-                self.close(CloseReason.SEND_FAILED, errno_name(exc))  # the detach line is the log line
-                return
-            txq.popleft()
-            if completes == _NOTICE:
-                self.notices_queued -= 1
-                self.notices_sent += 1
-            elif completes:
-                self.txq_data_msgs -= 1
-                self.txq_data_bytes -= completes
+    def flush_out(self) -> None:
+        """Its socket is writable: send what waits, then take messages again."""
+        done = self.replies.flush()
+        if done == STILL_FULL:
+            return
+        if done == SEND_FAILED:
+            error = self.replies.error
+            self.close(CloseReason.SEND_FAILED, errno_name(error) if error is not None else None)
+            return  # the detach line is the log line
         self._set_mask(self.mask & ~EPOLLOUT)
         if self.closing_deadline is not None:
             self.close(CloseReason.SLOW_CONSUMER)
@@ -694,9 +300,9 @@ class AppSession(Handler):
         group = self.group
         # In id/fifo modes a paused connection never waits for a client; in
         # balance mode this one may take messages again.
-        if group.steering.unblocked(self):
+        if group.receivers.unblocked(self):
             group.receiver_ready()
-        if self.reading and not self.read_wanted and self.notices_queued < group.daemon_cfg.client_notice_limit:
+        if self.reading and not self.read_wanted and self.replies.notices < group.daemon_cfg.client_notice_limit:
             self.wake()
 
     # -- the end ------------------------------------------------------------------------
@@ -711,17 +317,11 @@ class AppSession(Handler):
         self.sm.fire(ClientEvent.CLOSE)  # first: nothing below may start a second close
         self.gone = True
         group = self.group
-        group.slow.discard(self)
-        if self.open is not None:
-            if self.open.outbox is not None:
-                self.dropped_unread += 1  # the message it was sending in pieces
-            self.open.release()
-            self.open = None
+        group.forget_slow(self)
+        dropped = self.intake.close()  # the message it was sending in pieces, packets never read
         group.detach(self)
-        if self.txq_data_msgs and group.router is not None:
-            group.router.dropped += self.txq_data_msgs  # responses it never read
-        self.dropped_unread += self.discard_unread()
-        group.dropped_unread += self.dropped_unread
+        if self.replies.data_msgs and group.router is not None:
+            group.router.undelivered(self.replies.data_msgs)  # responses it never read
         group.reactor.unregister(self.fd)
         try:
             self.sock.close()
@@ -731,26 +331,9 @@ class AppSession(Handler):
         lines = self.server.client_lines
         if lines.allow(self.clock()):
             text = reason.value if detail is None else f"{reason.value}: {detail}"
-            self.log.info("client_detached", reason=text, tx_msgs=self.tx_msgs, rx_msgs=self.rx_msgs,
-                          dropped_unread=self.dropped_unread or None, socket_errors=self.socket_errors.count or None,
+            self.log.info("client_detached", reason=text, tx_msgs=self.tx_msgs, rx_msgs=self.replies.rx_msgs,
+                          dropped_unread=dropped or None, socket_errors=self.socket_errors.count or None,
                           suppressed=lines.take_suppressed())
-
-    def discard_unread(self, limit: int = DISCARD_LIMIT) -> int:
-        """Drop packets the client sent that were never read, before closing.
-
-        Closing a Unix socket with unread packets makes the peer's next read
-        fail with ECONNRESET, which would hide the final notice and the
-        clean EOF behind it.
-        """
-        dropped = 0
-        while dropped < limit:
-            try:
-                if not self.sock.recv_into(_SCRATCH, 1, _MSG_TRUNC | _MSG_DONTWAIT):
-                    break
-            except OSError:
-                break  # EAGAIN: nothing left; anything else: the app is gone and its packets with it
-            dropped += 1
-        return dropped
 
     # -- statistics ---------------------------------------------------------------
 
@@ -769,13 +352,13 @@ class AppSession(Handler):
             tx_bytes=self.tx_bytes,
             queued_msgs=self.accepted_msgs - self.tx_msgs,
             queued_bytes=self.accepted_bytes - self.tx_bytes,
-            rx_msgs=self.rx_msgs,
-            rx_bytes=self.rx_bytes,
-            rx_queued_msgs=self.txq_data_msgs,
-            rx_queued_bytes=self.txq_data_bytes,
-            refused=self.refused,
-            requeued=self.requeued,
-            notices_sent=self.notices_sent,
-            notices_pending=self.notices_queued,
+            rx_msgs=self.replies.rx_msgs,
+            rx_bytes=self.replies.rx_bytes,
+            rx_queued_msgs=self.replies.data_msgs,
+            rx_queued_bytes=self.replies.data_bytes,
+            refused=self.intake.refused,
+            requeued=self.intake.requeued,
+            notices_sent=self.replies.notices_sent,
+            notices_pending=self.replies.notices,
             connected_for=self.clock() - self.since,
         )

@@ -36,16 +36,26 @@ import errno
 import socket
 from typing import Any
 
+from kmux.errors import KmuxError
 from kmux.sockbuf import hung_up
 
 from kmuxd.system.log import RateLimit
 
-__all__ = ["PEER_GONE_ERRNOS", "SOCKET_ERROR_LOG_INTERVAL", "SocketErrors", "errno_name", "hung_up"]
+__all__ = ["PEER_GONE_ERRNOS", "SOCKET_ERROR_LOG_INTERVAL", "SocketErrors", "describe_error", "errno_name", "hung_up"]
 
 #: Errnos that mean the peer closed or reset its end.
 PEER_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED})
 #: Seconds between log lines of one object's socket errors (all are counted).
 SOCKET_ERROR_LOG_INTERVAL = 10.0
+
+
+def describe_error(exc: BaseException) -> str:
+    """An error as the logs and statistics name it (a connection's ``last_error``)."""
+    if isinstance(exc, KmuxError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.errno:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
+    return repr(exc)
 
 
 def errno_name(exc: BaseException) -> str:

@@ -21,12 +21,12 @@ from kmuxd.core.states import (
     SlotState,
     StateMachine,
 )
-from kmuxd.core.steering import BalanceSteering
+from kmuxd.core.steering import ReceiverRing
 
 # -- steering ----------------------------------------------------------------
 
 
-def drain(steering: BalanceSteering, n: int) -> list:
+def drain(steering: ReceiverRing, n: int) -> list:
     out = []
     for _ in range(n):
         r, quota = steering.take()
@@ -38,7 +38,7 @@ def drain(steering: BalanceSteering, n: int) -> list:
 
 
 def test_balance_gives_each_receiver_a_batch_in_turn():
-    s = BalanceSteering(batch=3)
+    s = ReceiverRing(batch=3)
     for r in "abc":
         s.receive_on(r)
     got = "".join(drain(s, 18))
@@ -46,7 +46,7 @@ def test_balance_gives_each_receiver_a_batch_in_turn():
 
 
 def test_blocked_receiver_is_skipped_and_comes_back():
-    s = BalanceSteering(batch=2)
+    s = ReceiverRing(batch=2)
     s.receive_on("a")
     s.receive_on("b")
     s.blocked("a")
@@ -56,7 +56,7 @@ def test_blocked_receiver_is_skipped_and_comes_back():
 
 
 def test_receive_off_leaves_the_ring_and_no_receiver_means_none():
-    s = BalanceSteering(batch=1)
+    s = ReceiverRing(batch=1)
     s.receive_on("a")
     s.receive_off("a")
     assert s.take() == (None, 0)
@@ -67,7 +67,7 @@ def test_receive_off_leaves_the_ring_and_no_receiver_means_none():
 
 
 def test_blocked_receiver_turned_on_stays_out_until_unblocked():
-    s = BalanceSteering(batch=1)
+    s = ReceiverRing(batch=1)
     # "a" attached with receiving off: the ring never saw it
     s.blocked("a")
     assert s.receive_on("a") is False

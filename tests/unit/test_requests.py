@@ -81,6 +81,9 @@ class Conn:
     def count_accepted(self, msgs):
         pass
 
+    def count_written(self, msgs):
+        pass
+
     def flush_soon(self):
         pass
 
