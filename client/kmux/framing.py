@@ -424,15 +424,18 @@ def _checker(f: Framing, max_message: int) -> Callable[[Any, int, int], KmuxErro
             return BadFrame(f"bad length header: {exc.message}")
         return BadFrame(f.describe_mismatch(buf, start, size))
 
+    def whole(buf: Any, start: int, size: int) -> bool:
+        """Whether ``buf[start:start+size]`` is exactly one message, by walking its header(s)."""
+        try:
+            return length_at(buf, start, start + size) == size
+        except RemoteBadHeader:
+            return False
+
     if f.kind == "varint":
 
         def check_varint(buf: Any, start: int, size: int) -> KmuxError | None:
-            if size <= max_message:
-                try:
-                    if length_at(buf, start, start + size) == size:
-                        return None
-                except RemoteBadHeader:
-                    pass
+            if size <= max_message and whole(buf, start, size):
+                return None
             return refuse(buf, start, size)
 
         return check_varint
@@ -469,12 +472,8 @@ def _checker(f: Framing, max_message: int) -> Callable[[Any, int, int], KmuxErro
             if raw & last:  # a record of one fragment, the common case
                 if (raw & mask) + adjust == size:
                     return None
-            else:
-                try:
-                    if length_at(buf, start, start + size) == size:
-                        return None
-                except RemoteBadHeader:
-                    pass
+            elif whole(buf, start, size):
+                return None
         return refuse(buf, start, size)
 
     return check_record

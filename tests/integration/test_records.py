@@ -60,6 +60,14 @@ def rpc_group(server: ScriptedServer, **kw) -> dict:
     return cfg
 
 
+def start(daemon_factory, server: ScriptedServer, **kw):
+    """kmuxd with group ``g`` on ``server`` (``rpc_group`` with ``kw``), all its connections up."""
+    cfg = rpc_group(server, **kw)
+    daemon = daemon_factory({"g": cfg})
+    wait_up(daemon, cfg["connections"])
+    return daemon
+
+
 def group_stats(daemon) -> dict:
     with ControlClient(daemon.control_socket, timeout=5.0) as c:
         (g,) = c.request("stats", group="g")["groups"]
@@ -112,8 +120,7 @@ def scripted(message: bytes):
 
 def test_fragmented_calls_and_replies_pass_through_unchanged_to_their_callers(daemon_factory):
     with ScriptedServer(ONCRPC, scripted) as server:
-        daemon = daemon_factory({"g": rpc_group(server)})
-        wait_up(daemon, 2)
+        daemon = start(daemon_factory, server)
         rng = random.Random(19)
         clients = [daemon.connect(name=f"rpc{i}") for i in range(4)]
         calls = mismatches = multi = 0
@@ -165,8 +172,7 @@ def test_fragmented_calls_and_replies_pass_through_unchanged_to_their_callers(da
 
 def test_a_reply_trickled_one_byte_per_segment_arrives_whole(daemon_factory):
     with ScriptedServer(ONCRPC, scripted) as server:
-        daemon = daemon_factory({"g": rpc_group(server, connections=1)})
-        wait_up(daemon, 1)
+        daemon = start(daemon_factory, server, connections=1)
         with daemon.connect() as c:
             c.send(record(call(7, PROC_TRICKLE, struct.pack(">I", 300), prog=0x20000019, vers=1)))
             got = c.recv(timeout=15.0)
@@ -180,8 +186,7 @@ def test_a_reply_trickled_one_byte_per_segment_arrives_whole(daemon_factory):
 def test_a_record_announced_past_max_message_fragment_by_fragment_ends_only_its_connection(daemon_factory):
     max_message = 8192
     with ScriptedServer(ONCRPC, scripted) as server:
-        daemon = daemon_factory({"g": rpc_group(server, connections=1, max_message=max_message)})
-        wait_up(daemon, 1)
+        daemon = start(daemon_factory, server, connections=1, max_message=max_message)
         with daemon.connect() as c:
             seq = c.send(record(call(9, PROC_ENDLESS, prog=0x20000019, vers=1)))
             with pytest.raises(kmux.ConnectionLost) as info:
@@ -206,8 +211,7 @@ def test_a_record_announced_past_max_message_fragment_by_fragment_ends_only_its_
 def test_a_record_whose_last_fragment_never_comes_is_bounded_by_the_assembly_timeout(daemon_factory):
     timeout = 1.0
     with ScriptedServer(ONCRPC, scripted) as server:
-        daemon = daemon_factory({"g": rpc_group(server, connections=1, assembly_timeout=timeout)})
-        wait_up(daemon, 1)
+        daemon = start(daemon_factory, server, connections=1, assembly_timeout=timeout)
         with daemon.connect() as c:
             started = time.monotonic()
             seq = c.send(record(call(11, PROC_NO_LAST, prog=0x20000019, vers=1)))
@@ -254,8 +258,7 @@ def test_a_masked_length_is_checked_alike_by_the_client_and_the_daemon(daemon_fa
 
 def test_a_call_whose_xid_would_straddle_a_fragment_mark_is_refused_not_rewritten(daemon_factory):
     with ScriptedServer(ONCRPC, scripted) as server:
-        daemon = daemon_factory({"g": rpc_group(server, connections=1)})
-        wait_up(daemon, 1)
+        daemon = start(daemon_factory, server, connections=1)
         straddling = record(layout_call(5, 1, []), [2])  # the XID's first 2 bytes, then a mark
         with daemon.connect() as c:
             with pytest.raises(kmux.BadFrame, match="needs its first 8 bytes in the first fragment"):

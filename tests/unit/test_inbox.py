@@ -32,12 +32,10 @@ def check_invariants(ib: Inbox, max_message: int) -> None:
     assert ib.tail - ib.parsed <= max_message
 
 
-@pytest.mark.parametrize("seed", range(30))
-def test_random_chunking_and_takes_keep_every_message_whole_and_in_order(seed):
-    rng = random.Random(seed)
-    max_message, read_buffer = 600, 256
-    ib = Inbox(U32, max_message, read_buffer)
-    stream = b"".join(frame(n, rng.choice([8, 9, 40, 255, 600])) for n in range(300))
+def play(ib: Inbox, stream: bytes, rng: random.Random, read_size, max_message: int) -> list[bytes]:
+    """Play the shell at random: read (``read_size(rng)`` bytes at most) or hand over some of
+    the ready messages, checking the invariants after each step. Returns the messages."""
+    read_buffer = ib.read_buffer
     sent = 0
     got: list[bytes] = []
     now = 0.0
@@ -52,12 +50,22 @@ def test_random_chunking_and_takes_keep_every_message_whole_and_in_order(seed):
         elif not ib.ends and sent < len(stream):
             space = ib.space()
             assert read_buffer >= len(space) >= read_buffer // 4 > 0  # never empty (EOF); one read bounded
-            n = min(len(space), rng.randint(1, read_buffer), len(stream) - sent)
+            n = min(len(space), read_size(rng), len(stream) - sent)
             space[:n] = stream[sent : sent + n]
             sent += n
             now += 0.01
             ib.received(n, now)
         check_invariants(ib, max_message)
+    return got
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_chunking_and_takes_keep_every_message_whole_and_in_order(seed):
+    rng = random.Random(seed)
+    max_message, read_buffer = 600, 256
+    ib = Inbox(U32, max_message, read_buffer)
+    stream = b"".join(frame(n, rng.choice([8, 9, 40, 255, 600])) for n in range(300))
+    got = play(ib, stream, rng, lambda r: r.randint(1, read_buffer), max_message)
     assert b"".join(got) == stream
     assert [struct.unpack_from(">I", m, 4)[0] for m in got] == list(range(300))
 
@@ -109,24 +117,7 @@ def test_records_of_many_fragments_come_out_whole_under_random_reads_and_takes(s
     records = [record(n, [rng.choice([0, 1, 5, 60, 200]) for _ in range(rng.randint(0, 3))]) for n in range(200)]
     records = [r for r in records if len(r) <= max_message]
     stream = b"".join(records)
-    sent = 0
-    got: list[bytes] = []
-    while sent < len(stream) or ib.ends:
-        if ib.ends and (rng.random() < 0.6 or sent >= len(stream)):
-            k = rng.randint(1, len(ib.ends))
-            pos = ib.head
-            for end in ib.ends[:k]:
-                got.append(bytes(ib.buf[pos:end]))
-                pos = end
-            ib.take(k, pos)
-        elif not ib.ends and sent < len(stream):
-            space = ib.space()
-            assert len(space) >= 1
-            n = min(len(space), rng.choice([1, 2, 3, 7, read_buffer]), len(stream) - sent)
-            space[:n] = stream[sent : sent + n]
-            sent += n
-            ib.received(n, 0.0)
-        check_invariants(ib, max_message)
+    got = play(ib, stream, rng, lambda r: r.choice([1, 2, 3, 7, read_buffer]), max_message)
     assert got == records  # marks included, byte for byte
 
 
