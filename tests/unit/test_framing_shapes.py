@@ -295,3 +295,39 @@ def test_a_decoder_resumes_only_its_own_stream():
 def test_checkers_are_built_once_per_limit():
     assert ONCRPC.checker(100) is ONCRPC.checker(100)
     assert ONCRPC.checker(100) is not ONCRPC.checker(101)
+
+
+# -- id steering meets the framing (kmuxd.system.config) ----------------------------------
+
+
+def _group(framing, request_offset: int, response_offset: int, size: int = 4):
+    from kmuxd.system.config import parse_config
+
+    doc = {"version": 1, "groups": {"g": {"endpoints": ["127.0.0.1:111"], "framing": framing, "steering": "id",
+                                          "id": {"request_offset": request_offset,
+                                                 "response_offset": response_offset, "size": size}}}}
+    return parse_config(doc).groups["g"]
+
+
+@pytest.mark.parametrize(
+    ("framing", "request_offset", "response_offset", "key"),
+    [
+        ("u32be", 2, 4, "request_offset"),  # a rewrite would change the length on a shared stream
+        ("memcached-binary", 12, 10, "response_offset"),
+        ("oncrpc", 0, 4, "request_offset"),  # the first fragment's mark
+        ({"length_offset": 1, "length_size": 3}, 0, 4, "request_offset"),  # Diameter's version byte and length
+    ],
+)
+def test_an_id_over_the_length_field_is_a_config_error(framing, request_offset, response_offset, key):
+    with pytest.raises(ConfigInvalid) as info:
+        _group(framing, request_offset, response_offset)
+    assert info.value.path == f"groups.g.id.{key}"
+    assert "overlaps the framing's length field" in info.value.message
+
+
+def test_id_steering_on_records_keeps_the_id_in_the_first_fragment():
+    assert _group("oncrpc", 4, 4).framing.first_fragment_min == 8  # the mark and the XID
+    assert _group("oncrpc", 4, 12, size=8).framing.first_fragment_min == 20
+    framing = _group("oncrpc", 4, 4).framing
+    assert framing.name == "oncrpc" and framing.to_wire()["first_fragment_min"] == 8  # the clients check it too
+    assert _group("diameter", 12, 12).framing == PRESETS["diameter"]  # fixed framings are left as they are
