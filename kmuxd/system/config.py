@@ -426,9 +426,33 @@ def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None
         problems.add(f"{p}.reconnect_initial", f"must not exceed reconnect_max ({group.reconnect_max})")
     if group.framing.min_header > group.max_message:
         problems.add(f"{p}.framing", f"its header ({group.framing.min_header} bytes) exceeds max_message")
+    if group.id is not None:
+        group = _fit_id_to_framing(group, p, problems)
     if group.client_rx_limit < group.max_message:
         problems.add(f"{p}.client_rx_limit", f"must be at least max_message ({group.max_message}): one response must fit")
     return group
+
+
+def _fit_id_to_framing(group: GroupConfig, p: str, problems: "_Problems") -> GroupConfig:
+    """``id`` steering reads (and with rewrite, writes) the id in place: it must never touch
+    the length field, or a rewrite would change a message's length on a shared stream.
+    A ``records`` framing also gets ``first_fragment_min``: a record of several fragments
+    must carry the whole id in its first one (otherwise the id would straddle a fragment
+    header), in both directions, checked by the framing itself (and so by the clients)."""
+    framing, idc = group.framing, group.id
+    assert idc is not None
+    if framing.kind == "varint":
+        return group
+    for key, offset in (("request_offset", idc.request_offset), ("response_offset", idc.response_offset)):
+        if offset < framing.header_end and framing.length_offset < offset + idc.size:
+            problems.add(f"{p}.id.{key}", f"the {idc.size}-byte id at {offset} overlaps the framing's length field "
+                                          f"(bytes {framing.length_offset} to {framing.header_end - 1})")
+    if framing.kind != "records":
+        return group
+    need = max(idc.request_offset, idc.response_offset) + idc.size
+    if need <= framing.first_fragment_min:
+        return group
+    return dataclasses.replace(group, framing=dataclasses.replace(framing, first_fragment_min=need))
 
 
 def _parse_id(raw: Any, p: str) -> IdConfig:

@@ -192,7 +192,7 @@ def test_good_config_parses_into_frozen_dataclasses():
         ("groups.echo.endpoints", ["127.0.0.1:7000", "nohost"], "groups.echo.endpoints[1]"),
         ("groups.echo.endpoints", ["127.0.0.1:70000"], "groups.echo.endpoints[0]"),
         ("groups.echo.endpoints", ["[zz::1]:80"], "groups.echo.endpoints[0]"),
-        ("groups.echo.framing", {"length_size": 3}, "groups.echo.framing.length_size"),
+        ("groups.echo.framing", {"length_size": 9}, "groups.echo.framing.length_size"),
         ("groups.echo.framing", "u24", "groups.echo.framing"),
         ("groups.echo.steering", "random", "groups.echo.steering"),
         ("groups.echo.max_message", 10**9, "groups.echo.max_message"),
