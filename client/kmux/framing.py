@@ -26,10 +26,22 @@ Two uses, one rule:
    into messages. The decoder never copies; it returns end offsets into the
    caller's buffer, so the I/O shell can hand slices straight to clients.
 
+Skipping (incoming only, opt-in with ``max_skip``): a well-framed message
+over ``max_message`` need not end the stream, since its header says where it
+ends. Up to ``max_skip`` the decoder *skips* it: it keeps its first bytes
+(the *stub*: its header, and the response id when the caller asks for it
+with ``keep``), tells the caller to drop the rest as it arrives (a record's
+fragment marks are walked as they pass, until the last fragment), and
+reports it once it has gone by (:data:`SKIPPED`), in its place among the
+messages. Past ``max_skip`` a length is more likely a stream out of step
+than a message: :class:`~kmux.errors.RemoteFrameTooBig`, as before.
+
 Invariants:
 
-* a length is never trusted beyond ``max_message``; a header (or fragment
-  header) that announces fewer bytes than itself is an error;
+* a length is never trusted beyond ``max_message``: a longer message is
+  skipped (never held: at most its stub and a fragment mark cut short) or,
+  past ``max_skip``, refused; a header (or fragment header) that announces
+  fewer bytes than itself is an error;
 * a record's total is not known until its last fragment's header arrives,
   so the decoder refuses it as soon as the fragments announced so far,
   plus the smallest fragment that could follow (a bare header), exceed
@@ -49,10 +61,15 @@ from typing import Any, Callable
 
 from .errors import BadFrame, ConfigInvalid, KmuxError, MessageTooBig, RemoteBadHeader, RemoteFrameTooBig
 
-__all__ = ["Framing", "FrameDecoder", "DecoderStatistics", "PRESETS", "NEED_MORE", "VARINT_MAX_BYTES", "KINDS"]
+__all__ = ["Framing", "FrameDecoder", "DecoderStatistics", "PRESETS", "NEED_MORE", "SKIPPING", "SKIPPED",
+           "Skipped", "VARINT_MAX_BYTES", "KINDS"]
 
 #: Returned by :meth:`Framing.length_at` when the header is not complete yet.
 NEED_MORE = -1
+#: :meth:`FrameDecoder.split`'s ``pending`` while it skips a message over
+#: ``max_message``, and once it has skipped one whole (see the class).
+SKIPPING = -2
+SKIPPED = -3
 #: A varint longer than this (64-bit values) is a bad header.
 VARINT_MAX_BYTES = 10
 #: The framing kinds, as ``kind`` names them in config and on the wire.
@@ -599,16 +616,30 @@ PRESETS: dict[str, Framing] = {
 class DecoderStatistics:
     """Parser counters, named after KCM's psock fields."""
 
-    #: Complete messages cut from the stream.
+    #: Complete messages cut from the stream (skipped ones aside).
     msgs: int
     #: Times the stream stopped inside a header (KCM ``need_more_hdr``);
     #: for ``records``, inside any fragment's header.
     need_more_hdr: int
     #: Messages whose announced length was over ``max_message`` (for
-    #: ``records``: whose fragments announced so far left no room for the rest).
+    #: ``records``: whose fragments announced so far left no room for the
+    #: rest): skipped, or refused past ``max_skip``.
     msg_too_big: int
     #: Headers that could not describe a valid message.
     bad_hdr_len: int
+    #: Messages over ``max_message`` skipped whole, and their bytes (stubs included).
+    skipped: int = 0
+    skipped_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A message over ``max_message`` that went by unread (:class:`Reassembler`'s report of it)."""
+
+    #: Its first bytes, as the decoder kept them (its header, and ``keep`` bytes).
+    stub: bytes
+    #: Its whole length, header (and a record's fragment marks) included.
+    size: int
 
 
 class FrameDecoder:
@@ -623,27 +654,67 @@ class FrameDecoder:
     ``FrameDecoder(framing, max_message)`` of a ``records`` framing is a
     :class:`RecordDecoder`, which remembers how far it walked the partial
     record between calls; every other framing's decoder keeps no state
-    between calls but its counters.
+    between calls but its counters, and its skip.
+
+    **Skipping** (``max_skip`` over ``max_message``; the default,
+    ``max_skip = max_message``, refuses every message over ``max_message``).
+    A message over ``max_message`` and within ``max_skip`` is skipped. Its
+    first ``skip_stub`` bytes stay (``max(keep, header, 1)``, never past its
+    first fragment, and with a fragment mark cut short never over
+    ``max_message``), then :meth:`split` returns at its start (``consumed``)
+    with ``pending``:
+
+    * :data:`SKIPPING`: it has not all gone by. The caller drops
+      ``buf[consumed + skip_stub : skip_drop_to]`` now, keeps what follows
+      (at most a fragment mark cut short) right after the stub, and calls
+      again with the next bytes read. The decoder holds nothing else.
+    * :data:`SKIPPED`: its last byte has gone by. It was ``skip_total``
+      bytes; ``buf[consumed : consumed + skip_stub]`` is its stub,
+      ``buf[consumed + skip_stub : skip_drop_to]`` the rest of it (drop it),
+      and the next message starts at ``skip_drop_to``: call again from there.
+
+    The messages before it are in ``ends`` as usual: a skipped message keeps
+    its place in the stream's order.
     """
 
-    __slots__ = ("framing", "max_message", "_length_at", "_msgs", "_need_more_hdr", "_too_big", "_bad_hdr")
+    __slots__ = ("framing", "max_message", "max_skip", "skipping", "skip_stub", "skip_total", "skip_drop_to",
+                 "_length_at", "_stub", "_skip_left", "_skip_last", "_msgs", "_need_more_hdr", "_too_big",
+                 "_bad_hdr", "_skipped", "_skipped_bytes")
 
-    def __new__(cls, framing: Framing, max_message: int) -> "FrameDecoder":
+    def __new__(cls, framing: Framing, max_message: int, max_skip: int | None = None,
+                keep: int = 0) -> "FrameDecoder":
         if cls is FrameDecoder and framing.kind == "records":
             cls = RecordDecoder
         return object.__new__(cls)
 
-    def __init__(self, framing: Framing, max_message: int) -> None:
+    def __init__(self, framing: Framing, max_message: int, max_skip: int | None = None, keep: int = 0) -> None:
+        """``max_skip``: skip messages up to this long (None: ``max_message``, skip none);
+        ``keep``: bytes of a skipped message's start to keep in its stub (an id's end)."""
+        if max_skip is not None and max_skip < max_message:
+            raise ValueError(f"max_skip ({max_skip}) must be at least max_message ({max_message})")
         self.framing = framing
         self.max_message = max_message
+        self.max_skip = max_message if max_skip is None else max_skip
         self._length_at = framing._length_at
+        # A skipped message holds its stub and, for a record, a fragment mark
+        # cut short: at most max_message together (the caller's buffer bound).
+        room = max_message - (framing.header_end - 1 if framing.kind == "records" else 0)
+        self._stub = min(max(keep, framing.header_end, 1), room)
+        #: A message over max_message is going by (see the class docstring).
+        self.skipping = False
+        self.skip_stub = self.skip_total = self.skip_drop_to = 0
+        self._skip_left = 0  # bytes to drop before the next fragment mark (or the end)
+        self._skip_last = True  # no fragment mark follows them
         self._msgs = 0
         self._need_more_hdr = 0
         self._too_big = 0
         self._bad_hdr = 0
+        self._skipped = 0
+        self._skipped_bytes = 0
 
     def reset(self) -> None:
         """A new stream begins (a new TCP connection); counters carry on."""
+        self.skipping = False
 
     def split(self, buf: Any, start: int, end: int, limit: int = 1 << 30) -> tuple[list[int], int, int]:
         """Find complete messages in ``buf[start:end]``.
@@ -652,10 +723,13 @@ class FrameDecoder:
         message (at most ``limit`` of them), the offset where unconsumed bytes
         begin, and the total length of the partial message that starts there
         (:data:`NEED_MORE` if its header is incomplete or there is none; for
-        a record, until its last fragment's header has come).
+        a record, until its last fragment's header has come), or
+        :data:`SKIPPING`/:data:`SKIPPED` (see the class docstring).
         Raises :class:`RemoteFrameTooBig` / :class:`RemoteBadHeader`; the
         stream is then unusable.
         """
+        if self.skipping:
+            return [], start, self._skip_on(buf, start, end)
         length_at = self._length_at
         max_message = self.max_message
         ends: list[int] = []
@@ -671,8 +745,8 @@ class FrameDecoder:
                 self._need_more_hdr += 1
                 break
             if total > max_message:
-                self._too_big += 1
-                raise RemoteFrameTooBig(f"remote announced a {total}-byte message, max_message is {max_message}")
+                pending = self._oversized(buf, pos, end, total, total, True)
+                break
             if pos + total > end:
                 pending = total
                 break
@@ -681,8 +755,67 @@ class FrameDecoder:
         self._msgs += len(ends)
         return ends, pos, pending
 
+    def _oversized(self, buf: Any, pos: int, end: int, announced: int, first: int, last: bool) -> int:
+        """The message at ``buf[pos]`` is over max_message: ``announced`` bytes so far
+        (``last``: all of them; else another fragment follows), ``first`` in its first
+        fragment. Start skipping it, or wait for its stub (NEED_MORE); past max_skip, raise."""
+        if (announced if last else announced + self.framing.header_end) > self.max_skip:
+            self._too_big += 1
+            raise RemoteFrameTooBig(self._too_big_text(announced, last))
+        stub = min(self._stub, first)
+        if end - pos < stub:
+            return NEED_MORE
+        self._too_big += 1
+        self.skipping = True
+        self.skip_stub = stub
+        self.skip_total = announced
+        self._skip_left = announced - stub
+        self._skip_last = last
+        return self._skip_on(buf, pos, end)
+
+    def _skip_on(self, buf: Any, start: int, end: int) -> int:
+        """Let the skipped message's bytes after its stub at ``buf[start]`` go by."""
+        p = start + self.skip_stub
+        left = self._skip_left
+        while True:
+            if end - p < left:
+                left -= end - p
+                p = end
+                break
+            p += left
+            left = 0
+            if self._skip_last:
+                break
+            left = self._skip_mark(buf, p, end)
+            if left == NEED_MORE:
+                left = 0
+                break
+        self._skip_left = left
+        self.skip_drop_to = p
+        if left or not self._skip_last:
+            return SKIPPING
+        self.skipping = False
+        self._skipped += 1
+        self._skipped_bytes += self.skip_total
+        return SKIPPED
+
+    def _skip_mark(self, buf: Any, p: int, end: int) -> int:
+        """A record's next fragment mark, while skipping (:class:`RecordDecoder`)."""
+        raise AssertionError("only a record has fragment marks")
+
+    def _too_big_text(self, announced: int, last: bool) -> str:
+        what = "record" if self.framing.kind == "records" else "message"
+        name, limit = ("max_message", self.max_message) if self.max_skip == self.max_message else (
+            "max_skip", self.max_skip)
+        why = "" if name == "max_message" else ": more likely a stream out of step than a message"
+        if last:
+            return f"remote announced a {announced}-byte {what}, over {name} ({limit}){why}"
+        return (f"remote's record is over {name} ({limit}): its fragments so far announce "
+                f"{announced} bytes and another fragment follows{why}")
+
     def statistics(self) -> DecoderStatistics:
-        return DecoderStatistics(self._msgs, self._need_more_hdr, self._too_big, self._bad_hdr)
+        return DecoderStatistics(self._msgs, self._need_more_hdr, self._too_big, self._bad_hdr, self._skipped,
+                                 self._skipped_bytes)
 
 
 class RecordDecoder(FrameDecoder):
@@ -698,22 +831,27 @@ class RecordDecoder(FrameDecoder):
     is not the last must hold ``first_fragment_min`` bytes (bad header);
     any other fragment must leave room in ``max_message`` for at least one
     more fragment header, else the record is too big. So a record announced
-    fragment by fragment is refused at the first header that proves it over
-    the limit, having held less than ``max_message`` bytes.
+    fragment by fragment is refused (or skipped) at the first header that
+    proves it over the limit, having held less than ``max_message`` bytes.
+    While it is skipped, its remaining marks are read as they pass (the same
+    checks, against ``max_skip``) and their data dropped, until the last.
     """
 
     __slots__ = ("_walked", "_fields")
 
-    def __init__(self, framing: Framing, max_message: int) -> None:
-        super().__init__(framing, max_message)
+    def __init__(self, framing: Framing, max_message: int, max_skip: int | None = None, keep: int = 0) -> None:
+        super().__init__(framing, max_message, max_skip, keep)
         self._walked = 0
         self._fields = (_field_reader(framing), framing.length_offset, framing.header_end, framing.length_mask,
                         framing.last_fragment_mask, framing.length_adjust, framing.first_fragment_min)
 
     def reset(self) -> None:
+        super().reset()
         self._walked = 0
 
     def split(self, buf: Any, start: int, end: int, limit: int = 1 << 30) -> tuple[list[int], int, int]:
+        if self.skipping:
+            return [], start, self._skip_on(buf, start, end)
         read, offset, header_end, mask, last, adjust, first_min = self._fields
         max_message = self.max_message
         ends: list[int] = []
@@ -734,9 +872,9 @@ class RecordDecoder(FrameDecoder):
             total = walked + frag
             if raw & last:
                 if total > max_message:
-                    self._too_big += 1
-                    raise RemoteFrameTooBig(
-                        f"remote announced a {total}-byte record, max_message is {max_message}")
+                    pending = self._oversized(buf, pos, end, total, self._first_fragment(buf, pos, frag, walked), True)
+                    walked = 0
+                    break
                 if pos + total > end:
                     pending = total  # walked stays at this header: read once more next time
                     break
@@ -748,40 +886,74 @@ class RecordDecoder(FrameDecoder):
                 self._bad_hdr += 1
                 raise _short_first_fragment(frag, first_min)
             if total + header_end > max_message:
-                self._too_big += 1
-                raise RemoteFrameTooBig(
-                    f"remote's record is over max_message ({max_message}): its fragments so far announce "
-                    f"{total} bytes and another fragment follows")
+                pending = self._oversized(buf, pos, end, total, self._first_fragment(buf, pos, frag, walked), False)
+                walked = 0
+                break
             walked = total
         self._walked = walked
         self._msgs += len(ends)
         return ends, pos, pending
+
+    def _first_fragment(self, buf: Any, pos: int, frag: int, walked: int) -> int:
+        """The size of the first fragment of the record at ``buf[pos]`` (``frag`` if it is the one just read)."""
+        if walked == 0:
+            return frag
+        read, offset, _, mask, _, adjust, _ = self._fields
+        return (read(buf, pos + offset) & mask) + adjust
+
+    def _skip_mark(self, buf: Any, p: int, end: int) -> int:
+        read, offset, header_end, mask, last, adjust, _ = self._fields
+        if end - p < header_end:
+            return NEED_MORE
+        raw = read(buf, p + offset)
+        frag = (raw & mask) + adjust
+        if frag < header_end:
+            self._bad_hdr += 1
+            raise _short_fragment(frag, header_end)
+        total = self.skip_total + frag
+        is_last = bool(raw & last)
+        if (total if is_last else total + header_end) > self.max_skip:
+            raise RemoteFrameTooBig(self._too_big_text(total, is_last))
+        self.skip_total = total
+        self._skip_last = is_last
+        return frag
 
 
 class Reassembler:
     """Convenience wrapper that owns its buffer: ``feed(bytes) -> [message, ...]``.
 
     For tests, tools and clients; the daemon uses :class:`FrameDecoder` on
-    preallocated buffers instead.
+    preallocated buffers instead. With ``max_skip``, a message skipped whole
+    comes back in its place as a :class:`Skipped`.
     """
 
-    def __init__(self, framing: Framing, max_message: int) -> None:
-        self.decoder = FrameDecoder(framing, max_message)
+    def __init__(self, framing: Framing, max_message: int, max_skip: int | None = None, keep: int = 0) -> None:
+        self.decoder = FrameDecoder(framing, max_message, max_skip, keep)
         self._buf = bytearray()
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        ends, consumed, _ = self.decoder.split(self._buf, 0, len(self._buf))
-        out = []
-        prev = 0
-        for e in ends:
-            out.append(bytes(self._buf[prev:e]))
-            prev = e
-        del self._buf[:consumed]
+    def feed(self, data: bytes) -> list[Any]:
+        buf = self._buf
+        buf += data
+        decoder = self.decoder
+        out: list[Any] = []
+        pos = 0
+        while True:
+            ends, consumed, pending = decoder.split(buf, pos, len(buf))
+            for e in ends:
+                out.append(bytes(buf[pos:e]))
+                pos = e
+            if pending == SKIPPED:
+                out.append(Skipped(bytes(buf[consumed : consumed + decoder.skip_stub]), decoder.skip_total))
+                pos = decoder.skip_drop_to
+                continue
+            if pending == SKIPPING:
+                del buf[consumed + decoder.skip_stub : decoder.skip_drop_to]
+            break
+        del buf[:pos]
         return out
 
 

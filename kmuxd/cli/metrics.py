@@ -62,6 +62,9 @@ GROUP_METRICS: list[tuple[str, str, str, str, float]] = [
     ("recycles", "kmux_group_recycles_total", COUNTER,
      "Connections replaced without loss (server FIN after traffic, max_requests, max_connection_age)", 1),
     ("rx_queued_bytes", "kmux_group_rx_queued_bytes", GAUGE, "Bytes of responses waiting for slow clients", 1),
+    ("skipped_msgs", "kmux_group_skipped_msgs_total", COUNTER,
+     "Messages from TCP over max_message that went by unread (their requests got response_too_big)", 1),
+    ("skipped_bytes", "kmux_group_skipped_bytes_total", COUNTER, "Bytes of the messages skipped unread", 1),
 ]
 
 #: Per endpoint of ``endpoint_health``; labels group and endpoint.
@@ -87,11 +90,13 @@ CONN_METRICS: list[tuple[str, str, str, str, float]] = [
     ("queued_bytes", "kmux_conn_queued_bytes", GAUGE, "Bytes queued for writing on this connection", 1),
     ("in_flight", "kmux_conn_requests_in_flight", GAUGE, "Requests written on this connection and not answered", 1),
     ("need_more_hdr", "kmux_conn_need_more_hdr_total", COUNTER, "Reads that ended inside a message header", 1),
-    ("msg_too_big", "kmux_conn_msg_too_big_total", COUNTER, "Incoming messages longer than max_message", 1),
+    ("msg_too_big", "kmux_conn_msg_too_big_total", COUNTER, "Incoming messages longer than max_message (skipped, or past max_skip)", 1),
     ("msg_timeouts", "kmux_conn_msg_timeouts_total", COUNTER, "Incomplete messages past assembly_timeout", 1),
     ("bad_hdr_len", "kmux_conn_bad_hdr_len_total", COUNTER, "Incoming headers with an impossible length", 1),
     ("reconnects", "kmux_conn_reconnects_total", COUNTER, "TCP connections made after the first", 1),
     ("dial_failures", "kmux_conn_dial_failures_total", COUNTER, "Failed TCP dials", 1),
+    ("skipped_msgs", "kmux_conn_skipped_msgs_total", COUNTER, "Messages over max_message skipped unread", 1),
+    ("skipped_bytes", "kmux_conn_skipped_bytes_total", COUNTER, "Bytes of the messages skipped unread", 1),
 ]
 
 TCP_METRICS: list[tuple[str, str, str, str, float]] = [

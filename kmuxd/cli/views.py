@@ -66,6 +66,8 @@ OUTAGE_COUNTERS = (
     ("responses dropped", "responses_dropped", fmt_count),
     ("recycles", "recycles", fmt_count),
     ("rx queued", "rx_queued_bytes", fmt_bytes),
+    ("skipped", "skipped_msgs", fmt_count),
+    ("skipped bytes", "skipped_bytes", fmt_bytes),
 )
 
 
@@ -188,8 +190,21 @@ CONN_COLUMNS = [
     Column("CWND", _tcp("snd_cwnd", fmt_count)),
     Column("UNACKED", _tcp("unacked", fmt_count)),
     Column("RECONNECTS", _get("reconnects", fmt_count)),
+    Column("SKIPPED", _get("skipped_msgs", fmt_count)),
     Column("LAST_ERROR", _get("last_error"), right=False),
 ]
+
+
+def last_failure(r: Mapping[str, Any]) -> str:
+    """An endpoint's last failure as history: ``12.3s ago: bad framing: ...`` (``-``: none).
+    Its HEALTH column is the verdict now, on its own."""
+    reason = r.get("reason")
+    if not reason:
+        return MISSING
+    age = r.get("reason_age")
+    when = f"{fmt_duration(age)} ago: " if isinstance(age, (int, float)) and not isinstance(age, bool) else ""
+    return when + fmt_text(reason)
+
 
 #: One line per endpoint of ``endpoint_health``; RETRY_IN only means something off duty.
 ENDPOINT_COLUMNS = [
@@ -199,7 +214,7 @@ ENDPOINT_COLUMNS = [
     Column("RECYCLES", _get("recycles", fmt_count)),
     Column("FAILURES", _get("failures", fmt_count)),
     Column("RETRY_IN", lambda r: MISSING if r.get("state") == "healthy" else fmt_duration(r.get("retry_in"))),
-    Column("REASON", _get("reason", fmt_text), right=False),
+    Column("LAST_FAILURE", last_failure, right=False),
 ]
 
 CLIENT_COLUMNS = [

@@ -18,6 +18,9 @@ tables); the connection carries out what the cores decide:
   then the group's steering strategy hands every complete message to its
   client (:mod:`kmuxd.core.steering`). In balance mode, with no receiver
   ready, it stops reading (the receive side's PAUSED): TCP pushes back.
+  A message over ``max_message`` (within ``max_skip``) goes by unread and
+  the stream carries on: in its place, steering says whose request it
+  answered and the group tells that client ``response_too_big``.
 * **retiring** (make-before-break): when a connection reaches
   ``max_requests_per_connection`` or ``max_connection_age``, or its server
   half-closes, it takes nothing new at once (DRAINING) and its slot dials the
@@ -258,16 +261,42 @@ class Conn(Handler):
     def _hand_over(self) -> bool:
         """The steering strategy hands over what it can. True if the inbox has no message left."""
         inbox = self.inbox
-        count = len(inbox.ends)
-        delivered = self.steering.steer(inbox, self.flight, self.group.sched.outbox_of(self).requests, self.clock())
-        left = len(inbox.ends)
-        self.rx_msgs += count - left
-        self.slot_counters.rx_msgs += count - left
-        if delivered:
-            self.delivered += delivered
-            if self.steering.answers:
-                self.group.endpoints.answered(self.endpoint)
-        return not left
+        while True:
+            count = len(inbox.ends)
+            delivered = self.steering.steer(inbox, self.flight, self.group.sched.outbox_of(self).requests,
+                                            self.clock())
+            left = len(inbox.ends)
+            self.rx_msgs += count - left
+            self.slot_counters.rx_msgs += count - left
+            if delivered:
+                self._answered(delivered)
+            if left or inbox.skip is None:
+                return not left
+            self._hand_over_skipped()
+
+    def _hand_over_skipped(self) -> None:
+        """The inbox skipped a message over max_message, after those just handed over:
+        steering says whose request it answered, the group tells that client; then the
+        inbox cuts the messages after it."""
+        inbox = self.inbox
+        assert inbox.skip is not None
+        size = inbox.skip[2]
+        now = self.clock()
+        req = self.steering.skipped(inbox, self.flight, self.group.sched.outbox_of(self).requests, now)
+        self.rx_msgs += 1
+        counters = self.slot_counters
+        counters.rx_msgs += 1
+        counters.skipped_msgs += 1
+        counters.skipped_bytes += size
+        if req is not None:
+            self._answered(1)  # a well-framed answer: the server is healthy, only its answer was too big
+        self.group.response_skipped(self.slot.index, req, size)
+        inbox.skip_taken(now)
+
+    def _answered(self, n: int) -> None:
+        self.delivered += n
+        if self.steering.answers:
+            self.group.endpoints.answered(self.endpoint)
 
     def pause_reading(self) -> None:
         """Balance: no receiver is ready. Stop reading; TCP pushes back on the server."""
@@ -372,12 +401,15 @@ class Conn(Handler):
     def _assembly_expired(self, now: float) -> bool:
         """A partial message waited ``assembly_timeout`` for the remote: end with an ejection."""
         cfg = self.group.cfg
-        if not self.inbox.expired(now, cfg.assembly_timeout):
+        inbox = self.inbox
+        if not inbox.expired(now, cfg.assembly_timeout):
             return False
-        exc = RemoteAssemblyTimeout(
-            f"a partial message of {self.inbox.partial_bytes} bytes did not complete "
-            f"within assembly_timeout={cfg.assembly_timeout}s"
-        )
+        if inbox.skipping:
+            what = (f"a message over max_message ({cfg.max_message}), {inbox.decoder.skip_total} bytes "
+                    f"announced and being skipped,")
+        else:
+            what = f"a partial message of {inbox.partial_bytes} bytes"
+        exc = RemoteAssemblyTimeout(f"{what} did not complete within assembly_timeout={cfg.assembly_timeout}s")
         self.slot_counters.msg_timeouts += 1
         self.end(EndReason.ERROR, exc, eject="assembly timeout")
         return True
@@ -473,9 +505,8 @@ class Conn(Handler):
         """
         inbox = self.inbox
         for _ in range(ARRIVED_READS_MAX):
-            if inbox.ends:
-                self._hand_over()
-                if inbox.ends:
+            if inbox.ends or inbox.skip is not None:
+                if not self._hand_over():
                     return False
             try:
                 n = self.sock.recv_into(inbox.space())
@@ -488,7 +519,7 @@ class Conn(Handler):
                 inbox.received(n, self.clock())
             except KmuxError:
                 return False
-        if inbox.ends:
+        if inbox.ends or inbox.skip is not None:
             self._hand_over()
         return False
 

@@ -94,7 +94,8 @@ class ReloadPlan:
 
 #: Group settings that need a new group (its clients reconnect) when they change;
 #: every other setting is applied in place by a reload.
-REPLACE_ON_CHANGE = ("endpoints", "framing", "steering", "id", "max_message", "write_buffer", "read_buffer")
+REPLACE_ON_CHANGE = ("endpoints", "framing", "steering", "id", "max_message", "max_skip", "write_buffer",
+                     "read_buffer")
 
 
 def plan_reload(old: Config, new: Config) -> ReloadPlan:

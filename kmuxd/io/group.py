@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import trio
 
-from kmux.errors import ConnectionLost, DrainTimeout, KmuxError, UnknownConnection
+from kmux.errors import ConnectionLost, DrainTimeout, KmuxError, ResponseTooBig, UnknownConnection
 from kmux.protocol import Notice
 
 from kmuxd.core.access import AccessPolicy
@@ -70,6 +70,8 @@ __all__ = ["Group", "GroupStatistics", "Client"]
 
 #: Seconds between "unmatched_response" log lines per group (all are counted).
 UNMATCHED_LOG_INTERVAL = 10.0
+#: Seconds between "response_skipped" log lines per group (all are counted).
+SKIPPED_LOG_INTERVAL = 10.0
 
 
 class Client(Owner, Receiver, Protocol):
@@ -135,6 +137,8 @@ class Group:
         self.check_message = cfg.framing.checker(cfg.max_message)
         #: (unpack_from, offset, header_end, adjust) of a fixed length field, or None
         self.fixed_field: Any = cfg.framing.fixed_field
+        #: Bytes of a skipped response's start its connection keeps: the id, for id steering.
+        self.skip_keep = cfg.id.response_offset + cfg.id.size if cfg.id is not None else 0
         self.router: ResponseRouter | None = None
         if cfg.steering in ("id", "fifo"):
             idc = cfg.id
@@ -165,6 +169,7 @@ class Group:
         self.started_at = self.clock()
         self._nursery: trio.Nursery | None = None
         self._unmatched_log = RateLimit(UNMATCHED_LOG_INTERVAL)
+        self._skipped_log = RateLimit(SKIPPED_LOG_INTERVAL)
 
     @property
     def request_mode(self) -> bool:
@@ -353,6 +358,19 @@ class Group:
             self.log.warning("unmatched_response", conn=flight.conn.slot.index, bytes=nbytes,
                              policy=self.cfg.unmatched, suppressed=self._unmatched_log.take_suppressed())
 
+    def response_skipped(self, conn: int, req: Request | None, size: int) -> None:
+        """A message over max_message went by unread on connection ``conn`` (steering
+        counted it): ``req``'s client is told ``response_too_big``; logged, rate-limited."""
+        max_message = self.cfg.max_message
+        if req is not None:
+            self.tell(req, ResponseTooBig(
+                f"the response was {size} bytes, over the group's max_message ({max_message}); "
+                f"it was skipped and the connection carries on", size=size, max_message=max_message))
+        if self._skipped_log.allow(self.clock()):
+            self.log.warning("response_skipped", conn=conn, bytes=size, max_message=max_message,
+                             seq=req.seq if req is not None else None, steering=self.cfg.steering,
+                             suppressed=self._skipped_log.take_suppressed())
+
     def settle_lost(self, flight: Flight, why: str) -> None:
         """A connection with written requests went away: retry them or tell their clients."""
         router = self.router
@@ -426,6 +444,8 @@ class Group:
             rx_queued_bytes=sum(client.queued_response_bytes() for client in self.clients.values()),
             dropped_unread=c.dropped_unread,
             recycles=c.recycles,
+            skipped_msgs=c.skipped_msgs,
+            skipped_bytes=c.skipped_bytes,
             connections_degraded=up < self.cfg.min_connections,
             down=up == 0,
             latency_p50_us=_us(r.latency_p50) if r else None,

@@ -158,7 +158,7 @@ class Slot:
         inbox = self._spare_inbox
         self._spare_inbox = None
         if inbox is None:
-            inbox = Inbox(cfg.framing, cfg.max_message, cfg.read_buffer)
+            inbox = Inbox(cfg.framing, cfg.max_message, cfg.read_buffer, cfg.max_skip, group.skip_keep)
         else:
             inbox.reset()
         conn = Conn(self, sock, endpoint, inbox)
@@ -358,6 +358,8 @@ class Slot:
             recycles=c.recycles,
             retired=c.retired,
             retiring=len([r for r in self.retiring if not r.sm.closed]),
+            skipped_msgs=c.skipped_msgs,
+            skipped_bytes=c.skipped_bytes,
             last_error=self.last_error,
             tcp=read_tcp_info(sock) if sock else None,
         )

@@ -81,6 +81,9 @@ class GroupStatistics:
     dropped_unread: int
     #: Connections retired to be replaced (make-before-break) and server recycles.
     recycles: int
+    #: Messages from TCP over max_message that went by unread (max_skip), and their bytes.
+    skipped_msgs: int
+    skipped_bytes: int
     #: Fewer connections up than min_connections; no connection up at all.
     connections_degraded: bool
     down: bool
@@ -132,6 +135,9 @@ class ConnStatistics:
     retired: int
     #: Older connections of this slot still finishing their work.
     retiring: int
+    #: Messages over max_message that went by unread, and their bytes (all its connections).
+    skipped_msgs: int
+    skipped_bytes: int
     last_error: str | None
     #: The kernel's TCP_INFO for the live connection (None when not connected).
     tcp: TcpInfo | None

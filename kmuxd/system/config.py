@@ -31,6 +31,8 @@ CONFIG_VERSION = 1
 STEERING_MODES = ("balance", "id", "fifo")
 UNMATCHED_POLICIES = ("drop", "balance")
 RX_OVERFLOW_POLICIES = ("disconnect", "drop")
+#: The largest max_skip: 4 GiB, all a 4-byte length can say.
+MAX_SKIP_CEILING = 1 << 32
 #: client_rx_limit when not set: this, or twice max_message if that is larger.
 CLIENT_RX_LIMIT_DEFAULT = 4 * 1024 * 1024
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -115,6 +117,10 @@ class GroupConfig:
     framing: Framing = field(default_factory=lambda: Framing.from_spec("u32be"))
     #: Largest message, bytes, both directions.
     max_message: int = 1048576
+    #: A message from TCP over max_message and up to this long is skipped
+    #: unread (its request gets response_too_big); a longer one closes the
+    #: connection (more likely a stream out of step). max_message: skip none.
+    max_skip: int = MAX_MESSAGE_CEILING
     #: Seconds a partial incoming message may take to complete.
     assembly_timeout: float = 5.0
     steering: str = "balance"
@@ -336,6 +342,7 @@ def _principals(v: Any, path: str, kind: str) -> tuple[Principal, ...]:
 _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
     "connections": (int, 1, 1024),
     "max_message": (int, 16, MAX_MESSAGE_CEILING),
+    "max_skip": (int, 16, MAX_SKIP_CEILING),
     "assembly_timeout": (float, 0.001, 3600.0),
     "connect_timeout": (float, 0.001, 600.0),
     "reconnect_initial": (float, 0.001, 600.0),
@@ -424,6 +431,9 @@ def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None
         problems.add(f"{p}.min_connections", f"must not exceed connections ({group.connections})")
     if group.reconnect_initial > group.reconnect_max:
         problems.add(f"{p}.reconnect_initial", f"must not exceed reconnect_max ({group.reconnect_max})")
+    if group.max_skip < group.max_message:
+        problems.add(f"{p}.max_skip", f"must be at least max_message ({group.max_message}); "
+                                      "equal to it skips nothing")
     if group.framing.min_header > group.max_message:
         problems.add(f"{p}.framing", f"its header ({group.framing.min_header} bytes) exceeds max_message")
     if group.id is not None:

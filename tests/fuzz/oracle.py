@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kmux.errors import RemoteBadHeader, RemoteFrameTooBig
-from kmux.framing import Framing
+from kmux.framing import Framing, Skipped
 
 #: The varint prefix is at most this long (protocol.md: "at most 10 bytes").
 VARINT_PREFIX_MAX = 10
@@ -78,21 +78,52 @@ def total_length(framing: Framing, data: bytes) -> int | None | type[RemoteBadHe
     return result  # type: ignore[return-value]
 
 
+def stub_size(framing: Framing, data: bytes, keep: int, max_message: int) -> int:
+    """How much of a skipped message at ``data[0]`` stays: its header and ``keep`` bytes
+    (at least one byte), never past its first fragment, and with a fragment mark cut short
+    (records) never over ``max_message``."""
+    header = framing.length_offset + framing.length_size if framing.kind != "varint" else 0
+    room = max_message - (header - 1 if framing.kind == "records" else 0)
+    stub = min(max(keep, header, 1), room)
+    if framing.kind == "records":
+        field = _length_field(framing, data, 0)
+        assert field is not None and framing.length_mask is not None
+        stub = min(stub, (field & framing.length_mask) + framing.length_adjust)
+    return stub
+
+
 @dataclass
 class Decoded:
-    messages: list[bytes]
+    #: Whole messages, and :class:`Skipped` ones in their place.
+    messages: list
     #: Bytes after the last whole message (a partial one), when there is no error.
     partial: int
     #: RemoteBadHeader, RemoteFrameTooBig, or None.
     error: type | None
+    #: The partial message is over max_message and being skipped: only its stub is held.
+    skipping: bool = False
+    #: Its stub's size, then.
+    stub: int = 0
 
 
-def decode(framing: Framing, stream: bytes, max_message: int) -> Decoded:
-    """Cut ``stream`` into messages the way the specification says."""
-    messages = []
+def decode(framing: Framing, stream: bytes, max_message: int, max_skip: int | None = None, keep: int = 0) -> Decoded:
+    """Cut ``stream`` into messages the way the specification says; with ``max_skip``, a
+    message over max_message and within max_skip is skipped (a :class:`Skipped` in its place)."""
+    messages: list = []
     pos = 0
     while pos < len(stream):
-        total = measure(framing, stream[pos:], max_message)
+        data = stream[pos:]
+        total = measure(framing, data, max_message)
+        if total is RemoteFrameTooBig and max_skip is not None and max_skip > max_message:
+            total = measure(framing, data, max_skip)
+            if isinstance(total, int) or total is None:
+                # Over max_message, within max_skip (as far as its headers have come): skipped.
+                stub = stub_size(framing, data, keep, max_message)
+                if total is None or pos + total > len(stream):
+                    return Decoded(messages, len(data), None, skipping=True, stub=stub)
+                messages.append(Skipped(data[:stub], total))
+                pos += total
+                continue
         if total is RemoteBadHeader or total is RemoteFrameTooBig:
             return Decoded(messages, 0, total)  # type: ignore[arg-type]
         if total is None:

@@ -282,6 +282,35 @@ def stream_cases(draw, framing_strategy=framings) -> tuple[Framing, int, bytes]:
     return framing, max_message, stream
 
 
+@st.composite
+def skip_cases(draw, framing_strategy=framings) -> tuple[Framing, int, int, int, bytes]:
+    """``(framing, max_message, max_skip, keep, stream)``: well-framed messages (some cut
+    short, or followed by garbage) with ``max_message`` below some of them, a ceiling for
+    skipping (mostly between the limit and a few KiB above it, so some messages over the
+    limit are skipped and some are past the ceiling; sometimes ``max_message`` itself:
+    skip nothing), and a stub wish (an id's end: up to 24 bytes). One case in four is a
+    :func:`stream_cases` case instead (arbitrary bytes among them)."""
+    if draw(st.integers(0, 3)) == 0:
+        framing, max_message, stream = draw(stream_cases(framing_strategy))
+    else:
+        framing = draw(framing_strategy)
+        floor = max(16, framing.min_header)
+        frames = draw(framed_streams(framing, floor + FUZZ_MAX_MESSAGE))
+        stream = b"".join(frames)
+        max_message = floor + draw(st.integers(0, FUZZ_MAX_MESSAGE))
+        if frames:
+            max_message = max(floor, len(draw(st.sampled_from(frames))) - draw(st.integers(1, 64)))
+        how = draw(st.sampled_from(["framed", "framed", "truncated", "garbage_tail"]))
+        if how == "truncated":
+            stream = stream[: draw(st.integers(0, len(stream)))]
+        elif how == "garbage_tail":
+            stream += draw(st.binary(min_size=1, max_size=64))
+    above = draw(st.integers(0, 9))
+    max_skip = max_message + (0 if above == 0 else draw(st.integers(1, 64) if above < 4 else st.integers(64, 4096)))
+    keep = draw(st.integers(0, 24))
+    return framing, max_message, max_skip, keep, stream
+
+
 # -- valid protocol values ---------------------------------------------------------------
 
 _names = st.text(max_size=128)

@@ -138,7 +138,8 @@ def daemon_record(**kw: Any) -> dict[str, Any]:
 #: outage counters) does not send: kmux-cli must render its answers too.
 OLDER_DAEMON_LACKS = {
     "groups": {"access", "endpoint_health", "requests_retried", "retries_exhausted", "queue_timeouts",
-               "slow_consumers", "responses_dropped", "recycles", "rx_queued_bytes", "dropped_unread", "down"},
+               "slow_consumers", "responses_dropped", "recycles", "rx_queued_bytes", "dropped_unread", "down",
+               "skipped_msgs", "skipped_bytes"},
     "clients": {"rx_queued_bytes", "rx_queued_msgs", "gid"},
     "daemon": {"refused_by_code", "reactor"},
 }
@@ -168,10 +169,14 @@ HEALTH = [
     {"endpoint": "10.0.0.1:9000", "state": "healthy", "reason": None, "connections": 3, "recycles": 12,
      "failures": 0, "retry_in": 0.0},
     {"endpoint": "10.0.0.2:9000", "state": "ejected", "reason": "ECONNREFUSED: connect to 10.0.0.2:9000",
-     "connections": 0, "recycles": 0, "failures": 7, "retry_in": 12.5},
+     "connections": 0, "recycles": 0, "failures": 7, "retry_in": 12.5, "reason_age": 0.5},
+    # Healthy again since: the failure is history, with its age; the verdict stands on its own.
+    {"endpoint": "10.0.0.3:9000", "state": "healthy", "reason": "bad framing: out of step", "connections": 1,
+     "recycles": 0, "failures": 1, "retry_in": 0.0, "reason_age": 754.0},
 ]
 OUTAGE = {"requests_retried": 3, "retries_exhausted": 1, "queue_timeouts": 2, "slow_consumers": 1,
-          "responses_dropped": 0, "recycles": 12, "rx_queued_bytes": 3 * 1024**2}
+          "responses_dropped": 0, "recycles": 12, "rx_queued_bytes": 3 * 1024**2, "skipped_msgs": 2,
+          "skipped_bytes": 400056}
 
 
 def stats_new() -> dict[str, Any]:
@@ -293,10 +298,11 @@ def test_group_view_has_tcp_info_per_connection() -> None:
     assert "latency p50 850µs p99 12.3ms" in lines[3]
     table = lines[next(i for i, line in enumerate(lines) if line.startswith("CONN ")) :]
     assert table[0].split()[:3] == ["CONN", "STATE", "ENDPOINT"]
-    assert table[0].split()[-7:] == ["RTT", "RTTVAR", "RETRANS", "CWND", "UNACKED", "RECONNECTS", "LAST_ERROR"]
+    assert table[0].split()[-8:] == ["RTT", "RTTVAR", "RETRANS", "CWND", "UNACKED", "RECONNECTS", "SKIPPED",
+                                     "LAST_ERROR"]
     up, down = table[1], table[2]
     assert up.split()[:5] == ["0", "ready", "10.0.0.1:9000", "10.0.0.9:40000", "3m12s"]
-    assert up.split()[-7:] == ["850µs", "120µs", "3", "10", "1", "1", "-"]
+    assert up.split()[-8:] == ["850µs", "120µs", "3", "10", "1", "1", "0", "-"]
     assert down.split()[:5] == ["1", "backoff", "10.0.0.1:9000", "-", "-"]
     assert down.endswith("ECONNREFUSED: connect")
     assert "p99 -" in group_view(stats(), "cache")[3]
@@ -354,14 +360,17 @@ def test_group_view_shows_access_outage_counters_and_endpoint_health() -> None:
     assert lines[2] == "    access users alice(1000), 1042; groups kmux(998)"
     assert lines[5] == (
         "    retried 3  retries exhausted 1  queue timeouts 2  slow consumers 1  responses dropped 0  recycles 12  "
-        "rx queued 3.0 MiB"
+        "rx queued 3.0 MiB  skipped 2  skipped bytes 390.7 KiB"
     )
     first_blank = lines.index("")
     endpoints = lines[first_blank + 1 : lines.index("", first_blank + 1)]
-    assert cells(endpoints[0]) == ["ENDPOINT", "HEALTH", "CONNS", "RECYCLES", "FAILURES", "RETRY_IN", "REASON"]
+    assert cells(endpoints[0]) == ["ENDPOINT", "HEALTH", "CONNS", "RECYCLES", "FAILURES", "RETRY_IN",
+                                   "LAST_FAILURE"]
     assert cells(endpoints[1]) == ["10.0.0.1:9000", "healthy", "3", "12", "0", "-", "-"]
     assert cells(endpoints[2]) == ["10.0.0.2:9000", "ejected", "0", "0", "7", "12.5s",
-                                   "ECONNREFUSED: connect to 10.0.0.2:9000"]
+                                   "500ms ago: ECONNREFUSED: connect to 10.0.0.2:9000"]
+    assert cells(endpoints[3]) == ["10.0.0.3:9000", "healthy", "1", "0", "1", "-",
+                                   "12m34s ago: bad framing: out of step"]
     assert cells(lines[-1])[:2] == ["1", "backoff"]  # then the connection table, as before
     down = group_view(stats_new(), "down")
     assert down[0].startswith("group down: 0/1 connections up (DOWN), 2 clients")
