@@ -154,7 +154,7 @@ class Inbox:
         self.tail += n
         if self.skip is None:
             self._cut(now)
-        return len(self.ends) + (self.skip is not None)
+        return self._ready()
 
     def skip_taken(self, now: float) -> int:
         """The skipped message was handed over (every ready message before it was):
@@ -164,6 +164,11 @@ class Inbox:
         self.head = self.parsed = self._skip_next
         if self.parsed < self.tail:
             self._cut(now)
+        return self._ready()
+
+    def _ready(self) -> int:
+        # A method, not inline: after ``self.skip = None`` the compiler would take
+        # ``self.skip`` for None even after _cut() set it (mypyc narrows attributes).
         return len(self.ends) + (self.skip is not None)
 
     def _cut(self, now: float) -> None:

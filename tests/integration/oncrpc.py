@@ -13,7 +13,8 @@ through reads it independently of the decoder under test.
   what it receives with a framing and answers each message as the test's
   ``respond(message)`` says: byte strings to send and pauses between them.
   It can trickle a reply byte by byte, announce a record that never ends,
-  or never send its last fragment. Every wait in it is bounded.
+  never send its last fragment, or close mid-reply (:data:`CLOSE`). Every
+  wait in it is bounded.
 """
 
 from __future__ import annotations
@@ -124,9 +125,11 @@ def dump_entries(result: bytes) -> list[tuple[int, int, int, int]]:
         pos += 16
 
 
-#: What ``respond`` returns: bytes to send, or seconds to pause (at most PAUSE_MAX each).
-Script = Iterable["bytes | float"]
+#: What ``respond`` returns: bytes to send, seconds to pause (at most PAUSE_MAX each), or CLOSE.
+Script = Iterable["bytes | float | object"]
 PAUSE_MAX = 5.0
+#: In a script: close the connection now (a FIN, whatever was promised).
+CLOSE = object()
 #: Bound on every blocking socket call in the server, and on joining its threads.
 IO_TIMEOUT = 0.2
 JOIN_TIMEOUT = 5.0
@@ -138,7 +141,8 @@ class ServedConn:
 
     received: list[bytes] = field(default_factory=list)
     bytes_sent: int = 0
-    #: How the connection ended: "eof" (the peer closed), "reset", "stopped", or None while open.
+    #: How the connection ended: "eof" (the peer closed), "reset", "stopped", "closed" (the
+    #: script closed it), or None while open.
     ended: str | None = None
 
 
@@ -227,6 +231,10 @@ class ScriptedServer:
                     with self._lock:
                         conn.received.append(message)
                     for item in self.respond(message):
+                        if item is CLOSE:
+                            sock.shutdown(socket.SHUT_RDWR)
+                            conn.ended = "closed"
+                            return
                         if isinstance(item, float):
                             if self._stop.wait(min(item, PAUSE_MAX)):
                                 break

@@ -11,9 +11,12 @@ ours (:class:`~tests.integration.oncrpc.ScriptedServer`) sends:
   the XID, with rewrite);
 * a reply of hundreds of fragments trickled one byte per segment;
 * a record announced fragment by fragment past ``max_message``: the daemon
-  cannot know its total up front, so it closes that connection at the first
-  fragment header that proves the record too long, having held less than
-  ``max_message`` of it; the call gets ``connection_lost``, nothing else;
+  cannot know its total up front; at the first fragment header that proves
+  it too long (having held less than ``max_message`` of it) it starts to
+  skip it, walking the remaining marks and dropping their data until the
+  last fragment; the call gets ``response_too_big`` with the record's size,
+  and the connection carries on. Past ``max_skip`` the connection closes at
+  the mark that proves it: the call gets ``connection_lost``, nothing else;
 * a record whose fragments keep coming but whose last one never does:
   ``assembly_timeout`` bounds the whole record, not each fragment.
 
@@ -49,7 +52,7 @@ from .oncrpc import (
 ONCRPC = PRESETS["oncrpc"]
 XID_STEERING = {"request_offset": 4, "response_offset": 4, "size": 4, "rewrite": True}
 #: Procedures of the scripted RPC program (its own numbers; no real program is involved).
-PROC_LAYOUT, PROC_TRICKLE, PROC_ENDLESS, PROC_NO_LAST = 1, 2, 3, 4
+PROC_LAYOUT, PROC_TRICKLE, PROC_ENDLESS, PROC_NO_LAST, PROC_BIG = 1, 2, 3, 4, 5
 
 
 def rpc_group(server: ScriptedServer, **kw) -> dict:
@@ -110,6 +113,11 @@ def scripted(message: bytes):
         for _ in range(100):
             yield struct.pack(">I", 1000) + bytes(1000)
             yield 0.01
+    elif proc == PROC_BIG:
+        # A reply of `count` fragments of 1000 bytes, then a last one of 10: over max_message.
+        (count,) = struct.unpack_from(">I", args)
+        rep = reply(xid, bytes(1000 * count + 10))
+        yield record(rep, [24] + [1000] * count)
     elif proc == PROC_NO_LAST:
         body = reply(xid, b"")
         yield struct.pack(">I", len(body)) + body  # not the last fragment
@@ -183,10 +191,34 @@ def test_a_reply_trickled_one_byte_per_segment_arrives_whole(daemon_factory):
         assert conn["need_more_hdr"] > 0  # it really came in pieces, headers split
 
 
-def test_a_record_announced_past_max_message_fragment_by_fragment_ends_only_its_connection(daemon_factory):
+def test_a_record_over_max_message_fragment_by_fragment_is_skipped_and_the_connection_carries_on(daemon_factory):
     max_message = 8192
     with ScriptedServer(ONCRPC, scripted) as server:
         daemon = start(daemon_factory, server, connections=1, max_message=max_message)
+        (before,) = group_stats(daemon)["connections"]
+        with daemon.connect() as c, daemon.connect() as other:
+            seq = c.send(record(call(21, PROC_BIG, struct.pack(">I", 30), prog=0x20000019, vers=1)))
+            other.send(record(layout_call(22, 0xAB, [5])))  # in flight behind it, on the same connection
+            c.send(record(layout_call(23, 0xAC, [])))
+            with pytest.raises(kmux.ResponseTooBig) as info:
+                c.recv(timeout=10.0)
+            assert parse_reply(body_of(other.recv(timeout=5.0))).xid == 22
+            assert parse_reply(body_of(c.recv(timeout=5.0))).xid == 23
+        # The reply: 24 bytes + 30 x 1000 + 10 of data, 32 marks (4 bytes each).
+        size = 24 + 30 * 1000 + 10 + 32 * 4
+        assert (info.value.seq, info.value.details["id"]) == (seq, 21)
+        assert (info.value.details["size"], info.value.details["max_message"]) == (size, max_message)
+        (conn,) = group_stats(daemon)["connections"]
+        # The same connection, never redialled; the record counted once, skipped whole.
+        assert (conn["local"], conn["reconnects"], conn["last_error"]) == (before["local"], 0, None)
+        assert (conn["msg_too_big"], conn["skipped_msgs"], conn["skipped_bytes"]) == (1, 1, size)
+        assert len(server.conns) == 1 and server.conns[0].ended is None
+
+
+def test_a_record_announced_past_max_skip_fragment_by_fragment_ends_only_its_connection(daemon_factory):
+    max_message, max_skip = 8192, 16384
+    with ScriptedServer(ONCRPC, scripted) as server:
+        daemon = start(daemon_factory, server, connections=1, max_message=max_message, max_skip=max_skip)
         with daemon.connect() as c:
             seq = c.send(record(call(9, PROC_ENDLESS, prog=0x20000019, vers=1)))
             with pytest.raises(kmux.ConnectionLost) as info:
@@ -200,12 +232,14 @@ def test_a_record_announced_past_max_message_fragment_by_fragment_ends_only_its_
             wait_up(daemon, 1)
             c.send(record(layout_call(10, 0xBEEF, [5])))
             assert parse_reply(body_of(c.recv(timeout=5.0))).xid == 10
-        # A 28-byte first fragment, then fragments of 1004 bytes: after 8 of them the record
-        # holds 8060 bytes, and room remains for a bare mark (8064 <= 8192); the 9th mark
-        # announces 9064 bytes with more to follow, and the daemon stops there, holding 8064.
+        # A 28-byte first fragment, then fragments of 1004 bytes: the 9th mark (9064 bytes
+        # announced) proves it over max_message, and the daemon skips it, holding 28 bytes;
+        # after 16 of them room remains for a bare mark (16092 + 4 <= 16384); the 17th mark
+        # announces 17096 bytes with more to follow, and the daemon closes there.
         (conn,) = group_stats(daemon)["connections"]
-        assert ("record is over max_message (8192): its fragments so far announce 9064 bytes"
-                in conn["last_error"]), conn
+        assert ("record is over max_skip (16384): its fragments so far announce 17096 bytes and another fragment "
+                "follows: more likely a stream out of step" in conn["last_error"]), conn
+        assert conn["skipped_msgs"] == 0
 
 
 def test_a_record_whose_last_fragment_never_comes_is_bounded_by_the_assembly_timeout(daemon_factory):

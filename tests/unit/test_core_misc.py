@@ -179,6 +179,7 @@ def test_good_config_parses_into_frozen_dataclasses():
     g = cfg.groups["echo"]
     assert [str(e) for e in g.endpoints] == ["127.0.0.1:7000", "[::1]:7001"]
     assert g.framing.name == "u32be" and g.max_message == 1048576 and g.steering == "balance"
+    assert g.max_skip == 64 * 1024 * 1024  # skip what is over max_message, up to the protocol's limit
     with pytest.raises(Exception):
         g.connections = 5  # frozen
 
@@ -196,6 +197,9 @@ def test_good_config_parses_into_frozen_dataclasses():
         ("groups.echo.framing", "u24", "groups.echo.framing"),
         ("groups.echo.steering", "random", "groups.echo.steering"),
         ("groups.echo.max_message", 10**9, "groups.echo.max_message"),
+        ("groups.echo.max_skip", 1000, "groups.echo.max_skip"),  # under max_message
+        ("groups.echo.max_skip", 1 << 33, "groups.echo.max_skip"),  # past the ceiling (4 GiB)
+        ("groups.echo.max_skip", "64M", "groups.echo.max_skip"),
         ("groups.echo.assembly_timeout", -1, "groups.echo.assembly_timeout"),
         ("groups.echo.reconnect_initial", 60.0, "groups.echo.reconnect_initial"),
         ("daemon.socket_mode", "rw", "daemon.socket_mode"),
