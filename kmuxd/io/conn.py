@@ -59,7 +59,7 @@ from kmuxd.core.sendq import Outbox, Salvage
 from kmuxd.core.states import ConnEvent, ConnMachine, ConnState, EndReason, RetireReason, RxEvent, RxState
 from kmuxd.system.config import Endpoint
 
-from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
+from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 from .sockerr import describe_error, errno_name
 from .statistics import ConnStatistics
 
@@ -74,7 +74,7 @@ ARRIVED_READS_MAX = 64
 _BASE_MASK = EPOLLIN | EPOLLRDHUP
 
 
-class Conn(Handler):
+class Conn:
     """One TCP connection of a slot, registered in the event core."""
 
     __slots__ = (
