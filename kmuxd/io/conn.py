@@ -384,10 +384,14 @@ class Conn:
 
     # -- the end ---------------------------------------------------------------------------------
 
-    def end(self, how: EndReason, exc: BaseException | None = None, *, eject: str | None = None) -> None:
-        """The stream is done: settle everything now (``eject``: and eject its endpoint, why)."""
+    def end(self, how: EndReason, exc: BaseException | None = None, *, eject: str | None = None,
+            reason: RetireReason | None = None) -> None:
+        """The stream is done: settle everything now (``eject``: and eject its endpoint, why;
+        ``reason``: why we closed it, when it was not retiring)."""
         if self.sm.closed:
             return
+        if reason is not None:
+            self.retire_reason = reason
         now = self.clock()
         requested = how is EndReason.REQUESTED
         if exc is not None and not requested:

@@ -168,6 +168,10 @@ class Server:
         self.refused = 0
         self.refused_by_code: Counter[str] = Counter()
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload: limits and groups of the new configuration apply to the next hellos."""
+        self.config = config
+
     @property
     def handshaking(self) -> int:
         return len(self._pending)

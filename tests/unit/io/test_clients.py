@@ -6,25 +6,11 @@ intake.py, replies.py, assembly.py), over socket pairs with a fake clock.
 
 from __future__ import annotations
 
-import pytest
 
 from kmux.protocol import KIND_REQUEUE, Control, encode_control
 
-from .world import World, frame, read_all, split
+from .world import App, World, frame, read_all, split
 
-
-@pytest.fixture
-def world_factory():
-    worlds: list[World] = []
-
-    def make(**kw) -> World:
-        w = World(**kw)
-        worlds.append(w)
-        return w
-
-    yield make
-    for w in worlds:
-        w.close()
 
 
 def test_a_message_in_pieces_is_written_whole_and_keeps_others_out_meanwhile(world_factory):
@@ -57,8 +43,10 @@ def test_pieces_that_stop_coming_are_refused_after_assembly_timeout(world_factor
     assert split(read_all(server)) == [frame(b"after")]
 
 
-def test_a_client_that_stops_reading_is_detached_as_a_slow_consumer(world_factory):
-    w = world_factory(steering="fifo", max_message=2048, client_rx_limit=4096, slow_consumer_grace=1.0)
+def _answers_pile_up(world_factory, **settings) -> tuple[World, App]:
+    """16 requests, then 16 answers of 2000 bytes for an app whose socket takes about
+    8 KiB and that reads nothing: its queue (client_rx_limit 4096) overflows."""
+    w = world_factory(steering="fifo", max_message=2048, client_rx_limit=4096, **settings)
     server = w.connect()
     app = w.attach(sndbuf=8192)
     for _ in range(16):
@@ -67,6 +55,11 @@ def test_a_client_that_stops_reading_is_detached_as_a_slow_consumer(world_factor
     read_all(server)
     server.send(b"".join(frame(b"r" * 2000) for _ in range(16)))
     w.run()
+    return w, app
+
+
+def test_a_client_that_stops_reading_is_detached_as_a_slow_consumer(world_factory):
+    w, app = _answers_pile_up(world_factory, slow_consumer_grace=1.0)
     s = w.stats()
     assert s.slow_consumers == 1 and s.clients == 0 and app.session.gone
     assert not app.session.closed  # its last notice waits in its queue, for its grace
@@ -77,15 +70,7 @@ def test_a_client_that_stops_reading_is_detached_as_a_slow_consumer(world_factor
 
 
 def test_a_slow_consumer_that_never_reads_is_closed_after_its_grace(world_factory):
-    w = world_factory(steering="fifo", max_message=2048, client_rx_limit=4096, slow_consumer_grace=1.0)
-    server = w.connect()
-    app = w.attach(sndbuf=8192)
-    for _ in range(16):
-        app.send(frame(b"q"))
-    w.run()
-    read_all(server)
-    server.send(b"".join(frame(b"r" * 2000) for _ in range(16)))
-    w.run()
+    w, app = _answers_pile_up(world_factory, slow_consumer_grace=1.0)
     assert app.session.gone and not app.session.closed
     w.tick(0.9)
     assert not app.session.closed
@@ -94,15 +79,7 @@ def test_a_slow_consumer_that_never_reads_is_closed_after_its_grace(world_factor
 
 
 def test_with_rx_overflow_drop_a_response_is_dropped_by_seq(world_factory):
-    w = world_factory(steering="fifo", max_message=2048, client_rx_limit=4096, rx_overflow="drop")
-    server = w.connect()
-    app = w.attach(sndbuf=8192)
-    for _ in range(16):
-        app.send(frame(b"q"))
-    w.run()
-    read_all(server)
-    server.send(b"".join(frame(b"r" * 2000) for _ in range(16)))
-    w.run()
+    w, app = _answers_pile_up(world_factory, rx_overflow="drop")
     packets = []
     for _ in range(10):  # it reads; what waited in its queue follows, in order
         packets += app.packets()

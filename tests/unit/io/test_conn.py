@@ -8,25 +8,11 @@ from __future__ import annotations
 
 import socket
 
-import pytest
 
 from kmuxd.core.states import ConnState, RetireReason, RxState
 
-from .world import World, frame, read_all, split
+from .world import frame, read_all, split
 
-
-@pytest.fixture
-def world_factory():
-    worlds: list[World] = []
-
-    def make(**kw) -> World:
-        w = World(**kw)
-        worlds.append(w)
-        return w
-
-    yield make
-    for w in worlds:
-        w.close()
 
 
 def test_a_request_is_written_and_its_response_reaches_only_its_client(world_factory):

@@ -12,21 +12,8 @@ import pytest
 
 from kmuxd.core.router import RETRY_FRESH_WAIT, retry_room
 
-from .world import World, frame, read_all, split
+from .world import frame, read_all, split
 
-
-@pytest.fixture
-def world_factory():
-    worlds: list[World] = []
-
-    def make(**kw) -> World:
-        w = World(**kw)
-        worlds.append(w)
-        return w
-
-    yield make
-    for w in worlds:
-        w.close()
 
 
 def test_with_no_connection_a_client_waits_then_is_refused_by_seq(world_factory):
