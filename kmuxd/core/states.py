@@ -217,6 +217,14 @@ class RetireReason(enum.Enum):
     RECONNECT = "reconnect requested by an operator"
 
 
+def _step(table: dict, state: Any, event: enum.Enum, what: str) -> Any:
+    """The state ``table`` goes to from ``state`` on ``event``; a missing row is a bug."""
+    try:
+        return table[(state, event)]
+    except KeyError:
+        raise IllegalTransition(f"{what}: no transition from {state.value!r} on {event.value!r}") from None
+
+
 class ConnMachine:
     """All of one TCP connection's state: its lifecycle (what we write) and its receive side.
 
@@ -239,24 +247,14 @@ class ConnMachine:
         self._what = what
 
     def fire(self, event: ConnEvent) -> ConnState:
-        try:
-            state = CONN_TRANSITIONS[(self.state, event)]
-        except KeyError:
-            raise IllegalTransition(
-                f"{self._what}: no transition from {self.state.value!r} on {event.value!r}"
-            ) from None
+        state: ConnState = _step(CONN_TRANSITIONS, self.state, event, self._what)
         self.state = state
         self.closed = state is ConnState.CLOSED
         self.taking = state in TAKING_STATES
         return state
 
     def fire_rx(self, event: RxEvent) -> RxState:
-        try:
-            rx = RX_TRANSITIONS[(self.rx, event)]
-        except KeyError:
-            raise IllegalTransition(
-                f"{self._what}: no receive-side transition from {self.rx.value!r} on {event.value!r}"
-            ) from None
+        rx: RxState = _step(RX_TRANSITIONS, self.rx, event, f"{self._what} (receive side)")
         self.rx = rx
         self.reading = rx is RxState.READING
         return rx
@@ -335,12 +333,7 @@ class StateMachine:
         self._what = what
 
     def fire(self, event: enum.Enum) -> Any:
-        try:
-            self.state = self._table[(self.state, event)]
-        except KeyError:
-            raise IllegalTransition(
-                f"{self._what}: no transition from {self.state.value!r} on {event.value!r}"
-            ) from None
+        self.state = _step(self._table, self.state, event, self._what)
         return self.state
 
     def can(self, event: enum.Enum) -> bool:

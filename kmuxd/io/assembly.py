@@ -110,7 +110,7 @@ class Assembly:
                     self.interloper(kind)
                     continue
                 if not kind & KIND_MORE:
-                    intake.open = None  # the last piece of the refused message
+                    intake.ended_open(self)  # the last piece of the refused message
                     return TURN
                 continue
             end = outbox.open_end
@@ -137,7 +137,7 @@ class Assembly:
                 self.refuse(AncillaryRefused(ANCILLARY_TEXT) if flags & _MSG_CTRUNC
                             else MessageTooBig(self._too_big_text(total)))
                 if not kind & KIND_MORE:
-                    intake.open = None
+                    intake.ended_open(self)
                     return TURN
                 continue
             outbox.grow_open(size)
@@ -149,7 +149,7 @@ class Assembly:
     def finish(self, outbox: "Outbox", size: int) -> None:
         """The last piece arrived: check the whole message, then commit or refuse it."""
         intake = self.intake
-        intake.open = None
+        intake.ended_open(self)
         group = intake.group
         start = self.start
         err = group.check_message(outbox.buf, start, size)
@@ -188,7 +188,7 @@ class Assembly:
             return
         if err is None:
             self.release()
-            self.intake.open = None
+            self.intake.ended_open(self)
         else:
             self.refuse(err)
 
@@ -201,8 +201,7 @@ class Assembly:
                 "the pieces of one message must be consecutive"
             ))
         if kind & ~KIND_MORE == KIND_DATA:
-            intake.seq += 1
-            intake.refuse(BadPacket("sent inside another message's pieces"))
+            intake.refuse(BadPacket("sent inside another message's pieces"), seq_value=intake.next_seq())
         elif ctrunc:
             intake.refuse(AncillaryRefused(ANCILLARY_TEXT), seq=False)
 

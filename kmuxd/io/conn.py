@@ -62,7 +62,7 @@ from kmuxd.core.sendq import Outbox, Salvage
 from kmuxd.core.states import ConnEvent, ConnMachine, ConnState, EndReason, RetireReason, RxEvent, RxState
 from kmuxd.system.config import Endpoint
 
-from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
+from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 from .sockerr import describe_error, errno_name
 from .statistics import ConnStatistics
 
@@ -77,7 +77,7 @@ ARRIVED_READS_MAX = 64
 _BASE_MASK = EPOLLIN | EPOLLRDHUP
 
 
-class Conn(Handler):
+class Conn:
     """One TCP connection of a slot, registered in the event core."""
 
     __slots__ = (
@@ -416,10 +416,14 @@ class Conn(Handler):
 
     # -- the end ---------------------------------------------------------------------------------
 
-    def end(self, how: EndReason, exc: BaseException | None = None, *, eject: str | None = None) -> None:
-        """The stream is done: settle everything now (``eject``: and eject its endpoint, why)."""
+    def end(self, how: EndReason, exc: BaseException | None = None, *, eject: str | None = None,
+            reason: RetireReason | None = None) -> None:
+        """The stream is done: settle everything now (``eject``: and eject its endpoint, why;
+        ``reason``: why we closed it, when it was not retiring)."""
         if self.sm.closed:
             return
+        if reason is not None:
+            self.retire_reason = reason
         now = self.clock()
         requested = how is EndReason.REQUESTED
         if exc is not None and not requested:

@@ -382,7 +382,7 @@ class Daemon:
                 raise
             old_groups = dict(self.groups)
             self.config = new
-            self.server.config = new
+            self.server.reconfigure(new)
             for group in self.groups.values():
                 group.set_daemon_config(new.daemon)
             for name in plan.added + plan.replaced:

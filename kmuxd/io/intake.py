@@ -327,6 +327,16 @@ class Intake:
         self.counters.requeued += 1
         group.requeue(message)
 
+    def next_seq(self) -> int:
+        """A DATA packet was read: its seq."""
+        self.seq += 1
+        return self.seq
+
+    def ended_open(self, asm: Assembly) -> None:
+        """``asm``, its message in pieces, is whole or refused: the next packet starts a message."""
+        if self.open is asm:
+            self.open = None
+
     def recv_failed(self, exc: OSError) -> int:
         """A receive failed (not EAGAIN): the session ends, and its detach line says why."""
         self.recv_error = errno_name(exc)

@@ -99,17 +99,13 @@ class Flushable(Protocol):
     def crash(self, exc: BaseException) -> None: ...
 
 
-class Handler:
+class Handler(Protocol):
     """Something registered in the reactor: a socket and what to do when it is ready."""
 
-    __slots__ = ()
-
-    def handle(self, events: int) -> None:
-        raise NotImplementedError
+    def handle(self, events: int) -> None: ...
 
     def crash(self, exc: BaseException) -> None:
         """An unexpected exception escaped :meth:`handle`: end this handler (it was logged)."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +123,13 @@ class ReactorStatistics:
 
 
 class Reactor:
-    def __init__(self, log: Any, clock: Clock) -> None:
+    def __init__(self, log: Any, clock: Clock,
+                 trio_view: "Callable[[], _TrioView | None] | None" = None) -> None:
         self.log = log
         #: The shell's clock (see the module docstring).
         self.clock = clock
+        #: How :meth:`run` learns whether trio has work (tests pass one that finds none).
+        self._trio_view = trio_view if trio_view is not None else _TrioView.of_current_run
         self._epoll = select.epoll()
         self._handlers: dict[int, Handler] = {}
         self._masks: dict[int, int] = {}
@@ -228,7 +227,7 @@ class Reactor:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         fileno = self._epoll.fileno()
         clock = self.clock
-        trio_view = _TrioView.of_current_run()
+        trio_view = self._trio_view()
         if trio_view is None:
             self.log.info("reactor_yields_every_pass", reason="trio's run queue is not readable in this trio version")
         task_status.started()
@@ -256,8 +255,8 @@ class Reactor:
                     fn()
                 except Exception as exc:  # noqa: BLE001
                     owner = getattr(fn, "__self__", None)
-                    if isinstance(owner, Handler):
-                        self._crashed(owner, exc)
+                    if callable(getattr(owner, "crash", None)):
+                        self._crashed(owner, exc)  # a handler's own work: end that handler
                     else:
                         self.crashes += 1
                         self.log.exception("reactor_callback_crashed", error=repr(exc))
@@ -310,10 +309,18 @@ class _TrioView:
             from trio._core._run import GLOBAL_RUN_CONTEXT
 
             runner = GLOBAL_RUN_CONTEXT.runner
+        except Exception:  # noqa: BLE001 -- any other trio: no shortcut
+            return None
+        return cls.of_runner(runner)
+
+    @classmethod
+    def of_runner(cls, runner: Any) -> "_TrioView | None":
+        """A view of ``runner``'s run queue, or None if it does not look as expected."""
+        try:
             view = cls(runner.runq)
             view.has_work()
             return view
-        except Exception:  # noqa: BLE001 -- any other trio: no shortcut
+        except Exception:  # noqa: BLE001 -- a runner laid out otherwise: no shortcut
             return None
 
     def has_work(self) -> bool:

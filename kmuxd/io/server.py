@@ -42,7 +42,7 @@ from kmuxd.system.log import LineBudget, RateLimit
 
 from .group import Group
 from .listen import ACCEPT_CAPACITY_ERRNOS, ACCEPT_CAPACITY_SLEEP
-from .reactor import EPOLLIN, EPOLLRDHUP, Clock, Handler, Reactor
+from .reactor import EPOLLIN, EPOLLRDHUP, Clock, Reactor
 from .peercred import PeerCred
 from .session import AppSession
 from .sockerr import SocketErrors
@@ -63,7 +63,7 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)  # plain ints: an IntFlag & costs more than t
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 
-class AppListener(Handler):
+class AppListener:
     """The apps' listening socket in the event core: accept what is ready, start hellos."""
 
     __slots__ = ("server", "sock")
@@ -91,7 +91,7 @@ class AppListener(Handler):
         self.server.accept_out_of_capacity(exc)
 
 
-class PendingHello(Handler):
+class PendingHello:
     """An app between accept and its hello."""
 
     __slots__ = ("server", "sock", "fd", "since")
@@ -167,6 +167,10 @@ class Server:
         self.hellos_accepted = 0
         self.refused = 0
         self.refused_by_code: Counter[str] = Counter()
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: limits and groups of the new configuration apply to the next hellos."""
+        self.config = config
 
     @property
     def handshaking(self) -> int:

@@ -32,7 +32,7 @@ never the session or other clients.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from kmux.errors import IdleTimeout, KmuxError, PermissionDenied, SlowConsumer
 from kmux.protocol import Notice
@@ -42,23 +42,33 @@ from kmuxd.core.states import CLIENT_TRANSITIONS, ClientEvent, ClientState, Clos
 
 from .intake import Intake
 from .peercred import PeerCred
-from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
+from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 from .replies import SEND_FAILED, STILL_FULL, Replies
 from .sockerr import SocketErrors, errno_name
 from .statistics import ClientStatistics
 
 if TYPE_CHECKING:
+    from kmuxd.system.log import LineBudget
+
     from .group import Group
-    from .server import Server
 
-__all__ = ["AppSession", "ClientStatistics"]
+__all__ = ["AppSession", "ClientStatistics", "Registry"]
 
 
-class AppSession(Handler):
+class Registry(Protocol):
+    """Where sessions are registered (the daemon's :class:`~kmuxd.io.server.Server`)."""
+
+    #: The budget shared by every client_attached and client_detached line.
+    client_lines: "LineBudget"
+
+    def session_closed(self, session: "AppSession") -> None: ...
+
+
+class AppSession:
     """An attached client (see the module docstring)."""
 
     def __init__(self, group: "Group", sock: socket.socket, client_id: int, cred: PeerCred, name: str,
-                 max_packet: int, server: "Server") -> None:
+                 max_packet: int, server: Registry) -> None:
         self.group = group
         self.clock = group.clock
         #: The group's record of totals: what this client does is counted there too.

@@ -256,8 +256,7 @@ class Slot:
             raise DrainInProgress(f"conn {self.index} is draining; it is replaced when the drain ends")
         if live is None or live.sm.closed:
             return False
-        live.retire_reason = RetireReason.RECONNECT
-        live.end(EndReason.REQUESTED)
+        live.end(EndReason.REQUESTED, reason=RetireReason.RECONNECT)
         return True
 
     async def drain(self, timeout: float, *, remove: bool = False) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from kmuxd._compiled import COMPILED_MODULES, status
 
 ROOT = Path(kmuxd.__file__).resolve().parent.parent
 CORE_TESTS = ["tests/unit/test_sendq.py", "tests/unit/test_router.py", "tests/unit/test_requests.py",
-              "tests/unit/test_endpoints.py", "tests/unit/test_inbox.py"]
+              "tests/unit/test_endpoints.py", "tests/unit/test_inbox.py", "tests/unit/io"]
 
 
 def _built() -> bool:

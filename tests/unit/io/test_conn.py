@@ -1,0 +1,167 @@
+"""A group's connections without a daemon: writing, reading, recycling, half-close, the end.
+
+Each test drives a real :class:`~kmuxd.io.group.Group` over socket pairs
+(kmuxd/io/conn.py, kmuxd/io/slot.py), with the clock in the test's hands.
+"""
+
+from __future__ import annotations
+
+import socket
+
+
+from kmuxd.core.states import ConnState, RetireReason, RxState
+
+from .world import frame, read_all, split
+
+
+
+def test_a_request_is_written_and_its_response_reaches_only_its_client(world_factory):
+    w = world_factory(steering="fifo")
+    server = w.connect()
+    a, b = w.attach(name="a"), w.attach(name="b")
+    a.send(frame(b"from a"))
+    w.run()
+    assert split(read_all(server)) == [frame(b"from a")]
+    server.send(frame(b"answer for a"))
+    w.run()
+    assert a.messages() == [frame(b"answer for a")] and b.packets() == []
+    s = w.stats()
+    assert (s.tx_msgs, s.rx_msgs, s.requests_in_flight) == (1, 1, 0)
+    slot = w.group.slots[0].statistics()
+    assert (slot.tx_msgs, slot.rx_msgs, slot.state) == (1, 1, "ready")
+    assert a.session.statistics().rx_msgs == 1 and a.session.statistics().tx_msgs == 1
+
+
+def test_a_blocked_write_makes_the_connection_busy_until_the_kernel_takes_it(world_factory):
+    w = world_factory(write_buffer=16384)
+    server = w.connect(sndbuf=4096)
+    app = w.attach()
+    for i in range(64):
+        app.send(frame(bytes([i]) * 1000))
+    w.run()
+    conn = w.conn()
+    assert conn.sm.state is ConnState.BUSY  # the kernel refused part of a batch
+    assert w.stats().waiting_clients == 0 and w.group.sched.outbox_of(conn).pending
+    stream = bytearray()
+    for _ in range(500):
+        stream += read_all(server)  # room in the socket: EPOLLOUT, the rest is written
+        w.run()
+        if conn.sm.state is ConnState.READY and not w.group.sched.outbox_of(conn).pending:
+            break
+    stream += read_all(server)
+    assert split(bytes(stream)) == [frame(bytes([i]) * 1000) for i in range(64)]
+    assert conn.sm.state is ConnState.READY and w.stats().tx_msgs == 64
+
+
+def test_max_requests_per_connection_recycles_make_before_break(world_factory):
+    """The connection that reached its limit takes nothing new at once (DRAINING)
+    and its slot wants a replacement; it closes once its requests are answered."""
+    w = world_factory(steering="fifo", max_requests_per_connection=2)
+    old_server = w.connect()
+    old = w.conn()
+    app = w.attach()
+    app.send(frame(b"1"))
+    app.send(frame(b"2"))
+    w.run()
+    slot = w.group.slots[0]
+    assert old.sm.state is ConnState.DRAINING and slot.live is None and old in slot.retiring
+    app.send(frame(b"3"))  # nowhere to go yet: it waits for the replacement
+    w.run()
+    assert split(read_all(old_server)) == [frame(b"1"), frame(b"2")]
+    new_server = w.connect()  # the replacement the slot dials
+    w.run()
+    assert split(read_all(new_server)) == [frame(b"3")]
+    old_server.send(frame(b"r1") + frame(b"r2"))
+    w.run()
+    assert old.sm.closed and not slot.retiring
+    assert app.messages() == [frame(b"r1"), frame(b"r2")]
+    (closed,) = w.log.events("connection_closed")
+    assert closed["reason"] == "max_requests_per_connection" and closed["counted"] == "requested"
+    s = w.stats()
+    assert s.recycles == 1 and s.tx_msgs == 3 and slot.statistics().retired == 1
+
+
+def test_the_server_closing_first_fails_what_it_did_not_answer(world_factory):
+    """Half-close: the server sends its FIN with a request unanswered. The connection
+    ends (EndReason.FIN), the client is told connection_lost for that seq, once."""
+    w = world_factory(steering="fifo")
+    server = w.connect()
+    app = w.attach()
+    app.send(frame(b"q1"))
+    app.send(frame(b"q2"))
+    w.run()
+    read_all(server)
+    server.send(frame(b"a1"))
+    server.shutdown(socket.SHUT_WR)
+    w.run()
+    assert w.group.slots[0].live is None
+    packets = app.packets()
+    assert packets[0] == ("data", frame(b"a1"))
+    (notice,) = [v for k, v in packets if k == "notice"]
+    assert notice.code == "connection_lost" and notice.seq == 2
+    (closed,) = w.log.events("connection_closed")
+    assert closed["how"] == "fin" and closed["counted"] == "recycle"  # it answered, then closed: a recycle
+    assert w.stats().requests_failed == 1 and w.group.slots[0].statistics().recycles == 1
+
+
+def test_a_balance_drain_half_closes_and_waits_for_the_server_to_close(world_factory):
+    """Balance mode: nothing says when the server has answered everything, so a
+    drained connection shuts its writing side (WRITE_SHUT) and reads on until the
+    server closes; its late messages are still delivered."""
+    w = world_factory(steering="balance")
+    server = w.connect()
+    app = w.attach()
+    app.send(frame(b"m"))
+    w.run()
+    conn = w.conn()
+    w.reactor.call(conn.retire, RetireReason.DRAIN, False)
+    w.run()
+    assert conn.sm.state is ConnState.WRITE_SHUT and conn.sm.shown == "draining"
+    assert w.group.slots[0].statistics().state == "draining"
+    assert read_all(server) == frame(b"m")  # then EOF: our FIN
+    assert server.recv(1) == b""
+    server.send(frame(b"late"))
+    server.close()
+    w.run()
+    assert app.messages() == [frame(b"late")] and conn.sm.closed
+
+
+def test_a_paused_connection_that_hangs_up_is_read_to_its_end_when_a_receiver_comes(world_factory):
+    """Balance with no receiver: the connection stops reading (PAUSED); the server
+    hangs up meanwhile (SUSPENDED: out of the epoll); a receiver turning on gets
+    everything the server sent before it went."""
+    w = world_factory(steering="balance")
+    server = w.connect()
+    app = w.attach(receive=False)
+    server.send(frame(b"one") + frame(b"two"))
+    w.run()
+    conn = w.conn()
+    assert conn.sm.rx is RxState.PAUSED
+    server.close()
+    w.run()
+    assert conn.sm.rx is RxState.SUSPENDED and not conn.sm.closed
+    w.reactor.call(app.session.set_receiving, True)
+    w.run()
+    assert app.messages() == [frame(b"one"), frame(b"two")]
+    assert conn.sm.closed and w.stats().rx_paused == 1
+
+
+def test_a_partial_response_that_stalls_ejects_its_endpoint(world_factory):
+    """assembly_timeout on the connection: the server sent half a message and stopped."""
+    w = world_factory(steering="fifo", assembly_timeout=2.0)
+    server = w.connect()
+    app = w.attach()
+    app.send(frame(b"q"))
+    w.run()
+    server.send(frame(b"half a response")[:6])
+    w.run()
+    w.tick(1.0)
+    assert not w.conn().sm.closed
+    w.tick(1.5)
+    assert w.group.slots[0].live is None
+    (failed,) = w.log.events("connection_failed")
+    assert failed["error_code"] == "remote_assembly_timeout"
+    assert w.group.slots[0].statistics().msg_timeouts == 1
+    (health,) = w.stats().endpoint_health
+    assert health.state == "ejected" and health.reason == "assembly timeout"
+    assert [n.code for n in app.notices()] == ["connection_lost"]
