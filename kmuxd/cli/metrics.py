@@ -73,6 +73,8 @@ ENDPOINT_METRICS: list[tuple[str, str, str, str, float]] = [
     ("recycles", "kmux_endpoint_recycles_total", COUNTER, "Connections to the endpoint replaced without loss", 1),
     ("failures", "kmux_endpoint_failures_total", COUNTER, "Failures that ejected the endpoint", 1),
     ("retry_in", "kmux_endpoint_retry_in_seconds", GAUGE, "Seconds until an ejected endpoint is tried again", 1),
+    ("reason_age", "kmux_endpoint_last_failure_age_seconds", GAUGE,
+     "Seconds since the endpoint's last failure (absent if it never failed)", 1),
 ]
 #: Health states of an endpoint, for the kmux_endpoint_state enum.
 ENDPOINT_STATES = ("healthy", "ejected", "probing")

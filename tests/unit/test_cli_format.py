@@ -531,6 +531,10 @@ def test_metrics_of_the_new_records() -> None:
     assert sample(fams, "kmux_endpoint_retry_in_seconds", group="web", endpoint="10.0.0.2:9000") == 12.5
     assert sample(fams, "kmux_endpoint_state", group="web", endpoint="10.0.0.2:9000", state="ejected") == 1
     assert sample(fams, "kmux_endpoint_state", group="web", endpoint="10.0.0.2:9000", state="healthy") == 0
+    # A healthy endpoint's last failure is history, with its age; one that never failed has none.
+    assert sample(fams, "kmux_endpoint_last_failure_age_seconds", group="web", endpoint="10.0.0.3:9000") == 754.0
+    assert [s.labels["endpoint"] for s in fams["kmux_endpoint_last_failure_age_seconds"].samples
+            if s.labels["group"] == "web"] == ["10.0.0.2:9000", "10.0.0.3:9000"]
     assert sample(fams, "kmux_daemon_clients_refused", "kmux_daemon_clients_refused_total",
                   code="permission_denied") == 4
     assert sample(fams, "kmux_control_requests", "kmux_control_requests_total", op="stats") == 8
