@@ -38,8 +38,7 @@ tables); the connection carries out what the cores decide:
   *health verdict*: the endpoint pool learns how it ended (a recycle, a
   failure, or ours); then the slot is told and dials again.
 
-Counts go to the connection's own fields (its life), its slot's and its
-group's records (:mod:`kmuxd.core.counters`) as the events happen.
+Counts go to its own fields, its slot's and group's records as they happen.
 
 Error handling: an unexpected exception in a connection's path is caught by
 the reactor's boundary and ends that connection only (:meth:`Conn.crash`).
@@ -104,16 +103,14 @@ class Conn:
         self.steering = group.steering
         self.slot_counters = slot.counters
         self.counters = group.counters
-        #: Messages/bytes written on this connection (its slot's and group's totals count them too).
+        #: Messages/bytes written on it (counted in its slot's and group's totals too).
         self.tx_msgs = self.tx_bytes = 0
         #: Messages cut from its stream (delivered or not): its answers, for endpoint health.
         self.rx_msgs = 0
-        #: Requests (messages) accepted to be written here, and how many more
-        #: may be before it recycles (None: no limit).
+        #: Requests accepted to be written here; how many more before it recycles (None: no limit).
         self.requests = 0
         self.budget: int | None = cfg.max_requests_per_connection or None
-        #: Requests written on this connection (its outbox may hold others'
-        #: adopted ones, so this is not ``requests``).
+        #: Requests written on it (an adopted outbox may hold others': not ``requests``).
         self.flight_total = 0
         #: Messages from its server delivered to clients (answers, or in
         #: balance mode any message): once it delivered one, a FIN from its
