@@ -70,6 +70,7 @@ from kmuxd.core.states import (
 from kmuxd.system.config import Endpoint
 from kmuxd.system.log import RateLimit
 
+from .dial import describe, dial
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
 from .sockerr import errno_name
 from .tcpinfo import TcpInfo, read_tcp_info
@@ -412,7 +413,7 @@ class Conn(Handler):
         now = time.monotonic()
         requested = how == "requested"
         if exc is not None and not requested:
-            self.error = _describe(exc)
+            self.error = describe(exc)
         # Answers the service sent before the stream broke are still owed. A FIN
         # among them means the server closed first and our later writes drew the
         # reset (EPIPE/ECONNRESET): for health that is the server's recycle.
@@ -596,11 +597,11 @@ class Slot:
                     continue
                 self.endpoint = endpoint
                 try:
-                    sock = await self._dial(endpoint)
+                    sock = await dial(endpoint, self.group.cfg)
                 except (OSError, ConnectFailed) as exc:
-                    pool.dial_failed(endpoint, time.monotonic(), _describe(exc))
+                    pool.dial_failed(endpoint, time.monotonic(), describe(exc))
                     self.dial_failures += 1
-                    self.last_error = _describe(exc)
+                    self.last_error = describe(exc)
                     self.sm.fire(SlotEvent.DIAL_FAILED)
                     if self._dial_log.allow():
                         self.log.warning("dial_failed", error=self.last_error,
@@ -646,34 +647,6 @@ class Slot:
         conn.start()
         group.reactor.end_pass()
         return conn
-
-    async def _dial(self, endpoint: Endpoint) -> socket.socket:
-        cfg = self.group.cfg
-        host, port = endpoint.host, endpoint.port
-        with trio.move_on_after(cfg.connect_timeout) as scope:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            last: BaseException | None = None
-            for family, type_, proto, _, addr in infos:
-                sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
-                try:
-                    _tune(sock, cfg)
-                    err = sock.connect_ex(addr)
-                    if err == errno.EINPROGRESS:
-                        await trio.lowlevel.wait_writable(sock)
-                        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        raise OSError(err, f"connect to {endpoint}: {errno.errorcode.get(err, err)}")
-                    trio.lowlevel.notify_closing(sock)  # trio forgets it; the reactor owns it now
-                    return sock
-                except BaseException as exc:
-                    trio.lowlevel.notify_closing(sock)
-                    sock.close()
-                    last = exc
-                    if not isinstance(exc, OSError):
-                        raise
-            raise last or ConnectFailed(f"{endpoint}: no address")
-        assert scope.cancelled_caught
-        raise ConnectFailed(f"connect to {endpoint} timed out after {cfg.connect_timeout}s")
 
     # -- what its connections tell it ------------------------------------------------------------
 
@@ -829,28 +802,8 @@ class Slot:
         )
 
 
-def _tune(sock: socket.socket, cfg: Any) -> None:
-    """Per-connection socket options: no Nagle, keepalive, user timeout (docs/config.md)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if cfg.keepalive_idle:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, cfg.keepalive_idle)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, cfg.keepalive_interval)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cfg.keepalive_count)
-    if cfg.tcp_user_timeout:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(cfg.tcp_user_timeout * 1000))
-
-
 def _ended(how: str) -> str:
     return {"fin": "was closed by its server", "error": "failed", "requested": "was closed"}.get(how, how)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, KmuxError):
-        return exc.message
-    if isinstance(exc, OSError) and exc.errno:
-        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
-    return repr(exc)
 
 
 def _fmt_addr(addr: Any) -> str:
