@@ -22,6 +22,7 @@ show. Nothing here touches the data path: a dial is once per connection.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from typing import Any
 
@@ -50,7 +51,8 @@ async def dial(endpoint: Endpoint, cfg: Any) -> socket.socket:
                     await trio.lowlevel.wait_writable(sock)
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
-                    raise OSError(err, f"connect to {endpoint}: {errno.errorcode.get(err, err)}")
+                    # describe() puts the errno's name first: the text says what failed, in words.
+                    raise OSError(err, f"connect to {endpoint}: {os.strerror(err)}")
                 trio.lowlevel.notify_closing(sock)  # trio forgets it; the reactor owns it now
                 return sock
             except BaseException as exc:
