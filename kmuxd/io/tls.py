@@ -350,10 +350,22 @@ _REASONS = {
 }
 
 
+#: X509 verify codes and where to look.
+_VERIFY_HINTS = {
+    18: " (tls.ca does not trust it)",  # self-signed certificate
+    19: " (tls.ca does not trust it)",  # self-signed certificate in certificate chain
+    20: " (tls.ca does not trust it)",  # unable to get local issuer certificate
+    21: " (tls.ca does not trust it)",  # unable to verify the first certificate
+    62: " (tls.server_name, or the endpoint's host, is the name checked)",  # hostname mismatch
+    64: " (tls.server_name, or the endpoint's host, is the name checked)",  # IP address mismatch
+}
+
+
 def tls_error_text(exc: ssl.SSLError) -> str:
     """What an OpenSSL error means, in words, with OpenSSL's own reason code."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"the server's certificate: {exc.verify_message or exc.reason}"
+        hint = _VERIFY_HINTS.get(exc.verify_code, "")
+        return f"certificate verify failed: {exc.verify_message or exc.reason}{hint}"
     if isinstance(exc, (ssl.SSLZeroReturnError, ssl.SSLEOFError)):
         return "the server closed the connection"
     reason = str(exc.reason or "")
@@ -367,7 +379,9 @@ def tls_failure(exc: BaseException, endpoint: Endpoint, has_cert: bool) -> str:
     head = f"TLS handshake with {endpoint} failed"
     if isinstance(exc, ssl.SSLError):
         text = tls_error_text(exc)
-        if exc.reason in ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE") and not has_cert:
+        if not has_cert and exc.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+            text += " (tls.cert and tls.key are not set)"
+        elif not has_cert and exc.reason == "SSLV3_ALERT_HANDSHAKE_FAILURE":
             text += " (tls.cert and tls.key are not set: does it want a client certificate?)"
         return f"{head}: {text}"
     if isinstance(exc, OSError) and exc.errno:

@@ -102,3 +102,58 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- the driver (in the test process) ------------------------------------------------------
+
+def run_mc_apps(socket_path: str, group: str, n: int, rounds: int, secrets: list[str], *, uid_base: int | None,
+                pause_at: int | None = None, between=None, timeout: float = 120.0) -> list[dict]:
+    """Run ``n`` apps (uids ``uid_base + i``, or the test's own when None) together; returns their results.
+
+    With ``pause_at``, every app stops before that round, ``between()`` runs,
+    then they go on.
+    """
+    import subprocess
+    from pathlib import Path
+
+    from tests.integration.as_user import as_user
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PAUSE_AT": "" if pause_at is None else str(pause_at)}
+    procs = []
+    for i in range(n):
+        prefix = [] if uid_base is None else as_user(uid_base + i, uid_base + i)
+        procs.append(subprocess.Popen(
+            [*prefix, sys.executable, "-m", "tests.realservers.mc_app", socket_path, group, str(i), str(rounds),
+             json.dumps(secrets)],
+            cwd=repo, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    try:
+        def expect_line(p: subprocess.Popen, want: str) -> None:
+            line = p.stdout.readline()
+            assert line.startswith(want), (line, p.stderr.read() if p.poll() is not None else "")
+
+        for p in procs:
+            expect_line(p, "ready")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        if pause_at is not None:
+            for p in procs:
+                expect_line(p, "paused")
+            if between is not None:
+                between()
+            for p in procs:
+                p.stdin.write("go on\n")
+                p.stdin.flush()
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, f"app failed (rc={p.returncode}):\n{err}"
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
