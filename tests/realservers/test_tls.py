@@ -28,7 +28,7 @@ import pytest
 
 from tests.integration.as_user import need_root
 from tests.integration.certs import SERVER_NAME, make_pki
-from tests.integration.helpers import kmux_cli, wait_until
+from tests.integration.helpers import kmux_cli, log_time, wait_until
 
 from .conftest import assert_request_counters, group_stats, start_kmuxd, start_unbound
 from .mc_app import run_mc_apps
@@ -221,5 +221,53 @@ def test_unbound_dns_over_tls_30_apps_reusing_query_ids(daemon_factory, short_di
         assert totals_["answers"] == totals_["queries"] > 0, (totals_, problems)
         assert all(c["tls"] and c["tls"]["verified"] for c in group_stats(daemon)["connections"])
         assert_request_counters(daemon)
+    finally:
+        server.stop()
+
+
+def test_a_reload_with_renewed_certificate_files_replaces_connections_without_loss(daemon_factory, short_dir, pki):
+    """The operator renews the client certificate in place (same paths) and reloads while apps
+    run: new connections present the new certificate, the old ones are replaced make-before-break,
+    and every app's every request is answered and checked."""
+    import threading
+
+    server = start_memcached_tls(short_dir, pki)
+    try:
+        cert, key = short_dir / "client.pem", short_dir / "client.key"
+        cert.write_bytes(pki.client_cert.read_bytes())
+        key.write_bytes(pki.client_key.read_bytes())
+        key.chmod(0o600)
+        group = tls_group(pki)
+        group["tls"].update(cert=str(cert), key=str(key))
+        daemon = start_kmuxd(daemon_factory, server, **group)
+        before = group_stats(daemon)["connections"]
+        assert all(c["tls"]["client_cert_expiry_seconds"] > 29 * 86400 for c in before)
+        reloads: list[Any] = []
+
+        def renew_and_reload() -> None:
+            new_cert, new_key = pki.issue("renewed", "kmuxd-client", client=True, san="", days=20)
+            cert.write_bytes(new_cert.read_bytes())
+            key.write_bytes(new_key.read_bytes())
+            # The apps go on while the reload is applied.
+            t = threading.Thread(target=lambda: reloads.append(cli(daemon, "reload")), daemon=True)
+            t.start()
+            reloads.append(t)
+
+        rounds = 600
+        results = run_mc_apps(daemon.socket_path, "g", 4, rounds, [], uid_base=None, pause_at=50,
+                              between=renew_and_reload)
+        apps_done = time.time()
+        reloads[0].join(20)
+        assert reloads[1].returncode == 0, reloads[1].stderr
+        t = totals(results)
+        assert t["checked"] == 4 * rounds and t["mismatches"] == 0 and t["requests"] == 4 * rounds * 2, (t, results)
+        renewed = daemon.wait_log("tls_renewed")
+        assert renewed[0]["connections_replaced"] == 4, renewed
+        assert log_time(renewed[0]) < apps_done, "the reload came after the apps were done: not under traffic"
+        wait_until(lambda: all(c["tls"] and c["tls"]["client_cert_expiry_seconds"] < 21 * 86400
+                               and c["state"] == "ready" for c in group_stats(daemon)["connections"]),
+                   10, "every connection replaced by one with the renewed certificate")
+        g = assert_request_counters(daemon)
+        assert g["recycles"] >= 4 and g["requests_failed"] == 0, g
     finally:
         server.stop()
