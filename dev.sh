@@ -42,7 +42,10 @@ setup_system() {
     # The tests' real servers; the --quick benchmark test also runs twemproxy (nutcracker).
     # iproute2: the dead-peer tests make a network namespace and drop its packets (ip, tc).
     # rpcbind: the ONC RPC tests run it in a network namespace of their own (tests/realservers/test_oncrpc.py).
-    [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base nutcracker iproute2 rpcbind)
+    # TLS and SASL (issue 18): openssl makes the tests' certificates; memcached's SASL
+    # wants saslpasswd2 (sasl2-bin) for its sasldb and the PLAIN and sasldb plugins.
+    [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base nutcracker iproute2 rpcbind
+        openssl sasl2-bin libsasl2-modules libsasl2-modules-db)
     # The benchmark: memcached behind kmuxd and twemproxy; gcc builds the C load generator and relay.
     [ "${1:-}" = bench ] && want+=(memcached nutcracker gcc)
     # The .deb (./dev.sh deb, and the systemd tests that build and install
