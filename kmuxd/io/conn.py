@@ -52,6 +52,7 @@ from kmux.errors import (
     DrainTimeout,
     KmuxError,
     RemoteAssemblyTimeout,
+    RemoteError,
 )
 
 from kmuxd.core.inbox import Inbox
@@ -72,6 +73,7 @@ from kmuxd.system.log import RateLimit
 
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
 from .sockerr import errno_name
+from .sockopts import SocketOptions, read_socket_options
 from .tcpinfo import TcpInfo, read_tcp_info
 
 if TYPE_CHECKING:
@@ -128,6 +130,8 @@ class ConnStatistics:
     last_error: str | None
     #: The kernel's TCP_INFO for the live connection (None when not connected).
     tcp: TcpInfo | None
+    #: Its socket options as the kernel reports them (None when not connected).
+    socket: SocketOptions | None
 
 
 class Conn(Handler):
@@ -597,7 +601,7 @@ class Slot:
                 self.endpoint = endpoint
                 try:
                     sock = await self._dial(endpoint)
-                except (OSError, ConnectFailed) as exc:
+                except (OSError, KmuxError) as exc:
                     pool.dial_failed(endpoint, time.monotonic(), _describe(exc))
                     self.dial_failures += 1
                     self.last_error = _describe(exc)
@@ -653,11 +657,10 @@ class Slot:
         with trio.move_on_after(cfg.connect_timeout) as scope:
             infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             last: BaseException | None = None
-            for family, type_, proto, _, addr in infos:
-                sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
+            plan = self.group.sockets
+            for family, type_, proto, _, addr in plan.addresses(infos):
+                sock, err = plan.connect(family, type_, proto, addr, lambda s: _tune(s, cfg))
                 try:
-                    _tune(sock, cfg)
-                    err = sock.connect_ex(addr)
                     if err == errno.EINPROGRESS:
                         await trio.lowlevel.wait_writable(sock)
                         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -826,6 +829,7 @@ class Slot:
             retiring=len([c for c in self.retiring if not c.ended]),
             last_error=self.last_error,
             tcp=read_tcp_info(sock) if sock else None,
+            socket=read_socket_options(sock) if sock else None,
         )
 
 
@@ -847,7 +851,9 @@ def _ended(how: str) -> str:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, KmuxError):
-        return exc.message
+        # The far side's failure reads as it is; a local one names its code
+        # (permission_denied: a capability the group needs and lacks).
+        return exc.message if isinstance(exc, RemoteError) else f"{exc.code}: {exc.message}"
     if isinstance(exc, OSError) and exc.errno:
         return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
     return repr(exc)

@@ -67,6 +67,7 @@ from kmuxd.system.config import DaemonConfig, GroupConfig
 from kmuxd.system.log import RateLimit
 
 from .conn import ConnStatistics, Slot
+from .sockopts import SocketPlan, SocketPlanStatistics
 
 if TYPE_CHECKING:
     from .reactor import Reactor
@@ -157,6 +158,8 @@ class GroupStatistics:
     #: Who may use the group (kmuxd.core.access.AccessPolicy.to_wire()).
     access: dict
     endpoint_health: tuple[EndpointStatistics, ...]
+    #: [groups.NAME.socket] as configured, and the source-port walk (None: no option set).
+    socket: SocketPlanStatistics | None
 
 
 class RetryFeeder:
@@ -286,6 +289,7 @@ class Group:
             self.router = ResponseRouter(cfg.steering, ids, retry_unanswered=cfg.retry_unanswered)
         self.request_mode = self.router is not None
         self.retry_feeder = RetryFeeder(self)
+        self.sockets = SocketPlan(cfg.name, cfg.socket)
         self.slots = [self._new_slot(i) for i in range(cfg.connections)]
         #: slots removed by a resize: no connection any more, but their traffic counts
         self.retired_slots: list[Slot] = []
@@ -390,6 +394,7 @@ class Group:
         accepted is still written.
         """
         self.cfg = cfg
+        self.sockets = self.sockets.reconfigured(cfg.socket)
         self.endpoints.rate = cfg.max_dials_per_second
         self.endpoints.burst = max(1.0, cfg.max_dials_per_second)
         self.endpoints.eject_after_timeouts = cfg.eject_after_timeouts
@@ -848,6 +853,7 @@ class Group:
             uptime=time.monotonic() - self.started_at,
             access=self.cfg.access.to_wire(),
             endpoint_health=tuple(self.endpoints.statistics(time.monotonic())),
+            socket=self.sockets.statistics(),
         )
 
     def connection_statistics(self) -> list[ConnStatistics]:
