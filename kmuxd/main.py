@@ -111,7 +111,8 @@ def log_missing_capabilities(config: Config) -> None:
     held = effective_capabilities()
     for cap in sorted({n.capability for n in found} - held):
         keys = [n.key for n in found if n.capability == cap]
-        get_logger().warning("capability_missing", capability=cap, keys=keys, drop_in=drop_in([cap]),
+        get_logger().warning("capability_missing", capability=cap, keys=keys,
+                             drop_in="; ".join(drop_in([cap]).splitlines()),
                              consequence="these groups fail their dials with permission_denied")
 
 

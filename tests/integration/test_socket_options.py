@@ -215,7 +215,8 @@ def test_a_group_whose_capability_is_missing_fails_its_dials_and_the_others_go_o
     missing = {e["capability"]: e for e in daemon.logs("capability_missing")}
     assert sorted(missing) == ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"]
     assert missing["CAP_NET_ADMIN"]["keys"] == ["groups.marked.socket.mark"]
-    assert "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" in missing["CAP_NET_BIND_SERVICE"]["drop_in"]
+    assert missing["CAP_NET_BIND_SERVICE"]["drop_in"] == (
+        "[Service]; CapabilityBoundingSet=CAP_NET_BIND_SERVICE; AmbientCapabilities=CAP_NET_BIND_SERVICE")
 
     def failed(group: str, cap: str):
         return all((c["last_error"] or "").startswith("permission_denied: ") and cap in c["last_error"]

@@ -364,3 +364,45 @@ def assert_request_counters(daemon: Daemon, **expected: int) -> dict[str, Any]:
     if not expected.get("unmatched_responses"):
         assert not daemon.logs("unmatched_response"), daemon.logs("unmatched_response")
     return g
+
+
+# -- memcached with SASL -----------------------------------------------------------------------
+
+#: The user the SASL tests' memcached knows, and its password (a test secret, nowhere else).
+SASL_USER = "kmuxtest"
+SASL_PASSWORD = "kmux-s3cret-pw"
+
+
+def start_sasl_memcached(short_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                         users: dict[str, str] | None = None) -> Memcached:
+    """memcached with SASL on (``-S``: binary protocol only, every command but VERSION and SASL
+    authenticated), mechanism PLAIN against a sasldb made here by ``saslpasswd2``.
+
+    memcached looks a user up as ``user@<gethostname()>``, so each user is
+    created in that realm. It runs as ``nobody`` when the tests run as root:
+    the configuration directory and the sasldb are made readable to it (a
+    throw-away database of test users). Skips when sasl2-bin is missing.
+    """
+    saslpasswd2 = find_binary("saslpasswd2")
+    if saslpasswd2 is None:
+        pytest.skip("saslpasswd2 is not installed (./dev.sh test installs 'sasl2-bin' and the SASL plugins)")
+    conf = short_dir / "sasl"
+    conf.mkdir(mode=0o755)
+    short_dir.chmod(0o711)  # memcached (as nobody) opens the sasldb below it at each authentication
+    db = conf / "sasldb2"
+    (conf / "memcached.conf").write_text(f"mech_list: plain\nsasldb_path: {db}\n")
+    for user, password in (users or {SASL_USER: SASL_PASSWORD}).items():
+        subprocess.run([saslpasswd2, "-p", "-c", "-a", "memcached", "-f", str(db), "-u", socket.gethostname(), user],
+                       input=password.encode(), check=True, capture_output=True, timeout=30)
+    db.chmod(0o644)
+    monkeypatch.setenv("SASL_CONF_PATH", str(conf))
+    return start_memcached(short_dir, "-S")
+
+
+@pytest.fixture
+def sasl_memcached(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Memcached:  # noqa: F811
+    server = start_sasl_memcached(short_dir, monkeypatch)
+    try:
+        yield server
+    finally:
+        server.stop()
