@@ -41,10 +41,10 @@ setup_system() {
     want+=(gcc pkg-config libsystemd-dev)
     # The tests' real servers; the --quick benchmark test also runs twemproxy (nutcracker).
     # iproute2: the dead-peer tests make a network namespace and drop its packets (ip, tc).
-    [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base nutcracker iproute2)
-    # memcached with SASL (-S): saslpasswd2 makes the sasldb, and the PLAIN
-    # mechanism and the sasldb backend are plugins.
-    [ "${1:-}" = test ] && want+=(sasl2-bin libsasl2-modules libsasl2-modules-db)
+    # TLS and SASL (issue 18): openssl makes the tests' certificates; memcached's SASL
+    # wants saslpasswd2 (sasl2-bin) for its sasldb and the PLAIN and sasldb plugins.
+    [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base nutcracker iproute2
+        openssl sasl2-bin libsasl2-modules libsasl2-modules-db)
     # The benchmark: memcached behind kmuxd and twemproxy; gcc builds the C load generator and relay.
     [ "${1:-}" = bench ] && want+=(memcached nutcracker gcc)
     # The .deb (./dev.sh deb, and the systemd tests that build and install

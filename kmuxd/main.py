@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kmuxd: {args.config}: ok ({len(config.groups)} group(s): {', '.join(config.groups)})")
         for line in check_report(config):
             print(f"kmuxd: {line}")
+        for warning in config.warnings:
+            print(f"kmuxd: warning: {warning}", file=sys.stderr)
         return 0
     configure(args.log_format or config.daemon.log_format, config.daemon.log_level)
     log_missing_capabilities(config)

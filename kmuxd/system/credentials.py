@@ -75,17 +75,20 @@ def credential_path(value: Any, path: str, env: Mapping[str, str] | None = None)
 
 
 def secret_file_warning(path: Path) -> str | None:
-    """A warning when ``path`` is group- or world-readable; None when it is private (or cannot be stat'ed)."""
+    """A warning when ``path`` is group- or world-readable; None when it is private (or cannot be stat'ed).
+
+    The one check for every secret the configuration names (handshake
+    ``send_file``, TLS ``key``): ``kmuxd --check`` prints it, the daemon logs it.
+    """
     try:
-        st = path.stat()
+        mode = path.stat().st_mode
     except OSError:
         return None  # reading it fails with a clearer error elsewhere
-    loose = st.st_mode & (stat.S_IRWXG | stat.S_IRWXO)
-    if not loose:
+    readable = [who for who, bit in (("its group", stat.S_IRGRP), ("everyone", stat.S_IROTH)) if mode & bit]
+    if not readable:
         return None
-    who = " and ".join(w for w, bits in (("its group", stat.S_IRWXG), ("every user", stat.S_IRWXO)) if loose & bits)
-    return (f"{path} is readable by {who} (mode {stat.S_IMODE(st.st_mode):04o}): local users can read a secret that "
-            f"apps are meant never to see; chmod 600 {path}, or pass it with LoadCredential= (docs/systemd.md)")
+    return (f"{path} is readable by {' and '.join(readable)} (mode {stat.S_IMODE(mode):04o}); "
+            f"only root should read it: chmod 600 {path}")
 
 
 # -- handshake files --------------------------------------------------------------------

@@ -193,6 +193,8 @@ def zone_records(n: int = ZONE_SIZE) -> dict[str, str]:
 
 class DnsServer(ServerProcess):
     records: dict[str, str]
+    #: unbound with tls=: its DNS-over-TLS port (0: none).
+    tls_port: int = 0
 
     def query(self, name: str, qid: int = 0x4242, timeout: float = 2.0) -> tuple[str, ...]:
         """One DNS-over-TCP query straight to the server (not through kmuxd); its A records."""
@@ -230,11 +232,14 @@ def start_dns_server(make_argv: Callable[[int], list[str]], log_prefix: Path, wh
 UNBOUND_TCP_IDLE_MS = 120_000
 
 
-def start_unbound(short_dir: Path, tcp_idle_timeout_ms: int = UNBOUND_TCP_IDLE_MS) -> DnsServer:
+def start_unbound(short_dir: Path, tcp_idle_timeout_ms: int = UNBOUND_TCP_IDLE_MS,
+                  tls: tuple[Path, Path] | None = None) -> DnsServer:
     """unbound, serving the zone as a static local zone (names outside it: NXDOMAIN, nothing forwarded).
 
     unbound keeps a client's TCP connection for any number of pipelined queries, until
-    ``tcp_idle_timeout_ms`` of silence; then it closes it (a FIN). Skips the test if
+    ``tcp_idle_timeout_ms`` of silence; then it closes it (a FIN). With ``tls``
+    (certificate, key) it also serves DNS over TLS on a second port, ``server.tls_port``
+    (``tls-port``, ``tls-service-pem``, ``tls-service-key``). Skips the test if
     unbound is not installed.
     """
     binary = find_binary("unbound")
@@ -242,12 +247,21 @@ def start_unbound(short_dir: Path, tcp_idle_timeout_ms: int = UNBOUND_TCP_IDLE_M
         pytest.skip("unbound is not installed (./dev.sh test installs the Debian package 'unbound')")
     zone = "".join(f'    local-data: "{name}. 60 IN A {addr}"\n' for name, addr in zone_records().items())
 
+    tls_port = free_port() if tls is not None else 0
+    tls_lines = "" if tls is None else (
+        f"    interface: 127.0.0.1@{tls_port}\n"
+        f"    tls-port: {tls_port}\n"
+        f"    tls-service-pem: \"{tls[0]}\"\n"
+        f"    tls-service-key: \"{tls[1]}\"\n"
+    )
+
     def argv(port: int) -> list[str]:
         conf = short_dir / f"unbound-{port}.conf"
         conf.write_text(
             "server:\n"
             "    interface: 127.0.0.1\n"
-            f"    port: {port}\n"
+            + tls_lines
+            + f"    port: {port}\n"
             "    do-ip6: no\n"
             "    do-daemonize: no\n"
             "    use-syslog: no\n"
@@ -269,7 +283,9 @@ def start_unbound(short_dir: Path, tcp_idle_timeout_ms: int = UNBOUND_TCP_IDLE_M
         )
         return [binary, "-d", "-p", "-c", str(conf)]
 
-    return start_dns_server(argv, short_dir / f"unbound-{tcp_idle_timeout_ms}", "unbound")
+    server = start_dns_server(argv, short_dir / f"unbound-{tcp_idle_timeout_ms}", "unbound")
+    server.tls_port = tls_port
+    return server
 
 
 @pytest.fixture
@@ -365,44 +381,3 @@ def assert_request_counters(daemon: Daemon, **expected: int) -> dict[str, Any]:
         assert not daemon.logs("unmatched_response"), daemon.logs("unmatched_response")
     return g
 
-
-# -- memcached with SASL -----------------------------------------------------------------------
-
-#: The user the SASL tests' memcached knows, and its password (a test secret, nowhere else).
-SASL_USER = "kmuxtest"
-SASL_PASSWORD = "kmux-s3cret-pw"
-
-
-def start_sasl_memcached(short_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                         users: dict[str, str] | None = None) -> Memcached:
-    """memcached with SASL on (``-S``: binary protocol only, every command but VERSION and SASL
-    authenticated), mechanism PLAIN against a sasldb made here by ``saslpasswd2``.
-
-    memcached looks a user up as ``user@<gethostname()>``, so each user is
-    created in that realm. It runs as ``nobody`` when the tests run as root:
-    the configuration directory and the sasldb are made readable to it (a
-    throw-away database of test users). Skips when sasl2-bin is missing.
-    """
-    saslpasswd2 = find_binary("saslpasswd2")
-    if saslpasswd2 is None:
-        pytest.skip("saslpasswd2 is not installed (./dev.sh test installs 'sasl2-bin' and the SASL plugins)")
-    conf = short_dir / "sasl"
-    conf.mkdir(mode=0o755)
-    short_dir.chmod(0o711)  # memcached (as nobody) opens the sasldb below it at each authentication
-    db = conf / "sasldb2"
-    (conf / "memcached.conf").write_text(f"mech_list: plain\nsasldb_path: {db}\n")
-    for user, password in (users or {SASL_USER: SASL_PASSWORD}).items():
-        subprocess.run([saslpasswd2, "-p", "-c", "-a", "memcached", "-f", str(db), "-u", socket.gethostname(), user],
-                       input=password.encode(), check=True, capture_output=True, timeout=30)
-    db.chmod(0o644)
-    monkeypatch.setenv("SASL_CONF_PATH", str(conf))
-    return start_memcached(short_dir, "-S")
-
-
-@pytest.fixture
-def sasl_memcached(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Memcached:  # noqa: F811
-    server = start_sasl_memcached(short_dir, monkeypatch)
-    try:
-        yield server
-    finally:
-        server.stop()

@@ -2,7 +2,7 @@
 
 memcached from Debian, started with ``-S`` (SASL on: every command but
 VERSION and the SASL ones is refused until the connection authenticates)
-and a sasldb made by ``saslpasswd2`` (``conftest.start_sasl_memcached``).
+and a sasldb made by ``saslpasswd2`` (``secure.start_memcached_sasl``).
 The file is written the way docs/systemd.md tells an operator to, with the
 password in a file or on standard input and never on the command line,
 then sent as it is, as kmuxd's handshake runner sends a ``send_file``; the
@@ -18,10 +18,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import MC_HEADER, OP_GET, STATUS_OK, mc_get, mc_parse, mc_set, recv_exact
-from .conftest import SASL_PASSWORD, SASL_USER
+import pytest
 
-STATUS_AUTH_ERROR = 0x0020
+from . import MC_HEADER, OP_GET, STATUS_OK, mc_get, mc_parse, mc_set, recv_exact
+from .secure import SASL_PASSWORD, SASL_USER, STATUS_AUTH_ERROR, sasl_plain_auth, start_memcached_sasl
+
+
+@pytest.fixture
+def sasl_memcached(short_dir: Path):
+    server = start_memcached_sasl(short_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def write_handshake(out: Path, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
@@ -46,6 +55,8 @@ def test_the_written_file_authenticates_and_the_connection_then_serves(sasl_memc
     handshake = tmp_path / "mc-sasl"
     proc = write_handshake(handshake, "--user", SASL_USER, "--password-file", str(pw))
     assert stat.S_IMODE(handshake.stat().st_mode) == 0o600
+    # The same bytes as the tests' own reading of the protocol (RFC 4616 inside SASL_AUTH).
+    assert handshake.read_bytes() == sasl_plain_auth(SASL_USER, SASL_PASSWORD)
     assert b"expect_offset = 6" in proc.stderr and b'expect_hex = "0000"' in proc.stderr
     with socket.create_connection(("127.0.0.1", sasl_memcached.port), timeout=5) as s:
         # SASL is really on: an unauthenticated command is refused.

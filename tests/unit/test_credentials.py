@@ -51,12 +51,15 @@ def test_a_group_or_world_readable_secret_draws_a_warning(tmp_path: Path) -> Non
     secret.write_bytes(b"secret")
     secret.chmod(0o600)
     assert secret_file_warning(secret) is None
+    secret.chmod(0o620)  # group-writable but not readable: not this check's business
+    assert secret_file_warning(secret) is None
     secret.chmod(0o640)
-    warning = secret_file_warning(secret)
-    assert warning and "its group" in warning and "0640" in warning and f"chmod 600 {secret}" in warning
+    assert secret_file_warning(secret) == (f"{secret} is readable by its group (mode 0640); only root should read "
+                                           f"it: chmod 600 {secret}")
     secret.chmod(0o604)
-    warning = secret_file_warning(secret)
-    assert warning and "every user" in warning and "its group" not in warning
+    assert "readable by everyone (mode 0604)" in secret_file_warning(secret)
+    secret.chmod(0o644)
+    assert "readable by its group and everyone (mode 0644)" in secret_file_warning(secret)
     assert secret_file_warning(tmp_path / "absent") is None
 
 
