@@ -13,7 +13,11 @@ apps only name the group. Three things keep that promise honest:
   secret lives outside ``/etc/kmuxd`` and only the service sees it. An
   absolute path is used as given. A relative name without the variable is a
   configuration error that says both ways out; it never falls back to the
-  working directory.
+  working directory. systemd copies the credentials at start (whether a
+  reload refreshes what the running service sees depends on its version),
+  so a changed credential is sure to apply after ``systemctl restart``.
+  ``kmuxd --check`` run as ``ExecReload=`` reads the main process's
+  credentials, which systemd hides from it (:func:`_hidden_from_reload`).
 * **Who may read it** (:func:`secret_file_warning`). ``kmuxd --check`` warns
   when a secret is group- or world-readable: the daemon still runs, but the
   operator learns that local users can read what the apps were meant never
@@ -71,7 +75,22 @@ def credential_path(value: Any, path: str, env: Mapping[str, str] | None = None)
             f"LoadCredential={value}:/path/to/file (or LoadCredentialEncrypted=) in a drop-in "
             "(docs/systemd.md, \"Credentials\"), or give an absolute path",
         )
+    if _hidden_from_reload(directory, env):
+        return Path(f"/proc/{env['MAINPID']}/root") / directory.lstrip("/") / value
     return Path(directory) / value
+
+
+def _hidden_from_reload(directory: str, env: Mapping[str, str]) -> bool:
+    """True in ``ExecReload=`` of a unit with a mount namespace, where systemd hides the credentials.
+
+    systemd (252 at least, systemd#35227) sets ``$CREDENTIALS_DIRECTORY`` for
+    ``ExecReload=`` but masks ``/run/credentials`` in its namespace. It also
+    sets ``$MAINPID``; the main process's own view, through
+    ``/proc/MAINPID/root``, is exactly what the daemon will read when it
+    reloads, so the check reads that.
+    """
+    main_pid = env.get("MAINPID", "")
+    return main_pid.isdigit() and not os.access(directory, os.X_OK)
 
 
 def secret_file_warning(path: Path) -> str | None:

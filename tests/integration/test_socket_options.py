@@ -257,3 +257,21 @@ def test_a_congestion_algorithm_the_kernel_lacks_is_refused_at_load(short_dir):
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"kmuxd: invalid configuration: groups.g.socket.congestion: {lacking!r} is not "
                                   "available in this kernel"), proc.stderr
+
+
+def test_a_reload_applies_changed_options_to_new_connections(backend_factory, daemon_factory):
+    backend = backend_factory(echo=True)
+    groups = {"g": group_config(backend, connections=2, socket={"dscp": 10})}
+    daemon = daemon_factory(groups)
+    backend.wait_open(2)
+    wait_until(lambda: [c["socket"]["tos"] for c in connections(daemon) if c["socket"]] == [40, 40], 10, "tos 40")
+    groups["g"]["socket"] = {"dscp": 46}
+    write_config(daemon.config_path, {"socket": daemon.socket_path, "log_format": "json"}, groups)
+    proc = kmux_cli(daemon, "reload")
+    assert proc.returncode == 0, proc.stderr
+    assert group_record(daemon)["socket"]["configured"] == {"tos": 184}
+    assert [c["socket"]["tos"] for c in connections(daemon)] == [40, 40]  # the live ones keep theirs
+    assert kmux_cli(daemon, "reconnect", "g").returncode == 0
+    wait_until(lambda: [c["socket"]["tos"] for c in connections(daemon) if c["socket"]] == [184, 184], 10,
+               "the new connections with tos 184")
+    assert echoed(daemon, "g", 10) == list(range(1, 11))

@@ -14,9 +14,27 @@ namespace, so ports 700-710 are ours alone.
 * With the drop-in docs/systemd.md gives (written here from
   :func:`kmuxd.system.privileges.drop_in`, which docs/systemd.md quotes),
   the same group connects from ports in the range and carries messages.
+* A handshake file passed with ``LoadCredential=`` authenticates against
+  memcached with SASL (``-S``, a sasldb made by ``saslpasswd2``), written
+  the way docs/systemd.md says (``kmuxd handshake memcached-sasl-plain``
+  with the password in a file): two members of ``kmux`` who can read
+  neither the file nor the credential set and get their values with
+  colliding opaques, also after ``kmux-cli reconnect``. Without the
+  drop-in, the relative ``send_file`` is a configuration error and the
+  start fails saying why. A changed credential: ``systemctl reload``
+  passes (its check reads the main process's credential, which systemd
+  hides from ``ExecReload=``), a restart takes it (a wrong password: dials
+  fail naming the step and the bytes).
 * The shipped unit's exposure score is what ``systemd-analyze`` gives the
   repository's file offline, and at most 2.0; the drop-in's cost is
   measured and printed.
+
+Credentials in sdbox: systemd mounts a unit's credentials in a child mount
+namespace and moves the mount into place, which reaches the rest of the
+system only through shared mount propagation. systemd makes ``/`` shared
+at boot, but not when it detects a container (sdbox says ``container=``),
+and sdbox's own mounts are private; so the fixture runs ``mount
+--make-rshared /`` in the container first, as a host's systemd would have.
 """
 
 from __future__ import annotations
@@ -30,14 +48,41 @@ import pytest
 
 from kmuxd.system.privileges import DROP_IN_PATH, drop_in
 
-from .conftest import KMUXD, MEASURED, MEMBER, REPO, Box, Service, add_users, start_backends, wait_until
+from .conftest import (KMUXD, MEASURED, MEMBER, PYTHON, REPO, Box, Service, add_users, collect, start_backends,
+                       wait_until)
 
 CONFIG = "/etc/kmuxd/kmuxd.toml"
+#: memcached with SASL in the container (its own network namespace: a fixed port is ours alone).
+MC_PORT = 11211
+SASL_CONF = "/etc/kmuxtest-sasl"
+MC_USER, MC_PASSWORD = "kmuxapp", "sdbox-s3cret-pw"
+#: Where the operator keeps the handshake file, and the drop-in that passes it (docs/systemd.md, "Credentials").
+CREDENTIAL = "/etc/kmuxd/credentials/mc-sasl"
+CREDENTIALS_DROP_IN = "/etc/systemd/system/kmuxd.service.d/credentials.conf"
+MC_GROUP = f"""
+[groups.mc]
+endpoints = ["127.0.0.1:{MC_PORT}"]
+connections = 2
+framing = "memcached-binary"
+steering = "id"
+reconnect_initial = 0.05
+reconnect_max = 0.5
+
+[groups.mc.id]
+request_offset = 12
+response_offset = 12
+size = 4
+
+[[groups.mc.handshake]]
+send_file = "mc-sasl"
+expect_offset = 6
+expect_hex = "0000"
+"""
 KMUX_CLI = str(Path(KMUXD).with_name("kmux-cli"))
 LOW_PORTS = (700, 710)
 
 
-def config(echo_port: int) -> str:
+def config(echo_port: int, *, mc: bool = False) -> str:
     return f"""version = 1
 [daemon]
 socket = "/run/kmuxd/kmuxd.sock"
@@ -55,7 +100,7 @@ reconnect_max = 0.5
 
 [groups.low.socket]
 source_ports = [{LOW_PORTS[0]}, {LOW_PORTS[1]}]
-"""
+""" + (MC_GROUP if mc else "")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +122,14 @@ def restart(svc: Service) -> None:
     svc.box.run("systemctl", "reset-failed", "kmuxd.service", check=False)
     svc.box.run("systemctl", "restart", "kmuxd.service")
     svc.wait_running()
+
+
+def reload(svc: Service) -> None:
+    """systemctl reload, and wait until the daemon has applied it."""
+    since = svc.mark()
+    proc = svc.box.run("systemctl", "reload", "kmuxd.service", check=False)
+    assert proc.returncode == 0, "\n".join(e.get("MESSAGE", "") for e in svc.box.journal("-u", "kmuxd.service", since))
+    svc.wait_event(since, "reload_applied")
 
 
 def set_drop_in(svc: Service, text: str | None) -> None:
@@ -157,3 +210,94 @@ def test_the_shipped_units_exposure_score_is_unchanged(svc: Service) -> None:
         f"{installed} / {with_drop_in} (repository file offline: {shipped})")
     assert installed == shipped <= 2.0
     assert with_drop_in >= installed
+
+
+# -- credentials -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sasl_memcached(svc: Service) -> None:
+    """memcached -S in the container, one user in its sasldb; credentials able to reach the service."""
+    box = svc.box
+    box.run("mount", "--make-rshared", "/")  # see the module docstring
+    box.run("mkdir", "-p", SASL_CONF)
+    box.write(f"{SASL_CONF}/memcached.conf", f"mech_list: plain\nsasldb_path: {SASL_CONF}/sasldb2\n")
+    # memcached looks users up as user@<gethostname()>; the password goes on stdin, never on a command line.
+    box.run("sh", "-c", f'saslpasswd2 -p -c -a memcached -f {SASL_CONF}/sasldb2 -u "$(hostname)" {MC_USER}',
+            input=MC_PASSWORD)
+    box.run("chmod", "-R", "a+rX", SASL_CONF)  # memcached runs as nobody
+    box.run("systemd-run", "--unit=kmuxtest-mc", "--property=Type=exec", f"--setenv=SASL_CONF_PATH={SASL_CONF}",
+            "memcached", "-S", "-U", "0", "-l", "127.0.0.1", "-p", str(MC_PORT), "-u", "nobody")
+    probe = f"import socket; socket.create_connection(('127.0.0.1', {MC_PORT}), 1).close()"
+    wait_until(lambda: box.run(PYTHON, "-c", probe, check=False).returncode == 0, 15, "memcached listening")
+
+
+def write_handshake_file(box: Box, password: str = MC_PASSWORD) -> None:
+    """As docs/systemd.md tells an operator: a private directory, the password in a file, kmuxd handshake."""
+    box.run("install", "-d", "-m", "0700", "/etc/kmuxd/credentials")
+    box.write("/etc/kmuxd/credentials/mc-password", password + "\n")
+    box.run("chmod", "600", "/etc/kmuxd/credentials/mc-password")
+    box.run("rm", "-f", CREDENTIAL)
+    box.run(KMUXD, "handshake", "memcached-sasl-plain", "--user", MC_USER,
+            "--password-file", "/etc/kmuxd/credentials/mc-password", "--output", CREDENTIAL)
+
+
+def test_a_handshake_file_passed_with_loadcredential_authenticates(svc: Service, sasl_memcached: None) -> None:
+    box = svc.box
+    write_handshake_file(box)
+    box.write(CONFIG, config(svc.ports["echo"], mc=True))
+    box.run("rm", "-f", CREDENTIALS_DROP_IN)
+    box.run("systemctl", "daemon-reload")
+    try:
+        # Without LoadCredential=, "mc-sasl" names nothing: ExecStartPre's check refuses the file.
+        since = svc.mark()
+        box.run("systemctl", "reset-failed", "kmuxd.service", check=False)
+        assert box.run("systemctl", "restart", "kmuxd.service", check=False).returncode != 0
+        refused = [e["MESSAGE"] for e in box.journal("-u", "kmuxd.service", since) if "send_file" in e.get("MESSAGE", "")]
+        assert any("groups.mc.handshake[0].send_file: 'mc-sasl' is a credential name, but $CREDENTIALS_DIRECTORY is "
+                   "not set" in m for m in refused), refused
+
+        box.write(CREDENTIALS_DROP_IN, f"[Service]\nLoadCredential=mc-sasl:{CREDENTIAL}\n")
+        box.run("systemctl", "daemon-reload")
+        since = svc.mark()
+        restart(svc)
+
+        def authenticated():  # a connection is live (has a local address) only once its steps passed
+            conns = group(svc, "mc")["connections"]
+            return all(c["local"] for c in conns)
+        wait_until(authenticated, 20, "mc's connections through their handshake")
+        in_service = "/run/credentials/kmuxd.service/mc-sasl"
+        agents = [box.agent_popen("mc", "--group", "mc", "--tag", str(tag), "--count", "100", "--secret", CREDENTIAL,
+                                  user=MEMBER) for tag in (1, 2)]
+        for result in (collect(a, 60) for a in agents):
+            assert (result["set_ok"], result["get_ok"], result["errors"]) == (100, 100, []), result
+            assert result["secret_readable"] == "EACCES", result
+        denied = box.agent("mc", "--group", "mc", "--tag", "3", "--count", "1", "--secret", in_service, user=MEMBER)
+        assert denied["secret_readable"] == "EACCES" and denied["get_ok"] == 1, denied
+        # The steps run again on every new connection.
+        box.run(KMUX_CLI, "reconnect", "mc")
+        wait_until(authenticated, 20, "mc's connections through their handshake again")
+        again = box.agent("mc", "--group", "mc", "--tag", "4", "--count", "50", user=MEMBER)
+        assert (again["set_ok"], again["get_ok"]) == (50, 50), again
+        # The credential systemd made is private, so --check has nothing to warn about.
+        checks = [e["MESSAGE"] for e in box.journal("-u", "kmuxd.service", since)]
+        assert not [m for m in checks if "readable by" in m], checks
+        # A reload with credentials passes its check: systemd hides them from ExecReload= (systemd#35227), so
+        # kmuxd --check reads the main process's own. Whether a running service sees a changed credential
+        # depends on the systemd version; a restart always takes it.
+        write_handshake_file(box, password="not-the-password")
+        reload(svc)
+        # A restart takes the changed file: here a wrong password, a failed dial naming the step and bytes.
+        restart(svc)
+        wait_until(lambda: all("handshake step 1: bytes 6..7 are 0020, expected 0000" in (c["last_error"] or "")
+                               and not c["local"] for c in group(svc, "mc")["connections"]),
+                   20, "mc's dials failing with the wrong password")
+        write_handshake_file(box)
+        restart(svc)
+        wait_until(authenticated, 20, "mc's connections logged in with the right password again")
+    finally:
+        box.run("rm", "-f", CREDENTIALS_DROP_IN)
+        box.write(CONFIG, config(svc.ports["echo"]))
+        box.run("systemctl", "daemon-reload")
+        box.run("systemctl", "reset-failed", "kmuxd.service", check=False)
+        restart(svc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pty
+import shutil
 import stat
 import subprocess
 import sys
@@ -38,6 +39,25 @@ def test_a_relative_name_without_credentials_directory_is_a_config_error() -> No
     assert err.path == "groups.mc.handshake[0].send_file"
     assert "$CREDENTIALS_DIRECTORY is not set" in err.reason
     assert "LoadCredential=mc-sasl:" in err.reason and "absolute path" in err.reason
+
+
+def test_execreload_reads_the_main_processs_credentials_when_its_own_are_hidden(tmp_path: Path) -> None:
+    # systemd masks /run/credentials for ExecReload= (mode 000): root without capabilities cannot enter it.
+    hidden = tmp_path / "credentials"
+    hidden.mkdir(mode=0o000)
+    probe = ("import sys; from kmuxd.system.credentials import credential_path; "
+             "print(credential_path('mc', 'k', {'CREDENTIALS_DIRECTORY': sys.argv[1], 'MAINPID': '4242'}))")
+    drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"] if os.geteuid() == 0 else []
+    if drop and not shutil.which("setpriv"):
+        pytest.skip("root, and no setpriv to drop the capabilities that would let it enter the directory")
+    try:
+        out = subprocess.run([*drop, sys.executable, "-c", probe, str(hidden)], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.strip()
+    finally:
+        hidden.chmod(0o700)
+    assert out == f"/proc/4242/root{hidden}/mc"
+    env = {"CREDENTIALS_DIRECTORY": str(hidden), "MAINPID": "4242"}
+    assert credential_path("mc", "k", env) == hidden / "mc"  # visible: its own
 
 
 @pytest.mark.parametrize("value", ["sub/mc-sasl", "..", "", 7])
