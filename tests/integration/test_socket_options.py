@@ -28,13 +28,12 @@ import random
 import shutil
 import socket
 import subprocess
-import threading
 
 import pytest
 
 from kmuxd.system.privileges import KernelNet
 
-from .helpers import (group_config, group_record, kmux_cli, kmuxd_command, make_frame, parse_frame,
+from .helpers import (AcceptingServer, group_config, group_record, kmux_cli, kmuxd_command, make_frame, parse_frame,
                       wait_until, write_config)
 
 #: Ports tried for a free range: below the ephemeral range (32768+), above the registered services most hosts run.
@@ -61,41 +60,10 @@ def free_range(n: int, rng: random.Random | None = None) -> tuple[int, int]:
     raise AssertionError(f"no {n} free consecutive ports in {RANGE_SEARCH}")
 
 
-class PeerRecorder:
-    """A loopback TCP server that only accepts and remembers each peer's address (a thread)."""
-
-    def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.listener.settimeout(0.1)
-        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
-        self.peers: list[tuple[str, int]] = []
-        self.conns: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, peer = self.listener.accept()
-            except socket.timeout:
-                continue
-            self.conns.append(conn)
-            self.peers.append(peer)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        for c in self.conns:
-            c.close()
-        self.listener.close()
-
-
 @pytest.fixture
 def recorder():
-    r = PeerRecorder()
+    """A loopback server that accepts, keeps each connection and remembers its peer's address."""
+    r = AcceptingServer(keep=True)
     try:
         yield r
     finally:
