@@ -17,7 +17,11 @@ epoll of its own:
   slice of work (a client's turn, one read of a connection) without having
   to drain to ``EAGAIN``; the next pass reports the socket again. That
   spares the ``EAGAIN`` read per message that edge-triggering needs, and
-  makes fairness a matter of passes rather than of bookkeeping.
+  makes fairness a matter of passes rather than of bookkeeping. Input
+  that waits *above* a socket (TLS plaintext left inside OpenSSL once a
+  connection's receive buffer was full) is invisible to epoll: its handler
+  asks to be served again (:meth:`Reactor.serve_again`), once per pass,
+  and the reactor does not sleep while one waits.
 * One trio task runs :meth:`Reactor.run`: it waits until the epoll is
   readable, then handles *every* ready socket in one synchronous pass
   (:meth:`Handler.handle`), then runs the end-of-pass work: every

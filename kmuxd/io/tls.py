@@ -225,8 +225,9 @@ class TlsTransport:
         first read gets it). A server that refused our certificate sent an alert instead:
         that raises its SSLError; a close raises SSLZeroReturnError or SSLEOFError."""
         one = bytearray(1)
+        read: Any = self.obj.read  # a count with a buffer (see recv_into)
         try:
-            n = self.obj.read(1, one)
+            n: int = read(1, one)
         except ssl.SSLWantReadError:
             session = self.obj.session
             return session is not None and session.has_ticket
@@ -271,50 +272,55 @@ class TlsTransport:
     # -- reading ----------------------------------------------------------------------------
 
     def recv_into(self, space: memoryview) -> int:
-        """Plaintext into ``space``: what waits inside first, then at most one ``recv``.
+        """Plaintext into ``space``: at most one ``recv``, then every whole record that fits.
 
         Returns the bytes decrypted (0: the stream ended). Raises
         BlockingIOError when no whole record is here yet, SSLError (an
         OSError) when the stream is broken.
         """
         obj = self.obj
+        incoming = self.incoming
         want = len(space)
         got = 0
         if self.carry:
             got = len(self.carry)
             space[:got] = self.carry
             self.carry = b""
-        polled = False
-        while got < want:
+        if not obj.pending() and not self.eof:
+            # Nothing decrypted waits inside: take what the kernel has. (Plaintext
+            # that waits is served first, without a system call: the space fills.)
             try:
-                n = obj.read(want - got, space[got:])
-            except ssl.SSLWantReadError:
-                if polled or self.eof:
-                    break
-                polled = True
-                try:
-                    k = self.sock.recv_into(self.cbuf)
-                except BlockingIOError:
-                    if got:
-                        break
+                k = self.sock.recv_into(self.cbuf)
+            except BlockingIOError:
+                if not incoming.pending and not got:
                     self.buffered = False
                     raise
-                if k:
-                    self.incoming.write(self.cview[:k])
-                else:
-                    self.eof = True
-                    self.incoming.write_eof()
-                continue
+                k = -1  # records from an earlier read may still be whole inside
+            if k > 0:
+                incoming.write(self.cview[:k])
+            elif k == 0:
+                self.eof = True
+                incoming.write_eof()
+        # With a buffer, read() returns a count; typeshed knows only its bytes form,
+        # and mypyc would check for bytes: call it untyped.
+        read: Any = obj.read
+        while got < want:
+            try:
+                n: int = read(want - got, space[got:] if got else space)
+            except ssl.SSLWantReadError:
+                break  # a record is incomplete: the kernel reports the rest
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 self.eof = True  # close_notify, or TCP's FIN without one: the end of the stream
                 break
             if n == 0:
                 break
             got += n
+            if not incoming.pending and not obj.pending():
+                break  # all taken (spares the exception a read of nothing costs)
         if self.outgoing.pending:  # a key update to answer: the connection flushes it
             self._take_output()
-        # Space filled: more may wait inside, where epoll cannot see it.
-        self.buffered = got == want and (obj.pending() > 0 or self.incoming.pending > 0)
+        # Space filled: more may wait inside, where epoll cannot see it (rule 2).
+        self.buffered = got == want and (obj.pending() > 0 or incoming.pending > 0)
         if not got and not self.eof:
             raise BlockingIOError(errno.EAGAIN, "no whole TLS record yet")
         return got

@@ -100,8 +100,9 @@ class ScriptedServer:
             threading.Thread(target=self._serve, args=(sock, index), daemon=True).start()
 
     def _serve(self, sock: socket.socket, index: int) -> None:
-        peer = Peer(self, sock, index)
+        peer = None
         try:
+            peer = Peer(self, sock, index)  # the server may be closing already: EBADF
             result = self.script(peer)
             with self._lock:
                 self.results.append(result)
@@ -111,7 +112,7 @@ class ScriptedServer:
                     self.errors.append(f"conn {index}: {exc!r}")
         finally:
             try:
-                peer.sock.close()
+                (peer.sock if peer is not None else sock).close()
             except OSError:
                 pass
 

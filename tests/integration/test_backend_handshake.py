@@ -49,8 +49,8 @@ def group(server: ScriptedServer, steps: list[dict], **kw: Any) -> dict[str, Any
     return cfg
 
 
-def login_then_echo(peer: Peer) -> list[bytes]:
-    """Two steps (each reply: status 0000 then text), then echo every frame."""
+def login_then_echo(peer: Peer) -> None:
+    """Two steps (each reply: status 0000 then text), recorded in ``server.results``; then echo every frame."""
     logins = [peer.recv_frame()]
     peer.send_frame(b"\x00\x00OK")
     logins.append(peer.recv_frame())
@@ -60,7 +60,7 @@ def login_then_echo(peer: Peer) -> list[bytes]:
         try:
             frame = peer.recv_frame()
         except (EOFError, OSError):
-            return logins
+            return
         peer.send_frame(frame)
 
 
@@ -154,3 +154,25 @@ def test_bytes_beyond_the_reply_fail_the_step(daemon_factory, short_dir):
         daemon = daemon_factory({"g": group(server, steps)})
         lines = failing(daemon)
         assert lines[0]["error"] == "handshake step 1: the server sent 7 bytes after its 6-byte reply", lines
+
+
+def test_every_make_before_break_replacement_runs_the_steps(daemon_factory, short_dir):
+    """max_requests_per_connection recycles a connection every 10 requests: each replacement logs in
+    before it takes traffic, and no request is lost or answered by a login reply."""
+    steps = [
+        {"send_file": step_file(short_dir, "login", b"LOGIN alice s3cret"), "expect_offset": 4, "expect_hex": "0000"},
+        {"send_file": step_file(short_dir, "select", b"SELECT 3"), "expect_offset": 4, "expect_hex": "0000"},
+    ]
+    with ScriptedServer(login_then_echo) as server:
+        daemon = daemon_factory({"g": group(server, steps, steering="fifo", connections=1,
+                                            max_requests_per_connection=10, request_timeout=5.0)})
+        daemon.wait_log("connected")
+        with kmux.connect("g", daemon.socket_path, timeout=5.0) as c:
+            for i in range(60):
+                c.send(struct.pack(">I", 6) + b"req%03d" % i)
+                assert c.recv(timeout=5) == struct.pack(">I", 6) + b"req%03d" % i
+        logins = [r for r in server.results if isinstance(r, list)]
+        assert len(logins) >= 6 and all(x == [b"LOGIN alice s3cret", b"SELECT 3"] for x in logins), logins
+        g = group_record(daemon, "g")
+        assert g["recycles"] >= 5 and g["unmatched_responses"] == 0 and g["requests_failed"] == 0, g
+        assert not daemon.logs("dial_failed")

@@ -136,16 +136,26 @@ def wait_serving(server: ServerProcess, probe: Callable[[], Any], what: str) -> 
 # -- memcached ---------------------------------------------------------------------------------
 
 
+def response_over(s: Any) -> Any:
+    """One binary-protocol response read from a connected socket (plain or TLS)."""
+    head = recv_exact(s, MC_HEADER.size)
+    (bodylen,) = struct.unpack_from(">I", head, 8)
+    return mc_parse(head + recv_exact(s, bodylen))
+
+
+def version_over(s: Any) -> str:
+    """memcached's binary-protocol VERSION on a connected socket (plain or TLS)."""
+    s.sendall(mc_request(OP_VERSION, opaque=0xDEADBEEF))
+    r = response_over(s)
+    assert r.status == 0 and r.opaque == 0xDEADBEEF, r
+    return r.value.decode()
+
+
 class Memcached(ServerProcess):
     def version(self, timeout: float = 2.0) -> str:
         """A binary-protocol VERSION request straight to the server (not through kmuxd)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
-            s.sendall(mc_request(OP_VERSION, opaque=0xDEADBEEF))
-            head = recv_exact(s, MC_HEADER.size)
-            (bodylen,) = struct.unpack_from(">I", head, 8)
-            r = mc_parse(head + recv_exact(s, bodylen))
-        assert r.status == 0 and r.opaque == 0xDEADBEEF, r
-        return r.value.decode()
+            return version_over(s)
 
 
 def start_memcached(short_dir: Path, *extra: str) -> Memcached:

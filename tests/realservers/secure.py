@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import struct
 import subprocess
 from pathlib import Path
 
@@ -32,23 +31,14 @@ import pytest
 
 from tests.integration.certs import SERVER_NAME, Pki
 
-from . import MC_HEADER, OP_VERSION, mc_parse, mc_request, recv_exact
-from .conftest import Memcached, find_binary, free_port, wait_serving
+from . import mc_request
+from .conftest import Memcached, find_binary, free_port, response_over, version_over, wait_serving
 
 OP_SASL_AUTH = 0x21
 STATUS_AUTH_ERROR = 0x20
 #: The SASL user the tests create, and the one password that is right.
 SASL_USER = "kmuxuser"
 SASL_PASSWORD = "s3cret-for-kmux"
-
-
-def _version_over(s: socket.socket) -> str:
-    s.sendall(mc_request(OP_VERSION, opaque=0xDEADBEEF))
-    head = recv_exact(s, MC_HEADER.size)
-    (bodylen,) = struct.unpack_from(">I", head, 8)
-    r = mc_parse(head + recv_exact(s, bodylen))
-    assert r.status == 0 and r.opaque == 0xDEADBEEF, r
-    return r.value.decode()
 
 
 class TlsMemcached(Memcached):
@@ -64,7 +54,7 @@ class TlsMemcached(Memcached):
         ctx.load_cert_chain(str(self.pki.client_cert), str(self.pki.client_key))
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as raw:
             with ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as s:
-                return _version_over(s)
+                return version_over(s)
 
 
 def _memcached(short_dir: Path, cls: type, extra: list[str], env: dict[str, str] | None = None,
@@ -112,11 +102,9 @@ class SaslMemcached(Memcached):
         """SASL_AUTH with the right password, then VERSION, straight to the server."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
             s.sendall(sasl_plain_auth(SASL_USER, SASL_PASSWORD, opaque=1))
-            head = recv_exact(s, MC_HEADER.size)
-            (bodylen,) = struct.unpack_from(">I", head, 8)
-            r = mc_parse(head + recv_exact(s, bodylen))
+            r = response_over(s)
             assert r.status == 0, f"SASL_AUTH answered {r.status:#x} {r.value!r}"
-            return _version_over(s)
+            return version_over(s)
 
 
 def start_memcached_sasl(short_dir: Path) -> SaslMemcached:
