@@ -81,6 +81,53 @@ def _tcp(field: str, fmt: Callable[[Any], str]) -> Callable[[Mapping[str, Any]],
     return lambda r: fmt((r.get("tcp") or {}).get(field))
 
 
+def fmt_sockopts(s: Any) -> str:
+    """A connection's socket options as the kernel reported them: ``mark=0x2a tos=0xb8 cc=reno dev=lo``.
+
+    Zero and empty values (the kernel's defaults) are left out; the congestion
+    algorithm is always shown (every connection has one).
+    """
+    if not isinstance(s, Mapping):
+        return MISSING
+    parts = []
+    for label, field, fmt in _SOCKOPT_CELLS:
+        value = s.get(field)
+        if value:
+            parts.append(f"{label}={fmt(value)}")
+    return " ".join(parts) or MISSING
+
+
+def _hex(width: int) -> Callable[[Any], str]:
+    return lambda v: f"{v:#0{width}x}" if _is_int(v) else fmt_text(v)
+
+
+#: (label, field, format) of a connection's SOCKET cell, in display order.
+_SOCKOPT_CELLS = (
+    ("mark", "mark", _hex(0)),
+    ("tos", "tos", _hex(4)),
+    ("cc", "congestion", fmt_text),
+    ("dev", "bind_device", fmt_text),
+    ("lowat", "notsent_lowat", fmt_plain),
+)
+
+
+def socket_summary(sock: Any) -> str | None:
+    """The group's ``[socket]`` line for ``kmux-cli group``: what is configured, and the port walk."""
+    if not isinstance(sock, Mapping) or not isinstance(sock.get("configured"), Mapping):
+        return None
+    cfg = sock["configured"]
+    parts = [f"{key} {_hex(0)(value) if key in ('mark', 'tos') else fmt_text(value)}"
+             for key, value in cfg.items() if key != "source_ports"]
+    ports, walk = cfg.get("source_ports"), sock.get("source_ports")
+    if isinstance(ports, list) and len(ports) == 2:
+        text = f"source_ports {fmt_plain(ports[0])}..{fmt_plain(ports[1])}"
+        if isinstance(walk, Mapping):
+            text += (f" ({fmt_count(walk.get('taken'))} taken, {fmt_count(walk.get('busy'))} busy, "
+                     f"{fmt_count(walk.get('exhausted'))} exhausted)")
+        parts.insert(0, text)
+    return "    socket " + "  ".join(parts)
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -191,6 +238,9 @@ CONN_COLUMNS = [
     Column("LAST_ERROR", _get("last_error"), right=False),
 ]
 
+#: A group with [socket] options: each connection's, as the kernel reports them.
+SOCKET_COLUMN = Column("SOCKET", lambda r: fmt_sockopts(r.get("socket")), right=False)
+
 #: One line per endpoint of ``endpoint_health``; RETRY_IN only means something off duty.
 ENDPOINT_COLUMNS = [
     Column("ENDPOINT", _get("endpoint"), right=False),
@@ -273,6 +323,9 @@ def group_summary(g: Mapping[str, Any]) -> list[str]:
     if any(field in g for _, field, _ in OUTAGE_COUNTERS):
         lines.append("    " + "  ".join(f"{label} {fmt(g.get(field))}" for label, field, fmt in OUTAGE_COUNTERS))
     lines.append(f"    attached {c('attached')}  unattached {c('unattached')}")
+    sock = socket_summary(g.get("socket"))
+    if sock is not None:
+        lines.append(sock)
     return lines
 
 
@@ -303,6 +356,8 @@ def group_view(
     conns = [r for r in g.get("connections") or [] if isinstance(r, Mapping)]
     lines = group_summary(g)
     columns = list(CONN_COLUMNS)
+    if g.get("socket"):
+        columns.insert(-1, SOCKET_COLUMN)  # before LAST_ERROR, a text that stays last
     if rates is not None:
         def rate(field: str, fmt: Callable[[Any], str]) -> str:
             return fmt(rates.tracker.rate(_group_key(g), g, field, rates.now))

@@ -46,7 +46,6 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from kmux.errors import (
-    ConnectFailed,
     ConnectionLost,
     DrainInProgress,
     DrainTimeout,
@@ -73,6 +72,7 @@ from kmuxd.system.log import RateLimit
 from .dial import describe, establish
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
 from .sockerr import errno_name
+from .sockopts import SocketOptions, read_socket_options
 from .tcpinfo import TcpInfo, read_tcp_info
 
 if TYPE_CHECKING:
@@ -130,6 +130,8 @@ class ConnStatistics:
     last_error: str | None
     #: The kernel's TCP_INFO for the live connection (None when not connected).
     tcp: TcpInfo | None
+    #: Its socket options as the kernel reports them (None when not connected).
+    socket: SocketOptions | None
     #: The live connection's TLS (None: plaintext, or not connected).
     tls: "TlsStatistics | None" = None
 
@@ -628,8 +630,8 @@ class Slot:
                     continue
                 self.endpoint = endpoint
                 try:
-                    sock, tls = await establish(endpoint, group.cfg, group.tls, self.sm)
-                except (OSError, ConnectFailed) as exc:
+                    sock, tls = await establish(endpoint, group.cfg, group.sockets, group.tls, self.sm)
+                except (OSError, KmuxError) as exc:
                     pool.dial_failed(endpoint, time.monotonic(), describe(exc))
                     self.dial_failures += 1
                     self.last_error = describe(exc)
@@ -835,6 +837,7 @@ class Slot:
             retiring=len([c for c in self.retiring if not c.ended]),
             last_error=self.last_error,
             tcp=read_tcp_info(sock) if sock else None,
+            socket=read_socket_options(sock) if sock else None,
             tls=live.tls.statistics() if live is not None and live.tls is not None else None,
         )
 

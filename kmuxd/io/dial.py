@@ -14,19 +14,21 @@ apps' traffic, so nothing a server says during them reaches an app.
 
 :func:`dial` resolves the endpoint, and for each address it:
 
-1. makes a non-blocking socket and applies the group's options *before*
-   ``connect`` (:func:`apply_socket_options`: options that must precede the
-   connect, such as a source address; :func:`tune`: per-connection TCP
-   settings);
-2. connects without blocking the event loop (``connect_ex``, then a trio
-   wait for writability and ``SO_ERROR``);
+1. has the group's :class:`~kmuxd.io.sockopts.SocketPlan` make a
+   non-blocking socket with every option that must precede ``connect``
+   (``[groups.NAME.socket]``: source address and port, mark, device, TOS,
+   congestion; then :func:`tune`: per-connection TCP settings) and begin the
+   connect (``connect_ex``);
+2. waits for the connect without blocking the event loop (a trio wait for
+   writability, then ``SO_ERROR``);
 3. hands the socket over: trio forgets it, the event core owns it from then.
 
 The TCP connect is bounded by the group's ``connect_timeout``, and so is
 the TLS handshake after it; the handshake steps, all together, by
-``auth_timeout``. A failure raises ``OSError`` or
-:class:`~kmux.errors.ConnectFailed`; :func:`describe` turns either into the
-one-line reason that ``last_error``, the log and kmux-cli show.
+``auth_timeout``. A failure raises ``OSError``,
+:class:`~kmux.errors.ConnectFailed`, or ``permission_denied`` (a socket
+option the process lacks the capability for); :func:`describe` turns each
+into the one-line reason that ``last_error``, the log and kmux-cli show.
 
 Nothing here is on the data path: these phases run once per connection, so
 they simply await readiness per step (trio's own waits) rather than sit in
@@ -46,15 +48,16 @@ from typing import Any
 
 import trio
 
-from kmux.errors import ConnectFailed, KmuxError
+from kmux.errors import ConnectFailed, KmuxError, RemoteError
 
 from kmuxd.core.backend_handshake import BackendHandshake, StepState
 from kmuxd.core.states import SlotEvent, StateMachine
 from kmuxd.system.config import Endpoint
 
+from .sockopts import SocketPlan
 from .tls import TlsClient, TlsTransport, tls_error_text, tls_failure
 
-__all__ = ["establish", "dial", "tune", "apply_socket_options", "describe", "TLS13_SETTLE"]
+__all__ = ["establish", "dial", "tune", "describe", "TLS13_SETTLE"]
 
 #: Seconds a TLS 1.3 dial waits, after its handshake, for the server's first
 #: record when no handshake steps follow: a session ticket (to resume next
@@ -66,14 +69,14 @@ TLS13_SETTLE = 0.2
 STEP_READ = 4096
 
 
-async def establish(endpoint: Endpoint, cfg: Any, tls: TlsClient | None,
+async def establish(endpoint: Endpoint, cfg: Any, sockets: SocketPlan, tls: TlsClient | None,
                     sm: StateMachine) -> tuple[socket.socket, TlsTransport | None]:
     """A connection ready for apps' traffic: TCP, then TLS, then the handshake steps.
 
     Fires the slot's ``secure`` and ``authenticate`` events on ``sm`` as the
     phases begin; raises OSError or ConnectFailed (a failed dial).
     """
-    sock = await dial(endpoint, cfg)
+    sock = await dial(endpoint, cfg, sockets)
     try:
         transport = None
         if tls is not None:
@@ -174,18 +177,15 @@ async def _receive(sock: socket.socket, transport: TlsTransport | None, view: me
             await trio.lowlevel.wait_readable(sock)
 
 
-async def dial(endpoint: Endpoint, cfg: Any) -> socket.socket:
+async def dial(endpoint: Endpoint, cfg: Any, sockets: SocketPlan) -> socket.socket:
     """A connected, non-blocking TCP socket to ``endpoint``, within ``cfg.connect_timeout``."""
     host, port = endpoint.host, endpoint.port
     with trio.move_on_after(cfg.connect_timeout) as scope:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         last: BaseException | None = None
-        for family, type_, proto, _, addr in infos:
-            sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
+        for family, type_, proto, _, addr in sockets.addresses(infos):
+            sock, err = sockets.connect(family, type_, proto, addr, lambda s: tune(s, cfg))
             try:
-                apply_socket_options(sock, cfg)
-                tune(sock, cfg)
-                err = sock.connect_ex(addr)
                 if err == errno.EINPROGRESS:
                     await trio.lowlevel.wait_writable(sock)
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -205,14 +205,6 @@ async def dial(endpoint: Endpoint, cfg: Any) -> socket.socket:
     raise ConnectFailed(f"connect to {endpoint} timed out after {cfg.connect_timeout}s")
 
 
-def apply_socket_options(sock: socket.socket, cfg: Any) -> None:
-    """The group's ``[groups.NAME.socket]`` options, applied before ``connect``.
-
-    (Issue 18 section 3 fills this in: source address and ports, SO_MARK,
-    SO_BINDTODEVICE, TOS, TCP_CONGESTION, TCP_NOTSENT_LOWAT.)
-    """
-
-
 def tune(sock: socket.socket, cfg: Any) -> None:
     """Per-connection socket options: no Nagle, keepalive, user timeout (docs/config.md)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -228,7 +220,9 @@ def tune(sock: socket.socket, cfg: Any) -> None:
 def describe(exc: BaseException) -> str:
     """One line for ``last_error``, the log and kmux-cli: the errno's name, then what failed."""
     if isinstance(exc, KmuxError):
-        return exc.message
+        # The far side's failure reads as it is; a local one names its code
+        # (permission_denied: a capability the group needs and lacks).
+        return exc.message if isinstance(exc, RemoteError) else f"{exc.code}: {exc.message}"
     if isinstance(exc, ssl.SSLError):  # its errno is OpenSSL's error kind, not an errno
         return f"TLS: {tls_error_text(exc)}"
     if isinstance(exc, OSError) and exc.errno:

@@ -67,6 +67,7 @@ from kmuxd.system.config import DaemonConfig, GroupConfig
 from kmuxd.system.log import RateLimit
 
 from .conn import ConnStatistics, Slot
+from .sockopts import SocketPlan, SocketPlanStatistics
 from .tls import SecurityStatistics, TlsClient, security_statistics
 
 if TYPE_CHECKING:
@@ -158,6 +159,8 @@ class GroupStatistics:
     #: Who may use the group (kmuxd.core.access.AccessPolicy.to_wire()).
     access: dict
     endpoint_health: tuple[EndpointStatistics, ...]
+    #: [groups.NAME.socket] as configured, and the source-port walk (None: no option set).
+    socket: SocketPlanStatistics | None
     #: TLS and handshake steps ([groups.NAME.tls], [[groups.NAME.handshake]]).
     security: SecurityStatistics | None = None
 
@@ -289,6 +292,7 @@ class Group:
             self.router = ResponseRouter(cfg.steering, ids, retry_unanswered=cfg.retry_unanswered)
         self.request_mode = self.router is not None
         self.retry_feeder = RetryFeeder(self)
+        self.sockets = SocketPlan(cfg.name, cfg.socket)
         #: The group's TLS (context, sessions to resume); None: plaintext.
         self.tls: TlsClient | None = TlsClient(cfg.tls) if cfg.tls is not None else None
         self.slots = [self._new_slot(i) for i in range(cfg.connections)]
@@ -396,6 +400,7 @@ class Group:
         """
         tls_changed = cfg.tls != self.cfg.tls
         self.cfg = cfg
+        self.sockets = self.sockets.reconfigured(cfg.socket)
         if tls_changed:
             self._renew_tls(cfg)
         self.endpoints.rate = cfg.max_dials_per_second
@@ -875,6 +880,7 @@ class Group:
             uptime=time.monotonic() - self.started_at,
             access=self.cfg.access.to_wire(),
             endpoint_health=tuple(self.endpoints.statistics(time.monotonic())),
+            socket=self.sockets.statistics(),
             security=security_statistics(self.cfg, self.tls),
         )
 

@@ -17,7 +17,6 @@ import ipaddress
 import os
 import re
 import ssl
-import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,12 @@ from kmux.framing import Framing
 from kmux.protocol import MAX_MESSAGE_CEILING
 
 from kmuxd.core.access import OPEN, AccessPolicy, Principal
+from kmuxd.system.credentials import credential_path, secret_file_warning
 
-__all__ = ["Config", "DaemonConfig", "GroupConfig", "IdConfig", "Endpoint", "TlsConfig", "HandshakeStep",
-           "load_config", "parse_config", "client_context", "credential_path", "STEERING_MODES"]
+__all__ = [
+    "Config", "DaemonConfig", "GroupConfig", "IdConfig", "SocketConfig", "Endpoint", "TlsConfig", "HandshakeStep",
+    "load_config", "parse_config", "client_context", "credential_path", "STEERING_MODES",
+]
 
 CONFIG_VERSION = 1
 STEERING_MODES = ("balance", "id", "fifo")
@@ -78,6 +80,33 @@ class IdConfig:
     response_offset: int
     size: int = 4
     rewrite: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SocketConfig:
+    """``[groups.NAME.socket]``: options set on each connection before it connects (all optional)."""
+
+    #: Local address to connect from (an address of this host).
+    source_address: str | None = None
+    #: Inclusive range of local ports to connect from.
+    source_ports: tuple[int, int] | None = None
+    #: SO_MARK, for policy routing and firewall rules.
+    mark: int | None = None
+    #: SO_BINDTODEVICE: an interface or a VRF.
+    bind_device: str | None = None
+    #: IP_TOS / IPV6_TCLASS byte (``dscp = N`` is stored as ``N << 2``).
+    tos: int | None = None
+    #: TCP_CONGESTION algorithm.
+    congestion: str | None = None
+    #: TCP_NOTSENT_LOWAT, bytes.
+    tcp_notsent_lowat: int | None = None
+
+    @property
+    def configured(self) -> bool:
+        return self != _NO_SOCKET_OPTIONS
+
+
+_NO_SOCKET_OPTIONS = SocketConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +215,9 @@ class GroupConfig:
     #: Seconds a client may send and receive nothing before it is detached
     #: (idle_timeout notice). 0: never.
     client_idle_timeout: float = 0.0
+    # -- connections ------------------------------------------------------------
+    #: [groups.NAME.socket]: source address and ports, mark, device, TOS, congestion.
+    socket: SocketConfig = _NO_SOCKET_OPTIONS
     # -- what only the daemon holds (issue 18; the section "TLS and handshake steps" below) --
     #: [groups.NAME.tls]: TLS to the service; None: plaintext.
     tls: "TlsConfig | None" = None
@@ -424,6 +456,10 @@ def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None
         value = problems.check(_parse_id, raw["id"], f"{p}.id", default=_MISSING)
         if value is not _MISSING:
             kw["id"] = value
+    if "socket" in raw:
+        value = problems.check(_parse_socket, raw["socket"], f"{p}.socket", kw.get("endpoints", ()), default=_MISSING)
+        if value is not _MISSING:
+            kw["socket"] = value
     if "tls" in raw:
         value = problems.check(_parse_tls, raw["tls"], f"{p}.tls", problems, default=_MISSING)
         if value is not _MISSING:
@@ -506,6 +542,101 @@ def _parse_id(raw: Any, p: str) -> IdConfig:
     }
     problems.raise_any()
     return IdConfig(size=size, rewrite=rewrite, **offsets)
+
+
+# -- [groups.NAME.socket] (docs/config.md, "Socket options") ---------------------------
+
+#: IFNAMSIZ - 1: the longest interface name.
+_IFNAME_MAX = 15
+#: TCP_CA_NAME_MAX - 1: the longest congestion control name.
+_CONGESTION_NAME_MAX = 15
+#: Largest TCP_NOTSENT_LOWAT accepted, bytes.
+NOTSENT_LOWAT_MAX = 1 << 30
+
+
+def _parse_socket(raw: Any, p: str, endpoints: tuple[Endpoint | None, ...]) -> SocketConfig:
+    from kmuxd.system.privileges import KernelNet
+
+    raw = _table(raw, p)
+    problems = _Problems()
+    _no_unknown(raw, p, set(SocketConfig.__dataclass_fields__) | {"dscp"}, problems)
+    kw: dict[str, Any] = {}
+    if "source_address" in raw:
+        kw["source_address"] = problems.check(_source_address, raw["source_address"], f"{p}.source_address", endpoints)
+    if "source_ports" in raw:
+        kw["source_ports"] = problems.check(_port_range, raw["source_ports"], f"{p}.source_ports")
+    if "mark" in raw:
+        kw["mark"] = problems.check(_int, raw["mark"], f"{p}.mark", 1, 0xFFFFFFFF)
+    if "bind_device" in raw:
+        kw["bind_device"] = problems.check(_ifname, raw["bind_device"], f"{p}.bind_device")
+    if "tos" in raw and "dscp" in raw:
+        problems.add(f"{p}.dscp", "set tos or dscp, not both (dscp = N is tos = N << 2)")
+    elif "tos" in raw:
+        kw["tos"] = problems.check(_tos, raw["tos"], f"{p}.tos")
+    elif "dscp" in raw:
+        dscp = problems.check(_int, raw["dscp"], f"{p}.dscp", 0, 63)
+        kw["tos"] = None if dscp is None else dscp << 2
+    if "congestion" in raw:
+        kw["congestion"] = problems.check(_congestion, raw["congestion"], f"{p}.congestion", KernelNet.read())
+    if "tcp_notsent_lowat" in raw:
+        kw["tcp_notsent_lowat"] = problems.check(_int, raw["tcp_notsent_lowat"], f"{p}.tcp_notsent_lowat",
+                                                 1, NOTSENT_LOWAT_MAX)
+    problems.raise_any()
+    return SocketConfig(**kw)
+
+
+def _source_address(v: Any, path: str, endpoints: tuple[Endpoint | None, ...]) -> str:
+    if not isinstance(v, str):
+        raise ConfigInvalid(path, f"must be an IPv4 or IPv6 address string, not {v!r}")
+    try:
+        addr = ipaddress.ip_address(v)
+    except ValueError:
+        raise ConfigInvalid(path, f"{v!r} is not an IPv4 or IPv6 address") from None
+    for ep in endpoints:
+        if ep is None:
+            continue
+        try:
+            other = ipaddress.ip_address(ep.host.split("%")[0])
+        except ValueError:
+            continue  # a host name: resolved at each dial, to addresses of the source's family only
+        if other.version != addr.version:
+            raise ConfigInvalid(path, f"IPv{addr.version} source {v}, but endpoint {ep} is IPv{other.version}")
+    return str(addr)
+
+
+def _port_range(v: Any, path: str) -> tuple[int, int]:
+    if (not isinstance(v, list) or len(v) != 2
+            or any(isinstance(x, bool) or not isinstance(x, int) for x in v)):
+        raise ConfigInvalid(path, f"must be [first, last], two port numbers, not {v!r}")
+    first, last = v
+    if not 1 <= first <= last <= 65535:
+        raise ConfigInvalid(path, f"must be 1 <= first <= last <= 65535, not {v!r}")
+    return first, last
+
+
+def _ifname(v: Any, path: str) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[^/\s:]{1,%d}" % _IFNAME_MAX, v) or v in (".", ".."):
+        raise ConfigInvalid(path, f"must be an interface name (1-{_IFNAME_MAX} characters, no '/', ':' or space), "
+                                  f"not {v!r}")
+    return v
+
+
+def _tos(v: Any, path: str) -> int:
+    tos = _int(v, path, 0, 255)
+    if tos & 3:
+        raise ConfigInvalid(path, f"the low two bits of {tos:#04x} are ECN, which TCP sets itself; "
+                                  f"use {tos & ~3:#04x} (or dscp = {tos >> 2})")
+    return tos
+
+
+def _congestion(v: Any, path: str, kernel: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[a-z0-9_]{1,%d}" % _CONGESTION_NAME_MAX, v):
+        raise ConfigInvalid(path, f"must be a congestion control name such as \"cubic\", not {v!r}")
+    if v not in kernel.congestion_available:
+        have = " ".join(kernel.congestion_available) or "none readable"
+        raise ConfigInvalid(path, f"{v!r} is not available in this kernel (net.ipv4.tcp_available_congestion_control: "
+                                  f"{have}); load its module first (modprobe tcp_{v})")
+    return v
 
 
 def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:
@@ -599,32 +730,14 @@ class HandshakeStep:
     message: bytes = field(repr=False)
 
 
-def credential_path(name: str, path: str) -> Path:
-    """Where a relative ``send_file`` lives: ``$CREDENTIALS_DIRECTORY/name``.
-
-    systemd sets ``$CREDENTIALS_DIRECTORY`` for a service with
-    ``LoadCredential=`` or ``LoadCredentialEncrypted=`` (docs/systemd.md).
-    An absolute name is used as it is.
-    """
-    if os.path.isabs(name):
-        return Path(name)
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not directory:
-        raise ConfigInvalid(path, f"{name!r} is relative, so it is looked up in $CREDENTIALS_DIRECTORY, which is not "
-                                  "set (give LoadCredential= in the unit, docs/systemd.md, or an absolute path)")
-    return Path(directory) / name
-
-
 def _read_secret(file: Path, path: str, problems: _Problems) -> bytes:
     try:
         data = file.read_bytes()
-        mode = file.stat().st_mode
     except OSError as exc:
         raise ConfigInvalid(path, f"cannot read {file}: {exc.strerror or exc}") from None
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
-        who = "everyone" if mode & stat.S_IROTH else "its group"
-        problems.warn(path, f"{file} is readable by {who} (mode {stat.S_IMODE(mode):04o}); "
-                            f"only root should read it: chmod 600 {file}")
+    warning = secret_file_warning(file)
+    if warning is not None:
+        problems.warn(path, warning)
     return data
 
 

@@ -540,6 +540,48 @@ class Backend:
 # -- the daemon ----------------------------------------------------------------------
 
 
+class AcceptingServer:
+    """A loopback server that only accepts (a thread): records each accept's time and peer address, and
+    keeps the connection open (``keep=True``) or closes it at once."""
+
+    def __init__(self, *, keep: bool) -> None:
+        self.keep = keep
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.listener.settimeout(0.05)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.accepts: list[float] = []
+        self.peers: list[tuple[str, int]] = []
+        self.conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, peer = self.listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            self.accepts.append(time.monotonic())
+            self.peers.append(peer)
+            if self.keep:
+                self.conns.append(sock)
+            else:
+                sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self.conns:
+            sock.close()
+        self.listener.close()
+
+
 def kmuxd_command() -> list[str]:
     script = Path(sys.executable).with_name("kmuxd")
     return [str(script)] if script.exists() else [sys.executable, "-m", "kmuxd"]

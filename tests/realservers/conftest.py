@@ -390,3 +390,4 @@ def assert_request_counters(daemon: Daemon, **expected: int) -> dict[str, Any]:
     if not expected.get("unmatched_responses"):
         assert not daemon.logs("unmatched_response"), daemon.logs("unmatched_response")
     return g
+

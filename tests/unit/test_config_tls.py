@@ -178,5 +178,5 @@ def test_check_prints_the_warnings(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kmuxd", "--config", str(cfg), "--check"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert f"kmuxd: warning: groups.g.handshake[0].send_file: {f} is readable by everyone (mode 0644)" in r.stderr
+    assert f"kmuxd: warning: groups.g.handshake[0].send_file: {f} is readable by its group and everyone (mode 0644)" in r.stderr
     assert "kmuxd: warning: groups.g.tls.verify: is false" in r.stderr
