@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from typing import Any, Callable, Mapping, TextIO
@@ -194,6 +195,28 @@ def watch(
             out.flush()
 
 
+def take_ctrl_c(out: TextIO) -> bool:
+    """Let ^C end a ``--watch`` on a terminal even if SIGINT was inherited ignored; True if it did.
+
+    A shell without job control (``sh -c 'cmd &'``, many scripts and CI
+    runners) starts background commands with SIGINT ignored, and Python
+    keeps an ignored SIGINT ignored: ^C on the watch's own terminal then did
+    nothing, and the watch ran on. Ignoring stays right for a process in the
+    background, where a ^C is not meant for it. A process in its terminal's
+    foreground process group gets SIGINT only because someone typed ^C at
+    it, and ^C is how a watch ends, so there the default handler comes back.
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        return False
+    try:
+        foreground = os.tcgetpgrp(out.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):
+        return False  # not a terminal after all, or out has no descriptor
+    if foreground:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return foreground
+
+
 # -- commands -----------------------------------------------------------------------
 
 
@@ -232,6 +255,8 @@ def _show(args: argparse.Namespace, client: ControlClient, out: TextIO, request:
         return table(answer, rates)
 
     tty = out.isatty() and not args.json
+    if tty:
+        take_ctrl_c(out)
     return watch(fetch, render, interval=args.watch, count=args.count, out=out, tty=tty, title=args.title,
                  separate=not args.json)
 

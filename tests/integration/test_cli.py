@@ -317,14 +317,20 @@ def _read_until(fd: int, buf: bytearray, pred, timeout: float) -> None:
             buf += chunk
 
 
-def test_watch_redraws_on_a_terminal_and_ctrl_c_exits_0(two_groups):
+@pytest.mark.parametrize("sigint", ["default", "inherited_ignored"])
+def test_watch_redraws_on_a_terminal_and_ctrl_c_exits_0(two_groups, sigint):
+    """``inherited_ignored``: started the way a shell without job control starts a background
+    command (SIGINT ignored, which Python keeps), then given the terminal: ^C still ends it."""
     daemon, _, _ = two_groups
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
     # setsid --ctty: the CLI leads its own session with the pty as controlling
     # terminal, so a ^C typed there is the real thing (the line discipline's SIGINT).
+    command = ["setsid", "--ctty", *CLI, "--control", daemon.control_socket, "groups", "--watch=0.2"]
+    if sigint == "inherited_ignored":
+        command = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
     proc = subprocess.Popen(
-        ["setsid", "--ctty", *CLI, "--control", daemon.control_socket, "groups", "--watch=0.2"],
+        command,
         stdin=slave, stdout=slave, stderr=slave, close_fds=True,
         env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},  # the pty's size rules
     )
