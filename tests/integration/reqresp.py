@@ -15,15 +15,14 @@ the request's offset (``request_offset = response_offset = 4``) and names the
 request it answers: a response a client did not ask for cannot go unnoticed.
 
 The fault servers here (:class:`FaultServer`) are echo servers whose
-connections drop (FIN), reset (RST), stall or answer late on cue
-(``fault_servers`` in conftest.py starts them).
+connections drop (FIN), reset (RST), stall or answer late on cue: the
+project's one TCP backend (:mod:`kmuxd.tools.backend`) with its faulty
+echo protocol (``fault_servers`` in conftest.py starts them).
 """
 
 from __future__ import annotations
 
 import random
-import select
-import socket
 import struct
 import threading
 import time
@@ -34,6 +33,8 @@ from typing import Any, Callable
 
 from kmux.control import ControlClient
 from kmux.errors import KmuxError
+
+from kmuxd.tools.backend import Conn, FaultyEcho, Loop, Plan
 
 from .helpers import BadTestFrame
 
@@ -315,145 +316,71 @@ class Fault:
     after: int
     hold: float = 1.0
 
+    def plan(self) -> Plan:
+        return Plan(self.action, self.after, self.hold)
+
+
+class _FaultEcho(FaultyEcho):
+    """One connection of a :class:`FaultServer`: its one fault, then a plain echo."""
+
+    def __init__(self, server: "FaultServer", conn: Conn, fault: Fault | None) -> None:
+        self.server = server
+        #: (stream offset where its echo ends, its record) of each answer queued
+        self.answers: list[tuple[int, tuple[int, int, int]]] = []
+        super().__init__(conn, iter([fault.plan()] if fault else []), random.Random(conn.index))
+
+    def record(self, frame: bytes) -> bool:
+        if self.conn.closing:
+            return False  # read and dropped while it closes
+        return self.server._record(self.server.received, self.conn.index, frame) is not None
+
+    def fault(self, plan: Plan) -> None:
+        with self.server._lock:
+            self.server.faults[plan.action] += 1
+
+    def replied(self, frame: bytes, end: int) -> None:
+        # Recorded before it is written: the daemon may hand it to its client before this
+        # thread runs again; forgotten at the end if the connection died before it was written.
+        rec = self.server._record(self.server.answered, self.conn.index, frame)
+        if rec is not None:
+            self.answers.append((end, rec))
+
+    def closed(self, reason: str) -> None:
+        unsent = [rec for end, rec in self.answers if end > self.conn.sent_total]
+        with self.server._lock:
+            for rec in unsent:
+                self.server.answered.remove(rec)
+
 
 class FaultServer:
-    """A loopback u32be echo server, one thread per connection; ``plan(n)`` scripts the n-th connection."""
+    """A loopback u32be echo server (kmuxd.tools.backend's loop); ``plan(n)`` scripts the n-th connection."""
 
     def __init__(self, plan: Callable[[int], Fault | None] = lambda n: None) -> None:
         self.plan = plan
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.accepted = 0
         #: (conn, client, seq) of every whole frame read / whose whole echo was written
         self.received: list[tuple[int, int, int]] = []
         self.answered: list[tuple[int, int, int]] = []
         self.faults: Counter = Counter()
         self.errors: list[str] = []
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self._listener.settimeout(0.05)
-        self.port = self._listener.getsockname()[1]
-        self._threads: list[threading.Thread] = []
-        self._accept_thread = threading.Thread(target=self._accept, name=f"fault:{self.port}", daemon=True)
-        self._accept_thread.start()
+        self._loop = Loop()
+        self._listener = self._loop.listen(lambda conn: _FaultEcho(self, conn, self.plan(conn.index)),
+                                           max_message=1 << 24)
+        self.port = self._listener.port
+        self._loop.start(name=f"fault:{self.port}")
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def accepted(self) -> int:
+        return self._listener.accepted
+
     def snapshot(self) -> tuple[list, list, Counter]:
+        self._loop.check()
         with self._lock:
             return list(self.received), list(self.answered), Counter(self.faults)
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except (TimeoutError, socket.timeout):
-                continue
-            except OSError:
-                return
-            with self._lock:
-                n = self.accepted
-                self.accepted += 1
-            t = threading.Thread(target=self._serve, args=(sock, n), name=f"fault:{self.port}#{n}", daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _serve(self, sock: socket.socket, n: int) -> None:
-        try:
-            self._serve_inner(sock, n, self.plan(n))
-        except Exception as exc:  # the daemon may reset us at any time
-            if not isinstance(exc, OSError):
-                with self._lock:
-                    self.errors.append(f"conn {n}: {exc!r}")
-        finally:
-            sock.close()
-
-    def _send(self, sock: socket.socket, data: bytes) -> bool:
-        try:
-            sock.sendall(data)
-            return True
-        except OSError:
-            return False
-
-    def _fin(self, sock: socket.socket) -> None:
-        """A graceful close: FIN, then read (and drop) until the daemon closes too, at most 2 s."""
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            end = time.monotonic() + 2.0
-            while not self._stop.is_set() and time.monotonic() < end:
-                r, _, _ = select.select([sock], [], [], 0.05)
-                if r and not sock.recv(1 << 16):
-                    return
-        except OSError:
-            pass
-
-    def _serve_inner(self, sock: socket.socket, n: int, fault: Fault | None) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(5.0)
-        buf = bytearray()
-        answered = 0
-        triggered_at: float | None = None
-        held: list[bytes] = []
-        while not self._stop.is_set():
-            if triggered_at is not None and time.monotonic() - triggered_at >= fault.hold:
-                if fault.action == "stall":
-                    self._fin(sock)
-                    return
-                if fault.action == "late" and held is not None:
-                    for f in held:
-                        if not self._answer(sock, n, f):
-                            return
-                    held = None  # from now on: a normal echo server
-            r, _, _ = select.select([sock], [], [], 0.02)
-            if not r:
-                continue
-            data = sock.recv(1 << 16)
-            if not data:
-                return
-            buf += data
-            while len(buf) >= 4:
-                size = struct.unpack_from(">I", buf)[0] + 4
-                if len(buf) < size:
-                    break
-                frame = bytes(buf[:size])
-                del buf[:size]
-                self._record(self.received, n, frame)
-                if fault is not None and triggered_at is None and answered >= fault.after:
-                    triggered_at = time.monotonic()
-                    with self._lock:
-                        self.faults[fault.action] += 1
-                    act = fault.action
-                    if act.endswith("_mid") and not self._send(sock, frame[: len(frame) // 2]):
-                        return
-                    if act.startswith("fin"):
-                        self._fin(sock)
-                        return
-                    if act.startswith("rst"):
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                        return  # closed by _serve: a reset
-                if triggered_at is not None and fault.action == "stall":
-                    continue
-                if triggered_at is not None and fault.action == "late" and held is not None:
-                    held.append(frame)
-                    continue
-                if not self._answer(sock, n, frame):
-                    return
-                answered += 1
-
-    def _answer(self, sock: socket.socket, n: int, frame: bytes) -> bool:
-        """Echo a frame. Recorded first: the daemon may hand it to its client before this
-        thread runs again; forgotten again if the write fails."""
-        rec = self._record(self.answered, n, frame)
-        if self._send(sock, frame):
-            return True
-        if rec is not None:
-            with self._lock:
-                self.answered.remove(rec)
-        return False
 
     def _record(self, where: list, n: int, frame: bytes) -> tuple[int, int, int] | None:
         try:
@@ -468,12 +395,7 @@ class FaultServer:
         return rec
 
     def close(self) -> None:
-        self._stop.set()
-        self._listener.close()
-        self._accept_thread.join(5)
-        for t in self._threads:
-            t.join(5)
-
+        self._loop.close()
 
 
 def first_n(n: int, fault: Callable[[int], Fault]) -> Callable[[int], Fault | None]:

@@ -26,14 +26,14 @@ says what it stands for.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 
 import pytest
 
 import kmux
 from kmux.protocol import decode_notice
+
+from kmuxd.tools.backend import Conn, Loop, Recording
 
 from .helpers import (
     Backend,
@@ -208,35 +208,25 @@ def test_fin_after_answers_is_a_recycle(daemon_factory, backend_factory, steerin
 
 
 class AcceptAndClose:
-    """A loopback server that accepts every connection and closes it at once; counts accepts."""
+    """A loopback server that accepts every connection and closes it at once; counts accepts.
+
+    The project's one TCP backend (:mod:`kmuxd.tools.backend`), whose connections' protocol
+    closes them the moment they are accepted."""
 
     def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.listener.settimeout(0.05)
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.accepts: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._loop = Loop()
+        listener = self._loop.listen(self._accepted)
+        self.address = f"127.0.0.1:{listener.port}"
+        self._loop.start(name="accept-and-close")
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, _ = self.listener.accept()
-            except (TimeoutError, socket.timeout):
-                continue
-            except OSError:
-                return
-            self.accepts.append(time.monotonic())
-            sock.close()
+    def _accepted(self, conn: Conn) -> Recording:
+        self.accepts.append(time.monotonic())
+        conn.close()
+        return Recording(conn, lambda c, frame: None)
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.listener.close()
+        self._loop.close()
 
 
 def test_accept_and_close_server_gets_at_most_max_dials_per_second(daemon_factory):
