@@ -3,8 +3,8 @@
 Everything else about the package is in ``pyproject.toml``. The modules in
 ``kmuxd/_compiled.py`` (the sans-IO cores and the event core's shell) are
 compiled to C extensions with mypyc: the same code, type-checked by mypy and
-run natively, about twice as fast per message (``docs/benchmark.md``). The
-pure-Python modules stay in the package and are used when:
+run natively, with 10-20% less daemon CPU per message (docs/systemd.md,
+"Which wheel"). The pure-Python modules stay in the package and are used when:
 
 * ``KMUXD_PURE_PYTHON=1`` is set at build time (nothing is compiled) or at
   run time (the extensions are ignored);
