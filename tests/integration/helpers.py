@@ -41,22 +41,11 @@ from kmux.framing import PRESETS
 from kmux.protocol import Accepted, Hello, decode_answer, encode_hello
 
 from kmuxd.tools.backend import ConnInfo, RecordingBackend  # noqa: F401 - ConnInfo: what Backend.conns() returns
+from kmuxd.tools.backend.recording import wait_until
 
 U32BE = PRESETS["u32be"]
 
 # -- bounded waiting -----------------------------------------------------------
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str = "condition", interval: float = 0.01) -> Any:
-    """Poll ``pred`` until it returns something truthy; AssertionError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def unread_by_peer(sock: socket.socket | int) -> int:

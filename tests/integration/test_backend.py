@@ -20,6 +20,7 @@ import pytest
 
 from kmuxd.tools.backend import CountingBackend, FaultyEcho, FaultySink, Loop, Plan, RecordingBackend
 from kmuxd.tools.backend.conn import DRAIN_TIMEOUT, U32BE, WRITE_BACKLOG_LIMIT
+from tests.realservers import recv_exact
 
 WAIT = 5.0
 
@@ -34,19 +35,9 @@ def dial(port: int) -> socket.socket:
     return s
 
 
-def read_exactly(s: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = s.recv(n - len(out))
-        if not chunk:
-            raise EOFError(f"EOF after {len(out)} of {n} bytes")
-        out += chunk
-    return bytes(out)
-
-
 def read_frame(s: socket.socket) -> bytes:
-    head = read_exactly(s, 4)
-    return head + read_exactly(s, struct.unpack(">I", head)[0])
+    head = recv_exact(s, 4)
+    return head + recv_exact(s, struct.unpack(">I", head)[0])
 
 
 def wait(pred, what: str, timeout: float = WAIT):
@@ -278,7 +269,7 @@ def test_counting_counts_runs_and_odd_frames_alike(mode):
         with peer:
             peer.sendall(data)
             if mode == "echo":
-                assert read_exactly(peer, len(data)) == data
+                assert recv_exact(peer, len(data)) == data
             wait(lambda: backend.loop.call(backend.totals) == (len(frames), len(data)), "every frame counted")
         report = backend.loop.call(backend.report)
         assert (report["total_msgs"], report["errors"]) == (len(frames), 0)

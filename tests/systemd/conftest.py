@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from kmuxd.tools.backend.recording import wait_until as _wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 AGENT = Path(__file__).resolve().parent / "agent.py"
 #: The venv's interpreter and kmuxd, as the container sees them (same paths).
@@ -65,14 +67,7 @@ def sdbox_tool() -> Path | None:
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``pred`` until truthy; AssertionError naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return _wait_until(pred, timeout, what, interval)
 
 
 class Box:

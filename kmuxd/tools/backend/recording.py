@@ -33,10 +33,7 @@ from kmux.framing import Framing
 from .loop import U32BE, Conn, Loop
 from .protocols import Recording
 
-__all__ = ["RecordingBackend", "ConnInfo"]
-
-#: Seconds between two looks while waiting for connections or frames.
-WAIT_INTERVAL = 0.01
+__all__ = ["RecordingBackend", "ConnInfo", "wait_until"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +51,11 @@ class ConnInfo:
     parse_error: str | None
 
 
-def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
+def wait_until(pred: Callable[[], Any], timeout: float, what: str = "condition", interval: float = 0.01) -> Any:
+    """Poll ``pred`` until it returns something truthy; AssertionError naming ``what`` after ``timeout`` s.
+
+    The tests' one bounded wait (``tests/integration/helpers.py`` and ``tests/systemd`` use it too).
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
@@ -62,7 +63,7 @@ def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(WAIT_INTERVAL)
+        time.sleep(interval)
 
 
 class RecordingBackend:
@@ -174,10 +175,10 @@ class RecordingBackend:
 
     def wait_open(self, n: int, timeout: float = 10.0) -> list[int]:
         """Wait until exactly ``n`` connections are open; returns their ids."""
-        return _wait(lambda: (ids := self.open_ids()) and len(ids) == n and ids, timeout, f"{n} open connections")
+        return wait_until(lambda: (ids := self.open_ids()) and len(ids) == n and ids, timeout, f"{n} open connections")
 
     def wait_count(self, n: int, timeout: float = 20.0) -> None:
-        _wait(lambda: self.count() >= n, timeout, f"{n} frames at the backend (have {self.count()})")
+        wait_until(lambda: self.count() >= n, timeout, f"{n} frames at the backend (have {self.count()})")
 
     def pause(self) -> None:
         """Stop reading every connection (new ones too) until :meth:`resume`."""
