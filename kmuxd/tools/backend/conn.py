@@ -184,10 +184,13 @@ class Conn:
     # -- reading on and off -----------------------------------------------------------------
 
     def pause_reading(self, seconds: float | None = None) -> None:
-        """Stop reading (for ``seconds``, or until :meth:`resume_reading`)."""
+        """Stop reading for ``seconds``, or until :meth:`resume_reading` (which a pause for a
+        while then cannot cut short: the explicit pause wins)."""
+        if seconds is not None and not self.reading and self._resume_at is None:
+            return  # paused until resumed: stays so
         self.reading = False
+        self._cancel_resume()
         if seconds is not None:
-            self._cancel_resume()
             self._resume_at = self.loop.call_later(seconds, self.resume_reading)
         self._interest()
 
