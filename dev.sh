@@ -42,7 +42,11 @@ setup_system() {
     want+=(gcc pkg-config libsystemd-dev python3-dev)
     # The tests' real servers; the --quick benchmark test also runs twemproxy (nutcracker).
     # iproute2: the dead-peer tests make a network namespace and drop its packets (ip, tc).
-    [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base nutcracker iproute2)
+    # rpcbind: the ONC RPC tests run it in a network namespace of their own (tests/realservers/test_oncrpc.py).
+    # TLS and SASL (issue 18): openssl makes the tests' certificates; memcached's SASL
+    # wants saslpasswd2 (sasl2-bin) for its sasldb and the PLAIN and sasldb plugins.
+    [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base nutcracker iproute2 rpcbind
+        openssl sasl2-bin libsasl2-modules libsasl2-modules-db)
     # The benchmark: memcached behind kmuxd and twemproxy; gcc builds the C load generator and relay.
     [ "${1:-}" = bench ] && want+=(memcached nutcracker gcc)
     # The .deb (./dev.sh deb, and the systemd tests that build and install
@@ -58,6 +62,12 @@ setup_system() {
             as_root apt-get update -qq
             # shellcheck disable=SC2086
             as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+            # The package starts a portmapper on every address (0.0.0.0:111); the tests start
+            # their own in a namespace, so a machine that had no rpcbind does not get one serving.
+            if [[ " $missing " == *" rpcbind "* ]] && [ -d /run/systemd/system ]; then
+                echo "dev.sh: stopping and disabling rpcbind.service and rpcbind.socket (installed for the tests only)" >&2
+                as_root systemctl disable --now rpcbind.socket rpcbind.service >/dev/null 2>&1 || true
+            fi
         else
             echo "dev.sh: please install: $missing" >&2
         fi

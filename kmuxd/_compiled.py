@@ -42,6 +42,7 @@ COMPILED_MODULES = (
     "kmuxd.io.session",
     "kmuxd.io.assembly",
     "kmuxd.io.conn",
+    "kmuxd.io.tls",
     "kmuxd.io.group",
     "kmuxd.io.server",
 )

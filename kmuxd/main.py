@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.check:
         print(f"kmuxd: {args.config}: ok ({len(config.groups)} group(s): {', '.join(config.groups)})")
+        for warning in config.warnings:
+            print(f"kmuxd: warning: {warning}", file=sys.stderr)
         return 0
     configure(args.log_format or config.daemon.log_format, config.daemon.log_level)
     from kmuxd.io.daemon import run

@@ -263,6 +263,7 @@ def group_summary(g: Mapping[str, Any]) -> list[str]:
     access = g.get("access")
     if isinstance(access, Mapping):
         lines.append(f"    access {fmt_text(access.get('text')) if access.get('text') else policy_short(access)}")
+    lines += security_lines(g.get("security"))
     lines += [
         f"    tx {c('tx_msgs')} msgs {b('tx_bytes')}  rx {c('rx_msgs')} msgs {b('rx_bytes')}  "
         f"queued {c('queued_msgs')} msgs {b('queued_bytes')}  in flight {c('requests_in_flight')}",
@@ -273,6 +274,25 @@ def group_summary(g: Mapping[str, Any]) -> list[str]:
     if any(field in g for _, field, _ in OUTAGE_COUNTERS):
         lines.append("    " + "  ".join(f"{label} {fmt(g.get(field))}" for label, field, fmt in OUTAGE_COUNTERS))
     lines.append(f"    attached {c('attached')}  unattached {c('unattached')}")
+    return lines
+
+
+def security_lines(sec: Any) -> list[str]:
+    """TLS and handshake steps, and the loud warning when TLS does not verify the server."""
+    if not isinstance(sec, Mapping) or not (sec.get("tls") or sec.get("handshake_steps")):
+        return []
+    parts = []
+    if sec.get("tls"):
+        verify = "verify on" if sec.get("verify") else "VERIFY OFF"
+        parts.append(f"tls {fmt_plain(sec.get('min_version'))}+ {verify}"
+                     + (f" name {fmt_text(sec.get('server_name'))}" if sec.get("server_name") else "")
+                     + ("  client cert" if sec.get("client_cert") else "")
+                     + f"  handshakes {fmt_count(sec.get('tls_handshakes'))} resumed {fmt_count(sec.get('tls_resumed'))}")
+    if sec.get("handshake_steps"):
+        parts.append(f"handshake steps {fmt_count(sec.get('handshake_steps'))}")
+    lines = ["    " + "  ".join(parts)]
+    if sec.get("warning"):
+        lines.append(f"    WARNING: {fmt_text(sec.get('warning'))}")
     return lines
 
 

@@ -23,13 +23,20 @@ Invariants (tested with random schedules in ``tests/unit/test_inbox.py``):
    byte of a message already handed over (or the scratch byte at
    ``RX_BASE - 1``). The shell writes the DATA kind byte there and sends
    ``buf[head-1:end]`` as one packet.
-3. A partial message never holds more than ``max_message`` bytes (the
-   decoder refuses a longer announced length), and one read adds at most
+3. A partial message holds fewer than ``max_message`` bytes (the decoder
+   refuses a longer announced length, and a record as soon as the fragments
+   announced so far leave no room for the rest), and one read adds at most
    ``read_buffer`` bytes, so the buffer never needs to grow: it is
    ``RX_BASE + read_buffer + max_message`` bytes.
 4. The assembly clock runs only while a partial message waits for the
    *remote's* bytes: not while the shell itself has stopped reading (no
-   ready receiver), which is push-back, not a slow remote.
+   ready receiver), which is push-back, not a slow remote. It starts at a
+   message's first byte, so for a record it bounds the whole record (a
+   record whose last fragment never comes), not each fragment.
+5. The decoder sees the partial message again, from its first byte, at
+   every read (wherever a compaction moved it): a record's decoder resumes
+   its walk over the fragment headers from there, so a record that trickles
+   in costs work in proportion to its bytes, not to its bytes times its reads.
 
 No I/O here; nothing imports ``socket`` or ``trio``.
 """
@@ -84,6 +91,7 @@ class Inbox:
         self.head = self.tail = self.parsed = RX_BASE
         self.ends = []
         self.partial_since = None
+        self.decoder.reset()
 
     @property
     def partial_bytes(self) -> int:

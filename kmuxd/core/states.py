@@ -13,6 +13,12 @@ the slot already dials its replacement.
 
     slot:  IDLE -dial-> CONNECTING -connected-> UP
            CONNECTING -dial_failed/no_endpoint-> BACKOFF -retry-> CONNECTING
+           CONNECTING -secure-> TLS_HANDSHAKE       ([groups.NAME.tls]: TCP is up)
+           CONNECTING/TLS_HANDSHAKE -authenticate-> AUTHENTICATING
+                                                    ([[groups.NAME.handshake]] steps)
+           TLS_HANDSHAKE/AUTHENTICATING -connected-> UP
+           TLS_HANDSHAKE/AUTHENTICATING -dial_failed-> BACKOFF
+                                 (a failed TLS handshake or step is a failed dial)
            UP -lost-> BACKOFF             (the live connection failed or closed)
            UP -recycle-> CONNECTING       (it retires; its replacement dials now)
            any -close-> CLOSED
@@ -38,6 +44,10 @@ __all__ = ["SlotState", "SlotEvent", "ConnState", "ConnEvent", "ClientState", "C
 class SlotState(enum.Enum):
     IDLE = "idle"
     CONNECTING = "connecting"
+    #: TCP is up; the TLS handshake runs (no traffic yet).
+    TLS_HANDSHAKE = "tls_handshake"
+    #: The per-connection credential handshake's steps run (no traffic yet).
+    AUTHENTICATING = "authenticating"
     UP = "up"
     BACKOFF = "backoff"
     CLOSED = "closed"
@@ -45,6 +55,8 @@ class SlotState(enum.Enum):
 
 class SlotEvent(enum.Enum):
     DIAL = "dial"
+    SECURE = "secure"
+    AUTHENTICATE = "authenticate"
     CONNECTED = "connected"
     DIAL_FAILED = "dial_failed"
     NO_ENDPOINT = "no_endpoint"
@@ -63,6 +75,14 @@ SLOT_TRANSITIONS: dict[tuple[SlotState, SlotEvent], SlotState] = {
     (_L.UP, _LE.LOST): _L.BACKOFF,
     (_L.UP, _LE.RECYCLE): _L.CONNECTING,
     (_L.BACKOFF, _LE.RETRY): _L.CONNECTING,
+    # Between dialled and up: TLS, then the credential steps (issue 18).
+    (_L.CONNECTING, _LE.SECURE): _L.TLS_HANDSHAKE,
+    (_L.CONNECTING, _LE.AUTHENTICATE): _L.AUTHENTICATING,
+    (_L.TLS_HANDSHAKE, _LE.AUTHENTICATE): _L.AUTHENTICATING,
+    (_L.TLS_HANDSHAKE, _LE.CONNECTED): _L.UP,
+    (_L.AUTHENTICATING, _LE.CONNECTED): _L.UP,
+    (_L.TLS_HANDSHAKE, _LE.DIAL_FAILED): _L.BACKOFF,
+    (_L.AUTHENTICATING, _LE.DIAL_FAILED): _L.BACKOFF,
 }
 SLOT_TRANSITIONS.update({(state, _LE.CLOSE): _L.CLOSED for state in SlotState})
 
@@ -108,7 +128,9 @@ OPEN_STATES = frozenset({_C.READY, _C.BUSY, _C.DRAINING})
 CONNECTED_STATES = OPEN_STATES
 #: What a slot's statistics show as its ``state``: its live connection's
 #: state when it has one, else the slot's own.
-VISIBLE_SLOT_STATES = ("idle", "connecting", "ready", "busy", "draining", "backoff", "closed")
+VISIBLE_SLOT_STATES = (
+    "idle", "connecting", "tls_handshake", "authenticating", "ready", "busy", "draining", "backoff", "closed",
+)
 
 
 class ClientState(enum.Enum):

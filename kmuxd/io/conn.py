@@ -70,12 +70,14 @@ from kmuxd.core.states import (
 from kmuxd.system.config import Endpoint
 from kmuxd.system.log import RateLimit
 
+from .dial import describe, establish
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
 from .sockerr import errno_name
 from .tcpinfo import TcpInfo, read_tcp_info
 
 if TYPE_CHECKING:
     from .group import Group
+    from .tls import TlsStatistics, TlsTransport
 
 __all__ = ["Slot", "Conn", "ConnStatistics"]
 
@@ -128,6 +130,8 @@ class ConnStatistics:
     last_error: str | None
     #: The kernel's TCP_INFO for the live connection (None when not connected).
     tcp: TcpInfo | None
+    #: The live connection's TLS (None: plaintext, or not connected).
+    tls: "TlsStatistics | None" = None
 
 
 class Conn(Handler):
@@ -137,10 +141,11 @@ class Conn(Handler):
         "group", "slot", "sock", "fd", "endpoint", "sm", "inbox", "flight", "mask", "connected_at",
         "tx_msgs", "tx_bytes", "rx_msgs", "rx_bytes", "tx_aborts", "requests", "budget", "answered",
         "listed", "paused", "suspended", "half_closed", "retire_deadline", "retire_reason", "recycling", "flight_total",
-        "ended", "closed", "error",
+        "ended", "closed", "error", "tls",
     )
 
-    def __init__(self, slot: "Slot", sock: socket.socket, endpoint: Endpoint, inbox: Inbox) -> None:
+    def __init__(self, slot: "Slot", sock: socket.socket, endpoint: Endpoint, inbox: Inbox,
+                 tls: "TlsTransport | None" = None) -> None:
         group = slot.group
         cfg = group.cfg
         self.group = group
@@ -176,6 +181,8 @@ class Conn(Handler):
         #: Set when the TCP connection is closed, however it ended.
         self.closed = trio.Event()
         self.error: str | None = None
+        #: TLS stands in for the socket's send and recv_into (kmuxd.io.tls); None: plaintext.
+        self.tls = tls
 
     def __repr__(self) -> str:
         return f"Conn({self.group.cfg.name}/{self.slot.index} {self.endpoint})"
@@ -230,7 +237,8 @@ class Conn(Handler):
         group = self.group
         sched = group.sched
         outbox = sched.outbox_of(self)
-        send = self.sock.send
+        tls = self.tls
+        send = self.sock.send if tls is None else tls.send
         flight = self.flight
         while outbox.head < outbox.tail:
             try:
@@ -257,6 +265,20 @@ class Conn(Handler):
             if wake:
                 group.wake(wake)
             outbox = sched.outbox_of(self)  # an adoption may have swapped it
+        if tls is not None and tls.backlog:
+            # TLS: the outbox is written (its plaintext), but the kernel refused
+            # some of the ciphertext. Nothing in the outbox asks for EPOLLOUT any
+            # more, so the backlog does, until it is out (kmuxd.io.tls, rule 1).
+            try:
+                pushed = tls.push()
+            except OSError as exc:
+                self.end("error", exc)
+                return
+            if not pushed:
+                if self.sm.state is not ConnState.DRAINING:
+                    self.sm.fire(ConnEvent.WRITE_BLOCKED)
+                self._set_mask(self.mask | EPOLLOUT)
+                return
         if self.sm.state is ConnState.BUSY:
             self.sm.fire(ConnEvent.WRITE_DONE)
         if self.mask & EPOLLOUT:
@@ -279,8 +301,9 @@ class Conn(Handler):
     def read(self) -> None:
         """One read into the inbox, then steer what it completed."""
         inbox = self.inbox
+        tls = self.tls
         try:
-            n = self.sock.recv_into(inbox.space())
+            n = self.sock.recv_into(inbox.space()) if tls is None else tls.recv_into(inbox.space())
         except BlockingIOError:
             return
         except OSError as exc:
@@ -297,6 +320,13 @@ class Conn(Handler):
             return
         if ready:
             self.steer()
+        if tls is not None:
+            if tls.backlog:
+                self.flush_soon()  # the read produced TLS output (a key update): send it
+            if tls.buffered and not self.paused and not self.ended:
+                # Plaintext waits inside the SSLObject, where epoll cannot see it:
+                # read again next pass without a readiness event (kmuxd.io.tls, rule 2).
+                self.group.reactor.serve_again(self)
 
     def steer(self) -> None:
         group = self.group
@@ -327,8 +357,8 @@ class Conn(Handler):
             self.mask |= EPOLLIN | EPOLLRDHUP
         else:
             self._set_mask(self.mask | EPOLLIN | EPOLLRDHUP)
-        if self.half_closed:
-            self.read()
+        if self.half_closed or (self.tls is not None and self.tls.buffered):
+            self.read()  # no readiness event will come for what already arrived
 
     def _hung_up_while_paused(self, events: int) -> None:
         # Level-triggered epoll reports a hang-up for as long as it lasts,
@@ -381,6 +411,8 @@ class Conn(Handler):
         outbox = self.group.sched.outbox_of(self)
         if outbox.pending or outbox.owners or outbox.open_owner is not None:
             return
+        if self.tls is not None and self.tls.backlog:
+            return  # its ciphertext is not all out yet: the flush that sends it calls again
         if self.flight is not None:
             if self.flight.count():
                 return
@@ -412,7 +444,7 @@ class Conn(Handler):
         now = time.monotonic()
         requested = how == "requested"
         if exc is not None and not requested:
-            self.error = _describe(exc)
+            self.error = describe(exc)
         # Answers the service sent before the stream broke are still owed. A FIN
         # among them means the server closed first and our later writes drew the
         # reset (EPIPE/ECONNRESET): for health that is the server's recycle.
@@ -484,7 +516,7 @@ class Conn(Handler):
                 if inbox.ends:
                     return False
             try:
-                n = self.sock.recv_into(inbox.space())
+                n = self.sock.recv_into(inbox.space()) if self.tls is None else self.tls.recv_into(inbox.space())
             except OSError:
                 return False  # EAGAIN: all taken; else the stream's error, which end() logs
             if n == 0:
@@ -596,11 +628,11 @@ class Slot:
                     continue
                 self.endpoint = endpoint
                 try:
-                    sock = await self._dial(endpoint)
+                    sock, tls = await establish(endpoint, group.cfg, group.tls, self.sm)
                 except (OSError, ConnectFailed) as exc:
-                    pool.dial_failed(endpoint, time.monotonic(), _describe(exc))
+                    pool.dial_failed(endpoint, time.monotonic(), describe(exc))
                     self.dial_failures += 1
-                    self.last_error = _describe(exc)
+                    self.last_error = describe(exc)
                     self.sm.fire(SlotEvent.DIAL_FAILED)
                     if self._dial_log.allow():
                         self.log.warning("dial_failed", error=self.last_error,
@@ -612,7 +644,7 @@ class Slot:
                     self.sm.fire(SlotEvent.RETRY)
                     continue
                 pool.connected(endpoint)
-                conn = self._carry(sock, endpoint)
+                conn = self._carry(sock, endpoint, tls)
                 if not started:
                     started = True
                     task_status.started()
@@ -624,7 +656,7 @@ class Slot:
                     self.sm.fire(SlotEvent.RETRY)
                 await trio.lowlevel.checkpoint()
 
-    def _carry(self, sock: socket.socket, endpoint: Endpoint) -> Conn:
+    def _carry(self, sock: socket.socket, endpoint: Endpoint, tls: "TlsTransport | None") -> Conn:
         group = self.group
         cfg = group.cfg
         inbox = self._spare_inbox
@@ -633,7 +665,7 @@ class Slot:
             inbox = Inbox(cfg.framing, cfg.max_message, cfg.read_buffer)
         else:
             inbox.reset()
-        conn = Conn(self, sock, endpoint, inbox)
+        conn = Conn(self, sock, endpoint, inbox, tls)
         outbox = self._spare_outbox
         self._spare_outbox = None
         if outbox is None or outbox.pending or outbox.owners:
@@ -642,38 +674,15 @@ class Slot:
         self.live = conn
         self.connections_made += 1
         self.sm.fire(SlotEvent.CONNECTED)
-        self.log.info("connected", local=_sockname(sock))
+        if tls is None:
+            self.log.info("connected", local=_sockname(sock))
+        else:
+            t = tls.statistics()
+            self.log.info("connected", local=_sockname(sock), tls=t.version, cipher=t.cipher, resumed=t.resumed,
+                          server=t.server_subject)
         conn.start()
         group.reactor.end_pass()
         return conn
-
-    async def _dial(self, endpoint: Endpoint) -> socket.socket:
-        cfg = self.group.cfg
-        host, port = endpoint.host, endpoint.port
-        with trio.move_on_after(cfg.connect_timeout) as scope:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            last: BaseException | None = None
-            for family, type_, proto, _, addr in infos:
-                sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
-                try:
-                    _tune(sock, cfg)
-                    err = sock.connect_ex(addr)
-                    if err == errno.EINPROGRESS:
-                        await trio.lowlevel.wait_writable(sock)
-                        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        raise OSError(err, f"connect to {endpoint}: {errno.errorcode.get(err, err)}")
-                    trio.lowlevel.notify_closing(sock)  # trio forgets it; the reactor owns it now
-                    return sock
-                except BaseException as exc:
-                    trio.lowlevel.notify_closing(sock)
-                    sock.close()
-                    last = exc
-                    if not isinstance(exc, OSError):
-                        raise
-            raise last or ConnectFailed(f"{endpoint}: no address")
-        assert scope.cancelled_caught
-        raise ConnectFailed(f"connect to {endpoint} timed out after {cfg.connect_timeout}s")
 
     # -- what its connections tell it ------------------------------------------------------------
 
@@ -826,31 +835,12 @@ class Slot:
             retiring=len([c for c in self.retiring if not c.ended]),
             last_error=self.last_error,
             tcp=read_tcp_info(sock) if sock else None,
+            tls=live.tls.statistics() if live is not None and live.tls is not None else None,
         )
-
-
-def _tune(sock: socket.socket, cfg: Any) -> None:
-    """Per-connection socket options: no Nagle, keepalive, user timeout (docs/config.md)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if cfg.keepalive_idle:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, cfg.keepalive_idle)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, cfg.keepalive_interval)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cfg.keepalive_count)
-    if cfg.tcp_user_timeout:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(cfg.tcp_user_timeout * 1000))
 
 
 def _ended(how: str) -> str:
     return {"fin": "was closed by its server", "error": "failed", "requested": "was closed"}.get(how, how)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, KmuxError):
-        return exc.message
-    if isinstance(exc, OSError) and exc.errno:
-        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
-    return repr(exc)
 
 
 def _fmt_addr(addr: Any) -> str:

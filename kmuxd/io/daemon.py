@@ -172,6 +172,7 @@ class Daemon:
         t0 = time.monotonic()
         daemon_cfg = self.config.daemon
         self.notifier.status("binding sockets")
+        self._warn(self.config)
         self._open_sockets()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -369,6 +370,11 @@ class Daemon:
 
     # -- reload ------------------------------------------------------------------
 
+    def _warn(self, config: Config) -> None:
+        """What the file asks for but should not (tls.verify = false, a key others can read): loud, every load."""
+        for warning in config.warnings:
+            self.log.warning("config_warning", warning=warning)
+
     async def _reload_logged(self) -> None:
         try:
             await self.reload()
@@ -413,6 +419,7 @@ class Daemon:
             self.last_reload_error = None
             self.last_reload_problems = None
             self.log.info("reload_applied", **{k: list(v) for k, v in dataclasses.asdict(plan).items()})
+            self._warn(new)
             self.notifier.ready(self.status_line())
             return plan
 

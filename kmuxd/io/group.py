@@ -67,6 +67,7 @@ from kmuxd.system.config import DaemonConfig, GroupConfig
 from kmuxd.system.log import RateLimit
 
 from .conn import ConnStatistics, Slot
+from .tls import SecurityStatistics, TlsClient, security_statistics
 
 if TYPE_CHECKING:
     from .reactor import Reactor
@@ -157,6 +158,8 @@ class GroupStatistics:
     #: Who may use the group (kmuxd.core.access.AccessPolicy.to_wire()).
     access: dict
     endpoint_health: tuple[EndpointStatistics, ...]
+    #: TLS and handshake steps ([groups.NAME.tls], [[groups.NAME.handshake]]).
+    security: SecurityStatistics | None = None
 
 
 class RetryFeeder:
@@ -286,6 +289,8 @@ class Group:
             self.router = ResponseRouter(cfg.steering, ids, retry_unanswered=cfg.retry_unanswered)
         self.request_mode = self.router is not None
         self.retry_feeder = RetryFeeder(self)
+        #: The group's TLS (context, sessions to resume); None: plaintext.
+        self.tls: TlsClient | None = TlsClient(cfg.tls) if cfg.tls is not None else None
         self.slots = [self._new_slot(i) for i in range(cfg.connections)]
         #: slots removed by a resize: no connection any more, but their traffic counts
         self.retired_slots: list[Slot] = []
@@ -389,7 +394,10 @@ class Group:
         ``permission_denied`` and detached; what they sent and the daemon
         accepted is still written.
         """
+        tls_changed = cfg.tls != self.cfg.tls
         self.cfg = cfg
+        if tls_changed:
+            self._renew_tls(cfg)
         self.endpoints.rate = cfg.max_dials_per_second
         self.endpoints.burst = max(1.0, cfg.max_dials_per_second)
         self.endpoints.eject_after_timeouts = cfg.eject_after_timeouts
@@ -410,6 +418,19 @@ class Group:
                 )))
                 client.close("access revoked by a reload")
         self.reactor.end_pass()
+
+    def _renew_tls(self, cfg: GroupConfig) -> None:
+        """[groups.NAME.tls] or its files changed: new connections use the new
+        settings, and the connections up now are replaced make-before-break
+        (as a recycle: each keeps its work until its replacement is dialled)."""
+        self.tls = TlsClient(cfg.tls) if cfg.tls is not None else None
+        replaced = 0
+        for slot in self.slots:
+            live = slot.live
+            if live is not None and live.taking:
+                live.retire("TLS settings or files changed (reload)", recycle=True)
+                replaced += 1
+        self.log.info("tls_renewed", tls=cfg.tls is not None, connections_replaced=replaced)
 
     async def retire(self) -> None:
         """Stop the group: stop reading its clients (each told the last seq read),
@@ -740,10 +761,16 @@ class Group:
             client.close("idle")
 
     def _expire_queued(self, now: float, timeout: float) -> None:
+        up = self.connections_up
+        # With no connection up, say why: the last failed dial (a refused
+        # connect, a TLS certificate, a handshake step), so an app's error names it.
+        why = next((s.last_error for s in self.slots if s.last_error), None) if up == 0 else None
+
         def unavailable() -> GroupUnavailable:
             return GroupUnavailable(
                 f"no connection of group {self.cfg.name!r} took this message within queue_timeout={timeout}s "
-                f"({self.connections_up}/{len(self.slots)} connections up); it was not written and never will be"
+                f"({up}/{len(self.slots)} connections up{f'; last failure: {why}' if why else ''}); "
+                "it was not written and never will be"
             )
 
         for client in list(self.clients.values()):
@@ -848,6 +875,7 @@ class Group:
             uptime=time.monotonic() - self.started_at,
             access=self.cfg.access.to_wire(),
             endpoint_health=tuple(self.endpoints.statistics(time.monotonic())),
+            security=security_statistics(self.cfg, self.tls),
         )
 
     def connection_statistics(self) -> list[ConnStatistics]:

@@ -17,7 +17,11 @@ epoll of its own:
   slice of work (a client's turn, one read of a connection) without having
   to drain to ``EAGAIN``; the next pass reports the socket again. That
   spares the ``EAGAIN`` read per message that edge-triggering needs, and
-  makes fairness a matter of passes rather than of bookkeeping.
+  makes fairness a matter of passes rather than of bookkeeping. Input
+  that waits *above* a socket (TLS plaintext left inside OpenSSL once a
+  connection's receive buffer was full) is invisible to epoll: its handler
+  asks to be served again (:meth:`Reactor.serve_again`), once per pass,
+  and the reactor does not sleep while one waits.
 * One trio task runs :meth:`Reactor.run`: it waits until the epoll is
   readable, then handles *every* ready socket in one synchronous pass
   (:meth:`Handler.handle`), then runs the end-of-pass work: every
@@ -103,6 +107,8 @@ class Reactor:
         self._masks: dict[int, int] = {}
         self._flush: list[Any] = []
         self._soon: list[Callable[[], None]] = []
+        #: Handlers to serve next pass as if readable: TLS plaintext that epoll cannot see.
+        self._again: list[Handler] = []
         self.passes = self.events = self.modifies = self.idle_waits = self.crashes = 0
 
     # -- registration ------------------------------------------------------------
@@ -145,6 +151,16 @@ class Reactor:
         """
         self._flush.append(conn)
 
+    def serve_again(self, handler: Handler) -> None:
+        """Serve ``handler`` in the next pass as if its socket were readable.
+
+        For input that waits *above* the socket (TLS plaintext left inside
+        the SSLObject once the receive buffer was full): level-triggered
+        epoll reports only what waits in the kernel. The reactor does not
+        sleep while such a handler waits; each is served once per pass.
+        """
+        self._again.append(handler)
+
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` at the end of this pass (or the next one, if no pass is running)."""
         self._soon.append(fn)
@@ -163,13 +179,16 @@ class Reactor:
         yielded = monotonic()
         while True:
             events = poll(0, MAX_EVENTS)
-            if not events and not self._soon and not self._flush:
+            again = self._again
+            if not events and not again and not self._soon and not self._flush:
                 self.idle_waits += 1
                 await trio.lowlevel.wait_readable(fileno)
                 yielded = monotonic()
                 continue
             self.passes += 1
             self.events += len(events)
+            if again:
+                self._again = []  # who asks again during this pass is served in the next
             for fd, mask in events:
                 handler = handlers.get(fd)
                 if handler is None:
@@ -178,6 +197,13 @@ class Reactor:
                     handler.handle(mask)
                 except Exception as exc:  # noqa: BLE001 -- the error boundary
                     self._crashed(handler, exc)
+            if again:
+                for handler in again:
+                    if handlers.get(getattr(handler, "fd", -1)) is handler:  # not ended meanwhile
+                        try:
+                            handler.handle(EPOLLIN)
+                        except Exception as exc:  # noqa: BLE001 -- the error boundary
+                            self._crashed(handler, exc)
             self.end_pass()
             if trio_view is None or trio_view.has_work() or monotonic() - yielded >= YIELD_INTERVAL:
                 await trio.lowlevel.checkpoint()

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import ipaddress
+import os
 import re
+import ssl
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +38,8 @@ from kmux.protocol import MAX_MESSAGE_CEILING
 
 from kmuxd.core.access import OPEN, AccessPolicy, Principal
 
-__all__ = ["Config", "DaemonConfig", "GroupConfig", "IdConfig", "Endpoint", "load_config", "parse_config", "STEERING_MODES"]
+__all__ = ["Config", "DaemonConfig", "GroupConfig", "IdConfig", "Endpoint", "TlsConfig", "HandshakeStep",
+           "load_config", "parse_config", "client_context", "credential_path", "STEERING_MODES"]
 
 CONFIG_VERSION = 1
 STEERING_MODES = ("balance", "id", "fifo")
@@ -190,6 +195,14 @@ class GroupConfig:
     #: Seconds a client may send and receive nothing before it is detached
     #: (idle_timeout notice). 0: never.
     client_idle_timeout: float = 0.0
+    # -- what only the daemon holds (issue 18; the section "TLS and handshake steps" below) --
+    #: [groups.NAME.tls]: TLS to the service; None: plaintext.
+    tls: "TlsConfig | None" = None
+    #: [[groups.NAME.handshake]]: steps every new connection runs before it takes traffic.
+    handshake: "tuple[HandshakeStep, ...]" = ()
+    #: Seconds the handshake steps may take on a new connection, all together
+    #: (not the daemon's handshake_timeout, which bounds an app's hello).
+    auth_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +210,9 @@ class Config:
     daemon: DaemonConfig
     groups: dict[str, GroupConfig]
     source: str = "<memory>"
+    #: What an operator should fix though the file is valid (a key readable by
+    #: others, verify = false): ``kmuxd --check`` prints them, the daemon logs them.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
 # -- validation helpers ----------------------------------------------------
@@ -253,6 +269,7 @@ class _Problems:
 
     def __init__(self) -> None:
         self.errors: list[ConfigInvalid] = []
+        self.warnings: list[str] = []
 
     def check(self, fn: Any, *args: Any, default: Any = None) -> Any:
         """``fn(*args)``, or ``default`` after recording the ConfigInvalid it raised."""
@@ -264,6 +281,9 @@ class _Problems:
 
     def add(self, path: str, reason: str) -> None:
         self.errors.append(ConfigInvalid(path, reason))
+
+    def warn(self, path: str, text: str) -> None:
+        self.warnings.append(f"{path}: {text}")
 
     def raise_any(self) -> None:
         if self.errors:
@@ -399,6 +419,7 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
     "client_rx_limit": (int, 4096, 1 << 40),
     "client_idle_timeout": (float, 0.0, 30 * 86400.0),
     "slow_consumer_grace": (float, 0.0, 3600.0),
+    "auth_timeout": (float, 0.001, 600.0),
 }
 #: Keys of a group table that are not GroupConfig fields of the same name.
 _GROUP_KEYS = (set(GroupConfig.__dataclass_fields__) - {"name", "access"}) | {"allow_users", "allow_groups"}
@@ -444,6 +465,12 @@ def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None
         take("framing", Framing.from_spec)
     if "id" in raw:
         take("id", _parse_id)
+    if "tls" in raw:
+        take("tls", _parse_tls, problems)
+    if "handshake" in raw:
+        framing = kw.get("framing", Framing.from_spec("u32be"))
+        max_message = kw.get("max_message", _default("max_message"))
+        take("handshake", _parse_steps, framing, max_message, problems)
     users = problems.check(_principals, raw["allow_users"], f"{p}.allow_users", "user") if "allow_users" in raw else None
     groups = problems.check(_principals, raw["allow_groups"], f"{p}.allow_groups", "group") if "allow_groups" in raw else None
     kw["access"] = AccessPolicy(users, groups)
@@ -468,9 +495,33 @@ def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None
         problems.add(f"{p}.reconnect_initial", f"must not exceed reconnect_max ({group.reconnect_max})")
     if group.framing.min_header > group.max_message:
         problems.add(f"{p}.framing", f"its header ({group.framing.min_header} bytes) exceeds max_message")
+    if group.id is not None:
+        group = _fit_id_to_framing(group, p, problems)
     if group.client_rx_limit < group.max_message:
         problems.add(f"{p}.client_rx_limit", f"must be at least max_message ({group.max_message}): one response must fit")
     return group
+
+
+def _fit_id_to_framing(group: GroupConfig, p: str, problems: "_Problems") -> GroupConfig:
+    """``id`` steering reads (and with rewrite, writes) the id in place: it must never touch
+    the length field, or a rewrite would change a message's length on a shared stream.
+    A ``records`` framing also gets ``first_fragment_min``: a record of several fragments
+    must carry the whole id in its first one (otherwise the id would straddle a fragment
+    header), in both directions, checked by the framing itself (and so by the clients)."""
+    framing, idc = group.framing, group.id
+    assert idc is not None
+    if framing.kind == "varint":
+        return group
+    for key, offset in (("request_offset", idc.request_offset), ("response_offset", idc.response_offset)):
+        if offset < framing.header_end and framing.length_offset < offset + idc.size:
+            problems.add(f"{p}.id.{key}", f"the {idc.size}-byte id at {offset} overlaps the framing's length field "
+                                          f"(bytes {framing.length_offset} to {framing.header_end - 1})")
+    if framing.kind != "records":
+        return group
+    need = max(idc.request_offset, idc.response_offset) + idc.size
+    if need <= framing.first_fragment_min:
+        return group
+    return dataclasses.replace(group, framing=dataclasses.replace(framing, first_fragment_min=need))
 
 
 def _parse_id(raw: Any, p: str) -> IdConfig:
@@ -514,7 +565,7 @@ def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:
         problems.add("groups", "at least one group is required")
     groups = {name: _parse_group(name, g, problems) for name, g in groups_raw.items()}
     problems.raise_any()
-    return Config(daemon=daemon, groups=groups, source=source)  # type: ignore[arg-type]
+    return Config(daemon=daemon, groups=groups, source=source, warnings=tuple(problems.warnings))  # type: ignore[arg-type]
 
 
 def load_config(path: str | Path) -> Config:
@@ -535,3 +586,219 @@ def load_config(path: str | Path) -> Config:
 
 def _default(field_name: str) -> Any:
     return GroupConfig.__dataclass_fields__[field_name].default
+
+
+# -- TLS and handshake steps: [groups.NAME.tls], [[groups.NAME.handshake]] -----------------
+#
+# Both name files only root should read (a private key, a password inside a
+# message). The files are read when the configuration loads: a file that is
+# missing, unreadable or malformed is a configuration error naming its key,
+# not a failed dial at run time; a TLS context is built from them to prove
+# it. Their contents count in the comparison a reload makes (a fingerprint
+# for TLS, the message itself for a step, kept out of repr), so a reload
+# with a changed certificate or password applies it.
+
+#: TLS versions ``min_version`` accepts.
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+#: Most steps in one group's handshake.
+HANDSHAKE_STEPS_MAX = 16
+_TLS_KEYS = {"ca", "cert", "key", "server_name", "verify", "min_version"}
+_STEP_KEYS = {"send_file", "expect_offset", "expect_hex"}
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """``[groups.NAME.tls]``: TLS to the service (docs/config.md)."""
+
+    #: CA file or directory; None: the system's store.
+    ca: str | None = None
+    #: Our certificate (chain) and its key, for mutual TLS; the key may sit in ``cert``.
+    cert: str | None = None
+    key: str | None = None
+    #: SNI and the name verified; None: the endpoint's host.
+    server_name: str | None = None
+    verify: bool = True
+    min_version: str = "1.2"
+    #: sha256 over the files' contents: a reload with a changed file differs.
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeStep:
+    """One step of ``[[groups.NAME.handshake]]``: send a message, check the reply."""
+
+    #: As written in the file, and where it was found.
+    send_file: str
+    path: str
+    #: The reply must carry ``expect`` at ``expect_offset`` (empty: any reply).
+    expect_offset: int
+    expect: bytes
+    #: The file's contents (a secret: never in a repr or a log line).
+    message: bytes = field(repr=False)
+
+
+def credential_path(name: str, path: str) -> Path:
+    """Where a relative ``send_file`` lives: ``$CREDENTIALS_DIRECTORY/name``.
+
+    systemd sets ``$CREDENTIALS_DIRECTORY`` for a service with
+    ``LoadCredential=`` or ``LoadCredentialEncrypted=`` (docs/systemd.md).
+    An absolute name is used as it is.
+    """
+    if os.path.isabs(name):
+        return Path(name)
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ConfigInvalid(path, f"{name!r} is relative, so it is looked up in $CREDENTIALS_DIRECTORY, which is not "
+                                  "set (give LoadCredential= in the unit, docs/systemd.md, or an absolute path)")
+    return Path(directory) / name
+
+
+def _read_secret(file: Path, path: str, problems: _Problems) -> bytes:
+    try:
+        data = file.read_bytes()
+        mode = file.stat().st_mode
+    except OSError as exc:
+        raise ConfigInvalid(path, f"cannot read {file}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        who = "everyone" if mode & stat.S_IROTH else "its group"
+        problems.warn(path, f"{file} is readable by {who} (mode {stat.S_IMODE(mode):04o}); "
+                            f"only root should read it: chmod 600 {file}")
+    return data
+
+
+def _file_path(v: Any, path: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigInvalid(path, f"must be a file path, not {v!r}")
+    return v
+
+
+def _fingerprint_of(paths: list[str], secrets: list[bytes]) -> str:
+    """sha256 over file contents (a CA directory: its entries' names, sizes and times)."""
+    h = hashlib.sha256()
+    for data in secrets:
+        h.update(hashlib.sha256(data).digest())
+    for name in paths:
+        p = Path(name)
+        if p.is_dir():
+            for entry in sorted(p.iterdir()):
+                st = entry.stat()
+                h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        else:
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def client_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The OpenSSL client context for a group (raises ``ssl.SSLError``/``OSError`` on a bad file)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = TLS_VERSIONS[tls.min_version]
+    # A renegotiation would make a write wait for a read: the data path never does that.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    if tls.verify:
+        if tls.ca is None:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        elif os.path.isdir(tls.ca):
+            ctx.load_verify_locations(capath=tls.ca)
+        else:
+            ctx.load_verify_locations(cafile=tls.ca)
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if tls.cert is not None:
+        ctx.load_cert_chain(tls.cert, tls.key)
+    return ctx
+
+
+def _parse_tls(raw: Any, p: str, outer: _Problems) -> TlsConfig:
+    raw = _table(raw, p)
+    problems = _Problems()
+    _no_unknown(raw, p, _TLS_KEYS, problems)
+    kw: dict[str, Any] = {}
+    for key in ("ca", "cert", "key"):
+        if key in raw:
+            value = problems.check(_file_path, raw[key], f"{p}.{key}")
+            if value is not None and not os.path.exists(value):
+                problems.add(f"{p}.{key}", f"{value} does not exist")
+            elif value is not None:
+                kw[key] = value
+    if "key" in raw and "cert" not in raw:
+        problems.add(f"{p}.key", "needs cert (the certificate the key belongs to)")
+    if "server_name" in raw:
+        name = raw["server_name"]
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._:-]{1,253}", name):
+            problems.add(f"{p}.server_name", f"must be a host name or an address, not {name!r}")
+        else:
+            kw["server_name"] = name
+    if "verify" in raw:
+        if not isinstance(raw["verify"], bool):
+            problems.add(f"{p}.verify", f"must be true or false, not {raw['verify']!r}")
+        else:
+            kw["verify"] = raw["verify"]
+    if "min_version" in raw:
+        version = raw["min_version"]
+        if isinstance(version, float):
+            version = str(version)  # min_version = 1.3 written as a number
+        if version not in TLS_VERSIONS:
+            problems.add(f"{p}.min_version", f"must be one of {', '.join(map(repr, TLS_VERSIONS))}, not {raw['min_version']!r}")
+        else:
+            kw["min_version"] = version
+    problems.raise_any()
+    secrets = [_read_secret(Path(kw["key"]), f"{p}.key", outer)] if "key" in kw else []
+    files = [kw[k] for k in ("ca", "cert") if k in kw]
+    tls = TlsConfig(**kw, fingerprint=_fingerprint_of(files, secrets))
+    if not tls.verify:
+        outer.warn(f"{p}.verify", "is false: the service's certificate is NOT checked, anyone on the path can "
+                                  "read and change this group's traffic")
+    # Load what the daemon will load, one file at a time, so that an error names its key.
+    probe = dataclasses.replace(tls, cert=None, key=None)
+    for where, trial in ((f"{p}.ca", probe), (f"{p}.key" if tls.key else f"{p}.cert", tls)):
+        try:
+            client_context(trial)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigInvalid(where, f"OpenSSL refused it: {exc}") from None
+    return tls
+
+
+def _parse_steps(raw: Any, p: str, framing: Framing, max_message: int, outer: _Problems) -> tuple[HandshakeStep, ...]:
+    if not isinstance(raw, list) or not raw or not all(isinstance(t, dict) for t in raw):
+        raise ConfigInvalid(p, "must be an array of tables: [[groups.NAME.handshake]] with send_file, "
+                               "expect_offset, expect_hex")
+    if len(raw) > HANDSHAKE_STEPS_MAX:
+        raise ConfigInvalid(p, f"has {len(raw)} steps, at most {HANDSHAKE_STEPS_MAX}")
+    problems = _Problems()
+    steps = []
+    check = framing.checker(max_message)
+    for i, table in enumerate(raw):
+        sp = f"{p}[{i}]"
+        _no_unknown(table, sp, _STEP_KEYS, problems)
+        if "send_file" not in table:
+            problems.add(f"{sp}.send_file", "is required: the file holding the message this step sends")
+            continue
+        name = problems.check(_file_path, table["send_file"], f"{sp}.send_file")
+        offset = problems.check(_int, table.get("expect_offset", 0), f"{sp}.expect_offset", 0, max_message - 1)
+        expect = b""
+        if "expect_hex" in table:
+            text = table["expect_hex"]
+            try:
+                expect = bytes.fromhex(text) if isinstance(text, str) else None  # type: ignore[assignment]
+            except ValueError:
+                expect = None  # type: ignore[assignment]
+            if not expect:
+                problems.add(f"{sp}.expect_hex", f"must be a non-empty hex string like \"0000\", not {text!r}")
+        elif "expect_offset" in table:
+            problems.add(f"{sp}.expect_hex", "is required with expect_offset")
+        if name is None or offset is None or expect is None:
+            continue
+        file = problems.check(credential_path, name, f"{sp}.send_file")
+        if file is None:
+            continue
+        message = problems.check(_read_secret, file, f"{sp}.send_file", outer)
+        if message is None:
+            continue
+        err = check(message, 0, len(message))
+        if err is not None:
+            problems.add(f"{sp}.send_file", f"{file} is not one whole {framing.name} message: {err.message}")
+            continue
+        steps.append(HandshakeStep(name, str(file), offset, expect, message))
+    problems.raise_any()
+    return tuple(steps)

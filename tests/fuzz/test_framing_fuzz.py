@@ -190,10 +190,13 @@ def test_check_message_accepts_exactly_one_whole_message(case, prefix, suffix):
         assert verdicts[0] is BadFrame
 
 
-_SPEC_KEYS = ["kind", "length_offset", "length_size", "length_order", "length_adjust", "name", "offset"]
+_SPEC_KEYS = ["kind", "length_offset", "length_size", "length_order", "length_adjust", "length_mask",
+              "last_fragment_mask", "first_fragment_min", "name", "offset"]
 _spec_values = st.one_of(
     st.integers(-(2**40), 2**40),
-    st.sampled_from(["big", "little", "fixed", "varint", "u32be", 1, 2, 4, 8, -4, True]),
+    st.integers(0, 9),
+    st.sampled_from(["big", "little", "fixed", "varint", "records", "u32be", "oncrpc", 1, 2, 3, 4, 8, -4, True,
+                     0x7FFFFFFF, 0x80000000, 0xFFFFFF, 2**64, 0]),
     st.lists(st.sampled_from(["big", 4]), max_size=2),  # TOML arrays
     msgpack_values,
 )

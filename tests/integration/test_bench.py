@@ -53,7 +53,8 @@ def test_every_cell_ran_or_says_why(quick):
     for peer, why in out["skipped_peers"].items():
         assert f"peer {peer} skipped: {why}" in proc.stdout
     ran = {c["target"] for c in cells if "skipped" not in c}
-    assert {"kmuxd", "direct"} <= ran
+    assert {"kmuxd", "direct", "kmuxd-tls"} <= ran  # TLS rows next to plaintext (openssl, memcached -Z)
+    assert "TLS ÷ plaintext" in proc.stdout
     # A progress line per cell, then the table, ratios and targets.
     assert sum(line.startswith("[") for line in proc.stdout.splitlines()) == len(cells)
     assert "targets (same machine, same run)" in proc.stdout
@@ -95,15 +96,16 @@ def test_kmuxd_idle_and_churn(quick):
 
 def test_kmuxd_wrote_at_least_what_the_sink_counted_from_it(quick):
     _, out, _ = quick
-    (cell,) = [c for c in out["cells"] if c["workload"] == "flood" and c["target"] == "kmuxd"]
     final = {g["group"]: g for g in out["group_final"]}
-    assert final["flood4"]["tx_msgs"] >= cell["msgs"] > 0, (final["flood4"], cell["msgs"])
+    for target, group in (("kmuxd", "flood4"), ("kmuxd-tls", "flood4tls")):
+        (cell,) = [c for c in out["cells"] if c["workload"] == "flood" and c["target"] == target]
+        assert final[group]["tx_msgs"] >= cell["msgs"] > 0, (final[group], cell["msgs"])
 
 
 def test_targets_and_plot(quick):
     proc, out, d = quick
     names = [t["name"] for t in out["targets"]]
-    assert len(names) == 13
+    assert len(names) == 15  # 13, and the two TLS ÷ plaintext targets
     for t in out["targets"]:
         assert t["met"] in (True, False, None)
         assert t["name"] in proc.stdout

@@ -192,7 +192,7 @@ def test_good_config_parses_into_frozen_dataclasses():
         ("groups.echo.endpoints", ["127.0.0.1:7000", "nohost"], "groups.echo.endpoints[1]"),
         ("groups.echo.endpoints", ["127.0.0.1:70000"], "groups.echo.endpoints[0]"),
         ("groups.echo.endpoints", ["[zz::1]:80"], "groups.echo.endpoints[0]"),
-        ("groups.echo.framing", {"length_size": 3}, "groups.echo.framing.length_size"),
+        ("groups.echo.framing", {"length_size": 9}, "groups.echo.framing.length_size"),
         ("groups.echo.framing", "u24", "groups.echo.framing"),
         ("groups.echo.steering", "random", "groups.echo.steering"),
         ("groups.echo.max_message", 10**9, "groups.echo.max_message"),
@@ -253,7 +253,7 @@ def test_a_typo_is_one_problem_that_names_the_key_it_resembles():
     """The issue's case: `stering = "id"` beside an [id] table and a request setting gave
     "unknown key" plus two errors that only came from steering falling back to balance."""
     raw = with_("groups.echo.stering", "id")
-    raw["groups"]["echo"]["id"] = {"request_offset": 0, "response_offset": 0}
+    raw["groups"]["echo"]["id"] = {"request_offset": 4, "response_offset": 4}
     raw["groups"]["echo"]["request_timeout"] = 2.0
     assert problems_of(raw) == [["groups.echo.stering", "unknown key; did you mean 'steering'?"]]
     # Fixed, the file is good; a real mistake beside the typo is still reported.
@@ -271,7 +271,7 @@ def test_a_typo_is_one_problem_that_names_the_key_it_resembles():
         ("groups.echo.endpoint", ["127.0.0.1:1"], [["groups.echo.endpoint", "unknown key; did you mean 'endpoints'?"]]),
         ("verison", 1, [["verison", "unknown key; did you mean 'version'?"]]),
         ("daemon.max_client", 8, [["daemon.max_client", "unknown key; did you mean 'max_clients'?"]]),
-        ("groups.echo.id.request_ofset", 0, [["groups.echo.id.request_ofset", "unknown key; did you mean 'request_offset'?"]]),
+        ("groups.echo.id.request_ofset", 4, [["groups.echo.id.request_ofset", "unknown key; did you mean 'request_offset'?"]]),
         # A value that is not one of the choices: the closest one is suggested, and it does not
         # make the [id] table look misplaced either.
         ("groups.echo.steering", "ids", [["groups.echo.steering", "must be one of 'balance', 'id', 'fifo', not 'ids'; "
@@ -288,8 +288,8 @@ def test_typos_suggest_the_key_and_bring_no_follow_on_errors(path, value, proble
     if path == "verison":
         del raw["version"]
     if path == "groups.echo.id.request_ofset" or path == "groups.echo.steering":
-        echo.setdefault("id", {}).update({"response_offset": 0} if "request_ofset" in echo["id"] else
-                                         {"request_offset": 0, "response_offset": 0})
+        echo.setdefault("id", {}).update({"response_offset": 4} if "request_ofset" in echo["id"] else
+                                         {"request_offset": 4, "response_offset": 4})
         echo.setdefault("steering", "id")
     got = problems_of(raw)
     if problems is None:

@@ -34,7 +34,7 @@ from .workloads import Cell, available, run_churn, run_flood, run_idle, run_requ
 WORKLOADS = ("flood", "rr", "open", "latency", "idle", "churn", "rss")
 #: The full run: everything but the 60 s RSS flood (select it with --workload rss).
 DEFAULT_WORKLOADS = ("flood", "rr", "open", "latency", "idle", "churn")
-PEERS = ("direct", "twemproxy", "zmq", "crelay")
+PEERS = ("direct", "twemproxy", "zmq", "crelay", "tls")
 DEFAULT_SIZES = "64,1k,16k,256k"
 DEFAULT_RR_CLIENTS = "1,8,64"
 FLOOD_CLIENTS = 8
@@ -68,6 +68,8 @@ def build_plan(a: argparse.Namespace) -> list[Cell]:
         for size in a.sizes:
             for n in a.connections:
                 cells.append(Cell("flood", "kmuxd", FLOOD_CLIENTS, size, "balance", n, seconds=s))
+            if "tls" in peers:  # the TLS twin of flood4, right after the plaintext cells of its size
+                cells.append(Cell("flood", "kmuxd-tls", FLOOD_CLIENTS, size, "balance", 4, seconds=s))
             cells += [Cell("flood", t, FLOOD_CLIENTS, size, connections=4 if t != "direct" else None, seconds=s)
                       for t in ("direct", "crelay", "zmq") if t in peers]
     if "rr" in w:
@@ -75,6 +77,8 @@ def build_plan(a: argparse.Namespace) -> list[Cell]:
             for steering in a.steering:
                 for n in a.connections:
                     cells.append(Cell("rr", "kmuxd", clients, 64, steering, n, seconds=s))
+                if "tls" in peers and steering == ("id" if "id" in a.steering else a.steering[0]):
+                    cells.append(Cell("rr", "kmuxd-tls", clients, 64, steering, 4, seconds=s))
             if "direct" in peers:
                 cells.append(Cell("rr", "direct", clients, seconds=s))
             if "twemproxy" in peers:
@@ -277,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     cells: list[dict[str, Any]] = []
     t0 = time.monotonic()
     try:
-        parties = start_all(run_dir, set(args.workload), max(args.sizes))
+        parties = start_all(run_dir, set(args.workload), max(args.sizes), tls="tls" in args.peers)
         print(f"kmuxd (pid {parties.daemon.pid}) and the peers up in {time.monotonic() - t0:.1f} s; "
               f"run directory {run_dir}")
         for peer in args.peers:
@@ -323,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     if ratios:
         print()
         print(ratios)
+    tls = report.tls_table(cells)
+    if tls:
+        print()
+        print(tls)
     print()
     print("targets (same machine, same run)")
     print(report.target_table(ts))

@@ -2,6 +2,8 @@
 
 * :func:`cell_table`: one row per cell, the figures every cell has.
 * :func:`ratio_table`: kmuxd against each peer, cell by cell of the same shape.
+* :func:`tls_table`: each TLS cell against its plaintext twin (same group
+  settings, same run).
 * :func:`targets`: the lead's targets, each next to the figure that decides
   it (met / not met / not measured, and why).
 * :func:`plot`: a PNG with matplotlib (Agg): throughput and added latency
@@ -30,6 +32,9 @@ PINNED_ADDED_P50_MAX_US = 35.0
 PINNED_ADDED_P99_MAX_US = 100.0
 CHURN_MAX_CPU_US = 100.0
 IDLE_MAX_RSS_KIB = 5.0
+#: TLS against plaintext, kmuxd CPU per message (issue 18).
+TLS_FLOOD_1K_MAX_CPU_RATIO = 2.0
+TLS_RR_64_MAX_CPU_RATIO = 1.5
 
 
 def _num(v: Any, fmt: str = ",.0f", none: str = "-") -> str:
@@ -100,6 +105,36 @@ def ratio_table(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def tls_pairs(cells: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """Each TLS cell with its plaintext twin (None if that did not run)."""
+    out = []
+    for t in cells:
+        if t["target"] != "kmuxd-tls" or "skipped" in t or t.get("error"):
+            continue
+        twin = find(cells, workload=t["workload"], target="kmuxd", size=t["size"], clients=t["clients"],
+                    steering=t["steering"], connections=t["connections"])
+        out.append((t, twin))
+    return out
+
+
+def tls_table(cells: list[dict[str, Any]]) -> str:
+    pairs = tls_pairs(cells)
+    if not pairs:
+        return ""
+    head = (f"{'TLS ÷ plaintext (kmuxd, same group settings)':<46} {'CPU/msg tls':>11} {'plain':>7} {'ratio':>6} "
+            f"{'msg/s tls':>10} {'plain':>10} {'ratio':>6}")
+    lines = [head]
+    for t, p in pairs:
+        name = (f"flood {size_label(t['size'])} x{t['clients']}" if t["workload"] == "flood"
+                else f"rr 64 B x{t['clients']} {t['steering']}")
+        lines.append(f"  {name:<44} {_num(t.get('proxy_cpu_us'), '.2f'):>11} "
+                     f"{_num(p and p.get('proxy_cpu_us'), '.2f'):>7} "
+                     f"{_num(_ratio(t.get('proxy_cpu_us'), p and p.get('proxy_cpu_us')), '.2f'):>6} "
+                     f"{_num(t.get('msgs_per_s')):>10} {_num(p and p.get('msgs_per_s')):>10} "
+                     f"{_num(_ratio(t.get('msgs_per_s'), p and p.get('msgs_per_s')), '.2f'):>6}")
+    return "\n".join(lines)
+
+
 def _added(x: dict[str, Any] | None, direct: dict[str, Any] | None, key: str = "p50_us") -> float | None:
     if x is None or direct is None or x.get(key) is None or direct.get(key) is None:
         return None
@@ -163,6 +198,18 @@ def targets(cells: list[dict[str, Any]], skipped: dict[str, str]) -> list[Target
         share = k["msgs_per_s"] / c["msgs_per_s"]
         out.append(Target(name, f"{share:.2f} ({k['msgs_per_s']:,.0f} vs {c['msgs_per_s']:,.0f})",
                           share >= FLOOD_64_MIN_CRELAY_SHARE))
+    for workload, size, clients, limit in (("flood", 1024, 8, TLS_FLOOD_1K_MAX_CPU_RATIO),
+                                           ("rr", 64, 64, TLS_RR_64_MAX_CPU_RATIO)):
+        what = f"flood {size_label(size)}" if workload == "flood" else f"rr 64 B, {clients} clients"
+        name = f"TLS {what}: kmuxd CPU/msg ≤ {limit:g}× plaintext's"
+        pair = next(((t, p) for t, p in tls_pairs(cells) if t["workload"] == workload and t["size"] == size
+                     and t["clients"] == clients), None)
+        if pair is None or pair[1] is None:
+            out.append(Target(name, "-", None, skipped.get("tls", "cell not run")))
+            continue
+        t, p = pair
+        r = t["proxy_cpu_us"] / p["proxy_cpu_us"]
+        out.append(Target(name, f"{t['proxy_cpu_us']:.2f} µs vs {p['proxy_cpu_us']:.2f} µs = {r:.2f}×", r <= limit))
     ch = find(cells, workload="churn")
     name = f"client churn: ≤ {CHURN_MAX_CPU_US:g} µs daemon CPU per client"
     out.append(Target(name, f"{ch['cpu_us_per_client']:.1f} µs" if ch else "-",

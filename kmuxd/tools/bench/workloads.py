@@ -1,7 +1,7 @@
 """One cell of the benchmark: one workload, one target, one setting.
 
 A *target* is what the clients talk to: ``kmuxd`` (a group of the running
-daemon), ``direct`` (the service itself, one TCP connection per client),
+daemon), ``kmuxd-tls`` (the same group's TLS twin, to a TLS service), ``direct`` (the service itself, one TCP connection per client),
 ``twemproxy``, ``zmq`` (the broker) or ``crelay`` (the C relay, flood only).
 The same C load generator drives every target, so the client's cost is the
 same on every row.
@@ -59,7 +59,7 @@ RSS_FLAT_TOLERANCE = 0.10
 @dataclass(frozen=True)
 class Cell:
     workload: str  # flood | rr | open | latency | idle | churn | rss
-    target: str  # kmuxd | direct | twemproxy | zmq | crelay
+    target: str  # kmuxd | kmuxd-tls | direct | twemproxy | zmq | crelay
     clients: int = 1
     size: int = 64
     steering: str | None = None  # kmuxd only
@@ -70,8 +70,8 @@ class Cell:
 
     def label(self) -> str:
         who = self.target
-        if self.target == "kmuxd" and self.steering:
-            who = f"kmuxd {self.steering}/{self.connections}c"
+        if self.target in ("kmuxd", "kmuxd-tls") and self.steering:
+            who = f"{'kmuxd+tls' if self.target == 'kmuxd-tls' else 'kmuxd'} {self.steering}/{self.connections}c"
         elif self.connections and self.target in ("twemproxy", "crelay"):
             who = f"{self.target}/{self.connections}c"
         what = {"flood": f"flood {size_label(self.size)} x{self.clients}",
@@ -92,7 +92,8 @@ def size_label(size: int) -> str:
 
 def proxy_pid(p: Parties, cell: Cell) -> int | None:
     zmq_broker = p.zmq_broker_flood if cell.workload in ("flood", "rss") else p.zmq_broker_rr
-    proxy = {"kmuxd": p.daemon, "twemproxy": p.twemproxy, "zmq": zmq_broker, "crelay": p.crelay}.get(cell.target)
+    proxy = {"kmuxd": p.daemon, "kmuxd-tls": p.daemon, "twemproxy": p.twemproxy, "zmq": zmq_broker,
+             "crelay": p.crelay}.get(cell.target)
     return proxy.pid if proxy is not None else None
 
 
@@ -100,17 +101,19 @@ def backend_pid(p: Parties, cell: Cell) -> int | None:
     if cell.workload in ("flood", "rss"):
         sink = p.zmq_sink if cell.target == "zmq" else p.sink
         return sink.pid if sink else None
-    service = p.zmq_echo if cell.target == "zmq" else p.memcached
+    service = {"zmq": p.zmq_echo, "kmuxd-tls": p.memcached_tls}.get(cell.target, p.memcached)
     return service.pid if service else None
 
 
 def client_args(p: Parties, cell: Cell) -> list[str]:
     """The load generator's transport options for this cell's target."""
     flood = cell.workload in ("flood", "rss")
-    if cell.target == "kmuxd":
+    if cell.target in ("kmuxd", "kmuxd-tls"):
         group = f"flood{cell.connections}" if flood else group_name(cell.steering, cell.connections)
         if cell.workload in ("idle", "churn"):
             group = group_name("id", 4) if p.memcached_port else "flood4"
+        if cell.target == "kmuxd-tls":
+            group += "tls"
         hello = encode_hello(Hello(group, receive=not flood, name="bench"))
         return ["--transport", "kmux", "--path", p.socket_path, "--hello", hello.hex()]
     if cell.target == "direct":
@@ -135,6 +138,10 @@ def available(p: Parties, cell: Cell) -> str | None:
             return p.skipped[peer]
     if cell.target in ("twemproxy", "zmq", "crelay") and proxy_pid(p, cell) is None:
         return f"{cell.target} is not running in this run"
+    if cell.target == "kmuxd-tls":
+        served = p.tls_term_port if cell.workload in ("flood", "rss") else p.memcached_tls_port
+        if not served or cell.connections != 4:
+            return p.skipped.get("tls", "no TLS service for this cell in this run (TLS groups have 4 connections)")
     return None
 
 
