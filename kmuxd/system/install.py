@@ -114,8 +114,8 @@ class Layout:
 
 #: The units' one source, in a checkout (this file is kmuxd/system/install.py there).
 CHECKOUT_UNITS = Path(__file__).resolve().parents[2] / "packaging" / "systemd"
-#: Where a wheel's build puts them inside the package (setup.py: UNITS_IN_PACKAGE).
-PACKAGE_UNITS = ("share", "systemd")
+#: Where a wheel's build puts them inside the package's share/ (setup.py: UNITS_IN_PACKAGE).
+PACKAGE_UNITS = "systemd"
 
 
 def share_dir() -> Traversable:
@@ -127,7 +127,7 @@ def units_dir() -> Traversable:
     """The unit templates: a checkout's ``packaging/systemd``, else the package's ``share/systemd``."""
     if CHECKOUT_UNITS.joinpath("kmuxd.service").is_file():
         return CHECKOUT_UNITS
-    built = share_dir().joinpath(*PACKAGE_UNITS)
+    built = share_dir().joinpath(PACKAGE_UNITS)
     if not built.joinpath("kmuxd.service").is_file():
         raise InstallError(f"the unit templates are missing from {built}: this kmuxd installation is "
                            "incomplete (reinstall the wheel or the package)")

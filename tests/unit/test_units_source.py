@@ -14,6 +14,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from kmuxd.system import install
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +33,19 @@ def test_the_units_live_only_in_packaging_systemd():
 
 def test_a_checkout_installs_from_packaging_systemd():
     assert Path(str(install.units_dir())) == SOURCE
+
+
+def test_an_installed_kmuxd_reads_them_from_its_package_data(tmp_path, monkeypatch):
+    """No checkout around it (a wheel in a venv, the .deb): share/systemd/ inside the package."""
+    share = tmp_path / "site-packages" / "kmuxd" / "share"
+    (share / "systemd").mkdir(parents=True)
+    (share / "systemd" / "kmuxd.service").write_text("[Service]\n")
+    monkeypatch.setattr(install, "CHECKOUT_UNITS", tmp_path / "site-packages" / "packaging" / "systemd")
+    monkeypatch.setattr(install, "share_dir", lambda: share)
+    assert Path(str(install.units_dir())) == share / "systemd"
+    (share / "systemd" / "kmuxd.service").unlink()
+    with pytest.raises(install.InstallError, match="unit templates are missing"):
+        install.units_dir()
 
 
 def test_the_build_packs_packaging_systemd_byte_for_byte(tmp_path, monkeypatch):

@@ -324,7 +324,8 @@ class Conn:
             trickling = self.sent_total < self._trickle_end
             limit = min(self._trickle[0], self._trickle_end - self.sent_total) if trickling else WRITE_CHUNK
             try:
-                n = self.sock.send(self.out[:limit])
+                # The whole queue when it fits one send: no copy (a slice of a bytearray is one).
+                n = self.sock.send(self.out if len(self.out) <= limit else self.out[:limit])
             except BlockingIOError:
                 break
             except OSError as exc:
