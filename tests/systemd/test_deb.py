@@ -144,8 +144,13 @@ def test_the_package_units_are_packaging_systemd_rendered(artefacts: Artefacts, 
     assert len(units) == len(install.UNITS)
     for f in units:
         assert f.path.read_text() == f.text, f.path.name
-    shipped = sorted(p.name for p in (tmp_path / "deb").rglob("*") if p.suffix in (".service", ".socket"))
-    assert shipped == sorted(install.UNITS)
+    # Besides the units dpkg installs, only the package data install-units reads, the same files.
+    source = {p.name: p.read_bytes() for p in (install.CHECKOUT_UNITS).iterdir()}
+    shipped = [p for p in (tmp_path / "deb").rglob("*") if p.suffix in (".service", ".socket")]
+    assert sorted(p.name for p in shipped if p.parent.name == "system") == sorted(install.UNITS)
+    data = {p.name: p.read_bytes() for p in shipped if p.parent.name != "system"}
+    assert data == source and all("site-packages/kmuxd/share/systemd" in str(p) for p in shipped
+                                  if p.parent.name != "system")
 
 
 def test_start_and_a_member_sends_through_the_echo_backend(deb: Package) -> None:
