@@ -37,8 +37,9 @@ python_ok() {
 setup_system() {
     local want=()
     python_ok || want+=(python3 python3-venv python3-dev)
-    # systemd-python (issue: systemd) builds from source against libsystemd.
-    want+=(gcc pkg-config libsystemd-dev)
+    # systemd-python (issue: systemd) builds from source against libsystemd and
+    # python3's headers; so does mypyc's compile of the data path.
+    want+=(gcc pkg-config libsystemd-dev python3-dev)
     # The tests' real servers; the --quick benchmark test also runs twemproxy (nutcracker).
     # iproute2: the dead-peer tests make a network namespace and drop its packets (ip, tc).
     # rpcbind: the ONC RPC tests run it in a network namespace of their own (tests/realservers/test_oncrpc.py).
@@ -49,9 +50,10 @@ setup_system() {
     # The benchmark: memcached behind kmuxd and twemproxy; gcc builds the C load generator and relay.
     [ "${1:-}" = bench ] && want+=(memcached nutcracker gcc)
     # The .deb (./dev.sh deb, and the systemd tests that build and install
-    # it): Debian's build tools, and the python3.11 it runs on; python3-venv
-    # for the tests' wheel install into a venv; groff and man for the man pages.
-    case "${1:-}" in test | deb) want+=(debhelper dpkg-dev python3.11 python3-venv groff-base man-db) ;; esac
+    # it): the distribution's build tools, and the python3 it runs on
+    # (packaging/build.sh: DEB_PYTHON); python3-venv for the tests' wheel
+    # install into a venv; groff and man for the man pages.
+    case "${1:-}" in test | deb) want+=(debhelper dpkg-dev python3 python3-venv groff-base man-db) ;; esac
     local missing
     missing=$(missing_apt "${want[@]}")
     if [ -n "$missing" ]; then
@@ -72,21 +74,33 @@ setup_system() {
     fi
 }
 
+fresh() {
+    # $1: a stamp; true if it exists and nothing the build depends on is newer:
+    # the packaging, or a module mypyc compiles (kmuxd/_compiled.py; an
+    # out-of-date build would run from source).
+    [ -f "$1" ] && ! [ pyproject.toml -nt "$1" ] && ! [ setup.py -nt "$1" ] &&
+        [ -z "$(find kmuxd/core kmuxd/io kmuxd/_compiled.py -name '*.py' -newer "$1" -print -quit)" ]
+}
+
 setup_venv() {
     # $1: pip extras (default "test"); each set of extras has its own stamp.
+    # KMUXD_PURE_PYTHON=1 skips mypyc's compile (about 45 s): that build has
+    # a stamp of its own, so a later run without it compiles; with it, a
+    # compiled build that is current is kept (the variable makes it run from
+    # source anyway).
     local extras=${1:-test}
     local stamp="$VENV/.kmux-installed-${extras//,/-}"
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV"
     fi
-    # Rebuild when the packaging changed, or a module mypyc compiles did
-    # (kmuxd/_compiled.py; an out-of-date build would run from source).
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] ||
-        [ -n "$(find kmuxd/core kmuxd/io kmuxd/_compiled.py -name '*.py' -newer "$stamp" -print -quit)" ]; then
-        "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -e ".[$extras]"
-        touch "$stamp"
+    fresh "$stamp" && return
+    if [ -n "${KMUXD_PURE_PYTHON:-}" ]; then
+        fresh "$stamp-pure" && return
+        stamp="$stamp-pure"
     fi
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+    touch "$stamp"
 }
 
 cmd=${1:-demo}; shift || true

@@ -170,8 +170,8 @@ def _flags(action: argparse.Action) -> str:
     if action.nargs == 0:
         return names
     metavar = action.metavar or (f"{{{','.join(action.choices)}}}" if action.choices else action.dest.upper())
-    if action.nargs == "?":
-        return f"{names}[=\\fI{literal(metavar)}\\fR]"
+    if action.nargs == "?":  # an optional value: "--watch 2" and "--watch=2" both work (docs/cli.md)
+        return f"{names} [\\fI{literal(metavar)}\\fR]"
     return f"{names} \\fI{literal(metavar)}\\fR"
 
 

@@ -38,6 +38,7 @@ from .format import (
 
 __all__ = [
     "Rates",
+    "problem_lines",
     "GROUP_COLUMNS",
     "CONN_COLUMNS",
     "ENDPOINT_COLUMNS",
@@ -414,6 +415,18 @@ def _total(counts: Any) -> int | None:
     return sum(v for v in counts.values() if _is_int(v)) if isinstance(counts, Mapping) else None
 
 
+def problem_lines(problems: Any) -> list[str]:
+    """``key.path: reason`` for each ``[path, reason]`` of a config_invalid error; [] if it has none."""
+    if not isinstance(problems, (list, tuple)):
+        return []
+    out = []
+    for p in problems:
+        if isinstance(p, (list, tuple)) and len(p) == 2:
+            path, reason = p
+            out.append(f"{fmt_text(path)}: {fmt_text(reason)}" if path else fmt_text(reason))
+    return out
+
+
 def status_view(answer: Mapping[str, Any]) -> list[str]:
     """``kmux-cli status``: the daemon record (and the control socket's own counters, when sent)."""
     d = answer.get("daemon") if isinstance(answer.get("daemon"), Mapping) else {}
@@ -426,9 +439,15 @@ def status_view(answer: Mapping[str, Any]) -> list[str]:
         f"    clients {fmt_count(d.get('clients'))}  groups {fmt_count(ngroups)}",
         f"    hellos accepted {fmt_count(d.get('clients_accepted'))}  "
         f"refused {fmt_count(d.get('clients_refused'))}{_by_key(d.get('refused_by_code'))}",
-        f"    reloads {fmt_count(d.get('reloads'))}  failed {fmt_count(d.get('reload_failures'))}  "
-        f"last error {fmt_plain(d.get('last_reload_error'))}",
     ]
+    reloads = f"    reloads {fmt_count(d.get('reloads'))}  failed {fmt_count(d.get('reload_failures'))}  last error "
+    problems = problem_lines(d.get("last_reload_problems"))
+    if len(problems) > 1:
+        # A refused file's problems, one per line (the error's text says them all on one).
+        lines.append(f"{reloads}config_invalid, {len(problems)} problems:")
+        lines += [f"        {line}" for line in problems]
+    else:
+        lines.append(f"{reloads}{fmt_plain(d.get('last_reload_error'))}")
     control = answer.get("control")
     if isinstance(control, Mapping):
         requests, refused = control.get("requests"), control.get("refused")

@@ -70,7 +70,7 @@ from kmuxd.system.log import RateLimit
 from .assembly import ANCILLARY_TEXT, EMPTY, EOF, FULL, TURN, Assembly
 from .peercred import PeerCred
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Handler
-from .sockerr import SocketErrors, errno_name
+from .sockerr import SocketErrors, discard_unread, errno_name
 
 if TYPE_CHECKING:
     from kmuxd.core.sendq import Outbox
@@ -81,7 +81,6 @@ __all__ = ["AppSession", "ClientStatistics"]
 
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # plain ints: IntFlag & costs ~1 µs per packet
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
-_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 # Why a pull stopped.
 _EMPTY, _FULL, _TURN, _EOF = EMPTY, FULL, TURN, EOF  # shared with the assembly of messages in pieces
 #: Seconds between "message_refused" log lines for one client (all are counted).
@@ -735,21 +734,8 @@ class AppSession(Handler):
                           suppressed=lines.take_suppressed())
 
     def discard_unread(self, limit: int = DISCARD_LIMIT) -> int:
-        """Drop packets the client sent that were never read, before closing.
-
-        Closing a Unix socket with unread packets makes the peer's next read
-        fail with ECONNRESET, which would hide the final notice and the
-        clean EOF behind it.
-        """
-        dropped = 0
-        while dropped < limit:
-            try:
-                if not self.sock.recv_into(_SCRATCH, 1, _MSG_TRUNC | _MSG_DONTWAIT):
-                    break
-            except OSError:
-                break  # EAGAIN: nothing left; anything else: the app is gone and its packets with it
-            dropped += 1
-        return dropped
+        """Drop (and count) packets the client sent that were never read, before closing (:func:`.sockerr.discard_unread`)."""
+        return discard_unread(self.sock, limit)
 
     # -- statistics ---------------------------------------------------------------
 

@@ -7,11 +7,20 @@ first, so an operator fixes a file in one pass. Every limit and
 timeout the daemon uses is a named setting here, with its default and unit in
 ``docs/config.md``. Unknown keys are errors: a typo must never silently fall
 back to a default.
+
+A typo is reported once, with the key it most resembles (``stering``:
+"did you mean 'steering'?", :mod:`difflib`). The key it stands for is then
+*unsure*: its default is not what the operator meant, so the checks that
+read it across keys (``[id]`` only with ``steering = "id"``, a required key
+"missing") are skipped instead of adding errors that only come from the
+typo. The same holds for a key whose value is refused (``steering =
+"ids"``). Fixing the typo brings those checks back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import ipaddress
 import os
@@ -257,9 +266,27 @@ def _float(v: Any, path: str, lo: float, hi: float) -> float:
     return float(v)
 
 
+#: How close a typo must be to a known name to be suggested (difflib's ratio).
+SUGGEST_CUTOFF = 0.6
+
+
+def closest(word: Any, known: Any) -> str | None:
+    """The known name ``word`` is most likely a typo of (:mod:`difflib`), or None."""
+    if not isinstance(word, str):
+        return None
+    close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=SUGGEST_CUTOFF)
+    return close[0] if close else None
+
+
+def suggestion(word: Any, known: Any) -> str:
+    """ "; did you mean 'x'?" for the known name closest to ``word``, or ""."""
+    name = closest(word, known)
+    return f"; did you mean {name!r}?" if name else ""
+
+
 def _choice(v: Any, path: str, choices: tuple[str, ...]) -> str:
     if v not in choices:
-        raise ConfigInvalid(path, f"must be one of {', '.join(map(repr, choices))}, not {v!r}")
+        raise ConfigInvalid(path, f"must be one of {', '.join(map(repr, choices))}, not {v!r}{suggestion(v, choices)}")
     return v
 
 
@@ -295,10 +322,20 @@ class _Problems:
             raise ConfigInvalid.several(self.errors)
 
 
-def _no_unknown(table: dict[str, Any], path: str, allowed: set[str], problems: _Problems) -> None:
+def _no_unknown(table: dict[str, Any], path: str, allowed: set[str], problems: _Problems) -> set[str]:
+    """Report every unknown key of ``table``; return the allowed keys that typos stand for (unsure keys)."""
+    meant: set[str] = set()
     for key in table:
-        if key not in allowed:
-            problems.add(f"{path}.{key}" if path else key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        if key in allowed:
+            continue
+        name = closest(key, allowed - set(table))
+        where = f"{path}.{key}" if path else key
+        if name:
+            meant.add(name)
+            problems.add(where, f"unknown key; did you mean {name!r}?")
+        else:
+            problems.add(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    return meant
 
 
 def _socket_path(v: Any, path: str) -> str:
@@ -344,16 +381,19 @@ _DAEMON_SETTINGS: dict[str, Any] = {
 }
 
 
-def _parse_daemon(raw: dict[str, Any], problems: _Problems) -> DaemonConfig:
+def _parse_daemon(raw: dict[str, Any], problems: _Problems) -> tuple[DaemonConfig, set[str]]:
+    """The daemon table, and its unsure keys (module docstring)."""
     p = "daemon"
-    _no_unknown(raw, p, set(DaemonConfig.__dataclass_fields__), problems)
+    unsure = _no_unknown(raw, p, set(DaemonConfig.__dataclass_fields__), problems)
     kw: dict[str, Any] = {}
     for key, parse in _DAEMON_SETTINGS.items():
         if key in raw:
             value = problems.check(parse, raw[key], f"{p}.{key}", default=_MISSING)
-            if value is not _MISSING:
+            if value is _MISSING:
+                unsure.add(key)
+            else:
                 kw[key] = value
-    return DaemonConfig(**kw)
+    return DaemonConfig(**kw), unsure
 
 
 _MISSING = object()
@@ -428,56 +468,51 @@ def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None
     if raw is None:
         return None
     before = len(problems.errors)
-    _no_unknown(raw, p, _GROUP_KEYS, problems)
+    unsure = _no_unknown(raw, p, _GROUP_KEYS, problems)
     kw: dict[str, Any] = {"name": name}
     eps = raw.get("endpoints")
     if eps is None:
-        problems.add(f"{p}.endpoints", "is required: a list of 'host:port'")
+        if "endpoints" not in unsure:
+            problems.add(f"{p}.endpoints", "is required: a list of 'host:port'")
     elif not isinstance(eps, list) or not eps:
         problems.add(f"{p}.endpoints", "must be a non-empty list of 'host:port'")
     else:
         kw["endpoints"] = tuple(problems.check(Endpoint.parse, e, f"{p}.endpoints[{i}]") for i, e in enumerate(eps))
+
+    def take(key: str, parse: Any, *args: Any) -> None:
+        value = problems.check(parse, raw[key], f"{p}.{key}", *args, default=_MISSING)
+        if value is _MISSING:
+            unsure.add(key)
+        else:
+            kw[key] = value
+
     for key, (kind, lo, hi) in _GROUP_NUMBERS.items():
         if key in raw:
-            value = problems.check(_int if kind is int else _float, raw[key], f"{p}.{key}", lo, hi, default=_MISSING)
-            if value is not _MISSING:
-                kw[key] = value
+            take(key, _int if kind is int else _float, lo, hi)
     choices = {"steering": STEERING_MODES, "unmatched": UNMATCHED_POLICIES, "rx_overflow": RX_OVERFLOW_POLICIES}
     for key, allowed in choices.items():
         if key in raw:
-            value = problems.check(_choice, raw[key], f"{p}.{key}", allowed, default=_MISSING)
-            if value is not _MISSING:
-                kw[key] = value
+            take(key, _choice, allowed)
     if "framing" in raw:
-        value = problems.check(Framing.from_spec, raw["framing"], f"{p}.framing", default=_MISSING)
-        if value is not _MISSING:
-            kw["framing"] = value
+        take("framing", Framing.from_spec)
     if "id" in raw:
-        value = problems.check(_parse_id, raw["id"], f"{p}.id", default=_MISSING)
-        if value is not _MISSING:
-            kw["id"] = value
+        take("id", _parse_id)
     if "socket" in raw:
-        value = problems.check(_parse_socket, raw["socket"], f"{p}.socket", kw.get("endpoints", ()), default=_MISSING)
-        if value is not _MISSING:
-            kw["socket"] = value
+        take("socket", _parse_socket, kw.get("endpoints", ()))
     if "tls" in raw:
-        value = problems.check(_parse_tls, raw["tls"], f"{p}.tls", problems, default=_MISSING)
-        if value is not _MISSING:
-            kw["tls"] = value
+        take("tls", _parse_tls, problems)
     if "handshake" in raw:
         framing = kw.get("framing", Framing.from_spec("u32be"))
         max_message = kw.get("max_message", _default("max_message"))
-        value = problems.check(_parse_steps, raw["handshake"], f"{p}.handshake", framing, max_message, problems,
-                               default=_MISSING)
-        if value is not _MISSING:
-            kw["handshake"] = value
+        take("handshake", _parse_steps, framing, max_message, problems)
     users = problems.check(_principals, raw["allow_users"], f"{p}.allow_users", "user") if "allow_users" in raw else None
     groups = problems.check(_principals, raw["allow_groups"], f"{p}.allow_groups", "group") if "allow_groups" in raw else None
     kw["access"] = AccessPolicy(users, groups)
-    steering = kw.get("steering", raw.get("steering", "balance"))
-    if steering == "id" and "id" not in raw:
+    # Checks across keys, only where the keys they read are what the operator meant.
+    steering = None if "steering" in unsure else kw.get("steering", "balance")
+    if steering == "id" and "id" not in raw and "id" not in unsure:
         problems.add(f"{p}.id", 'steering = "id" needs an [id] table (request_offset, response_offset, size)')
-    if "id" in raw and steering != "id":
+    if "id" in raw and steering not in ("id", None):
         problems.add(f"{p}.id", 'only used with steering = "id"')
     if steering == "balance":
         for key in _REQUEST_ONLY:
@@ -526,9 +561,9 @@ def _fit_id_to_framing(group: GroupConfig, p: str, problems: "_Problems") -> Gro
 def _parse_id(raw: Any, p: str) -> IdConfig:
     raw = _table(raw, p)
     problems = _Problems()
-    _no_unknown(raw, p, set(IdConfig.__dataclass_fields__), problems)
+    unsure = _no_unknown(raw, p, set(IdConfig.__dataclass_fields__), problems)
     for key in ("request_offset", "response_offset"):
-        if key not in raw:
+        if key not in raw and key not in unsure:
             problems.add(f"{p}.{key}", "is required")
     size = raw.get("size", 4)
     if size not in (1, 2, 4, 8) or isinstance(size, bool):
@@ -642,19 +677,20 @@ def _congestion(v: Any, path: str, kernel: Any) -> str:
 def parse_config(raw: dict[str, Any], source: str = "<memory>") -> Config:
     """Validate a parsed TOML document. Raises ConfigInvalid naming every problem's key path."""
     problems = _Problems()
-    _no_unknown(raw, "", {"version", "daemon", "groups"}, problems)
+    unsure = _no_unknown(raw, "", {"version", "daemon", "groups"}, problems)
     if "version" not in raw:
-        problems.add("version", f"is required (this kmuxd reads version {CONFIG_VERSION})")
+        if "version" not in unsure:
+            problems.add("version", f"is required (this kmuxd reads version {CONFIG_VERSION})")
     elif raw["version"] != CONFIG_VERSION:
         problems.add("version", f"must be {CONFIG_VERSION}, not {raw['version']!r}")
     daemon_raw = problems.check(_table, raw.get("daemon", {}), "daemon", default={})
-    daemon = _parse_daemon(daemon_raw, problems)
+    daemon, daemon_unsure = _parse_daemon(daemon_raw, problems)
     if "control_socket" not in daemon_raw:
         daemon = dataclasses.replace(daemon, control_socket=str(Path(daemon.socket).parent / "control.sock"))
-    if daemon.control_socket == daemon.socket:
+    if daemon.control_socket == daemon.socket and not daemon_unsure & {"socket", "control_socket"}:
         problems.add("daemon.control_socket", "must differ from daemon.socket")
     groups_raw = problems.check(_table, raw.get("groups", {}), "groups", default={})
-    if not groups_raw and not problems.errors:
+    if not groups_raw and not problems.errors and "groups" not in unsure:
         problems.add("groups", "at least one group is required")
     groups = {name: _parse_group(name, g, problems) for name, g in groups_raw.items()}
     problems.raise_any()

@@ -47,8 +47,7 @@ from .helpers import (
     wait_flat,
     wait_until,
 )
-from .test_request_steering import fault_servers  # noqa: F401 - a fixture
-from .test_request_steering import (
+from .reqresp import (
     Fault,
     assert_exactly_one_outcome,
     rr_group,
