@@ -176,7 +176,8 @@ def test_config_docs_list_exactly_the_keys_the_parser_takes():
 
 #: Problems of a configuration that only say this machine is not the one the docs describe.
 ELSEWHERE = (r"no such (user|group) '.*' on this system|^/\S+ does not exist$"
-             r"|looked up in \$CREDENTIALS_DIRECTORY, which is not set")
+             r"|looked up in \$CREDENTIALS_DIRECTORY, which is not set"
+             r"|is a credential name, but \$CREDENTIALS_DIRECTORY is not set")
 
 
 def toml_examples() -> list[tuple[str, str]]:
