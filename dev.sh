@@ -41,9 +41,11 @@ setup_system() {
     want+=(gcc pkg-config libsystemd-dev)
     # The tests' real servers; the --quick benchmark test also runs twemproxy (nutcracker).
     # iproute2: the dead-peer tests make a network namespace and drop its packets (ip, tc).
-    [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base nutcracker iproute2)
-    # The benchmark: memcached behind kmuxd and twemproxy; gcc builds the C load generator and relay.
-    [ "${1:-}" = bench ] && want+=(memcached nutcracker gcc)
+    # strace: the client's system-call tests count its calls (tests/integration/test_client_fast_lane.py).
+    [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base nutcracker iproute2 strace)
+    # The benchmark: memcached behind kmuxd and twemproxy; gcc builds the C load generator and relay;
+    # strace counts the Python clients' system calls where perf cannot (perf, when usable, is preferred).
+    [ "${1:-}" = bench ] && want+=(memcached nutcracker gcc strace)
     # The .deb (./dev.sh deb, and the systemd tests that build and install
     # it): Debian's build tools, and the python3.11 it runs on; python3-venv
     # for the tests' wheel install into a venv; groff and man for the man pages.

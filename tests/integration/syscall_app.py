@@ -4,7 +4,7 @@
 
 The test (``test_client_fast_lane.py``) runs this program under ``strace -f``
 with :func:`kmuxd.tools.bench.syscalls.count`, which counts only what
-happens between the marker calls (:func:`kmuxd.tools.bench.appclient.mark`),
+happens between the marker calls (:func:`kmuxd.tools.bench.syscalls.mark`),
 so start-up, imports and the warm-up are not counted. Scenarios, each
 against an echo group whose messages are ``u32be`` frames of SIZE bytes:
 
@@ -34,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import kmux  # noqa: E402
-from kmuxd.tools.bench.appclient import MARK_BEGIN, MARK_END, mark  # noqa: E402
+from kmuxd.tools.bench.syscalls import MARK_BEGIN, MARK_END, mark  # noqa: E402
 
 #: Round trips before the marker (the first receive sets the socket's timeout).
 WARMUP = 20

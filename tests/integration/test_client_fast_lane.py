@@ -40,7 +40,7 @@ from kmux import ReconnectPolicy, sockbuf
 from kmuxd.tools.bench import syscalls
 
 from .helpers import Daemon, group_config
-from .test_client_transports import STOCK, assert_stock_limit_is_real
+from .test_client_transports import STOCK, assert_stock_limit_is_real, peer_factory, session_of  # noqa: F401
 from .transports import transport, until  # noqa: F401 -- the fixture
 
 APP = Path(__file__).with_name("syscall_app.py")
@@ -71,12 +71,12 @@ def echo_daemon(backend_factory, daemon_factory):
     return daemon
 
 
-def counted(daemon, transport: str, scenario: str, n: int = ROUND_TRIPS, size: int = 64,
+def counted(daemon, transport_name: str, scenario: str, n: int = ROUND_TRIPS, size: int = 64,
             env: dict[str, str] | None = None) -> tuple[syscalls.SyscallCounts, dict]:
     why = _strace_usable()
     if why:
         pytest.skip(why)
-    argv = [sys.executable, str(APP), daemon.socket_path, "echo", transport, scenario, str(n), str(size)]
+    argv = [sys.executable, str(APP), daemon.socket_path, "echo", transport_name, scenario, str(n), str(size)]
     counts = syscalls.count(argv, env={**os.environ, **(env or {})})
     out = json.loads(counts.stdout.strip().splitlines()[-1])
     assert out["ok"], out
@@ -273,3 +273,40 @@ async def test_the_control_socket_is_named_when_an_app_dials_it(transport, echo_
         await transport.connect("echo", echo_daemon.control_socket)
     [line] = echo_daemon.wait_log("control_error")
     assert "an app's hello (group 'echo') on the control socket" in line["error"], line
+
+
+async def test_a_message_the_fast_lane_reads_during_a_receive_off_is_handed_back(transport, peer_factory):
+    """A receiver waits on the fast lane when another caller switches receiving off: a message that
+    arrives before the marker is handed back (REQUEUE), not delivered. The blocking receiver is inside
+    its one blocking read when draining starts, so the fast lane reads the message and leaves it to the
+    driver's hand-back; the trio receiver checks after its readiness wait and leaves the read to the driver."""
+    peer = peer_factory(echo=False)
+    c = await transport.connect("g", peer.path)
+    s = await session_of(peer)
+    driver = c.raw._driver
+    got: list[bytes] = []
+    off = trio.Event()
+    m = _frame(100, 11)
+
+    async def reader() -> None:  # one blocking receive at a time, holding the lane until a message comes
+        while not off.is_set():
+            got.append(await c.recv(timeout=10))
+
+    async def switch_off() -> None:
+        await c.set_receive(False)
+        off.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await until(lambda: c.raw._recv_lock.locked(), "the reader waits on the fast lane")
+        s.pause()  # the peer reads nothing: its marker waits behind the control packet
+        control_sent = driver.conn.link.unread_bytes()
+        nursery.start_soon(switch_off)
+        await until(lambda: driver.conn.link.unread_bytes() > control_sent, "the control packet sent")
+        s.send_message(m)  # arrives before the marker: the waiting reader's fast lane reads it
+        await until(lambda: driver.conn.link.unread_bytes() > control_sent + len(m), "the hand-back sent")
+        s.resume()
+        await off.wait()
+        last = _frame(100, 12)
+        s.send_message(last)  # receiving is off and no marker is outstanding: delivered, and the reader ends
+    assert got == [last] and s.requeued == [m], (got, s.requeued)

@@ -35,9 +35,8 @@ Two ways to run:
   ``CLOCK_PROCESS_CPUTIME_ID``, nanosecond resolution) and context switches
   per round trip;
 * ``--count N``: N round trips after a warm-up, between two marker system
-  calls (a ``stat`` of :data:`MARK_BEGIN` and :data:`MARK_END`, paths that do
-  not exist), for :mod:`.syscalls` to count the system calls of exactly
-  those round trips under ``strace``. Prints one JSON line.
+  calls (:func:`.syscalls.mark`), for :mod:`.syscalls` to count the system
+  calls of exactly those round trips. Prints one JSON line.
 
 Invariants: every loop is bounded by the clock or a count; the latency
 samples are at most :data:`MAX_SAMPLES` (past that, round trips are counted
@@ -50,7 +49,6 @@ from __future__ import annotations
 import argparse
 import array
 import json
-import os
 import resource
 import socket
 import struct
@@ -58,26 +56,17 @@ import sys
 import time
 from typing import Any, Callable
 
+from .syscalls import MARK_BEGIN, MARK_END, mark
+
 APIS = ("kmux", "kmux-trio", "raw", "raw-trio", "stream")
 #: Most latency samples kept (8 bytes each).
 MAX_SAMPLES = 4_000_000
 #: Round trips before the counted ones (--count): imports, caches and the
 #: first allocations are not what an app pays per message.
 WARMUP = 200
-#: The marker system calls around the counted round trips.
-MARK_BEGIN = "/kmux-bench-syscalls-begin"
-MARK_END = "/kmux-bench-syscalls-end"
 #: The largest reply read (the benchmark's replies are 64 bytes).
 REPLY_BUFFER = 65536
 ASCII_END = b"END\r\n"
-
-
-def mark(path: str) -> None:
-    """A system call strace shows with ``path`` in it, and nothing else."""
-    try:
-        os.stat(path)
-    except OSError:
-        pass
 
 
 class Failed(Exception):
@@ -195,34 +184,38 @@ def ready_and_go() -> tuple[float, float, float, float]:
 
 
 def closed_loop(rt: Callable[[], None], start: float, stop: float, ws: float, we: float) -> dict[str, Any]:
-    samples = array.array("d")
     now = time.monotonic
-    window = Window()
+    window = Window(ws, we)
     t = now()
     while t < stop:
         rt()
-        t1 = now()
-        if ws <= t < we:
-            window.enter(t)
-            if len(samples) < MAX_SAMPLES:
-                samples.append(t1 - t)
-            window.completed += 1
-        elif t >= we:
-            window.leave(t)
-        t = t1
-    window.leave(t)
-    return window.result(samples)
+        t = window.done(t, now())
+    return window.result(t)
 
 
 class Window:
-    """The measured window's CPU and context switches, read at its first and last round trip."""
+    """The measured window: round trips, their latency samples, and the CPU and context switches
+    read at its first and last round trip."""
 
-    def __init__(self) -> None:
+    def __init__(self, ws: float, we: float) -> None:
+        self.ws, self.we = ws, we
+        self.samples = array.array("d")
         self.completed = 0
         self.t0 = self.t1 = 0.0
         self.cpu0 = self.cpu1 = 0.0
         self.ru0: Any = None
         self.ru1: Any = None
+
+    def done(self, t: float, t1: float) -> float:
+        """A round trip sent at ``t`` was answered at ``t1``; returns ``t1``."""
+        if self.ws <= t < self.we:
+            self.enter(t)
+            if len(self.samples) < MAX_SAMPLES:
+                self.samples.append(t1 - t)
+            self.completed += 1
+        elif t >= self.we:
+            self.leave(t)
+        return t1
 
     def enter(self, t: float) -> None:
         if self.ru0 is None:
@@ -232,11 +225,12 @@ class Window:
         if self.ru0 is not None and self.ru1 is None:
             self.t1, self.cpu1, self.ru1 = t, time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
 
-    def result(self, samples: array.array) -> dict[str, Any]:
+    def result(self, t: float) -> dict[str, Any]:
+        self.leave(t)
         n = self.completed
         if not n or self.ru1 is None:
             return {"completed": 0, "error": "no round trip completed inside the window"}
-        ordered = sorted(samples)
+        ordered = sorted(self.samples)
 
         def pct(q: float) -> float:
             return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
@@ -316,23 +310,13 @@ def run_trio(a: argparse.Namespace) -> dict[str, Any]:
                 mark(MARK_END)
                 return {"count": a.count}
             start, stop, ws, we = await trio.to_thread.run_sync(ready_and_go)
-            samples = array.array("d")
             now = time.monotonic
-            window = Window()
+            window = Window(ws, we)
             t = now()
             while t < stop:
                 await rt()
-                t1 = now()
-                if ws <= t < we:
-                    window.enter(t)
-                    if len(samples) < MAX_SAMPLES:
-                        samples.append(t1 - t)
-                    window.completed += 1
-                elif t >= we:
-                    window.leave(t)
-                t = t1
-            window.leave(t)
-            return window.result(samples)
+                t = window.done(t, now())
+            return window.result(t)
         finally:
             await close()
 

@@ -2,7 +2,7 @@
 
 :func:`count` runs a command (an :mod:`.appclient` with ``--count N``) under
 ``strace -f`` and counts the calls its threads made between the two marker
-calls (:data:`.appclient.MARK_BEGIN`, :data:`.appclient.MARK_END`): the round
+calls (:func:`mark` of :data:`MARK_BEGIN`, then of :data:`MARK_END`): the round
 trips, and nothing of start-up, imports or exit. Counts do not depend on how
 busy the machine is, so they make robust test bounds (timings under strace
 do not mean anything, and are not used).
@@ -24,16 +24,28 @@ once. ``all`` counts every call.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-from .appclient import MARK_BEGIN, MARK_END
 from .procs import find_binary
 
-__all__ = ["available", "count", "per_round_trip", "perf_usable", "SyscallCounts"]
+__all__ = ["available", "count", "mark", "per_round_trip", "perf_usable", "SyscallCounts", "MARK_BEGIN", "MARK_END"]
+
+#: The marker system calls around the counted round trips: a ``stat`` of paths that do not exist.
+MARK_BEGIN = "/kmux-bench-syscalls-begin"
+MARK_END = "/kmux-bench-syscalls-end"
+
+
+def mark(path: str) -> None:
+    """A system call strace shows with ``path`` in it, and nothing else."""
+    try:
+        os.stat(path)
+    except OSError:
+        pass
 
 #: Most seconds a counted run may take (strace slows a process many times).
 RUN_TIMEOUT = 120.0
