@@ -40,11 +40,13 @@ keeps the pieces of a large message together and the seq in the socket's
 order; ``set_receive`` may be called from any thread. ``close()`` shuts the
 socket down first, which wakes a thread blocked on it.
 
-The fast lane (the driver's "The fast lane"): ``send`` and ``recv`` take
-their lock without waiting and call :meth:`ClientDriver.send_now` or
-:meth:`ClientDriver.receive_now`, which make one system call each on the
-common path. Anything else (a lock is busy, a large message, a connection
-to repair) goes through the driver's generators, which apply every rule.
+The fast lane (the driver's "The fast lane"): ``send`` takes the send
+lock (waiting for another sender, as the driver's send would) and calls
+:meth:`ClientDriver.send_now`; ``recv`` takes the receive lock without
+waiting and calls :meth:`ClientDriver.receive_now`. Each makes one system
+call on the common path. Anything else (another thread receiving, a large
+message, a connection to repair) goes through the driver's generators,
+which apply every rule.
 """
 
 from __future__ import annotations

@@ -309,4 +309,5 @@ async def test_a_message_the_fast_lane_reads_during_a_receive_off_is_handed_back
         await off.wait()
         last = _frame(100, 12)
         s.send_message(last)  # receiving is off and no marker is outstanding: delivered, and the reader ends
+    await until(lambda: s.requeued, "the peer to read the hand-back")  # its own thread reads on
     assert got == [last] and s.requeued == [m], (got, s.requeued)
