@@ -2,9 +2,10 @@
 
 It starts real processes (kmuxd, memcached, the sink, twemproxy, the zmq
 broker, the C relay built from source) and drives them with the C load
-generator. Nothing here asserts a timing: only that every cell ran (or was
-skipped with a reason printed), that counts are positive and consistent,
-that percentiles are ordered, and that every target got a verdict line.
+generator and the Python app client. Nothing here asserts a timing: only
+that every cell ran (or was skipped with a reason printed), that counts are
+positive and consistent, that percentiles are ordered, and that every
+target got a verdict line.
 """
 
 from __future__ import annotations
