@@ -45,10 +45,12 @@ setup_system() {
     # rpcbind: the ONC RPC tests run it in a network namespace of their own (tests/realservers/test_oncrpc.py).
     # TLS and SASL (issue 18): openssl makes the tests' certificates; memcached's SASL
     # wants saslpasswd2 (sasl2-bin) for its sasldb and the PLAIN and sasldb plugins.
+    # strace: the client's system-call tests count its calls (tests/integration/test_client_fast_lane.py).
     [ "${1:-}" = test ] && want+=(memcached unbound dnsmasq-base nutcracker iproute2 rpcbind
-        openssl sasl2-bin libsasl2-modules libsasl2-modules-db)
-    # The benchmark: memcached behind kmuxd and twemproxy; gcc builds the C load generator and relay.
-    [ "${1:-}" = bench ] && want+=(memcached nutcracker gcc)
+        openssl sasl2-bin libsasl2-modules libsasl2-modules-db strace)
+    # The benchmark: memcached behind kmuxd and twemproxy; gcc builds the C load generator and relay;
+    # strace counts the Python clients' system calls where perf cannot (perf, when usable, is preferred).
+    [ "${1:-}" = bench ] && want+=(memcached nutcracker gcc strace)
     # The .deb (./dev.sh deb, and the systemd tests that build and install
     # it): the distribution's build tools, and the python3 it runs on
     # (packaging/build.sh: DEB_PYTHON); python3-venv for the tests' wheel

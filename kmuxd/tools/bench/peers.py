@@ -15,7 +15,9 @@ cell that needs it is skipped with that reason.
   ``{balance,fifo,id}{1,4}`` (memcached-binary to memcached; ``id`` steers
   on the 4-byte opaque at offset 12 with rewrite), so no restart between cells.
 * ``twemproxy`` (Debian ``nutcracker``): pools ``mc1``/``mc4`` with
-  ``server_connections`` 1 and 4 to the same memcached.
+  ``server_connections`` 1 and 4 to the same memcached, on TCP; and
+  ``mcunix`` (4 connections) on a Unix socket, for the Python clients' rows
+  (a local app's way in, as kmuxd's).
 * ``zmq``: two brokers (:mod:`.zmqpeer`), one in front of a zmq echo service,
   one in front of a zmq sink.
 * ``crelay``: ``relay.c``, built by the bench with the system compiler, to the sink.
@@ -93,6 +95,7 @@ class Parties:
     socket_path: str = ""
     twemproxy: Child | None = None
     twemproxy_ports: dict[int, int] = field(default_factory=dict)
+    twemproxy_unix: str = ""
     zmq_echo: Child | None = None
     zmq_sink: Child | None = None
     zmq_broker_rr: Child | None = None
@@ -153,7 +156,7 @@ def _start(p: Parties, want: set[str], largest_message: int, daemon_cpu: int | N
     p.loadgen = loadgen
     with open(run_dir / "sink.log", "wb") as sink_log:  # the child keeps its own descriptor
         p.sink = BackendProcess("sink", report=run_dir / "sink.json", stderr=sink_log)
-    needs_rr = bool(want & {"rr", "open", "latency"})
+    needs_rr = bool(want & {"rr", "open", "latency", "app"})
     if needs_rr:
         _start_memcached(p)
     if tls:
@@ -337,10 +340,13 @@ def _start_twemproxy(p: Parties) -> None:
         p.skipped["twemproxy"] = "nutcracker is not installed (./dev.sh bench installs the Debian package)"
         return
     conf = p.run_dir / "nutcracker.yml"
+    p.twemproxy_unix = str(p.run_dir / "twemproxy.sock")
     text = ""
-    for n in CONNECTION_COUNTS:
-        p.twemproxy_ports[n] = free_port()
-        text += (f"mc{n}:\n  listen: 127.0.0.1:{p.twemproxy_ports[n]}\n  hash: fnv1a_64\n  distribution: ketama\n"
+    for name, listen, n in [*((f"mc{n}", f"127.0.0.1:{free_port()}", n) for n in CONNECTION_COUNTS),
+                            ("mcunix", f"{p.twemproxy_unix} 0600", 4)]:
+        if name != "mcunix":
+            p.twemproxy_ports[n] = int(listen.rsplit(":", 1)[1])
+        text += (f"{name}:\n  listen: {listen}\n  hash: fnv1a_64\n  distribution: ketama\n"
                  f"  timeout: 10000\n  redis: false\n  server_connections: {n}\n  preconnect: true\n"
                  f"  servers:\n   - 127.0.0.1:{p.memcached_port}:1\n")
     conf.write_text(text)
@@ -348,10 +354,10 @@ def _start_twemproxy(p: Parties) -> None:
     p.twemproxy = Child("twemproxy", [binary, "-c", str(conf), "-s", str(stats), "-a", "127.0.0.1", "-v", "4"],
                         p.run_dir / "twemproxy.log")
     deadline = time.monotonic() + CONNECT_TIMEOUT
-    for port in p.twemproxy_ports.values():
+    for where in [*p.twemproxy_ports.values(), p.twemproxy_unix]:
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
+                with _dial(where) as s:
                     s.sendall(ASCII_GET_REQUEST)
                     got = b""
                     while not got.endswith(b"END\r\n"):
@@ -369,6 +375,20 @@ def _start_twemproxy(p: Parties) -> None:
                     p.twemproxy = None
                     return
                 time.sleep(CONNECT_POLL)
+
+
+def _dial(where: int | str) -> socket.socket:
+    """A stream to a TCP port on 127.0.0.1, or to a Unix socket's path."""
+    if isinstance(where, int):
+        return socket.create_connection(("127.0.0.1", where), timeout=2.0)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(where)
+    except OSError:
+        s.close()
+        raise
+    return s
 
 
 def _start_zmq(p: Parties, flood: bool, rr: bool, hwm: int) -> None:
