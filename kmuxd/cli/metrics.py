@@ -208,6 +208,19 @@ class StatsCollector:
             family, TCP_METRICS, conn_labels,
             [(lv, c.get("tcp")) for lv, c in conns if isinstance(c.get("tcp"), Mapping)],
         )
+        expiry = GaugeMetricFamily(
+            "kmux_tls_cert_expiry_seconds",
+            "Seconds until a TLS certificate of the connection expires: the server's (verified) and our own client's",
+            labels=[*conn_labels, "cert"],
+        )
+        for lv, c in conns:
+            tls = c.get("tls")
+            if isinstance(tls, Mapping):
+                for cert, field in (("server", "server_cert_expiry_seconds"), ("client", "client_cert_expiry_seconds")):
+                    v = _metric_value(tls.get(field), 1)
+                    if v is not None:
+                        expiry.add_metric([*lv, cert], v)
+        yield expiry
         conn_up = GaugeMetricFamily(
             "kmux_conn_up", "1 if the slot holds an established TCP connection", labels=conn_labels
         )

@@ -61,12 +61,14 @@ from kmuxd.core.sendq import Outbox, Salvage
 from kmuxd.core.states import ConnEvent, ConnMachine, ConnState, EndReason, RetireReason, RxEvent, RxState
 from kmuxd.system.config import Endpoint
 
+from .dial import describe
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
-from .sockerr import describe_error, errno_name
+from .sockerr import errno_name
 from .statistics import ConnStatistics
 
 if TYPE_CHECKING:
     from .slot import Slot
+    from .tls import TlsTransport
 
 __all__ = ["Conn", "ConnStatistics"]
 
@@ -82,10 +84,11 @@ class Conn:
     __slots__ = (
         "group", "slot", "clock", "sock", "fd", "endpoint", "sm", "inbox", "flight", "mask", "connected_at",
         "steering", "slot_counters", "counters", "tx_msgs", "tx_bytes", "rx_msgs", "requests", "budget",
-        "delivered", "flight_total", "retire_deadline", "retire_reason", "_closed_event", "error",
+        "delivered", "flight_total", "retire_deadline", "retire_reason", "_closed_event", "error", "tls",
     )
 
-    def __init__(self, slot: "Slot", sock: socket.socket, endpoint: Endpoint, inbox: Inbox) -> None:
+    def __init__(self, slot: "Slot", sock: socket.socket, endpoint: Endpoint, inbox: Inbox,
+                 tls: "TlsTransport | None" = None) -> None:
         group = slot.group
         cfg = group.cfg
         self.group = group
@@ -121,6 +124,8 @@ class Conn:
         #: Set when the TCP connection is closed, however it ended (:meth:`wait_closed`).
         self._closed_event = trio.Event()
         self.error: str | None = None
+        #: TLS stands in for the socket's send and recv_into (kmuxd.io.tls); None: plaintext.
+        self.tls = tls
 
     def __repr__(self) -> str:
         return f"Conn({self.group.cfg.name}/{self.slot.index} {self.endpoint})"
@@ -183,7 +188,8 @@ class Conn:
         group = self.group
         sched = group.sched
         outbox = sched.outbox_of(self)
-        send = self.sock.send
+        tls = self.tls
+        send = self.sock.send if tls is None else tls.send
         while outbox.head < outbox.tail:
             try:
                 n = send(outbox.view[outbox.head : outbox.tail])
@@ -204,6 +210,8 @@ class Conn:
             # written() may have had this connection adopt an orphan (when its
             # own outbox emptied): the next bytes to write are the orphan's.
             outbox = sched.outbox_of(self)
+        if tls is not None and tls.backlog and not self._push_tls(tls):
+            return
         if self.sm.state is ConnState.BUSY:
             self.sm.fire(ConnEvent.WRITE_DONE)
         if self.mask & EPOLLOUT:
@@ -212,6 +220,19 @@ class Conn:
             group.note_flushed()
         if self.sm.state is ConnState.DRAINING:
             self.maybe_finish_retiring()
+
+    def _push_tls(self, tls: "TlsTransport") -> bool:
+        """The outbox is written (as plaintext) but the kernel refused ciphertext: the backlog
+        asks for EPOLLOUT until it is out (kmuxd.io.tls, rule 1). True once it is all out."""
+        try:
+            pushed = tls.push()
+        except OSError as exc:
+            self.end(EndReason.ERROR, exc)
+            return False
+        if not pushed:
+            self.sm.fire(ConnEvent.WRITE_BLOCKED)
+            self._set_mask(self.mask | EPOLLOUT)
+        return pushed
 
     def _flight_written(self, outbox: Outbox) -> None:
         """Requests whose bytes reached the kernel are in flight on this connection now."""
@@ -229,8 +250,9 @@ class Conn:
     def read(self) -> None:
         """One read into the inbox, then steer what it completed."""
         inbox = self.inbox
+        tls = self.tls
         try:
-            n = self.sock.recv_into(inbox.space())
+            n = self.sock.recv_into(inbox.space()) if tls is None else tls.recv_into(inbox.space())
         except BlockingIOError:
             return
         except OSError as exc:
@@ -247,6 +269,13 @@ class Conn:
             return
         if ready:
             self.steer()
+        if tls is not None:
+            if tls.backlog:
+                self.flush_soon()  # the read produced TLS output (a key update): send it
+            if tls.buffered and self.sm.reading and not self.sm.closed:
+                # Plaintext waits inside the SSLObject, where epoll cannot see it:
+                # read again next pass without a readiness event (kmuxd.io.tls, rule 2).
+                self.group.reactor.serve_again(self.fd, self)
 
     def steer(self) -> None:
         """Hand the inbox's complete messages over; stop reading if some must wait."""
@@ -321,6 +350,8 @@ class Conn:
             self.read()
         else:
             self._set_mask(self.mask | EPOLLIN | EPOLLRDHUP)
+            if self.tls is not None and self.tls.buffered:
+                self.read()  # plaintext already inside the SSLObject: no readiness event comes for it
 
     def _hung_up_while_paused(self, events: int) -> None:
         # Level-triggered epoll reports a hang-up for as long as it lasts,
@@ -368,6 +399,8 @@ class Conn:
         outbox = self.group.sched.outbox_of(self)
         if outbox.pending or outbox.owners or outbox.open_owner is not None:
             return
+        if self.tls is not None and self.tls.backlog:
+            return  # its ciphertext is not all out yet: the flush that sends it calls again
         if self.flight is not None:
             if not self.flight.count():
                 self.end(EndReason.REQUESTED)
@@ -424,7 +457,7 @@ class Conn:
         now = self.clock()
         requested = how is EndReason.REQUESTED
         if exc is not None and not requested:
-            self.error = describe_error(exc)
+            self.error = describe(exc)
         # Answers the service sent before the stream broke are still owed. A FIN
         # among them means the server closed first and our later writes drew the
         # reset (EPIPE/ECONNRESET): for health that is the server's recycle.
@@ -510,7 +543,7 @@ class Conn:
                 if not self._hand_over():
                     return False
             try:
-                n = self.sock.recv_into(inbox.space())
+                n = self.sock.recv_into(inbox.space()) if self.tls is None else self.tls.recv_into(inbox.space())
             except OSError:
                 return False  # EAGAIN: all taken; else the stream's error, which end() logs
             if n == 0:

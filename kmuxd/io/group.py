@@ -52,7 +52,7 @@ from kmuxd.core.counters import GroupCounters
 from kmuxd.core.endpoints import EndpointPool
 from kmuxd.core.router import Flight, IdTable, Request, ResponseRouter
 from kmuxd.core.sendq import Owner, TxScheduler
-from kmuxd.core.states import CloseReason, SlotState
+from kmuxd.core.states import CloseReason, RetireReason, SlotState
 from kmuxd.core.steering import Receiver, ReceiverRing, Steering, steering_for
 from kmuxd.system.config import DaemonConfig, GroupConfig
 from kmuxd.system.log import RateLimit
@@ -61,7 +61,9 @@ from .conn import ConnStatistics
 from .deadlines import Housekeeper
 from .retry import RetryFeeder
 from .slot import Slot
+from .sockopts import SocketPlan
 from .statistics import ClientStatistics, GroupStatistics
+from .tls import TlsClient, security_statistics
 
 if TYPE_CHECKING:
     from .reactor import Clock, Reactor
@@ -155,6 +157,10 @@ class Group:
         self.retry_feeder = RetryFeeder(self)
         #: Every deadline of the group, applied on a timer (see kmuxd.io.deadlines).
         self.housekeeper = Housekeeper(self)
+        #: [groups.NAME.socket]: how each dial makes its socket (see kmuxd.io.sockopts).
+        self.sockets = SocketPlan(cfg.name, cfg.socket)
+        #: The group's TLS (context, sessions to resume); None: plaintext.
+        self.tls: TlsClient | None = TlsClient(cfg.tls) if cfg.tls is not None else None
         self.slots = [self._new_slot(i) for i in range(cfg.connections)]
         #: slots removed by a resize: no connection any more, their totals still the group's
         self.removed_slots: list[Slot] = []
@@ -252,12 +258,24 @@ class Group:
         self.reactor.call(self._reconfigure, cfg)
 
     def _reconfigure(self, cfg: GroupConfig) -> None:
+        tls_changed = cfg.tls != self.cfg.tls
         self.cfg = cfg
+        self.sockets = self.sockets.reconfigured(cfg.socket)
+        if tls_changed:
+            self._renew_tls(cfg)
         self.endpoints.reconfigure(cfg.max_dials_per_second, cfg.eject_after_timeouts)
         if self.router is not None:
             self.router.reconfigure(cfg.retry_unanswered)
         for client in list(self.clients.values()):
             client.check_access(cfg.access, cfg.name)
+
+    def _renew_tls(self, cfg: GroupConfig) -> None:
+        """[groups.NAME.tls] or its files changed: new connections use the new
+        settings, and the connections up now are replaced make-before-break
+        (as a recycle: each keeps its work until its replacement is dialled)."""
+        self.tls = TlsClient(cfg.tls) if cfg.tls is not None else None
+        replaced = sum(slot.retire_if_at(None, RetireReason.TLS_RENEWED) for slot in self.slots)
+        self.log.info("tls_renewed", tls=cfg.tls is not None, connections_replaced=replaced)
 
     async def stop(self) -> None:
         """Stop the group: stop reading its clients (each told the last seq read),
@@ -453,6 +471,8 @@ class Group:
             uptime=now - self.started_at,
             access=self.cfg.access.to_wire(),
             endpoint_health=tuple(self.endpoints.statistics(now)),
+            socket=self.sockets.statistics(),
+            security=security_statistics(self.cfg, self.tls),
         )
 
     def connection_statistics(self) -> list[ConnStatistics]:

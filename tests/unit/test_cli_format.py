@@ -403,6 +403,30 @@ def test_status_view_shows_hello_refusals_by_code_and_control_counters() -> None
     assert old[4] == "    hellos accepted 0  refused 0" and len(old) == 6  # no control block from an old daemon
 
 
+def test_status_view_lists_a_refused_files_problems_one_per_line() -> None:
+    """Not one giant "last error" line: kmux-cli status after a reload of a file with typos."""
+    answer = stats_new()
+    answer["daemon"].update(
+        reload_failures=1,
+        last_reload_error="[config_invalid] 2 problems: groups.mc.stering: unknown key; did you mean 'steering'?; "
+                          "groups.mc.connections: must be between 1 and 1024, not 0",
+        last_reload_problems=[["groups.mc.stering", "unknown key; did you mean 'steering'?"],
+                              ["groups.mc.connections", "must be between 1 and 1024, not 0"]],
+    )
+    lines = status_view(answer)
+    at = next(i for i, line in enumerate(lines) if line.startswith("    reloads"))
+    assert lines[at:at + 3] == [
+        "    reloads 1  failed 1  last error config_invalid, 2 problems:",
+        "        groups.mc.stering: unknown key; did you mean 'steering'?",
+        "        groups.mc.connections: must be between 1 and 1024, not 0",
+    ]
+    # One problem (or a daemon that sends no list): the error's text on the line itself.
+    answer["daemon"].update(last_reload_error="[reload_refused] daemon.socket changed; that needs a restart",
+                            last_reload_problems=None)
+    assert "    reloads 1  failed 1  last error [reload_refused] daemon.socket changed; that needs a restart" in (
+        status_view(answer))
+
+
 def test_watch_rates_columns() -> None:
     tracker = RateTracker()
     first = groups_view(stats(), rates=Rates(tracker, 10.0))
@@ -601,6 +625,24 @@ def test_exit_status_of_a_refused_op_and_of_the_app_socket() -> None:
         EXIT_FAILED,
         "kmux-cli: /run/kmuxd/kmuxd.sock is kmuxd's app socket, not its control socket (see daemon.control_socket)",
     )
+
+
+def test_exit_status_of_a_refused_file_lists_its_problems_once() -> None:
+    """Each problem on its own line, as `kmuxd --check` prints them; never the details' Python repr."""
+    problems = [["groups.mc.stering", "unknown key; did you mean 'steering'?"],
+                ["groups.mc.connections", "must be between 1 and 1024, not 0"]]
+    exc = error_from_code("config_invalid", "2 problems: groups.mc.stering: unknown key; did you mean 'steering'?; "
+                          "groups.mc.connections: must be between 1 and 1024, not 0",
+                          path="groups.mc.stering", problems=problems)
+    assert exit_status(exc, PATH, command="reload") == (EXIT_FAILED, "\n".join([
+        "kmux-cli: reload failed: [config_invalid] 2 problems:",
+        "  groups.mc.stering: unknown key; did you mean 'steering'?",
+        "  groups.mc.connections: must be between 1 and 1024, not 0",
+    ]))
+    one = error_from_code("config_invalid", "groups.mc.connections: must be between 1 and 1024, not 0",
+                          path="groups.mc.connections", problems=problems[1:])
+    assert exit_status(one, PATH, command="reload") == (
+        EXIT_FAILED, "kmux-cli: reload failed: [config_invalid] groups.mc.connections: must be between 1 and 1024, not 0")
 
 
 def test_exit_status_no_such_group_or_connection() -> None:

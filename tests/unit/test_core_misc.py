@@ -247,6 +247,67 @@ def test_every_problem_of_a_file_is_reported_at_once():
     assert len(e.value.lines()) == 5
 
 
+def problems_of(raw) -> list[list[str]]:
+    with pytest.raises(ConfigInvalid) as e:
+        parse_config(raw)
+    return e.value.problems
+
+
+def test_a_typo_is_one_problem_that_names_the_key_it_resembles():
+    """The issue's case: `stering = "id"` beside an [id] table and a request setting gave
+    "unknown key" plus two errors that only came from steering falling back to balance."""
+    raw = with_("groups.echo.stering", "id")
+    raw["groups"]["echo"]["id"] = {"request_offset": 4, "response_offset": 4}
+    raw["groups"]["echo"]["request_timeout"] = 2.0
+    assert problems_of(raw) == [["groups.echo.stering", "unknown key; did you mean 'steering'?"]]
+    # Fixed, the file is good; a real mistake beside the typo is still reported.
+    raw["groups"]["echo"]["steering"] = raw["groups"]["echo"].pop("stering")
+    assert parse_config(raw).groups["echo"].steering == "id"
+    raw["groups"]["echo"]["stering"] = "id"
+    raw["groups"]["echo"]["connections"] = 0
+    assert [p for p, _ in problems_of(raw)] == ["groups.echo.stering", "groups.echo.connections"]
+
+
+@pytest.mark.parametrize(
+    "path, value, problems",
+    [
+        # A required key misspelt is not also "missing".
+        ("groups.echo.endpoint", ["127.0.0.1:1"], [["groups.echo.endpoint", "unknown key; did you mean 'endpoints'?"]]),
+        ("verison", 1, [["verison", "unknown key; did you mean 'version'?"]]),
+        ("daemon.max_client", 8, [["daemon.max_client", "unknown key; did you mean 'max_clients'?"]]),
+        ("groups.echo.id.request_ofset", 4, [["groups.echo.id.request_ofset", "unknown key; did you mean 'request_offset'?"]]),
+        # A value that is not one of the choices: the closest one is suggested, and it does not
+        # make the [id] table look misplaced either.
+        ("groups.echo.steering", "ids", [["groups.echo.steering", "must be one of 'balance', 'id', 'fifo', not 'ids'; "
+                                                                  "did you mean 'id'?"]]),
+        # Nothing close: the allowed keys are listed instead.
+        ("groups.echo.frobnicate", 1, None),
+    ],
+)
+def test_typos_suggest_the_key_and_bring_no_follow_on_errors(path, value, problems):
+    raw = with_(path, value)
+    echo = raw["groups"]["echo"]
+    if path == "groups.echo.endpoint":
+        del echo["endpoints"]
+    if path == "verison":
+        del raw["version"]
+    if path == "groups.echo.id.request_ofset" or path == "groups.echo.steering":
+        echo.setdefault("id", {}).update({"response_offset": 4} if "request_ofset" in echo["id"] else
+                                         {"request_offset": 4, "response_offset": 4})
+        echo.setdefault("steering", "id")
+    got = problems_of(raw)
+    if problems is None:
+        ((where, reason),) = got
+        assert where == path and reason.startswith("unknown key (allowed: allow_groups, allow_users, ")
+    else:
+        assert got == problems
+
+
+def test_a_misspelt_groups_table_is_not_also_no_groups_at_all():
+    raw = {"version": 1, "group": {"echo": {"endpoints": ["127.0.0.1:1"]}}}
+    assert problems_of(raw) == [["group", "unknown key; did you mean 'groups'?"]]
+
+
 def test_access_lists_resolve_names_and_ids():
     import grp
     import pwd
