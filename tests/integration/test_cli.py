@@ -664,7 +664,7 @@ def test_a_refused_reload_names_each_problem_once_and_status_lists_them(backend_
     settings = daemon_settings(daemon)
     ctl = daemon.control_socket
     bad = {**group, "stering": "id", "connections": 0, "request_timeout": 2.0,
-           "id": {"request_offset": 0, "response_offset": 0}}
+           "id": {"request_offset": 4, "response_offset": 4}}
     rewrite_config(daemon, settings, {"mc": bad})
     r = cli(ctl, "reload")
     assert (r.returncode, r.stdout) == (1, "")

@@ -192,7 +192,7 @@ def test_with_the_drop_in_the_group_connects_from_ports_in_the_range(svc: Servic
 
 def test_the_shipped_units_exposure_score_is_unchanged(svc: Service) -> None:
     offline = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
-                              str(REPO / "kmuxd/share/systemd/kmuxd.service")], capture_output=True, text=True,
+                              str(REPO / "packaging/systemd/kmuxd.service")], capture_output=True, text=True,
                              timeout=60).stdout
     shipped = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)", offline).group(1))
 
