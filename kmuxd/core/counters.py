@@ -96,3 +96,9 @@ class SlotCounters:
         #: Messages over max_message skipped unread, and their bytes (the connection).
         self.skipped_msgs = 0
         self.skipped_bytes = 0
+
+    def count_skipped(self, size: int) -> None:
+        """A message of ``size`` bytes over max_message went by unread (it counts as received)."""
+        self.rx_msgs += 1
+        self.skipped_msgs += 1
+        self.skipped_bytes += size

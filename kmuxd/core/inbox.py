@@ -125,6 +125,13 @@ class Inbox:
     def partial_bytes(self) -> int:
         return self.tail - self.parsed
 
+    def partial_text(self, max_message: int) -> str:
+        """What waits for the remote, for an operator (an assembly timeout's reason)."""
+        if self.decoder.skipping:
+            return (f"a message over max_message ({max_message}), {self.decoder.skip_total} bytes "
+                    f"announced and being skipped,")
+        return f"a partial message of {self.partial_bytes} bytes"
+
     def space(self) -> memoryview:
         """Where the next read goes (compacting first when little is free).
 

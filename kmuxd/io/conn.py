@@ -11,16 +11,22 @@ tables); the connection carries out what the cores decide:
 * **writes**: the scheduler (:mod:`kmuxd.core.sendq`) decides which outbox a
   client's messages go to; clients read straight into it during a pass and
   the connection writes ``outbox[head:tail]`` with one ``send`` when the pass
-  ends (:meth:`Conn.flush`, the one place its socket is written). Only a
+  ends (:meth:`Conn.flush`, the one place its transport is written). Only a
   refused write turns on ``EPOLLOUT``.
 * **reads**: one ``recv_into`` straight into its :class:`~kmuxd.core.inbox.Inbox`
-  per readiness event (:meth:`Conn.read`, the one place its socket is read),
-  then the group's steering strategy hands every complete message to its
-  client (:mod:`kmuxd.core.steering`). In balance mode, with no receiver
+  per readiness event (:meth:`Conn.read`, the one place its transport is
+  read), then the group's steering strategy hands every complete message to
+  its client (:mod:`kmuxd.core.steering`). In balance mode, with no receiver
   ready, it stops reading (the receive side's PAUSED): TCP pushes back.
   A message over ``max_message`` (within ``max_skip``) goes by unread and
   the stream carries on: in its place, steering says whose request it
   answered and the group tells that client ``response_too_big``.
+* **the transport** is the socket, or with ``[groups.NAME.tls]`` a
+  :class:`~kmuxd.io.tls.TlsTransport` with the same ``send``/``recv_into``
+  contract. TLS hides two things from epoll, so the connection asks for
+  them: ciphertext the kernel refused keeps ``EPOLLOUT`` on (and a retiring
+  connection open) until it is out, and plaintext left inside OpenSSL is
+  served again next pass (:meth:`Reactor.serve_again <kmuxd.io.reactor.Reactor.serve_again>`).
 * **retiring** (make-before-break): when a connection reaches
   ``max_requests_per_connection`` or ``max_connection_age``, or its server
   half-closes, it takes nothing new at once (DRAINING) and its slot dials the
@@ -85,6 +91,7 @@ class Conn:
         "group", "slot", "clock", "sock", "fd", "endpoint", "sm", "inbox", "flight", "mask", "connected_at",
         "steering", "slot_counters", "counters", "tx_msgs", "tx_bytes", "rx_msgs", "requests", "budget",
         "delivered", "flight_total", "retire_deadline", "retire_reason", "_closed_event", "error", "tls",
+        "transport",
     )
 
     def __init__(self, slot: "Slot", sock: socket.socket, endpoint: Endpoint, inbox: Inbox,
@@ -124,8 +131,9 @@ class Conn:
         #: Set when the TCP connection is closed, however it ended (:meth:`wait_closed`).
         self._closed_event = trio.Event()
         self.error: str | None = None
-        #: TLS stands in for the socket's send and recv_into (kmuxd.io.tls); None: plaintext.
+        #: Its TLS (kmuxd.io.tls; None: plaintext), and what it sends and receives through.
         self.tls = tls
+        self.transport: "socket.socket | TlsTransport" = sock if tls is None else tls
 
     def __repr__(self) -> str:
         return f"Conn({self.group.cfg.name}/{self.slot.index} {self.endpoint})"
@@ -189,7 +197,7 @@ class Conn:
         sched = group.sched
         outbox = sched.outbox_of(self)
         tls = self.tls
-        send = self.sock.send if tls is None else tls.send
+        send = self.transport.send
         while outbox.head < outbox.tail:
             try:
                 n = send(outbox.view[outbox.head : outbox.tail])
@@ -250,9 +258,8 @@ class Conn:
     def read(self) -> None:
         """One read into the inbox, then steer what it completed."""
         inbox = self.inbox
-        tls = self.tls
         try:
-            n = self.sock.recv_into(inbox.space()) if tls is None else tls.recv_into(inbox.space())
+            n = self.transport.recv_into(inbox.space())
         except BlockingIOError:
             return
         except OSError as exc:
@@ -269,6 +276,7 @@ class Conn:
             return
         if ready:
             self.steer()
+        tls = self.tls
         if tls is not None:
             if tls.backlog:
                 self.flush_soon()  # the read produced TLS output (a key update): send it
@@ -310,10 +318,7 @@ class Conn:
         now = self.clock()
         req = self.steering.skipped(inbox, self.flight, self.group.sched.outbox_of(self).requests, now)
         self.rx_msgs += 1
-        counters = self.slot_counters
-        counters.rx_msgs += 1
-        counters.skipped_msgs += 1
-        counters.skipped_bytes += size
+        self.slot_counters.count_skipped(size)
         if req is not None:
             self._answered(1)  # a well-framed answer: the server is healthy, only its answer was too big
         self.group.response_skipped(self.slot.index, req, size)
@@ -431,15 +436,10 @@ class Conn:
     def _assembly_expired(self, now: float) -> bool:
         """A partial message waited ``assembly_timeout`` for the remote: end with an ejection."""
         cfg = self.group.cfg
-        inbox = self.inbox
-        if not inbox.expired(now, cfg.assembly_timeout):
+        if not self.inbox.expired(now, cfg.assembly_timeout):
             return False
-        if inbox.skipping:
-            what = (f"a message over max_message ({cfg.max_message}), {inbox.decoder.skip_total} bytes "
-                    f"announced and being skipped,")
-        else:
-            what = f"a partial message of {inbox.partial_bytes} bytes"
-        exc = RemoteAssemblyTimeout(f"{what} did not complete within assembly_timeout={cfg.assembly_timeout}s")
+        exc = RemoteAssemblyTimeout(f"{self.inbox.partial_text(cfg.max_message)} did not complete "
+                                    f"within assembly_timeout={cfg.assembly_timeout}s")
         self.slot_counters.msg_timeouts += 1
         self.end(EndReason.ERROR, exc, eject="assembly timeout")
         return True
@@ -543,7 +543,7 @@ class Conn:
                 if not self._hand_over():
                     return False
             try:
-                n = self.sock.recv_into(inbox.space()) if self.tls is None else self.tls.recv_into(inbox.space())
+                n = self.transport.recv_into(inbox.space())
             except OSError:
                 return False  # EAGAIN: all taken; else the stream's error, which end() logs
             if n == 0:

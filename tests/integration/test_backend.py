@@ -91,7 +91,7 @@ def test_a_frame_over_max_frame_breaks_only_that_connection(recording):
         good.sendall(frame(b"fine"))
         wait(lambda: backend.count() == 1, "the good frame")
         bad_info = wait(lambda: next((c for c in backend.conns() if c.parse_error), None), "the parse error")
-        assert "2004-byte message, max_message is 1024" in bad_info.parse_error and bad_info.open
+        assert "2004-byte message, over max_message (1024)" in bad_info.parse_error and bad_info.open
         assert [r for _, r in backend.records()] == [frame(b"fine")]  # nothing recorded after it broke
 
 

@@ -184,7 +184,7 @@ def test_group_and_clients_views(two_groups, close_all):
     header_at = next(i for i, line in enumerate(out) if line.startswith("CONN "))
     assert out[header_at - 1] == ""
     assert cells(out[header_at])[:5] == ["CONN", "STATE", "ENDPOINT", "LOCAL", "AGE"]
-    assert cells(out[header_at])[-2:] == ["RECONNECTS", "LAST_ERROR"]
+    assert cells(out[header_at])[-3:] == ["RECONNECTS", "SKIPPED", "LAST_ERROR"]
     rows = [cells(line) for line in out[header_at + 1 :]]
     expected_locals = [c["local"] for c in group_of(answer, "echo")["connections"]]
     assert [r[:4] for r in rows] == [[str(i), "ready", echo.address, loc] for i, loc in enumerate(expected_locals)]
