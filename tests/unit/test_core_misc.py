@@ -13,6 +13,7 @@ from kmuxd.core.states import (
     CLIENT_TRANSITIONS,
     CONN_TRANSITIONS,
     SLOT_TRANSITIONS,
+    VISIBLE_SLOT_STATES,
     ClientEvent,
     ClientState,
     ConnEvent,
@@ -77,6 +78,31 @@ def test_blocked_receiver_turned_on_stays_out_until_unblocked():
 
 
 # -- state tables ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("events", [
+    [SlotEvent.SECURE, SlotEvent.CONNECTED],                            # TLS only
+    [SlotEvent.AUTHENTICATE, SlotEvent.CONNECTED],                      # handshake steps only
+    [SlotEvent.SECURE, SlotEvent.AUTHENTICATE, SlotEvent.CONNECTED],    # TLS, then the steps
+])
+def test_tls_and_authentication_are_rows_between_connecting_and_up(events):
+    sm = StateMachine(SLOT_TRANSITIONS, SlotState.IDLE, "slot")
+    sm.fire(SlotEvent.DIAL)
+    for ev in events:
+        sm.fire(ev)
+    assert sm.state is SlotState.UP
+    # A failure in either phase is a failed dial: back off, then dial again from CONNECTING.
+    for failing in (SlotState.TLS_HANDSHAKE, SlotState.AUTHENTICATING):
+        sm = StateMachine(SLOT_TRANSITIONS, failing, "slot")
+        assert sm.fire(SlotEvent.DIAL_FAILED) is SlotState.BACKOFF
+        assert not sm.can(SlotEvent.SECURE) and sm.fire(SlotEvent.RETRY) is SlotState.CONNECTING
+    # No traffic before UP: a connection mid-handshake cannot be recycled or lost as a live one,
+    # and TLS never follows the credential steps.
+    for state, ev in [(SlotState.TLS_HANDSHAKE, SlotEvent.RECYCLE), (SlotState.AUTHENTICATING, SlotEvent.LOST),
+                      (SlotState.AUTHENTICATING, SlotEvent.SECURE)]:
+        with pytest.raises(IllegalTransition):
+            StateMachine(SLOT_TRANSITIONS, state, "slot").fire(ev)
+    assert {"tls_handshake", "authenticating"} <= set(VISIBLE_SLOT_STATES)
 
 
 def test_slot_lifecycle_follows_the_table():
