@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A slot (:class:`kmuxd.io.conn.Slot`) calls :func:`establish` once per
+A slot (:class:`kmuxd.io.slot.Slot`) calls :func:`establish` once per
 attempt: the TCP connect (:func:`dial`), then the TLS handshake when the
 group has ``[groups.NAME.tls]``, then the steps of
 ``[[groups.NAME.handshake]]``. Each phase is a state of the slot's table

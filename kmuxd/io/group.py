@@ -19,7 +19,10 @@ the objects of the shell that carry out their decisions:
   ``request_timeout`` get ``request_timeout`` and their late answers are
   discarded;
 * :class:`~kmuxd.core.endpoints.EndpointPool`: where slots dial, and which
-  endpoints are ejected;
+  endpoints are ejected; how they dial is the group's
+  :class:`~kmuxd.io.sockopts.SocketPlan` (``[groups.NAME.socket]``) and
+  :class:`~kmuxd.io.tls.TlsClient` (``[groups.NAME.tls]``; a reload that
+  changes it replaces the live connections make-before-break);
 * its slots (:mod:`kmuxd.io.slot`), each keeping one TCP connection up, and
   its clients (:mod:`kmuxd.io.session`), seen through :class:`Client`.
 

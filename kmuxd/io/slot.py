@@ -4,10 +4,13 @@ Theory of operation
 -------------------
 A :class:`Slot` (``conn 0..N-1`` to operators) keeps one *live* TCP
 connection: a trio task (:meth:`Slot.run`) dials (the group's endpoint pool
-says where, and when), hands the connected socket to a
+says where, and when; :func:`kmuxd.io.dial.establish` runs the TCP connect,
+then TLS and the handshake steps when the group has them, each a state of
+the slot), hands the connected socket and its TLS to a
 :class:`~kmuxd.io.conn.Conn` (:meth:`Slot.carry`), and waits until that
 connection fails, closes or retires, then dials again. Its lifecycle is the
-slot table in :mod:`kmuxd.core.states`.
+slot table in :mod:`kmuxd.core.states`; a failure in any phase of a dial is
+a failed dial (back-off, ``last_error``, the endpoint's health).
 
 Recycling is make-before-break: a connection that retires to be replaced
 (:meth:`Slot.replace_now`) finishes its work among the slot's *retiring*
