@@ -362,9 +362,20 @@ class Slot:
         )
 
 
+#: Linux's TCP_NOTSENT_LOWAT (include/uapi/linux/tcp.h), for Pythons whose socket module lacks it.
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
 def _tune(sock: socket.socket, cfg: Any) -> None:
-    """Per-connection socket options: no Nagle, keepalive, user timeout (docs/config.md)."""
+    """Per-connection socket options: no Nagle, unsent bytes, keepalive, user timeout (docs/config.md)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if cfg.tcp_notsent_lowat:
+        # The kernel takes no more than this many unsent bytes, and reports the
+        # socket writable only when they fall below it: what waits beyond it
+        # waits in the outbox and the apps' sockets, where the scheduler picks
+        # whose turn it is, not in a send buffer of megabytes that was filled
+        # in one burst with whatever was at hand.
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, cfg.tcp_notsent_lowat)
     if cfg.keepalive_idle:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, cfg.keepalive_idle)

@@ -126,6 +126,9 @@ class GroupConfig:
     #: Bytes of outgoing messages batched per connection before its writer
     #: stops taking more (one extra max_message always fits).
     write_buffer: int = 262144
+    #: Most unsent bytes the kernel holds for one connection
+    #: (TCP_NOTSENT_LOWAT); beyond it messages wait in kmuxd, in turn. 0: no limit.
+    tcp_notsent_lowat: int = 131072
     #: Messages taken from one client per turn before the next client's turn.
     client_turn: int = 64
     #: Bytes read from a TCP connection per recv, at most (the receive
@@ -341,6 +344,7 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
     "reconnect_initial": (float, 0.001, 600.0),
     "reconnect_max": (float, 0.001, 3600.0),
     "write_buffer": (int, 4096, 64 * 1024 * 1024),
+    "tcp_notsent_lowat": (int, 0, 64 * 1024 * 1024),
     "client_turn": (int, 1, 65536),
     "read_buffer": (int, 4096, 64 * 1024 * 1024),
     "rx_batch": (int, 1, 65536),

@@ -481,7 +481,13 @@ def test_when_the_connection_is_the_bottleneck_clients_are_served_in_turn(backen
     a slow server (it sleeps 2 ms after each read of at most 64 KiB). Once the
     kernel's buffers are full, the clients alternate on the stream, a turn
     (``client_turn``) each, until one runs out: none may keep the connection by
-    refilling its outbox while the others wait for it."""
+    refilling its outbox while the others wait for it.
+
+    The connection stays the bottleneck only while the kernel takes little at a
+    time (``tcp_notsent_lowat``, on by default): with a send buffer of megabytes
+    that reports room once a third of it is free, each write took about 1,400
+    messages at once, faster than the apps refilled their sockets, and whoever
+    still had messages got the stream to itself (6 turns in a row)."""
     need_root()
     per_client = 4000
     backend = backend_factory(summarize=client_and_seq, max_frame=MAX, rcvbuf=65536, read_pause=0.002)

@@ -165,3 +165,18 @@ def test_a_partial_response_that_stalls_ejects_its_endpoint(world_factory):
     (health,) = w.stats().endpoint_health
     assert health.state == "ejected" and health.reason == "assembly timeout"
     assert [n.code for n in app.notices()] == ["connection_lost"]
+
+
+def test_a_dialled_connection_holds_at_most_tcp_notsent_lowat_unsent_bytes(world_factory):
+    """The kernel's own limit is megabytes, filled in one burst with whatever was
+    at hand; tcp_notsent_lowat keeps what waits beyond it in kmuxd (the turns
+    test in tests/integration/test_isolation.py measures why)."""
+    from kmuxd.io.slot import _TCP_NOTSENT_LOWAT, _tune
+
+    for setting in (131072, 0):
+        cfg = world_factory(tcp_notsent_lowat=setting).group.cfg
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            default = sock.getsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT)
+            _tune(sock, cfg)
+            assert sock.getsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT) == (setting or default)
+    assert world_factory().group.cfg.tcp_notsent_lowat == 131072  # on by default
