@@ -8,10 +8,15 @@ and must all come from the same place. :func:`install_guard` (run when
 ``kmuxd`` is imported) decides once, before any of them is imported:
 
 * compiled extensions present and not older than their sources: use them;
-* ``KMUXD_PURE_PYTHON=1`` in the environment, or any source newer than its
-  extension (a checkout edited since the last build): load *every* one of
-  them from its ``.py`` (a meta path finder that only answers for these
+* ``KMUXD_PURE_PYTHON=1`` in the environment, or, in a checkout, any source
+  newer than its extension (edited since the last build): load *every* one
+  of them from its ``.py`` (a meta path finder that only answers for these
   names), never a mix.
+
+Only a checkout's timestamps say anything: an installed wheel's or
+package's files were never edited, and pip writes each file as it unpacks
+it, so a ``.py`` written a microsecond after its ``.so`` would otherwise
+turn an installed compiled wheel into a pure-Python one (it did).
 
 :func:`status` says which it was (``kmuxd --version``, the daemon's
 statistics and start-up log).
@@ -48,6 +53,7 @@ COMPILED_MODULES = (
     "kmuxd.io.conn",
     "kmuxd.io.slot",
     "kmuxd.io.retry",
+    "kmuxd.io.tls",
     "kmuxd.io.group",
     "kmuxd.io.server",
 )
@@ -74,6 +80,17 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, source)
 
 
+def is_checkout(root: Path = _ROOT) -> bool:
+    """Whether kmuxd runs from a source tree (edited in place), not from an installed wheel or package."""
+    return (root / "pyproject.toml").is_file() and (root / "setup.py").is_file()
+
+
+def stale(extensions: dict[str, tuple[Path, list[Path]]], checkout: bool) -> list[str]:
+    """The modules that cannot run compiled: no extension, or (in a checkout) a source edited since."""
+    return [name for name, (py, sos) in extensions.items()
+            if not sos or (checkout and py.exists() and py.stat().st_mtime > max(so.stat().st_mtime for so in sos))]
+
+
 def install_guard() -> None:
     already = [m for m in COMPILED_MODULES if m in sys.modules]
     extensions = {name: _paths(name) for name in COMPILED_MODULES}
@@ -81,12 +98,12 @@ def install_guard() -> None:
     if not built:
         _STATUS.update(compiled=False, reason="not built (pure-Python install)")
         return
-    stale = [name for name, (py, sos) in extensions.items()
-             if not sos or (py.exists() and py.stat().st_mtime > max(so.stat().st_mtime for so in sos))]
+    stale_modules = stale(extensions, is_checkout())
     if os.environ.get("KMUXD_PURE_PYTHON"):
         reason = "KMUXD_PURE_PYTHON is set"
-    elif stale:
-        reason = f"sources newer than their extensions ({', '.join(stale[:3])}...): rebuild with ./dev.sh setup"
+    elif stale_modules:
+        reason = (f"sources newer than their extensions ({', '.join(stale_modules[:3])}...): "
+                  "rebuild with ./dev.sh setup")
     else:
         _STATUS.update(compiled=True, reason="mypyc extensions")
         return

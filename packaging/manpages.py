@@ -170,8 +170,8 @@ def _flags(action: argparse.Action) -> str:
     if action.nargs == 0:
         return names
     metavar = action.metavar or (f"{{{','.join(action.choices)}}}" if action.choices else action.dest.upper())
-    if action.nargs == "?":
-        return f"{names}[=\\fI{literal(metavar)}\\fR]"
+    if action.nargs == "?":  # an optional value: "--watch 2" and "--watch=2" both work (docs/cli.md)
+        return f"{names} [\\fI{literal(metavar)}\\fR]"
     return f"{names} \\fI{literal(metavar)}\\fR"
 
 
@@ -212,20 +212,31 @@ def _version() -> str:
 
 def page_kmuxd() -> str:
     from kmuxd.main import DEFAULT_CONFIG, build_parser
-    from kmuxd.system import install
+    from kmuxd.system import credentials, install
 
     parser = build_parser()
     readme = sections((REPO / "README.md").read_text())
     systemd = sections((REPO / "docs" / "systemd.md").read_text())
     out = [th("kmuxd", "8", _version()), ".SH NAME", f"kmuxd \\- {esc(parser.description)}", ".SH SYNOPSIS"]
+    handshake = credentials.build_parser()
     for command in ("", "install-units", "uninstall-units"):
         p = install.build_parser(command) if command else parser
         out += [".PP", usage(p)]
+    for _, sub in subcommands(handshake):
+        out += [".PP", usage(sub)]
     out += [".SH DESCRIPTION", *markdown(readme[""]), ".SH OPTIONS", *options(parser)]
     for command in ("install-units", "uninstall-units"):
         p = install.build_parser(command)
         out += [f'.SH "{command.upper()}"', ".PP", esc(p.description) + ".", *options(p)]
+    out += ['.SH "HANDSHAKE"', ".PP", esc(handshake.description) + " (docs/systemd.md, Credentials)."]
+    for name, sub in subcommands(handshake):
+        out += [".TP", f"\\fB{literal(name)}\\fR", esc(sub.description or "")]
+        out += [line for action in sub._actions if action.option_strings and action.help != argparse.SUPPRESS
+                and "-h" not in action.option_strings
+                for line in (".RS", ".TP", _flags(action), esc(action.help or ""), ".RE")]
     out += [".SH SYSTEMD", *markdown(systemd["How the pieces fit"], shift=1),
+            heading(3, "Privileges"), *markdown(systemd["Privileges"], shift=1),
+            heading(3, "Credentials"), *markdown(systemd["Credentials"], shift=1),
             ".SH FILES",
             ".TP", literal(DEFAULT_CONFIG), "the configuration, kmuxd.toml(5)",
             ".TP", literal("/run/kmuxd/kmuxd.sock"), "the apps' socket (group kmux)",

@@ -23,16 +23,32 @@ on the transport's objects: ``lock.release()``, the link's
 ``recv_nowait``/``kick``/``close`` (:mod:`kmux._link`), the clock and the
 progress notification.
 
-Fast paths: most calls find a message already queued, or a small message
-to send with nothing to repair. For those a generator costs more than the
-work (measured: the blocking ``recv`` took twice the CPU through it), so
-:meth:`ClientDriver.recv_queued` takes a queued message without one (the
-transport holds ``recv_lock``, taken without waiting), and the transports
-send a small message themselves while :attr:`ClientDriver.fast` names a
-connection (nothing to repair, re-send or report first), counting it with
-:meth:`ClientDriver.count_sent`. A connection leaves ``fast`` the moment it
-is found lost; a fast send racing with that fails on the shut-down socket
-and falls through to the generator, which sends the message by the rules.
+The fast lane
+-------------
+Most calls send a small message with nothing to repair, or receive one
+whole message. For those a generator costs more than the work, so the
+transports call two plain methods, with the lock they need taken without
+waiting: :meth:`ClientDriver.send_now` and :meth:`ClientDriver.receive_now`.
+Each makes one call of the connection's link (``send_packet``,
+``recv_into``: :mod:`kmux._link`) per packet and applies the same rules as
+the generators, in the same helpers; anything else (no connection in
+:attr:`ClientDriver.fast`, a stash, a loss, a hand-back, a large message, a
+full socket under trio) returns None and the transport runs the generator,
+which applies every rule. The links are the transports' own: the blocking
+transport's calls block (a send for room, a receive up to its timeout: the
+one blocking call the app asked for), trio's never do. A connection leaves
+``fast`` the moment it is found lost; a fast send racing with that fails on
+the shut-down socket and falls through to the generator.
+
+A transport that cannot block in a read (trio) must choose, before each
+read, between reading first (a wasted ``recv`` when nothing is queued) and
+waiting for readiness first (a wasted wait when something is). The driver
+keeps the hint, :attr:`ClientDriver.wait_first`: wait first after a send
+(the answer to a request is hardly ever back already); read first after a
+read that found a packet (a stream already queued); after a read that found
+nothing, wait first for the next 2, 4, ... up to :data:`PROBE_SPAN_MAX`
+reads (a stream that comes slower than the app reads), then read first
+once again.
 
 Rules (each is kept in exactly one place below)
 -----------------------------------------------
@@ -80,9 +96,9 @@ from ._requests import Acquire, Connect, Recv, Send, SizeSendBuffer, Sleep, TryA
 from ._reconnect import ReconnectBackoff, ReconnectCore, ReconnectPolicy, UnknownFate, is_retryable, translate_seq
 from ._session import CONCAT_MAX, ClientSession, HandBack, State
 from .errors import ClientClosed, DaemonUnavailable, GroupUnavailable, InternalError, KmuxError, MessageTooBig
-from .protocol import Hello
+from .protocol import DATA_PREFIX, Hello
 
-__all__ = ["ClientDriver", "ClientSettings", "ClientStatistics", "PEER_GONE"]
+__all__ = ["ClientDriver", "ClientSettings", "ClientStatistics", "PEER_GONE", "EMPTY", "NO_MESSAGE"]
 
 #: errnos that mean the connection is gone (rule 1).
 PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF})
@@ -101,6 +117,24 @@ _CUT_SHORT = "the connection was closed: a message sent in pieces was cut short"
 #: (The kernel offers no wake-up for "the peer has read it".)
 FLUSH_POLL_MIN = 0.001
 FLUSH_POLL_MAX = 0.05
+#: After reads that found nothing, wait first for at most this many reads
+#: before reading first again (see "The fast lane").
+PROBE_SPAN_MAX = 64
+
+
+class _Empty:
+    """Type of :data:`EMPTY`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "EMPTY"
+
+
+#: :meth:`ClientDriver.receive_now` found no message within its timeout.
+EMPTY = _Empty()
+#: What a receive that timed out raises (TimeoutError), whichever path it took.
+NO_MESSAGE = "no message from kmuxd within the timeout"
 
 
 # -- configuration and records -------------------------------------------------------------
@@ -196,8 +230,16 @@ class ClientDriver:
         self._notify_progress, self.clock = notify_progress, clock
         self.conn: _Conn | None = None
         self.last: _Conn | None = None  # the current or the latest connection
-        #: The connection a small message may take directly (see "Fast paths"), or None.
+        #: The connection the fast lane may use (see "The fast lane"), or None.
         self.fast: _Conn | None = None
+        #: Whether a transport that cannot block in a read should wait for
+        #: readiness before its next one (see "The fast lane").
+        self.wait_first = True
+        self._probe_span = 1  # reads to wait first after the last read that found nothing
+        self._probe_skip = 0  # of which this many are left
+        #: Messages the fast lane received while a receive_off was under way:
+        #: handed back by the next recv() (or ours if the connection is lost first).
+        self._handbacks: deque[bytes] = deque()
         #: messages (bytes) and errors read from lost connections, for recv
         self.stash: deque[Any] = deque()
         self.pending: deque[BaseException] = deque()  # AccountingLost, raised once
@@ -233,7 +275,7 @@ class ClientDriver:
             seq=self.seq if self.last is not None else 0,
             received=self._received,
             continued_sent=self._continued_sent,
-            continued_received=self._continued_received,
+            continued_received=self._continued_received + (self.conn.session.continued_received if self.conn else 0),
             stashed=len(self.stash),
             errors_dropped=self._errors_dropped,
             connected=self.connected,
@@ -244,43 +286,124 @@ class ClientDriver:
             guaranteed=core.guaranteed if core else True,
         )
 
-    def recv_queued(self) -> bytes | None:
-        """recv_lock held: the next message if the socket already holds it whole; else None.
+    @property
+    def fast_link(self) -> Any:
+        """The fast lane's link (for a transport's readiness wait), or None."""
+        conn = self.fast
+        return None if conn is None else conn.link
 
-        None also when anything needs the full :meth:`recv` (a stash, a
-        lost connection, hand-backs while draining): the caller then runs it.
-        Pieces, events and markers read here are kept by the session as
-        usual; notices raise as they do in :meth:`recv`.
+    def send_now(self, message: Any) -> int | None:
+        """Send a small message on the fast lane with one ``send_packet``; its seq, or None: run :meth:`send`.
+
+        The caller holds ``send_lock``, or knows no other sender can start
+        until this returns (trio: no ``await`` in between). Raises
+        BadFrame/MessageTooBig for a message the daemon would refuse. None
+        sent nothing: the generator sends it and applies the rules to
+        whatever failed.
         """
-        conn = self.conn
-        if self.stash or self.pending or self.closed or conn is None or conn.lost is not None:
+        conn = self.fast
+        if conn is None or len(message) > CONCAT_MAX:
             return None
         session = conn.session
-        if session.draining or self._resending():
+        session.check_data(message)
+        link = conn.link
+        try:
+            link.send_packet(DATA_PREFIX + message, link.send_flags)
+        except OSError:
             return None
-        while True:
-            try:
-                got = conn.link.recv_nowait(session.recv_buffers)
-            except OSError as e:
-                if e.errno not in PEER_GONE:
-                    raise
-                got = (0, False)
-            if got is None:
+        if self.core is not None:
+            return self.count_sent(conn, message)
+        session.seq += 1  # count_sent, inline for a plain client: this runs per message
+        self.wait_first = True
+        return session.seq
+
+    def receive_now(self, lock: Any, timeout: float | None, deadline: float | None = None,
+                    waited: bool = False) -> Any:
+        """The next message, read by the fast lane: one ``recv_into`` of the link per packet.
+
+        The caller took ``lock`` (``recv_lock``) without waiting; it is
+        released here, whatever happens (rule 4). The first read waits at
+        most ``timeout`` seconds (None: as long as it takes; 0: not at all,
+        and trio's links never wait), later ones (after a piece or an
+        event) what is left until ``deadline`` on the clock. ``waited``: the
+        caller waited for readiness just before (the hint's bookkeeping).
+        Returns the message (bytes); :data:`EMPTY` when nothing came within
+        the timeout; None when :meth:`recv` must run (no fast lane, a stash,
+        a loss, a hand-back). Raises a notice's error as :meth:`recv` does.
+        Pieces, events and markers read here are kept by the session as usual.
+        """
+        try:
+            conn = self.fast
+            if conn is None or self.stash or self._handbacks:
                 return None
-            if got[0] == 0:
-                self._mark_lost(conn, "peer gone")
+            session = conn.session
+            if session.markers_pending and session.draining:
                 return None
-            message = self._classify(conn, got)
-            if type(message) is HandBack:  # set_receive(False) in another thread meanwhile:
-                message = message.message  # docs/protocol.md lets a client keep it
-            if type(message) is memoryview:
-                self._received += 1
-                return bytes(message)
+            link = conn.link
+            recv_into = link.recv_into
+            wait = timeout
+            while True:
+                try:
+                    if wait == link.wait or link.set_wait(wait):
+                        try:
+                            nbytes = recv_into(session.recv_buffer)
+                        except BlockingIOError:
+                            nbytes = None
+                    else:
+                        nbytes = link.recv_packet(session.recv_buffer, wait)
+                except OSError as e:
+                    if e.errno not in PEER_GONE:
+                        raise
+                    nbytes = 0
+                if nbytes is None:
+                    if timeout == 0 and not waited:
+                        self._read_missed()
+                    return EMPTY
+                if not nbytes:
+                    self._mark_lost(conn, "peer gone")
+                    return None
+                if timeout == 0:
+                    self._read_found(waited)
+                try:  # _classify, inline: this runs per message
+                    message = session.received(nbytes)
+                except KmuxError as err:
+                    raise self._translated(err) from None
+                if type(message) is memoryview:
+                    self._received += 1
+                    return message.tobytes()  # the buffer is reused by the next receive
+                if type(message) is HandBack:  # set_receive(False) in another thread or task meanwhile
+                    self._handbacks.append(message.message.tobytes())
+                    return None
+                # A piece, an event or a marker: read on, within what is left (0: one more try).
+                waited = False
+                if deadline is not None:
+                    wait = max(0.0, deadline - self.clock())
+        finally:
+            lock.release()
+            if self._progress_waiters:
+                self._notify_progress()
+
+    def _read_missed(self) -> None:
+        """A read without waiting found nothing: wait first for the next 2, 4, ... reads."""
+        self._probe_span = min(2 * self._probe_span, PROBE_SPAN_MAX)
+        self._probe_skip = self._probe_span
+        self.wait_first = True
+
+    def _read_found(self, waited: bool) -> None:
+        """A read found a packet, with a readiness wait before it or not."""
+        if not waited:
+            self._probe_span, self._probe_skip, self.wait_first = 1, 0, False
+        elif self._probe_skip:
+            self._probe_skip -= 1
+            self.wait_first = self._probe_skip > 0
+        else:
+            self.wait_first = False
 
     def count_sent(self, conn: _Conn, message: Any) -> int:
         """``message`` went out on ``conn``, whole: its seq (rule 5)."""
         session = conn.session
         session.seq += 1  # ClientSession.data_sent, inline: this runs per message
+        self.wait_first = True  # the answer, if any, is hardly ever back already
         return session.seq if self.core is None else self.core.message_sent(message)
 
     def close(self) -> None:
@@ -497,6 +620,8 @@ class ClientDriver:
 
     def _receive_current(self, conn: _Conn, deadline: float | None) -> Iterator[Any]:
         """recv_lock held: one packet; the message to return, or None."""
+        if self._handbacks and self.conn is conn and conn.lost is None:
+            yield from self._hand_back_pending(conn)
         if self.stash or self.conn is not conn or conn.lost is not None:
             return None
         message = yield from self._receive_one(conn, deadline)
@@ -508,20 +633,20 @@ class ClientDriver:
         """recv_lock held: receive one packet and act on it (hand back, lose). The message (bytes), or None."""
         session = conn.session
         try:
-            got = yield Recv(conn.link, session.recv_buffers, deadline)
+            got = yield Recv(conn.link, session.recv_buffer, deadline)
         except TimeoutError:
-            raise TimeoutError("no message from kmuxd within the timeout") from None
+            raise TimeoutError(NO_MESSAGE) from None
         except OSError as e:
             if e.errno not in PEER_GONE:
                 raise
             got = None
-        if got is None or got[0] == 0:
+        if not got:
             self._mark_lost(conn, "peer gone")
             yield from self._locked(self.send_lock, None, self._losing(conn))
             return None
         event = self._classify(conn, got)
         if type(event) is memoryview:
-            return bytes(event)  # the buffer is reused by the next receive
+            return event.tobytes()  # the buffer is reused by the next receive
         if type(event) is HandBack:
             sent = yield from self._locked(
                 self.send_lock, None, self._send_message(conn, event.message, requeue=True, shield=True), shield=True
@@ -530,17 +655,24 @@ class ClientDriver:
                 self.stash.append(bytes(event.message))  # the daemon is gone: the message stays ours
         return None
 
-    def _classify(self, conn: _Conn, got: tuple[int, bool]) -> Any:
-        """The session's verdict on a packet just received; a notice's error raises, translated."""
-        session = conn.session
-        joining = session.joining
+    def _hand_back_pending(self, conn: _Conn) -> Iterator[Any]:
+        """recv_lock held: hand back what the fast lane received during a receive_off."""
+        while self._handbacks:
+            message = self._handbacks[0]
+            sent = yield from self._locked(
+                self.send_lock, None, self._send_message(conn, message, requeue=True, shield=True), shield=True
+            )
+            self._handbacks.popleft()
+            if not sent:
+                self.stash.append(message)  # the daemon is gone: the message stays ours
+
+    def _classify(self, conn: _Conn, nbytes: int) -> Any:
+        """The session's verdict on a packet just received; a notice's error raises, translated.
+        (:meth:`receive_now` has the same lines inline.)"""
         try:
-            event = session.received(*got)
+            return conn.session.received(nbytes)
         except KmuxError as err:
             raise self._translated(err) from None
-        if joining and event is not None:
-            self._continued_received += 1
-        return event
 
     def _translated(self, err: KmuxError) -> KmuxError:
         """A notice's error, with the message seq (rule: a named message is settled)."""
@@ -614,11 +746,14 @@ class ClientDriver:
             return
         self.conn = self.fast = None
         session = conn.session
+        while self._handbacks:  # too late to hand them back: they are ours
+            self.stash.append(self._handbacks.popleft())
         try:
             conn.link.kick()  # the daemon stops sending; what it sent stays readable
             self._drain(conn)
         finally:
             conn.link.close()
+        self._continued_received += session.continued_received
         accepted = session.shutdown_accepted
         if conn.lost == _CUT_SHORT:
             session.close(ClientClosed, f"{_CUT_SHORT}; connect again")
@@ -637,16 +772,16 @@ class ClientDriver:
         resets = 0
         while session.state is State.READY:
             try:
-                got = conn.link.recv_nowait(session.recv_buffers)
+                got = conn.link.recv_nowait(session.recv_buffer)
             except OSError as e:
                 if e.errno in (errno.ECONNRESET, errno.EPIPE) and resets < DRAIN_RESETS_MAX:
                     resets += 1
                     continue
                 return
-            if not got or got[0] == 0:
+            if not got:
                 return
             try:
-                event = session.received(*got)
+                event = session.received(got)
             except KmuxError as err:
                 self._stash_error(self._translated(err))
                 continue
@@ -668,7 +803,7 @@ class ClientDriver:
             raise unavailable(s.path, e) from None
         try:
             yield Send(link, (session.hello_packet(),), deadline)
-            accepted = session.answered(*(yield Recv(link, [session.answer_buffer], deadline)))
+            accepted = session.answered((yield Recv(link, session.answer_buffer, deadline)))
             session.max_packet = yield SizeSendBuffer(link, accepted.max_message + 1)
             if session.max_packet <= CONCAT_MAX:  # the fast paths rely on it; the kernel's minimum is larger
                 raise InternalError(f"a socket that takes packets of only {session.max_packet} bytes")

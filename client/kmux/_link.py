@@ -1,10 +1,15 @@
-"""One connected SEQPACKET socket, as the driver sees it: the calls that never block.
+"""One connected SEQPACKET socket, as the driver sees it: a transport's link.
 
 The driver (:mod:`kmux._driver`) asks its transport for everything that may
-block; what cannot block it calls directly on the connection's link:
+block, with requests; a few calls it makes directly on the connection's
+link, which the transport made:
 
-* :meth:`SocketLink.recv_nowait`: the next packet if one is queued (the
-  receive fast path, and draining a lost connection);
+* the fast lane (the driver's "The fast lane"): ``send_packet`` and
+  ``recv_into``, the socket's own calls, one system call each on the
+  common path. The blocking link's block (a send for room, a receive up
+  to the bound the link keeps in ``wait``), trio's never do;
+* :meth:`SocketLink.recv_nowait`: the next packet if one is queued
+  (draining a lost connection);
 * :meth:`SocketLink.kick`: ``shutdown(SHUT_RDWR)``: a thread or task blocked
   on the socket wakes (reads return what is queued, then 0; sends fail with
   ``EPIPE``), and the daemon sees the end of the session;
@@ -13,8 +18,12 @@ block; what cannot block it calls directly on the connection's link:
   (``flush``);
 * :meth:`SocketLink.close`.
 
-Each transport subclasses it with what its waiting needs (a ``poll``
-object; trio's ``notify_closing``).
+Receiving is one plain ``recv_into`` into the session's receive buffer
+(kind byte, then the message), which returns the packet's size. The buffer
+has a spare byte (:mod:`kmux._session`, "Receiving"), so a packet cut
+short is one that fills it: no ``recvmsg`` and no ``MSG_TRUNC`` flag,
+whose argument parsing alone costs more per packet than the session's
+classification (instructions counted with valgrind; docs/benchmark.md).
 """
 
 from __future__ import annotations
@@ -27,34 +36,55 @@ from typing import Any
 
 from .sockbuf import hung_up
 
-__all__ = ["SocketLink", "MSG_TRUNC"]
+__all__ = ["SocketLink", "SEND_FLAGS"]
 
-#: As a plain int: ``flags & socket.MSG_TRUNC`` goes through enum.IntFlag,
-#: which costs microseconds per packet.
-MSG_TRUNC = int(socket.MSG_TRUNC)
+#: As plain ints: an enum.IntFlag costs microseconds per packet.
 _DONTWAIT = int(socket.MSG_DONTWAIT)
+#: Every send: a daemon gone away is EPIPE, never SIGPIPE.
+SEND_FLAGS = int(socket.MSG_NOSIGNAL)
 #: SIOCOUTQ: on a Unix socket, the bytes of packets sent and not yet read by the peer.
 _SIOCOUTQ = termios.TIOCOUTQ
 
 
 class SocketLink:
-    """A connected socket; blocking or not, these calls return at once."""
+    """A connected socket. A transport subclasses it with ``set_wait``, ``recv_packet`` and what its waiting needs.
 
-    __slots__ = ("sock",)
+    The calls that run per message are the socket's own bound methods, not
+    wrappers:
 
-    def __init__(self, sock: socket.socket) -> None:
+    * ``send_packet(packet, send_flags)``: ``send``, blocking or not as the
+      transport made the socket: one packet. Raises OSError; if it raises,
+      nothing was sent (SEQPACKET sends are atomic).
+    * ``recv_into(buffer)``: the next packet into ``buffer``, its size.
+      Waits at most :attr:`wait` seconds (None: as long as it takes; 0:
+      not at all), then raises BlockingIOError.
+
+    ``set_wait(timeout)`` makes ``recv_into`` wait at most ``timeout``; False
+    if it cannot, and ``recv_packet(buffer, timeout)`` then does the same
+    as ``recv_into`` with that bound, in more calls (its size, or None if
+    no packet came).
+    """
+
+    __slots__ = ("sock", "send_packet", "recv_into", "wait")
+    #: The flags every ``send_packet`` takes.
+    send_flags = SEND_FLAGS
+
+    def __init__(self, sock: socket.socket, wait: float | None) -> None:
         self.sock = sock
+        self.send_packet = sock.send
+        self.recv_into = sock.recv_into
+        #: How long ``recv_into`` waits now (None: as long as it takes).
+        self.wait = wait
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def recv_nowait(self, buffers: list[Any]) -> tuple[int, bool] | None:
-        """``(nbytes, truncated)`` of the next packet, or None if none is queued. Raises OSError."""
+    def recv_nowait(self, buffer: Any) -> int | None:
+        """The size of the next packet, received into ``buffer``; None if none is queued. Raises OSError."""
         try:
-            n, _, flags, _ = self.sock.recvmsg_into(buffers, 0, _DONTWAIT)
+            return self.sock.recv_into(buffer, 0, _DONTWAIT)
         except BlockingIOError:
             return None
-        return n, bool(flags & MSG_TRUNC)
 
     def unread_bytes(self) -> int:
         """Bytes of our packets the daemon has not read yet (0 also once it closed its end)."""

@@ -61,13 +61,13 @@ class Send:
 
 
 class Recv:
-    """Wait for one packet and receive it into ``buffers``; returns ``(nbytes, truncated)``."""
+    """Wait for one packet and receive it into ``buffer`` (kind byte first); returns ``(nbytes, truncated)``."""
 
     method = "recv"
-    __slots__ = ("link", "buffers", "deadline")
+    __slots__ = ("link", "buffer", "deadline")
 
-    def __init__(self, link: Any, buffers: list[Any], deadline: float | None) -> None:
-        self.link, self.buffers, self.deadline = link, buffers, deadline
+    def __init__(self, link: Any, buffer: Any, deadline: float | None) -> None:
+        self.link, self.buffer, self.deadline = link, buffer, deadline
 
 
 class SizeSendBuffer:

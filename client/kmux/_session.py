@@ -24,12 +24,20 @@ arrived.
    which returns its ``seq``: one per message, however many pieces, as the
    daemon counts. A message refused locally is never sent and never
    counted, or every later notice would name the wrong message.
-3. **Receiving.** Every packet is received into :attr:`recv_buffers`: the
-   kind byte into a buffer of its own, the rest into the message buffer at
-   the *join cursor*. A DATA_MORE piece moves the cursor, so the pieces of
-   a continued message land one after the other and the message is joined
-   without a copy; the DATA piece that ends it resets the cursor.
-   :meth:`ClientSession.received` classifies the packet and returns the
+3. **Receiving.** Every packet is received into :attr:`recv_buffer`, one
+   buffer allocated once, with one ``recv_into``: the kind byte first, the
+   message after it. The buffer holds one byte more than the largest
+   packet the daemon may send (:attr:`recv_bufsize`), so a packet that
+   fills it was longer than allowed (the kernel cut it short: SEQPACKET
+   drops the rest); no flag or second call is needed to tell. The buffer
+   is a view of the connection's packet buffer from the *join cursor* on.
+   A DATA_MORE piece moves the cursor to the end of what was joined so
+   far, less one byte: the next piece's kind byte lands on the last byte
+   joined, which the session keeps aside and puts back once it has read
+   the kind. So the pieces of a continued message land one after the other
+   and the message is joined without a copy; the DATA piece that ends it
+   resets the cursor. :meth:`ClientSession.received` classifies the packet
+   and returns the
    message (a memoryview into the buffer, valid until the next receive), a
    :class:`HandBack`, :data:`RECEIVE_OFF` or ``None``, or raises the error
    a NOTICE carries.
@@ -125,6 +133,9 @@ class State(enum.Enum):
     CLOSED = "closed"  # closed by us, refused, or the daemon went away
 
 
+_READY: Final = State.READY  # a module global: the data path tests it per packet
+
+
 # (state, input) -> next state. Anything missing is an IllegalTransition,
 # except in CLOSED, where every input raises what closed the session.
 _TRANSITIONS: dict[tuple[State, str], State] = {
@@ -182,23 +193,28 @@ class ClientSession:
         #: The largest packet the socket takes, kind byte included; the
         #: driver sets it after sizing the socket's send buffer.
         self.max_packet = 0
-        # receive_off requests whose marker has not arrived yet.
-        self._markers_pending = 0
+        #: receive_off requests whose marker has not arrived yet.
+        self.markers_pending = 0
         # Set on READY, copied out of `accepted` for the data path.
         self._framing: Framing | None = None
         self._max_message = 0
-        self._fixed: tuple | None = None  # the fixed length field, for the inline check
+        self._most = 0  # the largest one-packet message, kind byte included
+        self._fixed: tuple | None = None  # the fixed length field and max_message, for the inline check
         self._own_responses = False
         self.recv_bufsize = ANSWER_BUFSIZE
         self.answer_buffer = bytearray(0)
-        # The receive buffer (allocated on READY) and its join cursor.
-        self._kind = bytearray(1)
-        self._body = memoryview(bytearray(0))
-        self._joined = 0
+        # The packet buffer (allocated on READY: recv_bufsize and a spare
+        # byte) and its join cursor: the message bytes joined so far.
+        self._packet = bytearray(0)
+        self._whole = memoryview(self._packet)
+        self.join_cursor = 0
+        self._kept = 0  # the joined byte the next piece's kind byte lands on
         self._skipping = False  # dropping the rest of an oversized continued message
-        self._whole_buffers: list[Any] = []
-        #: Where the next packet is received (``recvmsg_into``): kind byte, then the body.
-        self.recv_buffers: list[Any] = []
+        #: Messages received in pieces and joined (counted when the last piece is in).
+        self.continued_received = 0
+        #: Where the next packet is received (one ``recv_into``): kind byte, then the message.
+        self.recv_buffer: Any = self._whole
+        self._room = 0  # len(recv_buffer): a packet this long was cut short
         #: ``accepted`` of the notice that ended the session (the ``shutdown``
         #: event, or a SESSION_ENDING code): DATA messages up to this seq
         #: were read, the later ones never were.
@@ -234,12 +250,12 @@ class ClientSession:
     @property
     def joining(self) -> bool:
         """True between the first and the last piece of a continued message."""
-        return self._joined > 0
+        return self.join_cursor > 0
 
     @property
     def draining(self) -> bool:
         """True while a ``receive_off`` marker is outstanding and receiving is off."""
-        return self._markers_pending > 0 and not self.receiving
+        return self.markers_pending > 0 and not self.receiving
 
     def close(self, cls: type[KmuxError] = ClientClosed, message: str = "the kmux client is closed") -> None:
         """Forget the connection; every later call raises ``cls(message)``."""
@@ -251,14 +267,14 @@ class ClientSession:
     def hello_packet(self) -> bytes:
         """The first packet to send."""
         self._transition("send_hello")
-        self.answer_buffer = bytearray(ANSWER_BUFSIZE)
+        self.answer_buffer = bytearray(ANSWER_BUFSIZE + 1)  # a spare byte: see "Receiving"
         return encode_hello(self.hello)
 
-    def answered(self, nbytes: int, truncated: bool) -> Accepted:
-        """The daemon's first packet is in :attr:`answer_buffer`. Raises the refusal's error class."""
+    def answered(self, nbytes: int) -> Accepted:
+        """The daemon's first packet (``nbytes``) is in :attr:`answer_buffer`. Raises the refusal's error class."""
         if nbytes == 0:
             raise self.eof()
-        if truncated:
+        if nbytes > ANSWER_BUFSIZE:
             self.close(BadPacket, "the daemon's handshake answer was cut short")
             raise BadPacket(f"handshake answer longer than {ANSWER_BUFSIZE} bytes")
         return self.receive_answer(memoryview(self.answer_buffer)[:nbytes])
@@ -283,16 +299,18 @@ class ClientSession:
         self.accepted = answer
         self._framing = answer.framing
         self._max_message = answer.max_message
+        self._most = answer.max_message + 1
         # id/fifo steering: every DATA packet is the answer to this client's
         # own request, so it is never handed back (receiving off or not).
         self._own_responses = answer.steering in ("id", "fifo")
-        self._fixed = answer.framing.fixed_field
+        fixed = answer.framing.fixed_field
+        # With validate=False nothing is checked: no inline check either.
+        self._fixed = (*fixed, answer.max_message) if fixed is not None and self.validate else None
         # A notice can outgrow a tiny max_message; one kind byte precedes both.
-        body = max(answer.max_message, CONTROL_MAX)
-        self.recv_bufsize = 1 + body
-        self._body = memoryview(bytearray(body))
-        self._whole_buffers = [self._kind, self._body]
-        self.recv_buffers = self._whole_buffers
+        self.recv_bufsize = 1 + max(answer.max_message, CONTROL_MAX)
+        self._packet = bytearray(self.recv_bufsize + 1)  # the spare byte: see "Receiving"
+        self.recv_buffer = self._whole = memoryview(self._packet)
+        self._room = len(self._packet)
         self.answer_buffer = bytearray(0)
         return answer
 
@@ -325,17 +343,17 @@ class ClientSession:
 
         Raises BadFrame or MessageTooBig; nothing is counted.
         """
-        if self.state is not State.READY:
+        if self.state is not _READY:
             self.require_ready()
+        fixed = self._fixed
+        if fixed is not None:
+            # The common case inline (it runs per message); anything
+            # else goes to check_message, which also explains the refusal.
+            unpack_from, offset, header_end, adjust, most = fixed
+            n = len(message)
+            if header_end <= n <= most and unpack_from(message, offset)[0] + adjust == n:
+                return
         if self.validate:
-            fixed = self._fixed
-            if fixed is not None:
-                # The common case inline (it runs per message); anything
-                # else goes to check_message, which also explains the refusal.
-                n = len(message)
-                unpack_from, offset, header_end, adjust = fixed
-                if header_end <= n <= self._max_message and unpack_from(message, offset)[0] + adjust == n:
-                    return
             self._framing.check_message(message, self._max_message)  # type: ignore[union-attr]
 
     def packets(self, message: Any, requeue: bool = False) -> list[tuple[Any, ...]]:
@@ -371,85 +389,96 @@ class ClientSession:
         if not on and not self._own_responses:
             # Balance: DATA before the daemon's marker is handed back. In
             # id/fifo modes nothing is, so there is nothing to drain.
-            self._markers_pending += 1
+            self.markers_pending += 1
         return encode_control(Control("receive", {"on": on}))
 
     # -- receiving ---------------------------------------------------------
 
-    def received(self, nbytes: int, truncated: bool) -> Any:
-        """Classify the packet just received into :attr:`recv_buffers` (``nbytes`` > 0, kind byte included).
+    def received(self, nbytes: int) -> Any:
+        """Classify the packet of ``nbytes`` (> 0, kind byte included) just received into :attr:`recv_buffer`.
 
         Returns the message (a view into the buffer, header included) to
         deliver, a :class:`HandBack` to requeue, :data:`RECEIVE_OFF`, or
         ``None`` for a packet that means nothing to the app yet (a piece of
         a continued message, an event this library does not know). Raises
         the error a NOTICE carries, or BadPacket for a packet the protocol
-        does not allow.
+        does not allow (one that filled the buffer was cut short).
         """
-        if self.state is not State.READY:
+        if self.state is not _READY:
             self.require_ready()
-        size = nbytes - 1
-        if self._kind[0] == KIND_DATA and not (self._joined or truncated or self._skipping) and size <= self._max_message:
-            message = self._body[:size]  # the common case: one packet, one message
+        packet = self._packet
+        at = self.join_cursor
+        if at:
+            kind = packet[at]
+            packet[at] = self._kept
         else:
-            message = self._unusual(size, truncated)
-            if type(message) is not memoryview:
+            kind = packet[0]
+            # The common case: one packet, one message (_most is under the buffer's size: not cut short).
+            if kind == KIND_DATA and nbytes <= self._most and not self._skipping:
+                message = self._whole[1:nbytes]
+                if self.markers_pending and not self.receiving and not self._own_responses:
+                    return HandBack(message)
                 return message
-        if self._markers_pending and not self.receiving and not self._own_responses:
+        message = self._unusual(kind, at, nbytes - 1, nbytes >= self._room)
+        if type(message) is not memoryview:
+            return message
+        if self.markers_pending and not self.receiving and not self._own_responses:
             return HandBack(message)
         return message
 
-    def _unusual(self, size: int, truncated: bool) -> Any:
-        """Pieces, notices and everything the protocol does not allow."""
-        kind = self._kind[0]
+    def _unusual(self, kind: int, at: int, size: int, truncated: bool) -> Any:
+        """Pieces, notices and everything the protocol does not allow (``at``: the join cursor)."""
         if kind not in (KIND_DATA, KIND_DATA_MORE):
-            joining = self._joined > 0
             self._reset_join()
-            if joining:
+            if at:
                 raise BadPacket(f"daemon sent a packet of kind {kind:#04x} inside a continued message; it is dropped")
             if kind == KIND_NOTICE and not truncated:
-                return self._notice(self._body[:size])
+                return self._notice(self._whole[1 : 1 + size])
             if kind == KIND_NOTICE:
-                raise BadPacket(f"daemon sent a notice longer than {len(self._body)} bytes")
+                raise BadPacket(f"daemon sent a notice longer than {self.recv_bufsize - 1} bytes")
             raise BadPacket(f"daemon sent a packet of unknown kind {kind:#04x}")
         more = kind == KIND_DATA_MORE
         if self._skipping:
             self._skipping = more
             return None
-        total = self._joined + size
+        total = at + size
         if truncated or total > self._max_message:
-            pieces = more or self._joined > 0
             self._reset_join()
             self._skipping = more
             raise BadPacket(
                 f"daemon sent a message over max_message ({self._max_message} bytes)"
                 + ("; the rest of its pieces are skipped" if more else "")
-                if pieces
+                if more or at
                 else f"daemon sent a packet over max_message ({self._max_message} bytes)"
             )
         if more:
-            self._joined = total
-            self.recv_buffers = [self._kind, self._body[total:]]
+            if total:  # an empty piece moves nothing
+                self.join_cursor = total
+                self._kept = self._packet[total]
+                self.recv_buffer = self._whole[total:]
+                self._room = len(self.recv_buffer)
             return None
         self._reset_join()
-        return self._body[:total]
+        if at:
+            self.continued_received += 1
+        return self._whole[1 : 1 + total]
 
     def _reset_join(self) -> None:
-        self._joined = 0
-        self.recv_buffers = self._whole_buffers
+        self.join_cursor = 0
+        self.recv_buffer = self._whole
+        self._room = len(self._whole)
 
     def receive_packet(self, packet: Any) -> Any:
         """:meth:`received` for a packet already in memory (kind byte included),
-        as if the socket had put it into :attr:`recv_buffers`."""
+        as if the socket had put it into :attr:`recv_buffer`."""
         if self.state is not State.READY:
             self.require_ready()
         if not len(packet):
             raise BadPacket("daemon sent an empty packet")
-        self._kind[0] = packet[0]
-        body = self.recv_buffers[1]
-        size = min(len(packet) - 1, len(body))
-        body[:size] = packet[1 : 1 + size]
-        return self.received(1 + size, size < len(packet) - 1)
+        buffer = self.recv_buffer
+        n = min(len(packet), len(buffer))
+        buffer[:n] = packet[:n]
+        return self.received(n)
 
     def _notice(self, body: memoryview) -> Any:
         notice = decode_notice(body)
@@ -460,9 +489,9 @@ class ClientSession:
                 self._record_accepted(notice.details)
             raise error  # type: ignore[misc]
         if notice.event == "receive_off":
-            if self._markers_pending:
-                self._markers_pending -= 1
-                if self._markers_pending == 0 and not self.receiving:
+            if self.markers_pending:
+                self.markers_pending -= 1
+                if self.markers_pending == 0 and not self.receiving:
                     return RECEIVE_OFF
             return None
         if notice.event == "shutdown":

@@ -13,23 +13,40 @@ Resource handling
 The socket stays in blocking mode, so a send blocks while the daemon's
 receive buffer is full. That is the intended push-back: an app that outruns
 its group's TCP connections slows down instead of piling up memory in the
-daemon. Timeouts never use socket timeouts once connected (they would cut
-a blocking send short): a request with a deadline tries without waiting
-(``MSG_DONTWAIT``) and then polls. The receive buffer is the session's, allocated once per
+daemon. The receive buffer is the session's, allocated once per
 connection: a fresh large buffer per ``recv`` would make glibc mmap and
 munmap it every call.
+
+Timeouts: a receive is one blocking ``recv_into``, whether a message is
+waiting or not, and the kernel keeps its timeout: the link keeps
+``SO_RCVTIMEO`` set to the last bound asked for and changes it only when the
+bound changes (``recv(timeout=5)`` in a loop sets it once). Two things about
+the kernel's timer, both bounded:
+
+* it counts in clock ticks, so a receive may time out up to two ticks late
+  (8 ms on a 250 Hz kernel); bounds under :data:`RCVTIMEO_MIN` therefore
+  try without waiting and then ``poll`` instead, as Python's own socket
+  timeouts do;
+* a signal whose handler runs (and does not raise) during the wait ends
+  the system call, and Python starts it again (PEP 475) with the whole
+  bound: a process that takes signals more often than its timeout (a
+  profiling timer) waits longer than the timeout.
+
+Sends never get a socket timeout (``SO_SNDTIMEO`` stays 0): a send with a
+deadline (the handshake) tries without waiting and then polls.
 
 Threads: any number of threads may send and receive. The driver's send lock
 keeps the pieces of a large message together and the seq in the socket's
 order; ``set_receive`` may be called from any thread. ``close()`` shuts the
 socket down first, which wakes a thread blocked on it.
 
-Fast paths: a message of up to :data:`~kmux._session.CONCAT_MAX` bytes,
-when nothing needs repairing, is checked, sent with one ``send`` and counted
-right here, under the send lock taken without waiting; ``recv`` first takes
-a message the socket already holds (:meth:`ClientDriver.recv_queued`).
-Anything else (a lock is busy, the send fails, a large message, nothing
-queued) goes through the driver's generators, which apply every rule.
+The fast lane (the driver's "The fast lane"): ``send`` takes the send
+lock (waiting for another sender, as the driver's send would) and calls
+:meth:`ClientDriver.send_now`; ``recv`` takes the receive lock without
+waiting and calls :meth:`ClientDriver.receive_now`. Each makes one system
+call on the common path. Anything else (another thread receiving, a large
+message, a connection to repair) goes through the driver's generators,
+which apply every rule.
 """
 
 from __future__ import annotations
@@ -38,24 +55,30 @@ import math
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from typing import Any, Callable, Iterator
 
 from . import _requests as rq
 from ._client import ClientInfo, ReconnectInfo, settings
-from ._driver import ClientDriver, ClientSettings
-from ._link import MSG_TRUNC, SocketLink
+from ._driver import EMPTY, NO_MESSAGE, ClientDriver, ClientSettings
+from ._link import SEND_FLAGS, SocketLink
 from ._reconnect import ReconnectPolicy
-from ._session import CONCAT_MAX
-from .protocol import DATA_PREFIX
 from .sockbuf import size_send_buffer
 
-__all__ = ["connect", "Client", "ReconnectingClient"]
+__all__ = ["connect", "Client", "ReconnectingClient", "RCVTIMEO_MIN"]
 
-_FLAGS = socket.MSG_NOSIGNAL
-_DONTWAIT = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
+_DONTWAIT = SEND_FLAGS | socket.MSG_DONTWAIT
 _DEFAULT: Any = object()
+#: Receive timeouts at least this long (seconds) are kept by the kernel
+#: (SO_RCVTIMEO: one blocking call); shorter ones try, then poll. The kernel
+#: rounds SO_RCVTIMEO up to its clock tick (4 ms at 250 Hz).
+RCVTIMEO_MIN = 0.1
+#: Bounds above this (seconds) are kept as "no bound" (SO_RCVTIMEO 0).
+RCVTIMEO_MAX = float(1 << 31)
+_TIMEVAL = struct.Struct("@ll")
+_monotonic = time.monotonic
 
 
 def connect(
@@ -115,19 +138,15 @@ class Client(ClientInfo):
         BadFrame/MessageTooBig without sending if the message's header
         disagrees with its size, DaemonShutdown if the daemon is gone.
         """
-        driver = self._driver
-        if len(message) <= CONCAT_MAX and self._send_lock.acquire(False):
-            try:
-                conn = driver.fast
-                if conn is not None:
-                    conn.session.check_data(message)
-                    conn.link.sock.send(DATA_PREFIX + message, _FLAGS)
-                    return driver.count_sent(conn, message)
-            except OSError:
-                pass  # nothing was sent: the driver sends it and applies its rules to the error
-            finally:
-                self._send_lock.release()
-        return self._run(driver.send(message))
+        lock = self._send_lock
+        lock.acquire()  # as the driver's send would: a send waits for another thread's
+        try:
+            seq = self._driver.send_now(message)
+        finally:
+            lock.release()
+        if seq is not None:
+            return seq
+        return self._run(self._driver.send(message))
 
     def recv(self, timeout: float | None = None) -> bytes:
         """Wait for one whole message (header included) and return it.
@@ -138,14 +157,14 @@ class Client(ClientInfo):
         connection.
         """
         driver = self._driver
+        deadline = None if timeout is None else _monotonic() + timeout
         if self._recv_lock.acquire(False):
-            try:
-                message = driver.recv_queued()
-            finally:
-                driver.release(self._recv_lock)
+            message = driver.receive_now(self._recv_lock, timeout, deadline)
             if message is not None:
+                if message is EMPTY:
+                    raise TimeoutError(NO_MESSAGE)
                 return message
-        return self._run(driver.recv(None if timeout is None else time.monotonic() + timeout))
+        return self._run(driver.recv(deadline))
 
     def set_receive(self, on: bool, timeout: Any = _DEFAULT) -> None:
         """Switch receiving on or off.
@@ -209,14 +228,42 @@ class ReconnectingClient(ReconnectInfo, Client):
 
 
 class _Link(SocketLink):
-    """A blocking socket and the poll object its timed waits use."""
+    """A blocking socket: a send blocks for room, a receive up to its timeout (see "Timeouts")."""
 
-    __slots__ = ("poll",)
+    __slots__ = ("_poll",)
 
     def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock)
-        self.poll = select.poll()
-        self.poll.register(sock, select.POLLIN)
+        super().__init__(sock, None)  # SO_RCVTIMEO 0: no bound
+        self._poll: Any = None  # for bounds under RCVTIMEO_MIN, made at the first
+
+    def set_wait(self, timeout: float | None) -> bool:
+        """Keep ``timeout`` in SO_RCVTIMEO; False for a bound the kernel's timer does not keep well."""
+        if timeout is not None and not timeout >= RCVTIMEO_MIN:
+            return False
+        bound = 0.0 if timeout is None or timeout > RCVTIMEO_MAX else timeout
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             _TIMEVAL.pack(*divmod(math.ceil(bound * 1e6), 1_000_000)))
+        self.wait = timeout
+        return True
+
+    def recv_packet(self, buffer: Any, timeout: float | None) -> int | None:
+        if timeout == self.wait or self.set_wait(timeout):
+            try:
+                return self.recv_into(buffer)
+            except BlockingIOError:  # SO_RCVTIMEO passed
+                return None
+        got = self.recv_nowait(buffer)  # a short bound: try, then poll
+        if got is not None or not timeout > 0:  # type: ignore[operator]
+            return got
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self.sock, select.POLLIN)
+        deadline = time.monotonic() + timeout  # type: ignore[operator]
+        while (got := self.recv_nowait(buffer)) is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._poll.poll(math.ceil(left * 1000)):
+                return None
+        return got
 
 
 def _seconds_left(deadline: float | None) -> float | None:
@@ -254,7 +301,7 @@ class _Blocking:
     @staticmethod
     def send(request: rq.Send) -> None:
         sock, parts = request.link.sock, request.parts
-        flags = _FLAGS if request.deadline is None else _DONTWAIT
+        flags = SEND_FLAGS if request.deadline is None else _DONTWAIT
         while True:
             try:
                 if len(parts) == 1:
@@ -267,15 +314,10 @@ class _Blocking:
                     raise TimeoutError from None
 
     @staticmethod
-    def recv(request: rq.Recv) -> tuple[int, bool]:
-        link = request.link
-        if request.deadline is None:
-            n, _, flags, _ = link.sock.recvmsg_into(request.buffers)
-            return n, bool(flags & MSG_TRUNC)
-        while (got := link.recv_nowait(request.buffers)) is None:
-            left = _seconds_left(request.deadline)
-            if not left or not link.poll.poll(math.ceil(left * 1000)):
-                raise TimeoutError
+    def recv(request: rq.Recv) -> int:
+        got = request.link.recv_packet(request.buffer, _seconds_left(request.deadline))
+        if got is None:
+            raise TimeoutError
         return got
 
     @staticmethod

@@ -44,6 +44,7 @@ __all__ = [
     "DrainTimeout",
     "DrainInProgress",
     "RemoteFrameTooBig",
+    "ResponseTooBig",
     "RemoteBadHeader",
     "RemoteAssemblyTimeout",
     "ConnectFailed",
@@ -263,6 +264,14 @@ class RemoteFrameTooBig(RemoteError):
     """The remote service announced a message longer than ``max_message``."""
 
     code = "remote_frame_too_big"
+
+
+class ResponseTooBig(RemoteError):
+    """The response to the request ``seq`` was over the group's ``max_message``: it
+    was skipped, unread, and the connection carries on. ``size`` is its length,
+    ``max_message`` the limit."""
+
+    code = "response_too_big"
 
 
 class RemoteBadHeader(RemoteError):

@@ -249,6 +249,14 @@ def encode_answer(answer: Accepted | Refused) -> bytes:
 
 def decode_answer(packet: bytes) -> Accepted | Refused:
     data = _unpack_map(packet, "handshake answer", HandshakeInvalid)
+    if "kmux" not in data and "ok" in data:
+        # kmuxd's control socket answers every packet with {"ok": ...} and no protocol version.
+        said = data.get("error")
+        raise HandshakeInvalid(
+            "this looks like kmuxd's control socket, not its app socket: it answered the hello "
+            "without a protocol version" + (f" ({str(said)[:200]})" if said else "")
+            + "; connect apps to the daemon's app socket ([daemon] socket)"
+        )
     try:
         if data["ok"]:
             max_message = int(data["max_message"])

@@ -18,10 +18,14 @@ another task than the receiving one: while some task is inside
 :meth:`TrioClient.recv`, that task hands the queued messages back and
 ``set_receive`` only waits for the marker.
 
-Fast paths, as in the blocking client: ``recv`` first takes a message the
-socket already holds, and a small ``send`` with nothing to repair goes out
-directly. Neither awaits between its checks and its system call, so no
-other task can come between them.
+The fast lane, as in the blocking client (the driver's "The fast lane"):
+a small ``send`` with nothing to repair is one ``send`` call, and ``recv``
+is one ``recv`` call when a message is waiting, one readiness wait and one
+``recv`` when none is, never a ``recv`` that finds nothing and a wait
+after it on the common path. Which of the two to do first is the driver's
+hint (:attr:`ClientDriver.wait_first`): after a send the answer is hardly
+ever back yet, so the client waits first. Neither awaits between its
+checks and its system call, so no other task can come between them.
 
 Cancellation never loses a message: a packet is either still in the socket
 or fully handled; the REQUEUE of a message already taken from the socket is
@@ -47,16 +51,13 @@ import trio
 
 from . import _requests as rq
 from ._client import ClientInfo, ReconnectInfo, settings
-from ._driver import ClientDriver, ClientSettings
-from ._link import MSG_TRUNC, SocketLink
+from ._driver import EMPTY, ClientDriver, ClientSettings
+from ._link import SEND_FLAGS, SocketLink
 from ._reconnect import ReconnectPolicy
-from ._session import CONCAT_MAX
-from .protocol import DATA_PREFIX
 from .sockbuf import size_send_buffer
 
 __all__ = ["connect", "TrioClient", "ReconnectingTrioClient"]
 
-_FLAGS = socket.MSG_NOSIGNAL
 #: A connect to a listener whose backlog is full fails with EAGAIN; try again after this long (s).
 BACKLOG_RETRY = 0.01
 
@@ -109,19 +110,12 @@ class TrioClient(ClientInfo):
         disagrees with its size.
         """
         driver = self._driver
-        if len(message) <= CONCAT_MAX and not self._send_lock.locked():
-            conn = driver.fast
-            if conn is not None:
-                conn.session.check_data(message)
-                await trio.lowlevel.checkpoint_if_cancelled()  # never yields unless it raises
-                try:
-                    conn.link.sock.send(DATA_PREFIX + message, _FLAGS)
-                except OSError:
-                    pass  # nothing was sent (or the socket is full): the driver takes it from here
-                else:
-                    seq = driver.count_sent(conn, message)
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                    return seq
+        if not self._send_lock.locked():
+            await trio.lowlevel.checkpoint_if_cancelled()  # never yields unless it raises
+            seq = driver.send_now(message)  # no await between its checks and its send: no other sender
+            if seq is not None:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return seq
         return await self._run(driver.send(message))
 
     async def recv(self) -> bytes:
@@ -135,15 +129,10 @@ class TrioClient(ClientInfo):
         self._receiving = True
         try:
             driver, lock = self._driver, self._recv_lock
-            if not lock.locked():
-                await trio.lowlevel.checkpoint_if_cancelled()  # before a message leaves the socket
-                lock.acquire_nowait()
-                try:
-                    message = driver.recv_queued()
-                finally:
-                    driver.release(lock)
+            link = driver.fast_link
+            if link is not None and not lock.locked():
+                message = await _receive_now(driver, link, lock)
                 if message is not None:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
                     return message
             return await self._run(driver.recv(None))
         finally:
@@ -212,10 +201,60 @@ class ReconnectingTrioClient(ReconnectInfo, TrioClient):
     """
 
 
+async def _receive_now(driver: ClientDriver, link: _Link, lock: trio.Lock) -> Any:
+    """The fast lane's receive, ``lock`` (``recv_lock``) free; None: run the driver's recv.
+
+    One checkpoint, as trio's socket methods: the readiness wait, or a
+    cancellation check before the read and a shielded schedule point after
+    it, so a message taken from the socket is never lost to a cancellation.
+    The lock is held across the wait (one task waits on the socket at a
+    time); no other task runs between the driver's release and the next take.
+    """
+    waited = driver.wait_first
+    if not waited:
+        await trio.lowlevel.checkpoint_if_cancelled()
+    while True:
+        lock.acquire_nowait()
+        if waited:
+            try:
+                readable = await link.wait_readable()
+            except BaseException:
+                driver.release(lock)
+                raise
+            if not readable:  # closed meanwhile: the driver says so
+                driver.release(lock)
+                return None
+        message = driver.receive_now(lock, 0.0, None, waited)  # releases the lock
+        if message is not EMPTY:
+            break
+        waited = True
+    if message is not None and not waited:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+    return message
+
+
 class _Link(SocketLink):
-    """A non-blocking socket that trio waits on."""
+    """A non-blocking socket that trio waits on: its sends (BlockingIOError when full) and receives never block."""
 
     __slots__ = ()
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, 0.0)  # a non-blocking socket: recv_into never waits, trio waits for readiness
+
+    @staticmethod
+    def set_wait(timeout: float | None) -> bool:
+        return timeout == 0
+
+    def recv_packet(self, buffer: Any, timeout: float | None = 0.0) -> int | None:
+        return self.recv_nowait(buffer)
+
+    async def wait_readable(self) -> bool:
+        """Wait until the socket is readable; False if another task closed it meanwhile."""
+        try:
+            await trio.lowlevel.wait_readable(self.sock)
+        except trio.ClosedResourceError:
+            return False
+        return True
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
@@ -253,10 +292,14 @@ async def _nonblocking(wait: Callable[[Any], Awaitable[None]], sock: socket.sock
         return result
 
 
+def _receiver(link: _Link, buffer: Any) -> Callable[[], Any]:
+    return functools.partial(link.sock.recv_into, buffer)  # BlockingIOError until a packet is queued
+
+
 def _sender(sock: socket.socket, parts: tuple[Any, ...]) -> Callable[[], Any]:
     if len(parts) == 1:
-        return functools.partial(sock.send, parts[0], _FLAGS)
-    return functools.partial(sock.sendmsg, parts, (), _FLAGS)
+        return functools.partial(sock.send, parts[0], SEND_FLAGS)
+    return functools.partial(sock.sendmsg, parts, (), SEND_FLAGS)
 
 
 class _Trio:
@@ -299,15 +342,12 @@ class _Trio:
         return await _within(request.deadline, request.shield, _nonblocking, trio.lowlevel.wait_writable, sock, send)
 
     @staticmethod
-    async def recv(request: rq.Recv) -> tuple[int, bool]:
+    async def recv(request: rq.Recv) -> int:
         sock = request.link.sock
-        receive = functools.partial(sock.recvmsg_into, request.buffers)
+        receive = _receiver(request.link, request.buffer)
         if request.deadline is None:
-            n, _, flags, _ = await _nonblocking(trio.lowlevel.wait_readable, sock, receive)
-        else:
-            n, _, flags, _ = await _within(request.deadline, False, _nonblocking, trio.lowlevel.wait_readable, sock,
-                                           receive)
-        return n, bool(flags & MSG_TRUNC)
+            return await _nonblocking(trio.lowlevel.wait_readable, sock, receive)
+        return await _within(request.deadline, False, _nonblocking, trio.lowlevel.wait_readable, sock, receive)
 
     @staticmethod
     async def size_send_buffer(request: rq.SizeSendBuffer) -> int:

@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from typing import Any, Callable, Mapping, TextIO
@@ -33,7 +34,7 @@ from kmux.errors import DaemonUnavailable, KmuxError, UnknownGroup
 from kmuxd import __version__
 from .format import RateTracker, fmt_bytes, fmt_count, fmt_duration, records
 from .metrics import metrics_registry, metrics_text
-from .views import Rates, clients_view, find_group, group_view, groups_view, select_clients, status_view
+from .views import Rates, clients_view, find_group, group_view, groups_view, problem_lines, select_clients, status_view
 
 __all__ = [
     "ControlClient",
@@ -129,8 +130,15 @@ def exit_status(
             # kmuxd let us connect (we may look) but not do this.
             return EXIT_PERMISSION, f"kmux-cli: permission denied: {exc.message}"
         what = f"{command} failed" if command else "failed"
-        # Details the message already spells out (config_invalid's path) are not repeated.
-        extra = "".join(f" {k}={v}" for k, v in sorted(exc.details.items()) if str(v) not in exc.message)
+        problems = problem_lines(exc.details.get("problems"))
+        if code == "config_invalid" and len(problems) > 1:
+            # One line per problem, as `kmuxd --check` prints them.
+            return EXIT_FAILED, "\n".join([f"kmux-cli: {what}: [{exc.code}] {len(problems)} problems:",
+                                           *(f"  {line}" for line in problems)])
+        # Details the message already spells out (config_invalid's path) are not repeated,
+        # and only plain values are shown (never a Python repr of a list or a map).
+        extra = "".join(f" {k}={v}" for k, v in sorted(exc.details.items())
+                        if isinstance(v, (str, int, float)) and str(v) not in exc.message)
         return EXIT_FAILED, f"kmux-cli: {what}: [{exc.code}] {exc.message}{extra}"
     return EXIT_FAILED, f"kmux-cli: {exc}"
 
@@ -194,6 +202,28 @@ def watch(
             out.flush()
 
 
+def take_ctrl_c(out: TextIO) -> bool:
+    """Let ^C end a ``--watch`` on a terminal even if SIGINT was inherited ignored; True if it did.
+
+    A shell without job control (``sh -c 'cmd &'``, many scripts and CI
+    runners) starts background commands with SIGINT ignored, and Python
+    keeps an ignored SIGINT ignored: ^C on the watch's own terminal then did
+    nothing, and the watch ran on. Ignoring stays right for a process in the
+    background, where a ^C is not meant for it. A process in its terminal's
+    foreground process group gets SIGINT only because someone typed ^C at
+    it, and ^C is how a watch ends, so there the default handler comes back.
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        return False
+    try:
+        foreground = os.tcgetpgrp(out.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):
+        return False  # not a terminal after all, or out has no descriptor
+    if foreground:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return foreground
+
+
 # -- commands -----------------------------------------------------------------------
 
 
@@ -232,6 +262,8 @@ def _show(args: argparse.Namespace, client: ControlClient, out: TextIO, request:
         return table(answer, rates)
 
     tty = out.isatty() and not args.json
+    if tty:
+        take_ctrl_c(out)
     return watch(fetch, render, interval=args.watch, count=args.count, out=out, tty=tty, title=args.title,
                  separate=not args.json)
 
@@ -376,7 +408,7 @@ def _add_common(p: argparse.ArgumentParser, top: bool) -> None:
     p.add_argument("-H", "--no-header", dest="header", action="store_false", default=d(True),
                    help="no table header line")
     p.add_argument("--watch", metavar="SECONDS", nargs="?", const=1.0, type=_watch_interval, default=d(None),
-                   help="refresh every SECONDS (default 1) until Ctrl-C; write it --watch=SECONDS")
+                   help="refresh every SECONDS until Ctrl-C: --watch 2 or --watch=2 (a bare --watch: every 1 s)")
     p.add_argument("--count", metavar="N", type=_count, default=d(None), help="with --watch: stop after N refreshes")
     p.add_argument("--control", metavar="PATH", default=d(os.environ.get("KMUX_CONTROL") or DEFAULT_CONTROL),
                    help=f"control socket (default $KMUX_CONTROL or {DEFAULT_CONTROL})")

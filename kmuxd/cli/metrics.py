@@ -62,6 +62,9 @@ GROUP_METRICS: list[tuple[str, str, str, str, float]] = [
     ("recycles", "kmux_group_recycles_total", COUNTER,
      "Connections replaced without loss (server FIN after traffic, max_requests, max_connection_age)", 1),
     ("rx_queued_bytes", "kmux_group_rx_queued_bytes", GAUGE, "Bytes of responses waiting for slow clients", 1),
+    ("skipped_msgs", "kmux_group_skipped_msgs_total", COUNTER,
+     "Messages from TCP over max_message that went by unread (their requests got response_too_big)", 1),
+    ("skipped_bytes", "kmux_group_skipped_bytes_total", COUNTER, "Bytes of the messages skipped unread", 1),
 ]
 
 #: Per endpoint of ``endpoint_health``; labels group and endpoint.
@@ -70,6 +73,8 @@ ENDPOINT_METRICS: list[tuple[str, str, str, str, float]] = [
     ("recycles", "kmux_endpoint_recycles_total", COUNTER, "Connections to the endpoint replaced without loss", 1),
     ("failures", "kmux_endpoint_failures_total", COUNTER, "Failures that ejected the endpoint", 1),
     ("retry_in", "kmux_endpoint_retry_in_seconds", GAUGE, "Seconds until an ejected endpoint is tried again", 1),
+    ("reason_age", "kmux_endpoint_last_failure_age_seconds", GAUGE,
+     "Seconds since the endpoint's last failure (absent if it never failed)", 1),
 ]
 #: Health states of an endpoint, for the kmux_endpoint_state enum.
 ENDPOINT_STATES = ("healthy", "ejected", "probing")
@@ -87,11 +92,13 @@ CONN_METRICS: list[tuple[str, str, str, str, float]] = [
     ("queued_bytes", "kmux_conn_queued_bytes", GAUGE, "Bytes queued for writing on this connection", 1),
     ("in_flight", "kmux_conn_requests_in_flight", GAUGE, "Requests written on this connection and not answered", 1),
     ("need_more_hdr", "kmux_conn_need_more_hdr_total", COUNTER, "Reads that ended inside a message header", 1),
-    ("msg_too_big", "kmux_conn_msg_too_big_total", COUNTER, "Incoming messages longer than max_message", 1),
+    ("msg_too_big", "kmux_conn_msg_too_big_total", COUNTER, "Incoming messages longer than max_message (skipped, or past max_skip)", 1),
     ("msg_timeouts", "kmux_conn_msg_timeouts_total", COUNTER, "Incomplete messages past assembly_timeout", 1),
     ("bad_hdr_len", "kmux_conn_bad_hdr_len_total", COUNTER, "Incoming headers with an impossible length", 1),
     ("reconnects", "kmux_conn_reconnects_total", COUNTER, "TCP connections made after the first", 1),
     ("dial_failures", "kmux_conn_dial_failures_total", COUNTER, "Failed TCP dials", 1),
+    ("skipped_msgs", "kmux_conn_skipped_msgs_total", COUNTER, "Messages over max_message skipped unread", 1),
+    ("skipped_bytes", "kmux_conn_skipped_bytes_total", COUNTER, "Bytes of the messages skipped unread", 1),
 ]
 
 TCP_METRICS: list[tuple[str, str, str, str, float]] = [
@@ -201,6 +208,19 @@ class StatsCollector:
             family, TCP_METRICS, conn_labels,
             [(lv, c.get("tcp")) for lv, c in conns if isinstance(c.get("tcp"), Mapping)],
         )
+        expiry = GaugeMetricFamily(
+            "kmux_tls_cert_expiry_seconds",
+            "Seconds until a TLS certificate of the connection expires: the server's (verified) and our own client's",
+            labels=[*conn_labels, "cert"],
+        )
+        for lv, c in conns:
+            tls = c.get("tls")
+            if isinstance(tls, Mapping):
+                for cert, field in (("server", "server_cert_expiry_seconds"), ("client", "client_cert_expiry_seconds")):
+                    v = _metric_value(tls.get(field), 1)
+                    if v is not None:
+                        expiry.add_metric([*lv, cert], v)
+        yield expiry
         conn_up = GaugeMetricFamily(
             "kmux_conn_up", "1 if the slot holds an established TCP connection", labels=conn_labels
         )

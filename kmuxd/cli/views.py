@@ -38,6 +38,7 @@ from .format import (
 
 __all__ = [
     "Rates",
+    "problem_lines",
     "GROUP_COLUMNS",
     "CONN_COLUMNS",
     "ENDPOINT_COLUMNS",
@@ -66,6 +67,8 @@ OUTAGE_COUNTERS = (
     ("responses dropped", "responses_dropped", fmt_count),
     ("recycles", "recycles", fmt_count),
     ("rx queued", "rx_queued_bytes", fmt_bytes),
+    ("skipped", "skipped_msgs", fmt_count),
+    ("skipped bytes", "skipped_bytes", fmt_bytes),
 )
 
 
@@ -79,6 +82,53 @@ def _get(field: str, fmt: Callable[[Any], str] = fmt_plain) -> Callable[[Mapping
 def _tcp(field: str, fmt: Callable[[Any], str]) -> Callable[[Mapping[str, Any]], str]:
     """A TCP_INFO field; ``tcp`` is None when the slot has no connection."""
     return lambda r: fmt((r.get("tcp") or {}).get(field))
+
+
+def fmt_sockopts(s: Any) -> str:
+    """A connection's socket options as the kernel reported them: ``mark=0x2a tos=0xb8 cc=reno dev=lo``.
+
+    Zero and empty values (the kernel's defaults) are left out; the congestion
+    algorithm is always shown (every connection has one).
+    """
+    if not isinstance(s, Mapping):
+        return MISSING
+    parts = []
+    for label, field, fmt in _SOCKOPT_CELLS:
+        value = s.get(field)
+        if value:
+            parts.append(f"{label}={fmt(value)}")
+    return " ".join(parts) or MISSING
+
+
+def _hex(width: int) -> Callable[[Any], str]:
+    return lambda v: f"{v:#0{width}x}" if _is_int(v) else fmt_text(v)
+
+
+#: (label, field, format) of a connection's SOCKET cell, in display order.
+_SOCKOPT_CELLS = (
+    ("mark", "mark", _hex(0)),
+    ("tos", "tos", _hex(4)),
+    ("cc", "congestion", fmt_text),
+    ("dev", "bind_device", fmt_text),
+    ("lowat", "notsent_lowat", fmt_plain),
+)
+
+
+def socket_summary(sock: Any) -> str | None:
+    """The group's ``[socket]`` line for ``kmux-cli group``: what is configured, and the port walk."""
+    if not isinstance(sock, Mapping) or not isinstance(sock.get("configured"), Mapping):
+        return None
+    cfg = sock["configured"]
+    parts = [f"{key} {_hex(0)(value) if key in ('mark', 'tos') else fmt_text(value)}"
+             for key, value in cfg.items() if key != "source_ports"]
+    ports, walk = cfg.get("source_ports"), sock.get("source_ports")
+    if isinstance(ports, list) and len(ports) == 2:
+        text = f"source_ports {fmt_plain(ports[0])}..{fmt_plain(ports[1])}"
+        if isinstance(walk, Mapping):
+            text += (f" ({fmt_count(walk.get('taken'))} taken, {fmt_count(walk.get('busy'))} busy, "
+                     f"{fmt_count(walk.get('exhausted'))} exhausted)")
+        parts.insert(0, text)
+    return "    socket " + "  ".join(parts)
 
 
 def _is_int(v: Any) -> bool:
@@ -188,8 +238,24 @@ CONN_COLUMNS = [
     Column("CWND", _tcp("snd_cwnd", fmt_count)),
     Column("UNACKED", _tcp("unacked", fmt_count)),
     Column("RECONNECTS", _get("reconnects", fmt_count)),
+    Column("SKIPPED", _get("skipped_msgs", fmt_count)),
     Column("LAST_ERROR", _get("last_error"), right=False),
 ]
+
+#: A group with [socket] options: each connection's, as the kernel reports them.
+SOCKET_COLUMN = Column("SOCKET", lambda r: fmt_sockopts(r.get("socket")), right=False)
+
+
+def last_failure(r: Mapping[str, Any]) -> str:
+    """An endpoint's last failure as history: ``12.3s ago: bad framing: ...`` (``-``: none).
+    Its HEALTH column is the verdict now, on its own."""
+    reason = r.get("reason")
+    if not reason:
+        return MISSING
+    age = r.get("reason_age")
+    when = f"{fmt_duration(age)} ago: " if isinstance(age, (int, float)) and not isinstance(age, bool) else ""
+    return when + fmt_text(reason)
+
 
 #: One line per endpoint of ``endpoint_health``; RETRY_IN only means something off duty.
 ENDPOINT_COLUMNS = [
@@ -199,7 +265,7 @@ ENDPOINT_COLUMNS = [
     Column("RECYCLES", _get("recycles", fmt_count)),
     Column("FAILURES", _get("failures", fmt_count)),
     Column("RETRY_IN", lambda r: MISSING if r.get("state") == "healthy" else fmt_duration(r.get("retry_in"))),
-    Column("REASON", _get("reason", fmt_text), right=False),
+    Column("LAST_FAILURE", last_failure, right=False),
 ]
 
 CLIENT_COLUMNS = [
@@ -262,6 +328,7 @@ def group_summary(g: Mapping[str, Any]) -> list[str]:
     access = g.get("access")
     if isinstance(access, Mapping):
         lines.append(f"    access {fmt_text(access.get('text')) if access.get('text') else policy_short(access)}")
+    lines += security_lines(g.get("security"))
     lines += [
         f"    tx {c('tx_msgs')} msgs {b('tx_bytes')}  rx {c('rx_msgs')} msgs {b('rx_bytes')}  "
         f"queued {c('queued_msgs')} msgs {b('queued_bytes')}  in flight {c('requests_in_flight')}",
@@ -272,6 +339,28 @@ def group_summary(g: Mapping[str, Any]) -> list[str]:
     if any(field in g for _, field, _ in OUTAGE_COUNTERS):
         lines.append("    " + "  ".join(f"{label} {fmt(g.get(field))}" for label, field, fmt in OUTAGE_COUNTERS))
     lines.append(f"    attached {c('attached')}  unattached {c('unattached')}")
+    sock = socket_summary(g.get("socket"))
+    if sock is not None:
+        lines.append(sock)
+    return lines
+
+
+def security_lines(sec: Any) -> list[str]:
+    """TLS and handshake steps, and the loud warning when TLS does not verify the server."""
+    if not isinstance(sec, Mapping) or not (sec.get("tls") or sec.get("handshake_steps")):
+        return []
+    parts = []
+    if sec.get("tls"):
+        verify = "verify on" if sec.get("verify") else "VERIFY OFF"
+        parts.append(f"tls {fmt_plain(sec.get('min_version'))}+ {verify}"
+                     + (f" name {fmt_text(sec.get('server_name'))}" if sec.get("server_name") else "")
+                     + ("  client cert" if sec.get("client_cert") else "")
+                     + f"  handshakes {fmt_count(sec.get('tls_handshakes'))} resumed {fmt_count(sec.get('tls_resumed'))}")
+    if sec.get("handshake_steps"):
+        parts.append(f"handshake steps {fmt_count(sec.get('handshake_steps'))}")
+    lines = ["    " + "  ".join(parts)]
+    if sec.get("warning"):
+        lines.append(f"    WARNING: {fmt_text(sec.get('warning'))}")
     return lines
 
 
@@ -283,6 +372,8 @@ def group_view(
     conns = [r for r in g.get("connections") or [] if isinstance(r, Mapping)]
     lines = group_summary(g)
     columns = list(CONN_COLUMNS)
+    if g.get("socket"):
+        columns.insert(-1, SOCKET_COLUMN)  # before LAST_ERROR, a text that stays last
     if rates is not None:
         def rate(field: str, fmt: Callable[[Any], str]) -> str:
             return fmt(rates.tracker.rate(_group_key(g), g, field, rates.now))
@@ -339,6 +430,18 @@ def _total(counts: Any) -> int | None:
     return sum(v for v in counts.values() if _is_int(v)) if isinstance(counts, Mapping) else None
 
 
+def problem_lines(problems: Any) -> list[str]:
+    """``key.path: reason`` for each ``[path, reason]`` of a config_invalid error; [] if it has none."""
+    if not isinstance(problems, (list, tuple)):
+        return []
+    out = []
+    for p in problems:
+        if isinstance(p, (list, tuple)) and len(p) == 2:
+            path, reason = p
+            out.append(f"{fmt_text(path)}: {fmt_text(reason)}" if path else fmt_text(reason))
+    return out
+
+
 def status_view(answer: Mapping[str, Any]) -> list[str]:
     """``kmux-cli status``: the daemon record (and the control socket's own counters, when sent)."""
     d = answer.get("daemon") if isinstance(answer.get("daemon"), Mapping) else {}
@@ -351,9 +454,15 @@ def status_view(answer: Mapping[str, Any]) -> list[str]:
         f"    clients {fmt_count(d.get('clients'))}  groups {fmt_count(ngroups)}",
         f"    hellos accepted {fmt_count(d.get('clients_accepted'))}  "
         f"refused {fmt_count(d.get('clients_refused'))}{_by_key(d.get('refused_by_code'))}",
-        f"    reloads {fmt_count(d.get('reloads'))}  failed {fmt_count(d.get('reload_failures'))}  "
-        f"last error {fmt_plain(d.get('last_reload_error'))}",
     ]
+    reloads = f"    reloads {fmt_count(d.get('reloads'))}  failed {fmt_count(d.get('reload_failures'))}  last error "
+    problems = problem_lines(d.get("last_reload_problems"))
+    if len(problems) > 1:
+        # A refused file's problems, one per line (the error's text says them all on one).
+        lines.append(f"{reloads}config_invalid, {len(problems)} problems:")
+        lines += [f"        {line}" for line in problems]
+    else:
+        lines.append(f"{reloads}{fmt_plain(d.get('last_reload_error'))}")
     control = answer.get("control")
     if isinstance(control, Mapping):
         requests, refused = control.get("requests"), control.get("refused")

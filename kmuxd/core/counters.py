@@ -32,7 +32,7 @@ class GroupCounters:
     __slots__ = (
         "tx_msgs", "tx_bytes", "tx_retries", "rx_msgs", "rx_bytes", "rx_paused", "attached", "unattached",
         "refused", "requeued", "notices_sent", "dropped_unread", "queue_timeouts", "slow_consumers",
-        "responses_dropped", "recycles",
+        "responses_dropped", "recycles", "skipped_msgs", "skipped_bytes",
     )
 
     def __init__(self) -> None:
@@ -63,6 +63,9 @@ class GroupCounters:
         #: Connections retired to be replaced (make-before-break), and
         #: connections recycled by their server (the connection).
         self.recycles = 0
+        #: Messages from TCP over max_message, skipped unread, and their bytes (receive steering).
+        self.skipped_msgs = 0
+        self.skipped_bytes = 0
 
 
 class SlotCounters:
@@ -70,7 +73,7 @@ class SlotCounters:
 
     __slots__ = (
         "tx_msgs", "tx_bytes", "rx_msgs", "rx_bytes", "tx_aborts", "msg_timeouts", "connections_made",
-        "dial_failures", "recycles", "retired",
+        "dial_failures", "recycles", "retired", "skipped_msgs", "skipped_bytes",
     )
 
     def __init__(self) -> None:
@@ -90,3 +93,12 @@ class SlotCounters:
         self.recycles = 0
         #: Connections retired make-before-break (the slot).
         self.retired = 0
+        #: Messages over max_message skipped unread, and their bytes (the connection).
+        self.skipped_msgs = 0
+        self.skipped_bytes = 0
+
+    def count_skipped(self, size: int) -> None:
+        """A message of ``size`` bytes over max_message went by unread (it counts as received)."""
+        self.rx_msgs += 1
+        self.skipped_msgs += 1
+        self.skipped_bytes += size

@@ -38,8 +38,10 @@ Health looks at what connections *did*:
   is counted as a failure but does not eject by itself: the redial that
   follows decides, so a crashed server is ejected by its refused dials.
 
-:class:`EndpointState` keeps the why of the last ejection for operators
-(``kmux-cli group NAME``). No I/O; the caller sleeps.
+Each endpoint keeps the why and the when of its last failure for operators
+(``kmux-cli group NAME``): the verdict (healthy, ejected, probing) is what
+holds now; the last failure is history, shown with its age, so a healthy
+endpoint never looks as if it were failing. No I/O; the caller sleeps.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ CREDITS_MAX = 64
 class _Health:
     __slots__ = (
         "backoff", "ejected_until", "probing", "connections", "failures", "failures_total", "recycles",
-        "reason", "timeouts", "tokens", "tokens_at", "credits", "recycled_after",
+        "reason", "reason_at", "timeouts", "tokens", "tokens_at", "credits", "recycled_after",
     )
 
     def __init__(self, backoff: Backoff, burst: float) -> None:
@@ -93,7 +95,8 @@ class _Health:
         self.failures = 0  # in a row, reset by an answer
         self.failures_total = 0
         self.recycles = 0
-        self.reason: str | None = None  # why it was last ejected
+        self.reason: str | None = None  # why it last failed
+        self.reason_at = 0.0  # when
         self.timeouts = 0  # request timeouts in a row
         self.tokens = burst  # dials allowed now (token bucket)
         self.tokens_at = 0.0
@@ -105,9 +108,9 @@ class _Health:
 @dataclass(frozen=True, slots=True)
 class EndpointStatistics:
     endpoint: str
-    #: "healthy", "ejected" (backing off) or "probing" (one slot is trying it).
+    #: The verdict now: "healthy", "ejected" (backing off) or "probing" (one slot is trying it).
     state: str
-    #: Why it was last ejected (None if never).
+    #: Why it last failed (None if never): history, whatever the verdict now.
     reason: str | None
     connections: int
     #: Connections its server closed after answering (not failures).
@@ -116,6 +119,8 @@ class EndpointStatistics:
     failures: int
     #: Seconds until an ejected endpoint may be probed again (0 when healthy or due).
     retry_in: float
+    #: Seconds since that last failure (None if never).
+    reason_age: float | None = None
 
     @property
     def healthy(self) -> bool:
@@ -258,7 +263,8 @@ class EndpointPool(Generic[E]):
             return Verdict.RECYCLE
         h.failures_total += 1
         if answered:
-            return Verdict.FAILURE  # reset after answering: the redial decides
+            self._failed(h, now, reason or "reset after answering")
+            return Verdict.FAILURE  # the redial decides
         self._eject(h, now, reason or ("closed before answering" if graceful else "reset before answering"))
         return Verdict.FAILURE
 
@@ -277,8 +283,13 @@ class EndpointPool(Generic[E]):
     def _eject(self, h: _Health, now: float, reason: str) -> None:
         h.probing = False
         h.failures += 1
-        h.reason = reason
+        self._failed(h, now, reason)
         h.ejected_until = now + h.backoff.next_delay()
+
+    @staticmethod
+    def _failed(h: _Health, now: float, reason: str) -> None:
+        h.reason = reason
+        h.reason_at = now
 
     # -- statistics ------------------------------------------------------------------
 
@@ -297,5 +308,6 @@ class EndpointPool(Generic[E]):
                 recycles=h.recycles,
                 failures=h.failures_total,
                 retry_in=0.0 if h.ejected_until is None else max(0.0, h.ejected_until - now),
+                reason_age=None if h.reason is None else max(0.0, now - h.reason_at),
             ))
         return out

@@ -16,12 +16,12 @@ the live connection retires (takes nothing new, finishes what it holds) while
 the slot already dials its replacement.
 
     slot:  IDLE -dial-> CONNECTING -connected-> UP
-           CONNECTING -handshake-> HANDSHAKING -authenticate-> AUTHENTICATING
-           HANDSHAKING/AUTHENTICATING -connected-> UP
-                                          (a TLS handshake, a credential
-                                           exchange: rows for what comes next;
-                                           nothing takes them yet)
-           CONNECTING/HANDSHAKING/AUTHENTICATING -dial_failed-> BACKOFF
+           CONNECTING -secure-> TLS_HANDSHAKE       ([groups.NAME.tls]: TCP is up)
+           CONNECTING/TLS_HANDSHAKE -authenticate-> AUTHENTICATING
+                                                    ([[groups.NAME.handshake]] steps)
+           TLS_HANDSHAKE/AUTHENTICATING -connected-> UP
+           CONNECTING/TLS_HANDSHAKE/AUTHENTICATING -dial_failed-> BACKOFF
+                                 (a failed TLS handshake or step is a failed dial)
            CONNECTING -no_endpoint-> BACKOFF -retry-> CONNECTING
            UP -lost-> BACKOFF             (the live connection failed or closed)
            UP -recycle-> CONNECTING       (it retires; its replacement dials now)
@@ -68,7 +68,9 @@ __all__ = [
 class SlotState(enum.Enum):
     IDLE = "idle"
     CONNECTING = "connecting"
-    HANDSHAKING = "handshaking"
+    #: TCP is up; the TLS handshake runs (no traffic yet).
+    TLS_HANDSHAKE = "tls_handshake"
+    #: The per-connection credential handshake's steps run (no traffic yet).
     AUTHENTICATING = "authenticating"
     UP = "up"
     BACKOFF = "backoff"
@@ -77,7 +79,7 @@ class SlotState(enum.Enum):
 
 class SlotEvent(enum.Enum):
     DIAL = "dial"
-    HANDSHAKE = "handshake"
+    SECURE = "secure"
     AUTHENTICATE = "authenticate"
     CONNECTED = "connected"
     DIAL_FAILED = "dial_failed"
@@ -92,17 +94,19 @@ _L, _LE = SlotState, SlotEvent
 SLOT_TRANSITIONS: dict[tuple[SlotState, SlotEvent], SlotState] = {
     (_L.IDLE, _LE.DIAL): _L.CONNECTING,
     (_L.CONNECTING, _LE.CONNECTED): _L.UP,
-    (_L.CONNECTING, _LE.HANDSHAKE): _L.HANDSHAKING,
-    (_L.HANDSHAKING, _LE.AUTHENTICATE): _L.AUTHENTICATING,
-    (_L.HANDSHAKING, _LE.CONNECTED): _L.UP,
-    (_L.AUTHENTICATING, _LE.CONNECTED): _L.UP,
     (_L.CONNECTING, _LE.DIAL_FAILED): _L.BACKOFF,
-    (_L.HANDSHAKING, _LE.DIAL_FAILED): _L.BACKOFF,
-    (_L.AUTHENTICATING, _LE.DIAL_FAILED): _L.BACKOFF,
     (_L.CONNECTING, _LE.NO_ENDPOINT): _L.BACKOFF,
     (_L.UP, _LE.LOST): _L.BACKOFF,
     (_L.UP, _LE.RECYCLE): _L.CONNECTING,
     (_L.BACKOFF, _LE.RETRY): _L.CONNECTING,
+    # Between dialled and up: TLS, then the credential steps (issue 18).
+    (_L.CONNECTING, _LE.SECURE): _L.TLS_HANDSHAKE,
+    (_L.CONNECTING, _LE.AUTHENTICATE): _L.AUTHENTICATING,
+    (_L.TLS_HANDSHAKE, _LE.AUTHENTICATE): _L.AUTHENTICATING,
+    (_L.TLS_HANDSHAKE, _LE.CONNECTED): _L.UP,
+    (_L.AUTHENTICATING, _LE.CONNECTED): _L.UP,
+    (_L.TLS_HANDSHAKE, _LE.DIAL_FAILED): _L.BACKOFF,
+    (_L.AUTHENTICATING, _LE.DIAL_FAILED): _L.BACKOFF,
 }
 SLOT_TRANSITIONS.update({(state, _LE.CLOSE): _L.CLOSED for state in SlotState})
 
@@ -213,6 +217,7 @@ class RetireReason(enum.Enum):
     SERVER_CLOSED = "the server closed its side"
     ENDPOINT_EJECTED = "endpoint ejected: request timeouts"
     DRAIN = "drain"
+    TLS_RENEWED = "TLS settings or files changed (reload)"
     #: Not a retirement: an operator's reconnect closes the connection at once.
     RECONNECT = "reconnect requested by an operator"
 

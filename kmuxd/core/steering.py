@@ -33,6 +33,13 @@ and leaves the ring (the message it could not take goes to the next one);
 it comes back when its socket is writable again. A receiver that switches
 receiving off leaves the ring.
 
+**Skipped messages.** A message over ``max_message`` goes by unread
+(``Inbox`` invariant 6); only its stub stays, and :meth:`Steering.skipped`
+decides what it was, in its place in the stream's order: in ``id`` and
+``fifo`` the answer to the request it matches (by the id in its stub, or as
+the oldest request), whose client the shell tells ``response_too_big``; in
+``balance`` nobody's. Either way it is counted.
+
 **The kind byte.** A message is sent to its client as one DATA packet: the
 kind byte, then the message. The byte before a message in the inbox is
 free (``Inbox`` invariant 2), so :func:`data_packet` writes the kind there
@@ -191,6 +198,17 @@ class Steering:
         delivered. What could not be handed over stays in the inbox (balance only)."""
         raise NotImplementedError
 
+    def skipped(self, inbox: Inbox, flight: Flight | None, pending: deque[Request], now: float) -> Request | None:
+        """The inbox's skipped message (:attr:`Inbox.skip`), every message before it handed
+        over: counted. Returns the request it answers, whose client must be told; None
+        when there is nobody to tell (balance, an unmatched or a late response)."""
+        skip = inbox.skip
+        assert skip is not None
+        counters = self.counters
+        counters.skipped_msgs += 1
+        counters.skipped_bytes += skip[2]
+        return None
+
     def requeue(self, message: bytes) -> None:
         """A message a client handed back (balance only)."""
         raise NotImplementedError
@@ -319,6 +337,17 @@ class ResponseSteering(Steering):
         counters.rx_msgs += delivered
         counters.rx_bytes += nbytes
         return delivered
+
+    def skipped(self, inbox: Inbox, flight: Flight | None, pending: deque[Request], now: float) -> Request | None:
+        super().skipped(inbox, flight, pending, now)
+        assert flight is not None and inbox.skip is not None
+        start, stub_end, size = inbox.skip
+        router = self.router
+        req = router.match(flight, pending, inbox.buf, start, stub_end - start)
+        if req is None:
+            self.on_unmatched(flight, size)  # it cannot be offered to anyone: it is gone
+            return None
+        return req if router.answered(req, now) else None
 
     def _unmatched(self, flight: Flight, buf: bytearray, view: memoryview, pos: int, end: int) -> None:
         self.on_unmatched(flight, end - pos)

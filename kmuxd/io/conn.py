@@ -11,13 +11,22 @@ tables); the connection carries out what the cores decide:
 * **writes**: the scheduler (:mod:`kmuxd.core.sendq`) decides which outbox a
   client's messages go to; clients read straight into it during a pass and
   the connection writes ``outbox[head:tail]`` with one ``send`` when the pass
-  ends (:meth:`Conn.flush`, the one place its socket is written). Only a
+  ends (:meth:`Conn.flush`, the one place its transport is written). Only a
   refused write turns on ``EPOLLOUT``.
 * **reads**: one ``recv_into`` straight into its :class:`~kmuxd.core.inbox.Inbox`
-  per readiness event (:meth:`Conn.read`, the one place its socket is read),
-  then the group's steering strategy hands every complete message to its
-  client (:mod:`kmuxd.core.steering`). In balance mode, with no receiver
+  per readiness event (:meth:`Conn.read`, the one place its transport is
+  read), then the group's steering strategy hands every complete message to
+  its client (:mod:`kmuxd.core.steering`). In balance mode, with no receiver
   ready, it stops reading (the receive side's PAUSED): TCP pushes back.
+  A message over ``max_message`` (within ``max_skip``) goes by unread and
+  the stream carries on: in its place, steering says whose request it
+  answered and the group tells that client ``response_too_big``.
+* **the transport** is the socket, or with ``[groups.NAME.tls]`` a
+  :class:`~kmuxd.io.tls.TlsTransport` with the same ``send``/``recv_into``
+  contract. TLS hides two things from epoll, so the connection asks for
+  them: ciphertext the kernel refused keeps ``EPOLLOUT`` on (and a retiring
+  connection open) until it is out, and plaintext left inside OpenSSL is
+  served again next pass (:meth:`Reactor.serve_again <kmuxd.io.reactor.Reactor.serve_again>`).
 * **retiring** (make-before-break): when a connection reaches
   ``max_requests_per_connection`` or ``max_connection_age``, or its server
   half-closes, it takes nothing new at once (DRAINING) and its slot dials the
@@ -58,12 +67,14 @@ from kmuxd.core.sendq import Outbox, Salvage
 from kmuxd.core.states import ConnEvent, ConnMachine, ConnState, EndReason, RetireReason, RxEvent, RxState
 from kmuxd.system.config import Endpoint
 
+from .dial import describe
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
-from .sockerr import describe_error, errno_name
+from .sockerr import errno_name
 from .statistics import ConnStatistics
 
 if TYPE_CHECKING:
     from .slot import Slot
+    from .tls import TlsTransport
 
 __all__ = ["Conn", "ConnStatistics"]
 
@@ -79,10 +90,12 @@ class Conn:
     __slots__ = (
         "group", "slot", "clock", "sock", "fd", "endpoint", "sm", "inbox", "flight", "mask", "connected_at",
         "steering", "slot_counters", "counters", "tx_msgs", "tx_bytes", "rx_msgs", "requests", "budget",
-        "delivered", "flight_total", "retire_deadline", "retire_reason", "_closed_event", "error",
+        "delivered", "flight_total", "retire_deadline", "retire_reason", "_closed_event", "error", "tls",
+        "transport",
     )
 
-    def __init__(self, slot: "Slot", sock: socket.socket, endpoint: Endpoint, inbox: Inbox) -> None:
+    def __init__(self, slot: "Slot", sock: socket.socket, endpoint: Endpoint, inbox: Inbox,
+                 tls: "TlsTransport | None" = None) -> None:
         group = slot.group
         cfg = group.cfg
         self.group = group
@@ -118,6 +131,9 @@ class Conn:
         #: Set when the TCP connection is closed, however it ended (:meth:`wait_closed`).
         self._closed_event = trio.Event()
         self.error: str | None = None
+        #: Its TLS (kmuxd.io.tls; None: plaintext), and what it sends and receives through.
+        self.tls = tls
+        self.transport: "socket.socket | TlsTransport" = sock if tls is None else tls
 
     def __repr__(self) -> str:
         return f"Conn({self.group.cfg.name}/{self.slot.index} {self.endpoint})"
@@ -180,7 +196,8 @@ class Conn:
         group = self.group
         sched = group.sched
         outbox = sched.outbox_of(self)
-        send = self.sock.send
+        tls = self.tls
+        send = self.transport.send
         while outbox.head < outbox.tail:
             try:
                 n = send(outbox.view[outbox.head : outbox.tail])
@@ -201,6 +218,8 @@ class Conn:
             # written() may have had this connection adopt an orphan (when its
             # own outbox emptied): the next bytes to write are the orphan's.
             outbox = sched.outbox_of(self)
+        if tls is not None and tls.backlog and not self._push_tls(tls):
+            return
         if self.sm.state is ConnState.BUSY:
             self.sm.fire(ConnEvent.WRITE_DONE)
         if self.mask & EPOLLOUT:
@@ -209,6 +228,19 @@ class Conn:
             group.note_flushed()
         if self.sm.state is ConnState.DRAINING:
             self.maybe_finish_retiring()
+
+    def _push_tls(self, tls: "TlsTransport") -> bool:
+        """The outbox is written (as plaintext) but the kernel refused ciphertext: the backlog
+        asks for EPOLLOUT until it is out (kmuxd.io.tls, rule 1). True once it is all out."""
+        try:
+            pushed = tls.push()
+        except OSError as exc:
+            self.end(EndReason.ERROR, exc)
+            return False
+        if not pushed:
+            self.sm.fire(ConnEvent.WRITE_BLOCKED)
+            self._set_mask(self.mask | EPOLLOUT)
+        return pushed
 
     def _flight_written(self, outbox: Outbox) -> None:
         """Requests whose bytes reached the kernel are in flight on this connection now."""
@@ -227,7 +259,7 @@ class Conn:
         """One read into the inbox, then steer what it completed."""
         inbox = self.inbox
         try:
-            n = self.sock.recv_into(inbox.space())
+            n = self.transport.recv_into(inbox.space())
         except BlockingIOError:
             return
         except OSError as exc:
@@ -244,6 +276,14 @@ class Conn:
             return
         if ready:
             self.steer()
+        tls = self.tls
+        if tls is not None:
+            if tls.backlog:
+                self.flush_soon()  # the read produced TLS output (a key update): send it
+            if tls.buffered and self.sm.reading and not self.sm.closed:
+                # Plaintext waits inside the SSLObject, where epoll cannot see it:
+                # read again next pass without a readiness event (kmuxd.io.tls, rule 2).
+                self.group.reactor.serve_again(self.fd, self)
 
     def steer(self) -> None:
         """Hand the inbox's complete messages over; stop reading if some must wait."""
@@ -255,16 +295,39 @@ class Conn:
     def _hand_over(self) -> bool:
         """The steering strategy hands over what it can. True if the inbox has no message left."""
         inbox = self.inbox
-        count = len(inbox.ends)
-        delivered = self.steering.steer(inbox, self.flight, self.group.sched.outbox_of(self).requests, self.clock())
-        left = len(inbox.ends)
-        self.rx_msgs += count - left
-        self.slot_counters.rx_msgs += count - left
-        if delivered:
-            self.delivered += delivered
-            if self.steering.answers:
-                self.group.endpoints.answered(self.endpoint)
-        return not left
+        while True:
+            count = len(inbox.ends)
+            delivered = self.steering.steer(inbox, self.flight, self.group.sched.outbox_of(self).requests,
+                                            self.clock())
+            left = len(inbox.ends)
+            self.rx_msgs += count - left
+            self.slot_counters.rx_msgs += count - left
+            if delivered:
+                self._answered(delivered)
+            if left or inbox.skip is None:
+                return not left
+            self._hand_over_skipped()
+
+    def _hand_over_skipped(self) -> None:
+        """The inbox skipped a message over max_message, after those just handed over:
+        steering says whose request it answered, the group tells that client; then the
+        inbox cuts the messages after it."""
+        inbox = self.inbox
+        assert inbox.skip is not None
+        size = inbox.skip[2]
+        now = self.clock()
+        req = self.steering.skipped(inbox, self.flight, self.group.sched.outbox_of(self).requests, now)
+        self.rx_msgs += 1
+        self.slot_counters.count_skipped(size)
+        if req is not None:
+            self._answered(1)  # a well-framed answer: the server is healthy, only its answer was too big
+        self.group.response_skipped(self.slot.index, req, size)
+        inbox.skip_taken(now)
+
+    def _answered(self, n: int) -> None:
+        self.delivered += n
+        if self.steering.answers:
+            self.group.endpoints.answered(self.endpoint)
 
     def pause_reading(self) -> None:
         """Balance: no receiver is ready. Stop reading; TCP pushes back on the server."""
@@ -292,6 +355,8 @@ class Conn:
             self.read()
         else:
             self._set_mask(self.mask | EPOLLIN | EPOLLRDHUP)
+            if self.tls is not None and self.tls.buffered:
+                self.read()  # plaintext already inside the SSLObject: no readiness event comes for it
 
     def _hung_up_while_paused(self, events: int) -> None:
         # Level-triggered epoll reports a hang-up for as long as it lasts,
@@ -339,6 +404,8 @@ class Conn:
         outbox = self.group.sched.outbox_of(self)
         if outbox.pending or outbox.owners or outbox.open_owner is not None:
             return
+        if self.tls is not None and self.tls.backlog:
+            return  # its ciphertext is not all out yet: the flush that sends it calls again
         if self.flight is not None:
             if not self.flight.count():
                 self.end(EndReason.REQUESTED)
@@ -371,10 +438,8 @@ class Conn:
         cfg = self.group.cfg
         if not self.inbox.expired(now, cfg.assembly_timeout):
             return False
-        exc = RemoteAssemblyTimeout(
-            f"a partial message of {self.inbox.partial_bytes} bytes did not complete "
-            f"within assembly_timeout={cfg.assembly_timeout}s"
-        )
+        exc = RemoteAssemblyTimeout(f"{self.inbox.partial_text(cfg.max_message)} did not complete "
+                                    f"within assembly_timeout={cfg.assembly_timeout}s")
         self.slot_counters.msg_timeouts += 1
         self.end(EndReason.ERROR, exc, eject="assembly timeout")
         return True
@@ -392,7 +457,7 @@ class Conn:
         now = self.clock()
         requested = how is EndReason.REQUESTED
         if exc is not None and not requested:
-            self.error = describe_error(exc)
+            self.error = describe(exc)
         # Answers the service sent before the stream broke are still owed. A FIN
         # among them means the server closed first and our later writes drew the
         # reset (EPIPE/ECONNRESET): for health that is the server's recycle.
@@ -474,12 +539,11 @@ class Conn:
         """
         inbox = self.inbox
         for _ in range(ARRIVED_READS_MAX):
-            if inbox.ends:
-                self._hand_over()
-                if inbox.ends:
+            if inbox.ends or inbox.skip is not None:
+                if not self._hand_over():
                     return False
             try:
-                n = self.sock.recv_into(inbox.space())
+                n = self.transport.recv_into(inbox.space())
             except OSError:
                 return False  # EAGAIN: all taken; else the stream's error, which end() logs
             if n == 0:
@@ -489,7 +553,7 @@ class Conn:
                 inbox.received(n, self.clock())
             except KmuxError:
                 return False
-        if inbox.ends:
+        if inbox.ends or inbox.skip is not None:
             self._hand_over()
         return False
 

@@ -135,6 +135,11 @@ def parse_request(packet: bytes) -> ControlRequest:
     if not isinstance(data, dict):
         raise BadRequest("request must be a msgpack map")
     op = data.pop("op", None)
+    if op is None and "kmux" in data and "group" in data:
+        raise BadRequest(
+            f"an app's hello (group {reprlib.repr(data['group'])}) on the control socket: "
+            "apps connect to the app socket ([daemon] socket), not the control socket"
+        )
     if not isinstance(op, str) or op not in REQUESTS:  # a list op is unhashable
         # reprlib: a value nested ~1000 deep would overflow the stack in repr().
         raise BadRequest(f"unknown op {reprlib.repr(op)} (ops: {', '.join(sorted(REQUESTS))})")
@@ -301,7 +306,7 @@ class ControlServer(AcceptingServer):
             if op == INVALID_OP:
                 self._requests[op] += 1
             self.errors += 1
-            self.log.info("control_error", error_code=err.code, error=err.message)
+            self.log.info("control_error", error_code=err.code, error=err.message, pid=cred.pid, comm=cred.comm)
             return encode_error(err)
 
     def _log_refusal(self, cred: PeerCred, op: str, err: PermissionDenied) -> None:

@@ -74,7 +74,10 @@ class DaemonStatistics:
     groups: int
     reloads: int
     reload_failures: int
+    #: Why the last reload was refused, ``[code] message``; None after one that was applied.
     last_reload_error: str | None
+    #: ``[key path, reason]`` of every problem the refused file had (config_invalid), else None.
+    last_reload_problems: list | None
     #: The event core: sockets, passes, events, interest changes, handler crashes.
     reactor: dict
     #: Whether the data path runs compiled by mypyc, and why (not).
@@ -94,7 +97,8 @@ class ReloadPlan:
 
 #: Group settings that need a new group (its clients reconnect) when they change;
 #: every other setting is applied in place by a reload.
-REPLACE_ON_CHANGE = ("endpoints", "framing", "steering", "id", "max_message", "write_buffer", "read_buffer")
+REPLACE_ON_CHANGE = ("endpoints", "framing", "steering", "id", "max_message", "max_skip", "write_buffer",
+                     "read_buffer")
 
 
 def plan_reload(old: Config, new: Config) -> ReloadPlan:
@@ -135,6 +139,7 @@ class Daemon:
         self.reloads = 0
         self.reload_failures = 0
         self.last_reload_error: str | None = None
+        self.last_reload_problems: list[list[str]] | None = None
         self._nursery: trio.Nursery | None = None
         self._reload_lock = trio.Lock()
         self.notifier = Notifier()
@@ -170,6 +175,7 @@ class Daemon:
         t0 = self.clock()
         daemon_cfg = self.config.daemon
         self.notifier.status("binding sockets")
+        self._warn(self.config)
         self._open_sockets()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -285,8 +291,15 @@ class Daemon:
         if rates:
             line = f"{line}, {rates}"
         if self.last_reload_error:
-            line = f"{line}; last reload refused: {self.last_reload_error}"
+            line = f"{line}; last reload refused: {self._reload_summary()}"
         return line
+
+    def _reload_summary(self) -> str:
+        """The refused reload in one short phrase: STATUS= is one line (``kmux-cli status`` lists every problem)."""
+        problems = self.last_reload_problems or []
+        if len(problems) > 1:
+            return f"{len(problems)} problems in {self.config.source} (kmux-cli status lists them)"
+        return self.last_reload_error or ""
 
     async def _status_loop(self) -> None:
         previous = None
@@ -353,11 +366,17 @@ class Daemon:
             reloads=self.reloads,
             reload_failures=self.reload_failures,
             last_reload_error=self.last_reload_error,
+            last_reload_problems=self.last_reload_problems,
             reactor=dataclasses.asdict(self.reactor.statistics()),
             compiled=compiled_status(),
         )
 
     # -- reload ------------------------------------------------------------------
+
+    def _warn(self, config: Config) -> None:
+        """What the file asks for but should not (tls.verify = false, a key others can read): loud, every load."""
+        for warning in config.warnings:
+            self.log.warning("config_warning", warning=warning)
 
     async def _reload_logged(self) -> None:
         try:
@@ -375,9 +394,10 @@ class Daemon:
                 plan = plan_reload(self.config, new)
             except (ConfigInvalid, ReloadRefused) as err:
                 self.reload_failures += 1
-                self.last_reload_error = str(err)
+                self.last_reload_error = f"[{err.code}] {err.message}"
+                self.last_reload_problems = err.problems if isinstance(err, ConfigInvalid) else None
                 self.log.error("reload_refused", error_code=err.code, error=err.message)
-                self.notifier.ready(f"reload refused, old configuration kept: {err.message}")
+                self.notifier.ready(f"reload refused, old configuration kept: {self._reload_summary()}")
                 raise
             old_groups = dict(self.groups)
             self.config = new
@@ -400,7 +420,9 @@ class Daemon:
                 self.groups[name].reconfigure(new.groups[name])
             self.reloads += 1
             self.last_reload_error = None
+            self.last_reload_problems = None
             self.log.info("reload_applied", **{k: list(v) for k, v in dataclasses.asdict(plan).items()})
+            self._warn(new)
             self.notifier.ready(self.status_line())
             return plan
 

@@ -94,11 +94,16 @@ class Housekeeper:
     def _expire_queued(self, now: float, timeout: float) -> None:
         """queue_timeout: what waited that long for a connection is refused, each by its seq."""
         group = self.group
+        up = group.connections_up
+        # With no connection up, say why: the last failed dial (a refused
+        # connect, a TLS certificate, a handshake step), so an app's error names it.
+        why = next((s.last_error for s in group.slots if s.last_error), None) if up == 0 else None
 
         def unavailable() -> KmuxError:
             return GroupUnavailable(
                 f"no connection of group {group.cfg.name!r} took this message within queue_timeout={timeout}s "
-                f"({group.connections_up}/{len(group.slots)} connections up); it was not written and never will be"
+                f"({up}/{len(group.slots)} connections up{f'; last failure: {why}' if why else ''}); "
+                "it was not written and never will be"
             )
 
         counters = group.counters

@@ -19,7 +19,10 @@ the objects of the shell that carry out their decisions:
   ``request_timeout`` get ``request_timeout`` and their late answers are
   discarded;
 * :class:`~kmuxd.core.endpoints.EndpointPool`: where slots dial, and which
-  endpoints are ejected;
+  endpoints are ejected; how they dial is the group's
+  :class:`~kmuxd.io.sockopts.SocketPlan` (``[groups.NAME.socket]``) and
+  :class:`~kmuxd.io.tls.TlsClient` (``[groups.NAME.tls]``; a reload that
+  changes it replaces the live connections make-before-break);
 * its slots (:mod:`kmuxd.io.slot`), each keeping one TCP connection up, and
   its clients (:mod:`kmuxd.io.session`), seen through :class:`Client`.
 
@@ -44,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import trio
 
-from kmux.errors import ConnectionLost, DrainTimeout, KmuxError, UnknownConnection
+from kmux.errors import ConnectionLost, DrainTimeout, KmuxError, ResponseTooBig, UnknownConnection
 from kmux.protocol import Notice
 
 from kmuxd.core.access import AccessPolicy
@@ -52,7 +55,7 @@ from kmuxd.core.counters import GroupCounters
 from kmuxd.core.endpoints import EndpointPool
 from kmuxd.core.router import Flight, IdTable, Request, ResponseRouter
 from kmuxd.core.sendq import Owner, TxScheduler
-from kmuxd.core.states import CloseReason, SlotState
+from kmuxd.core.states import CloseReason, RetireReason, SlotState
 from kmuxd.core.steering import Receiver, ReceiverRing, Steering, steering_for
 from kmuxd.system.config import DaemonConfig, GroupConfig
 from kmuxd.system.log import RateLimit
@@ -61,7 +64,9 @@ from .conn import ConnStatistics
 from .deadlines import Housekeeper
 from .retry import RetryFeeder
 from .slot import Slot
+from .sockopts import SocketPlan
 from .statistics import ClientStatistics, GroupStatistics
+from .tls import TlsClient, security_statistics
 
 if TYPE_CHECKING:
     from .reactor import Clock, Reactor
@@ -70,6 +75,8 @@ __all__ = ["Group", "GroupStatistics", "Client"]
 
 #: Seconds between "unmatched_response" log lines per group (all are counted).
 UNMATCHED_LOG_INTERVAL = 10.0
+#: Seconds between "response_skipped" log lines per group (all are counted).
+SKIPPED_LOG_INTERVAL = 10.0
 
 
 class Client(Owner, Receiver, Protocol):
@@ -135,6 +142,8 @@ class Group:
         self.check_message = cfg.framing.checker(cfg.max_message)
         #: (unpack_from, offset, header_end, adjust) of a fixed length field, or None
         self.fixed_field: Any = cfg.framing.fixed_field
+        #: Bytes of a skipped response's start its connection keeps: the id, for id steering.
+        self.skip_keep = cfg.id.response_offset + cfg.id.size if cfg.id is not None else 0
         self.router: ResponseRouter | None = None
         if cfg.steering in ("id", "fifo"):
             idc = cfg.id
@@ -151,6 +160,10 @@ class Group:
         self.retry_feeder = RetryFeeder(self)
         #: Every deadline of the group, applied on a timer (see kmuxd.io.deadlines).
         self.housekeeper = Housekeeper(self)
+        #: [groups.NAME.socket]: how each dial makes its socket (see kmuxd.io.sockopts).
+        self.sockets = SocketPlan(cfg.name, cfg.socket)
+        #: The group's TLS (context, sessions to resume); None: plaintext.
+        self.tls: TlsClient | None = TlsClient(cfg.tls) if cfg.tls is not None else None
         self.slots = [self._new_slot(i) for i in range(cfg.connections)]
         #: slots removed by a resize: no connection any more, their totals still the group's
         self.removed_slots: list[Slot] = []
@@ -165,6 +178,7 @@ class Group:
         self.started_at = self.clock()
         self._nursery: trio.Nursery | None = None
         self._unmatched_log = RateLimit(UNMATCHED_LOG_INTERVAL)
+        self._skipped_log = RateLimit(SKIPPED_LOG_INTERVAL)
 
     @property
     def request_mode(self) -> bool:
@@ -247,12 +261,24 @@ class Group:
         self.reactor.call(self._reconfigure, cfg)
 
     def _reconfigure(self, cfg: GroupConfig) -> None:
+        tls_changed = cfg.tls != self.cfg.tls
         self.cfg = cfg
+        self.sockets = self.sockets.reconfigured(cfg.socket)
+        if tls_changed:
+            self._renew_tls(cfg)
         self.endpoints.reconfigure(cfg.max_dials_per_second, cfg.eject_after_timeouts)
         if self.router is not None:
             self.router.reconfigure(cfg.retry_unanswered)
         for client in list(self.clients.values()):
             client.check_access(cfg.access, cfg.name)
+
+    def _renew_tls(self, cfg: GroupConfig) -> None:
+        """[groups.NAME.tls] or its files changed: new connections use the new
+        settings, and the connections up now are replaced make-before-break
+        (as a recycle: each keeps its work until its replacement is dialled)."""
+        self.tls = TlsClient(cfg.tls) if cfg.tls is not None else None
+        replaced = sum(slot.retire_if_at(None, RetireReason.TLS_RENEWED) for slot in self.slots)
+        self.log.info("tls_renewed", tls=cfg.tls is not None, connections_replaced=replaced)
 
     async def stop(self) -> None:
         """Stop the group: stop reading its clients (each told the last seq read),
@@ -353,6 +379,19 @@ class Group:
             self.log.warning("unmatched_response", conn=flight.conn.slot.index, bytes=nbytes,
                              policy=self.cfg.unmatched, suppressed=self._unmatched_log.take_suppressed())
 
+    def response_skipped(self, conn: int, req: Request | None, size: int) -> None:
+        """A message over max_message went by unread on connection ``conn`` (steering
+        counted it): ``req``'s client is told ``response_too_big``; logged, rate-limited."""
+        max_message = self.cfg.max_message
+        if req is not None:
+            self.tell(req, ResponseTooBig(
+                f"the response was {size} bytes, over the group's max_message ({max_message}); "
+                f"it was skipped and the connection carries on", size=size, max_message=max_message))
+        if self._skipped_log.allow(self.clock()):
+            self.log.warning("response_skipped", conn=conn, bytes=size, max_message=max_message,
+                             seq=req.seq if req is not None else None, steering=self.cfg.steering,
+                             suppressed=self._skipped_log.take_suppressed())
+
     def settle_lost(self, flight: Flight, why: str) -> None:
         """A connection with written requests went away: retry them or tell their clients."""
         router = self.router
@@ -426,6 +465,8 @@ class Group:
             rx_queued_bytes=sum(client.queued_response_bytes() for client in self.clients.values()),
             dropped_unread=c.dropped_unread,
             recycles=c.recycles,
+            skipped_msgs=c.skipped_msgs,
+            skipped_bytes=c.skipped_bytes,
             connections_degraded=up < self.cfg.min_connections,
             down=up == 0,
             latency_p50_us=_us(r.latency_p50) if r else None,
@@ -433,6 +474,8 @@ class Group:
             uptime=now - self.started_at,
             access=self.cfg.access.to_wire(),
             endpoint_health=tuple(self.endpoints.statistics(now)),
+            socket=self.sockets.statistics(),
+            security=security_statistics(self.cfg, self.tls),
         )
 
     def connection_statistics(self) -> list[ConnStatistics]:

@@ -52,7 +52,7 @@ from kmuxd.core.states import CloseReason
 from kmuxd.system.log import RateLimit
 
 from .assembly import ANCILLARY_TEXT, EMPTY, EOF, FULL, TURN, Assembly
-from .sockerr import errno_name
+from .sockerr import discard_unread, errno_name
 
 if TYPE_CHECKING:
     from .session import AppSession
@@ -61,7 +61,6 @@ __all__ = ["Intake", "QUEUE_REFUSALS_PER_TICK"]
 
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # plain ints: IntFlag & costs ~1 µs per packet
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
-_MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 # Why a pull stopped.
 _EMPTY, _FULL, _TURN, _EOF = EMPTY, FULL, TURN, EOF  # shared with the assembly of messages in pieces
 #: Seconds between "message_refused" log lines for one client (all are counted).
@@ -70,7 +69,7 @@ REFUSAL_LOG_INTERVAL = 10.0
 DISCARD_LIMIT = 100_000
 #: Most unread packets refused per client per tick when queue_timeout expires.
 QUEUE_REFUSALS_PER_TICK = 10_000
-#: Where a refused or dropped packet is read to (its length comes from MSG_TRUNC).
+#: Where a refused packet is read to (its length comes from MSG_TRUNC).
 _SCRATCH = bytearray(1)
 
 
@@ -405,21 +404,8 @@ class Intake:
         return self.refuse_unread(refusal, QUEUE_REFUSALS_PER_TICK)
 
     def discard_unread(self, limit: int = DISCARD_LIMIT) -> int:
-        """Drop packets the client sent that were never read, before closing.
-
-        Closing a Unix socket with unread packets makes the peer's next read
-        fail with ECONNRESET, which would hide the final notice and the
-        clean EOF behind it.
-        """
-        dropped = 0
-        while dropped < limit:
-            try:
-                if not self.sock.recv_into(_SCRATCH, 1, _MSG_TRUNC | _MSG_DONTWAIT):
-                    break
-            except OSError:
-                break  # EAGAIN: nothing left; anything else: the app is gone and its packets with it
-            dropped += 1
-        return dropped
+        """Drop packets the client sent that were never read, before closing (:func:`.sockerr.discard_unread`)."""
+        return discard_unread(self.sock, limit)
 
     def close(self) -> int:
         """Its session ends: the message it was sending in pieces and the packets it

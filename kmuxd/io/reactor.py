@@ -17,7 +17,11 @@ epoll of its own:
   slice of work (a client's turn, one read of a connection) without having
   to drain to ``EAGAIN``; the next pass reports the socket again. That
   spares the ``EAGAIN`` read per message that edge-triggering needs, and
-  makes fairness a matter of passes rather than of bookkeeping.
+  makes fairness a matter of passes rather than of bookkeeping. Input
+  that waits *above* a socket (TLS plaintext left inside OpenSSL once a
+  connection's receive buffer was full) is invisible to epoll: its handler
+  asks to be served again (:meth:`Reactor.serve_again`), once per pass,
+  and the reactor does not sleep while one waits.
 * One trio task runs :meth:`Reactor.run`: it waits until the epoll is
   readable, then handles *every* ready socket in one synchronous pass
   (:meth:`Handler.handle`), then runs the end-of-pass work: every
@@ -137,6 +141,8 @@ class Reactor:
         self._flush: dict[Flushable, None] = {}
         self._soon: list[Callable[[], None]] = []
         self._in_pass = False
+        #: Handlers to serve next pass as if readable: TLS plaintext that epoll cannot see.
+        self._again: list[tuple[int, Handler]] = []
         self.passes = self.events = self.modifies = self.idle_waits = self.crashes = 0
 
     # -- registration ------------------------------------------------------------
@@ -175,6 +181,16 @@ class Reactor:
             raise InternalError(f"{conn!r} was given bytes outside a pass: enter through Reactor.call")
         self._flush[conn] = None
 
+    def serve_again(self, fd: int, handler: Handler) -> None:
+        """Serve ``handler`` (registered as ``fd``) in the next pass as if its socket were readable.
+
+        For input that waits *above* the socket (TLS plaintext left inside
+        the SSLObject once the receive buffer was full): level-triggered
+        epoll reports only what waits in the kernel. The reactor does not
+        sleep while such a handler waits; each is served once per pass.
+        """
+        self._again.append((fd, handler))
+
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` at the end of this pass."""
         if not self._in_pass:
@@ -202,11 +218,14 @@ class Reactor:
     def serve_ready(self) -> bool:
         """One pass over every socket ready now, without waiting. False if there was nothing to do."""
         events = self._epoll.poll(0, MAX_EVENTS)
-        if not events and not self._soon and not self._flush:
+        if not events and not self._again and not self._soon and not self._flush:
             return False
         self.passes += 1
         self.events += len(events)
         handlers = self._handlers
+        again = self._again
+        if again:
+            self._again = []  # who asks again during this pass is served in the next
         self._in_pass = True
         try:
             for fd, mask in events:
@@ -217,6 +236,12 @@ class Reactor:
                     handler.handle(mask)
                 except Exception as exc:  # noqa: BLE001 -- the error boundary
                     self._crashed(handler, exc)
+            for fd, handler in again:
+                if handlers.get(fd) is handler:  # not ended meanwhile
+                    try:
+                        handler.handle(EPOLLIN)
+                    except Exception as exc:  # noqa: BLE001 -- the error boundary
+                        self._crashed(handler, exc)
             self._finish_pass()
         finally:
             self._in_pass = False

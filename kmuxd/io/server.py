@@ -301,7 +301,7 @@ class Server:
         group.attach(session, hello.receive)
         lines = self.client_lines
         if lines.allow(self.clock()):
-            session.log.info("client_attached", pid=cred.pid, uid=cred.uid, name=hello.name,
+            session.log.info("client_attached", pid=cred.pid, uid=cred.uid, comm=cred.comm, name=hello.name,
                              suppressed=lines.take_suppressed())
 
     def _refuse(self, pending: PendingHello, exc: KmuxError, hello: Any, cred: PeerCred | None = None) -> None:

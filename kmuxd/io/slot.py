@@ -4,10 +4,13 @@ Theory of operation
 -------------------
 A :class:`Slot` (``conn 0..N-1`` to operators) keeps one *live* TCP
 connection: a trio task (:meth:`Slot.run`) dials (the group's endpoint pool
-says where, and when), hands the connected socket to a
+says where, and when; :func:`kmuxd.io.dial.establish` runs the TCP connect,
+then TLS and the handshake steps when the group has them, each a state of
+the slot), hands the connected socket and its TLS to a
 :class:`~kmuxd.io.conn.Conn` (:meth:`Slot.carry`), and waits until that
 connection fails, closes or retires, then dials again. Its lifecycle is the
-slot table in :mod:`kmuxd.core.states`.
+slot table in :mod:`kmuxd.core.states`; a failure in any phase of a dial is
+a failed dial (back-off, ``last_error``, the endpoint's health).
 
 Recycling is make-before-break: a connection that retires to be replaced
 (:meth:`Slot.replace_now`) finishes its work among the slot's *retiring*
@@ -27,13 +30,12 @@ core: the dial loop enters through :meth:`Reactor.call <kmuxd.io.reactor.Reactor
 
 from __future__ import annotations
 
-import errno
 import socket
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from kmux.errors import ConnectFailed, DrainInProgress, DrainTimeout
+from kmux.errors import DrainInProgress, DrainTimeout, KmuxError
 
 from kmuxd.core.counters import SlotCounters
 from kmuxd.core.endpoints import Verdict
@@ -44,11 +46,13 @@ from kmuxd.system.config import Endpoint
 from kmuxd.system.log import RateLimit
 
 from .conn import Conn, ConnStatistics
-from .sockerr import describe_error
+from .dial import describe, establish
+from .sockopts import read_socket_options
 from .tcpinfo import read_tcp_info
 
 if TYPE_CHECKING:
     from .group import Group
+    from .tls import TlsTransport
 
 __all__ = ["Slot"]
 
@@ -123,11 +127,11 @@ class Slot:
                     continue
                 self.endpoint = endpoint
                 try:
-                    sock = await self._dial(endpoint)
-                except (OSError, ConnectFailed) as exc:
-                    pool.dial_failed(endpoint, self.clock(), describe_error(exc))
+                    sock, tls = await establish(endpoint, group.cfg, group.sockets, group.tls, self.sm)
+                except (OSError, KmuxError) as exc:
+                    self.last_error = describe(exc)
+                    pool.dial_failed(endpoint, self.clock(), self.last_error)
                     self.counters.dial_failures += 1
-                    self.last_error = describe_error(exc)
                     self.sm.fire(SlotEvent.DIAL_FAILED)
                     if self._dial_log.allow():
                         self.log.warning("dial_failed", error=self.last_error,
@@ -139,7 +143,7 @@ class Slot:
                     self.sm.fire(SlotEvent.RETRY)
                     continue
                 pool.connected(endpoint)
-                conn = group.reactor.call(self.carry, sock, endpoint)
+                conn = group.reactor.call(self.carry, sock, endpoint, tls)
                 if not started:
                     started = True
                     task_status.started()
@@ -151,17 +155,18 @@ class Slot:
                     self.sm.fire(SlotEvent.RETRY)
                 await trio.lowlevel.checkpoint()
 
-    def carry(self, sock: socket.socket, endpoint: Endpoint) -> Conn:
-        """Carry traffic on ``sock``, a connected TCP socket to ``endpoint`` (inside a pass)."""
+    def carry(self, sock: socket.socket, endpoint: Endpoint, tls: "TlsTransport | None" = None) -> Conn:
+        """Carry traffic on ``sock``, a connected TCP socket to ``endpoint`` (inside a pass);
+        ``tls``: the TLS it completed its handshake with (None: plaintext)."""
         group = self.group
         cfg = group.cfg
         inbox = self._spare_inbox
         self._spare_inbox = None
         if inbox is None:
-            inbox = Inbox(cfg.framing, cfg.max_message, cfg.read_buffer)
+            inbox = Inbox(cfg.framing, cfg.max_message, cfg.read_buffer, cfg.max_skip, group.skip_keep)
         else:
             inbox.reset()
-        conn = Conn(self, sock, endpoint, inbox)
+        conn = Conn(self, sock, endpoint, inbox, tls)
         outbox = self._spare_outbox
         self._spare_outbox = None
         if outbox is None or outbox.pending or outbox.owners:
@@ -170,37 +175,14 @@ class Slot:
         self.live = conn
         self.counters.connections_made += 1
         self.sm.fire(SlotEvent.CONNECTED)
-        self.log.info("connected", local=_sockname(sock))
+        if tls is None:
+            self.log.info("connected", local=_sockname(sock))
+        else:
+            t = tls.statistics()
+            self.log.info("connected", local=_sockname(sock), tls=t.version, cipher=t.cipher, resumed=t.resumed,
+                          server=t.server_subject)
         conn.start()
         return conn
-
-    async def _dial(self, endpoint: Endpoint) -> socket.socket:
-        cfg = self.group.cfg
-        host, port = endpoint.host, endpoint.port
-        with trio.move_on_after(cfg.connect_timeout) as scope:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            last: BaseException | None = None
-            for family, type_, proto, _, addr in infos:
-                sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
-                try:
-                    _tune(sock, cfg)
-                    err = sock.connect_ex(addr)
-                    if err == errno.EINPROGRESS:
-                        await trio.lowlevel.wait_writable(sock)
-                        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if err:
-                        raise OSError(err, f"connect to {endpoint}: {errno.errorcode.get(err, err)}")
-                    trio.lowlevel.notify_closing(sock)  # trio forgets it; the reactor owns it now
-                    return sock
-                except BaseException as exc:
-                    trio.lowlevel.notify_closing(sock)
-                    sock.close()
-                    last = exc
-                    if not isinstance(exc, OSError):
-                        raise
-            raise last or ConnectFailed(f"{endpoint}: no address")
-        assert scope.cancelled_caught
-        raise ConnectFailed(f"connect to {endpoint} timed out after {cfg.connect_timeout}s")
 
     # -- what its connections tell it ------------------------------------------------------------
 
@@ -233,11 +215,14 @@ class Slot:
         for conn in self.conns():
             conn.apply_deadlines(now)
 
-    def retire_if_at(self, endpoint: Endpoint, reason: RetireReason) -> None:
-        """Retire the live connection if it goes to ``endpoint`` (replaced elsewhere)."""
+    def retire_if_at(self, endpoint: Endpoint | None, reason: RetireReason) -> bool:
+        """Retire the live connection make-before-break if it goes to ``endpoint``
+        (None: wherever it goes). True if it did."""
         live = self.live
-        if live is not None and live.endpoint == endpoint and live.sm.taking:
-            live.retire(reason, True)
+        if live is None or not live.sm.taking or (endpoint is not None and live.endpoint != endpoint):
+            return False
+        live.retire(reason, True)
+        return True
 
     def queued_bytes(self) -> int:
         """Bytes accepted and not yet written on its connections."""
@@ -357,32 +342,13 @@ class Slot:
             recycles=c.recycles,
             retired=c.retired,
             retiring=len([r for r in self.retiring if not r.sm.closed]),
+            skipped_msgs=c.skipped_msgs,
+            skipped_bytes=c.skipped_bytes,
             last_error=self.last_error,
             tcp=read_tcp_info(sock) if sock else None,
+            socket=read_socket_options(sock) if sock else None,
+            tls=live.tls.statistics() if live is not None and live.tls is not None else None,
         )
-
-
-#: Linux's TCP_NOTSENT_LOWAT (include/uapi/linux/tcp.h), for Pythons whose socket module lacks it.
-_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
-
-
-def _tune(sock: socket.socket, cfg: Any) -> None:
-    """Per-connection socket options: no Nagle, unsent bytes, keepalive, user timeout (docs/config.md)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if cfg.tcp_notsent_lowat:
-        # The kernel takes no more than this many unsent bytes, and reports the
-        # socket writable only when they fall below it: what waits beyond it
-        # waits in the outbox and the apps' sockets, where the scheduler picks
-        # whose turn it is, not in a send buffer of megabytes that was filled
-        # in one burst with whatever was at hand.
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, cfg.tcp_notsent_lowat)
-    if cfg.keepalive_idle:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, cfg.keepalive_idle)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, cfg.keepalive_interval)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cfg.keepalive_count)
-    if cfg.tcp_user_timeout:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(cfg.tcp_user_timeout * 1000))
 
 
 def _fmt_addr(addr: Any) -> str:

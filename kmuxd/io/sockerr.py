@@ -28,6 +28,14 @@ at most one line per :data:`SOCKET_ERROR_LOG_INTERVAL`, whose
 Invariant: no ``OSError`` from a socket is dropped without being counted
 here or ending something that logs it (a connection's
 ``connection_failed``, a session's ``client_detached``).
+
+**A departed app's unread packets** (:func:`discard_unread`). An app that
+closes its SEQPACKET socket while our notices sit unread in its queue
+leaves ``ECONNRESET`` pending on our end. The kernel reports it once, on
+the next call, *before* the packets the app had sent and we had not read;
+those are still there behind it. So the first ``ECONNRESET`` is taken as
+that report and reading goes on: the packets are counted
+(``dropped_unread``), never dropped uncounted.
 """
 
 from __future__ import annotations
@@ -36,12 +44,11 @@ import errno
 import socket
 from typing import Any
 
-from kmux.errors import KmuxError
 from kmux.sockbuf import hung_up
 
 from kmuxd.system.log import RateLimit
 
-__all__ = ["PEER_GONE_ERRNOS", "SOCKET_ERROR_LOG_INTERVAL", "SocketErrors", "describe_error", "errno_name", "hung_up"]
+__all__ = ["PEER_GONE_ERRNOS", "SOCKET_ERROR_LOG_INTERVAL", "SocketErrors", "discard_unread", "errno_name", "hung_up"]
 
 #: Errnos that mean the peer closed or reset its end.
 PEER_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED})
@@ -49,13 +56,35 @@ PEER_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, err
 SOCKET_ERROR_LOG_INTERVAL = 10.0
 
 
-def describe_error(exc: BaseException) -> str:
-    """An error as the logs and statistics name it (a connection's ``last_error``)."""
-    if isinstance(exc, KmuxError):
-        return exc.message
-    if isinstance(exc, OSError) and exc.errno:
-        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
-    return repr(exc)
+_MSG_TRUNC_DONTWAIT = int(socket.MSG_TRUNC | socket.MSG_DONTWAIT)
+#: Where a discarded packet is "read" to (MSG_TRUNC: its bytes are dropped by the kernel).
+_SCRATCH = bytearray(1)
+
+
+def discard_unread(sock: socket.socket, limit: int) -> int:
+    """Read and drop what the peer sent that was never read, at most ``limit`` packets; return how many.
+
+    For a session that is closing: closing a Unix socket with unread
+    packets makes the peer's next read fail with ``ECONNRESET``, which
+    would hide our final notice and the clean EOF behind it. A pending
+    ``ECONNRESET`` (the peer left our packets unread, module docstring) is
+    skipped once; EOF, ``EAGAIN`` or any other error ends the count.
+    """
+    dropped = 0
+    reset_seen = False
+    while dropped < limit:
+        try:
+            if not sock.recv_into(_SCRATCH, 1, _MSG_TRUNC_DONTWAIT):
+                break
+        except ConnectionResetError:
+            if reset_seen:
+                break
+            reset_seen = True  # the kernel's one report that the peer left; its packets follow
+            continue
+        except OSError:
+            break  # EAGAIN: nothing left; anything else: the app is gone and its packets with it
+        dropped += 1
+    return dropped
 
 
 def errno_name(exc: BaseException) -> str:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 from kmuxd.core.endpoints import EndpointStatistics
 
+from .sockopts import SocketOptions, SocketPlanStatistics
 from .tcpinfo import TcpInfo
+from .tls import SecurityStatistics, TlsStatistics
 
 __all__ = ["GroupStatistics", "ConnStatistics", "ClientStatistics"]
 
@@ -81,6 +83,9 @@ class GroupStatistics:
     dropped_unread: int
     #: Connections retired to be replaced (make-before-break) and server recycles.
     recycles: int
+    #: Messages from TCP over max_message that went by unread (max_skip), and their bytes.
+    skipped_msgs: int
+    skipped_bytes: int
     #: Fewer connections up than min_connections; no connection up at all.
     connections_degraded: bool
     down: bool
@@ -90,6 +95,10 @@ class GroupStatistics:
     #: Who may use the group (kmuxd.core.access.AccessPolicy.to_wire()).
     access: dict
     endpoint_health: tuple[EndpointStatistics, ...]
+    #: [groups.NAME.socket] as configured, and the source-port walk (None: no option set).
+    socket: SocketPlanStatistics | None
+    #: TLS and handshake steps ([groups.NAME.tls], [[groups.NAME.handshake]]).
+    security: SecurityStatistics | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +141,16 @@ class ConnStatistics:
     retired: int
     #: Older connections of this slot still finishing their work.
     retiring: int
+    #: Messages over max_message that went by unread, and their bytes (all its connections).
+    skipped_msgs: int
+    skipped_bytes: int
     last_error: str | None
     #: The kernel's TCP_INFO for the live connection (None when not connected).
     tcp: TcpInfo | None
+    #: Its socket options as the kernel reports them (None when not connected).
+    socket: SocketOptions | None
+    #: The live connection's TLS (None: plaintext, or not connected).
+    tls: TlsStatistics | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,7 +74,8 @@ class JournalRenderer:
         for key, name in JOURNAL_FIELDS.items():
             if event_dict.get(key) is not None:
                 fields[name] = str(event_dict[key])
-        text = " ".join(f"{k}={v}" for k, v in event_dict.items())
+        # A key without a value (suppressed=None: nothing was) is left out of the line, as JSON cannot.
+        text = " ".join(f"{k}={v}" for k, v in event_dict.items() if v is not None)
         self._send(f"{event} {text}".rstrip(), **fields)
         raise structlog.DropEvent
 

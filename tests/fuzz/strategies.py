@@ -1,8 +1,9 @@
 """Strategies shared by the fuzz targets: framings, streams and their chunkings, hostile msgpack.
 
 Framings are every preset plus table framings built the way a config file
-builds them (:meth:`Framing.from_spec`), with random offset, size, order and
-adjust, negative adjusts included. Well-framed streams are built with
+builds them (:meth:`Framing.from_spec`): ``fixed`` and ``records``, with
+random offset, size (1 to 8 bytes), order, adjust (negative ones included),
+length mask, last-fragment bit and first-fragment minimum. Well-framed streams are built with
 :func:`tests.unit._frames.frame`, so the header arithmetic under test is
 not the one that built the input.
 
@@ -23,23 +24,47 @@ from hypothesis import strategies as st
 from kmux.framing import PRESETS, Framing
 from kmux.protocol import NESTING_MAX, Accepted, Control, Hello, Notice, Refused
 
-from ..unit._frames import frame
+from ..unit._frames import frame, header_size
 
 #: Largest max_message the fuzzers use: small, so a few examples reach every limit.
 FUZZ_MAX_MESSAGE = 1024
 
-_INT_MAX = {1: 2**8 - 1, 2: 2**16 - 1, 4: 2**32 - 1, 8: 2**64 - 1}
+@st.composite
+def _length_mask(draw, size: int, reserved: int = 0) -> int | None:
+    """None (the whole field), a run of low bits, or any bits: never ``reserved``'s."""
+    top = (1 << (8 * size)) - 1
+    how = draw(st.sampled_from(["whole", "low", "any"]))
+    if how == "low":
+        mask = ((1 << draw(st.integers(1, 8 * size))) - 1) & ~reserved
+    elif how == "any":
+        mask = draw(st.integers(1, top)) & ~reserved
+    else:
+        return None
+    return mask or None
 
 
 @st.composite
 def table_framings(draw, max_offset: int = 40, max_adjust: int = 64) -> Framing:
-    """A random ``[group.framing]`` table, built through ``from_spec`` as the config does."""
+    """A random ``[group.framing]`` table, built through ``from_spec`` as the config does:
+    ``fixed`` or ``records``, any field size from 1 to 8 bytes, masked or not."""
+    kind = draw(st.sampled_from(["fixed", "records"]))
+    size = draw(st.integers(1, 8))
     spec = {
+        "kind": kind,
         "length_offset": draw(st.integers(0, max_offset)),
-        "length_size": draw(st.sampled_from([1, 2, 4, 8])),
+        "length_size": size,
         "length_order": draw(st.sampled_from(["big", "little"])),
         "length_adjust": draw(st.integers(-max_adjust, max_adjust)),
     }
+    last = 0
+    if kind == "records":
+        last = 1 << draw(st.integers(0, 8 * size - 1))
+        spec["last_fragment_mask"] = last
+        if draw(st.booleans()):
+            spec["first_fragment_min"] = draw(st.integers(0, 48))
+    mask = draw(_length_mask(size, last))
+    if mask is not None:
+        spec["length_mask"] = mask
     return Framing.from_spec(spec, "groups.fuzz.framing")
 
 
@@ -51,23 +76,37 @@ any_framings = st.one_of(framings, table_framings(max_offset=65535, max_adjust=2
 
 
 def max_payload(framing: Framing, max_message: int) -> int:
-    """Largest payload :func:`frame` can build for ``framing`` within ``max_message``."""
+    """Largest payload :func:`frame` can build for ``framing`` within ``max_message``
+    (with an arbitrary ``length_mask``, an upper bound: not every size is representable)."""
     if framing.kind == "varint":
         return max_message - 2  # a prefix of at most 2 bytes below 16384
-    header = max(framing.min_header, framing.length_adjust)
-    # The field holds len(message) - adjust; it must fit in length_size bytes.
-    fits = _INT_MAX[framing.length_size] + framing.length_adjust - header
+    header = header_size(framing)
+    # The field holds len(message) - adjust under the mask.
+    assert framing.length_mask is not None
+    fits = framing.length_mask + framing.length_adjust - header
     return max(-1, min(max_message - header, fits))
 
 
 @st.composite
 def framed_streams(draw, framing: Framing, max_message: int, max_count: int = 12) -> list[bytes]:
-    """Well-framed messages of random sizes (each at most ``max_message``)."""
+    """Well-framed messages of random sizes (each at most ``max_message``); records in
+    one to five fragments, some of them empty."""
     limit = max_payload(framing, max_message)
     if limit < 0:
         return []
-    payloads = draw(st.lists(st.binary(max_size=min(limit, 300)), max_size=max_count))
-    return [frame(framing, p) for p in payloads]
+    out = []
+    for _ in range(draw(st.integers(0, max_count))):
+        payload = draw(st.binary(max_size=min(limit, 300)))
+        cuts = draw(st.lists(st.integers(0, 40), max_size=4)) if framing.kind == "records" else None
+        if cuts and header_size(framing) + min(cuts[0], len(payload)) < framing.first_fragment_min:
+            cuts = None  # too short a first fragment to hold the id: one fragment instead
+        try:
+            message = frame(framing, payload, fragments=cuts)
+        except ValueError:
+            continue  # a size the mask cannot express
+        if len(message) <= max_message:
+            out.append(message)
+    return out
 
 
 def chunk(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -213,7 +252,8 @@ def hostile_msgpack(valid_packets) -> st.SearchStrategy[bytes]:
 
 @st.composite
 def stream_cases(draw, framing_strategy=framings) -> tuple[Framing, int, bytes]:
-    """``(framing, max_message, stream)``: well-framed, cut short, broken, or arbitrary bytes.
+    """``(framing, max_message, stream)``: well-framed, cut short, broken, or arbitrary bytes,
+    with a limit far above the messages or close around one of them.
 
     ``max_message`` respects the config's rules (at least 16 and at least the
     framing's header), so every partial message fits the daemon's buffer.
@@ -234,7 +274,41 @@ def stream_cases(draw, framing_strategy=framings) -> tuple[Framing, int, bytes]:
         stream = bytes(data)
     elif how == "arbitrary":
         stream = draw(st.binary(max_size=2048))
+    if frames and draw(st.booleans()):
+        # Tighten the limit around one message: a record then crosses it
+        # fragment by fragment, with its last header or before.
+        near = len(draw(st.sampled_from(frames))) - draw(st.integers(-2, 9))
+        max_message = max(floor, near)
     return framing, max_message, stream
+
+
+@st.composite
+def skip_cases(draw, framing_strategy=framings) -> tuple[Framing, int, int, int, bytes]:
+    """``(framing, max_message, max_skip, keep, stream)``: well-framed messages (some cut
+    short, or followed by garbage) with ``max_message`` below some of them, a ceiling for
+    skipping (mostly between the limit and a few KiB above it, so some messages over the
+    limit are skipped and some are past the ceiling; sometimes ``max_message`` itself:
+    skip nothing), and a stub wish (an id's end: up to 24 bytes). One case in four is a
+    :func:`stream_cases` case instead (arbitrary bytes among them)."""
+    if draw(st.integers(0, 3)) == 0:
+        framing, max_message, stream = draw(stream_cases(framing_strategy))
+    else:
+        framing = draw(framing_strategy)
+        floor = max(16, framing.min_header)
+        frames = draw(framed_streams(framing, floor + FUZZ_MAX_MESSAGE))
+        stream = b"".join(frames)
+        max_message = floor + draw(st.integers(0, FUZZ_MAX_MESSAGE))
+        if frames:
+            max_message = max(floor, len(draw(st.sampled_from(frames))) - draw(st.integers(1, 64)))
+        how = draw(st.sampled_from(["framed", "framed", "truncated", "garbage_tail"]))
+        if how == "truncated":
+            stream = stream[: draw(st.integers(0, len(stream)))]
+        elif how == "garbage_tail":
+            stream += draw(st.binary(min_size=1, max_size=64))
+    above = draw(st.integers(0, 9))
+    max_skip = max_message + (0 if above == 0 else draw(st.integers(1, 64) if above < 4 else st.integers(64, 4096)))
+    keep = draw(st.integers(0, 24))
+    return framing, max_message, max_skip, keep, stream
 
 
 # -- valid protocol values ---------------------------------------------------------------

@@ -12,7 +12,11 @@ Invariants, each checked against the naive decoder in :mod:`.oracle`:
   whole message of at most ``max_message``, and raises only
   ``BadFrame``/``MessageTooBig``;
 * ``Framing.from_spec`` turns any config value into a framing or a
-  ``ConfigInvalid`` naming the key.
+  ``ConfigInvalid`` naming the key;
+* with ``max_skip``, a message over ``max_message`` comes back as the
+  oracle's :class:`~kmux.framing.Skipped` (its stub and size) in its place,
+  under any chunking, and while it goes by only its stub (and at most a
+  fragment mark cut short) is held.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .strategies import (
     framed_streams,
     framings,
     msgpack_values,
+    skip_cases,
     stream_cases,
 )
 
@@ -77,6 +82,40 @@ def test_any_bytes_any_chunking_agree_with_the_oracle(case, cut_sizes):
     else:
         # The failing feed's own messages are not returned; earlier ones were.
         assert out == expected.messages[: len(out)]
+
+
+@fuzz_settings
+@given(case=skip_cases(any_framings), cut_sizes=cuts)
+def test_skipping_any_chunking_agrees_with_the_oracle(case, cut_sizes):
+    framing, max_message, max_skip, keep, stream = case
+    expected = oracle.decode(framing, stream, max_message, max_skip, keep)
+    reassembler = Reassembler(framing, max_message, max_skip, keep)
+    out: list = []
+    error = None
+    for piece in chunk(stream, cut_sizes):
+        try:
+            out += reassembler.feed(piece)
+        except STREAM_ERRORS as exc:
+            error = type(exc)
+            break
+        # A message going by holds at most max_message (its stub, a mark cut short).
+        assert reassembler.buffered <= max_message
+        assert reassembler.decoder.skipping or reassembler.buffered < max_message
+    assert error is expected.error
+    if error is not None:
+        assert out == expected.messages[: len(out)]
+        return
+    assert out == expected.messages
+    if expected.skipping:
+        # Only the stub (and a fragment mark cut short) of a message going by.
+        header = framing.header_end
+        assert min(expected.partial, expected.stub) <= reassembler.buffered <= expected.stub + max(header - 1, 0)
+    else:
+        assert reassembler.buffered == expected.partial
+    stats = reassembler.decoder.statistics()
+    skipped = [m for m in out if not isinstance(m, bytes)]
+    assert (stats.skipped, stats.skipped_bytes) == (len(skipped), sum(m.size for m in skipped))
+    assert stats.msgs == len(out) - len(skipped)
 
 
 @fuzz_settings
@@ -190,10 +229,13 @@ def test_check_message_accepts_exactly_one_whole_message(case, prefix, suffix):
         assert verdicts[0] is BadFrame
 
 
-_SPEC_KEYS = ["kind", "length_offset", "length_size", "length_order", "length_adjust", "name", "offset"]
+_SPEC_KEYS = ["kind", "length_offset", "length_size", "length_order", "length_adjust", "length_mask",
+              "last_fragment_mask", "first_fragment_min", "name", "offset"]
 _spec_values = st.one_of(
     st.integers(-(2**40), 2**40),
-    st.sampled_from(["big", "little", "fixed", "varint", "u32be", 1, 2, 4, 8, -4, True]),
+    st.integers(0, 9),
+    st.sampled_from(["big", "little", "fixed", "varint", "records", "u32be", "oncrpc", 1, 2, 3, 4, 8, -4, True,
+                     0x7FFFFFFF, 0x80000000, 0xFFFFFF, 2**64, 0]),
     st.lists(st.sampled_from(["big", 4]), max_size=2),  # TOML arrays
     msgpack_values,
 )

@@ -36,6 +36,13 @@ def test_from_spec_array_length_order_is_config_invalid():
     assert info.value.path == "groups.g.framing.length_order"
 
 
+def test_from_spec_with_str_and_bytes_keys_is_config_invalid():
+    # Was TypeError (sorting str with bytes) in the first draft of the records framing's key check.
+    with pytest.raises(ConfigInvalid) as info:
+        Framing.from_spec({"": None, b"": None}, "groups.g.framing")
+    assert info.value.path == "groups.g.framing."
+
+
 def test_control_packet_with_a_list_op_is_bad_packet():
     # Was TypeError: the daemon's session task died with it, and took kmuxd down.
     with pytest.raises(BadPacket, match="unknown control op"):

@@ -10,7 +10,7 @@ and not through the test's GIL. Each stdin line is one JSON command
 ``{"op": ..., ...}``; each gets exactly one JSON line on stdout. Clients are
 ``kmux.Client`` objects named by small integer handles.
 
-Every request is a :func:`~tests.integration.test_request_steering.make_req`
+Every request is a :func:`~tests.integration.reqresp.make_req`
 frame: ``u32be length | u32 id | u16 client | u32 seq | crc | body``, so each
 response names the request it answers, and a response given to the wrong
 app, or torn, is seen (an "anomaly").
@@ -39,7 +39,7 @@ from kmux.errors import KmuxError  # noqa: E402
 from kmux.protocol import DATA_PREFIX, KIND_NOTICE, decode_notice  # noqa: E402
 
 from tests.integration.helpers import BadTestFrame  # noqa: E402
-from tests.integration.test_request_steering import make_req, parse_resp  # noqa: E402
+from tests.integration.reqresp import make_req, parse_resp  # noqa: E402
 
 #: Most items of any list in an answer (anomalies, notices).
 REPORT_MAX = 20

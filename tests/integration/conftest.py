@@ -18,6 +18,7 @@ from typing import Any, Callable
 import pytest
 
 from .helpers import Backend, Daemon, write_config
+from .reqresp import Fault, FaultServer
 
 
 @pytest.fixture
@@ -80,3 +81,21 @@ def refusing_port() -> int:
         yield s.getsockname()[1]
     finally:
         s.close()
+
+
+@pytest.fixture
+def fault_servers() -> Callable[..., FaultServer]:
+    """``fault_servers(plan)`` starts a :class:`~tests.integration.reqresp.FaultServer`
+    (``plan(n)``: what its n-th connection does); all closed at teardown."""
+    started: list[FaultServer] = []
+
+    def start(plan: Callable[[int], Fault | None] = lambda n: None) -> FaultServer:
+        s = FaultServer(plan)
+        started.append(s)
+        return s
+
+    try:
+        yield start
+    finally:
+        for s in started:
+            s.close()

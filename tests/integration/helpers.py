@@ -3,11 +3,11 @@
 Everything here uses real sockets and real processes, bounded by timeouts:
 
 * :class:`Backend` is a TCP server on 127.0.0.1:0, run by one background
-  thread. It cuts each connection's byte stream into u32be frames with
-  :class:`kmux.framing.Reassembler`, records every frame with the connection
-  it arrived on, optionally echoes it, can pause reading, push raw bytes
-  and kill connections (FIN or RST). All sockets are touched only by its
-  thread; other threads ask it through :meth:`Backend._call`.
+  thread (:class:`kmuxd.tools.backend.RecordingBackend`, the project's one
+  TCP test backend). It cuts each connection's byte stream into u32be
+  frames, records every frame with the connection it arrived on,
+  optionally echoes it, can pause reading, push raw bytes and kill
+  connections (FIN or RST).
 * :class:`Daemon` runs ``kmuxd --config`` as a subprocess and collects its
   JSON log lines.
 * :func:`make_frame` / :func:`parse_frame` build and check test messages
@@ -32,31 +32,20 @@ import termios
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import kmux
 from kmux.control import ControlClient
-from kmux.errors import KmuxError
-from kmux.framing import PRESETS, Reassembler
+from kmux.framing import PRESETS
 from kmux.protocol import Accepted, Hello, decode_answer, encode_hello
+
+from kmuxd.tools.backend import Conn, ConnInfo, Loop, Recording, RecordingBackend  # noqa: F401 - ConnInfo: what Backend.conns() returns
+from kmuxd.tools.backend.recording import wait_until
 
 U32BE = PRESETS["u32be"]
 
 # -- bounded waiting -----------------------------------------------------------
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str = "condition", interval: float = 0.01) -> Any:
-    """Poll ``pred`` until it returns something truthy; AssertionError after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def unread_by_peer(sock: socket.socket | int) -> int:
@@ -164,380 +153,39 @@ def check_order_per_connection(records: list[tuple[int, Any]]) -> None:
 
 # -- the backend -------------------------------------------------------------------
 
-
-@dataclass
-class BackendConn:
-    id: int
-    sock: socket.socket
-    peer: tuple
-    opened_at: float
-    reasm: Reassembler
-    #: index into Backend._records of each frame that arrived here
-    record_ids: list[int] = field(default_factory=list)
-    out: bytearray = field(default_factory=bytearray)
-    out_total: int = 0  # bytes ever queued for sending
-    sent_total: int = 0  # bytes the kernel took
-    closed_at: float | None = None
-    #: why it closed: "eof" (peer FIN), "reset"/"error: ..." (peer RST), "killed"/"closed" (by us)
-    close_reason: str | None = None
-    #: bytes of an incomplete frame left when the connection closed
-    tail: int = 0
-    parse_error: str | None = None
-
-
-@dataclass(frozen=True)
-class ConnInfo:
-    id: int
-    open: bool
-    opened_at: float
-    closed_at: float | None
-    close_reason: str | None
-    frames: int
-    buffered: int  # bytes of an incomplete frame held now (or at close)
-    pending_out: int  # bytes queued to send, not yet taken by the kernel
-    parse_error: str | None
-
-
-class Backend:
-    """A TCP server on 127.0.0.1 that records u32be frames per connection (see module doc).
-
-    ``echo``: False, True (every frame), or a predicate choosing the frames to echo.
-    ``read_pause``: seconds the backend's thread sleeps after each read, a slow
-    server (with a small ``rcvbuf``, each read takes at most that many bytes).
-    """
-
-    def __init__(
-        self,
-        *,
-        echo: bool | Callable[[bytes], bool] = False,
-        max_frame: int = 1 << 24,
-        rcvbuf: int | None = None,
-        sndbuf: int | None = None,
-        read_pause: float = 0.0,
-        summarize: Callable[[bytes], Any] | None = None,
-        port: int = 0,
-    ) -> None:
-        self.echo = echo
-        self.max_frame = max_frame
-        self.sndbuf = sndbuf
-        self.read_pause = read_pause
-        self.summarize = summarize or (lambda frame: frame)
-        self._lock = threading.Lock()
-        self._conns: dict[int, BackendConn] = {}
-        self._records: list[tuple[int, Any]] = []
-        self._paused = False
-        self._next_id = 1
-        self._calls: queue.Queue = queue.Queue()
-        self._stop = False
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if rcvbuf is not None:  # inherited by accepted sockets; also turns off autotuning
-            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        # port: a fixed port brings a server back where a group expects it (outage tests).
-        self._listener.bind(("127.0.0.1", port))
-        self._listener.listen(64)
-        self._listener.setblocking(False)
-        self.port = self._listener.getsockname()[1]
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._thread = threading.Thread(target=self._run, name=f"backend:{self.port}", daemon=True)
-        self._error: BaseException | None = None
-        self._poller = select.poll()
-        self._masks: dict[int, int] = {}  # fd -> registered poll mask (0: not registered)
-        self._by_fd: dict[int, BackendConn] = {}
-        self._thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    # -- thread-safe accessors ----------------------------------------------
-
-    def records(self, conn: int | None = None) -> list[tuple[int, Any]]:
-        """``(conn_id, record)`` of every frame, in arrival order (per connection)."""
-        self._check()
-        with self._lock:
-            if conn is None:
-                return list(self._records)
-            c = self._conns[conn]
-            return [self._records[i] for i in c.record_ids]
-
-    def count(self) -> int:
-        self._check()
-        with self._lock:
-            return len(self._records)
-
-    def conns(self) -> list[ConnInfo]:
-        self._check()
-        with self._lock:
-            return [self._info(c) for c in self._conns.values()]
-
-    def conn(self, conn_id: int) -> ConnInfo:
-        with self._lock:
-            return self._info(self._conns[conn_id])
-
-    def open_ids(self) -> list[int]:
-        return [c.id for c in self.conns() if c.open]
-
-    def peer_port(self, conn_id: int) -> int:
-        """The daemon's end (local port) of a connection: a connection record's ``local`` port."""
-        with self._lock:
-            return self._conns[conn_id].peer[1]
-
-    def open_by_port(self) -> dict[int, int]:
-        """``{daemon-side port: conn id}`` of the open connections."""
-        with self._lock:
-            return {c.peer[1]: c.id for c in self._conns.values() if c.closed_at is None}
-
-    def _info(self, c: BackendConn) -> ConnInfo:
-        return ConnInfo(
-            id=c.id,
-            open=c.closed_at is None,
-            opened_at=c.opened_at,
-            closed_at=c.closed_at,
-            close_reason=c.close_reason,
-            frames=len(c.record_ids),
-            buffered=c.tail if c.closed_at is not None else c.reasm.buffered,
-            pending_out=len(c.out),
-            parse_error=c.parse_error,
-        )
-
-    def wait_open(self, n: int, timeout: float = 10.0) -> list[int]:
-        """Wait until exactly ``n`` connections are open; returns their ids."""
-        return wait_until(lambda: (ids := self.open_ids()) and len(ids) == n and ids, timeout, f"{n} open connections")
-
-    def wait_count(self, n: int, timeout: float = 20.0) -> None:
-        wait_until(lambda: self.count() >= n, timeout, f"{n} frames at the backend (have {self.count()})")
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise AssertionError(f"backend thread crashed: {self._error!r}") from self._error
-
-    # -- commands (run in the backend thread) -------------------------------------
-
-    def _call(self, fn: Callable[[], Any], timeout: float = 5.0) -> Any:
-        done = threading.Event()
-        box: list[Any] = []
-
-        def run() -> None:
-            try:
-                box.append((True, fn()))
-            except BaseException as exc:  # handed back to the caller
-                box.append((False, exc))
-            done.set()
-
-        self._calls.put(run)
-        self._wake()
-        if not done.wait(timeout):
-            self._check()
-            raise AssertionError("backend thread did not run a command within 5 s")
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
-
-    def pause(self) -> None:
-        """Stop reading every connection (new ones too) until :meth:`resume`."""
-        with self._lock:
-            self._paused = True
-        self._call(lambda: None)  # the loop has seen the flag once this returns
-
-    def resume(self) -> None:
-        with self._lock:
-            self._paused = False
-        self._call(lambda: None)
-
-    def send(self, conn_id: int, data: bytes) -> None:
-        """Queue raw bytes to send on a connection (written as the kernel takes them)."""
-
-        def run() -> None:
-            c = self._conns[conn_id]
-            if c.closed_at is not None:
-                raise AssertionError(f"backend conn {conn_id} is closed")
-            c.out += data
-            c.out_total += len(data)
-            self._flush(c)
-
-        self._call(run)
-
-    def kill(self, conn_ids: list[int] | None = None, *, rst: bool = True) -> list[int]:
-        """Close connections (all open ones by default); ``rst`` sends a reset (SO_LINGER 0)."""
-
-        def run() -> list[int]:
-            ids = [c.id for c in self._conns.values() if c.closed_at is None] if conn_ids is None else conn_ids
-            for i in ids:
-                c = self._conns[i]
-                if c.closed_at is None:
-                    if rst:
-                        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    self._close(c, "killed" if rst else "closed")
-            return ids
-
-        return self._call(run)
-
-    def close(self) -> None:
-        """Stop the thread, close every socket (idempotent)."""
-        if self._thread.is_alive():
-            self._stop = True
-            self._wake()
-            self._thread.join(5)
-        for c in self._conns.values():
-            if c.closed_at is None:
-                c.closed_at = time.monotonic()
-                c.close_reason = "shutdown"
-            c.sock.close()
-        self._listener.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    # -- the loop ----------------------------------------------------------------
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except (BlockingIOError, OSError):
-            pass
-
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:  # surfaced by every accessor
-            self._error = exc
-
-    def _loop(self) -> None:
-        poller = self._poller = select.poll()
-        poller.register(self._listener, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        masks = self._masks
-        by_fd = self._by_fd
-        while not self._stop:
-            # Interest follows state: read unless paused, write while bytes are queued.
-            with self._lock:
-                paused = self._paused
-            # A socket with no interest is unregistered: poll reports HUP/ERR even for
-            # mask 0, which would spin while paused.
-            for fd, c in list(by_fd.items()):
-                mask = (0 if paused else select.POLLIN) | (select.POLLOUT if c.out else 0)
-                if masks[fd] != mask:
-                    if not masks[fd]:
-                        poller.register(fd, mask)
-                    elif not mask:
-                        poller.unregister(fd)
-                    else:
-                        poller.modify(fd, mask)
-                    masks[fd] = mask
-            for fd, ev in poller.poll(50):
-                if fd == self._wake_r.fileno():
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                    continue
-                if fd == self._listener.fileno():
-                    for c in self._accept():
-                        fd2 = c.sock.fileno()
-                        by_fd[fd2] = c
-                        masks[fd2] = 0 if paused else select.POLLIN
-                        if masks[fd2]:
-                            poller.register(fd2, masks[fd2])
-                    continue
-                c = by_fd.get(fd)
-                if c is None or c.closed_at is not None:
-                    continue
-                if ev & select.POLLOUT:
-                    self._flush(c)
-                if c.closed_at is None and ev & (select.POLLIN | select.POLLERR | select.POLLHUP) and not paused:
-                    self._read(c)
-            while True:
-                try:
-                    fn = self._calls.get_nowait()
-                except queue.Empty:
-                    break
-                fn()
-
-    def _accept(self) -> list[BackendConn]:
-        out = []
-        while True:
-            try:
-                sock, peer = self._listener.accept()
-            except BlockingIOError:
-                return out
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.sndbuf is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
-            with self._lock:
-                c = BackendConn(self._next_id, sock, peer, time.monotonic(), Reassembler(U32BE, self.max_frame))
-                self._next_id += 1
-                self._conns[c.id] = c
-            out.append(c)
-
-    def _read(self, c: BackendConn) -> None:
-        for _ in range(16):  # bounded per turn, so one busy connection cannot starve the others
-            try:
-                data = c.sock.recv(1 << 20)
-            except BlockingIOError:
-                return
-            except ConnectionResetError:
-                self._close(c, "reset")
-                return
-            except OSError as exc:
-                self._close(c, f"error: {exc}")
-                return
-            if not data:
-                self._close(c, "eof")
-                return
-            if self.read_pause:
-                time.sleep(self.read_pause)
-            if c.parse_error is not None:
-                continue  # the stream is desynchronised; keep draining, record nothing
-            try:
-                frames = c.reasm.feed(data)
-            except KmuxError as exc:
-                c.parse_error = str(exc)
-                frames = []
-            summaries = [self.summarize(f) for f in frames]
-            with self._lock:
-                for s in summaries:
-                    c.record_ids.append(len(self._records))
-                    self._records.append((c.id, s))
-            if self.echo and frames:
-                for f in frames:
-                    if self.echo is True or self.echo(f):
-                        c.out += f
-                        c.out_total += len(f)
-                self._flush(c)
-
-    def _flush(self, c: BackendConn) -> None:
-        while c.out and c.closed_at is None:
-            try:
-                n = c.sock.send(c.out[: 1 << 20])
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._close(c, f"error: {exc}")
-                return
-            with self._lock:
-                del c.out[:n]
-                c.sent_total += n
-
-    def _close(self, c: BackendConn, reason: str) -> None:
-        # Forget the fd before closing it: the number may be reused by the next accept.
-        fd = c.sock.fileno()
-        if self._by_fd.get(fd) is c:
-            if self._masks.pop(fd):
-                self._poller.unregister(fd)
-            del self._by_fd[fd]
-        with self._lock:
-            c.closed_at = time.monotonic()
-            c.close_reason = reason
-            c.tail = c.reasm.buffered
-        c.sock.close()
+#: The TCP server of these tests: kmuxd.tools.backend's recording server (the one backend the
+#: demo, the benchmark, the soak and the tests share). ``Backend(echo=..., summarize=..., ...)``.
+Backend = RecordingBackend
 
 
 # -- the daemon ----------------------------------------------------------------------
+
+
+class AcceptingServer:
+    """A loopback server that only accepts: records each accept's time and peer address, and
+    keeps the connection open (``keep=True``) or closes it at once.
+
+    The project's one TCP backend (:mod:`kmuxd.tools.backend`), with a protocol that ignores
+    whatever arrives."""
+
+    def __init__(self, *, keep: bool) -> None:
+        self.keep = keep
+        self.accepts: list[float] = []
+        self.peers: list[tuple[str, int]] = []
+        self._loop = Loop()
+        listener = self._loop.listen(self._accepted)
+        self.address = f"127.0.0.1:{listener.port}"
+        self._loop.start(name="accepting-server")
+
+    def _accepted(self, conn: Conn) -> Recording:
+        self.accepts.append(time.monotonic())
+        self.peers.append(conn.peer)
+        if not self.keep:
+            conn.close()
+        return Recording(conn, lambda c, frame: None)
+
+    def close(self) -> None:
+        self._loop.close()
 
 
 def kmuxd_command() -> list[str]:

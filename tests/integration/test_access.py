@@ -27,7 +27,7 @@ from kmuxd.io.server import REFUSAL_LOG_INTERVAL
 from .as_user import AppPeer, need_root
 from .helpers import group_config, wait_until, write_config
 from .test_cli import cli
-from .test_request_steering import summarize_req
+from .reqresp import summarize_req
 
 #: Every group, open or not, and who its lists name (numbers, names, numeric strings).
 GROUPS: dict[str, dict] = {

@@ -184,7 +184,7 @@ def test_group_and_clients_views(two_groups, close_all):
     header_at = next(i for i, line in enumerate(out) if line.startswith("CONN "))
     assert out[header_at - 1] == ""
     assert cells(out[header_at])[:5] == ["CONN", "STATE", "ENDPOINT", "LOCAL", "AGE"]
-    assert cells(out[header_at])[-2:] == ["RECONNECTS", "LAST_ERROR"]
+    assert cells(out[header_at])[-3:] == ["RECONNECTS", "SKIPPED", "LAST_ERROR"]
     rows = [cells(line) for line in out[header_at + 1 :]]
     expected_locals = [c["local"] for c in group_of(answer, "echo")["connections"]]
     assert [r[:4] for r in rows] == [[str(i), "ready", echo.address, loc] for i, loc in enumerate(expected_locals)]
@@ -317,14 +317,20 @@ def _read_until(fd: int, buf: bytearray, pred, timeout: float) -> None:
             buf += chunk
 
 
-def test_watch_redraws_on_a_terminal_and_ctrl_c_exits_0(two_groups):
+@pytest.mark.parametrize("sigint", ["default", "inherited_ignored"])
+def test_watch_redraws_on_a_terminal_and_ctrl_c_exits_0(two_groups, sigint):
+    """``inherited_ignored``: started the way a shell without job control starts a background
+    command (SIGINT ignored, which Python keeps), then given the terminal: ^C still ends it."""
     daemon, _, _ = two_groups
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
     # setsid --ctty: the CLI leads its own session with the pty as controlling
     # terminal, so a ^C typed there is the real thing (the line discipline's SIGINT).
+    command = ["setsid", "--ctty", *CLI, "--control", daemon.control_socket, "groups", "--watch=0.2"]
+    if sigint == "inherited_ignored":
+        command = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
     proc = subprocess.Popen(
-        ["setsid", "--ctty", *CLI, "--control", daemon.control_socket, "groups", "--watch=0.2"],
+        command,
         stdin=slave, stdout=slave, stderr=slave, close_fds=True,
         env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},  # the pty's size rules
     )
@@ -646,6 +652,43 @@ def test_drain_timeout_keeps_the_connection_in_service(backend_factory, daemon_f
 
 
 # -- reload ----------------------------------------------------------------------------------
+
+
+def test_a_refused_reload_names_each_problem_once_and_status_lists_them(backend_factory, daemon_factory):
+    """The issue's typo: `stering = "id"` beside its [id] table. reload prints each problem once,
+    one per line (no Python repr of the details), with the key the typo resembles, and no
+    follow-on errors; status lists them one per line, not on one "last error" line."""
+    backend = backend_factory()
+    group = group_config(backend, connections=1)
+    daemon = daemon_factory({"mc": group})
+    settings = daemon_settings(daemon)
+    ctl = daemon.control_socket
+    bad = {**group, "stering": "id", "connections": 0, "request_timeout": 2.0,
+           "id": {"request_offset": 4, "response_offset": 4}}
+    rewrite_config(daemon, settings, {"mc": bad})
+    r = cli(ctl, "reload")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr.splitlines() == [
+        "kmux-cli: reload failed: [config_invalid] 2 problems:",
+        "  groups.mc.stering: unknown key; did you mean 'steering'?",
+        "  groups.mc.connections: must be between 1 and 1024, not 0",
+    ]
+    lines = ok(ctl, "status").splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("    reloads"))
+    assert lines[at:at + 3] == [
+        "    reloads 0  failed 1  last error config_invalid, 2 problems:",
+        "        groups.mc.stering: unknown key; did you mean 'steering'?",
+        "        groups.mc.connections: must be between 1 and 1024, not 0",
+    ]
+    status = json.loads(ok(ctl, "status", "-j"))
+    assert status["last_reload_problems"] == [["groups.mc.stering", "unknown key; did you mean 'steering'?"],
+                                              ["groups.mc.connections", "must be between 1 and 1024, not 0"]]
+    # Fixed, the next reload is applied and clears both.
+    fixed = {k: v for k, v in bad.items() if k != "stering"} | {"steering": "id", "connections": 1}
+    rewrite_config(daemon, settings, {"mc": fixed})
+    assert ok(ctl, "reload").startswith("kmuxd: configuration reloaded\n")
+    status = json.loads(ok(ctl, "status", "-j"))
+    assert (status["reloads"], status["last_reload_error"], status["last_reload_problems"]) == (1, None, None)
 
 
 def test_reload_applies_changes_and_spares_unchanged_groups(backend_factory, daemon_factory, close_all):

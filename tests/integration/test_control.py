@@ -297,7 +297,7 @@ def test_parser_error_counters_per_slot_survive_reconnects(backend_factory, daem
     split = backend_factory(max_frame=MAX)
     daemon = daemon_factory(
         {
-            "big": group_config(big, connections=1, max_message=1024),
+            "big": group_config(big, connections=1, max_message=1024, max_skip=2048),
             "stall": group_config(stall, connections=1, assembly_timeout=0.3),
             # The length field counts the whole message, header included: a length under 4 is impossible.
             "badhdr": group_config(badhdr, connections=1, framing={"length_offset": 0, "length_size": 4, "length_adjust": 0}),
@@ -311,7 +311,7 @@ def test_parser_error_counters_per_slot_survive_reconnects(backend_factory, daem
     rx = Receiver(daemon.connect(group="split", name="rx"))
     close_all(rx)
 
-    big.send(b1, (1021).to_bytes(4, "big") + b"x" * 10)  # announces 1025 bytes > max_message 1024
+    big.send(b1, (2045).to_bytes(4, "big") + b"x" * 10)  # announces 2049 bytes > max_skip 2048
     stall.send(b2, u32be(b"p" * 100)[:14])  # 14 of 104 bytes, then nothing
     badhdr.send(b3, (2).to_bytes(4, "big") + b"zz")  # a 2-byte message cannot hold its 4-byte header
     frame = make_frame(9, 1, 300)

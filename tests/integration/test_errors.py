@@ -55,7 +55,7 @@ def _check(path: Path) -> subprocess.CompletedProcess:
     ("key_path", "daemon", "group", "version"),
     [
         ("groups.echo.connections", {}, {"connections": 0}, 1),
-        ("groups.echo.framing.length_size", {}, {"framing": {"length_size": 3}}, 1),
+        ("groups.echo.framing.length_size", {}, {"framing": {"length_size": 9}}, 1),
         ("groups.echo.framing", {}, {"framing": "u24be"}, 1),
         ("groups.echo.endpoints[1]", {}, {"endpoints": ["127.0.0.1:9", "localhost"]}, 1),
         ("daemon.socket_mode", {"socket_mode": 660}, {}, 1),
@@ -63,6 +63,7 @@ def _check(path: Path) -> subprocess.CompletedProcess:
         ("groups.echo.conections", {}, {"conections": 4}, 1),
         ("groups.echo.reconnect_initial", {}, {"reconnect_initial": 5.0, "reconnect_max": 1.0}, 1),
         ("groups.echo.max_message", {}, {"max_message": 1 << 30}, 1),
+        ("groups.echo.max_skip", {}, {"max_message": 65536, "max_skip": 4096}, 1),
         ("groups.echo.steering", {}, {"steering": "hash"}, 1),
         ("version", {}, {}, None),
         ("version", {}, {}, 2),

@@ -4,7 +4,7 @@ Every app here is a process of its own (:class:`~tests.integration.as_user.AppPe
 so a flooding or stalled app competes with the measured one for the CPU and
 for kmuxd the way it would in production. The backend is the echo server of
 :mod:`tests.integration.helpers`; requests are
-:func:`~tests.integration.test_request_steering.make_req` frames, so every
+:func:`~tests.integration.reqresp.make_req` frames, so every
 response names the client and the request it answers and a mis-delivery is
 seen by whoever receives it.
 
@@ -42,7 +42,7 @@ from kmux.control import ControlClient
 
 from .as_user import AppPeer, need_root
 from .helpers import group_config, wait_until
-from .test_request_steering import MAX, parse_resp, summarize_req
+from .reqresp import MAX, parse_resp, summarize_req
 
 #: Lockstep round trips per measurement and side, in ROUNDS alternating chunks
 #: (quiet, disturbed, quiet, ...), so that the machine's own load drifts into both.

@@ -26,8 +26,6 @@ says what it stands for.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 
 import pytest
@@ -36,6 +34,7 @@ import kmux
 from kmux.protocol import decode_notice
 
 from .helpers import (
+    AcceptingServer,
     Backend,
     RawApp,
     frame_packet,
@@ -48,8 +47,7 @@ from .helpers import (
     wait_flat,
     wait_until,
 )
-from .test_request_steering import fault_servers  # noqa: F401 - a fixture
-from .test_request_steering import (
+from .reqresp import (
     Fault,
     assert_exactly_one_outcome,
     rr_group,
@@ -208,44 +206,12 @@ def test_fin_after_answers_is_a_recycle(daemon_factory, backend_factory, steerin
     print(f"FIN after answers ({steering}): redialled in {redial * 1000:.0f} ms, endpoint {health}")
 
 
-class AcceptAndClose:
-    """A loopback server that accepts every connection and closes it at once; counts accepts."""
-
-    def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.listener.settimeout(0.05)
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.accepts: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, _ = self.listener.accept()
-            except (TimeoutError, socket.timeout):
-                continue
-            except OSError:
-                return
-            self.accepts.append(time.monotonic())
-            sock.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.listener.close()
-
-
 def test_accept_and_close_server_gets_at_most_max_dials_per_second(daemon_factory):
     """A server that accepts and closes at once, 4 slots, a back-off far shorter than the
     dial budget: the accepts the server counts stay within the token bucket (a burst of
     max_dials_per_second, then max_dials_per_second a second)."""
     rate, window = 2.0, 3.0
-    server = AcceptAndClose()
+    server = AcceptingServer(keep=False)
     try:
         daemon = daemon_factory({"g": {"endpoints": [server.address], "connections": 4, "reconnect_initial": 0.02,
                                        "reconnect_max": 0.05, "max_dials_per_second": rate}})

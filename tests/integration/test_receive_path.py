@@ -201,8 +201,8 @@ def test_hostile_frame_length_closes_only_that_connection(backend_factory, daemo
     rx = Receiver(daemon.connect(name="rx"))
     close_all(rx)
     victim, others = original[0], original[1:]
-    # A header announcing max_message + 4 bytes, then some of them.
-    backend.send(victim, (MAX).to_bytes(4, "big") + b"x" * 100)
+    # A header announcing 4 GiB, past max_skip (64 MiB): a stream out of step, not a message to skip.
+    backend.send(victim, (0xFFFFFFF0).to_bytes(4, "big") + b"x" * 100)
     failed = daemon.wait_log("connection_failed", error_code="remote_frame_too_big", timeout=10)
     assert len(failed) == 1
     wait_until(lambda: not backend.conn(victim).open, 10, "the daemon to close the hostile connection")

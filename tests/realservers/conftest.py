@@ -136,16 +136,26 @@ def wait_serving(server: ServerProcess, probe: Callable[[], Any], what: str) -> 
 # -- memcached ---------------------------------------------------------------------------------
 
 
+def response_over(s: Any) -> Any:
+    """One binary-protocol response read from a connected socket (plain or TLS)."""
+    head = recv_exact(s, MC_HEADER.size)
+    (bodylen,) = struct.unpack_from(">I", head, 8)
+    return mc_parse(head + recv_exact(s, bodylen))
+
+
+def version_over(s: Any) -> str:
+    """memcached's binary-protocol VERSION on a connected socket (plain or TLS)."""
+    s.sendall(mc_request(OP_VERSION, opaque=0xDEADBEEF))
+    r = response_over(s)
+    assert r.status == 0 and r.opaque == 0xDEADBEEF, r
+    return r.value.decode()
+
+
 class Memcached(ServerProcess):
     def version(self, timeout: float = 2.0) -> str:
         """A binary-protocol VERSION request straight to the server (not through kmuxd)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
-            s.sendall(mc_request(OP_VERSION, opaque=0xDEADBEEF))
-            head = recv_exact(s, MC_HEADER.size)
-            (bodylen,) = struct.unpack_from(">I", head, 8)
-            r = mc_parse(head + recv_exact(s, bodylen))
-        assert r.status == 0 and r.opaque == 0xDEADBEEF, r
-        return r.value.decode()
+            return version_over(s)
 
 
 def start_memcached(short_dir: Path, *extra: str) -> Memcached:
@@ -193,6 +203,8 @@ def zone_records(n: int = ZONE_SIZE) -> dict[str, str]:
 
 class DnsServer(ServerProcess):
     records: dict[str, str]
+    #: unbound with tls=: its DNS-over-TLS port (0: none).
+    tls_port: int = 0
 
     def query(self, name: str, qid: int = 0x4242, timeout: float = 2.0) -> tuple[str, ...]:
         """One DNS-over-TCP query straight to the server (not through kmuxd); its A records."""
@@ -230,11 +242,14 @@ def start_dns_server(make_argv: Callable[[int], list[str]], log_prefix: Path, wh
 UNBOUND_TCP_IDLE_MS = 120_000
 
 
-def start_unbound(short_dir: Path, tcp_idle_timeout_ms: int = UNBOUND_TCP_IDLE_MS) -> DnsServer:
+def start_unbound(short_dir: Path, tcp_idle_timeout_ms: int = UNBOUND_TCP_IDLE_MS,
+                  tls: tuple[Path, Path] | None = None) -> DnsServer:
     """unbound, serving the zone as a static local zone (names outside it: NXDOMAIN, nothing forwarded).
 
     unbound keeps a client's TCP connection for any number of pipelined queries, until
-    ``tcp_idle_timeout_ms`` of silence; then it closes it (a FIN). Skips the test if
+    ``tcp_idle_timeout_ms`` of silence; then it closes it (a FIN). With ``tls``
+    (certificate, key) it also serves DNS over TLS on a second port, ``server.tls_port``
+    (``tls-port``, ``tls-service-pem``, ``tls-service-key``). Skips the test if
     unbound is not installed.
     """
     binary = find_binary("unbound")
@@ -242,12 +257,21 @@ def start_unbound(short_dir: Path, tcp_idle_timeout_ms: int = UNBOUND_TCP_IDLE_M
         pytest.skip("unbound is not installed (./dev.sh test installs the Debian package 'unbound')")
     zone = "".join(f'    local-data: "{name}. 60 IN A {addr}"\n' for name, addr in zone_records().items())
 
+    tls_port = free_port() if tls is not None else 0
+    tls_lines = "" if tls is None else (
+        f"    interface: 127.0.0.1@{tls_port}\n"
+        f"    tls-port: {tls_port}\n"
+        f"    tls-service-pem: \"{tls[0]}\"\n"
+        f"    tls-service-key: \"{tls[1]}\"\n"
+    )
+
     def argv(port: int) -> list[str]:
         conf = short_dir / f"unbound-{port}.conf"
         conf.write_text(
             "server:\n"
             "    interface: 127.0.0.1\n"
-            f"    port: {port}\n"
+            + tls_lines
+            + f"    port: {port}\n"
             "    do-ip6: no\n"
             "    do-daemonize: no\n"
             "    use-syslog: no\n"
@@ -269,7 +293,9 @@ def start_unbound(short_dir: Path, tcp_idle_timeout_ms: int = UNBOUND_TCP_IDLE_M
         )
         return [binary, "-d", "-p", "-c", str(conf)]
 
-    return start_dns_server(argv, short_dir / f"unbound-{tcp_idle_timeout_ms}", "unbound")
+    server = start_dns_server(argv, short_dir / f"unbound-{tcp_idle_timeout_ms}", "unbound")
+    server.tls_port = tls_port
+    return server
 
 
 @pytest.fixture
@@ -364,3 +390,4 @@ def assert_request_counters(daemon: Daemon, **expected: int) -> dict[str, Any]:
     if not expected.get("unmatched_responses"):
         assert not daemon.logs("unmatched_response"), daemon.logs("unmatched_response")
     return g
+

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import time
 from typing import Any
 
@@ -21,9 +22,21 @@ import pytest
 import kmux
 from kmux import errors as kmux_errors
 
-from . import OP_GET, OP_SET, STATUS_KEY_NOT_FOUND, STATUS_OK, McResponse, mc_get, mc_parse, mc_set, run_threads
-from .conftest import assert_request_counters, group_stats, start_kmuxd
-from tests.integration.helpers import wait_until
+from . import (
+    MC_HEADER,
+    OP_GET,
+    OP_SET,
+    STATUS_KEY_NOT_FOUND,
+    STATUS_OK,
+    McResponse,
+    mc_get,
+    mc_parse,
+    mc_set,
+    recv_exact,
+    run_threads,
+)
+from .conftest import assert_request_counters, group_stats, start_kmuxd, start_memcached
+from tests.integration.helpers import local_port, wait_until
 
 CLIENTS = 16
 RECV_TIMEOUT = 5.0
@@ -335,3 +348,100 @@ def test_server_killed_requests_in_flight_get_connection_lost(memcached, daemon_
     finally:
         for c in clients:
             c.close()
+
+
+#: The value the issue's run stored: 200,000 bytes, a 200,028-byte GET response (24 + 4 + value).
+BIG_VALUE = 200_000
+OVERSIZE_CLIENTS = 8
+OVERSIZE_PER_CLIENT = 20
+
+
+def store_directly(server, key: bytes, value: bytes) -> None:
+    """SET straight to memcached, not through kmuxd (a value kmuxd could never carry)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5.0) as s:
+        s.sendall(mc_set(key, value, opaque=0x51))
+        head = recv_exact(s, MC_HEADER.size)
+        r = mc_parse(head + recv_exact(s, MC_HEADER.unpack(head)[6]))
+    expect(r, OP_SET, 0x51, "the direct SET")
+
+
+@pytest.mark.parametrize("steering", ["fifo", "id"])
+def test_a_value_over_max_message_is_skipped_and_every_request_in_flight_beside_it_answered(
+        short_dir, daemon_factory, steering):
+    """The issue's run: a 200 KB value stored straight into memcached (started with -I 2m), fetched
+    through a group with max_message = 65536 and one connection, while other clients' requests are
+    in flight on it. The asker gets response_too_big naming its seq; every other request its answer;
+    the connection is the same one afterwards (its local port, no reconnect, no endpoint failure)."""
+    server = start_memcached(short_dir, "-I", "2m")
+    try:
+        tag = os.urandom(4).hex().encode()
+        big_key = b"%s:big" % tag
+        store_directly(server, big_key, os.urandom(BIG_VALUE))
+        values = {i: {k: os.urandom(64 + 37 * k) for k in range(OVERSIZE_PER_CLIENT)} for i in range(OVERSIZE_CLIENTS)}
+        for i, kv in values.items():
+            for k, v in kv.items():
+                store_directly(server, b"%s:c%d:k%d" % (tag, i, k), v)
+        group = id_group(rewrite=True) if steering == "id" else fifo_group()
+        daemon = start_kmuxd(daemon_factory, server, **{**group, "connections": 1, "max_message": 65536})
+        (conn,) = group_stats(daemon)["connections"]
+        port = local_port(conn)
+        clients = [daemon.connect(name=f"mc{i}") for i in range(OVERSIZE_CLIENTS)]
+        asker = daemon.connect(name="asker")
+        try:
+            op = (lambda n: n) if steering == "id" else (lambda n: 0)
+            server.pause()  # everything sent now is in flight together on the one connection
+            sent: dict[int, list[tuple[int, int]]] = {}
+            for k in range(OVERSIZE_PER_CLIENT):  # interleaved: the big GET sits among the others
+                for i, c in enumerate(clients):
+                    c.send(mc_get(b"%s:c%d:k%d" % (tag, i, k), opaque=op(1000 * i + k + 1)))
+                    sent.setdefault(i, []).append((k, op(1000 * i + k + 1)))
+                if k == OVERSIZE_PER_CLIENT // 2:
+                    asker.send(mc_get(b"%s:c0:k0" % tag, opaque=op(7)))
+                    big_seq = asker.send(mc_get(big_key, opaque=op(8)))
+                    asker.send(mc_get(b"%s:c1:k1" % tag, opaque=op(9)))
+            total = OVERSIZE_CLIENTS * OVERSIZE_PER_CLIENT + 3
+            in_flight = wait_until(lambda: (g := group_stats(daemon))["requests_in_flight"] == total
+                                   and g["requests_in_flight"], 5.0, "every request in flight")
+            server.resume()
+            answers = 0
+            for i, c in enumerate(clients):
+                for k, opaque in sent[i]:
+                    r = mc_parse(c.recv(timeout=RECV_TIMEOUT))
+                    expect(r, OP_GET, opaque, f"client {i} GET #{k}")
+                    assert r.value == values[i][k], f"client {i} GET #{k}: another request's value"
+                    answers += 1
+                no_more(c, wait=0.05)
+            r = mc_parse(asker.recv(timeout=RECV_TIMEOUT))
+            expect(r, OP_GET, op(7), "the asker's GET before the big one")
+            assert r.value == values[0][0]
+            with pytest.raises(kmux.ResponseTooBig) as info:
+                asker.recv(timeout=RECV_TIMEOUT)
+            r = mc_parse(asker.recv(timeout=RECV_TIMEOUT))
+            expect(r, OP_GET, op(9), "the asker's GET after the big one")
+            assert r.value == values[1][1]
+            answers += 2
+            # It carries on: the same connection serves the next requests, the big one again included.
+            expect(roundtrip(clients[3], mc_get(b"%s:c3:k5" % tag, opaque=op(77))), OP_GET, op(77), "after")
+            clients[4].send(mc_get(big_key, opaque=op(78)))
+            with pytest.raises(kmux.ResponseTooBig):
+                clients[4].recv(timeout=RECV_TIMEOUT)
+        finally:
+            server.resume()
+            for c in [*clients, asker]:
+                c.close()
+        err = info.value
+        size = MC_HEADER.size + 4 + BIG_VALUE  # header, flags, value
+        assert (err.seq, err.details["size"], err.details["max_message"]) == (big_seq, size, 65536), err
+        if steering == "id":
+            assert err.details["id"] == 8
+        g = assert_request_counters(daemon)
+        (conn,) = g["connections"]
+        (health,) = g["endpoint_health"]
+        assert (local_port(conn), conn["reconnects"], conn["last_error"]) == (port, 0, None), conn
+        assert (health["state"], health["failures"], health["reason"]) == ("healthy", 0, None), health
+        assert (g["skipped_msgs"], g["skipped_bytes"]) == (2, 2 * size)
+        assert not daemon.logs("connection_failed") and not daemon.logs("connection_closed")
+        print(f"memcached {steering}: {OVERSIZE_CLIENTS} clients + the asker, {in_flight} requests in flight "
+              f"on one connection (local port {port}), {answers} answers, the asker's notice: {err}")
+    finally:
+        server.stop()

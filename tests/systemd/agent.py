@@ -6,6 +6,9 @@
     python agent.py flow --group G --tag T --count N --rate R
                                                       (send N messages, surviving daemon restarts)
     python agent.py libflow ...                       (the same through kmux.connect(..., reconnect=...))
+    python agent.py mc --group G --tag T --count N [--secret F]
+                                                      (memcached binary SET then GET of N keys through
+                                                      kmuxd; whether this user can read F)
 
 Each prints one JSON line on stdout (``backend`` prints nothing: it writes
 its port to ``--port-file`` and appends one ``TAG IDX`` line per frame it
@@ -145,6 +148,43 @@ def refused(args: argparse.Namespace) -> dict:
         out["library"] = "connected"
     except kmux.KmuxError as exc:
         out["library"] = f"{exc.code}: {exc}"
+    return out
+
+
+# -- mc: memcached's binary protocol through a group ----------------------------------
+
+MC_HEADER = struct.Struct(">BBHBBHIIQ")  # magic, opcode, keylen, extlen, datatype, vbucket|status, bodylen, opaque, cas
+
+
+def mc_request(opcode: int, key: bytes, extras: bytes = b"", value: bytes = b"", opaque: int = 0) -> bytes:
+    body = extras + key + value
+    return MC_HEADER.pack(0x80, opcode, len(key), len(extras), 0, 0, len(body), opaque, 0) + body
+
+
+def mc(args: argparse.Namespace) -> dict:
+    """SET then GET ``count`` keys (opaques 1..count, the same in every agent: the group rewrites them)."""
+    import kmux
+
+    out: dict = {"uid": os.getuid(), "set_ok": 0, "get_ok": 0, "errors": []}
+    if args.secret:
+        try:
+            open(args.secret, "rb").close()
+            out["secret_readable"] = True
+        except OSError as exc:
+            out["secret_readable"] = errno.errorcode.get(exc.errno, str(exc.errno))
+    with kmux.connect(args.group, SOCKET, name=f"mc-{args.tag}", timeout=10) as client:
+        for opcode, field in ((0x01, "set_ok"), (0x00, "get_ok")):
+            for i in range(1, args.count + 1):
+                key, value = b"k-%d-%d" % (args.tag, i), b"v-%d-%d" % (args.tag, i)
+                extras = struct.pack(">II", 0, 0) if opcode == 0x01 else b""
+                client.send(mc_request(opcode, key, extras, value if opcode == 0x01 else b"", opaque=i))
+                reply = client.recv(timeout=10)
+                _, op, keylen, extlen, _, status, _, opaque, _ = MC_HEADER.unpack_from(reply)
+                got = reply[MC_HEADER.size + extlen + keylen:]
+                if (op, status, opaque) == (opcode, 0, i) and (opcode == 0x01 or got == value):
+                    out[field] += 1
+                elif len(out["errors"]) < 5:
+                    out["errors"].append(f"op {op:#x} status {status:#x} opaque {opaque} value {got[:40]!r}")
     return out
 
 
@@ -296,7 +336,7 @@ def main() -> None:
     b.add_argument("--port-file", required=True)
     b.add_argument("--records", required=True)
     b.add_argument("--echo", action="store_true")
-    for name in ("ping", "refused", "flow", "libflow"):
+    for name in ("ping", "refused", "flow", "libflow", "mc"):
         s = sub.add_parser(name)
         s.add_argument("--group", default="echo")
         s.add_argument("--tag", type=int, default=1)
@@ -305,11 +345,13 @@ def main() -> None:
         s.add_argument("--size", type=int, default=64)
         s.add_argument("--linger", type=float, default=0.3)
         s.add_argument("--deadline", type=float, default=60.0)
+        s.add_argument("--secret", help="mc: a file this user should not be able to read")
     args = parser.parse_args()
     if args.cmd == "backend":
         backend(args)
         return
-    result = {"ping": ping, "refused": refused, "flow": lambda a: Flow(a).run(), "libflow": libflow}[args.cmd](args)
+    result = {"ping": ping, "refused": refused, "flow": lambda a: Flow(a).run(), "libflow": libflow,
+              "mc": mc}[args.cmd](args)
     print(json.dumps(result), flush=True)
 
 

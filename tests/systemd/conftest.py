@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from kmuxd.tools.backend.recording import wait_until as _wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 AGENT = Path(__file__).resolve().parent / "agent.py"
 #: The venv's interpreter and kmuxd, as the container sees them (same paths).
@@ -65,14 +67,7 @@ def sdbox_tool() -> Path | None:
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``pred`` until truthy; AssertionError naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return _wait_until(pred, timeout, what, interval)
 
 
 class Box:
@@ -285,7 +280,10 @@ class Artefacts:
 
     dir: Path
     sdist: Path
+    #: The compiled wheel (py3-none-any when nothing could compile)
     wheel: Path
+    #: The pure-Python py3-none-any wheel
+    pure_wheel: Path
     wheelhouse: Path
     deb: Path
 
@@ -296,17 +294,17 @@ def artefacts(tmp_path_factory) -> Artefacts:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)  # nothing could install them: do not spend the build
-    missing = [tool for tool in ("dpkg-buildpackage", "dh", "/usr/bin/python3.11") if not shutil.which(tool)]
+    missing = [tool for tool in ("dpkg-buildpackage", "dh", "/usr/bin/python3") if not shutil.which(tool)]
     if missing:
-        pytest.skip(f"no {', '.join(missing)}: ./dev.sh test (or ./dev.sh deb) installs debhelper, dpkg-dev, python3.11")
+        pytest.skip(f"no {', '.join(missing)}: ./dev.sh test (or ./dev.sh deb) installs debhelper, dpkg-dev, python3")
     out = tmp_path_factory.mktemp("dist")
     t0 = time.monotonic()
     proc = subprocess.run([str(REPO / "packaging" / "build.sh"), str(out)], capture_output=True, text=True,
                           timeout=BUILD_TIMEOUT, env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 0, f"packaging/build.sh failed:\n{proc.stderr[-3000:]}"
     MEASURED["packaging/build.sh (sdist, wheel, wheelhouse, .deb)"] = f"{time.monotonic() - t0:.1f} s"
-    sdist, wheel, wheelhouse, deb = (Path(p) for p in proc.stdout.split())
-    return Artefacts(out, sdist, wheel, wheelhouse, deb)
+    sdist, wheel, pure_wheel, wheelhouse, deb = (Path(p) for p in proc.stdout.split())
+    return Artefacts(out, sdist, wheel, pure_wheel, wheelhouse, deb)
 
 
 def pytest_terminal_summary(terminalreporter):

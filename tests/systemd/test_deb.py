@@ -4,7 +4,7 @@
 fixture); one container for the module installs it with ``dpkg -i`` as an
 administrator would, from a directory bound read-only into the container.
 The container's root is an overlay of this machine's, so dpkg sees this
-machine's package database and Depends: (python3.11, libsystemd0) are met
+machine's package database and Depends: (python3.X, libsystemd0) are met
 without a network; nothing is written back.
 
 Each test stands alone: the ``deb`` fixture installs the package if a test
@@ -18,7 +18,12 @@ a real Debian system.
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
+
+from kmuxd.system import install
 
 from .conftest import MEMBER, Artefacts, Box, Service, add_users, boot_box, start_backends, wait_until
 
@@ -117,6 +122,35 @@ def test_install_enables_the_units_without_starting_them(deb: Package) -> None:
     # A wheel's install-units would shadow the package's units in /etc: it refuses.
     proc = box.run("/usr/sbin/kmuxd", "install-units", check=False)
     assert proc.returncode == 1 and "installed by a package" in proc.stderr
+
+
+def test_the_package_runs_on_and_depends_on_the_distributions_python(deb: Package, artefacts: Artefacts) -> None:
+    """Built on /usr/bin/python3 (whatever minor version this release ships), the venv links to
+    that interpreter by its versioned name, the package Depends on exactly it, and the data path
+    is compiled for it."""
+    version = deb.box.run("/usr/bin/python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])").stdout.strip()
+    depends = deb.box.run("dpkg-query", "-W", "-f=${Depends}", "kmuxd").stdout
+    assert f"python{version}" in [d.strip().split()[0] for d in depends.split(",")], depends
+    assert deb.box.run("readlink", "-f", PACKAGED_PYTHON).stdout.strip() == f"/usr/bin/python{version}"
+    assert "(data path compiled by mypyc)" in deb.box.run("/usr/sbin/kmuxd", "--version").stdout
+
+
+def test_the_package_units_are_packaging_systemd_rendered(artefacts: Artefacts, tmp_path: Path) -> None:
+    """What dpkg installs is packaging/systemd/ as `install-units --packaged` renders it, nothing else."""
+    subprocess.run(["dpkg-deb", "-x", str(artefacts.deb), str(tmp_path / "deb")], check=True)
+    expected = install.render_units("/usr/sbin/kmuxd", install.DEFAULT_CONFIG_DIR, tmp_path / "deb",
+                                    layout=install.PACKAGE_LAYOUT, docs_url=install.SHIPPED_DOCS)
+    units = [f for f in expected if f.path.name in install.UNITS]
+    assert len(units) == len(install.UNITS)
+    for f in units:
+        assert f.path.read_text() == f.text, f.path.name
+    # Besides the units dpkg installs, only the package data install-units reads, the same files.
+    source = {p.name: p.read_bytes() for p in (install.CHECKOUT_UNITS).iterdir()}
+    shipped = [p for p in (tmp_path / "deb").rglob("*") if p.suffix in (".service", ".socket")]
+    assert sorted(p.name for p in shipped if p.parent.name == "system") == sorted(install.UNITS)
+    data = {p.name: p.read_bytes() for p in shipped if p.parent.name != "system"}
+    assert data == source and all("site-packages/kmuxd/share/systemd" in str(p) for p in shipped
+                                  if p.parent.name != "system")
 
 
 def test_start_and_a_member_sends_through_the_echo_backend(deb: Package) -> None:

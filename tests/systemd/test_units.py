@@ -89,7 +89,7 @@ def test_install_writes_every_file_with_this_kmuxd(prefix: Path) -> None:
 @needs_analyze
 def test_security_score_is_at_most_2(prefix: Path) -> None:
     rendered = security_score(unit(prefix, "kmuxd.service"))
-    shipped = security_score(REPO / "kmuxd/share/systemd/kmuxd.service")
+    shipped = security_score(REPO / "packaging/systemd/kmuxd.service")
     MEASURED["systemd-analyze security --offline=true kmuxd.service"] = f"{rendered} (shipped file: {shipped})"
     assert rendered <= SECURITY_TARGET
     assert shipped <= SECURITY_TARGET

@@ -138,7 +138,8 @@ def daemon_record(**kw: Any) -> dict[str, Any]:
 #: outage counters) does not send: kmux-cli must render its answers too.
 OLDER_DAEMON_LACKS = {
     "groups": {"access", "endpoint_health", "requests_retried", "retries_exhausted", "queue_timeouts",
-               "slow_consumers", "responses_dropped", "recycles", "rx_queued_bytes", "dropped_unread", "down"},
+               "slow_consumers", "responses_dropped", "recycles", "rx_queued_bytes", "dropped_unread", "down",
+               "skipped_msgs", "skipped_bytes"},
     "clients": {"rx_queued_bytes", "rx_queued_msgs", "gid"},
     "daemon": {"refused_by_code", "reactor"},
 }
@@ -168,10 +169,14 @@ HEALTH = [
     {"endpoint": "10.0.0.1:9000", "state": "healthy", "reason": None, "connections": 3, "recycles": 12,
      "failures": 0, "retry_in": 0.0},
     {"endpoint": "10.0.0.2:9000", "state": "ejected", "reason": "ECONNREFUSED: connect to 10.0.0.2:9000",
-     "connections": 0, "recycles": 0, "failures": 7, "retry_in": 12.5},
+     "connections": 0, "recycles": 0, "failures": 7, "retry_in": 12.5, "reason_age": 0.5},
+    # Healthy again since: the failure is history, with its age; the verdict stands on its own.
+    {"endpoint": "10.0.0.3:9000", "state": "healthy", "reason": "bad framing: out of step", "connections": 1,
+     "recycles": 0, "failures": 1, "retry_in": 0.0, "reason_age": 754.0},
 ]
 OUTAGE = {"requests_retried": 3, "retries_exhausted": 1, "queue_timeouts": 2, "slow_consumers": 1,
-          "responses_dropped": 0, "recycles": 12, "rx_queued_bytes": 3 * 1024**2}
+          "responses_dropped": 0, "recycles": 12, "rx_queued_bytes": 3 * 1024**2, "skipped_msgs": 2,
+          "skipped_bytes": 400056}
 
 
 def stats_new() -> dict[str, Any]:
@@ -293,10 +298,11 @@ def test_group_view_has_tcp_info_per_connection() -> None:
     assert "latency p50 850µs p99 12.3ms" in lines[3]
     table = lines[next(i for i, line in enumerate(lines) if line.startswith("CONN ")) :]
     assert table[0].split()[:3] == ["CONN", "STATE", "ENDPOINT"]
-    assert table[0].split()[-7:] == ["RTT", "RTTVAR", "RETRANS", "CWND", "UNACKED", "RECONNECTS", "LAST_ERROR"]
+    assert table[0].split()[-8:] == ["RTT", "RTTVAR", "RETRANS", "CWND", "UNACKED", "RECONNECTS", "SKIPPED",
+                                     "LAST_ERROR"]
     up, down = table[1], table[2]
     assert up.split()[:5] == ["0", "ready", "10.0.0.1:9000", "10.0.0.9:40000", "3m12s"]
-    assert up.split()[-7:] == ["850µs", "120µs", "3", "10", "1", "1", "-"]
+    assert up.split()[-8:] == ["850µs", "120µs", "3", "10", "1", "1", "0", "-"]
     assert down.split()[:5] == ["1", "backoff", "10.0.0.1:9000", "-", "-"]
     assert down.endswith("ECONNREFUSED: connect")
     assert "p99 -" in group_view(stats(), "cache")[3]
@@ -354,14 +360,17 @@ def test_group_view_shows_access_outage_counters_and_endpoint_health() -> None:
     assert lines[2] == "    access users alice(1000), 1042; groups kmux(998)"
     assert lines[5] == (
         "    retried 3  retries exhausted 1  queue timeouts 2  slow consumers 1  responses dropped 0  recycles 12  "
-        "rx queued 3.0 MiB"
+        "rx queued 3.0 MiB  skipped 2  skipped bytes 390.7 KiB"
     )
     first_blank = lines.index("")
     endpoints = lines[first_blank + 1 : lines.index("", first_blank + 1)]
-    assert cells(endpoints[0]) == ["ENDPOINT", "HEALTH", "CONNS", "RECYCLES", "FAILURES", "RETRY_IN", "REASON"]
+    assert cells(endpoints[0]) == ["ENDPOINT", "HEALTH", "CONNS", "RECYCLES", "FAILURES", "RETRY_IN",
+                                   "LAST_FAILURE"]
     assert cells(endpoints[1]) == ["10.0.0.1:9000", "healthy", "3", "12", "0", "-", "-"]
     assert cells(endpoints[2]) == ["10.0.0.2:9000", "ejected", "0", "0", "7", "12.5s",
-                                   "ECONNREFUSED: connect to 10.0.0.2:9000"]
+                                   "500ms ago: ECONNREFUSED: connect to 10.0.0.2:9000"]
+    assert cells(endpoints[3]) == ["10.0.0.3:9000", "healthy", "1", "0", "1", "-",
+                                   "12m34s ago: bad framing: out of step"]
     assert cells(lines[-1])[:2] == ["1", "backoff"]  # then the connection table, as before
     down = group_view(stats_new(), "down")
     assert down[0].startswith("group down: 0/1 connections up (DOWN), 2 clients")
@@ -392,6 +401,30 @@ def test_status_view_shows_hello_refusals_by_code_and_control_counters() -> None
     assert lines[6] == "    control requests 9 (stats 8, reload 1)  refused 1 (reload 1)  errors 0"
     old = status_view(stats())
     assert old[4] == "    hellos accepted 0  refused 0" and len(old) == 6  # no control block from an old daemon
+
+
+def test_status_view_lists_a_refused_files_problems_one_per_line() -> None:
+    """Not one giant "last error" line: kmux-cli status after a reload of a file with typos."""
+    answer = stats_new()
+    answer["daemon"].update(
+        reload_failures=1,
+        last_reload_error="[config_invalid] 2 problems: groups.mc.stering: unknown key; did you mean 'steering'?; "
+                          "groups.mc.connections: must be between 1 and 1024, not 0",
+        last_reload_problems=[["groups.mc.stering", "unknown key; did you mean 'steering'?"],
+                              ["groups.mc.connections", "must be between 1 and 1024, not 0"]],
+    )
+    lines = status_view(answer)
+    at = next(i for i, line in enumerate(lines) if line.startswith("    reloads"))
+    assert lines[at:at + 3] == [
+        "    reloads 1  failed 1  last error config_invalid, 2 problems:",
+        "        groups.mc.stering: unknown key; did you mean 'steering'?",
+        "        groups.mc.connections: must be between 1 and 1024, not 0",
+    ]
+    # One problem (or a daemon that sends no list): the error's text on the line itself.
+    answer["daemon"].update(last_reload_error="[reload_refused] daemon.socket changed; that needs a restart",
+                            last_reload_problems=None)
+    assert "    reloads 1  failed 1  last error [reload_refused] daemon.socket changed; that needs a restart" in (
+        status_view(answer))
 
 
 def test_watch_rates_columns() -> None:
@@ -522,6 +555,10 @@ def test_metrics_of_the_new_records() -> None:
     assert sample(fams, "kmux_endpoint_retry_in_seconds", group="web", endpoint="10.0.0.2:9000") == 12.5
     assert sample(fams, "kmux_endpoint_state", group="web", endpoint="10.0.0.2:9000", state="ejected") == 1
     assert sample(fams, "kmux_endpoint_state", group="web", endpoint="10.0.0.2:9000", state="healthy") == 0
+    # A healthy endpoint's last failure is history, with its age; one that never failed has none.
+    assert sample(fams, "kmux_endpoint_last_failure_age_seconds", group="web", endpoint="10.0.0.3:9000") == 754.0
+    assert [s.labels["endpoint"] for s in fams["kmux_endpoint_last_failure_age_seconds"].samples
+            if s.labels["group"] == "web"] == ["10.0.0.2:9000", "10.0.0.3:9000"]
     assert sample(fams, "kmux_daemon_clients_refused", "kmux_daemon_clients_refused_total",
                   code="permission_denied") == 4
     assert sample(fams, "kmux_control_requests", "kmux_control_requests_total", op="stats") == 8
@@ -588,6 +625,24 @@ def test_exit_status_of_a_refused_op_and_of_the_app_socket() -> None:
         EXIT_FAILED,
         "kmux-cli: /run/kmuxd/kmuxd.sock is kmuxd's app socket, not its control socket (see daemon.control_socket)",
     )
+
+
+def test_exit_status_of_a_refused_file_lists_its_problems_once() -> None:
+    """Each problem on its own line, as `kmuxd --check` prints them; never the details' Python repr."""
+    problems = [["groups.mc.stering", "unknown key; did you mean 'steering'?"],
+                ["groups.mc.connections", "must be between 1 and 1024, not 0"]]
+    exc = error_from_code("config_invalid", "2 problems: groups.mc.stering: unknown key; did you mean 'steering'?; "
+                          "groups.mc.connections: must be between 1 and 1024, not 0",
+                          path="groups.mc.stering", problems=problems)
+    assert exit_status(exc, PATH, command="reload") == (EXIT_FAILED, "\n".join([
+        "kmux-cli: reload failed: [config_invalid] 2 problems:",
+        "  groups.mc.stering: unknown key; did you mean 'steering'?",
+        "  groups.mc.connections: must be between 1 and 1024, not 0",
+    ]))
+    one = error_from_code("config_invalid", "groups.mc.connections: must be between 1 and 1024, not 0",
+                          path="groups.mc.connections", problems=problems[1:])
+    assert exit_status(one, PATH, command="reload") == (
+        EXIT_FAILED, "kmux-cli: reload failed: [config_invalid] groups.mc.connections: must be between 1 and 1024, not 0")
 
 
 def test_exit_status_no_such_group_or_connection() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import kmuxd
-from kmuxd._compiled import COMPILED_MODULES, status
+from kmuxd._compiled import COMPILED_MODULES, is_checkout, stale, status
 
 ROOT = Path(kmuxd.__file__).resolve().parent.parent
 CORE_TESTS = ["tests/unit/test_sendq.py", "tests/unit/test_router.py", "tests/unit/test_requests.py",
@@ -80,3 +80,23 @@ def test_install_units_lets_the_service_see_mypycs_shared_module():
         assert shared and all(Path(p).is_file() for p in shared), shared
     else:
         assert not shared
+
+
+def test_only_a_checkout_compares_timestamps(tmp_path):
+    """pip writes a wheel's .so, then its .py a moment later: an installed compiled wheel must
+    still run compiled. In a checkout, a source edited after the build means rebuild."""
+    pkg = tmp_path / "kmuxd" / "io"
+    pkg.mkdir(parents=True)
+    so = pkg / "session.cpython-311-x86_64-linux-gnu.so"
+    so.write_bytes(b"\x7fELF")
+    py = pkg / "session.py"
+    py.write_text("# newer\n")
+    os.utime(so, (1000, 1000))
+    os.utime(py, (1001, 1001))
+    extensions = {"kmuxd.io.session": (py, [so]), "kmuxd.io.gone": (pkg / "gone.py", [])}
+    assert not is_checkout(tmp_path)
+    assert stale(extensions, checkout=False) == ["kmuxd.io.gone"]  # installed: only a missing extension counts
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "setup.py").write_text("")
+    assert is_checkout(tmp_path) and is_checkout(ROOT)
+    assert stale(extensions, checkout=True) == ["kmuxd.io.session", "kmuxd.io.gone"]

@@ -13,6 +13,7 @@ from kmuxd.core.states import (
     CLIENT_TRANSITIONS,
     CONN_TRANSITIONS,
     SLOT_TRANSITIONS,
+    VISIBLE_SLOT_STATES,
     ClientEvent,
     ClientState,
     ConnEvent,
@@ -77,6 +78,31 @@ def test_blocked_receiver_turned_on_stays_out_until_unblocked():
 
 
 # -- state tables ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("events", [
+    [SlotEvent.SECURE, SlotEvent.CONNECTED],                            # TLS only
+    [SlotEvent.AUTHENTICATE, SlotEvent.CONNECTED],                      # handshake steps only
+    [SlotEvent.SECURE, SlotEvent.AUTHENTICATE, SlotEvent.CONNECTED],    # TLS, then the steps
+])
+def test_tls_and_authentication_are_rows_between_connecting_and_up(events):
+    sm = StateMachine(SLOT_TRANSITIONS, SlotState.IDLE, "slot")
+    sm.fire(SlotEvent.DIAL)
+    for ev in events:
+        sm.fire(ev)
+    assert sm.state is SlotState.UP
+    # A failure in either phase is a failed dial: back off, then dial again from CONNECTING.
+    for failing in (SlotState.TLS_HANDSHAKE, SlotState.AUTHENTICATING):
+        sm = StateMachine(SLOT_TRANSITIONS, failing, "slot")
+        assert sm.fire(SlotEvent.DIAL_FAILED) is SlotState.BACKOFF
+        assert not sm.can(SlotEvent.SECURE) and sm.fire(SlotEvent.RETRY) is SlotState.CONNECTING
+    # No traffic before UP: a connection mid-handshake cannot be recycled or lost as a live one,
+    # and TLS never follows the credential steps.
+    for state, ev in [(SlotState.TLS_HANDSHAKE, SlotEvent.RECYCLE), (SlotState.AUTHENTICATING, SlotEvent.LOST),
+                      (SlotState.AUTHENTICATING, SlotEvent.SECURE)]:
+        with pytest.raises(IllegalTransition):
+            StateMachine(SLOT_TRANSITIONS, state, "slot").fire(ev)
+    assert {"tls_handshake", "authenticating"} <= set(VISIBLE_SLOT_STATES)
 
 
 def test_slot_lifecycle_follows_the_table():
@@ -179,6 +205,7 @@ def test_good_config_parses_into_frozen_dataclasses():
     g = cfg.groups["echo"]
     assert [str(e) for e in g.endpoints] == ["127.0.0.1:7000", "[::1]:7001"]
     assert g.framing.name == "u32be" and g.max_message == 1048576 and g.steering == "balance"
+    assert g.max_skip == 64 * 1024 * 1024  # skip what is over max_message, up to the protocol's limit
     with pytest.raises(Exception):
         g.connections = 5  # frozen
 
@@ -192,10 +219,13 @@ def test_good_config_parses_into_frozen_dataclasses():
         ("groups.echo.endpoints", ["127.0.0.1:7000", "nohost"], "groups.echo.endpoints[1]"),
         ("groups.echo.endpoints", ["127.0.0.1:70000"], "groups.echo.endpoints[0]"),
         ("groups.echo.endpoints", ["[zz::1]:80"], "groups.echo.endpoints[0]"),
-        ("groups.echo.framing", {"length_size": 3}, "groups.echo.framing.length_size"),
+        ("groups.echo.framing", {"length_size": 9}, "groups.echo.framing.length_size"),
         ("groups.echo.framing", "u24", "groups.echo.framing"),
         ("groups.echo.steering", "random", "groups.echo.steering"),
         ("groups.echo.max_message", 10**9, "groups.echo.max_message"),
+        ("groups.echo.max_skip", 1000, "groups.echo.max_skip"),  # under max_message
+        ("groups.echo.max_skip", 1 << 33, "groups.echo.max_skip"),  # past the ceiling (4 GiB)
+        ("groups.echo.max_skip", "64M", "groups.echo.max_skip"),
         ("groups.echo.assembly_timeout", -1, "groups.echo.assembly_timeout"),
         ("groups.echo.reconnect_initial", 60.0, "groups.echo.reconnect_initial"),
         ("daemon.socket_mode", "rw", "daemon.socket_mode"),
@@ -241,6 +271,67 @@ def test_every_problem_of_a_file_is_reported_at_once():
     ]
     assert e.value.message.startswith("5 problems: daemon.max_clients: ")
     assert len(e.value.lines()) == 5
+
+
+def problems_of(raw) -> list[list[str]]:
+    with pytest.raises(ConfigInvalid) as e:
+        parse_config(raw)
+    return e.value.problems
+
+
+def test_a_typo_is_one_problem_that_names_the_key_it_resembles():
+    """The issue's case: `stering = "id"` beside an [id] table and a request setting gave
+    "unknown key" plus two errors that only came from steering falling back to balance."""
+    raw = with_("groups.echo.stering", "id")
+    raw["groups"]["echo"]["id"] = {"request_offset": 4, "response_offset": 4}
+    raw["groups"]["echo"]["request_timeout"] = 2.0
+    assert problems_of(raw) == [["groups.echo.stering", "unknown key; did you mean 'steering'?"]]
+    # Fixed, the file is good; a real mistake beside the typo is still reported.
+    raw["groups"]["echo"]["steering"] = raw["groups"]["echo"].pop("stering")
+    assert parse_config(raw).groups["echo"].steering == "id"
+    raw["groups"]["echo"]["stering"] = "id"
+    raw["groups"]["echo"]["connections"] = 0
+    assert [p for p, _ in problems_of(raw)] == ["groups.echo.stering", "groups.echo.connections"]
+
+
+@pytest.mark.parametrize(
+    "path, value, problems",
+    [
+        # A required key misspelt is not also "missing".
+        ("groups.echo.endpoint", ["127.0.0.1:1"], [["groups.echo.endpoint", "unknown key; did you mean 'endpoints'?"]]),
+        ("verison", 1, [["verison", "unknown key; did you mean 'version'?"]]),
+        ("daemon.max_client", 8, [["daemon.max_client", "unknown key; did you mean 'max_clients'?"]]),
+        ("groups.echo.id.request_ofset", 4, [["groups.echo.id.request_ofset", "unknown key; did you mean 'request_offset'?"]]),
+        # A value that is not one of the choices: the closest one is suggested, and it does not
+        # make the [id] table look misplaced either.
+        ("groups.echo.steering", "ids", [["groups.echo.steering", "must be one of 'balance', 'id', 'fifo', not 'ids'; "
+                                                                  "did you mean 'id'?"]]),
+        # Nothing close: the allowed keys are listed instead.
+        ("groups.echo.frobnicate", 1, None),
+    ],
+)
+def test_typos_suggest_the_key_and_bring_no_follow_on_errors(path, value, problems):
+    raw = with_(path, value)
+    echo = raw["groups"]["echo"]
+    if path == "groups.echo.endpoint":
+        del echo["endpoints"]
+    if path == "verison":
+        del raw["version"]
+    if path == "groups.echo.id.request_ofset" or path == "groups.echo.steering":
+        echo.setdefault("id", {}).update({"response_offset": 4} if "request_ofset" in echo["id"] else
+                                         {"request_offset": 4, "response_offset": 4})
+        echo.setdefault("steering", "id")
+    got = problems_of(raw)
+    if problems is None:
+        ((where, reason),) = got
+        assert where == path and reason.startswith("unknown key (allowed: allow_groups, allow_users, ")
+    else:
+        assert got == problems
+
+
+def test_a_misspelt_groups_table_is_not_also_no_groups_at_all():
+    raw = {"version": 1, "group": {"echo": {"endpoints": ["127.0.0.1:1"]}}}
+    assert problems_of(raw) == [["group", "unknown key; did you mean 'groups'?"]]
 
 
 def test_access_lists_resolve_names_and_ids():

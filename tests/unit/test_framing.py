@@ -27,9 +27,18 @@ CUSTOM = [
     Framing("custom", "fixed", 3, 4, "little", 7),  # u32le length of the rest
     Framing("custom", "fixed", 0, 8, "big", 8),  # u64be length of the rest
     Framing("custom", "fixed", 1, 8, "little", -3),  # counts 3 bytes more than there are
+    Framing("custom", "fixed", 2, 3, "little", 5),  # u24le after 2 bytes of magic
+    Framing("custom", "fixed", 0, 5, "big", 5),  # the sizes with no struct code
+    Framing("custom", "fixed", 1, 6, "little", 7),
+    Framing("custom", "fixed", 0, 7, "big", 0),
+    Framing("custom", "fixed", 0, 4, "big", 4, 0x00FFFFFF),  # a type byte, then a u24 length
+    Framing("custom", "fixed", 0, 2, "little", 2, 0x0FFF),  # 4 flag bits above a 12-bit length
+    Framing("custom", "records", 0, 2, "big", 2, 0x7FFF, 0x8000),  # 16-bit record marks
+    Framing("custom", "records", 1, 3, "little", 0, 0x0FFFFF, 0x800000),  # a masked mark after a byte
 ]
 ALL = [*PRESETS.values(), *CUSTOM]
-IDS = [f"{f.name}-{f.length_offset}-{f.length_size}-{f.length_order}-{f.length_adjust}" for f in ALL]
+IDS = [f"{f.name}-{f.kind}-{f.length_offset}-{f.length_size}-{f.length_order}-{f.length_adjust}-{f.length_mask:#x}"
+       if f.kind != "varint" else "varint" for f in ALL]
 
 
 # -- presets: exact bytes ------------------------------------------------
@@ -76,7 +85,7 @@ def test_varint_ten_bytes_is_the_limit():
 
 @pytest.mark.parametrize("framing", ALL, ids=IDS)
 def test_every_framing_finds_its_own_length(framing):
-    field_max = 2 ** (8 * framing.length_size) - 64 if framing.kind == "fixed" else 1 << 30
+    field_max = framing.length_mask - 64 if framing.kind != "varint" else 1 << 30
     for size in (0, 1, 200, 70000):
         if size > field_max:
             continue
@@ -324,7 +333,8 @@ def test_from_spec_presets_and_tables():
         ("u64be", "groups.echo.framing"),
         (["u32be"], "groups.echo.framing"),
         ({"length_sise": 4}, "groups.echo.framing.length_sise"),
-        ({"length_size": 3}, "groups.echo.framing.length_size"),
+        ({"length_size": 9}, "groups.echo.framing.length_size"),
+        ({"length_size": 0}, "groups.echo.framing.length_size"),
         ({"length_size": "4"}, "groups.echo.framing.length_size"),
         ({"length_size": True}, "groups.echo.framing.length_size"),
         ({"length_offset": -1}, "groups.echo.framing.length_offset"),
@@ -344,7 +354,7 @@ def test_from_spec_errors_name_the_key(spec, path):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ConfigInvalid, match="memcached-binary, u16be, u32be, varint"):
+    with pytest.raises(ConfigInvalid, match="diameter, http2-frame, memcached-binary, oncrpc, u16be, u32be, varint"):
         Framing.from_spec("u64be")
 
 
@@ -352,7 +362,7 @@ def test_unknown_preset_lists_the_known_ones():
     "kwargs",
     [
         {"kind": "bogus"},
-        {"length_size": 3},
+        {"length_size": 9},
         {"length_order": "native"},
         {"length_offset": -1},
         {"length_adjust": -(2**31) - 1},

@@ -286,6 +286,7 @@ def test_documented_codes_all_have_classes():
         "bad_packet",
         "connection_lost",
         "request_timeout",
+        "response_too_big",
         "daemon_shutdown",
     ]
     for code in documented:
@@ -307,6 +308,7 @@ def test_local_remote_split():
     assert issubclass(errors.DaemonShutdown, RemoteError)
     assert issubclass(errors.DaemonUnavailable, RemoteError)
     assert issubclass(errors.RemoteFrameTooBig, RemoteError)
+    assert issubclass(errors.ResponseTooBig, RemoteError)
 
 
 def test_config_invalid_carries_its_path():

@@ -201,7 +201,7 @@ def test_data_is_the_packet_without_its_kind_byte():
     event = session.receive_packet(packet)
     assert type(event) is memoryview
     assert event == frame(U32BE, b"pong")
-    assert event.obj is session.recv_buffers[1].obj  # a view into the session's receive buffer, not a copy
+    assert event.obj is session.recv_buffer.obj  # a view into the session's receive buffer, not a copy
 
 
 def test_error_notice_raises_its_error_with_seq():
@@ -387,7 +387,7 @@ def test_pieces_are_joined_in_the_receive_buffer():
     assert session.receive_packet(memoryview(b"\x80" + whole[20:40])) is None
     event = session.receive_packet(memoryview(b"\x00" + whole[40:]))
     assert event == whole and not session.joining
-    assert event.obj is session.recv_buffers[1].obj  # joined where it was received: no copy
+    assert event.obj is session.recv_buffer.obj  # joined where it was received: no copy
     assert session.receive_packet(data(b"next")) == b"next"
 
 

@@ -8,7 +8,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from kmuxd.io.sockerr import SOCKET_ERROR_LOG_INTERVAL, SocketErrors, errno_name, hung_up
+from kmuxd.io.sockerr import SOCKET_ERROR_LOG_INTERVAL, SocketErrors, discard_unread, errno_name, hung_up
 
 
 @pytest.fixture
@@ -75,3 +75,35 @@ def test_a_closed_socket_counts_as_hung_up(pair):
     ours, _ = pair
     ours.close()
     assert hung_up(ours)
+
+
+# -- a departed app's unread packets ------------------------------------------------------------
+
+
+def test_packets_behind_the_pending_reset_of_an_app_that_left_notices_unread_are_counted(pair):
+    """An app that closes with our notices unread leaves ECONNRESET pending on our end, reported
+    once before the packets it sent and we never read: each of them is still counted."""
+    ours, theirs = pair
+    for i in range(5):
+        theirs.send(b"\x00bad frame %d" % i)
+    ours.send(b"\x01a notice it never reads")
+    theirs.close()
+    assert discard_unread(ours, 100) == 5
+    assert discard_unread(ours, 100) == 0  # EOF now
+
+
+def test_unread_packets_of_an_app_that_read_everything_are_counted_up_to_the_limit(pair):
+    ours, theirs = pair
+    for i in range(5):
+        theirs.send(b"\x00m%d" % i)
+    assert discard_unread(ours, 3) == 3
+    theirs.close()
+    assert discard_unread(ours, 100) == 2
+
+
+def test_nothing_unread_is_nothing_counted(pair):
+    ours, theirs = pair
+    assert discard_unread(ours, 100) == 0  # EAGAIN: the app is still there
+    ours.send(b"\x01notice")
+    theirs.close()
+    assert discard_unread(ours, 100) == 0  # the one reset, then EOF

@@ -13,7 +13,9 @@ Invariants
 * kmuxd is measured only from outside: its sockets, its log, ``/proc``.
 * Every target is driven by the same C load generator (``loadgen.c``,
   built at start-up), so the clients cost the same on every row and little
-  next to the proxy.
+  next to the proxy; except the rows that measure what a Python app sees
+  and pays (:mod:`.appclient`: the ``kmux`` library against raw sockets),
+  which say so (``client: python``).
 * Every figure comes from one window per cell, inside the run; latencies of
   the open-loop cells count from each request's scheduled send time.
 * A peer that cannot run here is skipped, and the output says why.

@@ -29,12 +29,16 @@ from typing import Any
 from . import report
 from .peers import CONNECTION_COUNTS, STEERINGS, Parties, start_all
 from .procs import busy_cpus, machine, raise_nofile
-from .workloads import Cell, available, run_churn, run_flood, run_idle, run_requests, run_rss
+from .workloads import Cell, available, run_app, run_churn, run_flood, run_idle, run_requests, run_rss
 
-WORKLOADS = ("flood", "rr", "open", "latency", "idle", "churn", "rss")
+WORKLOADS = ("flood", "rr", "open", "latency", "app", "idle", "churn", "rss")
 #: The full run: everything but the 60 s RSS flood (select it with --workload rss).
-DEFAULT_WORKLOADS = ("flood", "rr", "open", "latency", "idle", "churn")
-PEERS = ("direct", "twemproxy", "zmq", "crelay")
+DEFAULT_WORKLOADS = ("flood", "rr", "open", "latency", "app", "idle", "churn")
+#: app cells: the Python client's APIs, each through the library and through a raw socket.
+APP_APIS = ("raw", "kmux", "raw-trio", "kmux-trio")
+#: The receive bound of the Python clients' rows with a timeout (the library's recv(timeout=...)).
+APP_TIMEOUT = 5.0
+PEERS = ("direct", "twemproxy", "zmq", "crelay", "tls")
 DEFAULT_SIZES = "64,1k,16k,256k"
 DEFAULT_RR_CLIENTS = "1,8,64"
 FLOOD_CLIENTS = 8
@@ -68,6 +72,8 @@ def build_plan(a: argparse.Namespace) -> list[Cell]:
         for size in a.sizes:
             for n in a.connections:
                 cells.append(Cell("flood", "kmuxd", FLOOD_CLIENTS, size, "balance", n, seconds=s))
+            if "tls" in peers:  # the TLS twin of flood4, right after the plaintext cells of its size
+                cells.append(Cell("flood", "kmuxd-tls", FLOOD_CLIENTS, size, "balance", 4, seconds=s))
             cells += [Cell("flood", t, FLOOD_CLIENTS, size, connections=4 if t != "direct" else None, seconds=s)
                       for t in ("direct", "crelay", "zmq") if t in peers]
     if "rr" in w:
@@ -75,6 +81,8 @@ def build_plan(a: argparse.Namespace) -> list[Cell]:
             for steering in a.steering:
                 for n in a.connections:
                     cells.append(Cell("rr", "kmuxd", clients, 64, steering, n, seconds=s))
+                if "tls" in peers and steering == ("id" if "id" in a.steering else a.steering[0]):
+                    cells.append(Cell("rr", "kmuxd-tls", clients, 64, steering, 4, seconds=s))
             if "direct" in peers:
                 cells.append(Cell("rr", "direct", clients, seconds=s))
             if "twemproxy" in peers:
@@ -94,6 +102,20 @@ def build_plan(a: argparse.Namespace) -> list[Cell]:
                            seconds=s) for t in ("direct", "twemproxy", "zmq") if t in peers and not a.quick]
             if a.quick and "direct" in peers:
                 cells.append(Cell("latency", "direct", 1, placement=placement, seconds=s))
+            if a.quick and placement == "unpinned":
+                continue
+            # The same round trip as a Python app sees it: the kmux library (and a raw socket) against
+            # a raw socket to the service and to twemproxy (its Unix socket).
+            py = {"placement": placement, "seconds": s, "client": "python"}
+            cells.append(Cell("latency", "kmuxd", 1, 64, steering, conns, api="kmux", recv_timeout=APP_TIMEOUT, **py))
+            if not a.quick:
+                cells.append(Cell("latency", "kmuxd", 1, 64, steering, conns, api="raw", **py))
+            cells += [Cell("latency", t, 1, connections=4 if t == "twemproxy" else None, api="stream", **py)
+                      for t in ("direct", "twemproxy") if t in peers]
+    if "app" in w:
+        for timeout in ((APP_TIMEOUT,) if a.quick else (None, APP_TIMEOUT)):
+            cells += [Cell("app", "kmuxd", 1, 64, steering, conns, seconds=s, client="python", api=api,
+                           recv_timeout=timeout) for api in APP_APIS]
     if "idle" in w:
         cells.append(Cell("idle", "kmuxd", a.idle_clients))
     if "churn" in w:
@@ -112,12 +134,18 @@ def progress(i: int, n: int, c: dict[str, Any]) -> str:
     if c["workload"] == "idle":
         return f"{head} {c['connect_s']:.2f} s to connect, {c['rss_per_client_kib']:.2f} KiB RSS per client"
     if c["workload"] == "churn":
-        return f"{head} {c['cpu_us_per_client']:.1f} µs kmuxd CPU per client, {c['clients_per_s']:,.0f} clients/s"
+        cpu = c["cpu_us_per_client"]
+        cpu_text = f"{cpu:.1f} µs kmuxd CPU per client" if cpu is not None else f"CPU unmeasured ({c['cpu_unmeasured']})"
+        return f"{head} {cpu_text}, {c['clients_per_s']:,.0f} clients/s"
     if c["workload"] == "rss":
         return f"{head} max RSS deviation {c['rss_max_deviation']:.1%} ({'flat' if c['flat'] else 'NOT flat'})"
     line = f"{head} {c['msgs_per_s']:>10,.0f} msg/s {c['mb_per_s']:>8,.1f} MB/s"
     if c.get("p50_us") is not None:
         line += f"  p50 {c['p50_us']:.0f} p99 {c['p99_us']:.0f} p99.9 {c['p999_us']:.0f} µs"
+    if c.get("client_cpu_us") is not None:
+        line += f"  client {c['client_cpu_us']:.2f} µs/rt"
+    if c.get("syscalls_per_rt"):
+        line += f"  {c['syscalls_per_rt'].get('all', 0):.2f} calls/rt ({c['syscalls_counted_by']})"
     if c.get("proxy_cpu_us") is not None:
         line += f"  proxy {c['proxy_cpu_us']:.2f} µs/msg ({c['proxy_cpu_share']:.0%})"
         if c.get("peak_rss_kib"):
@@ -223,7 +251,8 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 isinstance(v, (int, float)) for v in values):
             out[key] = statistics.median(values)
     out["runs"] = [{k: r.get(k) for k in ("msgs_per_s", "p50_us", "p99_us", "proxy_cpu_us", "cpu_us_per_client",
-                                          "rss_per_client_kib", "error") if r.get(k) is not None} for r in runs]
+                                          "client_cpu_us", "rss_per_client_kib", "error") if r.get(k) is not None}
+                   for r in runs]
     return out
 
 
@@ -241,6 +270,8 @@ def run_cell(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
             return run_flood(p, cell, run_dir)
         if cell.workload in ("rr", "open", "latency"):
             return run_requests(p, cell, run_dir)
+        if cell.workload == "app":
+            return run_app(p, cell, run_dir)
         if cell.workload == "idle":
             return run_idle(p, cell, run_dir)
         if cell.workload == "churn":
@@ -277,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     cells: list[dict[str, Any]] = []
     t0 = time.monotonic()
     try:
-        parties = start_all(run_dir, set(args.workload), max(args.sizes))
+        parties = start_all(run_dir, set(args.workload), max(args.sizes), tls="tls" in args.peers)
         print(f"kmuxd (pid {parties.daemon.pid}) and the peers up in {time.monotonic() - t0:.1f} s; "
               f"run directory {run_dir}")
         for peer in args.peers:
@@ -315,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     ts = report.targets(cells, skipped)
     print()
     print(report.cell_table(cells))
+    app = report.app_table(cells)
+    if app:
+        print()
+        print(app)
     other = report.other_table(cells)
     if other:
         print()
@@ -323,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     if ratios:
         print()
         print(ratios)
+    tls = report.tls_table(cells)
+    if tls:
+        print()
+        print(tls)
     print()
     print("targets (same machine, same run)")
     print(report.target_table(ts))

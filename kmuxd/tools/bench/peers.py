@@ -15,10 +15,15 @@ cell that needs it is skipped with that reason.
   ``{balance,fifo,id}{1,4}`` (memcached-binary to memcached; ``id`` steers
   on the 4-byte opaque at offset 12 with rewrite), so no restart between cells.
 * ``twemproxy`` (Debian ``nutcracker``): pools ``mc1``/``mc4`` with
-  ``server_connections`` 1 and 4 to the same memcached.
+  ``server_connections`` 1 and 4 to the same memcached, on TCP; and
+  ``mcunix`` (4 connections) on a Unix socket, for the Python clients' rows
+  (a local app's way in, as kmuxd's).
 * ``zmq``: two brokers (:mod:`.zmqpeer`), one in front of a zmq echo service,
   one in front of a zmq sink.
 * ``crelay``: ``relay.c``, built by the bench with the system compiler, to the sink.
+* ``tls`` (:mod:`.tlspeer`): kmuxd's TLS groups ``flood4tls`` (to a TLS
+  terminator in front of the same sink) and ``{steering}4tls`` (to a second
+  memcached with ``-Z``), with certificates made for the run.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -38,6 +44,7 @@ from kmux.control import ControlClient
 from ..backend import BackendProcess
 from ..demo import DaemonProcess
 from .procs import Child, build_c, find_binary, free_port
+from .tlspeer import SERVER_NAME, make_certs
 
 HERE = Path(__file__).parent
 STEERINGS = ("balance", "fifo", "id")
@@ -88,6 +95,7 @@ class Parties:
     socket_path: str = ""
     twemproxy: Child | None = None
     twemproxy_ports: dict[int, int] = field(default_factory=dict)
+    twemproxy_unix: str = ""
     zmq_echo: Child | None = None
     zmq_sink: Child | None = None
     zmq_broker_rr: Child | None = None
@@ -96,12 +104,17 @@ class Parties:
     zmq_ipc_flood: str = ""
     crelay: Child | None = None
     crelay_path: str = ""
+    tls_term: Child | None = None
+    tls_term_port: int = 0
+    memcached_tls: Child | None = None
+    memcached_tls_port: int = 0
+    tls_ca: str = ""
     skipped: dict[str, str] = field(default_factory=dict)
 
     def children(self) -> list[Any]:
         # Stop order: clients' side first, services last (so queues drain into them).
         return [self.crelay, self.zmq_broker_flood, self.zmq_broker_rr, self.zmq_sink, self.zmq_echo,
-                self.twemproxy, self.daemon, self.sink, self.memcached]
+                self.twemproxy, self.daemon, self.tls_term, self.sink, self.memcached, self.memcached_tls]
 
     def stop(self) -> list[dict[str, Any]]:
         finals: list[dict[str, Any]] = []
@@ -122,19 +135,20 @@ class Parties:
 # -- starting ---------------------------------------------------------------------------------
 
 
-def start_all(run_dir: Path, want: set[str], largest_message: int = 64, daemon_cpu: int | None = None) -> Parties:
+def start_all(run_dir: Path, want: set[str], largest_message: int = 64, daemon_cpu: int | None = None,
+              tls: bool = True) -> Parties:
     """Start what the selected workloads need; peers that cannot run go to ``skipped``.
     If anything needed fails to start, what did start is stopped before the error propagates."""
     p = Parties(run_dir)
     try:
-        _start(p, want, largest_message, daemon_cpu)
+        _start(p, want, largest_message, daemon_cpu, tls)
     except BaseException:
         p.stop()
         raise
     return p
 
 
-def _start(p: Parties, want: set[str], largest_message: int, daemon_cpu: int | None) -> None:
+def _start(p: Parties, want: set[str], largest_message: int, daemon_cpu: int | None, tls: bool) -> None:
     run_dir = p.run_dir
     loadgen, why = build_c(HERE / "loadgen.c", run_dir / "loadgen")
     if loadgen is None:
@@ -142,12 +156,14 @@ def _start(p: Parties, want: set[str], largest_message: int, daemon_cpu: int | N
     p.loadgen = loadgen
     with open(run_dir / "sink.log", "wb") as sink_log:  # the child keeps its own descriptor
         p.sink = BackendProcess("sink", report=run_dir / "sink.json", stderr=sink_log)
-    needs_rr = bool(want & {"rr", "open", "latency"})
+    needs_rr = bool(want & {"rr", "open", "latency", "app"})
     if needs_rr:
         _start_memcached(p)
+    if tls:
+        _start_tls(p, flood="flood" in want, rr=needs_rr)
     p.socket_path = str(run_dir / "kmuxd.sock")
     config = run_dir / "kmuxd.toml"
-    config.write_text(kmuxd_config(p.socket_path, p.sink.port, p.memcached_port))
+    config.write_text(kmuxd_config(p.socket_path, p.sink.port, p.memcached_port, p))
     p.daemon = DaemonProcess(config, run_dir / "kmuxd.log", cpu=daemon_cpu)
     p.daemon.wait_ready(CONNECT_TIMEOUT)
     _wait_groups_up(str(run_dir / "control.sock"))
@@ -159,7 +175,7 @@ def _start(p: Parties, want: set[str], largest_message: int, daemon_cpu: int | N
         _start_crelay(p)
 
 
-def kmuxd_config(socket_path: str, sink_port: int, memcached_port: int) -> str:
+def kmuxd_config(socket_path: str, sink_port: int, memcached_port: int, tls: Parties | None = None) -> str:
     lines = [
         "# Written by kmuxd's benchmark; safe to delete.",
         "version = 1",
@@ -184,7 +200,30 @@ def kmuxd_config(socket_path: str, sink_port: int, memcached_port: int) -> str:
                 if steering == "id":
                     lines += [f"[groups.{group_name(steering, n)}.id]", "request_offset = 12", "response_offset = 12",
                               "size = 4", "rewrite = true"]
+    if tls is not None:
+        lines += _tls_groups(tls)
     return "\n".join(lines) + "\n"
+
+
+def _tls_groups(p: Parties) -> list[str]:
+    """The TLS twins of flood4 and {steering}4, same settings plus [tls]; a group per party that runs."""
+    lines: list[str] = []
+    tls_table = ["ca = " + json.dumps(p.tls_ca), f'server_name = "{SERVER_NAME}"']
+    if p.tls_term_port:
+        lines += ["[groups.flood4tls]", f'endpoints = ["127.0.0.1:{p.tls_term_port}"]', "connections = 4",
+                  'framing = "u32be"', 'steering = "balance"', "[groups.flood4tls.tls]", *tls_table]
+    if p.memcached_tls_port:
+        for steering in STEERINGS:
+            name = group_name(steering, 4) + "tls"
+            lines += [f"[groups.{name}]", f'endpoints = ["127.0.0.1:{p.memcached_tls_port}"]', "connections = 4",
+                      'framing = "memcached-binary"', f'steering = "{steering}"', "max_message = 65536"]
+            if steering != "balance":
+                lines += ['unmatched = "drop"', "request_timeout = 10.0"]
+            lines += [f"[groups.{name}.tls]", *tls_table]
+            if steering == "id":
+                lines += [f"[groups.{name}.id]", "request_offset = 12", "response_offset = 12", "size = 4",
+                          "rewrite = true"]
+    return lines
 
 
 def _wait_groups_up(control_path: str) -> None:
@@ -232,9 +271,11 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
     return out
 
 
-def _preload(port: int) -> None:
-    """SET the binary key (binary protocol) and the ASCII key (ASCII protocol), then check both."""
-    with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
+def _preload(port: int, tls: ssl.SSLContext | None = None) -> None:
+    """SET the binary key (binary protocol) and the ASCII key (ASCII protocol), then check both.
+    With ``tls`` (memcached -Z): over TLS, and the binary key only (twemproxy is not behind TLS)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2.0) as raw:
+        s = tls.wrap_socket(raw, server_hostname=SERVER_NAME) if tls is not None else raw
         s.sendall(mc_request(0x01, BIN_KEY, VALUE, extras=struct.pack(">II", 0, 0)))
         head = _recv_exact(s, 24)
         _recv_exact(s, struct.unpack_from(">I", head, 8)[0])
@@ -245,10 +286,52 @@ def _preload(port: int) -> None:
         body = _recv_exact(s, struct.unpack_from(">I", head, 8)[0])
         if len(head) + len(body) != 64 or body[4:] != VALUE:
             raise OSError(f"memcached GET answered {len(head) + len(body)} bytes, not the 64 planned")
+    if tls is not None:
+        return
     with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
         s.sendall(b"set " + ASCII_KEY + b" 0 0 %d\r\n" % len(VALUE) + VALUE + b"\r\n")
         if _recv_exact(s, 8) != b"STORED\r\n":
             raise OSError("memcached refused the ASCII set")
+
+
+def _start_tls(p: Parties, flood: bool, rr: bool) -> None:
+    """Certificates, the flood's TLS terminator and memcached -Z; ``skipped["tls"]`` says why not."""
+    try:
+        ca, cert, key = make_certs(p.run_dir / "tls")
+    except (RuntimeError, OSError) as exc:
+        p.skipped["tls"] = str(exc)
+        return
+    p.tls_ca = str(ca)
+    if flood:
+        p.tls_term = Child("TLS terminator", [sys.executable, "-m", "kmuxd.tools.bench.tlspeer", "--cert", str(cert),
+                                              "--key", str(key), "--upstream", str(p.sink.port)],
+                           p.run_dir / "tlspeer.log", pipe_stdout=True)
+        try:
+            p.tls_term_port = int(p.tls_term.expect("listening ").split()[1])
+        except RuntimeError as exc:
+            p.skipped["tls"] = f"the TLS terminator did not start: {exc}"
+            return
+    if rr:
+        binary = find_binary("memcached")
+        assert binary is not None  # the plaintext memcached started
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        p.memcached_tls_port = free_port()
+        p.memcached_tls = Child("memcached -Z", [binary, "-l", "127.0.0.1", "-p", str(p.memcached_tls_port),
+                                                 *MEMCACHED_ARGS, *user, "-Z", "-o",
+                                                 f"ssl_chain_cert={cert},ssl_key={key}"],
+                                p.run_dir / "memcached-tls.log")
+        ctx = ssl.create_default_context(cafile=str(ca))
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while True:
+            try:
+                _preload(p.memcached_tls_port, ctx)
+                return
+            except OSError as exc:  # ssl.SSLError included
+                if time.monotonic() > deadline or p.memcached_tls.proc.poll() is not None:
+                    p.skipped["tls"] = f"memcached -Z did not answer: {exc}: {p.memcached_tls.log_tail(3)}"
+                    p.memcached_tls_port = 0
+                    return
+                time.sleep(CONNECT_POLL)
 
 
 def _start_twemproxy(p: Parties) -> None:
@@ -257,10 +340,13 @@ def _start_twemproxy(p: Parties) -> None:
         p.skipped["twemproxy"] = "nutcracker is not installed (./dev.sh bench installs the Debian package)"
         return
     conf = p.run_dir / "nutcracker.yml"
+    p.twemproxy_unix = str(p.run_dir / "twemproxy.sock")
     text = ""
-    for n in CONNECTION_COUNTS:
-        p.twemproxy_ports[n] = free_port()
-        text += (f"mc{n}:\n  listen: 127.0.0.1:{p.twemproxy_ports[n]}\n  hash: fnv1a_64\n  distribution: ketama\n"
+    for name, listen, n in [*((f"mc{n}", f"127.0.0.1:{free_port()}", n) for n in CONNECTION_COUNTS),
+                            ("mcunix", f"{p.twemproxy_unix} 0600", 4)]:
+        if name != "mcunix":
+            p.twemproxy_ports[n] = int(listen.rsplit(":", 1)[1])
+        text += (f"{name}:\n  listen: {listen}\n  hash: fnv1a_64\n  distribution: ketama\n"
                  f"  timeout: 10000\n  redis: false\n  server_connections: {n}\n  preconnect: true\n"
                  f"  servers:\n   - 127.0.0.1:{p.memcached_port}:1\n")
     conf.write_text(text)
@@ -268,10 +354,10 @@ def _start_twemproxy(p: Parties) -> None:
     p.twemproxy = Child("twemproxy", [binary, "-c", str(conf), "-s", str(stats), "-a", "127.0.0.1", "-v", "4"],
                         p.run_dir / "twemproxy.log")
     deadline = time.monotonic() + CONNECT_TIMEOUT
-    for port in p.twemproxy_ports.values():
+    for where in [*p.twemproxy_ports.values(), p.twemproxy_unix]:
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
+                with _dial(where) as s:
                     s.sendall(ASCII_GET_REQUEST)
                     got = b""
                     while not got.endswith(b"END\r\n"):
@@ -289,6 +375,20 @@ def _start_twemproxy(p: Parties) -> None:
                     p.twemproxy = None
                     return
                 time.sleep(CONNECT_POLL)
+
+
+def _dial(where: int | str) -> socket.socket:
+    """A stream to a TCP port on 127.0.0.1, or to a Unix socket's path."""
+    if isinstance(where, int):
+        return socket.create_connection(("127.0.0.1", where), timeout=2.0)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(where)
+    except OSError:
+        s.close()
+        raise
+    return s
 
 
 def _start_zmq(p: Parties, flood: bool, rr: bool, hwm: int) -> None:

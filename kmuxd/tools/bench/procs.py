@@ -24,13 +24,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ..backend import LineReader
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: Clock ticks per second of /proc's CPU times.
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: Open files the bench asks for (10,000 idle clients, with room to spare);
 #: the daemon child inherits it.
 WANT_NOFILE = 65536
@@ -46,12 +48,44 @@ SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 # -- /proc ------------------------------------------------------------------------------
 
 
+def _schedstat_works() -> bool:
+    try:
+        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/schedstat") as f:
+            return int(f.read().split()[0]) > 0
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+#: Where CPU times come from: each thread's ``schedstat`` (the scheduler's
+#: nanosecond on-CPU time) when the kernel has it, else ``stat``'s utime +
+#: stime in clock ticks. A figure is only as fine as its clock (workloads.cpu_per).
+CPU_CLOCK = "schedstat" if _schedstat_works() else "ticks"
+#: The smallest CPU time the clock can tell from zero, in seconds.
+CPU_RESOLUTION_S = 1e-6 if CPU_CLOCK == "schedstat" else 1 / CLK_TCK
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and all its threads; 0.0 if it is gone."""
+    """On-CPU time of a process's threads (:data:`CPU_CLOCK`); 0.0 if it is gone.
+
+    schedstat counts live threads only: a thread that exited took its time
+    with it (the daemons measured here keep theirs)."""
+    if CPU_CLOCK == "schedstat":
+        total = 0
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return 0.0
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue  # the thread exited meanwhile
+        return total / 1e9
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
     except (OSError, IndexError, ValueError):
         return 0.0
 
@@ -96,7 +130,7 @@ def system_cpu() -> tuple[float, float]:
         return 0.0, 0.0
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
     steal = fields[7] if len(fields) > 7 else 0
-    return (sum(fields[:8]) - idle - steal) / _CLK_TCK, steal / _CLK_TCK
+    return (sum(fields[:8]) - idle - steal) / CLK_TCK, steal / CLK_TCK
 
 
 def busy_cpus(seconds: float) -> float:
@@ -253,11 +287,21 @@ class Child:
 
 
 class LoadGen(Child):
-    """One run of the C load generator: connect, ``go``, one JSON result."""
+    """One run of a load generator: connect, ``go``, one JSON result.
 
-    def __init__(self, binary: Path, mode: str, args: list[str], log: Path, *, cpu: int | None = None) -> None:
-        super().__init__(f"loadgen {mode}", [str(binary), mode, *map(str, args)], log, pipe_stdout=True,
+    The C load generator (``loadgen.c``), or the Python app client
+    (:mod:`.appclient`, :meth:`python`), which speaks the same protocol.
+    """
+
+    def __init__(self, binary: Path, mode: str, args: list[str], log: Path, *, cpu: int | None = None,
+                 argv: list[str] | None = None) -> None:
+        super().__init__(f"loadgen {mode}", argv or [str(binary), mode, *map(str, args)], log, pipe_stdout=True,
                          pipe_stdin=True, cpu=cpu)
+
+    @classmethod
+    def python(cls, args: list[Any], log: Path, *, cpu: int | None = None) -> "LoadGen":
+        """The Python app client (``python -m kmuxd.tools.bench.appclient ARGS``)."""
+        return cls(Path(sys.executable), "appclient", [], log, cpu=cpu, argv=appclient_argv(args))
 
     def wait_ready(self) -> None:
         self.expect("ready")
@@ -281,6 +325,10 @@ class LoadGen(Child):
             out["error"] = self.log_tail()
         self.stop()
         return out
+
+
+def appclient_argv(args: list[Any]) -> list[str]:
+    return [sys.executable, "-m", "kmuxd.tools.bench.appclient", *map(str, args)]
 
 
 def sleep_until(t: float) -> None:

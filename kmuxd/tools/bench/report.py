@@ -1,7 +1,11 @@
 """What the benchmark prints, writes and draws.
 
 * :func:`cell_table`: one row per cell, the figures every cell has.
+* :func:`app_table`: the Python client's own cost per round trip (the
+  ``app`` cells): CPU and system calls, the library against a raw socket.
 * :func:`ratio_table`: kmuxd against each peer, cell by cell of the same shape.
+* :func:`tls_table`: each TLS cell against its plaintext twin (same group
+  settings, same run).
 * :func:`targets`: the lead's targets, each next to the figure that decides
   it (met / not met / not measured, and why).
 * :func:`plot`: a PNG with matplotlib (Agg): throughput and added latency
@@ -30,6 +34,19 @@ PINNED_ADDED_P50_MAX_US = 35.0
 PINNED_ADDED_P99_MAX_US = 100.0
 CHURN_MAX_CPU_US = 100.0
 IDLE_MAX_RSS_KIB = 5.0
+#: TLS against plaintext, kmuxd CPU per message (issue 18).
+TLS_FLOOD_1K_MAX_CPU_RATIO = 2.0
+TLS_RR_64_MAX_CPU_RATIO = 1.5
+#: The library's own cost: client CPU per round trip over a raw socket's doing the same (µs).
+APP_MAX_EXTRA_CPU_US = 2.0
+#: Round trip a Python app sees, pinned: the library's added p50/p99 over twemproxy's (same run).
+PY_ADDED_P50_MAX_RATIO = 1.5
+PY_ADDED_P99_MAX_RATIO = 2.0
+#: A per-round-trip count this close to a whole number is that number (perf counts two runs by difference).
+CALLS_TOLERANCE = 0.02
+#: The system calls app_table shows, in order, and what it calls them.
+APP_CALLS = (("sendto", "send"), ("recvfrom", "recv"), ("recvfrom:EAGAIN", "EAGAIN"), ("poll", "poll"),
+             ("epoll_wait", "epoll_wait"), ("epoll_ctl", "epoll_ctl"), ("setsockopt", "setsockopt"))
 
 
 def _num(v: Any, fmt: str = ",.0f", none: str = "-") -> str:
@@ -53,6 +70,33 @@ def cell_table(cells: list[dict[str, Any]]) -> str:
         if "skipped" in c:
             lines.append(f"{c['label']:<44} skipped: {c['skipped']}")
     return "\n".join(lines)
+
+
+def app_table(cells: list[dict[str, Any]]) -> str:
+    rows = [c for c in cells if c["workload"] == "app" and "skipped" not in c and not c.get("error")]
+    if not rows:
+        return ""
+    head = (f"{'app: 1 Python client, kmuxd id/4c':<40} {'client µs/rt':>12} {'user':>6} {'sys':>6} "
+            f"{'vs raw':>7} {'calls/rt':>8} " + " ".join(f"{name:>10}" for _, name in APP_CALLS) + f" {'p50µs':>7}")
+    lines = [head, "-" * len(head)]
+    for c in rows:
+        raw = find(cells, workload="app", api=_raw_api(c["api"]), recv_timeout=c["recv_timeout"])
+        extra = c["client_cpu_us"] - raw["client_cpu_us"] if raw and raw is not c else None
+        calls = c.get("syscalls_per_rt") or {}
+        name = f"{c['api']}" + ("" if c["recv_timeout"] is None else f", timeout {c['recv_timeout']:g} s")
+        lines.append(f"  {name:<38} {_num(c.get('client_cpu_us'), '.2f'):>12} {_num(c.get('client_user_us'), '.2f'):>6} "
+                     f"{_num(c.get('client_sys_us'), '.2f'):>6} {_num(extra, '+.2f'):>7} "
+                     f"{_num(calls.get('all'), '.2f'):>8} "
+                     + " ".join(f"{_num(calls.get(key, 0.0) if calls else None, '.2f'):>10}" for key, _ in APP_CALLS)
+                     + f" {_num(c.get('p50_us'), '.1f'):>7}")
+    how = {c.get("syscalls_counted_by") or c.get("syscalls_unmeasured") for c in rows} - {None}
+    lines.append(f"  (system calls counted by {', '.join(sorted(how))}; 'vs raw': the same API's raw socket, "
+                 "same timeout)")
+    return "\n".join(lines)
+
+
+def _raw_api(api: str) -> str:
+    return "raw-trio" if api.endswith("trio") else "raw"
 
 
 def find(cells: list[dict[str, Any]], **want: Any) -> dict[str, Any] | None:
@@ -100,6 +144,36 @@ def ratio_table(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def tls_pairs(cells: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """Each TLS cell with its plaintext twin (None if that did not run)."""
+    out = []
+    for t in cells:
+        if t["target"] != "kmuxd-tls" or "skipped" in t or t.get("error"):
+            continue
+        twin = find(cells, workload=t["workload"], target="kmuxd", size=t["size"], clients=t["clients"],
+                    steering=t["steering"], connections=t["connections"])
+        out.append((t, twin))
+    return out
+
+
+def tls_table(cells: list[dict[str, Any]]) -> str:
+    pairs = tls_pairs(cells)
+    if not pairs:
+        return ""
+    head = (f"{'TLS ÷ plaintext (kmuxd, same group settings)':<46} {'CPU/msg tls':>11} {'plain':>7} {'ratio':>6} "
+            f"{'msg/s tls':>10} {'plain':>10} {'ratio':>6}")
+    lines = [head]
+    for t, p in pairs:
+        name = (f"flood {size_label(t['size'])} x{t['clients']}" if t["workload"] == "flood"
+                else f"rr 64 B x{t['clients']} {t['steering']}")
+        lines.append(f"  {name:<44} {_num(t.get('proxy_cpu_us'), '.2f'):>11} "
+                     f"{_num(p and p.get('proxy_cpu_us'), '.2f'):>7} "
+                     f"{_num(_ratio(t.get('proxy_cpu_us'), p and p.get('proxy_cpu_us')), '.2f'):>6} "
+                     f"{_num(t.get('msgs_per_s')):>10} {_num(p and p.get('msgs_per_s')):>10} "
+                     f"{_num(_ratio(t.get('msgs_per_s'), p and p.get('msgs_per_s')), '.2f'):>6}")
+    return "\n".join(lines)
+
+
 def _added(x: dict[str, Any] | None, direct: dict[str, Any] | None, key: str = "p50_us") -> float | None:
     if x is None or direct is None or x.get(key) is None or direct.get(key) is None:
         return None
@@ -123,6 +197,9 @@ def targets(cells: list[dict[str, Any]], skipped: dict[str, str]) -> list[Target
         t = find(cells, workload="rr", target="twemproxy", clients=n, connections=4)
         if k is None or t is None:
             return Target(name, "-", None, skipped.get("twemproxy", "") if t is None else "no kmuxd cell")
+        for x in (k, t):
+            if x["proxy_cpu_us"] is None:
+                return Target(name, "unmeasured", None, f"{x['target']}: {x.get('proxy_cpu_unmeasured')}")
         r = k["proxy_cpu_us"] / t["proxy_cpu_us"]
         return Target(name, f"{k['proxy_cpu_us']:.1f} µs vs {t['proxy_cpu_us']:.1f} µs = {r:.2f}×", r <= limit)
 
@@ -163,19 +240,103 @@ def targets(cells: list[dict[str, Any]], skipped: dict[str, str]) -> list[Target
         share = k["msgs_per_s"] / c["msgs_per_s"]
         out.append(Target(name, f"{share:.2f} ({k['msgs_per_s']:,.0f} vs {c['msgs_per_s']:,.0f})",
                           share >= FLOOD_64_MIN_CRELAY_SHARE))
+    for workload, size, clients, limit in (("flood", 1024, 8, TLS_FLOOD_1K_MAX_CPU_RATIO),
+                                           ("rr", 64, 64, TLS_RR_64_MAX_CPU_RATIO)):
+        what = f"flood {size_label(size)}" if workload == "flood" else f"rr 64 B, {clients} clients"
+        name = f"TLS {what}: kmuxd CPU/msg ≤ {limit:g}× plaintext's"
+        pair = next(((t, p) for t, p in tls_pairs(cells) if t["workload"] == workload and t["size"] == size
+                     and t["clients"] == clients), None)
+        if pair is None or pair[1] is None:
+            out.append(Target(name, "-", None, skipped.get("tls", "cell not run")))
+            continue
+        t, p = pair
+        if t["proxy_cpu_us"] is None or p["proxy_cpu_us"] is None:
+            why = t.get("proxy_cpu_unmeasured") or p.get("proxy_cpu_unmeasured") or ""
+            out.append(Target(name, "unmeasured", None, why))
+            continue
+        r = t["proxy_cpu_us"] / p["proxy_cpu_us"]
+        out.append(Target(name, f"{t['proxy_cpu_us']:.2f} µs vs {p['proxy_cpu_us']:.2f} µs = {r:.2f}×", r <= limit))
     ch = find(cells, workload="churn")
     name = f"client churn: ≤ {CHURN_MAX_CPU_US:g} µs daemon CPU per client"
-    out.append(Target(name, f"{ch['cpu_us_per_client']:.1f} µs" if ch else "-",
-                      ch["cpu_us_per_client"] <= CHURN_MAX_CPU_US if ch else None, "" if ch else "not run"))
+    if ch is None:
+        out.append(Target(name, "-", None, "not run"))
+    elif ch["cpu_us_per_client"] is None:
+        out.append(Target(name, "unmeasured", None, ch.get("cpu_unmeasured", "")))
+    else:
+        out.append(Target(name, f"{ch['cpu_us_per_client']:.1f} µs", ch["cpu_us_per_client"] <= CHURN_MAX_CPU_US))
     idle = find(cells, workload="idle")
     name = f"idle clients: < {IDLE_MAX_RSS_KIB:g} KiB RSS each"
     out.append(Target(name, f"{idle['rss_per_client_kib']:.2f} KiB × {idle['clients']:,}" if idle else "-",
                       idle["rss_per_client_kib"] < IDLE_MAX_RSS_KIB if idle else None, "" if idle else "not run"))
+    out += app_targets(cells)
     rss = find(cells, workload="rss")
     name = "RSS flat (±10%) over a long flood"
     out.append(Target(name, f"max deviation {rss['rss_max_deviation']:.1%} over {rss['seconds']:g} s" if rss else "-",
                       rss["flat"] if rss else None, "" if rss else "not run (--workload rss)"))
     return out
+
+
+def app_targets(cells: list[dict[str, Any]]) -> list[Target]:
+    """The library against a raw socket (app cells), and the round trip a Python app sees against twemproxy's."""
+    out: list[Target] = []
+    for api, transport in (("kmux", "blocking"), ("kmux-trio", "trio")):
+        for timeout in (None, 5.0):
+            how = "no timeout" if timeout is None else f"timeout {timeout:g} s"
+            name = f"app, {transport}, {how}: library client CPU/rt ≤ raw socket's + {APP_MAX_EXTRA_CPU_US:g} µs"
+            k = find(cells, workload="app", api=api, recv_timeout=timeout)
+            r = find(cells, workload="app", api=_raw_api(api), recv_timeout=timeout)
+            if k is None or r is None:
+                out.append(Target(name, "-", None, "app cells not run"))
+                continue
+            extra = k["client_cpu_us"] - r["client_cpu_us"]
+            out.append(Target(name, f"{k['client_cpu_us']:.2f} vs {r['client_cpu_us']:.2f} µs = {extra:+.2f} µs",
+                              extra <= APP_MAX_EXTRA_CPU_US))
+        out.append(_calls_target(cells, api, transport))
+    direct = find(cells, workload="latency", target="direct", placement="pinned", client="python")
+    lib = find(cells, workload="latency", target="kmuxd", placement="pinned", client="python", api="kmux")
+    twem = find(cells, workload="latency", target="twemproxy", placement="pinned", client="python")
+    for key, limit in (("p50_us", PY_ADDED_P50_MAX_RATIO), ("p99_us", PY_ADDED_P99_MAX_RATIO)):
+        name = (f"1 client rr through Python, pinned: kmux library's added {key[:3]} over direct "
+                f"≤ {limit:g}× twemproxy's")
+        if direct is None or lib is None or twem is None:
+            out.append(Target(name, "-", None, "Python latency cells not run"))
+            continue
+        k, t = lib[key] - direct[key], twem[key] - direct[key]
+        ratio = k / t if t > 0 else None
+        out.append(Target(name, f"+{k:.1f} vs +{t:.1f} µs" + (f" = {ratio:.2f}×" if ratio is not None else ""),
+                          ratio is not None and ratio <= limit,
+                          "" if ratio is not None else "twemproxy added nothing measurable over direct"))
+    return out
+
+
+def _calls_target(cells: list[dict[str, Any]], api: str, transport: str) -> Target:
+    """blocking: one send and one receive per round trip and nothing else; trio: no more calls than a raw
+    trio socket and no receive that finds nothing (with and without a timeout)."""
+    if transport == "blocking":
+        name = "app, blocking, with and without a timeout: one send + one receive per round trip, nothing else"
+    else:
+        name = "app, trio, with and without a timeout: calls/rt ≤ raw trio socket's, no receive that finds nothing"
+    shown, met = [], True
+    runs = [c for c in cells if c["workload"] == "app" and c.get("api") == api and "skipped" not in c
+            and not c.get("error")]
+    if not runs:
+        return Target(name, "-", None, "app cells not run")
+    for k in runs:
+        r = find(cells, workload="app", api=_raw_api(api), recv_timeout=k["recv_timeout"])
+        if not k.get("syscalls_per_rt"):
+            return Target(name, "unmeasured", None, k.get("syscalls_unmeasured", ""))
+        calls = k["syscalls_per_rt"]
+        shown.append(f"{calls.get('all', 0):.2f}")
+        if transport == "blocking":
+            met = met and abs(calls.get("sendto", 0) - 1) <= CALLS_TOLERANCE \
+                and abs(calls.get("recvfrom", 0) - 1) <= CALLS_TOLERANCE and calls.get("all", 0) <= 2 + CALLS_TOLERANCE
+        else:
+            raw = (r or {}).get("syscalls_per_rt") or {}
+            shown[-1] += f" vs {raw.get('all', 0):.2f}"
+            met = met and bool(raw) and calls.get("all", 0) <= raw.get("all", 0) + CALLS_TOLERANCE \
+                and calls.get("recvfrom:EAGAIN", 0) <= CALLS_TOLERANCE
+    which = ", ".join("no timeout" if k["recv_timeout"] is None else f"timeout {k['recv_timeout']:g} s" for k in runs)
+    return Target(name, "calls/rt " + ", ".join(shown) + f" ({which})", met)
 
 
 def target_table(ts: list[Target]) -> str:
@@ -195,9 +356,10 @@ def other_table(cells: list[dict[str, Any]]) -> str:
                          f"({c['connect_us_per_client']:.0f} µs each); kmuxd RSS {c['rss_before_kib'] / 1024:.1f} → "
                          f"{c['rss_after_kib'] / 1024:.1f} MiB = {c['rss_per_client_kib']:.2f} KiB per client")
         elif c["workload"] == "churn" and "skipped" not in c:
+            cpu = c["cpu_us_per_client"]
             lines.append(f"churn: {c['procs']} processes × {c['clients'] // c['procs']:,} clients (connect, hello, "
                          f"close) in {c['seconds']:.2f} s = {c['clients_per_s']:,.0f}/s; kmuxd CPU "
-                         f"{c['cpu_us_per_client']:.1f} µs per client")
+                         + (f"{cpu:.1f} µs per client" if cpu is not None else f"unmeasured: {c['cpu_unmeasured']}"))
         elif c["workload"] == "rss" and "skipped" not in c:
             lines.append(f"rss: {c['seconds']:g} s flood of {size_label(c['size'])} at {c['msgs_per_s']:,.0f} msg/s: "
                          f"kmuxd RSS median {c['rss_median_kib'] / 1024:.1f} MiB, min {c['rss_min_kib'] / 1024:.1f}, "

@@ -1,10 +1,20 @@
 """One cell of the benchmark: one workload, one target, one setting.
 
 A *target* is what the clients talk to: ``kmuxd`` (a group of the running
-daemon), ``direct`` (the service itself, one TCP connection per client),
+daemon), ``kmuxd-tls`` (the same group's TLS twin, to a TLS service), ``direct`` (the service itself, one TCP connection per client),
 ``twemproxy``, ``zmq`` (the broker) or ``crelay`` (the C relay, flood only).
 The same C load generator drives every target, so the client's cost is the
-same on every row.
+same on every row; except in the cells whose ``client`` is ``python``
+(:mod:`.appclient`: one closed-loop client as a Python app, through the
+``kmux`` library or a raw socket): the ``latency`` cells that measure what
+a Python app sees, and the ``app`` cells, which measure the client's own
+CPU and system calls per round trip.
+
+CPU comes from each thread's ``/proc/PID/task/TID/schedstat`` (nanoseconds)
+where the kernel has it, else from ``/proc/PID/stat`` in clock ticks (10 ms):
+a figure made of fewer than :data:`CPU_MIN_TICKS` steps of that clock is
+reported as unmeasured (None, with ``cpu_unmeasured`` saying why), never as
+a small number.
 
 Timeline of a timed cell (all times on CLOCK_MONOTONIC, shared with the load
 generator)::
@@ -33,8 +43,10 @@ from typing import Any, Callable
 
 from kmux.protocol import Hello, encode_hello
 
+from . import syscalls
 from .peers import ASCII_GET_REQUEST, GET_REQUEST, Parties, group_name, mark
-from .procs import LoadGen, cpu_seconds, process_tree, reset_peak_rss, set_affinity, sleep_until, status_kib, system_cpu
+from .procs import (CPU_CLOCK, CPU_RESOLUTION_S, LoadGen, appclient_argv, cpu_seconds, process_tree, reset_peak_rss, set_affinity,
+                    sleep_until, status_kib, system_cpu)
 
 #: Seconds from "go" to the clients' start (they are connected already).
 START_DELAY = 0.2
@@ -54,12 +66,16 @@ RSS_SAMPLE_EVERY = 1.0
 RSS_WARMUP = 5.0
 #: "Flat": every sample after the warm-up within this fraction of their median.
 RSS_FLAT_TOLERANCE = 0.10
+#: A CPU figure needs at least this many steps of its clock (procs.CPU_RESOLUTION_S) to be reported (±1 step: ±10%).
+CPU_MIN_TICKS = 10
+#: app cells: round trips whose system calls are counted (perf: this many and three times as many).
+APP_SYSCALL_ROUND_TRIPS = 2000
 
 
 @dataclass(frozen=True)
 class Cell:
-    workload: str  # flood | rr | open | latency | idle | churn | rss
-    target: str  # kmuxd | direct | twemproxy | zmq | crelay
+    workload: str  # flood | rr | open | latency | app | idle | churn | rss
+    target: str  # kmuxd | kmuxd-tls | direct | twemproxy | zmq | crelay
     clients: int = 1
     size: int = 64
     steering: str | None = None  # kmuxd only
@@ -67,17 +83,23 @@ class Cell:
     rate: float = 0.0  # open loop: requests per second
     placement: str = "unpinned"  # latency: "pinned" (one CPU) or "unpinned"
     seconds: float = 2.0
+    client: str = "c"  # "c": the C load generator; "python": the app client (api, recv_timeout)
+    api: str | None = None  # python: kmux | kmux-trio | raw | raw-trio | stream (appclient --api)
+    recv_timeout: float | None = None  # python: every receive bounded by this (appclient --timeout)
 
     def label(self) -> str:
         who = self.target
-        if self.target == "kmuxd" and self.steering:
-            who = f"kmuxd {self.steering}/{self.connections}c"
+        if self.target in ("kmuxd", "kmuxd-tls") and self.steering:
+            who = f"{'kmuxd+tls' if self.target == 'kmuxd-tls' else 'kmuxd'} {self.steering}/{self.connections}c"
         elif self.connections and self.target in ("twemproxy", "crelay"):
             who = f"{self.target}/{self.connections}c"
+        if self.client == "python":
+            who += f" py {self.api}" + ("" if self.recv_timeout is None else f" t={self.recv_timeout:g}s")
         what = {"flood": f"flood {size_label(self.size)} x{self.clients}",
                 "rr": f"rr 64 B x{self.clients}",
                 "open": f"open {self.rate:,.0f}/s x{self.clients}",
                 "latency": f"rtt 1 client {self.placement}",
+                "app": "app 1 client",
                 "idle": f"idle x{self.clients}", "churn": f"churn x{self.clients}",
                 "rss": f"rss flood {size_label(self.size)} {self.seconds:g}s"}[self.workload]
         return f"{what:<24} {who}"
@@ -92,7 +114,8 @@ def size_label(size: int) -> str:
 
 def proxy_pid(p: Parties, cell: Cell) -> int | None:
     zmq_broker = p.zmq_broker_flood if cell.workload in ("flood", "rss") else p.zmq_broker_rr
-    proxy = {"kmuxd": p.daemon, "twemproxy": p.twemproxy, "zmq": zmq_broker, "crelay": p.crelay}.get(cell.target)
+    proxy = {"kmuxd": p.daemon, "kmuxd-tls": p.daemon, "twemproxy": p.twemproxy, "zmq": zmq_broker,
+             "crelay": p.crelay}.get(cell.target)
     return proxy.pid if proxy is not None else None
 
 
@@ -100,17 +123,21 @@ def backend_pid(p: Parties, cell: Cell) -> int | None:
     if cell.workload in ("flood", "rss"):
         sink = p.zmq_sink if cell.target == "zmq" else p.sink
         return sink.pid if sink else None
-    service = p.zmq_echo if cell.target == "zmq" else p.memcached
+    service = {"zmq": p.zmq_echo, "kmuxd-tls": p.memcached_tls}.get(cell.target, p.memcached)
     return service.pid if service else None
 
 
 def client_args(p: Parties, cell: Cell) -> list[str]:
     """The load generator's transport options for this cell's target."""
+    if cell.client == "python":
+        return python_client_args(p, cell)
     flood = cell.workload in ("flood", "rss")
-    if cell.target == "kmuxd":
+    if cell.target in ("kmuxd", "kmuxd-tls"):
         group = f"flood{cell.connections}" if flood else group_name(cell.steering, cell.connections)
         if cell.workload in ("idle", "churn"):
             group = group_name("id", 4) if p.memcached_port else "flood4"
+        if cell.target == "kmuxd-tls":
+            group += "tls"
         hello = encode_hello(Hello(group, receive=not flood, name="bench"))
         return ["--transport", "kmux", "--path", p.socket_path, "--hello", hello.hex()]
     if cell.target == "direct":
@@ -124,6 +151,21 @@ def client_args(p: Parties, cell: Cell) -> list[str]:
     raise ValueError(cell.target)
 
 
+def python_client_args(p: Parties, cell: Cell) -> list[Any]:
+    """The app client's options: kmuxd's id/4 group (library or raw socket), or a stream to the service
+    (direct, TCP) or to twemproxy (its Unix socket, as a local app would use it)."""
+    args: list[Any] = ["--api", cell.api, "--request", request_hex(cell)]
+    if cell.recv_timeout is not None:
+        args += ["--timeout", cell.recv_timeout]
+    if cell.target == "kmuxd":
+        return args + ["--path", p.socket_path, "--group", group_name(cell.steering or "id", cell.connections or 4)]
+    if cell.target == "direct":
+        return args + ["--port", p.memcached_port]
+    if cell.target == "twemproxy":
+        return args + ["--path", p.twemproxy_unix, "--reply", "ascii"]
+    raise ValueError(f"no Python client for {cell.target}")
+
+
 def request_hex(cell: Cell) -> str:
     return (ASCII_GET_REQUEST if cell.target == "twemproxy" else GET_REQUEST).hex()
 
@@ -135,6 +177,10 @@ def available(p: Parties, cell: Cell) -> str | None:
             return p.skipped[peer]
     if cell.target in ("twemproxy", "zmq", "crelay") and proxy_pid(p, cell) is None:
         return f"{cell.target} is not running in this run"
+    if cell.target == "kmuxd-tls":
+        served = p.tls_term_port if cell.workload in ("flood", "rss") else p.memcached_tls_port
+        if not served or cell.connections != 4:
+            return p.skipped.get("tls", "no TLS service for this cell in this run (TLS groups have 4 connections)")
     return None
 
 
@@ -167,13 +213,27 @@ def _base(cell: Cell, run_dir: Path, p: Parties) -> tuple[dict[str, Any], int | 
     return out, proxy, backend, peak_reset
 
 
+def cpu_per(seconds: float, count: int, out: dict[str, Any], key: str) -> float | None:
+    """µs of CPU per item, or None (and why, in ``out[key + "_unmeasured"]``) below
+    CPU_MIN_TICKS steps of the CPU clock (procs.CPU_RESOLUTION_S)."""
+    ticks = round(seconds / CPU_RESOLUTION_S)
+    if not count:
+        return None
+    if ticks < CPU_MIN_TICKS:
+        step = f"{CPU_RESOLUTION_S * 1e3:g} ms" if CPU_CLOCK == "ticks" else f"{CPU_RESOLUTION_S * 1e6:g} µs"
+        out[key + "_unmeasured"] = (f"{ticks} clock tick(s) of CPU ({step} each, {CPU_CLOCK}) is below "
+                                    f"the {CPU_MIN_TICKS} a figure needs: give the cell more work")
+        return None
+    return seconds / count * 1e6
+
+
 def _finish(out: dict[str, Any], proxy: int | None, peak_reset: bool, a: _Probe, b: _Probe, count: int,
             nbytes: int, elapsed: float) -> dict[str, Any]:
     out["window_s"] = round(elapsed, 4)
     out["msgs"] = count
     out["msgs_per_s"] = count / elapsed if elapsed > 0 else 0.0
     out["mb_per_s"] = nbytes / elapsed / 1e6 if elapsed > 0 else 0.0
-    out["proxy_cpu_us"] = (b.proxy - a.proxy) / count * 1e6 if proxy and count else None
+    out["proxy_cpu_us"] = cpu_per(b.proxy - a.proxy, count, out, "proxy_cpu") if proxy else None
     out["proxy_cpu_share"] = (b.proxy - a.proxy) / elapsed if proxy else None
     out["backend_cpu_share"] = (b.backend - a.backend) / elapsed
     out["clients_cpu_share"] = (b.clients - a.clients) / elapsed
@@ -236,7 +296,10 @@ def run_requests(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
     """rr (closed loop), open (fixed rate) and latency (rr, 1 client, placed) cells."""
     out, proxy, backend, peak_reset = _base(cell, run_dir, p)
     mode = "open" if cell.workload == "open" else "rr"
-    args = [*client_args(p, cell), "--clients", cell.clients, "--request", request_hex(cell)]
+    if cell.client == "python":
+        args = client_args(p, cell)
+    else:
+        args = [*client_args(p, cell), "--clients", cell.clients, "--request", request_hex(cell)]
     if mode == "open":
         args += ["--rate", cell.rate]
     cpu = None
@@ -246,7 +309,10 @@ def run_requests(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
         pinned = [pid for pid in (proxy, backend) if pid]
         for pid in pinned:
             set_affinity(pid, {cpu})
-    lg = LoadGen(p.loadgen, mode, args, run_dir / "loadgen.log", cpu=cpu)
+    if cell.client == "python":
+        lg = LoadGen.python(args, run_dir / "appclient.log", cpu=cpu)
+    else:
+        lg = LoadGen(p.loadgen, mode, args, run_dir / "loadgen.log", cpu=cpu)
     try:
         lg.wait_ready()
         client_pids = [lg.pid]
@@ -264,12 +330,29 @@ def run_requests(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
             set_affinity(pid, everywhere)
     out = _finish(out, proxy, peak_reset, a, b, res.get("completed", 0), res.get("bytes", 0), we - ws)
     for key in ("p50_us", "p99_us", "p999_us", "max_us", "mean_us", "unfinished", "notices", "overruns", "strays",
-                "inflight_at_end"):
+                "inflight_at_end", "client_cpu_us", "client_user_us", "client_sys_us", "switches_per_rt"):
         out[key] = res.get(key)
     if cell.placement == "pinned":
         out["cpu"] = cpu
     if res.get("exit_status"):
         out["error"] = res.get("error", "load generator failed")
+    return out
+
+
+def run_app(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
+    """One Python client's own cost per round trip: its CPU (in the timed window) and its system calls
+    (counted in runs of their own: counting must not slow the timed one)."""
+    out = run_requests(p, cell, run_dir)
+    if out.get("error"):
+        return out
+    no_perf, no_strace = syscalls.perf_usable(), syscalls.available()
+    if no_perf and no_strace:
+        out["syscalls_unmeasured"] = f"{no_perf}; {no_strace}"
+        return out
+    argv = appclient_argv(client_args(p, cell))
+    per, how = syscalls.per_round_trip(argv, APP_SYSCALL_ROUND_TRIPS)
+    out["syscalls_per_rt"] = {k: round(v, 3) for k, v in per.items() if v >= 0.001}
+    out["syscalls_counted_by"] = how
     return out
 
 
@@ -312,7 +395,7 @@ def run_churn(p: Parties, cell: Cell, run_dir: Path, procs: int) -> dict[str, An
         lg.stop()
     n = res.get("clients", 0)
     out.update(clients_done=n, seconds=res.get("seconds"), daemon_cpu_s=b - a,
-               cpu_us_per_client=(b - a) / n * 1e6 if n else None,
+               cpu_us_per_client=cpu_per(b - a, n, out, "cpu"),
                clients_per_s=n / res["seconds"] if res.get("seconds") else None)
     if res.get("exit_status"):
         out["error"] = res.get("error", "load generator failed")

@@ -10,11 +10,14 @@ one-way ``balance`` groups (frames are only counted).
 
 Theory of operation
 -------------------
-Each accepted connection lives through a sequence of :class:`Plan` s, drawn
-from an RNG seeded with ``(seed, group, endpoint, connection number)``: each
-handles ``after`` frames normally, then strikes with its fault; a connection
-that survives its fault (``none``, ``late``, ``trickle``, ``unmatched``) goes
-on with its next plan, so faults keep coming on long-lived connections:
+The servers are the project's one TCP backend (:mod:`kmuxd.tools.backend`):
+one event loop serves every endpoint, and each connection is its faulty
+echo or sink protocol, living through a sequence of
+:class:`~kmuxd.tools.backend.Plan` s drawn from an RNG seeded with ``(seed,
+group, endpoint, connection number)``: each handles ``after`` frames
+normally, then strikes with its fault; a connection that survives its fault
+(``none``, ``late``, ``trickle``, ``unmatched``) goes on with its next plan,
+so faults keep coming on long-lived connections:
 
 ==============  =====================================================================
 ``fin``         close gracefully (FIN), leaving the frame just read unanswered; keep
@@ -38,37 +41,34 @@ Outages come from the driver on stdin: ``down GROUP ENDPOINT fin|rst``
 closes the listener (dials are refused) and closes every live connection of
 that endpoint that way; ``up GROUP ENDPOINT`` listens again on the same port.
 ``calm`` stops new faults (for the end of a run), ``report`` prints one line
-``report {json}``, ``quit`` (or EOF) stops.
+``report {json}``, ``quit`` (or EOF) stops. The main thread reads the
+commands and runs each in the loop's thread (:meth:`Loop.call`).
 
 Records (per group, under one lock): every whole frame read, checked (torn,
 read twice by the servers = written twice by the daemon, out of order per
 connection and session), counted per session; answers written, unasked
 frames written, faults struck, connections and why they closed.
 
-Bounds: a poll of :data:`POLL` s in every loop, :data:`DRAIN_TIMEOUT` s for a
-graceful close, :data:`SEND_TIMEOUT` s for one answer, frames up to
-``max_size``; every thread ends on ``quit``.
+Bounds: the loop's (a poll of at most 50 ms, a graceful close of at most
+5 s), :data:`REBIND_TRIES` tries to listen again after an outage, frames up
+to ``max_size``; the loop's thread ends on ``quit``.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
-import select
 import signal
-import socket
-import struct
 import sys
 import threading
-import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
-from .frames import STRAY_ID_BASE, STRAY_SESSION, BadSoakFrame, make_frame, parse_frame, split_frames, stamp_conn
+from kmuxd.tools.backend import CALM, Conn, FaultyEcho, FaultySink, Loop, Plan
 
-__all__ = ["Plan", "GroupRecords", "ChaosServer", "ECHO_FAULTS", "SINK_FAULTS", "main"]
+from .frames import STRAY_ID_BASE, STRAY_SESSION, BadSoakFrame, make_frame, parse_frame, stamp_conn
+
+__all__ = ["draw_plan", "GroupRecords", "ChaosServer", "ECHO_FAULTS", "SINK_FAULTS", "main"]
 
 #: (fault, weight) for echo connections; ``unmatched`` only where the group has ids.
 ECHO_FAULTS = (("none", 30), ("fin", 12), ("rst", 12), ("rst_mid", 8), ("stall", 10), ("late", 10),
@@ -80,53 +80,27 @@ SINK_AFTER = (20, 600)
 #: Seconds a stall or a late hold lasts; seconds a sink trickles.
 HOLD = (0.3, 2.5)
 SINK_TRICKLE = (0.3, 1.5)
-#: Answers an echo connection trickles; bytes per trickled write; seconds between writes.
+#: Answers an echo connection trickles.
 TRICKLE_FRAMES = (2, 8)
-TRICKLE_CHUNK = (1, 64)
-TRICKLE_PAUSE = 0.001
-#: A trickled answer is sent in at most this many writes, so one large frame
-#: takes well under a second (not the daemon's assembly_timeout).
-TRICKLE_MAX_WRITES = 200
 #: An unmatched stretch sends one unasked frame every N answers, this many times: (least, most).
 STRAY_EVERY = (3, 20)
 STRAY_COUNT = (1, 10)
 STRAY_SIZE = 64
-#: Seconds every loop waits at most, so commands and stops are seen promptly.
-POLL = 0.02
-#: Seconds a graceful close waits for the daemon to close its side.
-DRAIN_TIMEOUT = 5.0
-#: Seconds one blocking answer may take before the connection is given up.
-SEND_TIMEOUT = 10.0
-#: Tries (POLL apart) to listen again on an endpoint's port after an outage.
+#: Tries, :data:`REBIND_INTERVAL` s apart, to listen again on an endpoint's port after an outage.
 REBIND_TRIES = 250
-RECV_SIZE = 1 << 16
+REBIND_INTERVAL = 0.02
 EXAMPLES = 5
-LISTEN_BACKLOG = 128
 
 
-@dataclass(frozen=True)
-class Plan:
-    """One stretch of a connection's life: ``after`` frames handled normally, then ``action``."""
-
-    action: str
-    after: int
-    hold: float = 0.0
-    count: int = 0
-    every: int = 1
-
-    @classmethod
-    def draw(cls, rng: random.Random, kind: str, stray: bool) -> "Plan":
-        table = ECHO_FAULTS if kind == "echo" else SINK_FAULTS
-        table = tuple((a, w) for a, w in table if stray or a != "unmatched")
-        action = rng.choices([a for a, _ in table], [w for _, w in table])[0]
-        after = rng.randint(*(ECHO_AFTER if kind == "echo" else SINK_AFTER))
-        hold = rng.uniform(*(SINK_TRICKLE if kind == "sink" and action == "trickle" else HOLD))
-        count = rng.randint(*(TRICKLE_FRAMES if action == "trickle" else STRAY_COUNT))
-        return cls(action, after, hold, count, rng.randint(*STRAY_EVERY))
-
-
-#: A plan that never strikes (after ``calm``).
-CALM = Plan("none", 1 << 62)
+def draw_plan(rng: random.Random, kind: str, stray: bool) -> Plan:
+    """The next plan of an ``echo`` or ``sink`` connection (``unmatched`` only if ``stray``)."""
+    table = ECHO_FAULTS if kind == "echo" else SINK_FAULTS
+    table = tuple((a, w) for a, w in table if stray or a != "unmatched")
+    action = rng.choices([a for a, _ in table], [w for _, w in table])[0]
+    after = rng.randint(*(ECHO_AFTER if kind == "echo" else SINK_AFTER))
+    hold = rng.uniform(*(SINK_TRICKLE if kind == "sink" and action == "trickle" else HOLD))
+    count = rng.randint(*(TRICKLE_FRAMES if action == "trickle" else STRAY_COUNT))
+    return Plan(action, after, hold, count, rng.randint(*STRAY_EVERY))
 
 
 class GroupRecords:
@@ -186,6 +160,17 @@ class GroupRecords:
                     last[f.session] = f.seq
         return frame
 
+    def count_fault(self, action: str) -> None:
+        with self.lock:
+            self.faults[action] += 1
+
+    def closed(self, reason: str, tail: int, stray_at_risk: int) -> None:
+        """A connection ended: why, the bytes of an incomplete frame it left, unasked frames it may have lost."""
+        with self.lock:
+            self.closes[reason] += 1
+            self.tail_bytes += tail
+            self.stray_at_risk += stray_at_risk
+
     def count(self, field: str, n: int = 1) -> None:
         with self.lock:
             setattr(self, field, getattr(self, field) + n)
@@ -201,317 +186,110 @@ class GroupRecords:
             }
 
 
-class _Connection:
-    """One accepted connection, served by its own thread (all socket calls in that thread)."""
+class _Chaos:
+    """What both kinds of chaos connection record (mixed into the backend's faulty protocols)."""
 
-    def __init__(self, server: "ChaosServer", sock: socket.socket, number: int, index: int) -> None:
+    server: "ChaosServer"
+    conn: Conn
+
+    def _setup(self, server: "ChaosServer") -> None:
         self.server = server
-        self.sock = sock
-        self.number = number  # unique in this process: stamped into echo answers
         self.records = server.records
-        self.kill: str | None = None  # "fin" or "rst", set by an outage
         self.last: dict[int, int] = {}
-        self.strays = 0
-        self.buf = bytearray()
-        key = f"{server.seed}:{server.group}:{server.endpoint}:{index}"
-        self._plans = random.Random(key)
-        self.rng = random.Random(key + ":bytes")
-        self._next_plan()
-        self.thread = threading.Thread(target=self._run, name=f"{server.group}:{server.endpoint}#{number}",
-                                       daemon=True)
+        self.strays: list[int] = []  # stream offsets where the unasked frames sent end
 
-    # -- shared helpers -------------------------------------------------------
+    def calm(self) -> bool:
+        return self.server.calm.is_set()
 
-    def _frames(self, data: bytes) -> list[bytes]:
-        self.buf += data
-        return split_frames(self.buf, self.server.max_size)
+    def record(self, frame: bytes) -> bool:
+        return self.records.read(self.conn.number, frame, self.last) is not None
 
-    def _record_all(self, frames: list[bytes]) -> list[bytes]:
-        return [f for f in frames if self.records.read(self.number, f, self.last) is not None]
+    def fault(self, plan: Plan) -> None:
+        self.records.count_fault(plan.action)
 
-    def _next_plan(self) -> None:
-        server = self.server
-        self.plan = CALM if server.calm.is_set() else Plan.draw(self._plans, server.kind, server.stray)
-        self.handled = 0  # frames seen under this plan
-        self.struck_at: float | None = None
-        self.held: list[bytes] = []  # late: answers held back
-        self.done = 0  # trickled answers / unasked frames sent
-
-    def _due(self) -> bool:
-        """Count one frame; True if the plan's fault strikes now (a ``none`` plan, or any plan
-        after ``calm``, gives way to the next plan instead)."""
-        self.handled += 1
-        if self.struck_at is not None or self.handled <= self.plan.after:
-            return False
-        if self.plan.action == "none" or self.server.calm.is_set():
-            self._next_plan()
-            self.handled = 1
-            return False
-        self.struck_at = time.monotonic()
+    def bad_stream(self, error: str) -> None:
         with self.records.lock:
-            self.records.faults[self.plan.action] += 1
-        return True
+            self.records.torn += 1
+            self.records._example(f"conn {self.conn.number}: stream broken: {error}")
+        self.conn.close(reason="bad_stream")
 
-    def _reset(self) -> str:
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        return "rst_by_us"
+    def closed(self, reason: str) -> None:
+        # Unasked frames never written, or written on a connection we then reset, may never reach the daemon.
+        at_risk = len(self.strays) if reason == "rst_by_us" else sum(e > self.conn.sent_total for e in self.strays)
+        reason = {"reset": "reset_by_daemon", "shutdown": "stopped"}.get(reason, reason)
+        self.records.closed(reason, self.conn.buffered, at_risk)
 
-    def _graceful_close(self) -> str:
-        """FIN, then read (and record) what the daemon had already written, until it closes."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            return "fin_failed"
-        end = time.monotonic() + DRAIN_TIMEOUT
-        while time.monotonic() < end and not self.server.stopping.is_set():
-            if not select.select([self.sock], [], [], POLL)[0]:
-                continue
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except OSError:
-                return "fin_then_reset"
-            if not data:
-                return "fin_by_us"
-            try:
-                self._record_all(self._frames(data))
-            except BadSoakFrame:
-                return "fin_then_bad_stream"
-        return "fin_drain_timeout"
 
-    def _recv(self, size: int = RECV_SIZE) -> bytes | None:
-        """Bytes, b"" at EOF, None if nothing within POLL."""
-        if not select.select([self.sock], [], [], POLL)[0]:
-            return None
-        return self.sock.recv(size)
+class _ChaosEcho(_Chaos, FaultyEcho):
+    def __init__(self, server: "ChaosServer", conn: Conn, plans: Iterator[Plan], rng: random.Random) -> None:
+        self._setup(server)
+        FaultyEcho.__init__(self, conn, plans, rng)
 
-    def _run(self) -> None:
-        reason = "stopped"
-        try:
-            reason = self._serve_echo() if self.server.kind == "echo" else self._serve_sink()
-        except BadSoakFrame as exc:
-            with self.records.lock:
-                self.records.torn += 1
-                self.records._example(f"conn {self.number}: stream broken: {exc}")
-            reason = "bad_stream"
-        except ConnectionResetError:
-            reason = "reset_by_daemon"
-        except OSError as exc:
-            reason = f"error {exc.errno}"
-        finally:
-            self.sock.close()
-            with self.records.lock:
-                self.records.closes[reason] += 1
-                self.records.tail_bytes += len(self.buf)
-                if reason == "rst_by_us":
-                    self.records.stray_at_risk += self.strays
-            self.server.forget(self)
+    def reply(self, frame: bytes) -> bytes:
+        return stamp_conn(frame, self.conn.number)
 
-    def _killed(self) -> str | None:
-        if self.kill == "rst":
-            return self._reset()
-        if self.kill == "fin":
-            return self._graceful_close()
-        return None
-
-    # -- echo -----------------------------------------------------------------
-
-    def _answer(self, frame: bytes, trickle: bool = False) -> None:
-        data = stamp_conn(frame, self.number)
-        if trickle:
-            chunk = max(self.rng.randint(*TRICKLE_CHUNK), len(data) // TRICKLE_MAX_WRITES + 1)
-            for i in range(0, len(data), chunk):
-                self.sock.sendall(data[i : i + chunk])
-                time.sleep(TRICKLE_PAUSE)
-        else:
-            self.sock.sendall(data)
+    def replied(self, frame: bytes, end: int) -> None:
         self.records.count("answered")
 
-    def _stray(self) -> None:
-        self.strays += 1
-        k = self.strays
-        frame = make_frame(STRAY_SESSION, k, STRAY_ID_BASE + k % 256, STRAY_SIZE, self.rng)
-        self.sock.sendall(stamp_conn(frame, self.number))
+    def stray(self, k: int) -> bytes:
+        frame = make_frame(STRAY_SESSION, len(self.strays) + 1, STRAY_ID_BASE + (len(self.strays) + 1) % 256,
+                           STRAY_SIZE, self.rng)
+        return stamp_conn(frame, self.conn.number)
+
+    def strayed(self, end: int) -> None:
+        self.strays.append(end)
         self.records.count("stray_sent")
 
-    def _serve_echo(self) -> str:
-        self.sock.settimeout(SEND_TIMEOUT)  # for sendall; reads wait in select
-        while not self.server.stopping.is_set():
-            killed = self._killed()
-            if killed:
-                return killed
-            plan = self.plan
-            if self.struck_at is not None and time.monotonic() - self.struck_at >= plan.hold:
-                if plan.action == "stall":
-                    return self._graceful_close()
-                if plan.action == "late":
-                    for f in self.held:
-                        self._answer(f)
-                    self._next_plan()
-            data = self._recv()
-            if data is None:
-                continue
-            if not data:  # the daemon closed (a drain): answer what is held, as a server would
-                if plan.action == "late" and self.struck_at is not None:
-                    for f in self.held:
-                        self._answer(f)
-                return "eof"
-            for frame in self._record_all(self._frames(data)):
-                if self._due() and self.plan.action in ("fin", "rst", "rst_mid"):
-                    if self.plan.action == "fin":
-                        return self._graceful_close()
-                    if self.plan.action == "rst_mid":
-                        half = stamp_conn(frame, self.number)
-                        self.sock.sendall(half[: len(half) // 2])
-                    return self._reset()
-                plan = self.plan
-                if self.struck_at is not None:
-                    if plan.action == "stall":
-                        continue
-                    if plan.action == "late":
-                        self.held.append(frame)
-                        continue
-                    if plan.action == "trickle":
-                        self._answer(frame, trickle=True)
-                        self.done += 1
-                        if self.done >= plan.count:
-                            self._next_plan()
-                        continue
-                    if plan.action == "unmatched" and self.handled % plan.every == 0:
-                        self._stray()
-                        self.done += 1
-                        if self.done >= plan.count:
-                            self._next_plan()
-                self._answer(frame)
-        return "stopped"
 
-    # -- sink -----------------------------------------------------------------
-
-    def _serve_sink(self) -> str:
-        while not self.server.stopping.is_set():
-            killed = self._killed()
-            if killed:
-                return killed
-            plan = self.plan
-            size = RECV_SIZE
-            if self.struck_at is not None:
-                if time.monotonic() - self.struck_at >= plan.hold:
-                    self._next_plan()
-                elif plan.action == "stall":
-                    time.sleep(POLL)
-                    continue
-                else:  # trickle
-                    size = self.rng.randint(*TRICKLE_CHUNK)
-                    time.sleep(TRICKLE_PAUSE)
-            data = self._recv(size)
-            if data is None:
-                continue
-            if not data:
-                return "eof"
-            for _ in self._record_all(self._frames(data)):
-                if self._due() and self.plan.action == "fin":
-                    return self._graceful_close()
-        return "stopped"
+class _ChaosSink(_Chaos, FaultySink):
+    def __init__(self, server: "ChaosServer", conn: Conn, plans: Iterator[Plan], rng: random.Random) -> None:
+        self._setup(server)
+        FaultySink.__init__(self, conn, plans, rng)
 
 
 class ChaosServer:
-    """One endpoint: a listener (closed during an outage) and its connections."""
+    """One endpoint: a listener of the shared loop (closed during an outage) and its connections."""
 
-    _numbers = itertools.count(1)  # connection numbers, unique in the process
-
-    def __init__(self, records: GroupRecords, group: str, endpoint: int, kind: str, *, seed: int, stray: bool,
-                 max_size: int, calm: threading.Event, stopping: threading.Event) -> None:
+    def __init__(self, loop: Loop, records: GroupRecords, group: str, endpoint: int, kind: str, *, seed: int,
+                 stray: bool, max_size: int, calm: threading.Event) -> None:
+        self.loop = loop
         self.records = records
         self.group = group
         self.endpoint = endpoint
         self.kind = kind
         self.seed = seed
         self.stray = stray
-        self.max_size = max_size
         self.calm = calm
-        self.stopping = stopping
-        self._lock = threading.Lock()
-        self._live: set[_Connection] = set()
-        self._accepted = 0
-        self._want_up = True
-        self.listener = self._listen(0)
-        self.port = self.listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept_loop, name=f"{group}:{endpoint}", daemon=True)
-        self._thread.start()
+        self._rebind_tries = 0
+        self.listener = loop.listen(self._protocol, max_message=max_size)
+        self.port = self.listener.port
 
-    @staticmethod
-    def _listen(port: int) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-            sock.listen(LISTEN_BACKLOG)
-        except OSError:
-            sock.close()
-            raise
-        sock.settimeout(POLL)
-        return sock
+    def _plans(self, rng: random.Random) -> Iterator[Plan]:
+        while True:
+            yield CALM if self.calm.is_set() else draw_plan(rng, self.kind, self.stray)
+
+    def _protocol(self, conn: Conn) -> _ChaosEcho | _ChaosSink:
+        key = f"{self.seed}:{self.group}:{self.endpoint}:{conn.index}"
+        plans, rng = self._plans(random.Random(key)), random.Random(key + ":bytes")
+        self.records.count("conns")
+        kind = _ChaosEcho if self.kind == "echo" else _ChaosSink
+        return kind(self, conn, plans, rng)
 
     def down(self, how: str) -> None:
-        with self._lock:
-            self._want_up = False
-            for conn in self._live:
-                conn.kill = how
+        """(In the loop.) Refuse dials and close every live connection ``how`` (fin or rst)."""
+        self.listener.down(how, reason=f"{how}_by_us")
 
     def up(self) -> None:
-        with self._lock:
-            self._want_up = True
-
-    def forget(self, conn: _Connection) -> None:
-        with self._lock:
-            self._live.discard(conn)
-
-    def _accept_loop(self) -> None:
-        tries = 0
-        while not self.stopping.is_set():
-            with self._lock:
-                want_up = self._want_up
-            if not want_up:
-                if self.listener is not None:
-                    self.listener.close()
-                    self.listener = None
-                time.sleep(POLL)
-                continue
-            if self.listener is None:
-                try:
-                    self.listener = self._listen(self.port)
-                    tries = 0
-                except OSError as exc:
-                    tries += 1
-                    if tries >= REBIND_TRIES:
-                        print(f"backends: cannot listen on port {self.port} again: {exc}", file=sys.stderr)
-                        return
-                    time.sleep(POLL)
-                    continue
-            try:
-                sock, _ = self.listener.accept()
-            except (TimeoutError, socket.timeout):
-                continue
-            except OSError:
-                continue
-            sock.settimeout(None)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Connection(self, sock, next(self._numbers), self._accepted)
-            self._accepted += 1
-            with self._lock:
-                if not self._want_up:  # an outage began while this one was in the backlog
-                    conn.kill = "rst" if self.kind == "echo" else "fin"
-                self._live.add(conn)
-            self.records.count("conns")
-            conn.thread.start()
-        if self.listener is not None:
-            self.listener.close()
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-        with self._lock:
-            live = list(self._live)
-        for conn in live:
-            conn.thread.join(timeout)
+        """(In the loop.) Listen again on the same port, retrying while the kernel still holds it."""
+        try:
+            self.listener.reopen()
+            self._rebind_tries = 0
+        except OSError as exc:
+            self._rebind_tries += 1
+            if self._rebind_tries >= REBIND_TRIES:
+                print(f"backends: cannot listen on port {self.port} again: {exc}", file=sys.stderr)
+                return
+            self.loop.call_later(REBIND_INTERVAL, self.up)
 
 
 def _say(line: str) -> None:
@@ -525,42 +303,45 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m kmuxd.tools.soak.backends SPEC_JSON (started by the soak driver)", file=sys.stderr)
         return 2
     spec = json.loads(argv[0])
-    calm, stopping = threading.Event(), threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    calm = threading.Event()
+    loop = Loop()
+    signal.signal(signal.SIGTERM, lambda *_: setattr(loop, "stop_requested", True))
     records: dict[str, GroupRecords] = {}
     servers: dict[tuple[str, int], ChaosServer] = {}
     for g in spec["groups"]:
         records[g["name"]] = rec = GroupRecords(g["name"])
         for e in range(g["endpoints"]):
-            srv = ChaosServer(rec, g["name"], e, g["kind"], seed=spec["seed"], stray=g.get("stray", False),
-                              max_size=spec["max_size"], calm=calm, stopping=stopping)
+            srv = ChaosServer(loop, rec, g["name"], e, g["kind"], seed=spec["seed"], stray=g.get("stray", False),
+                              max_size=spec["max_size"], calm=calm)
             servers[(g["name"], e)] = srv
             _say(f"listening {g['name']} {e} {srv.port}")
+    loop.start(name="chaos")
     _say("ready")
-    for line in sys.stdin:
-        words = line.split()
-        if not words:
-            continue
-        cmd = words[0]
-        if cmd == "quit":
-            break
-        if cmd == "calm":
-            calm.set()
-            _say("ok calm")
-        elif cmd == "report":
-            _say("report " + json.dumps({name: rec.report() for name, rec in records.items()}))
-        elif cmd in ("down", "up") and len(words) >= 3 and (words[1], int(words[2])) in servers:
-            srv = servers[(words[1], int(words[2]))]
-            if cmd == "down":
-                srv.down(words[3] if len(words) > 3 and words[3] in ("fin", "rst") else "fin")
+    try:
+        for line in sys.stdin:
+            words = line.split()
+            if not words:
+                continue
+            cmd = words[0]
+            if cmd == "quit" or loop.stop_requested:
+                break
+            if cmd == "calm":
+                calm.set()
+                _say("ok calm")
+            elif cmd == "report":
+                _say("report " + json.dumps(loop.call(lambda: {name: rec.report() for name, rec in records.items()})))
+            elif cmd in ("down", "up") and len(words) >= 3 and (words[1], int(words[2])) in servers:
+                srv = servers[(words[1], int(words[2]))]
+                if cmd == "down":
+                    how = words[3] if len(words) > 3 and words[3] in ("fin", "rst") else "fin"
+                    loop.call(lambda: srv.down(how))
+                else:
+                    loop.call(srv.up)
+                _say(f"ok {cmd}")
             else:
-                srv.up()
-            _say(f"ok {cmd}")
-        else:
-            _say(f"error unknown command {line.strip()!r}")
-    stopping.set()
-    for srv in servers.values():
-        srv.join(DRAIN_TIMEOUT)
+                _say(f"error unknown command {line.strip()!r}")
+    finally:
+        loop.close()
     return 0
 
 

@@ -167,16 +167,21 @@ def test_a_partial_response_that_stalls_ejects_its_endpoint(world_factory):
     assert [n.code for n in app.notices()] == ["connection_lost"]
 
 
-def test_a_dialled_connection_holds_at_most_tcp_notsent_lowat_unsent_bytes(world_factory):
-    """The kernel's own limit is megabytes, filled in one burst with whatever was
-    at hand; tcp_notsent_lowat keeps what waits beyond it in kmuxd (the turns
-    test in tests/integration/test_isolation.py measures why)."""
-    from kmuxd.io.slot import _TCP_NOTSENT_LOWAT, _tune
 
-    for setting in (131072, 0):
-        cfg = world_factory(tcp_notsent_lowat=setting).group.cfg
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            default = sock.getsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT)
-            _tune(sock, cfg)
-            assert sock.getsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT) == (setting or default)
-    assert world_factory().group.cfg.tcp_notsent_lowat == 131072  # on by default
+def test_a_dialled_connection_holds_at_most_tcp_notsent_lowat_unsent_bytes():
+    """The kernel's own limit is megabytes, filled in one burst with whatever was
+    at hand; kmuxd sets TCP_NOTSENT_LOWAT on every connection, its own default
+    unless ``[groups.NAME.socket]`` names one, so what waits beyond it waits in
+    kmuxd, in turn (the turns test in tests/integration/test_isolation.py)."""
+    from kmuxd.io.sockopts import SocketPlan
+    from kmuxd.system.config import NOTSENT_LOWAT_DEFAULT, SocketConfig
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        for cfg, want in ((SocketConfig(), NOTSENT_LOWAT_DEFAULT), (SocketConfig(tcp_notsent_lowat=16384), 16384)):
+            sock, _ = SocketPlan("g", cfg).connect(socket.AF_INET, socket.SOCK_STREAM, 0, server.getsockname(),
+                                                   lambda s: None)
+            with sock:
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == want
+    assert not SocketConfig().configured  # a default, not an option the operator set

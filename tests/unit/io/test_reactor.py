@@ -89,6 +89,46 @@ def test_a_crashing_handler_is_ended_and_the_pass_goes_on(readable):
     b.close()
 
 
+class AskingAgain:
+    """A handler with input above its socket (TLS plaintext inside OpenSSL): it asks
+    to be served again ``times`` times, each from inside a pass."""
+
+    def __init__(self, reactor: Reactor, fd: int, times: int) -> None:
+        self.reactor, self.fd, self.left = reactor, fd, times
+        self.handled: list[int] = []
+
+    def handle(self, events: int) -> None:
+        self.handled.append(events)
+        if self.left:
+            self.left -= 1
+            self.reactor.serve_again(self.fd, self)
+
+    def crash(self, exc: BaseException) -> None:
+        raise AssertionError(exc)
+
+
+def test_serve_again_serves_a_handler_once_per_pass_without_a_readiness_event():
+    a, b = socket.socketpair()  # nothing to read: epoll never reports a
+    reactor = Reactor(RecordingLog(), FakeClock())
+    h = AskingAgain(reactor, a.fileno(), times=2)
+    reactor.register(a.fileno(), h, EPOLLIN)
+    assert not reactor.serve_ready()  # nothing ready, nobody asked: the reactor may sleep
+    reactor.call(reactor.serve_again, a.fileno(), h)
+    assert reactor.serve_ready() and h.handled == [EPOLLIN]  # as if readable
+    assert reactor.serve_ready() and h.handled == [EPOLLIN] * 2  # it asked again during that pass
+    assert reactor.serve_ready() and h.handled == [EPOLLIN] * 3
+    assert not reactor.serve_ready()  # it stopped asking
+    # A handler that ended (unregistered) before its turn is not served.
+    h.left = 1
+    reactor.call(reactor.serve_again, a.fileno(), h)
+    reactor.unregister(a.fileno())
+    reactor.serve_ready()
+    assert len(h.handled) == 3
+    reactor.close()
+    a.close()
+    b.close()
+
+
 def test_the_trio_view_reads_a_run_queue_and_refuses_anything_else():
     runq: list = []
     view = _TrioView.of_runner(SimpleNamespace(runq=runq))
