@@ -122,6 +122,13 @@ class Intake:
             if self.open is not None:
                 status = self.open.read()
             else:
+                if group.flight_room(session) == 0:
+                    # client_max_in_flight: its next requests wait in its own
+                    # socket, not behind others' in the server's queues.
+                    session.hold_for_answers()
+                    if hung_up:
+                        session.close(CloseReason.HUNG_UP_PUSHED_BACK)
+                    return
                 conn = sched.route(session)
                 if conn is None:
                     self.held_back = True
@@ -193,6 +200,9 @@ class Intake:
         budget = conn.budget
         if budget is not None and budget < turn:
             turn = max(budget, 1)
+        room = group.flight_room(session)
+        if room is not None and room < turn:
+            turn = max(room, 1)
         router = group.router
         now = self.clock()
         taken = msgs = 0

@@ -177,6 +177,9 @@ class GroupConfig:
     write_buffer: int = 262144
     #: Messages taken from one client per turn before the next client's turn.
     client_turn: int = 64
+    #: id/fifo: requests one client may have unanswered while other clients
+    #: are attached; past it, it is not read until one is answered or told. 0: no limit.
+    client_max_in_flight: int = 64
     #: Bytes read from a TCP connection per recv, at most (the receive
     #: buffer holds this plus max_message): bounds the responses one
     #: connection brings into one pass of the event core.
@@ -441,6 +444,7 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
     "reconnect_max": (float, 0.001, 3600.0),
     "write_buffer": (int, 4096, 64 * 1024 * 1024),
     "client_turn": (int, 1, 65536),
+    "client_max_in_flight": (int, 0, 1 << 24),
     "read_buffer": (int, 4096, 64 * 1024 * 1024),
     "rx_batch": (int, 1, 65536),
     "request_timeout": (float, 0.0, 3600.0),
@@ -463,7 +467,7 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
 #: Keys of a group table that are not GroupConfig fields of the same name.
 _GROUP_KEYS = (set(GroupConfig.__dataclass_fields__) - {"name", "access"}) | {"allow_users", "allow_groups"}
 #: Settings that only make sense with request/response steering.
-_REQUEST_ONLY = ("retry_unanswered", "request_timeout")
+_REQUEST_ONLY = ("retry_unanswered", "request_timeout", "client_max_in_flight")
 
 
 def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None:
