@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import struct
+from itertools import groupby
 
 import pytest
 
@@ -109,17 +110,8 @@ def test_busy_clients_on_a_bottleneck_connection_all_get_turns(seed):
         ready = [o for o in owners if o not in pushed and o not in woke] + [o for o in woke if o in owners]
     write(tx, c)
     order = [struct.unpack(">I", c.wire[i + 4 : i + 8])[0] for i in range(0, len(c.wire), size)]
-    runs = _runs(order)
+    runs = [(who, len(list(run))) for who, run in groupby(order)]
     assert max(n for _, n in runs) <= 3 * turn, runs
     shares = [order.count(o.name) for o in owners]
     assert min(shares) >= 0.8 * max(shares), shares
 
-
-def _runs(seq: list[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for item in seq:
-        if out and out[-1][0] == item:
-            out[-1] = (item, out[-1][1] + 1)
-        else:
-            out.append((item, 1))
-    return out

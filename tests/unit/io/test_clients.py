@@ -6,6 +6,7 @@ intake.py, replies.py, assembly.py), over socket pairs with a fake clock.
 
 from __future__ import annotations
 
+from itertools import groupby
 
 from kmux.protocol import KIND_REQUEUE, Control, encode_control
 
@@ -164,12 +165,7 @@ def test_a_client_that_waits_its_turn_still_gets_whole_turns(world_factory):
         stream += got
     order = [m[4] for m in split(bytes(stream))]
     assert sorted(order) == sorted([0, 1, 2] * 150)
-    runs: list[list[int]] = []
-    for who in order:
-        if runs and runs[-1][0] == who:
-            runs[-1][1] += 1
-        else:
-            runs.append([who, 1])
+    runs = [(who, len(list(run))) for who, run in groupby(order)]
     late = [n for who, n in runs if who == 2]
     assert late[:3] == [min(turn, 2 ** (k + 1)) for k in range(3)], runs
     assert all(n >= turn for n in late[3:]), runs
