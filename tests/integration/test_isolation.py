@@ -486,7 +486,7 @@ def test_when_the_connection_is_the_bottleneck_clients_are_served_in_turn(backen
     refilling its outbox while the others wait for it.
 
     The connection stays the bottleneck only while the kernel takes little at a
-    time (``tcp_notsent_lowat``, on by default): with a send buffer of megabytes
+    time (``[groups.NAME.socket] tcp_notsent_lowat``, 131072 unless set): with a send buffer of megabytes
     that reports room once a third of it is free, each write took about 1,400
     messages at once, faster than the apps refilled their sockets, and whoever
     still had messages got the stream to itself (6 turns in a row)."""
