@@ -329,6 +329,8 @@ class ResponseRouter:
         self.keep_payload = retry_unanswered > 0
         #: requests neither done nor timed out, oldest first (for request_timeout)
         self.live: dict[Request, None] = {}
+        #: owner -> its requests in ``live`` (client_max_in_flight)
+        self.owed: dict[Any, int] = {}
         self.latency = LatencyHistogram()
         self.unmatched = self.late = self.dropped = 0
         self.failed = self.timed_out = self.expired = 0
@@ -356,7 +358,28 @@ class ResponseRouter:
         if self.keep_payload:
             req.payload = bytearray(buf[start : start + length])
         self.live[req] = None
+        self.owed[owner] = self.owed.get(owner, 0) + 1
         return req
+
+    def in_flight_of(self, owner: Any) -> int:
+        """``owner``'s requests that are neither answered nor told (the ``live`` ones)."""
+        return self.owed.get(owner, 0)
+
+    def room_for(self, owner: Any, limit: int) -> int | None:
+        """How many more requests ``owner`` may have accepted now under ``limit`` in
+        flight (0: none until one is answered or told); None: no limit applies."""
+        if not limit:
+            return None
+        return max(0, limit - self.owed.get(owner, 0))
+
+    def _unlive(self, req: Request) -> None:
+        if self.live.pop(req, 0) is None:  # it was live: one fewer owed by its owner
+            owner = req.owner
+            left = self.owed[owner] - 1
+            if left:
+                self.owed[owner] = left
+            else:
+                del self.owed[owner]
 
     def written(self, req: Request, flight: Flight) -> None:
         """Its bytes reached the kernel on ``flight``'s connection."""
@@ -384,7 +407,7 @@ class ResponseRouter:
         if was == TIMED_OUT:
             self.late += 1
             return False
-        del self.live[req]
+        self._unlive(req)
         if req.owner.gone:
             self.dropped += 1
             return False
@@ -435,7 +458,7 @@ class ResponseRouter:
                 break
             owed.append(req)
         for req in owed:
-            del self.live[req]
+            self._unlive(req)
             req.fire(TIME_OUT)  # its id stays reserved: a late answer is discarded
             self.timed_out += 1
             if req.owner.gone:
@@ -451,7 +474,7 @@ class ResponseRouter:
         self._settle(req)
         if was == TIMED_OUT:
             return False
-        del self.live[req]
+        self._unlive(req)
         self.expired += 1
         if req.owner.gone:
             self.dropped += 1
@@ -470,7 +493,7 @@ class ResponseRouter:
         return True
 
     def _finish(self, req: Request) -> None:
-        self.live.pop(req, None)
+        self._unlive(req)
         self._settle(req)
 
     def _settle(self, req: Request) -> None:

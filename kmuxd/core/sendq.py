@@ -28,7 +28,8 @@ go, following KCM:
    is read meanwhile, so the apps block in the kernel: bounded memory,
    nothing dropped. A connection that becomes available again is reserved
    for the longest waiter, so a busy client that keeps refilling cannot
-   starve the others.
+   starve the others; until that waiter has read, the room is its own (a
+   pinned client parks rather than fill it).
 5. **Failure.** When a connection dies, its outbox is cut back to the first
    message not fully written (re-sent from byte 0, as KCM does) and becomes
    an *orphan*; the next connection to be available adopts it whole, by
@@ -520,12 +521,15 @@ class TxScheduler:
         outbox = self.pins.get(owner)
         if outbox is not None:
             conn = outbox.conn
-            # While others wait (for a connection, or parked on this outbox)
-            # its turn is over: it parks, so the outbox drains and the
-            # connection goes to the longest waiter (rule 4). Refilling would
-            # hold the connection for as long as it keeps sending when the
-            # connection, not the clients, is the bottleneck.
-            others = self._waiters or (outbox.parked and outbox.parked != [owner])
+            # While others wait (for a connection, parked on this outbox, or
+            # handed this connection and not yet read) its turn is over: it
+            # parks, so the outbox drains and the connection goes to the
+            # longest waiter (rule 4). Refilling would hold the connection for
+            # as long as it keeps sending when the connection, not the
+            # clients, is the bottleneck; and refilling the room just handed
+            # to a waiter would send that waiter back to the queue, every time.
+            others = (self._waiters or (outbox.parked and outbox.parked != [owner])
+                      or (self._reserved and conn in self._reserved.values()))
             if conn is not None and conn in self._connected and not others and outbox.make_room():
                 return conn
             if owner not in outbox.parked:

@@ -411,6 +411,15 @@ class Group:
         if not owner.gone:
             owner.notify(Notice.for_error(err))
 
+    def flight_room(self, client: Any) -> int | None:
+        """How many more requests ``client`` may have accepted now (client_max_in_flight;
+        0: none until one is answered or told). None: no limit applies, as in balance
+        mode, or while it is the group's only client (nobody's answer can wait behind its)."""
+        router = self.router
+        if router is None or len(self.clients) < 2:
+            return None
+        return router.room_for(client, self.cfg.client_max_in_flight)
+
     # -- time ----------------------------------------------------------------------------------
 
     def apply_deadlines(self, now: float) -> None:

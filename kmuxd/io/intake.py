@@ -89,9 +89,12 @@ class Intake:
         self.open: Assembly | None = None
         #: Since when it waits for a connection (queue_timeout), or None.
         self.blocked_since: float | None = None
-        #: Packets read per pass (adaptive, 1..client_turn) and the pass that used them all.
+        #: Packets read per pass (adaptive, 1..client_turn), the pass that used
+        #: them all, and whether it was pushed back since (it had more, and was
+        #: not read only because it had to wait its turn: it streams).
         self.read_batch = 1
         self.batch_pass = -2
+        self.held_back = False
         self.requeue_parts: bytearray | None = None
         #: Why the last receive failed (an errno name), for the detach line.
         self.recv_error: str | None = None
@@ -119,8 +122,16 @@ class Intake:
             if self.open is not None:
                 status = self.open.read()
             else:
+                if group.flight_room(session) == 0:
+                    # client_max_in_flight: its next requests wait in its own
+                    # socket, not behind others' in the server's queues.
+                    session.hold_for_answers()
+                    if hung_up:
+                        session.close(CloseReason.HUNG_UP_PUSHED_BACK)
+                    return
                 conn = sched.route(session)
                 if conn is None:
+                    self.held_back = True
                     if self.blocked_since is None:
                         self.blocked_since = self.clock()
                     session.want_read(False)
@@ -176,15 +187,22 @@ class Intake:
         max_message = cfg.max_message
         # Read no more than the client has shown it sends per pass: a client
         # that sends one request and waits costs one recv, not a second one
-        # that only says EAGAIN (level-triggered epoll brings it back).
+        # that only says EAGAIN (level-triggered epoll brings it back). It
+        # streams if it is still readable in the next pass, or if it was held
+        # back meanwhile: a client that waits its turn behind others is never
+        # read in consecutive passes, and must not be held to one message a turn.
         passes = group.reactor.passes
         batch = self.read_batch
-        if self.batch_pass == passes - 1 and batch < cfg.client_turn:
+        if (self.batch_pass == passes - 1 or self.held_back) and batch < cfg.client_turn:
             batch = self.read_batch = min(cfg.client_turn, batch * 2)  # still readable: it streams
+        self.held_back = False
         turn = batch
         budget = conn.budget
         if budget is not None and budget < turn:
             turn = max(budget, 1)
+        room = group.flight_room(session)
+        if room is not None and room < turn:
+            turn = max(room, 1)
         router = group.router
         now = self.clock()
         taken = msgs = 0

@@ -78,6 +78,8 @@ class Replies:
     def notify(self, notice: Notice) -> None:
         """Send a notice, or queue it; it goes out before any further data to this client."""
         packet = encode_notice(notice)
+        if self.session.awaiting_answers:
+            self.session.outcome_sent()
         if not self.queue:
             try:
                 self.sock.send(packet)
@@ -106,6 +108,8 @@ class Replies:
         (queue full with ``rx_overflow = "drop"``, or its socket failed).
         """
         size = end - pos
+        if self.session.awaiting_answers:
+            self.session.outcome_sent()
         if not self.queue and size < self.max_packet:
             try:
                 self.sock.send(data_packet(buf, view, pos, end))

@@ -85,6 +85,8 @@ class AppSession:
         self.mask = EPOLLIN | EPOLLRDHUP
         self.reading = True  # False once the daemon stopped reading it (shutdown)
         self.read_wanted = True  # False while pushed back
+        #: Held back at client_max_in_flight: read again once one is answered or told.
+        self.awaiting_answers = False
         self.since = self.clock()
         self.closing_deadline: float | None = None  # slow consumer: close once its notice is out
         #: DATA messages (and their bytes) committed to an outbox, and written to TCP.
@@ -116,6 +118,18 @@ class AppSession:
 
     def count_given_back(self, msgs: int) -> None:
         self.accepted_msgs -= msgs  # no longer queued: refused by seq (queue_timeout)
+
+    def hold_for_answers(self) -> None:
+        """It has client_max_in_flight requests unanswered: read it no more until one is answered or told."""
+        self.awaiting_answers = True
+        self.want_read(False)
+
+    def outcome_sent(self) -> None:
+        """A response or a notice went (or was queued) to it: if it was held at
+        client_max_in_flight and has room again, read it in this pass."""
+        if self.awaiting_answers and self.group.flight_room(self) != 0:
+            self.awaiting_answers = False
+            self.wake()
 
     def wake(self) -> None:
         """The scheduler has room for this client again: read it in this pass."""

@@ -7,7 +7,8 @@ and gets a non-blocking socket whose connect has begun (``connect_ex``'s
 result beside it). Before ``connect``, in this order:
 
 1. ``SO_BINDTODEVICE``, ``SO_MARK``, ``IP_TOS``/``IPV6_TCLASS``,
-   ``TCP_CONGESTION``, ``TCP_NOTSENT_LOWAT``, then the caller's own tuning;
+   ``TCP_CONGESTION``, ``TCP_NOTSENT_LOWAT`` (always: kmuxd's default is
+   not the kernel's), then the caller's own tuning;
 2. the source: ``source_address`` alone is bound with
    ``IP_BIND_ADDRESS_NO_PORT`` (the kernel still picks the port at connect,
    knowing the destination, so ephemeral ports are not used up by binds);
@@ -45,7 +46,7 @@ from typing import Any, Callable, Iterable
 from kmux.errors import ConnectFailed
 
 from kmuxd.core.sourceports import SourcePorts, SourcePortsStatistics
-from kmuxd.system.config import SocketConfig
+from kmuxd.system.config import NOTSENT_LOWAT_DEFAULT, SocketConfig
 from kmuxd.system.privileges import BY_OPTION, missing
 
 __all__ = ["SocketPlan", "SocketPlanStatistics", "SocketOptions", "read_socket_options"]
@@ -215,9 +216,10 @@ class SocketPlan:
         if cfg.congestion is not None:
             self._set(sock, "congestion", socket.IPPROTO_TCP, socket.TCP_CONGESTION, cfg.congestion.encode(),
                       f"setting TCP_CONGESTION {cfg.congestion!r}")
-        if cfg.tcp_notsent_lowat is not None:
-            self._set(sock, "tcp_notsent_lowat", socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT,
-                      cfg.tcp_notsent_lowat, f"setting TCP_NOTSENT_LOWAT {cfg.tcp_notsent_lowat}")
+        # Always set: kmuxd's default is not the kernel's (see NOTSENT_LOWAT_DEFAULT).
+        lowat = cfg.tcp_notsent_lowat if cfg.tcp_notsent_lowat is not None else NOTSENT_LOWAT_DEFAULT
+        self._set(sock, "tcp_notsent_lowat", socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT,
+                  lowat, f"setting TCP_NOTSENT_LOWAT {lowat}")
 
     def _set(self, sock: socket.socket, option: str, level: int, name: int, value: Any, action: str) -> None:
         try:

@@ -109,7 +109,7 @@ class SocketConfig:
     tos: int | None = None
     #: TCP_CONGESTION algorithm.
     congestion: str | None = None
-    #: TCP_NOTSENT_LOWAT, bytes.
+    #: TCP_NOTSENT_LOWAT, bytes (None: kmuxd's NOTSENT_LOWAT_DEFAULT).
     tcp_notsent_lowat: int | None = None
 
     @property
@@ -177,6 +177,9 @@ class GroupConfig:
     write_buffer: int = 262144
     #: Messages taken from one client per turn before the next client's turn.
     client_turn: int = 64
+    #: id/fifo: requests one client may have unanswered while other clients
+    #: are attached; past it, it is not read until one is answered or told. 0: no limit.
+    client_max_in_flight: int = 64
     #: Bytes read from a TCP connection per recv, at most (the receive
     #: buffer holds this plus max_message): bounds the responses one
     #: connection brings into one pass of the event core.
@@ -441,6 +444,7 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
     "reconnect_max": (float, 0.001, 3600.0),
     "write_buffer": (int, 4096, 64 * 1024 * 1024),
     "client_turn": (int, 1, 65536),
+    "client_max_in_flight": (int, 0, 1 << 24),
     "read_buffer": (int, 4096, 64 * 1024 * 1024),
     "rx_batch": (int, 1, 65536),
     "request_timeout": (float, 0.0, 3600.0),
@@ -463,7 +467,7 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
 #: Keys of a group table that are not GroupConfig fields of the same name.
 _GROUP_KEYS = (set(GroupConfig.__dataclass_fields__) - {"name", "access"}) | {"allow_users", "allow_groups"}
 #: Settings that only make sense with request/response steering.
-_REQUEST_ONLY = ("retry_unanswered", "request_timeout")
+_REQUEST_ONLY = ("retry_unanswered", "request_timeout", "client_max_in_flight")
 
 
 def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None:
@@ -597,6 +601,12 @@ _IFNAME_MAX = 15
 _CONGESTION_NAME_MAX = 15
 #: Largest TCP_NOTSENT_LOWAT accepted, bytes.
 NOTSENT_LOWAT_MAX = 1 << 30
+#: TCP_NOTSENT_LOWAT of a group that sets none, bytes. The kernel's own
+#: default (net.ipv4.tcp_notsent_lowat) is no limit: a send buffer of
+#: megabytes that reports room once a third of it is free, and is then filled
+#: in one burst with whatever the apps' sockets held. Beyond this much unsent,
+#: messages wait in kmuxd, where every client gets its turn (docs/config.md).
+NOTSENT_LOWAT_DEFAULT = 131072
 
 
 def _parse_socket(raw: Any, p: str, endpoints: tuple[Endpoint | None, ...]) -> SocketConfig:

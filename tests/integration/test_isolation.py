@@ -371,11 +371,13 @@ def tcp_queues(port: int) -> dict:
 
 #: Why the flooder bound is not met on this machine (measured: see the printed figures).
 FLOODER_REASON = (
-    "a flooder raises the lockstep client's round-trip p99 past 3x: kmuxd is one thread, and under a "
-    "flood it waits for a CPU (run-queue wait per round trip up to several ms, with the flooding app "
-    "competing for the same 2 CPUs) and each of its passes carries the flooder's turn and every "
-    "response that arrived for it (CPU per pass ~10x the quiet one); its own queues (outboxes, TCP "
-    "queues, the flooder's response queue) stay small"
+    "a flooder raises the lockstep client's round-trip p99 past 3x, and what is left is the CPU: kmuxd's "
+    "queues are bounded now (client_max_in_flight = 64 holds a flooder's requests in its own socket, "
+    "tcp_notsent_lowat bounds the kernel's unsent bytes; in flight 64, TCP queues ~0 while it floods) "
+    "and the flooded p99 fell from ~8.5 ms to ~3.5-4 ms in fifo/id, but on 2 CPUs shared by kmuxd, the "
+    "flooder (~0.6 CPU) and the backend, kmuxd waits ~0.7 ms for a CPU per round trip "
+    "(/proc/PID/schedstat) and a pass carrying the flooder's turn costs ~3x a quiet one; raising "
+    "kmuxd's priority (nice -10) made it worse (~13 ms: the flood is served faster, the backend starves)"
 )
 
 
@@ -481,7 +483,13 @@ def test_when_the_connection_is_the_bottleneck_clients_are_served_in_turn(backen
     a slow server (it sleeps 2 ms after each read of at most 64 KiB). Once the
     kernel's buffers are full, the clients alternate on the stream, a turn
     (``client_turn``) each, until one runs out: none may keep the connection by
-    refilling its outbox while the others wait for it."""
+    refilling its outbox while the others wait for it.
+
+    The connection stays the bottleneck only while the kernel takes little at a
+    time (``[groups.NAME.socket] tcp_notsent_lowat``, 131072 unless set): with a send buffer of megabytes
+    that reports room once a third of it is free, each write took about 1,400
+    messages at once, faster than the apps refilled their sockets, and whoever
+    still had messages got the stream to itself (6 turns in a row)."""
     need_root()
     per_client = 4000
     backend = backend_factory(summarize=client_and_seq, max_frame=MAX, rcvbuf=65536, read_pause=0.002)

@@ -286,7 +286,11 @@ def test_random_schedules_keep_every_promise(seed, mode, rewrite, retries):
     model = Model(rng, mode, rewrite, retries)
     for _ in range(400):
         model.step()
+        # client_max_in_flight counts, per owner, exactly its live requests.
+        live = Counter(r.owner for r in model.router.live)
+        assert model.router.owed == dict(live)
     model.finish()
+    assert model.router.owed == {}
     if mode == "fifo":
         for answered, written in zip(model.fifo_answered, model.fifo_written):
             order = [r for r in written if r in set(answered)]

@@ -6,6 +6,7 @@ intake.py, replies.py, assembly.py), over socket pairs with a fake clock.
 
 from __future__ import annotations
 
+from itertools import groupby
 
 from kmux.protocol import KIND_REQUEUE, Control, encode_control
 
@@ -132,3 +133,39 @@ def test_handed_back_messages_go_to_another_receiver_first(world_factory):
     w.run()
     assert b.messages() == [frame(b"m2"), frame(b"m3")]
     assert w.stats().requeued == 1 and a.session.statistics().requeued == 1
+
+
+
+def test_a_client_that_waits_its_turn_still_gets_whole_turns(world_factory):
+    """The connection is the bottleneck and two clients already stream on it when
+    a third starts. Waiting for its turn, the third is never read in two passes
+    in a row; it still streams, so its read batch must grow from turn to turn
+    (1, 2, 4, ... ``client_turn``), not stay at one message a turn: it would
+    get a sliver of the connection (the turns test in
+    tests/integration/test_isolation.py saw 19 messages against 1900)."""
+    turn = 8
+    w = world_factory(write_buffer=4096, client_turn=turn)
+    server = w.connect(sndbuf=4096)
+    apps = [w.attach(name=f"app{i}") for i in range(3)]
+
+    def send(i: int) -> None:
+        for n in range(150):
+            apps[i].send(frame(bytes([i]) + n.to_bytes(2, "big") + bytes(97)))
+
+    send(0)
+    send(1)
+    w.run()  # the server reads nothing yet: the connection is blocked
+    send(2)
+    stream = bytearray()
+    for _ in range(2000):
+        w.run()
+        got = read_all(server)
+        if not got:
+            break  # nothing more was written: all of it is here
+        stream += got
+    order = [m[4] for m in split(bytes(stream))]
+    assert sorted(order) == sorted([0, 1, 2] * 150)
+    runs = [(who, len(list(run))) for who, run in groupby(order)]
+    late = [n for who, n in runs if who == 2]
+    assert late[:3] == [min(turn, 2 ** (k + 1)) for k in range(3)], runs
+    assert all(n >= turn for n in late[3:]), runs

@@ -165,3 +165,58 @@ def test_a_partial_response_that_stalls_ejects_its_endpoint(world_factory):
     (health,) = w.stats().endpoint_health
     assert health.state == "ejected" and health.reason == "assembly timeout"
     assert [n.code for n in app.notices()] == ["connection_lost"]
+
+
+
+def test_a_dialled_connection_holds_at_most_tcp_notsent_lowat_unsent_bytes():
+    """The kernel's own limit is megabytes, filled in one burst with whatever was
+    at hand; kmuxd sets TCP_NOTSENT_LOWAT on every connection, its own default
+    unless ``[groups.NAME.socket]`` names one, so what waits beyond it waits in
+    kmuxd, in turn (the turns test in tests/integration/test_isolation.py)."""
+    from kmuxd.io.sockopts import SocketPlan
+    from kmuxd.system.config import NOTSENT_LOWAT_DEFAULT, SocketConfig
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        for cfg, want in ((SocketConfig(), NOTSENT_LOWAT_DEFAULT), (SocketConfig(tcp_notsent_lowat=16384), 16384)):
+            sock, _ = SocketPlan("g", cfg).connect(socket.AF_INET, socket.SOCK_STREAM, 0, server.getsockname(),
+                                                   lambda s: None)
+            with sock:
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == want
+    assert not SocketConfig().configured  # a default, not an option the operator set
+
+
+def test_a_client_past_client_max_in_flight_is_read_again_once_answered(world_factory):
+    """Its further requests wait in its own socket, not in the connection's and the
+    server's queues where another client's request would wait behind them; a
+    client alone in its group is not limited."""
+    w = world_factory(steering="fifo", client_max_in_flight=4)
+    server = w.connect()
+    a = w.attach(name="a")
+    for i in range(6):
+        a.send(frame(b"alone %d" % i))
+    w.run()
+    assert len(split(read_all(server))) == 6  # alone: no limit
+    for i in range(6):
+        server.send(frame(b"r"))
+    w.run()
+    assert len(a.messages()) == 6
+    b = w.attach(name="b")
+    for i in range(10):
+        a.send(frame(b"a%d" % i))
+    w.run()
+    assert split(read_all(server)) == [frame(b"a%d" % i) for i in range(4)]
+    assert a.session.awaiting_answers
+    b.send(frame(b"b0"))
+    w.run()
+    assert split(read_all(server)) == [frame(b"b0")]  # b is not held behind a's backlog
+    server.send(frame(b"answer a0"))
+    w.run()
+    assert a.messages() == [frame(b"answer a0")]
+    assert split(read_all(server)) == [frame(b"a4")]  # one answered: one more read
+    server.send(frame(b"r") * 5)  # fifo: a1, a2, a3, b0 (written before a4), a4 answered
+    w.run()
+    assert len(a.messages()) == 4 and b.messages() == [frame(b"r")]
+    assert split(read_all(server)) == [frame(b"a%d" % i) for i in range(5, 9)]  # four more, a9 waits
+    assert w.stats().requests_in_flight == 4
