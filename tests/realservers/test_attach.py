@@ -18,20 +18,25 @@ import grp
 import json
 import os
 import socket
+import subprocess
 import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kmux.control import ControlClient
-from kmux.errors import AttachRefused, PermissionDenied
+from kmux.errors import AttachRefused, KmuxError
 
-from . import OP_SET, STATUS_OK, mc_parse, mc_set
+from . import OP_SET, STATUS_OK, mc_parse, mc_set, run_threads
 from .conftest import group_stats
 from .mc_app import run_mc_apps
 from .test_tls import totals
 from tests.integration.as_user import json_as, need_root
-from tests.integration.helpers import wait_until
+from tests.integration.helpers import kmux_cli, wait_until
 
 ATTACHER_UID = 4300
 STRANGER_UID = 4301
@@ -209,3 +214,97 @@ def _recv_message(sock: socket.socket) -> bytes:
     while len(body) < body_len:
         body += sock.recv(body_len - len(body))
     return head + body
+
+
+# -- unattach ---------------------------------------------------------------------------------
+
+LOAD_CLIENTS = 6
+WINDOW = 16
+
+
+def test_unattach_under_load_loses_nothing(daemon_factory, memcached, short_dir):
+    """6 clients keep 16 requests each in flight on 2 attached connections; one is unattached
+    mid-run. Every request gets its own answer or connection_lost; none goes missing."""
+    need_root()
+    daemon = daemon_factory({"g": attached_group(unattach_timeout=2.0)})
+    socks = [socket.create_connection(("127.0.0.1", memcached.port)) for _ in range(2)]
+    with ControlClient(daemon.control_socket) as c:
+        conns = [c.attach("g", s)["conn"] for s in socks]
+    for s in socks:
+        s.close()  # the attacher's copies: closing them changes nothing
+    wait_until(lambda: group_stats(daemon)["connections_up"] == 2, 5.0, "2 attached up")
+    started = threading.Event()
+    stop = threading.Event()
+
+    def work(i: int) -> Counter:
+        counts: Counter = Counter()
+        with daemon.connect(name=f"load{i}", timeout=10.0) as client:
+            sent: dict[int, int] = {}  # seq -> opaque
+            n = 0
+            while not stop.is_set() or sent:
+                while not stop.is_set() and len(sent) < WINDOW:
+                    n += 1
+                    sent[client.send(mc_set(b"k%d-%d" % (i, n), b"v" * (n % 300), opaque=n))] = n
+                    counts["requests"] += 1
+                try:
+                    got = mc_parse(client.recv(timeout=10.0))
+                except KmuxError as exc:
+                    counts[exc.code] += 1
+                    sent.pop(exc.seq, None)
+                    continue
+                seq = next((s for s, o in sent.items() if o == got.opaque), None)
+                if seq is None or got.status != STATUS_OK:
+                    counts["mismatches"] += 1
+                    continue
+                del sent[seq]
+                counts["answered"] += 1
+                if counts["answered"] >= 200:
+                    started.set()
+        return counts
+
+    results: list[Counter] = []
+    t = threading.Thread(target=lambda: results.extend(run_threads(LOAD_CLIENTS, work, 60.0)), daemon=True)
+    t.start()
+    assert started.wait(20.0), "load running"
+    answer = kmux_cli(daemon, "--json", "unattach", "g", str(conns[0]), timeout=30)
+    assert answer.returncode == 0, answer.stderr
+    info = json.loads(answer.stdout)
+    time.sleep(0.5)  # the other connection carries on meanwhile
+    stop.set()
+    t.join(60.0)
+    total: Counter = Counter()
+    for r in results:
+        total.update(r)
+    print(f"\nunattach under load: {json.dumps({**dict(total), **info})}", file=sys.stderr)
+    assert len(results) == LOAD_CLIENTS
+    assert total["requests"] == total["answered"] + total["connection_lost"], total
+    assert total["mismatches"] == 0 and set(total) <= {"requests", "answered", "connection_lost"}, total
+    g = group_stats(daemon)
+    assert [c["index"] for c in g["connections"]] == [conns[1]] and g["connections_up"] == 1
+    assert info["conn"] == conns[0] and info["seconds"] <= 2.0 + 1.0
+
+
+def test_kmux_cli_attach_dials_or_takes_an_inherited_fd_and_group_shows_the_origin(daemon_factory, memcached):
+    daemon = daemon_factory({"g": attached_group()})
+    r = kmux_cli(daemon, "attach", "g", f"127.0.0.1:{memcached.port}")
+    assert r.returncode == 0 and "attached as connection 1024" in r.stdout, r.stderr
+    with socket.create_connection(("127.0.0.1", memcached.port)) as s:
+        script = Path(sys.executable).with_name("kmux-cli")
+        r = subprocess.run([str(script), "--control", daemon.control_socket, "attach", "g", "--fd", str(s.fileno())],
+                           capture_output=True, text=True, timeout=10, pass_fds=[s.fileno()])
+    assert r.returncode == 0 and "attached as connection 1025" in r.stdout, r.stderr
+    r = kmux_cli(daemon, "group", "g")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.lstrip().startswith("102")]
+    assert len(rows) == 2 and all(f"attached uid={os.geteuid()}" in row for row in rows), r.stdout
+    assert "ORIGIN" in r.stdout
+    # A refusal has its exit code and names its code.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.connect(("127.0.0.1", 9))
+        r = subprocess.run([str(script), "--control", daemon.control_socket, "attach", "g", "--fd", str(u.fileno())],
+                           capture_output=True, text=True, timeout=10, pass_fds=[u.fileno()])
+    assert r.returncode == 1 and "attach_refused" in r.stderr, (r.returncode, r.stderr)
+    r = kmux_cli(daemon, "unattach", "g", "1024")
+    assert r.returncode == 0 and "unattached" in r.stdout, r.stderr
+    r = kmux_cli(daemon, "unattach", "g", "1024")
+    assert r.returncode == 5, (r.returncode, r.stderr)
