@@ -308,3 +308,37 @@ def test_kmux_cli_attach_dials_or_takes_an_inherited_fd_and_group_shows_the_orig
     assert r.returncode == 0 and "unattached" in r.stdout, r.stderr
     r = kmux_cli(daemon, "unattach", "g", "1024")
     assert r.returncode == 5, (r.returncode, r.stderr)
+
+
+def test_unattach_of_a_stalled_connection_answers_what_is_owed_with_connection_lost(daemon_factory, memcached):
+    """The service stops answering (SIGSTOP): unattach waits unattach_timeout, then every
+    request still owed gets connection_lost, by its seq; the attacher's stream stays open."""
+    daemon = daemon_factory({"g": attached_group(unattach_timeout=0.5)})
+    sock = socket.create_connection(("127.0.0.1", memcached.port))
+    with ControlClient(daemon.control_socket) as c:
+        conn = c.attach("g", sock)["conn"]
+    wait_until(lambda: group_stats(daemon)["connections_up"] == 1, 5.0, "attached up")
+    with daemon.connect(name="owed", timeout=10.0) as client:
+        memcached.pause()
+        try:
+            seqs = {client.send(mc_set(b"k%d" % n, b"v", opaque=n)) for n in range(5)}
+            wait_until(lambda: group_stats(daemon)["requests_in_flight"] == 5, 5.0, "5 written")
+            r = kmux_cli(daemon, "--json", "unattach", "g", str(conn), timeout=20)
+            assert r.returncode == 0, r.stderr
+            info = json.loads(r.stdout)
+            assert (info["owed"], info["unanswered"]) == (5, 5) and 0.4 <= info["seconds"] <= 2.0, info
+            lost = set()
+            for _ in range(5):
+                with pytest.raises(KmuxError) as e:
+                    client.recv(timeout=5.0)
+                assert e.value.code == "connection_lost", e.value
+                lost.add(e.value.seq)
+            assert lost == seqs
+        finally:
+            memcached.resume()
+    # kmuxd closed its copy only: the attacher's stream still works (its late answers arrive there).
+    with sock:
+        sock.sendall(mc_set(b"mine", b"v", opaque=99))
+        got = [mc_parse(_recv_message(sock)) for _ in range(6)]
+    assert got[-1].opaque == 99 and got[-1].status == STATUS_OK
+    assert group_stats(daemon)["connections"] == []
