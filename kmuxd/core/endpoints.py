@@ -38,6 +38,12 @@ Health looks at what connections *did*:
   is counted as a failure but does not eject by itself: the redial that
   follows decides, so a crashed server is ejected by its refused dials.
 
+An attached connection (op ``attach``, :mod:`kmuxd.core.attach`) goes to
+an :class:`~kmuxd.core.attach.AttachedPeer`, never one of the pool's
+endpoints even at the same address: what happens on it is no evidence
+about a configured endpoint, and it is never redialled. The pool ignores
+it (``closed`` still says how it ended).
+
 Each endpoint keeps the why and the when of its last failure for operators
 (``kmux-cli group NAME``): the verdict (healthy, ejected, probing) is what
 holds now; the last failure is history, shown with its age, so a healthy

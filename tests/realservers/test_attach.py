@@ -32,7 +32,7 @@ from kmux.control import ControlClient
 from kmux.errors import AttachRefused, KmuxError
 
 from . import OP_SET, STATUS_OK, mc_parse, mc_set, run_threads
-from .conftest import group_stats
+from .conftest import group_stats, response_over
 from .mc_app import run_mc_apps
 from .test_tls import totals
 from tests.integration.as_user import json_as, need_root
@@ -173,7 +173,8 @@ def test_refusals_each_with_its_code_and_the_descriptor_closed(attach_daemon, me
         assert info.value.details["reason"] == "no_descriptor"
     # The attacher's own copy of the refused one still works: kmuxd closed only its copy.
     with unread:
-        got = mc_parse(_recv_message(unread))
+        unread.settimeout(5.0)
+        got = response_over(unread)
     assert (got.opcode, got.status) == (OP_SET, STATUS_OK)
     g = group_stats(daemon)
     assert g["connections"] == [] and g["connections_up"] == 0
@@ -202,18 +203,6 @@ def _inq(sock: socket.socket) -> int:
     import termios
 
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
-
-
-def _recv_message(sock: socket.socket) -> bytes:
-    sock.settimeout(5.0)
-    head = b""
-    while len(head) < 24:
-        head += sock.recv(24 - len(head))
-    body_len = int.from_bytes(head[8:12], "big")
-    body = b""
-    while len(body) < body_len:
-        body += sock.recv(body_len - len(body))
-    return head + body
 
 
 # -- unattach ---------------------------------------------------------------------------------
@@ -338,7 +327,8 @@ def test_unattach_of_a_stalled_connection_answers_what_is_owed_with_connection_l
             memcached.resume()
     # kmuxd closed its copy only: the attacher's stream still works (its late answers arrive there).
     with sock:
+        sock.settimeout(5.0)
         sock.sendall(mc_set(b"mine", b"v", opaque=99))
-        got = [mc_parse(_recv_message(sock)) for _ in range(6)]
+        got = [response_over(sock) for _ in range(6)]
     assert got[-1].opaque == 99 and got[-1].status == STATUS_OK
     assert group_stats(daemon)["connections"] == []
