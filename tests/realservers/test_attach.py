@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from kmux.control import ControlClient
-from kmux.errors import AttachRefused, KmuxError
+from kmux.errors import AttachRefused, BadRequest, KmuxError
 
 from . import OP_SET, STATUS_OK, mc_parse, mc_set, run_threads
 from .conftest import group_stats, response_over
@@ -188,10 +188,18 @@ def test_fd_count_is_back_to_baseline_after_thousands_of_refused_attaches(attach
         for i in range(REFUSALS):
             with kinds[i % 3]() as sock, pytest.raises(AttachRefused):
                 c.attach("g", sock)
+        # A descriptor on any other op, or several on attach: refused, all closed.
+        for i in range(REFUSALS // 10):
+            with socket.create_connection(("127.0.0.1", memcached.port)) as sock:
+                with pytest.raises(BadRequest):
+                    c.request("ping", _fds=[sock.fileno()])
+                with pytest.raises(AttachRefused) as info:
+                    c.request("attach", group="g", _fds=[sock.fileno()] * 3)
+                assert info.value.details["reason"] == "no_descriptor"
     # The control connection's own descriptor goes once the daemon sees it closed.
     after = wait_until(lambda: (n := daemon.fd_count()) <= baseline and n, 5.0, "fds back to baseline")
     assert after == baseline, (baseline, after)
-    print(f"\nrefused attaches: {REFUSALS}, daemon fds before {baseline}, after {after}", file=sys.stderr)
+    print(f"\nrefused attaches: {REFUSALS} (+{REFUSALS // 10} with 3 fds, +{REFUSALS // 10} fds on ping), daemon fds before {baseline}, after {after}", file=sys.stderr)
     with ControlClient(daemon.control_socket) as c:
         refused = c.request("stats")["control"]["errors"]
     assert refused >= REFUSALS
