@@ -67,11 +67,32 @@ class ControlClient:
             raise self._unavailable(exc) from exc
         self._sock = sock
 
-    def request(self, op: str, *, io_timeout: float | None = None, **args: Any) -> dict[str, Any]:
+    def attach(self, group: str, sock: "socket.socket | int") -> dict[str, Any]:
+        """Hand kmuxd a connected TCP socket (or its descriptor) for ``group``'s pool (op ``attach``).
+
+        Returns the answer: ``conn`` (the connection's number, 1024 and up) and
+        ``remote``. The caller keeps its own descriptor; closing it changes
+        nothing for kmuxd, but whoever holds it can still read and write the
+        connection (docs/config.md, "Attached connections"). A refusal is
+        :class:`~kmux.errors.AttachRefused` (``details["reason"]``) or
+        :class:`~kmux.errors.PermissionDenied`.
+        """
+        fd = sock if isinstance(sock, int) else sock.fileno()
+        return self.request("attach", _fds=[fd], group=group)
+
+    def unattach(self, group: str, conn: int, *, io_timeout: float | None = None) -> dict[str, Any]:
+        """Take an attached connection out of ``group``'s pool (op ``unattach``): kmuxd takes
+        nothing new on it, waits up to the group's ``unattach_timeout`` for the answers owed,
+        then closes its copy. Returns ``owed``, ``unanswered`` and ``seconds``."""
+        return self.request("unattach", io_timeout=io_timeout, group=group, conn=conn)
+
+    def request(self, op: str, *, io_timeout: float | None = None, _fds: list[int] | None = None,
+                **args: Any) -> dict[str, Any]:
         """Send ``{"op": op, **args}``, return the answer map (without raising on ``ok``).
 
         ``io_timeout`` overrides the client's timeout for this request only
-        (``drain`` waits on the daemon for up to its own timeout).
+        (``drain`` waits on the daemon for up to its own timeout); ``_fds``:
+        descriptors passed along with ``SCM_RIGHTS`` (``attach``).
         """
         if self._sock is None:
             self.connect()
@@ -80,7 +101,11 @@ class ControlClient:
         timeout = self.timeout if io_timeout is None else io_timeout
         sock.settimeout(timeout)
         try:
-            sock.send(msgpack.packb({"op": op, **args}, use_bin_type=True))
+            packet = msgpack.packb({"op": op, **args}, use_bin_type=True)
+            if _fds:
+                socket.send_fds(sock, [packet], _fds)
+            else:
+                sock.send(packet)
             answer = self._receive(sock)
         except socket.timeout as exc:
             # The answer may still come; a later request must not read it.

@@ -60,6 +60,7 @@ __all__ = [
     "ResponseDropped",
     "IdleTimeout",
     "AncillaryRefused",
+    "AttachRefused",
     "error_class",
     "error_from_code",
 ]
@@ -209,6 +210,15 @@ class AncillaryRefused(LocalError):
     refuses it unread and closes any descriptor at once."""
 
     code = "ancillary_refused"
+
+
+class AttachRefused(LocalError):
+    """Op ``attach``: the passed descriptor cannot join the group's pool. ``reason``
+    says why: ``not_inet``, ``not_stream``, ``not_tcp``, ``listening``,
+    ``not_connected``, ``unread_data``, ``no_descriptor``, ``attach_max`` or
+    ``socket_error``. The daemon closed its copy at once."""
+
+    code = "attach_refused"
 
 
 class IdInUse(LocalError):

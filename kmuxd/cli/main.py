@@ -24,12 +24,13 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from typing import Any, Callable, Mapping, TextIO
 
 from kmux.control import DEFAULT_CONTROL, ControlClient
-from kmux.errors import DaemonUnavailable, KmuxError, UnknownGroup
+from kmux.errors import ConnectFailed, DaemonUnavailable, KmuxError, UnknownGroup
 
 from kmuxd import __version__
 from .format import RateTracker, fmt_bytes, fmt_count, fmt_duration, records
@@ -64,6 +65,8 @@ EXIT_USAGE = 2  # argparse's own code for bad arguments
 EXIT_NOT_RUNNING = 3
 EXIT_PERMISSION = 4
 EXIT_NO_SUCH = 5  # no such group / connection
+#: Seconds kmux-cli unattach waits for its answer at most: the largest unattach_timeout, and some.
+UNATTACH_WAIT_MAX = 610.0
 
 _NOT_RUNNING_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR}
 _PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
@@ -326,6 +329,36 @@ def cmd_drain(args: argparse.Namespace, client: ControlClient, out: TextIO) -> i
     return EXIT_OK
 
 
+def cmd_attach(args: argparse.Namespace, client: ControlClient, out: TextIO) -> int:
+    """Dial HOST:PORT (or take the inherited descriptor --fd N) and hand it to kmuxd."""
+    if args.fd is not None:
+        answer = client.attach(args.group, args.fd)
+    else:
+        host, _, port = args.address.rpartition(":")
+        try:
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=args.timeout)
+        except (OSError, ValueError) as exc:
+            raise ConnectFailed(f"dialling {args.address}: {exc}") from None
+        with sock:  # kmuxd holds its own copy now; ours closes with this process
+            answer = client.attach(args.group, sock)
+    if args.json:
+        out.write(_json_line(_without_ok(answer), pretty=True) + "\n")
+    else:
+        out.write(f"group {args.group}: attached as connection {answer.get('conn')} (to {answer.get('remote')})\n")
+    return EXIT_OK
+
+
+def cmd_unattach(args: argparse.Namespace, client: ControlClient, out: TextIO) -> int:
+    answer = client.unattach(args.group, args.conn, io_timeout=max(args.timeout, UNATTACH_WAIT_MAX))
+    if args.json:
+        out.write(_json_line(_without_ok(answer), pretty=True) + "\n")
+    else:
+        out.write(f"group {args.group} connection {args.conn}: unattached in {fmt_duration(answer.get('seconds'))}, "
+                  f"{fmt_count(answer.get('owed'))} answers owed, {fmt_count(answer.get('unanswered'))} "
+                  f"left unanswered (connection_lost or retried)\n")
+    return EXIT_OK
+
+
 def cmd_reload(args: argparse.Namespace, client: ControlClient, out: TextIO) -> int:
     answer = client.request("reload")
     if args.json:
@@ -445,6 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("conn", metavar="CONN", type=int)
     p.add_argument("--drain-timeout", metavar="SECONDS", type=_positive, default=10.0,
                    help="how long the daemon waits for the queue to empty (default 10)")
+    p = command("attach", cmd_attach, "hand kmuxd a TCP connection for a group's pool (dial HOST:PORT, or --fd N)",
+                watchable=False)
+    p.add_argument("group", metavar="GROUP")
+    p.add_argument("address", metavar="HOST:PORT", nargs="?", help="dial this and attach it")
+    p.add_argument("--fd", metavar="N", type=int, help="attach descriptor N, inherited from the caller, instead")
+    p = command("unattach", cmd_unattach, "take an attached connection out of its group once its answers are in",
+                watchable=False)
+    p.add_argument("group", metavar="GROUP")
+    p.add_argument("conn", metavar="CONN", type=int)
     command("reload", cmd_reload, "read the configuration file again and apply it", watchable=False)
     p = command("metrics", cmd_metrics, "the statistics in the Prometheus text format", watchable=False)
     p.add_argument("--textfile", metavar="PATH",
@@ -478,6 +520,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--watch does not apply to {args.command}")
     if args.count is not None and args.watch is None:
         parser.error("--count needs --watch")
+    if args.command == "attach" and (args.address is None) == (args.fd is None):
+        parser.error("attach needs HOST:PORT or --fd N (one of them)")
     args.title = f"group {args.group}" if args.command == "group" else args.command
     return args
 

@@ -222,7 +222,7 @@ GROUP_COLUMNS = [
 ]
 
 CONN_COLUMNS = [
-    Column("CONN", _get("index", fmt_count)),
+    Column("CONN", _get("index", str)),  # a number to type back (attached ones are 1024 and up), never 1.0k
     Column("STATE", _get("state"), right=False),
     Column("ENDPOINT", _get("endpoint"), right=False),
     Column("LOCAL", _get("local"), right=False),
@@ -241,6 +241,18 @@ CONN_COLUMNS = [
     Column("SKIPPED", _get("skipped_msgs", fmt_count)),
     Column("LAST_ERROR", _get("last_error"), right=False),
 ]
+
+def fmt_origin(origin: Any) -> str:
+    """``dialled``, or ``attached uid=U pid=P`` (an app made it and passed it in)."""
+    if not isinstance(origin, Mapping):
+        return MISSING
+    if origin.get("kind") != "attached":
+        return str(origin.get("kind", MISSING))
+    return f"attached uid={origin.get('uid')} pid={origin.get('pid')}"
+
+
+#: A group with attached connections: where each came from.
+ORIGIN_COLUMN = Column("ORIGIN", lambda r: fmt_origin(r.get("origin")), right=False)
 
 #: A group with [socket] options: each connection's, as the kernel reports them.
 SOCKET_COLUMN = Column("SOCKET", lambda r: fmt_sockopts(r.get("socket")), right=False)
@@ -385,6 +397,8 @@ def group_view(
         columns[5:5] = rates.columns(_conn_key(name), [("TX/s", "tx_msgs", False), ("RX/s", "rx_msgs", False)])
         rates.commit(_group_key, [g])
         rates.commit(_conn_key(name), conns)
+    if any(isinstance(c.get("origin"), Mapping) and c["origin"].get("kind") == "attached" for c in conns):
+        columns.insert(3, ORIGIN_COLUMN)  # after ENDPOINT: how the connection came to be
     health = g.get("endpoint_health")
     if isinstance(health, list):
         lines.append("")

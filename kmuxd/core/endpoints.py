@@ -38,6 +38,12 @@ Health looks at what connections *did*:
   is counted as a failure but does not eject by itself: the redial that
   follows decides, so a crashed server is ejected by its refused dials.
 
+An attached connection (op ``attach``, :mod:`kmuxd.core.attach`) goes to
+an :class:`~kmuxd.core.attach.AttachedPeer`, never one of the pool's
+endpoints even at the same address: what happens on it is no evidence
+about a configured endpoint, and it is never redialled. The pool ignores
+it (``closed`` still says how it ended).
+
 Each endpoint keeps the why and the when of its last failure for operators
 (``kmux-cli group NAME``): the verdict (healthy, ejected, probing) is what
 holds now; the last failure is history, shown with its age, so a healthy
@@ -212,7 +218,9 @@ class EndpointPool(Generic[E]):
 
     def answered(self, ep: E) -> None:
         """A connection to ``ep`` delivered an answer: proof of health."""
-        h = self._health[ep]
+        h = self._health.get(ep)
+        if h is None:
+            return  # an attached connection: not one of the pool's endpoints
         h.failures = 0
         h.timeouts = 0
         h.backoff.reset()
@@ -223,7 +231,9 @@ class EndpointPool(Generic[E]):
         Timeouts never eject the last healthy endpoint: a slow service is
         still better than none (Envoy's outlier detection keeps a floor too).
         """
-        h = self._health[ep]
+        h = self._health.get(ep)
+        if h is None:
+            return False  # an attached connection: never ejected, never redialled
         h.timeouts += 1
         others = any(o is not h and o.ejected_until is None for o in self._health.values())
         if self.eject_after_timeouts and h.timeouts >= self.eject_after_timeouts and others:
@@ -248,7 +258,9 @@ class EndpointPool(Generic[E]):
         idleness, unless it does so at once (within ``CLOSED_AT_ONCE``): a
         server that accepts and closes at once is failing.
         """
-        h = self._health[ep]
+        h = self._health.get(ep)
+        if h is None:  # an attached connection: how it ended, but no health to keep
+            return Verdict.REQUESTED if requested else Verdict.RECYCLE if graceful else Verdict.FAILURE
         h.connections -= 1
         if requested:
             if answered:
@@ -276,7 +288,9 @@ class EndpointPool(Generic[E]):
 
     def eject(self, ep: E, now: float, reason: str) -> None:
         """Eject ``ep`` now (an assembly timeout, say)."""
-        h = self._health[ep]
+        h = self._health.get(ep)
+        if h is None:
+            return  # an attached connection: there is nothing to eject from
         h.failures_total += 1
         self._eject(h, now, reason)
 

@@ -25,7 +25,9 @@ the slot already dials its replacement.
            CONNECTING -no_endpoint-> BACKOFF -retry-> CONNECTING
            UP -lost-> BACKOFF             (the live connection failed or closed)
            UP -recycle-> CONNECTING       (it retires; its replacement dials now)
-           any -close-> CLOSED
+           IDLE -attach-> UP              (an attached connection: an app dialled it and
+                                           passed it on; never dialled, so never redialled)
+           any -close-> CLOSED            (an attached slot closes when its connection ends)
 
 A TCP connection has two sides, each its own table in :class:`ConnMachine`.
 What we write (its lifecycle)::
@@ -87,6 +89,7 @@ class SlotEvent(enum.Enum):
     LOST = "lost"
     RECYCLE = "recycle"
     RETRY = "retry"
+    ATTACH = "attach"
     CLOSE = "close"
 
 
@@ -107,6 +110,8 @@ SLOT_TRANSITIONS: dict[tuple[SlotState, SlotEvent], SlotState] = {
     (_L.AUTHENTICATING, _LE.CONNECTED): _L.UP,
     (_L.TLS_HANDSHAKE, _LE.DIAL_FAILED): _L.BACKOFF,
     (_L.AUTHENTICATING, _LE.DIAL_FAILED): _L.BACKOFF,
+    # Attached (issue 19): an app made the connection; the slot carries it until it ends.
+    (_L.IDLE, _LE.ATTACH): _L.UP,
 }
 SLOT_TRANSITIONS.update({(state, _LE.CLOSE): _L.CLOSED for state in SlotState})
 
@@ -218,6 +223,8 @@ class RetireReason(enum.Enum):
     ENDPOINT_EJECTED = "endpoint ejected: request timeouts"
     DRAIN = "drain"
     TLS_RENEWED = "TLS settings or files changed (reload)"
+    #: An attached connection handed back: answers owed are awaited, then the daemon's copy closes.
+    UNATTACH = "unattach"
     #: Not a retirement: an operator's reconnect closes the connection at once.
     RECONNECT = "reconnect requested by an operator"
 

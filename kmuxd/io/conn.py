@@ -406,8 +406,8 @@ class Conn:
             return
         if self.tls is not None and self.tls.backlog:
             return  # its ciphertext is not all out yet: the flush that sends it calls again
-        if self.flight is not None:
-            if not self.flight.count():
+        if self.flight is not None or self.slot.peer is not None:  # attached: never half-close the app's stream
+            if self.flight is None or not self.flight.count():
                 self.end(EndReason.REQUESTED)
             return
         # Balance: nothing tells us when the service has answered everything.

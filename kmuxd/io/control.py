@@ -23,6 +23,14 @@ Two levels, one per op in :data:`REQUESTS` (data, not scattered conditions):
   ``control_group`` names a group (0660, that group); under socket
   activation the unit's ``SocketMode=``/``SocketGroup=`` decide. The
   kernel enforces the mode, so a refused user never reaches this code.
+* :attr:`Privilege.ATTACH` (``attach``, ``unattach``): root, kmuxd's own
+  uid, or a peer the group's ``attach_users``/``attach_groups`` admits
+  (:func:`kmuxd.core.attach.may_attach`, on ``SO_PEERCRED`` and
+  ``SO_PEERGROUPS``), decided once the group is known. ``attach`` is the
+  one op that carries a descriptor (``SCM_RIGHTS``): at most
+  :data:`PASSED_FDS_MAX` are received per packet (the kernel closes the
+  rest), and every descriptor received is closed unless it joins a pool,
+  whatever the op and whatever the answer.
 * :attr:`Privilege.ADMIN` (``reconnect``, ``drain``, ``reload``): uid 0,
   checked with ``SO_PEERCRED`` whatever the file mode, so letting a group
   look never lets it act. kmuxd's own uid (when it does not run as root)
@@ -45,15 +53,19 @@ import grp
 import os
 import reprlib
 import socket
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 import msgpack
 import trio
 
-from kmux.errors import BadRequest, KmuxError, PermissionDenied
+from kmux.errors import AttachRefused, BadRequest, KmuxError, PermissionDenied
+
+from kmuxd.core.attach import may_attach
 
 from kmuxd.system.log import RateLimit
+from .attach import adopt
 from .peercred import PeerCred
 from .listen import AcceptingServer, bind_seqpacket
 from .sockerr import SocketErrors
@@ -86,6 +98,9 @@ REFUSAL_LOG_INTERVAL = 10.0
 REFUSAL_LOG_UIDS = 256
 #: Key of :attr:`ControlStatistics.requests` for requests that did not parse.
 INVALID_OP = "invalid"
+#: Descriptors read from one request packet (``attach`` takes one); the kernel closes any beyond.
+PASSED_FDS_MAX = 4
+_ANC_SIZE = socket.CMSG_SPACE(PASSED_FDS_MAX * 4)
 
 
 class Privilege(enum.Enum):
@@ -93,6 +108,8 @@ class Privilege(enum.Enum):
     READ = "read"
     #: uid 0 (or kmuxd's own uid), checked with SO_PEERCRED whatever the file mode.
     ADMIN = "admin"
+    #: Root, kmuxd's own uid, or whom the group's attach_users/attach_groups admit.
+    ATTACH = "attach"
 
 
 _NUMBER = (int, float)
@@ -108,13 +125,16 @@ class OpSpec:
     privilege: Privilege
 
 
-READ, ADMIN = Privilege.READ, Privilege.ADMIN
+READ, ADMIN, ATTACH = Privilege.READ, Privilege.ADMIN, Privilege.ATTACH
 REQUESTS: dict[str, OpSpec] = {
     "ping": OpSpec({}, {}, READ),
     "stats": OpSpec({}, {"group": str}, READ),
     "reconnect": OpSpec({"group": str}, {"conn": int}, ADMIN),
     "drain": OpSpec({"group": str, "conn": int}, {"timeout": _NUMBER}, ADMIN),
     "reload": OpSpec({}, {}, ADMIN),
+    # A descriptor rides along (SCM_RIGHTS); the answer names the connection it became.
+    "attach": OpSpec({"group": str}, {}, ATTACH),
+    "unattach": OpSpec({"group": str, "conn": int}, {}, ATTACH),
 }
 
 
@@ -166,6 +186,8 @@ def privilege_rule(privilege: Privilege, *, control_group: str = "", daemon_uid:
     if privilege is Privilege.READ:
         who = f"root, or members of group {control_group!r}" if control_group else "root"
         return f"whoever the control socket's file mode lets connect ({who})"
+    if privilege is Privilege.ATTACH:
+        return "root, kmuxd's own uid, or a user or group in the group's attach_users / attach_groups"
     admins = "uid 0 (root)" if daemon_uid == 0 else f"uid 0 (root) or kmuxd's own uid {daemon_uid}"
     return f"{admins}, whatever the socket's file mode"
 
@@ -174,10 +196,11 @@ def authorize(op: str, uid: int, *, daemon_uid: int = 0, control_group: str = ""
     """Raise PermissionDenied unless a peer with ``uid`` may ask for ``op``.
 
     READ ops pass: the kernel already applied the file mode when the peer
-    connected. ADMIN ops need uid 0 or ``daemon_uid``.
+    connected. ADMIN ops need uid 0 or ``daemon_uid``. ATTACH ops pass here:
+    the group decides (:func:`kmuxd.core.attach.may_attach`).
     """
     privilege = REQUESTS[op].privilege
-    if privilege is Privilege.READ or uid in (0, daemon_uid):
+    if privilege is not Privilege.ADMIN or uid in (0, daemon_uid):
         return
     rule = privilege_rule(privilege, control_group=control_group, daemon_uid=daemon_uid)
     raise PermissionDenied(f"{op} needs {rule}; you are uid {uid}", op=op, rule=rule)
@@ -267,12 +290,17 @@ class ControlServer(AcceptingServer):
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 try:
-                    packet, _, flags, _ = sock.recvmsg(REQUEST_MAX + 1)
+                    packet, anc, flags, _ = sock.recvmsg(REQUEST_MAX + 1, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
                 except BlockingIOError:
                     continue
+                fds = _passed_fds(anc)
                 if not packet:
+                    _close_fds(fds)
                     return
-                answer = await self._answer(packet, flags, cred)
+                try:
+                    answer = await self._answer(packet, flags, cred, fds)
+                finally:
+                    _close_fds(fds)  # whatever no pool took
                 await _send_packet(sock, answer)
         except OSError as exc:  # the peer left mid-request (debug), or a real failure (warning)
             self.socket_errors.note("serve", exc, sock)
@@ -282,7 +310,7 @@ class ControlServer(AcceptingServer):
             trio.lowlevel.notify_closing(sock)
             sock.close()
 
-    async def _answer(self, packet: bytes, flags: int, cred: PeerCred) -> bytes:
+    async def _answer(self, packet: bytes, flags: int, cred: PeerCred, fds: list[int]) -> bytes:
         op = INVALID_OP
         try:
             if flags & int(socket.MSG_TRUNC):
@@ -291,7 +319,12 @@ class ControlServer(AcceptingServer):
             op = request.op
             self._requests[op] += 1
             authorize(op, cred.uid, daemon_uid=self.daemon_uid, control_group=self.daemon.config.daemon.control_group)
-            result = await self.daemon.control(request)
+            if REQUESTS[op].privilege is Privilege.ATTACH:
+                result = await self._attach_op(request, cred, fds)
+            elif fds:
+                raise BadRequest(f"op {op!r} takes no descriptor (only attach does); it was closed")
+            else:
+                result = await self.daemon.control(request)
             if op == "stats":
                 result["control"] = to_wire(self.statistics())
             answer = encode_answer(result)
@@ -309,6 +342,27 @@ class ControlServer(AcceptingServer):
             self.log.info("control_error", error_code=err.code, error=err.message, pid=cred.pid, comm=cred.comm)
             return encode_error(err)
 
+    async def _attach_op(self, request: ControlRequest, cred: PeerCred, fds: list[int]) -> dict:
+        """``attach`` (takes the one descriptor out of ``fds``) or ``unattach``."""
+        group = self.daemon.group(request.args["group"])
+        policy = group.cfg.attach
+        if not may_attach(policy, cred.uid, cred.gid, cred.groups, daemon_uid=self.daemon_uid):
+            rule = privilege_rule(Privilege.ATTACH)
+            raise PermissionDenied(
+                f"{request.op} to group {group.cfg.name!r} needs {rule}"
+                + ("" if policy is not None else " (this group sets neither)") + f"; you are uid {cred.uid}",
+                op=request.op, rule=rule)
+        if request.op == "unattach":
+            if fds:
+                raise BadRequest("op 'unattach' takes no descriptor; it was closed")
+            return await group.attached.unattach(request.args["conn"])
+        if len(fds) != 1:
+            raise AttachRefused(f"attach needs exactly one descriptor (SCM_RIGHTS), got {len(fds)}",
+                                reason="no_descriptor")
+        sock = adopt(fds.pop())
+        slot = group.attached.attach(sock, cred)
+        return {"conn": slot.index, "remote": str(slot.peer)}
+
     def _log_refusal(self, cred: PeerCred, op: str, err: PermissionDenied) -> None:
         """``control_refused``, rate-limited per uid with a bounded table of limiters."""
         limiter = self._refusal_logs.pop(cred.uid, None) or RateLimit(REFUSAL_LOG_INTERVAL)
@@ -320,6 +374,24 @@ class ControlServer(AcceptingServer):
                 "control_refused", op=op, uid=cred.uid, pid=cred.pid, comm=cred.comm,
                 rule=err.details.get("rule"), suppressed=limiter.take_suppressed(),
             )
+
+
+def _passed_fds(anc: list) -> list[int]:
+    """The descriptors an ``SCM_RIGHTS`` message brought (now ours to close)."""
+    fds: list[int] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
+    return fds
+
+
+def _close_fds(fds: list[int]) -> None:
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass  # closed whatever close() says
 
 
 async def _send_packet(sock: socket.socket, packet: bytes) -> None:

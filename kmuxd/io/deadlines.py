@@ -83,7 +83,7 @@ class Housekeeper:
                     self._retire_endpoint(flight.conn.endpoint)
         if cfg.queue_timeout > 0:
             self._expire_queued(now, cfg.queue_timeout)
-        for slot in group.slots:
+        for slot in group.every_slot():
             slot.apply_deadlines(now)
         for client in list(group.clients.values()):
             client.apply_deadlines(now)

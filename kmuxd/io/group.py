@@ -60,6 +60,7 @@ from kmuxd.core.steering import Receiver, ReceiverRing, Steering, steering_for
 from kmuxd.system.config import DaemonConfig, GroupConfig
 from kmuxd.system.log import RateLimit
 
+from .attach import AttachedPool
 from .conn import ConnStatistics
 from .deadlines import Housekeeper
 from .retry import RetryFeeder
@@ -165,6 +166,8 @@ class Group:
         #: The group's TLS (context, sessions to resume); None: plaintext.
         self.tls: TlsClient | None = TlsClient(cfg.tls) if cfg.tls is not None else None
         self.slots = [self._new_slot(i) for i in range(cfg.connections)]
+        #: connections apps made and passed in (op attach; kmuxd.io.attach), numbered from 1024
+        self.attached = AttachedPool(self)
         #: slots removed by a resize: no connection any more, their totals still the group's
         self.removed_slots: list[Slot] = []
         self.clients: dict[int, Client] = {}
@@ -205,8 +208,12 @@ class Group:
         cfg = self.cfg
         return Slot(self, index, cfg.endpoints[index % len(cfg.endpoints)])
 
+    def every_slot(self) -> list[Slot]:
+        """Its dialled slots, then its attached ones."""
+        return self.slots + self.attached.slots
+
     def slot(self, index: int) -> Slot:
-        for slot in self.slots:
+        for slot in self.every_slot():
             if slot.index == index:
                 return slot
         raise UnknownConnection(f"group {self.cfg.name!r} has no connection {index} (0..{len(self.slots) - 1})")
@@ -218,7 +225,7 @@ class Group:
 
     @property
     def connections_up(self) -> int:
-        return sum(1 for s in self.slots if s.connected)
+        return sum(1 for s in self.every_slot() if s.connected)
 
     def resize(self, cfg: GroupConfig) -> list[Slot]:
         """Apply a configuration that differs in ``connections`` (and soft settings).
@@ -299,7 +306,7 @@ class Group:
     def _close_all(self) -> None:
         for client in list(self.clients.values()):
             client.close(CloseReason.GROUP_STOPPED)
-        for slot in self.slots:
+        for slot in self.every_slot():
             slot.close_all()
 
     async def wait_flushed(self) -> None:
@@ -319,7 +326,7 @@ class Group:
 
     def queued_total(self) -> int:
         """Bytes accepted and not yet written, anywhere in the group."""
-        total = sum(s.queued_bytes() for s in self.slots + self.removed_slots)
+        total = sum(s.queued_bytes() for s in self.every_slot() + self.removed_slots)
         return total + self.sched.statistics().orphaned_bytes
 
     def set_daemon_config(self, daemon_cfg: DaemonConfig) -> None:
@@ -431,7 +438,7 @@ class Group:
     def statistics(self) -> GroupStatistics:
         c = self.counters
         sched = self.sched
-        queues = [sched.outbox_of(conn).statistics() for s in self.slots + self.removed_slots for conn in s.conns()]
+        queues = [sched.outbox_of(conn).statistics() for s in self.every_slot() + self.removed_slots for conn in s.conns()]
         sstats = sched.statistics()
         r = self.router.statistics() if self.router is not None else None
         up = self.connections_up
@@ -442,7 +449,7 @@ class Group:
             framing=self.cfg.framing.name,
             steering=self.cfg.steering,
             connections_up=up,
-            connections_total=len(self.slots),
+            connections_total=len(self.slots) + len(self.attached.slots),
             clients=len(self.clients),
             receivers_ready=self.receivers.statistics().ready,
             tx_msgs=c.tx_msgs,
@@ -488,7 +495,7 @@ class Group:
         )
 
     def connection_statistics(self) -> list[ConnStatistics]:
-        return [s.statistics() for s in self.slots]
+        return [s.statistics() for s in self.every_slot()]
 
     def client_statistics(self) -> list[ClientStatistics]:
         return [c.statistics() for c in self.clients.values()]

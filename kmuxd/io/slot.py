@@ -37,6 +37,7 @@ import trio
 
 from kmux.errors import DrainInProgress, DrainTimeout, KmuxError
 
+from kmuxd.core.attach import AttachedPeer
 from kmuxd.core.counters import SlotCounters
 from kmuxd.core.endpoints import Verdict
 from kmuxd.core.inbox import Inbox
@@ -63,8 +64,11 @@ DIAL_LOG_INTERVAL = 10.0
 class Slot:
     """Connection slot ``index`` of a group: keeps one live TCP connection up."""
 
-    def __init__(self, group: "Group", index: int, endpoint: Endpoint) -> None:
+    def __init__(self, group: "Group", index: int, endpoint: "Endpoint | AttachedPeer",
+                 peer: "AttachedPeer | None" = None) -> None:
         self.group = group
+        #: Attached (op attach): who made its one connection; None: the slot dials its own.
+        self.peer = peer
         self.clock = group.clock
         self.index = index
         self.endpoint = endpoint
@@ -174,7 +178,7 @@ class Slot:
         group.sched.add(conn, outbox)
         self.live = conn
         self.counters.connections_made += 1
-        self.sm.fire(SlotEvent.CONNECTED)
+        self.sm.fire(SlotEvent.CONNECTED if self.peer is None else SlotEvent.ATTACH)
         if tls is None:
             self.log.info("connected", local=_sockname(sock))
         else:
@@ -187,8 +191,9 @@ class Slot:
     # -- what its connections tell it ------------------------------------------------------------
 
     def replace_now(self, conn: Conn) -> None:
-        """``conn`` retired make-before-break: it finishes on its own; dial its replacement."""
-        if conn is self.live:
+        """``conn`` retired make-before-break: it finishes on its own; dial its replacement
+        (an attached slot has none: its connection stays its live one until it ends)."""
+        if conn is self.live and self.peer is None:
             self.live = None
             self.retiring.add(conn)
             self.counters.retired += 1
@@ -209,6 +214,9 @@ class Slot:
         if conn is self.live:
             self.live = None
             self._wake.set()
+            if self.peer is not None:  # never redialled: the slot is done
+                self.sm.fire(SlotEvent.CLOSE)
+                self.group.attached.ended(self)
 
     def apply_deadlines(self, now: float) -> None:
         """Its connections' deadlines (the group's housekeeping)."""
@@ -291,6 +299,13 @@ class Slot:
         if self.sm.state is not SlotState.CLOSED:
             self.sm.fire(SlotEvent.CLOSE)
 
+    @property
+    def origin(self) -> dict:
+        """How its connections came to be: dialled by the slot, or attached by a uid and pid."""
+        if self.peer is None:
+            return {"kind": "dialled"}
+        return {"kind": "attached", "uid": self.peer.uid, "pid": self.peer.pid}
+
     # -- statistics ---------------------------------------------------------------------------------
 
     def statistics(self) -> ConnStatistics:
@@ -348,6 +363,7 @@ class Slot:
             tcp=read_tcp_info(sock) if sock else None,
             socket=read_socket_options(sock) if sock else None,
             tls=live.tls.statistics() if live is not None and live.tls is not None else None,
+            origin=self.origin,
         )
 
 

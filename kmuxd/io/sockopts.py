@@ -32,6 +32,13 @@ option and its key path. Either is a failed dial: the slot backs off and
 the rest of the daemon goes on. A socket made here is closed here on any
 failure.
 
+An attached socket (op ``attach``, :mod:`kmuxd.io.attach`) was connected by
+another process: :meth:`SocketPlan.apply_connected` sets the options that
+still apply after ``connect`` (``mark``, ``tos``, ``congestion``,
+``tcp_notsent_lowat``); ``bind_device``, ``source_address`` and
+``source_ports`` decide the route and the source at bind and connect, so
+they cannot apply to it.
+
 :func:`read_socket_options` reads the options back from a live socket for
 ``kmux-cli group``: what the connection really has, not what was asked.
 """
@@ -202,9 +209,15 @@ class SocketPlan:
             raise
         return sock
 
-    def _apply(self, sock: socket.socket, family: int) -> None:
+    def apply_connected(self, sock: socket.socket) -> None:
+        """The options that still mean something on a socket connected elsewhere (op attach):
+        not ``bind_device``, ``source_address`` or ``source_ports``, which take effect only
+        at bind and connect (docs/config.md)."""
+        self._apply(sock, sock.family, connected=True)
+
+    def _apply(self, sock: socket.socket, family: int, *, connected: bool = False) -> None:
         cfg = self.cfg
-        if cfg.bind_device is not None:
+        if cfg.bind_device is not None and not connected:
             self._set(sock, "bind_device", socket.SOL_SOCKET, socket.SO_BINDTODEVICE, cfg.bind_device.encode(),
                       f"binding to device {cfg.bind_device!r} (SO_BINDTODEVICE)")
         if cfg.mark is not None:

@@ -151,6 +151,9 @@ class ConnStatistics:
     socket: SocketOptions | None
     #: The live connection's TLS (None: plaintext, or not connected).
     tls: TlsStatistics | None = None
+    #: ``{"kind": "dialled"}``, or ``{"kind": "attached", "uid": U, "pid": P}``: an app
+    #: made the connection and passed it in (op attach); it is never redialled.
+    origin: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)

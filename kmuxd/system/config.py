@@ -221,6 +221,15 @@ class GroupConfig:
     # -- clients ----------------------------------------------------------------
     #: Who may attach (allow_users / allow_groups); open when neither is set.
     access: AccessPolicy = OPEN
+    # -- attached connections (issue 19: op attach, KCM's SIOCKCMATTACH) ----------
+    #: Who may hand the group a TCP connection it made (attach_users /
+    #: attach_groups), besides root; None: neither is set, root only.
+    attach: AccessPolicy | None = None
+    #: Attached connections the group holds at most at once.
+    attach_max: int = 16
+    #: Seconds an unattach waits for the answers still owed on the connection
+    #: before it closes the daemon's copy (the rest get connection_lost).
+    unattach_timeout: float = 10.0
     #: Bytes of responses that may wait for one client that is not reading
     #: (id/fifo: its own queue, so the connection's other responses flow).
     client_rx_limit: int = CLIENT_RX_LIMIT_DEFAULT
@@ -463,9 +472,12 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
     "client_idle_timeout": (float, 0.0, 30 * 86400.0),
     "slow_consumer_grace": (float, 0.0, 3600.0),
     "auth_timeout": (float, 0.001, 600.0),
+    "attach_max": (int, 1, 1024),
+    "unattach_timeout": (float, 0.001, 600.0),
 }
 #: Keys of a group table that are not GroupConfig fields of the same name.
-_GROUP_KEYS = (set(GroupConfig.__dataclass_fields__) - {"name", "access"}) | {"allow_users", "allow_groups"}
+_GROUP_KEYS = (set(GroupConfig.__dataclass_fields__) - {"name", "access", "attach"}) | {
+    "allow_users", "allow_groups", "attach_users", "attach_groups"}
 #: Settings that only make sense with request/response steering.
 _REQUEST_ONLY = ("retry_unanswered", "request_timeout", "client_max_in_flight")
 
@@ -482,9 +494,18 @@ def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None
     unsure = _no_unknown(raw, p, _GROUP_KEYS, problems)
     kw: dict[str, Any] = {"name": name}
     eps = raw.get("endpoints")
-    if eps is None:
+    attaching = "attach_users" in raw or "attach_groups" in raw
+    if eps is None and attaching:
+        # Attached connections only: nothing to dial.
+        kw["endpoints"] = ()
+        if raw.get("connections", 0) != 0:
+            problems.add(f"{p}.connections", "needs endpoints to dial; a group of attached connections "
+                                             "only has connections = 0")
+        kw["connections"] = 0
+    elif eps is None:
         if "endpoints" not in unsure:
-            problems.add(f"{p}.endpoints", "is required: a list of 'host:port'")
+            problems.add(f"{p}.endpoints", "is required: a list of 'host:port' "
+                                           "(or attach_users/attach_groups for attached connections only)")
     elif not isinstance(eps, list) or not eps:
         problems.add(f"{p}.endpoints", "must be a non-empty list of 'host:port'")
     else:
@@ -519,6 +540,16 @@ def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None
     users = problems.check(_principals, raw["allow_users"], f"{p}.allow_users", "user") if "allow_users" in raw else None
     groups = problems.check(_principals, raw["allow_groups"], f"{p}.allow_groups", "group") if "allow_groups" in raw else None
     kw["access"] = AccessPolicy(users, groups)
+    if attaching:
+        a_users = (problems.check(_principals, raw["attach_users"], f"{p}.attach_users", "user")
+                   if "attach_users" in raw else None)
+        a_groups = (problems.check(_principals, raw["attach_groups"], f"{p}.attach_groups", "group")
+                    if "attach_groups" in raw else None)
+        kw["attach"] = AccessPolicy(a_users, a_groups)
+        if "tls" in raw:
+            problems.add(f"{p}.attach_users" if "attach_users" in raw else f"{p}.attach_groups",
+                         "cannot be used with [tls]: an attached connection is the attacher's plain TCP "
+                         "stream, and the daemon cannot take over a TLS session another process began")
     # Checks across keys, only where the keys they read are what the operator meant.
     steering = None if "steering" in unsure else kw.get("steering", "balance")
     if steering == "id" and "id" not in raw and "id" not in unsure:
@@ -534,8 +565,10 @@ def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None
     if "client_rx_limit" not in kw:
         kw["client_rx_limit"] = max(CLIENT_RX_LIMIT_DEFAULT, 2 * kw.get("max_message", _default("max_message")))
     group = GroupConfig(**kw)
-    if group.min_connections > group.connections:
-        problems.add(f"{p}.min_connections", f"must not exceed connections ({group.connections})")
+    most = group.connections + (group.attach_max if group.attach is not None else 0)
+    if group.min_connections > most:
+        problems.add(f"{p}.min_connections", f"must not exceed connections ({group.connections})"
+                     + (f" plus attach_max ({group.attach_max})" if group.attach is not None else ""))
     if group.reconnect_initial > group.reconnect_max:
         problems.add(f"{p}.reconnect_initial", f"must not exceed reconnect_max ({group.reconnect_max})")
     if group.max_skip < group.max_message:

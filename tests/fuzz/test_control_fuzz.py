@@ -38,6 +38,8 @@ DOCUMENTED: dict[str, tuple[dict[str, st.SearchStrategy], dict[str, st.SearchStr
     "reconnect": ({"group": _NAME}, {"conn": _INDEX}),
     "drain": ({"group": _NAME, "conn": _INDEX}, {"timeout": _SECONDS}),
     "reload": ({}, {}),
+    "attach": ({"group": _NAME}, {}),  # its descriptor rides in SCM_RIGHTS, not in the map
+    "unattach": ({"group": _NAME, "conn": _INDEX}, {}),
 }
 _OPS = sorted(DOCUMENTED)
 _ARG_NAMES = sorted({name for required, optional in DOCUMENTED.values() for name in (*required, *optional)})

@@ -49,7 +49,8 @@ def test_good_requests_parse():
 
 def test_every_op_has_its_privilege_in_the_table():
     by_level = {level: sorted(op for op, spec in REQUESTS.items() if spec.privilege is level) for level in Privilege}
-    assert by_level == {Privilege.READ: ["ping", "stats"], Privilege.ADMIN: ["drain", "reconnect", "reload"]}
+    assert by_level == {Privilege.READ: ["ping", "stats"], Privilege.ADMIN: ["drain", "reconnect", "reload"],
+                        Privilege.ATTACH: ["attach", "unattach"]}
 
 
 @pytest.mark.parametrize("op", sorted(REQUESTS))
