@@ -93,7 +93,12 @@ def test_balance_steering_skips_a_receiver_whose_send_fails_and_the_connection_g
                 sender.send(frame)
             wait_until(lambda: good.count() >= total, 20.0, f"{total} messages at the ready receiver")
             assert sorted(good.messages()) == sorted(frames)
-        (line,) = daemon.wait_log("client_socket_error", client=deaf.client_id)
+        try:
+            (line,) = daemon.wait_log("client_socket_error", client=deaf.client_id)
+        except AssertionError as exc:
+            # Seen twice under a loaded full suite, never alone: say what the daemon knew.
+            raise AssertionError(f"{exc}; group: {group_record(daemon)}; the deaf client's lines: "
+                                 f"{daemon.logs(client=deaf.client_id)}") from None
         assert (line["op"], line["errno"], line["peer_gone"]) == ("send", "EPIPE", False), line
         g = group_record(daemon)
         assert (g["rx_msgs"], g["receivers_ready"]) == (total, 1), g
