@@ -294,6 +294,9 @@ CLIENT_COLUMNS = [
     Column("RX_BYTES", _get("rx_bytes", fmt_bytes)),
     Column("QUEUED", _get("queued_bytes", fmt_bytes)),
     Column("RX_QUEUED", _get("rx_queued_bytes", fmt_bytes)),
+    Column("IN_FLIGHT", _get("in_flight", fmt_count)),
+    Column("HELD", _get("held_for", fmt_duration)),
+    Column("HOLDS", _get("holds", fmt_count)),
     Column("SINCE", _get("connected_for", fmt_duration)),
 ]
 
@@ -329,11 +332,14 @@ def group_summary(g: Mapping[str, Any]) -> list[str]:
     def b(field: str) -> str:
         return fmt_bytes(g.get(field))
 
+    # id/fifo, from a daemon that counts them: clients held at their in-flight limit.
+    held = (f", {c('clients_held')} held at their in-flight limit ({c('holds')} holds)"
+            if "clients_held" in g and g.get("steering") in ("id", "fifo") else "")
     up = g.get("connections_up")
     down = " (DOWN)" if _is_int(up) and up == 0 else ""
     lines = [
         f"group {fmt_plain(g.get('name'))}: {fmt_count(up)}/{c('connections_total')} connections up{down}, "
-        f"{c('clients')} clients ({c('receivers_ready')} ready to receive, {c('waiting_clients')} waiting to send)",
+        f"{c('clients')} clients ({c('receivers_ready')} ready to receive, {c('waiting_clients')} waiting to send{held})",
         f"    endpoints {fmt_plain(g.get('endpoints'))}  framing {fmt_plain(g.get('framing'))}  "
         f"steering {fmt_plain(g.get('steering'))}  up {fmt_duration(g.get('uptime'))}",
     ]

@@ -365,6 +365,10 @@ class ResponseRouter:
         """``owner``'s requests that are neither answered nor told (the ``live`` ones)."""
         return self.owed.get(owner, 0)
 
+    def owed_by(self, owner: Any) -> int:
+        """Requests of ``owner`` neither answered nor told."""
+        return self.owed.get(owner, 0)
+
     def room_for(self, owner: Any, limit: int) -> int | None:
         """How many more requests ``owner`` may have accepted now under ``limit`` in
         flight (0: none until one is answered or told); None: no limit applies."""

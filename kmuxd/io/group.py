@@ -87,6 +87,8 @@ class Client(Owner, Receiver, Protocol):
     id: int
     #: Detached: what is still owed to it is dropped (counted).
     gone: bool
+    #: Held at its in-flight limit (flight_room): not read until one of its requests is answered or told.
+    awaiting_answers: bool
 
     @property
     def seq(self) -> int:
@@ -171,6 +173,12 @@ class Group:
         #: slots removed by a resize: no connection any more, their totals still the group's
         self.removed_slots: list[Slot] = []
         self.clients: dict[int, Client] = {}
+        #: Contention (client_max_in_flight_contended): the client read last and
+        #: when, and the last time a client other than it was read.
+        self._last_sender = -1
+        self._last_sent_at = self._other_sent_at = float("-inf")
+        #: Clients held at their in-flight limit since start (each hold counted once).
+        self.holds = 0
         #: balance: connections that stopped reading for want of a ready receiver
         self._paused: list[PausedReader] = []
         #: clients detached as slow consumers, until their last notice is out
@@ -419,13 +427,32 @@ class Group:
             owner.notify(Notice.for_error(err))
 
     def flight_room(self, client: Any) -> int | None:
-        """How many more requests ``client`` may have accepted now (client_max_in_flight;
-        0: none until one is answered or told). None: no limit applies, as in balance
-        mode, or while it is the group's only client (nobody's answer can wait behind its)."""
+        """How many more requests ``client`` may have accepted now (0: none until one
+        is answered or told). None: no limit applies, as in balance mode, or while it
+        is the group's only client (nobody's answer can wait behind its).
+
+        The limit is client_max_in_flight, and client_max_in_flight_contended
+        while another client sent within contention_window: a request is
+        answered after those the server already holds, so a light client's
+        round trip grows with every request a heavy one keeps in flight."""
         router = self.router
         if router is None or len(self.clients) < 2:
             return None
-        return router.room_for(client, self.cfg.client_max_in_flight)
+        cfg = self.cfg
+        limit = cfg.client_max_in_flight
+        contended = cfg.client_max_in_flight_contended
+        if contended and (not limit or contended < limit):
+            other = self._other_sent_at if client.id == self._last_sender else self._last_sent_at
+            if self.clock() - other < cfg.contention_window:
+                limit = contended
+        return router.room_for(client, limit)
+
+    def note_sender(self, client_id: int, now: float) -> None:
+        """``client_id`` is being read at ``now`` (what flight_room's contention looks at)."""
+        if client_id != self._last_sender:
+            self._other_sent_at = self._last_sent_at
+            self._last_sender = client_id
+        self._last_sent_at = now
 
     # -- time ----------------------------------------------------------------------------------
 
@@ -464,6 +491,8 @@ class Group:
             queued_msgs=sum(q.queued_msgs for q in queues) + sstats.orphaned_msgs,
             queued_bytes=sum(q.queued_bytes for q in queues) + sstats.orphaned_bytes,
             waiting_clients=sstats.waiting_clients,
+            clients_held=sum(1 for client in self.clients.values() if client.awaiting_answers),
+            holds=self.holds,
             refused=c.refused,
             requeued=c.requeued,
             notices_sent=c.notices_sent,

@@ -200,11 +200,13 @@ class Intake:
         budget = conn.budget
         if budget is not None and budget < turn:
             turn = max(budget, 1)
+        router = group.router
+        now = self.clock()
+        if router is not None:
+            group.note_sender(session.id, now)
         room = group.flight_room(session)
         if room is not None and room < turn:
             turn = max(room, 1)
-        router = group.router
-        now = self.clock()
         taken = msgs = 0
         first_seq = self.seq + 1
         status = _TURN

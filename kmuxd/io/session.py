@@ -87,6 +87,9 @@ class AppSession:
         self.read_wanted = True  # False while pushed back
         #: Held back at client_max_in_flight: read again once one is answered or told.
         self.awaiting_answers = False
+        #: Times it was held so (client_max_in_flight), and since when, the last time.
+        self.holds = 0
+        self.held_since = 0.0
         self.since = self.clock()
         self.closing_deadline: float | None = None  # slow consumer: close once its notice is out
         #: DATA messages (and their bytes) committed to an outbox, and written to TCP.
@@ -121,7 +124,11 @@ class AppSession:
 
     def hold_for_answers(self) -> None:
         """It has client_max_in_flight requests unanswered: read it no more until one is answered or told."""
-        self.awaiting_answers = True
+        if not self.awaiting_answers:
+            self.awaiting_answers = True
+            self.holds += 1
+            self.group.holds += 1
+            self.held_since = self.clock()
         self.want_read(False)
 
     def outcome_sent(self) -> None:
@@ -385,4 +392,7 @@ class AppSession:
             notices_sent=self.replies.notices_sent,
             notices_pending=self.replies.notices,
             connected_for=self.clock() - self.since,
+            in_flight=self.group.router.owed_by(self) if self.group.router is not None else 0,
+            holds=self.holds,
+            held_for=self.clock() - self.held_since if self.awaiting_answers else None,
         )

@@ -53,6 +53,11 @@ class GroupStatistics:
     queued_bytes: int
     #: Clients waiting for any connection to come free.
     waiting_clients: int
+    #: id/fifo: clients held at their in-flight limit now (client_max_in_flight,
+    #: client_max_in_flight_contended: not read until one of theirs is answered
+    #: or told), and holds since start.
+    clients_held: int
+    holds: int
     refused: int
     requeued: int
     #: Notices (per-message errors and events) sent to clients.
@@ -187,3 +192,8 @@ class ClientStatistics:
     notices_pending: int
     #: Seconds since the client attached.
     connected_for: float
+    #: id/fifo: its requests unanswered now; times it was held at its in-flight
+    #: limit, and seconds it has been held now (None: not held).
+    in_flight: int = 0
+    holds: int = 0
+    held_for: float | None = None

@@ -180,6 +180,14 @@ class GroupConfig:
     #: id/fifo: requests one client may have unanswered while other clients
     #: are attached; past it, it is not read until one is answered or told. 0: no limit.
     client_max_in_flight: int = 64
+    #: id/fifo: the same limit while another client of the group sent a
+    #: request within the last contention_window seconds (it is as low as
+    #: this so that another client's request waits behind few of its own at
+    #: the server). 0: client_max_in_flight applies throughout.
+    client_max_in_flight_contended: int = 2
+    #: Seconds since another client's last request during which a client
+    #: is held to client_max_in_flight_contended.
+    contention_window: float = 1.0
     #: Bytes read from a TCP connection per recv, at most (the receive
     #: buffer holds this plus max_message): bounds the responses one
     #: connection brings into one pass of the event core.
@@ -454,6 +462,8 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
     "write_buffer": (int, 4096, 64 * 1024 * 1024),
     "client_turn": (int, 1, 65536),
     "client_max_in_flight": (int, 0, 1 << 24),
+    "client_max_in_flight_contended": (int, 0, 1 << 24),
+    "contention_window": (float, 0.001, 3600.0),
     "read_buffer": (int, 4096, 64 * 1024 * 1024),
     "rx_batch": (int, 1, 65536),
     "request_timeout": (float, 0.0, 3600.0),
@@ -479,7 +489,8 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
 _GROUP_KEYS = (set(GroupConfig.__dataclass_fields__) - {"name", "access", "attach"}) | {
     "allow_users", "allow_groups", "attach_users", "attach_groups"}
 #: Settings that only make sense with request/response steering.
-_REQUEST_ONLY = ("retry_unanswered", "request_timeout", "client_max_in_flight")
+_REQUEST_ONLY = ("retry_unanswered", "request_timeout", "client_max_in_flight", "client_max_in_flight_contended",
+                 "contention_window")
 
 
 def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None:

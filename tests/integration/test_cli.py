@@ -196,7 +196,7 @@ def test_group_and_clients_views(two_groups, close_all):
     table = ok(ctl, "clients").splitlines()
     assert cells(table[0]) == [
         "ID", "NAME", "PID", "UID", "COMM", "GROUP", "RX_ON", "TX_MSGS", "TX_BYTES", "RX_MSGS", "RX_BYTES", "QUEUED",
-        "RX_QUEUED", "SINCE",
+        "RX_QUEUED", "IN_FLIGHT", "HELD", "HOLDS", "SINCE",
     ]
     rows = [cells(line) for line in table[1:]]
     by_id = {c["id"]: c for c in answer["clients"]}
@@ -208,6 +208,7 @@ def test_group_and_clients_views(two_groups, close_all):
         c = by_id[int(r[0])]
         receiving = "yes" if c["receiving"] else "no"
         assert r[1:7] == [c["name"] or "-", str(c["pid"]), "0", c["comm"], c["group"], receiving]
+        assert r[-4:-1] == ["0", "-", "0"]  # balance: nothing in flight, never held
     assert sorted(r[1] for r in rows) == ["rx", "subproc", "tx"]  # the names the clients gave in their hellos
     pids = {r[2] for r in rows}
     assert pids == {str(os.getpid()), str(sub.proc.pid)}

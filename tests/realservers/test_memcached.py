@@ -321,7 +321,8 @@ def test_id_no_rewrite_id_in_use(memcached, daemon_factory):
 def test_server_killed_requests_in_flight_get_connection_lost(memcached, daemon_factory, steering):
     """The server dies with requests in flight on every connection: each client gets ConnectionLost
     for each of its requests (by seq), and no response from anyone else."""
-    group = id_group(rewrite=True) if steering == "id" else fifo_group()
+    # Four requests of each of the four clients in flight at once: past client_max_in_flight_contended.
+    group = {**(id_group(rewrite=True) if steering == "id" else fifo_group()), "client_max_in_flight_contended": 0}
     daemon = start_kmuxd(daemon_factory, memcached, **group)
     clients = [daemon.connect(receive=True, name=f"lost{i}") for i in range(4)]
     try:
@@ -382,7 +383,9 @@ def test_a_value_over_max_message_is_skipped_and_every_request_in_flight_beside_
             for k, v in kv.items():
                 store_directly(server, b"%s:c%d:k%d" % (tag, i, k), v)
         group = id_group(rewrite=True) if steering == "id" else fifo_group()
-        daemon = start_kmuxd(daemon_factory, server, **{**group, "connections": 1, "max_message": 65536})
+        # Every client's requests in flight together: past client_max_in_flight_contended.
+        daemon = start_kmuxd(daemon_factory, server, **{**group, "connections": 1, "max_message": 65536,
+                                                        "client_max_in_flight_contended": 0})
         (conn,) = group_stats(daemon)["connections"]
         port = local_port(conn)
         clients = [daemon.connect(name=f"mc{i}") for i in range(OVERSIZE_CLIENTS)]

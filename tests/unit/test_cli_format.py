@@ -317,14 +317,14 @@ def test_clients_view_sorted_and_filtered() -> None:
     lines = clients_view(stats())
     assert lines[0].split() == [
         "ID", "NAME", "PID", "UID", "COMM", "GROUP", "RX_ON", "TX_MSGS", "TX_BYTES", "RX_MSGS", "RX_BYTES", "QUEUED",
-        "RX_QUEUED", "SINCE",
+        "RX_QUEUED", "IN_FLIGHT", "HELD", "HOLDS", "SINCE",
     ]
     assert [line.split()[0] for line in lines[1:]] == ["2", "1", "3"]  # by group, then id
     assert "batch job" in lines[1]
     web = clients_view(stats(), group="web", header=False)
     assert [line.split()[0] for line in web] == ["1", "3"]
     assert web[0].split()[6] == "no" and web[1].split()[6] == "yes"
-    assert web[0].split()[1] == "-" and web[0].split()[-2] == "-"  # no name; no rx_queued_bytes from this daemon
+    assert web[0].split()[1] == "-" and web[0].split()[-5] == "-"  # no name; no rx_queued_bytes from this daemon
     assert web[0].split()[-1] == "1m15s"
 
 
@@ -387,12 +387,12 @@ def test_group_view_of_todays_daemon_has_no_empty_blocks() -> None:
 def test_clients_view_names_escaped_and_rx_queued() -> None:
     lines = clients_view(stats_new())
     one, two = (cells(line) for line in lines[1:])
-    assert (one[0], one[1], one[-2]) == ("1", "billing-worker", "2.0 KiB")
+    assert (one[0], one[1], one[-5]) == ("1", "billing-worker", "2.0 KiB")
     # Strings an app chose reach the terminal escaped and cut to NAME_WIDTH.
     assert "\x1b" not in "".join(lines) and "\x07" not in "".join(lines)
     assert two[1] == "\\x1b]0;owned\\x07xxxxxxx…" and len(two[1]) == NAME_WIDTH
     assert two[4] == "evil\\x1b[2J"
-    assert two[-2] == "-"  # no rx_queued_bytes for this client
+    assert two[-5] == "-"  # no rx_queued_bytes for this client
 
 
 def test_status_view_shows_hello_refusals_by_code_and_control_counters() -> None:

@@ -190,8 +190,9 @@ def test_a_dialled_connection_holds_at_most_tcp_notsent_lowat_unsent_bytes():
 def test_a_client_past_client_max_in_flight_is_read_again_once_answered(world_factory):
     """Its further requests wait in its own socket, not in the connection's and the
     server's queues where another client's request would wait behind them; a
-    client alone in its group is not limited."""
-    w = world_factory(steering="fifo", client_max_in_flight=4)
+    client alone in its group is not limited. (The contended limit is off here:
+    see the next test.)"""
+    w = world_factory(steering="fifo", client_max_in_flight=4, client_max_in_flight_contended=0)
     server = w.connect()
     a = w.attach(name="a")
     for i in range(6):
@@ -220,3 +221,36 @@ def test_a_client_past_client_max_in_flight_is_read_again_once_answered(world_fa
     assert len(a.messages()) == 4 and b.messages() == [frame(b"r")]
     assert split(read_all(server)) == [frame(b"a%d" % i) for i in range(5, 9)]  # four more, a9 waits
     assert w.stats().requests_in_flight == 4
+    assert a.session.holds == 3 and w.group.holds == 3 and w.group.statistics().clients_held == 1
+
+
+def test_while_another_client_sends_a_client_may_have_only_the_contended_count_in_flight(world_factory):
+    """client_max_in_flight_contended: a light client's request is answered after
+    whatever the server already holds, so while another client sent within
+    contention_window a heavy one keeps only that many requests in flight; once
+    the others have been quiet that long, client_max_in_flight applies again."""
+    w = world_factory(steering="fifo", client_max_in_flight=8, client_max_in_flight_contended=2,
+                      contention_window=1.0)
+    server = w.connect()
+    heavy, light = w.attach(name="heavy"), w.attach(name="light")
+    for i in range(12):
+        heavy.send(frame(b"h%d" % i))
+    w.run()
+    assert len(split(read_all(server))) == 8  # the light one has not sent: client_max_in_flight
+    light.send(frame(b"l0"))
+    w.run()
+    assert split(read_all(server)) == [frame(b"l0")]  # not held behind the heavy one's backlog
+    server.send(frame(b"r") * 8)  # the heavy one's eight answered; it has room for two only now
+    w.run()
+    assert split(read_all(server)) == [frame(b"h8"), frame(b"h9")]
+    server.send(frame(b"r") * 3)  # l0, h8, h9
+    w.run()
+    assert light.messages() == [frame(b"r")]
+    assert split(read_all(server)) == [frame(b"h10"), frame(b"h11")]
+    w.tick(1.5)  # the light one quiet for longer than contention_window
+    for i in range(12, 24):
+        heavy.send(frame(b"h%d" % i))
+    server.send(frame(b"r") * 2)
+    w.run()
+    assert len(split(read_all(server))) == 8  # client_max_in_flight again
+    assert heavy.session.statistics().holds >= 2 and not light.session.statistics().holds
