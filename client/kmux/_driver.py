@@ -344,7 +344,7 @@ class ClientDriver:
             wait = timeout
             while True:
                 try:
-                    if wait == link.wait or link.set_wait(wait):
+                    if wait is link.wait or wait == link.wait or link.set_wait(wait):  # `is`: None == None is a slow compare
                         try:
                             nbytes = recv_into(session.recv_buffer)
                         except BlockingIOError:

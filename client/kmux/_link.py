@@ -65,12 +65,14 @@ class SocketLink:
     no packet came).
     """
 
-    __slots__ = ("sock", "send_packet", "recv_into", "wait")
-    #: The flags every ``send_packet`` takes.
-    send_flags = SEND_FLAGS
+    __slots__ = ("sock", "send_packet", "recv_into", "wait", "send_flags")
 
     def __init__(self, sock: socket.socket, wait: float | None) -> None:
         self.sock = sock
+        #: The flags every ``send_packet`` takes. A slot, not a class
+        #: attribute: CPython 3.11 specializes the load of a slot, not of a
+        #: class attribute read through an instance (a type lookup per message).
+        self.send_flags = SEND_FLAGS
         self.send_packet = sock.send
         self.recv_into = sock.recv_into
         #: How long ``recv_into`` waits now (None: as long as it takes).
