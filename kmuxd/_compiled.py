@@ -37,6 +37,7 @@ __all__ = ["COMPILED_MODULES", "MYPYC_FLAGS", "install_guard", "status"]
 #: The data path: sans-IO cores and the event core's shell.
 COMPILED_MODULES = (
     "kmuxd.core.sendq",
+    "kmuxd.core.notsent",
     "kmuxd.core.router",
     "kmuxd.core.inbox",
     "kmuxd.core.steering",

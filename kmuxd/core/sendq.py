@@ -94,8 +94,9 @@ class Owner(Protocol):
 class Carrier(Protocol):
     """A connection that carries an outbox."""
 
-    def count_accepted(self, msgs: int) -> None:
-        """``msgs`` messages were committed to its outbox (max_requests_per_connection)."""
+    def count_accepted(self, msgs: int, nbytes: int) -> None:
+        """``msgs`` messages, ``nbytes`` in all, were committed to its outbox
+        (max_requests_per_connection; its TCP_NOTSENT_LOWAT, kmuxd.core.notsent)."""
 
     def count_written(self, msgs: int) -> None:
         """``msgs`` messages of the outbox it carries reached the kernel (a write, a
@@ -589,7 +590,7 @@ class TxScheduler:
                 # goes on to the next waiter, or back among the available.
                 self._settle(conn)
             if msgs:
-                conn.count_accepted(msgs)
+                conn.count_accepted(msgs, nbytes)
                 conn.flush_soon()
         return msgs
 

@@ -31,7 +31,10 @@ then the ring turns, so wake-ups are amortised over a batch and no
 receiver is starved. A receiver whose socket is full is marked *blocked*
 and leaves the ring (the message it could not take goes to the next one);
 it comes back when its socket is writable again. A receiver that switches
-receiving off leaves the ring.
+receiving off leaves the ring. A receiver that leaves the ring during its
+turn (blocked by the message it just took) ends that turn; the next
+receiver's turn starts whole, so each receiver in the ring is offered a
+message before any receiver gets a second turn.
 
 **Skipped messages.** A message over ``max_message`` goes by unread
 (``Inbox`` invariant 6); only its stub stays, and :meth:`Steering.skipped`
@@ -162,9 +165,15 @@ class ReceiverRing:
             self._left = self.batch
         return ring[0], self._left
 
-    def used(self, n: int) -> None:
-        """The front receiver took ``n`` of the messages :meth:`take` offered."""
-        self._left -= n
+    def used(self, receiver: Any, n: int) -> None:
+        """``receiver``, the front when :meth:`take` named it, took ``n`` of the messages
+        offered. If it left the ring meanwhile (it blocked while taking its last one), the
+        new front's turn is whole: charging it would let the ring turn past a receiver
+        that was never offered anything (and, when the first came back before the next
+        message, skip it every time)."""
+        ring = self._ring
+        if ring and ring[0] is receiver:
+            self._left -= n
 
     def _leave_ring(self, receiver: Any) -> None:
         ring = self._ring
@@ -259,7 +268,7 @@ class BalanceSteering(Steering):
                 # side stays attached, receiving nothing.
                 ring.remove(receiver)
             elif got != BLOCKED:
-                ring.used(k)
+                ring.used(receiver, k)
         counters = self.counters
         counters.rx_msgs += i
         counters.rx_bytes += pos - first
@@ -292,7 +301,7 @@ class BalanceSteering(Steering):
             if got == FAILED:
                 ring.remove(receiver)
             elif got != BLOCKED:
-                ring.used(k)
+                ring.used(receiver, k)
         return True
 
 
@@ -360,7 +369,7 @@ class ResponseSteering(Steering):
         if got == FAILED:
             self.ring.remove(receiver)  # best effort: the unmatched response is dropped
         elif got != BLOCKED:
-            self.ring.used(1)
+            self.ring.used(receiver, 1)
 
 
 def steering_for(mode: str, ring: ReceiverRing, counters: GroupCounters, router: ResponseRouter | None, *,

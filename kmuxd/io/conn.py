@@ -62,10 +62,11 @@ from kmux.errors import ConnectionLost, KmuxError, RemoteAssemblyTimeout
 
 from kmuxd.core.endpoints import Verdict
 from kmuxd.core.inbox import Inbox
+from kmuxd.core.notsent import NotsentMark
 from kmuxd.core.router import Flight
 from kmuxd.core.sendq import Outbox, Salvage
 from kmuxd.core.states import ConnEvent, ConnMachine, ConnState, EndReason, RetireReason, RxEvent, RxState
-from kmuxd.system.config import Endpoint
+from kmuxd.system.config import NOTSENT_LOWAT_MAX, Endpoint
 
 from .dial import describe
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
@@ -91,7 +92,7 @@ class Conn:
         "group", "slot", "clock", "sock", "fd", "endpoint", "sm", "inbox", "flight", "mask", "connected_at",
         "steering", "slot_counters", "counters", "tx_msgs", "tx_bytes", "rx_msgs", "requests", "budget",
         "delivered", "flight_total", "retire_deadline", "retire_reason", "_closed_event", "error", "tls",
-        "transport",
+        "transport", "notsent",
     )
 
     def __init__(self, slot: "Slot", sock: socket.socket, endpoint: Endpoint, inbox: Inbox,
@@ -134,6 +135,9 @@ class Conn:
         #: Its TLS (kmuxd.io.tls; None: plaintext), and what it sends and receives through.
         self.tls = tls
         self.transport: "socket.socket | TlsTransport" = sock if tls is None else tls
+        #: Its TCP_NOTSENT_LOWAT: the socket was made with the floor; raised as its messages require.
+        sock_cfg = cfg.socket
+        self.notsent = NotsentMark(sock_cfg.notsent_floor, sock_cfg.notsent_messages, NOTSENT_LOWAT_MAX)
 
     def __repr__(self) -> str:
         return f"Conn({self.group.cfg.name}/{self.slot.index} {self.endpoint})"
@@ -174,9 +178,15 @@ class Conn:
         """Bytes were committed to this connection's outbox: write them when the pass ends."""
         self.group.reactor.flush_later(self)
 
-    def count_accepted(self, msgs: int) -> None:
-        """``msgs`` requests were committed to this connection's outbox."""
+    def count_accepted(self, msgs: int, nbytes: int) -> None:
+        """``msgs`` requests, ``nbytes`` in all, were committed to this connection's outbox."""
         self.requests += msgs
+        mark = self.notsent.committed(msgs, nbytes)
+        if mark:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, mark)
+            except OSError:
+                pass  # the connection failed meanwhile: its next write or read ends it and says why
         if self.budget is not None:
             self.budget -= msgs
             if self.budget <= 0 and self.sm.taking:

@@ -8,7 +8,9 @@ result beside it). Before ``connect``, in this order:
 
 1. ``SO_BINDTODEVICE``, ``SO_MARK``, ``IP_TOS``/``IPV6_TCLASS``,
    ``TCP_CONGESTION``, ``TCP_NOTSENT_LOWAT`` (always: kmuxd's default is
-   not the kernel's), then the caller's own tuning;
+   not the kernel's; this is the floor, which the connection raises while
+   its messages are large, :mod:`kmuxd.core.notsent`), then the caller's
+   own tuning;
 2. the source: ``source_address`` alone is bound with
    ``IP_BIND_ADDRESS_NO_PORT`` (the kernel still picks the port at connect,
    knowing the destination, so ephemeral ports are not used up by binds);
@@ -53,7 +55,7 @@ from typing import Any, Callable, Iterable
 from kmux.errors import ConnectFailed
 
 from kmuxd.core.sourceports import SourcePorts, SourcePortsStatistics
-from kmuxd.system.config import NOTSENT_LOWAT_DEFAULT, SocketConfig
+from kmuxd.system.config import SocketConfig
 from kmuxd.system.privileges import BY_OPTION, missing
 
 __all__ = ["SocketPlan", "SocketPlanStatistics", "SocketOptions", "read_socket_options"]
@@ -229,8 +231,8 @@ class SocketPlan:
         if cfg.congestion is not None:
             self._set(sock, "congestion", socket.IPPROTO_TCP, socket.TCP_CONGESTION, cfg.congestion.encode(),
                       f"setting TCP_CONGESTION {cfg.congestion!r}")
-        # Always set: kmuxd's default is not the kernel's (see NOTSENT_LOWAT_DEFAULT).
-        lowat = cfg.tcp_notsent_lowat if cfg.tcp_notsent_lowat is not None else NOTSENT_LOWAT_DEFAULT
+        # Always set: kmuxd's default is not the kernel's (see NOTSENT_LOWAT_DEFAULT in kmuxd.system.config).
+        lowat = cfg.notsent_floor  # the connection raises it as messages require (kmuxd.core.notsent)
         self._set(sock, "tcp_notsent_lowat", socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT,
                   lowat, f"setting TCP_NOTSENT_LOWAT {lowat}")
 

@@ -109,8 +109,21 @@ class SocketConfig:
     tos: int | None = None
     #: TCP_CONGESTION algorithm.
     congestion: str | None = None
-    #: TCP_NOTSENT_LOWAT, bytes (None: kmuxd's NOTSENT_LOWAT_DEFAULT).
+    #: TCP_NOTSENT_LOWAT, bytes (None: kmuxd's NOTSENT_LOWAT_DEFAULT): the mark's floor.
     tcp_notsent_lowat: int | None = None
+    #: The mark rises to this many of the largest recent message (None:
+    #: NOTSENT_LOWAT_MESSAGES_DEFAULT; 0: the mark stays at the floor). See kmuxd.core.notsent.
+    tcp_notsent_lowat_messages: int | None = None
+
+    @property
+    def notsent_floor(self) -> int:
+        """TCP_NOTSENT_LOWAT set on each connection when it is made, bytes."""
+        return self.tcp_notsent_lowat if self.tcp_notsent_lowat is not None else NOTSENT_LOWAT_DEFAULT
+
+    @property
+    def notsent_messages(self) -> int:
+        return (self.tcp_notsent_lowat_messages if self.tcp_notsent_lowat_messages is not None
+                else NOTSENT_LOWAT_MESSAGES_DEFAULT)
 
     @property
     def configured(self) -> bool:
@@ -651,6 +664,13 @@ NOTSENT_LOWAT_MAX = 1 << 30
 #: in one burst with whatever the apps' sockets held. Beyond this much unsent,
 #: messages wait in kmuxd, where every client gets its turn (docs/config.md).
 NOTSENT_LOWAT_DEFAULT = 131072
+#: Largest tcp_notsent_lowat_messages accepted.
+NOTSENT_LOWAT_MESSAGES_MAX = 64
+#: tcp_notsent_lowat_messages of a group that sets none: the mark rises to
+#: this many of the largest recent message, so that a message larger than the
+#: floor is not cut into pieces that each wait for a nearly drained send
+#: buffer (kmuxd.core.notsent; measured in docs/config.md).
+NOTSENT_LOWAT_MESSAGES_DEFAULT = 4
 
 
 def _parse_socket(raw: Any, p: str, endpoints: tuple[Endpoint | None, ...]) -> SocketConfig:
@@ -680,6 +700,10 @@ def _parse_socket(raw: Any, p: str, endpoints: tuple[Endpoint | None, ...]) -> S
     if "tcp_notsent_lowat" in raw:
         kw["tcp_notsent_lowat"] = problems.check(_int, raw["tcp_notsent_lowat"], f"{p}.tcp_notsent_lowat",
                                                  1, NOTSENT_LOWAT_MAX)
+    if "tcp_notsent_lowat_messages" in raw:
+        kw["tcp_notsent_lowat_messages"] = problems.check(_int, raw["tcp_notsent_lowat_messages"],
+                                                          f"{p}.tcp_notsent_lowat_messages", 0,
+                                                          NOTSENT_LOWAT_MESSAGES_MAX)
     problems.raise_any()
     return SocketConfig(**kw)
 

@@ -106,3 +106,39 @@ def test_balance_steering_skips_a_receiver_whose_send_fails_and_the_connection_g
     finally:
         good.close()
         deaf.close()
+
+
+def test_a_receiver_that_blocks_on_the_last_message_of_its_turn_does_not_take_the_next_ones_turn(
+        backend_factory, daemon_factory):
+    """The flake of the test above ("in pieces", twice in loaded full suites): the
+    good receiver took a message in pieces, its socket filled, so it left the ring
+    (blocked) while taking it; it read the message and was back in the ring before
+    the next one came, and the ring charged its used turn to the deaf receiver
+    behind it and turned past it, every time: the deaf receiver was never offered
+    a message. Here each step is made to happen in that order: the good receiver
+    is not reading while its message is sent, and is ready again before the next."""
+    backend = backend_factory(echo=True)
+    daemon = daemon_factory({"g": group_config(backend, connections=1, rx_batch=1, max_message=1 << 20)},
+                            prefix=["env", "KMUX_WMEM_MAX=65536"])
+    backend.wait_open(1)
+    deaf = deaf_app(daemon)
+    good = Receiver(daemon.connect(name="good"))
+    total = 4
+    frames = [make_frame(1, seq, 240_000) for seq in range(1, total + 1)]
+    try:
+        with daemon.connect(receive=False, name="sender") as sender:
+            for n, frame in enumerate(frames, start=1):
+                good.pause_reading()  # so its socket fills: it leaves the ring while taking the message
+                sender.send(frame)
+                wait_until(lambda: group_record(daemon)["rx_msgs"] == n, 10.0, f"message {n} steered")
+                good.resume_reading()
+                wait_until(lambda: good.count() == n, 10.0, f"message {n} at the good receiver")
+                # ... and the good receiver is in the ring again before the next message.
+                ready = 1 if daemon.logs("client_socket_error") else 2  # the deaf one leaves when it fails
+                wait_until(lambda: group_record(daemon)["receivers_ready"] == ready, 10.0, "the good one ready again")
+            assert good.messages() == frames
+        (line,) = daemon.wait_log("client_socket_error", client=deaf.client_id, timeout=2.0)
+        assert (line["op"], line["errno"]) == ("send", "EPIPE"), line
+    finally:
+        good.close()
+        deaf.close()

@@ -22,7 +22,10 @@ from kmuxd.core.states import (
     SlotState,
     StateMachine,
 )
-from kmuxd.core.steering import ReceiverRing
+from kmux.framing import PRESETS
+from kmuxd.core.counters import GroupCounters
+from kmuxd.core.inbox import Inbox
+from kmuxd.core.steering import FAILED, TAKEN_LAST, BalanceSteering, ReceiverRing
 
 # -- steering ----------------------------------------------------------------
 
@@ -34,7 +37,7 @@ def drain(steering: ReceiverRing, n: int) -> list:
         if r is None:
             break
         out.append(r)
-        steering.used(1)
+        steering.used(r, 1)
     return out
 
 
@@ -75,6 +78,56 @@ def test_blocked_receiver_turned_on_stays_out_until_unblocked():
     assert s.take() == (None, 0)
     assert s.unblocked("a") is True
     assert s.statistics().ready == 1
+
+
+class PiecesReceiver:
+    """Takes each message in pieces, as a session whose socket holds less than one
+    message: the rest is queued, so it leaves the ring (blocked) during the offer."""
+
+    gone = False
+
+    def __init__(self, ring: ReceiverRing) -> None:
+        self.ring = ring
+        self.got = 0
+
+    def offer(self, buf, view, pos, end, keep=False) -> int:
+        self.got += 1
+        self.ring.blocked(self)
+        return TAKEN_LAST
+
+
+class DeafReceiver:
+    """Its every send fails (an app that shut down its reading side)."""
+
+    gone = False
+
+    def __init__(self) -> None:
+        self.offered = 0
+
+    def offer(self, buf, view, pos, end, keep=False) -> int:
+        self.offered += 1
+        return FAILED
+
+
+def test_a_receiver_that_blocks_while_taking_its_last_message_does_not_use_up_the_next_ones_turn():
+    """The flake of test_socket_errors (balance, in pieces): the receiver at the front took a
+    message in pieces and left the ring (blocked) during the offer; its use of the turn was
+    charged to the receiver that had become the front, so when the first came back before
+    the next message arrived, the ring turned past the other one, every time."""
+    ring = ReceiverRing(batch=1)
+    steering = BalanceSteering(ring, GroupCounters())
+    inbox = Inbox(PRESETS["u32be"], 1000, 1000)
+    deaf, good = DeafReceiver(), PiecesReceiver(ring)
+    ring.receive_on(deaf)
+    ring.receive_on(good)
+    for _ in range(6):  # one message at a time, the good receiver writable again in between
+        message = (96).to_bytes(4, "big") + bytes(96)  # u32be: the length after the header
+        inbox.space()[: len(message)] = message
+        assert inbox.received(len(message), 0.0) == 1
+        assert steering.steer(inbox, None, None, 0.0) == 1
+        ring.unblocked(good)
+    assert deaf.offered == 1  # one of the first two, then out of the ring
+    assert (good.got, ring.statistics().ready) == (6, 1)
 
 
 # -- state tables ------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_fifo_matches_written_first_then_pending_and_skips_done():
 class Conn:
     """A connection as the send core sees it (kmuxd.core.sendq.Carrier)."""
 
-    def count_accepted(self, msgs):
+    def count_accepted(self, msgs, nbytes):
         pass
 
     def count_written(self, msgs):

@@ -71,7 +71,7 @@ class Conn:
         #: the scheduler asked it to write when the pass ends
         self.flush_asked = False
 
-    def count_accepted(self, msgs: int) -> None:
+    def count_accepted(self, msgs: int, nbytes: int) -> None:
         self.accepted += msgs
 
     def count_written(self, msgs: int) -> None:

@@ -17,7 +17,7 @@ import pytest
 from kmux.errors import ConfigInvalid, PermissionDenied
 
 from kmuxd.core.sourceports import TRIES_MAX, SourcePorts
-from kmuxd.system.config import SocketConfig, parse_config
+from kmuxd.system.config import NOTSENT_LOWAT_DEFAULT, NOTSENT_LOWAT_MESSAGES_DEFAULT, SocketConfig, parse_config
 from kmuxd.system.privileges import (CapabilityReport, KernelNet, drop_in, effective_capabilities, missing, needs)
 
 BASE = {"version": 1, "groups": {"mc": {"endpoints": ["127.0.0.1:11211"]}}}
@@ -53,6 +53,10 @@ def test_every_option_parses() -> None:
     assert cfg == SocketConfig("127.0.0.2", (700, 710), 0x2A, "lo", 46 << 2, available[0], 16384)
     assert cfg.configured
     assert parse_socket({"tos": 0x10}).tos == 0x10
+    scaled = parse_socket({"tcp_notsent_lowat_messages": 0})
+    assert (scaled.tcp_notsent_lowat_messages, scaled.notsent_messages, scaled.configured) == (0, 0, True)
+    assert (SocketConfig().notsent_floor, SocketConfig().notsent_messages) == (
+        NOTSENT_LOWAT_DEFAULT, NOTSENT_LOWAT_MESSAGES_DEFAULT)
     assert parse_socket({"source_address": "::1"}, ["[::1]:11211"]).source_address == "::1"
 
 
@@ -74,6 +78,9 @@ def test_every_option_parses() -> None:
     ({"tos": 0x10, "dscp": 4}, "dscp", "tos or dscp, not both"),
     ({"congestion": "Cubic!"}, "congestion", "congestion control name"),
     ({"tcp_notsent_lowat": 0}, "tcp_notsent_lowat", "between 1 and"),
+    ({"tcp_notsent_lowat_messages": 65}, "tcp_notsent_lowat_messages", "between 0 and 64"),
+    ({"tcp_notsent_lowat_messages": -1}, "tcp_notsent_lowat_messages", "between 0 and 64"),
+    ({"tcp_notsent_lowat_messages": 2.5}, "tcp_notsent_lowat_messages", "must be an integer"),
     ({"sndbuf": 1}, "sndbuf", "unknown key"),
 ])
 def test_each_bad_value_names_its_key_path(table: dict, key: str, words: str) -> None:

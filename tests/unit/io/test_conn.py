@@ -187,6 +187,34 @@ def test_a_dialled_connection_holds_at_most_tcp_notsent_lowat_unsent_bytes():
     assert not SocketConfig().configured  # a default, not an option the operator set
 
 
+def test_the_connections_notsent_mark_rises_with_its_messages_and_falls_back(world_factory):
+    """A message larger than the mark allows for raises TCP_NOTSENT_LOWAT on the live
+    socket to tcp_notsent_lowat_messages of it (kmuxd.core.notsent), so it is not cut
+    into pieces that each wait for a drained buffer; small messages bring back the floor."""
+    from kmuxd.core.notsent import EPOCH_COMMITS
+
+    w = world_factory(max_message=1 << 20, socket={"tcp_notsent_lowat": 16384, "tcp_notsent_lowat_messages": 3})
+    server = w.connect(tcp=True)
+    conn = w.conn()
+
+    def lowat() -> int:
+        return conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+
+    app = w.attach(sndbuf=1 << 20)
+    assert lowat() == 16384
+    big = frame(b"x" * 20000)
+    app.send(big)
+    w.run()
+    assert split(read_all(server)) == [big]
+    assert lowat() == 3 * len(big)
+    small = frame(b"y" * 100)
+    for _ in range(2 * EPOCH_COMMITS):
+        app.send(small)
+        w.run()
+        read_all(server)
+    assert lowat() == 16384 and conn.notsent.statistics().changes == 2
+
+
 def test_a_client_past_client_max_in_flight_is_read_again_once_answered(world_factory):
     """Its further requests wait in its own socket, not in the connection's and the
     server's queues where another client's request would wait behind them; a

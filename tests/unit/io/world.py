@@ -22,6 +22,7 @@ from kmuxd.io.group import Group
 from kmuxd.io.peercred import PeerCred
 from kmuxd.io.reactor import EPOLLIN, EPOLLRDHUP, Reactor
 from kmuxd.io.session import AppSession
+from kmuxd.io.sockopts import SocketPlan
 from kmuxd.system.config import parse_config
 from kmuxd.system.log import LineBudget
 
@@ -155,9 +156,18 @@ class World:
 
     # -- the group's connections -----------------------------------------------------------
 
-    def connect(self, slot: int = 0, *, sndbuf: int | None = None) -> socket.socket:
-        """Give slot ``slot`` a connection; returns the server's end (non-blocking)."""
-        ours, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    def connect(self, slot: int = 0, *, sndbuf: int | None = None, tcp: bool = False) -> socket.socket:
+        """Give slot ``slot`` a connection (``tcp``: a loopback TCP one with the group's
+        ``[socket]`` options, for what only TCP has; else a socketpair); returns the
+        server's end (non-blocking)."""
+        if tcp:
+            with socket.create_server(("127.0.0.1", 0)) as listener:
+                ours = socket.create_connection(listener.getsockname())
+                server, _ = listener.accept()
+            # The group's [socket] options, as the dial (or an attach) sets them.
+            SocketPlan("g", self.group.cfg.socket).apply_connected(ours)
+        else:
+            ours, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         if sndbuf is not None:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
             server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
