@@ -139,8 +139,8 @@ class ReactorStatistics:
     passes: int
     events: int
     modifies: int
-    #: Times the reactor, with nothing left to do, began a wait that may sleep
-    #: (in its own epoll, or through trio in the portable loop).
+    #: Times the reactor, with nothing left to do, waited and woke for the data
+    #: path (in its own epoll; through trio in the portable loop).
     idle_waits: int
     #: Handlers ended by an unexpected exception.
     crashes: int
@@ -313,9 +313,14 @@ class Reactor:
                             timeout = 0.0
                         else:
                             batch_clear = True
-                    if timeout > 0.0:
+                events = poll(timeout if timeout > 0.0 else 0.0, MAX_EVENTS)
+                if len(events) == 1 and events[0][0] == trio_fd and not (self._again or self._soon or self._flush):
+                    self._trio_ready = True  # only trio's work (a control request): not a pass of ours
+                    served = False
+                else:
+                    served = self._serve(events)
+                    if served and timeout > 0.0:
                         self.idle_waits += 1
-                served = self._serve(poll(timeout if timeout > 0.0 else 0.0, MAX_EVENTS))
                 if self._trio_ready or timeout <= 0.0 or (served and clock() - yielded >= YIELD_INTERVAL):
                     self._trio_ready = False
                     await trio.lowlevel.checkpoint()
