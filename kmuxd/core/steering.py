@@ -110,15 +110,26 @@ class SteeringStatistics:
 
 
 class ReceiverRing:
-    """Round robin over ready receivers, ``batch`` messages per turn."""
+    """Round robin over ready receivers, ``batch`` messages per turn.
 
-    __slots__ = ("batch", "_ring", "_receiving", "_blocked", "_left")
+    Leaving is O(1) wherever the receiver sits (a mass disconnect of N
+    clients would otherwise cost O(N²): ``deque.remove`` scans). The ring
+    holds ``(receiver, ticket)`` entries and ``_ready`` maps each ready
+    receiver to its current ticket: an entry whose ticket is not current
+    is stale (it left, perhaps to come back later with a new ticket) and is
+    dropped when it reaches the front, or when stale entries outnumber live
+    ones (so the ring stays within twice the ready receivers, plus a few).
+    """
+
+    __slots__ = ("batch", "_ring", "_ready", "_tickets", "_receiving", "_blocked", "_left")
 
     def __init__(self, batch: int) -> None:
         if batch < 1:
             raise ValueError("batch must be >= 1")
         self.batch = batch
-        self._ring: deque[Any] = deque()
+        self._ring: deque[tuple[Any, int]] = deque()
+        self._ready: dict[Any, int] = {}
+        self._tickets = 0
         self._receiving: set[Any] = set()
         self._blocked: set[Any] = set()
         self._left = 0  # messages the ring's front may still take this turn
@@ -134,7 +145,7 @@ class ReceiverRing:
             return False
         self._receiving.add(receiver)
         if receiver not in self._blocked:
-            self._ring.append(receiver)
+            self._join_ring(receiver)
             return True
         return False
 
@@ -150,20 +161,25 @@ class ReceiverRing:
     def unblocked(self, receiver: Any) -> bool:
         """The receiver can take messages again. True if it became ready."""
         self._blocked.discard(receiver)
-        if receiver in self._receiving and receiver not in self._ring:
-            self._ring.append(receiver)
+        if receiver in self._receiving and receiver not in self._ready:
+            self._join_ring(receiver)
             return True
         return False
 
     def take(self) -> tuple[Any, int]:
         """The receiver for the next messages and how many it may take now (None, 0: none ready)."""
         ring = self._ring
-        if not ring:
-            return None, 0
-        if self._left <= 0:
+        ready = self._ready
+        if self._left <= 0 and ring:
             ring.rotate(-1)
             self._left = self.batch
-        return ring[0], self._left
+        while ring:
+            receiver, ticket = ring[0]
+            if ready.get(receiver) == ticket:
+                return receiver, self._left
+            ring.popleft()  # stale: it left
+            self._left = self.batch
+        return None, 0
 
     def used(self, receiver: Any, n: int) -> None:
         """``receiver``, the front when :meth:`take` named it, took ``n`` of the messages
@@ -172,22 +188,27 @@ class ReceiverRing:
         that was never offered anything (and, when the first came back before the next
         message, skip it every time)."""
         ring = self._ring
-        if ring and ring[0] is receiver:
+        if ring and ring[0][0] is receiver:  # entries are (receiver, ticket)
             self._left -= n
 
+    def _join_ring(self, receiver: Any) -> None:
+        self._tickets += 1
+        self._ready[receiver] = self._tickets
+        self._ring.append((receiver, self._tickets))
+
     def _leave_ring(self, receiver: Any) -> None:
+        if self._ready.pop(receiver, None) is None:
+            return
         ring = self._ring
-        if ring and ring[0] is receiver:
+        if ring[0][0] is receiver:
             ring.popleft()
             self._left = self.batch
-        else:
-            try:
-                ring.remove(receiver)
-            except ValueError:
-                pass
+        elif len(ring) > 2 * len(self._ready) + 16:
+            ready = self._ready
+            self._ring = deque(entry for entry in ring if ready.get(entry[0]) == entry[1])
 
     def statistics(self) -> SteeringStatistics:
-        return SteeringStatistics(ready=len(self._ring), receiving=len(self._receiving))
+        return SteeringStatistics(ready=len(self._ready), receiving=len(self._receiving))
 
 
 class Steering:

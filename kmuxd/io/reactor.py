@@ -29,13 +29,28 @@ epoll of its own:
   (:meth:`Reactor.flush_later`). Under load one pass carries many clients'
   messages and many responses, so the per-wake-up cost is shared.
 * It gives trio the loop back only when trio has something to do (a task
-  became runnable) and at least every ``YIELD_INTERVAL`` seconds (timers,
-  trio's own sockets: the control socket, dials, signals), and it
-  waits through trio only when nothing is ready. A busy daemon runs pass
-  after pass without a trio round trip between them. (trio's epoll cannot
-  sit in ours: ours already sits in trio's, and the kernel refuses loops.
-  Reading trio's run queue uses its internals; without them,
-  :class:`_TrioView` falls back to a checkpoint after every pass.)
+  became runnable, one of its timers came due, one of its sockets is
+  ready: the control socket, dials, signals) and at least every
+  ``YIELD_INTERVAL`` seconds. A busy daemon runs pass after pass without a
+  trio round trip between them.
+* **Waiting**, when nothing is ready, happens in *our* epoll, with trio's
+  epoll registered inside it and a timeout of trio's next deadline: one
+  ``epoll_wait`` per wake-up. (Waiting through trio instead costs, per
+  wake-up, trio's ``epoll_ctl`` to re-arm our epoll in its own
+  ``EPOLLONESHOT`` set, trio's ``epoll_wait``, a task switch, then our
+  ``epoll_wait``: at one client a pass carries one message and this was
+  most of a request's cost.) The reactor holds trio's thread while it
+  sleeps, so it must wake for everything trio would: trio's sockets
+  (its epoll is readable), its timers (the timeout) and other threads and
+  signals (trio's wake-up socket sits in trio's epoll). The nesting goes
+  one way only (the kernel refuses loops): ours never sits in trio's.
+* This reads trio's internals (:class:`_TrioView`: the run queue, the
+  epoll, the deadlines), checked once at start-up. A trio laid out
+  otherwise, or running a clock that jumps (``MockClock``), gets the
+  portable loop: wait through ``trio.lowlevel.wait_readable`` on our epoll
+  (and, without a readable run queue, a checkpoint after every pass).
+  In the direct wait ``trio.testing.wait_all_tasks_blocked`` never sees
+  the reactor blocked; nothing in kmuxd uses it.
 
 trio keeps what it is good at: lifecycles (nurseries), timers
 (``request_timeout``, ``queue_timeout``, back-off), signals, the control
@@ -88,6 +103,10 @@ MAX_EVENTS = 1024
 #: became runnable in the same trio batch as the reactor, a timer that came
 #: due and trio's own sockets wait at most this.
 YIELD_INTERVAL = 0.001
+#: Longest single sleep in the reactor's own epoll, seconds (trio's timers
+#: and sockets wake it sooner; this only bounds a wait with nothing due).
+MAX_SLEEP = 60.0
+_INF = float("inf")
 
 
 #: Where the shell reads the time: seconds, monotonic (``time.monotonic``;
@@ -120,7 +139,8 @@ class ReactorStatistics:
     passes: int
     events: int
     modifies: int
-    #: Times the reactor waited through trio because nothing was ready.
+    #: Times the reactor, with nothing left to do, waited and woke for the data
+    #: path (in its own epoll; through trio in the portable loop).
     idle_waits: int
     #: Handlers ended by an unexpected exception.
     crashes: int
@@ -143,6 +163,10 @@ class Reactor:
         self._in_pass = False
         #: Handlers to serve next pass as if readable: TLS plaintext that epoll cannot see.
         self._again: list[tuple[int, Handler]] = []
+        #: trio's epoll, registered in ours while :meth:`run` waits directly (-1: not).
+        self._trio_fd = -1
+        #: trio's epoll was reported ready in the last pass: give trio the loop.
+        self._trio_ready = False
         self.passes = self.events = self.modifies = self.idle_waits = self.crashes = 0
 
     # -- registration ------------------------------------------------------------
@@ -217,7 +241,10 @@ class Reactor:
 
     def serve_ready(self) -> bool:
         """One pass over every socket ready now, without waiting. False if there was nothing to do."""
-        events = self._epoll.poll(0, MAX_EVENTS)
+        return self._serve(self._epoll.poll(0, MAX_EVENTS))
+
+    def _serve(self, events: list[tuple[int, int]]) -> bool:
+        """One pass over ``events`` (and what asked to be served again). False if there was nothing to do."""
         if not events and not self._again and not self._soon and not self._flush:
             return False
         self.passes += 1
@@ -231,6 +258,9 @@ class Reactor:
             for fd, mask in events:
                 handler = handlers.get(fd)
                 if handler is None:
+                    if fd == self._trio_fd:
+                        self._trio_ready = True
+                        self.events -= 1
                     continue  # closed earlier in this pass
                 try:
                     handler.handle(mask)
@@ -250,12 +280,64 @@ class Reactor:
     # -- the loop ---------------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        fileno = self._epoll.fileno()
-        clock = self.clock
         trio_view = self._trio_view()
         if trio_view is None:
             self.log.info("reactor_yields_every_pass", reason="trio's run queue is not readable in this trio version")
+        elif trio_view.epoll_fd < 0:
+            self.log.info("reactor_waits_through_trio", reason="trio's epoll or clock is not usable for a direct wait")
         task_status.started()
+        if trio_view is not None and trio_view.epoll_fd >= 0:
+            await self._run_direct(trio_view)
+        else:
+            await self._run_through_trio(trio_view)
+
+    async def _run_direct(self, trio_view: "_TrioView") -> None:
+        """The loop that sleeps in our epoll, trio's inside it (see the module docstring)."""
+        clock = self.clock
+        poll = self._epoll.poll
+        trio_fd = trio_view.epoll_fd
+        self._epoll.register(trio_fd, EPOLLIN)
+        self._trio_fd = trio_fd
+        try:
+            yielded = clock()
+            # Since the last yield, no task of trio's is runnable behind us in
+            # the batch trio is running (those are not in its run queue).
+            batch_clear = False
+            while True:
+                if self._again or self._soon or self._flush:
+                    timeout = 0.0
+                else:
+                    timeout = trio_view.sleep_time()
+                    if timeout > 0.0 and not batch_clear:
+                        if trio_view.batch_waiting():
+                            timeout = 0.0
+                        else:
+                            batch_clear = True
+                events = poll(timeout if timeout > 0.0 else 0.0, MAX_EVENTS)
+                if len(events) == 1 and events[0][0] == trio_fd and not (self._again or self._soon or self._flush):
+                    self._trio_ready = True  # only trio's work (a control request): not a pass of ours
+                    served = False
+                else:
+                    served = self._serve(events)
+                    if served and timeout > 0.0:
+                        self.idle_waits += 1
+                if self._trio_ready or timeout <= 0.0 or (served and clock() - yielded >= YIELD_INTERVAL):
+                    self._trio_ready = False
+                    await trio.lowlevel.checkpoint()
+                    yielded = clock()
+                    batch_clear = False
+        finally:
+            self._trio_fd = -1
+            self._trio_ready = False
+            try:
+                self._epoll.unregister(trio_fd)
+            except (OSError, ValueError):
+                pass  # our epoll or trio's was closed first
+
+    async def _run_through_trio(self, trio_view: "_TrioView | None") -> None:
+        """The portable loop: wait through trio when nothing is ready."""
+        fileno = self._epoll.fileno()
+        clock = self.clock
         yielded = clock()
         while True:
             if not self.serve_ready():
@@ -317,16 +399,24 @@ class Reactor:
 class _TrioView:
     """What the reactor may ask trio's run loop without a task switch.
 
-    trio has no public, cheap way to ask "is anything runnable?", so this
-    reads its runner's run queue (``trio._core._run``), checked once at
-    start-up: if the layout is not what we expect, the reactor simply gives
-    trio the loop after every pass.
+    trio has no public, cheap way to ask "is anything runnable?" or "when is
+    your next timer?", so this reads its runner (``trio._core._run``),
+    checked once at start-up: its run queue, its epoll and its deadlines.
+    Without a readable run queue the reactor gives trio the loop after every
+    pass; without a usable epoll and clock (``epoll_fd`` is -1) it waits
+    through trio (:meth:`Reactor._run_through_trio`).
     """
 
-    __slots__ = ("runq",)
+    __slots__ = ("runq", "epoll_fd", "_deadlines", "_clock", "_tasks")
 
-    def __init__(self, runq: Any) -> None:
+    def __init__(self, runq: Any, epoll_fd: int = -1, deadlines: Any = None, clock: Any = None,
+                 tasks: Any = None) -> None:
         self.runq = runq
+        self._tasks = tasks
+        #: trio's epoll descriptor, for the direct wait (-1: none usable).
+        self.epoll_fd = epoll_fd
+        self._deadlines = deadlines
+        self._clock = clock
 
     @classmethod
     def of_current_run(cls) -> "_TrioView | None":
@@ -340,14 +430,43 @@ class _TrioView:
 
     @classmethod
     def of_runner(cls, runner: Any) -> "_TrioView | None":
-        """A view of ``runner``'s run queue, or None if it does not look as expected."""
+        """A view of ``runner``'s run queue, or None if it does not look as expected
+        (and of its epoll and deadlines, if they do)."""
         try:
             view = cls(runner.runq)
             view.has_work()
-            return view
         except Exception:  # noqa: BLE001 -- a runner laid out otherwise: no shortcut
             return None
+        try:
+            epoll = runner.io_manager._epoll
+            if not isinstance(epoll, select.epoll) or runner.clock_autojump_threshold != float("inf"):
+                return view  # an I/O manager of another kind, or a clock that jumps when all tasks block
+            direct = cls(runner.runq, epoll.fileno(), runner.deadlines, runner.clock, runner.tasks)
+            direct.sleep_time()
+            direct.batch_waiting()
+            return direct
+        except Exception:  # noqa: BLE001 -- laid out otherwise: wait through trio
+            return view
 
     def has_work(self) -> bool:
         """A task is runnable (timers coming due wait for the next YIELD_INTERVAL)."""
         return bool(self.runq)
+
+    def batch_waiting(self) -> bool:
+        """A task is runnable but not in the run queue: trio took it into the batch
+        it is running, after us. Asked once after each yield, before sleeping
+        (O(tasks); a task about to run has its ``_next_send_fn`` set)."""
+        for task in self._tasks:
+            if task._next_send_fn is not None:
+                return True
+        return False
+
+    def sleep_time(self) -> float:
+        """How long the reactor may sleep without keeping trio from anything, seconds
+        (0 or less: trio has a runnable task or a timer due now)."""
+        if self.runq:
+            return 0.0
+        deadline = self._deadlines.next_deadline()
+        if deadline == _INF:
+            return MAX_SLEEP
+        return min(MAX_SLEEP, self._clock.deadline_to_sleep_time(deadline))

@@ -129,6 +129,29 @@ def test_a_receiver_that_blocks_while_taking_its_last_message_does_not_use_up_th
     assert deaf.offered == 1  # one of the first two, then out of the ring
     assert (good.got, ring.statistics().ready) == (6, 1)
 
+def test_receivers_leaving_from_anywhere_keep_the_turns_and_the_ring_bounded():
+    """Leaving is O(1) (a stale entry, dropped later): the turns must be exactly those of
+    a ring without the leavers, a receiver that comes back gets one turn per round, not
+    two, and toggling receivers while the ring stands still does not grow it."""
+    s = ReceiverRing(batch=1)
+    for r in "abcdef":
+        s.receive_on(r)
+    s.remove("c")  # from the middle
+    s.receive_off("e")
+    assert "".join(drain(s, 8)) == "bdfabdfa"
+    s.blocked("d")
+    assert s.unblocked("d") is True  # back: behind the others, once
+    assert "".join(drain(s, 8)) == "bfdabfda"
+    assert s.statistics().ready == 4
+    for _ in range(1000):  # blocked and unblocked with no message taken meanwhile
+        s.blocked("a")
+        s.unblocked("a")
+    assert len(s._ring) <= 2 * s.statistics().ready + 16
+    assert sorted(drain(s, 4)) == ["a", "b", "d", "f"]
+    for r in "abdf":
+        s.remove(r)
+    assert s.take() == (None, 0) and s.statistics().ready == 0
+
 
 # -- state tables ------------------------------------------------------------
 

@@ -57,6 +57,11 @@ QUIESCE_POLL = 0.05
 QUIESCE_TIMEOUT = 10.0
 #: Idle clients: seconds to let the daemon settle before reading its RSS.
 IDLE_SETTLE = 1.0
+#: After the idle cell's clients close: the daemon counts as done with them when its CPU
+#: rose by less than IDLE_QUIET_CPU_S over IDLE_QUIET_S; waited for at most IDLE_DRAIN_MAX_S.
+IDLE_QUIET_S = 0.2
+IDLE_QUIET_CPU_S = 0.004
+IDLE_DRAIN_MAX_S = 20.0
 #: Idle/churn: most seconds for all the clients to connect (or churn).
 IDLE_CONNECT_TIMEOUT = 300.0
 #: Churn: seconds after the last close before the daemon's CPU is read.
@@ -371,10 +376,26 @@ def run_idle(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
         rss1 = status_kib(pid, "VmRSS")
     finally:
         lg.stop()  # SIGTERM: the clients close
+    # The daemon detaches them after they close: let it finish, so that the
+    # next cell (churn) does not count this cell's 10,000 detaches as its own.
+    out["drain_s"] = _wait_quiet(pid)
     out.update(connect_s=res["connect_s"], connected=res["connected"], rss_before_kib=rss0, rss_after_kib=rss1,
                rss_per_client_kib=(rss1 - rss0) / cell.clients,
                connect_us_per_client=res["connect_s"] / cell.clients * 1e6)
     return out
+
+
+def _wait_quiet(pid: int) -> float:
+    """Wait (bounded) until ``pid`` spends almost no CPU; returns the seconds waited."""
+    start = time.monotonic()
+    before = cpu_seconds(pid)
+    while time.monotonic() - start < IDLE_DRAIN_MAX_S:
+        time.sleep(IDLE_QUIET_S)
+        now = cpu_seconds(pid)
+        if now - before < IDLE_QUIET_CPU_S:
+            break
+        before = now
+    return time.monotonic() - start
 
 
 def run_churn(p: Parties, cell: Cell, run_dir: Path, procs: int) -> dict[str, Any]:

@@ -7,6 +7,8 @@ run a real trio loop (no daemon).
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -181,6 +183,95 @@ async def test_with_a_view_of_trio_the_reactor_runs_passes_until_trio_has_work()
     # (a task made runnable in the reactor's own trio batch is not in the queue yet):
     # this task gets every one of its turns.
     assert len(seen) == 5 and seen == sorted(seen) and seen[-1] > 0
+
+
+class Reading:
+    """A reactor Handler that reads what arrives and notes when (time.monotonic)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.at: list[float] = []
+
+    def handle(self, events: int) -> None:
+        self.sock.recv(64)
+        self.at.append(time.monotonic())
+
+    def crash(self, exc: BaseException) -> None:
+        raise AssertionError(exc)
+
+
+def _send_later(sock: socket.socket, delay: float) -> threading.Thread:
+    """Send from a plain thread, so that nothing of trio's (no timer, no wake-up) announces it."""
+    t = threading.Thread(target=lambda: (time.sleep(delay), sock.send(b"x")))
+    t.start()
+    return t
+
+
+async def test_asleep_in_its_epoll_the_reactor_wakes_for_its_sockets_and_for_all_of_trios_work():
+    """The direct wait (trio's epoll inside ours): sleeping in its own epoll, the
+    reactor must still wake for its sockets, trio's timers, trio's sockets, and a
+    task trio took into the batch behind the reactor's. Each would otherwise wait for
+    trio's next deadline (here fail_after's: the test would fail)."""
+    log = RecordingLog()
+    reactor = Reactor(log, trio.current_time)
+    ours, ours_peer = socket.socketpair()
+    handler = Reading(ours)
+    reactor.register(ours.fileno(), handler, EPOLLIN)
+    plain, theirs_peer = socket.socketpair()
+    theirs = trio.socket.from_stdlib_socket(plain)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run)
+            assert not log.events("reactor_waits_through_trio") and not log.events("reactor_yields_every_pass")
+            # Its own socket, while it sleeps.
+            sent = time.monotonic()
+            _send_later(ours_peer, 0.05).join()
+            while not handler.at:
+                await trio.sleep(0.01)
+            assert handler.at[0] - sent < 1
+            # trio's timers: nothing else would wake the loop in time.
+            start = time.monotonic()
+            for _ in range(20):
+                await trio.sleep(0.005)
+            assert time.monotonic() - start < 1
+            # trio's sockets: announced only by trio's epoll.
+            start = time.monotonic()
+            thread = _send_later(theirs_peer, 0.05)
+            assert await theirs.recv(8) == b"x"
+            thread.join()
+            assert time.monotonic() - start < 1
+            # Tasks that only checkpoint: each turn may land in the reactor's batch.
+            start = time.monotonic()
+            for _ in range(200):
+                await trio.lowlevel.checkpoint()
+            assert time.monotonic() - start < 1
+            assert reactor.statistics().idle_waits > 0
+            nursery.cancel_scope.cancel()
+    reactor.close()
+    for s in (ours, ours_peer, theirs, theirs_peer):
+        s.close()
+
+
+async def test_a_trio_whose_epoll_is_not_usable_is_waited_through():
+    """The portable loop: a view with a run queue but no epoll or deadlines."""
+    log = RecordingLog()
+    runq: list = []
+    reactor = Reactor(log, trio.current_time, trio_view=lambda: _TrioView.of_runner(SimpleNamespace(runq=runq)))
+    ours, ours_peer = socket.socketpair()
+    handler = Reading(ours)
+    reactor.register(ours.fileno(), handler, EPOLLIN)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reactor.run)
+            assert log.events("reactor_waits_through_trio")
+            ours_peer.send(b"x")
+            while not handler.at:
+                await trio.sleep(0.01)
+            assert reactor.statistics().idle_waits > 0
+            nursery.cancel_scope.cancel()
+    reactor.close()
+    ours.close()
+    ours_peer.close()
 
 
 async def test_a_slot_dials_carries_and_dials_again_when_its_connection_is_lost():
