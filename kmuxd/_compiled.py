@@ -38,6 +38,7 @@ __all__ = ["COMPILED_MODULES", "MYPYC_FLAGS", "install_guard", "status"]
 COMPILED_MODULES = (
     "kmuxd.core.sendq",
     "kmuxd.core.notsent",
+    "kmuxd.core.contention",
     "kmuxd.core.router",
     "kmuxd.core.inbox",
     "kmuxd.core.steering",

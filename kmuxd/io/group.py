@@ -51,6 +51,7 @@ from kmux.errors import ConnectionLost, DrainTimeout, KmuxError, ResponseTooBig,
 from kmux.protocol import Notice
 
 from kmuxd.core.access import AccessPolicy
+from kmuxd.core.contention import Contention
 from kmuxd.core.counters import GroupCounters
 from kmuxd.core.endpoints import EndpointPool
 from kmuxd.core.router import Flight, IdTable, Request, ResponseRouter
@@ -173,10 +174,8 @@ class Group:
         #: slots removed by a resize: no connection any more, their totals still the group's
         self.removed_slots: list[Slot] = []
         self.clients: dict[int, Client] = {}
-        #: Contention (client_max_in_flight_contended): the client read last and
-        #: when, and the last time a client other than it was read.
-        self._last_sender = -1
-        self._last_sent_at = self._other_sent_at = float("-inf")
+        #: Whether another client sent lately (client_max_in_flight_contended).
+        self.contention = Contention()
         #: Clients held at their in-flight limit since start (each hold counted once).
         self.holds = 0
         #: balance: connections that stopped reading for want of a ready receiver
@@ -441,18 +440,10 @@ class Group:
         cfg = self.cfg
         limit = cfg.client_max_in_flight
         contended = cfg.client_max_in_flight_contended
-        if contended and (not limit or contended < limit):
-            other = self._other_sent_at if client.id == self._last_sender else self._last_sent_at
-            if self.clock() - other < cfg.contention_window:
-                limit = contended
+        if contended and (not limit or contended < limit) and \
+                self.contention.contended(client.id, self.clock(), cfg.contention_window):
+            limit = contended
         return router.room_for(client, limit)
-
-    def note_sender(self, client_id: int, now: float) -> None:
-        """``client_id`` is being read at ``now`` (what flight_room's contention looks at)."""
-        if client_id != self._last_sender:
-            self._other_sent_at = self._last_sent_at
-            self._last_sender = client_id
-        self._last_sent_at = now
 
     # -- time ----------------------------------------------------------------------------------
 

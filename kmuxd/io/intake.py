@@ -203,7 +203,7 @@ class Intake:
         router = group.router
         now = self.clock()
         if router is not None:
-            group.note_sender(session.id, now)
+            group.contention.sent(session.id, now)
         room = group.flight_room(session)
         if room is not None and room < turn:
             turn = max(room, 1)

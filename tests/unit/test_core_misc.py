@@ -421,3 +421,22 @@ def test_access_lists_resolve_names_and_ids():
     assert [(p.id, p.label) for p in g.access.users] == [(0, pwd.getpwuid(0).pw_name), (1234, "1234"), (65534, "65534")]
     assert g.access.admits(1234, 999) and g.access.admits(5000, 5000, [0]) and not g.access.admits(5000, 5000, [7])
     assert parse_config(GOOD).groups["echo"].access.open
+
+
+def test_contention_sees_another_sender_within_the_window_and_not_ones_own_streak():
+    from kmuxd.core.contention import Contention
+
+    c = Contention()
+    assert not c.contended(1, 0.0, 1.0)  # nobody has sent
+    c.sent(1, 0.0)
+    c.sent(1, 0.5)
+    assert not c.contended(1, 0.6, 1.0)  # only its own streak
+    assert c.contended(2, 0.6, 1.0)  # client 1 sent 0.1 s ago
+    assert c.contended(3, 1.4, 1.0) and not c.contended(3, 1.5, 1.0)  # the window ends 1 s after the last send
+    c.sent(2, 2.0)
+    assert c.contended(2, 2.1, 2.0)  # client 1, at 0.5, is within 2 s
+    assert not c.contended(2, 2.1, 1.0)  # ... but not within 1 s
+    assert c.contended(1, 2.1, 1.0)  # client 2 just sent
+    c.sent(1, 2.2)
+    assert c.contended(1, 2.3, 1.0)  # its new streak began after client 2's send at 2.0
+    assert c.statistics().last_sender == 1
