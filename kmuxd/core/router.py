@@ -361,10 +361,6 @@ class ResponseRouter:
         self.owed[owner] = self.owed.get(owner, 0) + 1
         return req
 
-    def in_flight_of(self, owner: Any) -> int:
-        """``owner``'s requests that are neither answered nor told (the ``live`` ones)."""
-        return self.owed.get(owner, 0)
-
     def owed_by(self, owner: Any) -> int:
         """Requests of ``owner`` neither answered nor told."""
         return self.owed.get(owner, 0)

@@ -122,7 +122,8 @@ class Intake:
             if self.open is not None:
                 status = self.open.read()
             else:
-                if group.flight_room(session) == 0:
+                room = group.flight_room(session)
+                if room == 0:
                     # client_max_in_flight: its next requests wait in its own
                     # socket, not behind others' in the server's queues.
                     session.hold_for_answers()
@@ -139,7 +140,7 @@ class Intake:
                         session.close(CloseReason.HUNG_UP_PUSHED_BACK)
                     return
                 self.blocked_since = None
-                status = self._pull(conn)
+                status = self._pull(conn, room)
             if status == _EOF:
                 if self.recv_error is not None:
                     session.close(CloseReason.RECEIVE_FAILED, self.recv_error)
@@ -158,8 +159,9 @@ class Intake:
             if session.closed:
                 return
 
-    def _pull(self, conn: Any) -> int:
-        """Receive packets into ``conn``'s outbox until empty, full or our turn is up.
+    def _pull(self, conn: Any, room: int | None) -> int:
+        """Receive packets into ``conn``'s outbox until empty, full or our turn is up
+        (and no more than ``room``, the client's in-flight room: None, no limit).
 
         The hot loop of the send path: one ``recvmsg_into`` per packet,
         straight into the outbox, the header checked in place. The packet
@@ -204,7 +206,6 @@ class Intake:
         now = self.clock()
         if router is not None:
             group.contention.sent(session.id, now)
-        room = group.flight_room(session)
         if room is not None and room < turn:
             turn = max(room, 1)
         taken = msgs = 0
