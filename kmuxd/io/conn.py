@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -77,7 +77,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Conn", "ConnStatistics"]
 
-_BASE_MASK = EPOLLIN | EPOLLRDHUP
+_BASE_MASK: Final = EPOLLIN | EPOLLRDHUP
 
 
 class Conn(ReceiveSide):

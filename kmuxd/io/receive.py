@@ -41,7 +41,7 @@ in flags; reading never waits.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from kmux.errors import KmuxError
 
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 __all__ = ["ReceiveSide", "ARRIVED_READS_MAX"]
 
 #: Reads of a failing stream, without waiting, to take answers already received.
-ARRIVED_READS_MAX = 64
+ARRIVED_READS_MAX: Final = 64
 
 
 class ReceiveSide:
