@@ -52,6 +52,7 @@ COMPILED_MODULES = (
     "kmuxd.io.intake",
     "kmuxd.io.replies",
     "kmuxd.io.assembly",
+    "kmuxd.io.receive",
     "kmuxd.io.conn",
     "kmuxd.io.slot",
     "kmuxd.io.retry",

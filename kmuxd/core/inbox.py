@@ -59,13 +59,16 @@ No I/O here; nothing imports ``socket`` or ``trio``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from kmux.framing import NEED_MORE, SKIPPED, DecoderStatistics, FrameDecoder, Framing
 
 __all__ = ["Inbox", "InboxStatistics", "RX_BASE"]
 
 #: Offset of the first received byte: one scratch byte precedes it (invariant 2).
-RX_BASE = 1
+RX_BASE: Final = 1
+#: The decoder's "no message under way" (Final: a C static, read at every read).
+_NEED_MORE: Final = NEED_MORE
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +189,7 @@ class Inbox:
             else:
                 self.ends = ends
             self.parsed = consumed
-        if pending < NEED_MORE:
+        if pending < _NEED_MORE:
             self._skipped(consumed, pending == SKIPPED, bool(ends), now)
         elif consumed < self.tail:
             # A partial message: its clock starts when its first bytes came

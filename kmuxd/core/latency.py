@@ -9,14 +9,15 @@ ten samples or ten billion.
 from __future__ import annotations
 
 import math
+from typing import Final
 
 __all__ = ["LatencyHistogram"]
 
 #: Smallest and largest latency the buckets resolve, seconds.
-MIN_LATENCY = 1e-6
-MAX_LATENCY = 100.0
-_STEPS_PER_DOUBLING = 4
-_BUCKETS = int(math.log2(MAX_LATENCY / MIN_LATENCY) * _STEPS_PER_DOUBLING) + 2
+MIN_LATENCY: Final = 1e-6
+MAX_LATENCY: Final = 100.0
+_STEPS_PER_DOUBLING: Final = 4
+_BUCKETS: Final = int(math.log2(MAX_LATENCY / MIN_LATENCY) * _STEPS_PER_DOUBLING) + 2
 
 
 class LatencyHistogram:

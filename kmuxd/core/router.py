@@ -55,7 +55,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Final, Iterable
 
 from kmux.errors import BadFrame, IdInUse, IdsExhausted, IllegalTransition
 
@@ -67,11 +67,20 @@ __all__ = [
 ]
 
 # States and inputs are small ints so a transition is one dict lookup on the
-# hot path (two per request); the table below is the whole machine.
-PENDING, WRITTEN, TIMED_OUT, DONE = range(4)
-STATE_NAMES = ("pending", "written", "timed_out", "done")
-WRITE, ANSWER, LOSE, RETRY, TIME_OUT, EXPIRE = range(6)
-EVENT_NAMES = ("write", "answer", "lose", "retry", "time_out", "expire")
+# hot path (two per request); the table below is the whole machine. Final:
+# mypyc inlines them (a plain module global is a dict lookup at every use).
+PENDING: Final = 0
+WRITTEN: Final = 1
+TIMED_OUT: Final = 2
+DONE: Final = 3
+STATE_NAMES: Final = ("pending", "written", "timed_out", "done")
+WRITE: Final = 0
+ANSWER: Final = 1
+LOSE: Final = 2
+RETRY: Final = 3
+TIME_OUT: Final = 4
+EXPIRE: Final = 5
+EVENT_NAMES: Final = ("write", "answer", "lose", "retry", "time_out", "expire")
 
 TRANSITIONS: dict[tuple[int, int], int] = {
     (PENDING, WRITE): WRITTEN,
@@ -87,7 +96,7 @@ TRANSITIONS: dict[tuple[int, int], int] = {
     (TIMED_OUT, LOSE): DONE,
     (TIMED_OUT, EXPIRE): DONE,
 }
-_NEXT = {s * 8 + e: n for (s, e), n in TRANSITIONS.items()}
+_NEXT: Final = {s * 8 + e: n for (s, e), n in TRANSITIONS.items()}
 
 
 class Request:
@@ -524,7 +533,7 @@ class ResponseRouter:
 
 
 #: Seconds retried requests wait for a fresh connection before taking the freshest one.
-RETRY_FRESH_WAIT = 0.25
+RETRY_FRESH_WAIT: Final = 0.25
 
 
 def retry_room(backlog: int, waited: float, *, limit: int | None, carried: int, queued: int, fresh: bool,

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Final, Protocol
 
 if TYPE_CHECKING:
     from .router import Request
@@ -147,7 +147,7 @@ class Salvage:
 
 #: Messages start at this offset: ``buf[BASE - 1]`` is a scratch byte, so
 #: the byte before ``tail`` always exists (see :class:`Outbox`).
-BASE = 1
+BASE: Final = 1
 
 
 class Outbox:

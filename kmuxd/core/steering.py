@@ -56,7 +56,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Final, Protocol
 
 from kmux.protocol import KIND_DATA
 
@@ -71,17 +71,23 @@ __all__ = [
     "steering_for", "data_packet", "TAKEN", "TAKEN_LAST", "BLOCKED", "FAILED",
 ]
 
+#: KIND_DATA as a C static (a module global would be a dict lookup per message).
+_KIND_DATA: Final = KIND_DATA
+
 #: What :meth:`Receiver.offer` did with a message: took it (and may take the
 #: next), took it and its turn is over (it went out in pieces), could not take
 #: it for now (socket full: the receiver left the ring itself), or failed (it
 #: can take nothing; the message goes to the next receiver).
-TAKEN, TAKEN_LAST, BLOCKED, FAILED = range(4)
+TAKEN: Final = 0
+TAKEN_LAST: Final = 1
+BLOCKED: Final = 2
+FAILED: Final = 3
 
 
 def data_packet(buf: bytearray, view: memoryview, pos: int, end: int) -> memoryview:
     """The DATA packet of the message at ``buf[pos:end]``: its kind byte is written
     into the free byte before it (``Inbox`` invariant 2), so it is sent without a copy."""
-    buf[pos - 1] = KIND_DATA
+    buf[pos - 1] = _KIND_DATA
     return view[pos - 1 : end]
 
 

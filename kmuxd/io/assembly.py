@@ -26,7 +26,7 @@ Invariant: while an :class:`Assembly` has an outbox, that outbox's
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from kmux.errors import AncillaryRefused, BadPacket, KmuxError, MessageTooBig
 from kmux.protocol import KIND_DATA, KIND_DATA_MORE, KIND_MORE, KIND_REQUEUE, KIND_REQUEUE_MORE
@@ -41,7 +41,10 @@ __all__ = ["Assembly", "EMPTY", "FULL", "TURN", "EOF"]
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 #: Why a read of a client stopped (shared with the intake's pull).
-EMPTY, FULL, TURN, EOF = range(4)
+EMPTY: Final = 0
+FULL: Final = 1
+TURN: Final = 2
+EOF: Final = 3
 #: Where a dropped piece is read to (MSG_TRUNC gives its real length).
 _SCRATCH = bytearray(1)
 _PIECE_KINDS = (KIND_DATA_MORE, KIND_DATA, KIND_REQUEUE_MORE, KIND_REQUEUE)

@@ -13,14 +13,11 @@ tables); the connection carries out what the cores decide:
   the connection writes ``outbox[head:tail]`` with one ``send`` when the pass
   ends (:meth:`Conn.flush`, the one place its transport is written). Only a
   refused write turns on ``EPOLLOUT``.
-* **reads**: one ``recv_into`` straight into its :class:`~kmuxd.core.inbox.Inbox`
-  per readiness event (:meth:`Conn.read`, the one place its transport is
-  read), then the group's steering strategy hands every complete message to
-  its client (:mod:`kmuxd.core.steering`). In balance mode, with no receiver
-  ready, it stops reading (the receive side's PAUSED): TCP pushes back.
-  A message over ``max_message`` (within ``max_skip``) goes by unread and
-  the stream carries on: in its place, steering says whose request it
-  answered and the group tells that client ``response_too_big``.
+* **reads** (:mod:`kmuxd.io.receive`, the base class :class:`~kmuxd.io.receive.ReceiveSide`):
+  one ``recv_into`` straight into its :class:`~kmuxd.core.inbox.Inbox` per
+  readiness event, then the group's steering strategy hands every complete
+  message to its client; in balance mode, with no receiver ready, it stops
+  reading and TCP pushes back.
 * **the transport** is the socket, or with ``[groups.NAME.tls]`` a
   :class:`~kmuxd.io.tls.TlsTransport` with the same ``send``/``recv_into``
   contract. TLS hides two things from epoll, so the connection asks for
@@ -54,22 +51,23 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
-from kmux.errors import ConnectionLost, KmuxError, RemoteAssemblyTimeout
+from kmux.errors import ConnectionLost, RemoteAssemblyTimeout
 
 from kmuxd.core.endpoints import Verdict
 from kmuxd.core.inbox import Inbox
 from kmuxd.core.notsent import NotsentMark
 from kmuxd.core.router import Flight
 from kmuxd.core.sendq import Outbox, Salvage
-from kmuxd.core.states import ConnEvent, ConnMachine, ConnState, EndReason, RetireReason, RxEvent, RxState
+from kmuxd.core.states import ConnEvent, ConnMachine, ConnState, EndReason, RetireReason, RxState
 from kmuxd.system.config import NOTSENT_LOWAT_MAX, Endpoint
 
 from .dial import describe
 from .reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
+from .receive import ReceiveSide
 from .sockerr import errno_name
 from .statistics import ConnStatistics
 
@@ -79,20 +77,16 @@ if TYPE_CHECKING:
 
 __all__ = ["Conn", "ConnStatistics"]
 
-#: Reads of a failing stream, without waiting, to take answers already received.
-ARRIVED_READS_MAX = 64
-
-_BASE_MASK = EPOLLIN | EPOLLRDHUP
+_BASE_MASK: Final = EPOLLIN | EPOLLRDHUP
 
 
-class Conn:
+class Conn(ReceiveSide):
     """One TCP connection of a slot, registered in the event core."""
 
     __slots__ = (
-        "group", "slot", "clock", "sock", "fd", "endpoint", "sm", "inbox", "flight", "mask", "connected_at",
-        "steering", "slot_counters", "counters", "tx_msgs", "tx_bytes", "rx_msgs", "requests", "budget",
-        "delivered", "flight_total", "retire_deadline", "retire_reason", "_closed_event", "error", "tls",
-        "transport", "notsent",
+        "group", "slot", "clock", "sock", "fd", "endpoint", "sm", "inbox", "flight", "connected_at",
+        "steering", "slot_counters", "counters", "tx_msgs", "tx_bytes", "requests", "budget", "flight_total",
+        "retire_deadline", "retire_reason", "_closed_event", "error", "tls", "transport", "notsent",
     )
 
     def __init__(self, slot: "Slot", sock: socket.socket, endpoint: Endpoint, inbox: Inbox,
@@ -263,121 +257,6 @@ class Conn:
             for req in written:
                 router.written(req, flight)
 
-    # -- reading -------------------------------------------------------------------------
-
-    def read(self) -> None:
-        """One read into the inbox, then steer what it completed."""
-        inbox = self.inbox
-        try:
-            n = self.transport.recv_into(inbox.space())
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.end(EndReason.ERROR, exc)
-            return
-        if n == 0:
-            self.end(EndReason.FIN)  # everything the server sent has been read
-            return
-        self.slot_counters.rx_bytes += n
-        try:
-            ready = inbox.received(n, self.clock())
-        except KmuxError as exc:  # RemoteFrameTooBig / RemoteBadHeader
-            self.end(EndReason.ERROR, exc, eject=f"bad framing: {exc.message}")
-            return
-        if ready:
-            self.steer()
-        tls = self.tls
-        if tls is not None:
-            if tls.backlog:
-                self.flush_soon()  # the read produced TLS output (a key update): send it
-            if tls.buffered and self.sm.reading and not self.sm.closed:
-                # Plaintext waits inside the SSLObject, where epoll cannot see it:
-                # read again next pass without a readiness event (kmuxd.io.tls, rule 2).
-                self.group.reactor.serve_again(self.fd, self)
-
-    def steer(self) -> None:
-        """Hand the inbox's complete messages over; stop reading if some must wait."""
-        if not self._hand_over():
-            self.pause_reading()
-        elif self.sm.state is ConnState.DRAINING:
-            self.maybe_finish_retiring()
-
-    def _hand_over(self) -> bool:
-        """The steering strategy hands over what it can. True if the inbox has no message left."""
-        inbox = self.inbox
-        while True:
-            count = len(inbox.ends)
-            delivered = self.steering.steer(inbox, self.flight, self.group.sched.outbox_of(self).requests,
-                                            self.clock())
-            left = len(inbox.ends)
-            self.rx_msgs += count - left
-            self.slot_counters.rx_msgs += count - left
-            if delivered:
-                self._answered(delivered)
-            if left or inbox.skip is None:
-                return not left
-            self._hand_over_skipped()
-
-    def _hand_over_skipped(self) -> None:
-        """The inbox skipped a message over max_message, after those just handed over:
-        steering says whose request it answered, the group tells that client; then the
-        inbox cuts the messages after it."""
-        inbox = self.inbox
-        assert inbox.skip is not None
-        size = inbox.skip[2]
-        now = self.clock()
-        req = self.steering.skipped(inbox, self.flight, self.group.sched.outbox_of(self).requests, now)
-        self.rx_msgs += 1
-        self.slot_counters.count_skipped(size)
-        if req is not None:
-            self._answered(1)  # a well-framed answer: the server is healthy, only its answer was too big
-        self.group.response_skipped(self.slot.index, req, size)
-        inbox.skip_taken(now)
-
-    def _answered(self, n: int) -> None:
-        self.delivered += n
-        if self.steering.answers:
-            self.group.endpoints.answered(self.endpoint)
-
-    def pause_reading(self) -> None:
-        """Balance: no receiver is ready. Stop reading; TCP pushes back on the server."""
-        self.sm.fire_rx(RxEvent.PAUSE)
-        self.inbox.pause_clock()
-        self.group.wait_for_receiver(self)
-        self._set_mask(self.mask & ~(EPOLLIN | EPOLLRDHUP))
-
-    def resume_reading(self) -> None:
-        """A receiver became ready: hand over what waits, then read again."""
-        sm = self.sm
-        if sm.reading or sm.closed:
-            return
-        if not self._hand_over():
-            self.group.wait_for_receiver(self)
-            return
-        hung_up = sm.rx is RxState.SUSPENDED
-        sm.fire_rx(RxEvent.UNPAUSE)
-        self.inbox.resume_clock(self.clock())
-        if hung_up:
-            # Back into the epoll, and read now: a hang-up means the rest of
-            # the stream (and its end) is there to read.
-            self.mask |= EPOLLIN | EPOLLRDHUP
-            self.group.reactor.register(self.fd, self, self.mask)
-            self.read()
-        else:
-            self._set_mask(self.mask | EPOLLIN | EPOLLRDHUP)
-            if self.tls is not None and self.tls.buffered:
-                self.read()  # plaintext already inside the SSLObject: no readiness event comes for it
-
-    def _hung_up_while_paused(self, events: int) -> None:
-        # Level-triggered epoll reports a hang-up for as long as it lasts,
-        # whatever the mask: take the socket out of the epoll until a
-        # receiver is ready, then read what the server sent before it went.
-        if events & (EPOLLHUP | EPOLLERR) and self.sm.rx is RxState.PAUSED:
-            self.sm.fire_rx(RxEvent.HANG_UP)
-            self.group.reactor.unregister(self.fd)
-        if events & EPOLLRDHUP and self.sm.taking:
-            self.retire(RetireReason.SERVER_CLOSED, True)
-
     # -- retiring ------------------------------------------------------------------------------
 
     def retire(self, reason: RetireReason, recycle: bool, deadline: float | None = None) -> None:
@@ -541,31 +420,6 @@ class Conn:
             self.endpoint, now, answered=answered, unanswered=unanswered, age=now - self.connected_at,
             answers=self.rx_msgs, graceful=graceful, requested=requested, reason=self.error or "",
         )
-
-    def _take_arrived(self) -> bool:
-        """Read and steer, without waiting, whatever already arrived on a failing stream.
-
-        True if the server's FIN was among it (it closed before the stream failed).
-        """
-        inbox = self.inbox
-        for _ in range(ARRIVED_READS_MAX):
-            if inbox.ends or inbox.skip is not None:
-                if not self._hand_over():
-                    return False
-            try:
-                n = self.transport.recv_into(inbox.space())
-            except OSError:
-                return False  # EAGAIN: all taken; else the stream's error, which end() logs
-            if n == 0:
-                return True
-            self.slot_counters.rx_bytes += n
-            try:
-                inbox.received(n, self.clock())
-            except KmuxError:
-                return False
-        if inbox.ends or inbox.skip is not None:
-            self._hand_over()
-        return False
 
     # -- statistics ------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ and is the sender (:class:`~kmuxd.core.sendq.Owner`) the cores see.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Final
 
 from kmux.errors import AncillaryRefused, BadFrame, BadPacket, KmuxError, MessageTooBig
 from kmux.protocol import (
@@ -59,10 +59,16 @@ if TYPE_CHECKING:
 
 __all__ = ["Intake", "QUEUE_REFUSALS_PER_TICK"]
 
-_MSG_TRUNC = int(socket.MSG_TRUNC)  # plain ints: IntFlag & costs ~1 µs per packet
-_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+# Plain ints (IntFlag & costs ~1 µs per packet), Final (a C static, not a dict lookup per use).
+_MSG_TRUNC: Final = int(socket.MSG_TRUNC)
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_KIND_DATA: Final = KIND_DATA
+_KIND_DATA_MORE: Final = KIND_DATA_MORE
 # Why a pull stopped.
-_EMPTY, _FULL, _TURN, _EOF = EMPTY, FULL, TURN, EOF  # shared with the assembly of messages in pieces
+_EMPTY: Final = EMPTY  # shared with the assembly of messages in pieces
+_FULL: Final = FULL
+_TURN: Final = TURN
+_EOF: Final = EOF
 #: Seconds between "message_refused" log lines for one client (all are counted).
 REFUSAL_LOG_INTERVAL = 10.0
 #: Most unread packets read and dropped when a session closes.
@@ -231,7 +237,7 @@ class Intake:
                 status = _EOF
                 break
             size = n - 1
-            if kind == KIND_DATA and not flags & _MSG_CTRUNC:
+            if kind == _KIND_DATA and not flags & _MSG_CTRUNC:
                 self.seq += 1
                 err: KmuxError | None
                 if flags & _MSG_TRUNC or size > max_message:
@@ -263,7 +269,7 @@ class Intake:
                 self._refuse_ancillary(kind, now)
                 if self.open is not None:
                     return self.open.read()  # the rest of that message goes with it
-            elif kind == KIND_DATA_MORE:
+            elif kind == _KIND_DATA_MORE:
                 self.seq += 1
                 self.open = asm = Assembly.begin(self, outbox, tail, size, bool(flags & _MSG_TRUNC), now)
                 first_seq = self.seq + 1

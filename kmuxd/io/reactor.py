@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import select
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Final, Protocol
 
 import trio
 
@@ -91,22 +91,24 @@ __all__ = [
     "EPOLLIN", "EPOLLOUT", "EPOLLRDHUP", "EPOLLHUP", "EPOLLERR",
 ]
 
-EPOLLIN = select.EPOLLIN
-EPOLLOUT = select.EPOLLOUT
-EPOLLRDHUP = select.EPOLLRDHUP
-EPOLLHUP = select.EPOLLHUP
-EPOLLERR = select.EPOLLERR
+# Final: mypyc keeps each in a C static; a plain module global costs a dict lookup
+# at every use, in every compiled module that imports it (the hot path uses them per event).
+EPOLLIN: Final = select.EPOLLIN
+EPOLLOUT: Final = select.EPOLLOUT
+EPOLLRDHUP: Final = select.EPOLLRDHUP
+EPOLLHUP: Final = select.EPOLLHUP
+EPOLLERR: Final = select.EPOLLERR
 
 #: Most events taken from the epoll per pass.
-MAX_EVENTS = 1024
+MAX_EVENTS: Final = 1024
 #: Longest run of passes without giving trio the loop, seconds: a task that
 #: became runnable in the same trio batch as the reactor, a timer that came
 #: due and trio's own sockets wait at most this.
-YIELD_INTERVAL = 0.001
+YIELD_INTERVAL: Final = 0.001
 #: Longest single sleep in the reactor's own epoll, seconds (trio's timers
 #: and sockets wake it sooner; this only bounds a wait with nothing due).
-MAX_SLEEP = 60.0
-_INF = float("inf")
+MAX_SLEEP: Final = 60.0
+_INF: Final = float("inf")
 
 
 #: Where the shell reads the time: seconds, monotonic (``time.monotonic``;

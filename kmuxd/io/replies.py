@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import socket
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from kmux.errors import ResponseDropped
 from kmux.protocol import DATA_MORE_PREFIX, DATA_PREFIX, Notice, encode_notice
@@ -40,9 +40,11 @@ if TYPE_CHECKING:
 __all__ = ["Replies", "EMPTIED", "STILL_FULL", "SEND_FAILED"]
 
 #: Marks a notice in the queue (the other entries complete a response of that many bytes, or 0).
-_NOTICE = -1
+_NOTICE: Final = -1
 #: What :meth:`Replies.flush` did: everything went out, the socket is full again, or it failed.
-EMPTIED, STILL_FULL, SEND_FAILED = range(3)
+EMPTIED: Final = 0
+STILL_FULL: Final = 1
+SEND_FAILED: Final = 2
 
 
 class Replies:
