@@ -356,7 +356,7 @@ def group_summary(g: Mapping[str, Any]) -> list[str]:
     ]
     if any(field in g for _, field, _ in OUTAGE_COUNTERS):
         lines.append("    " + "  ".join(f"{label} {fmt(g.get(field))}" for label, field, fmt in OUTAGE_COUNTERS))
-    lines.append(f"    attached {c('attached')}  unattached {c('unattached')}")
+    lines.append(f"    clients joined {c('clients_joined')}  left {c('clients_left')}")
     sock = socket_summary(g.get("socket"))
     if sock is not None:
         lines.append(sock)

@@ -30,7 +30,7 @@ class GroupCounters:
     """A group's totals since it started (GroupStatistics shows them as they are)."""
 
     __slots__ = (
-        "tx_msgs", "tx_bytes", "tx_retries", "rx_msgs", "rx_bytes", "rx_paused", "attached", "unattached",
+        "tx_msgs", "tx_bytes", "tx_retries", "rx_msgs", "rx_bytes", "rx_paused", "clients_joined", "clients_left",
         "refused", "requeued", "notices_sent", "dropped_unread", "queue_timeouts", "slow_consumers",
         "responses_dropped", "recycles", "skipped_msgs", "skipped_bytes",
     )
@@ -46,9 +46,10 @@ class GroupCounters:
         self.rx_bytes = 0
         #: Times parsing paused because no receiver was ready (balance steering).
         self.rx_paused = 0
-        #: Clients attached / detached (the group).
-        self.attached = 0
-        self.unattached = 0
+        #: Clients that joined / left the group (named apart from the TCP
+        #: connections an app attaches, KCM's attach/unattach).
+        self.clients_joined = 0
+        self.clients_left = 0
         #: Messages refused and bad packets; messages handed back (REQUEUE);
         #: notices sent; packets never read, dropped when their client left (the client).
         self.refused = 0

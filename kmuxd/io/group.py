@@ -343,7 +343,7 @@ class Group:
 
     def attach(self, client: Client, receive: bool) -> None:
         self.clients[client.id] = client
-        self.counters.attached += 1
+        self.counters.clients_joined += 1
         if receive and self.receivers.receive_on(client):
             self.receiver_ready()
 
@@ -351,7 +351,7 @@ class Group:
         """The client left, or was detached (it is ``gone``): its accepted messages still go out."""
         if self.clients.pop(client.id, None) is None:
             return
-        self.counters.unattached += 1
+        self.counters.clients_left += 1
         self.receivers.remove(client)
         self.sched.forget(client)
 
@@ -475,8 +475,8 @@ class Group:
             rx_msgs=c.rx_msgs,
             rx_bytes=c.rx_bytes,
             tx_retries=c.tx_retries,
-            attached=c.attached,
-            unattached=c.unattached,
+            clients_joined=c.clients_joined,
+            clients_left=c.clients_left,
             rx_ready_drops=0,
             rx_paused=c.rx_paused,
             queued_msgs=sum(q.queued_msgs for q in queues) + sstats.orphaned_msgs,

@@ -41,9 +41,10 @@ class GroupStatistics:
     rx_bytes: int
     #: Messages re-sent from byte 0 after their connection failed.
     tx_retries: int
-    #: Clients attached / detached since start (KCM attach/unattach).
-    attached: int
-    unattached: int
+    #: Clients that joined / left the group since start (not the TCP
+    #: connections an app attaches: those are in ``connections``).
+    clients_joined: int
+    clients_left: int
     #: KCM's rx_ready_drops: always 0 here, parsing pauses instead.
     rx_ready_drops: int
     #: Times parsing paused because no receiver was ready.

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .backend import BackendProcess, LineReader, stop_children
+from .lifeline import preexec
 
 __all__ = ["DaemonProcess", "main"]
 
@@ -185,7 +186,7 @@ class DaemonProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kmuxd", "--config", str(config_path), "--log-format", "json"],
             stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=self._log_file, start_new_session=True,
-            preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None,
+            preexec_fn=preexec(cpu),
         )
 
     @property
@@ -301,7 +302,7 @@ class App:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kmuxd.tools.demo", "--app", str(number), "--socket", socket_path,
              "--messages", str(messages)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, preexec_fn=preexec(),
         )
         self.lines = LineReader(self.proc.stdout.fileno())
         self.info: dict[str, Any] = {}

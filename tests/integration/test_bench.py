@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,46 @@ def test_repeats_merge_into_medians_and_keep_failures_visible():
     assert [r.get("error") for r in merged["runs"]] == [None, None, None, "loadgen died"]
     failed = merge_runs([{"label": "x", "error": "a"}, {"label": "x", "error": "b"}])
     assert failed["error"] == "a"
+
+
+#: Seconds a child may take to die after its tool was killed outright.
+ORPHAN_DEATH_TIMEOUT = 10.0
+
+ORPHAN_PARENT = """
+import sys, time
+from pathlib import Path
+from kmuxd.tools.bench.procs import Child
+child = Child("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"], Path(sys.argv[1]))
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie that nobody reaped yet counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_children_die_with_a_bench_that_is_killed_outright(tmp_path):
+    """SIGKILL leaves the bench no chance to stop its children: the kernel's parent-death signal does it."""
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN_PARENT, str(tmp_path / "sleeper.log")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(parent.stdout.readline())
+        assert _alive(child_pid)
+        parent.kill()
+        parent.wait(5)
+        deadline = time.monotonic() + ORPHAN_DEATH_TIMEOUT
+        while _alive(child_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survived = _alive(child_pid)
+        if survived:
+            os.kill(child_pid, signal.SIGKILL)
+        assert not survived, "the bench's child outlived a SIGKILLed bench"
+    finally:
+        parent.kill()
+        parent.stdout.close()

@@ -261,7 +261,7 @@ def test_metrics_parse_and_equal_the_json(two_groups, close_all, short_dir):
     assert value("kmux_daemon_reloads_total") == 0
     for g in answer["groups"]:
         name = g["name"]
-        for field in ("tx_msgs", "tx_bytes", "rx_msgs", "rx_bytes", "tx_retries", "attached", "refused"):
+        for field in ("tx_msgs", "tx_bytes", "rx_msgs", "rx_bytes", "tx_retries", "clients_joined", "refused"):
             assert value(f"kmux_group_{field}_total", group=name) == g[field], (name, field)
         assert value("kmux_group_connections_up", group=name) == g["connections_up"]
         assert value("kmux_group_connections", group=name) == g["connections_total"]

@@ -110,7 +110,7 @@ def test_counters_are_exact_after_known_traffic(backend_factory, daemon_factory,
     assert (g["tx_msgs"], g["tx_bytes"], g["rx_msgs"], g["rx_bytes"]) == (total, total_bytes, total, total_bytes)
     assert (g["queued_msgs"], g["queued_bytes"], g["tx_retries"], g["refused"]) == (0, 0, 0, 0)
     assert (g["connections_up"], g["connections_total"], g["clients"], g["receivers_ready"]) == (3, 3, 5, 2)
-    assert (g["attached"], g["unattached"], g["waiting_clients"]) == (5, 0, 0)
+    assert (g["clients_joined"], g["clients_left"], g["waiting_clients"]) == (5, 0, 0)
 
     # Per connection: the daemon's counts are the backend's counts on that TCP connection.
     by_port = backend.open_by_port()

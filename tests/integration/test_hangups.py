@@ -282,9 +282,9 @@ def test_churn_through_a_dead_group_locks_nobody_out(backend_factory, daemon_fac
     assert not errors, errors
     assert not refused, f"{len(refused)} refused, e.g. {refused[:3]}"
     g = wait_until(lambda: (g := group_record(daemon, "dead"))["clients"] == 0 and g, 5.0, "every dead-group app gone")
-    assert g["attached"] == CHURN_CLIENTS and g["unattached"] == CHURN_CLIENTS, g
+    assert g["clients_joined"] == CHURN_CLIENTS and g["clients_left"] == CHURN_CLIENTS, g
     assert g["dropped_unread"] == 2 * CHURN_CLIENTS and g["tx_msgs"] == 0, g
     after = wait_until(lambda: (n := daemon.fd_count()) == baseline and n, 5.0,
                        f"kmuxd's descriptors back to {baseline} (now {daemon.fd_count()})")
-    print(f"churn: {CHURN_CLIENTS} apps through a dead group in {took:.1f}s, {g['unattached']} detached, "
+    print(f"churn: {CHURN_CLIENTS} apps through a dead group in {took:.1f}s, {g['clients_left']} left, "
           f"{probes[0]} healthy-group probes all served, fds {baseline} before / {after} after")

@@ -12,6 +12,7 @@ range the client reported as of unknown fate.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import random
 import signal
@@ -34,6 +35,10 @@ from .transports import AsyncClient, Transport, transport, until  # noqa: F401 -
 POLICY = ReconnectPolicy(deadline=10.0, initial_delay=0.02, max_delay=0.2,
                          buffer_messages=2_000_000, buffer_bytes=512 * 1024 * 1024)
 N_CLIENTS = 4
+
+# A resend buffer that overflows here means the bound above is too small for
+# what the senders did, and the test would check less than it says: fail loudly.
+pytestmark = pytest.mark.filterwarnings("error::kmux.AccountingWarning")
 
 
 class Senders:
@@ -177,8 +182,8 @@ async def test_crash_reports_unknown_fate_and_recovers(transport, backend_factor
     backend = backend_factory(summarize=summarize_frame)
     d1 = daemon_factory({"g": group_config(backend, connections=2)})
     reports: list[kmux.UnknownFate] = []
-    policies = [POLICY] * (N_CLIENTS - 1) + [ReconnectPolicy(deadline=10.0, initial_delay=0.02, max_delay=0.2,
-                                                              unknown="report", on_unknown=reports.append)]
+    policies = [POLICY] * (N_CLIENTS - 1) + [dataclasses.replace(POLICY, unknown="report",
+                                                                  on_unknown=reports.append)]
     senders = await Senders.connect(transport, d1.socket_path, policies)
     async with trio.open_nursery() as nursery:
         senders.start(nursery)

@@ -144,9 +144,9 @@ def session(group: str, mode: str, n: int, **kw) -> dict:
 def evidence(**over) -> Evidence:
     sessions = [session("rr", "id", 1), session("rr", "id", 2), session("ow", "balance", 3)]
     cli = [
-        {"name": "rr", "attached": 2, "unattached": 2, "clients": 0, "tx_msgs": 20, "rx_msgs": 18,
+        {"name": "rr", "clients_joined": 2, "clients_left": 2, "clients": 0, "tx_msgs": 20, "rx_msgs": 18,
          "requests_failed": 2, "requests_timed_out": 0, "refused": 0, "unmatched_responses": 4},
-        {"name": "ow", "attached": 1, "unattached": 1, "clients": 0, "tx_msgs": 10, "rx_msgs": 0},
+        {"name": "ow", "clients_joined": 1, "clients_left": 1, "clients": 0, "tx_msgs": 10, "rx_msgs": 0},
     ]
     backends = {"rr": {"frames": 20, "stray_sent": 4, "stray_at_risk": 0},
                 "ow": {"frames": 10, "bytes": 1000, "per_session": {"3": 10}}}

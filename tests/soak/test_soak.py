@@ -51,7 +51,7 @@ def test_the_run_was_a_soak(short_soak):
     assert {g["mode"] for g in groups.values()} == {"id", "fifo", "balance"}
     for name, g in groups.items():
         assert g["requests"] > 100 and g["sessions"] >= 2, (name, g["requests"], g["sessions"])
-        assert g["daemon"]["attached"] == g["sessions"]
+        assert g["daemon"]["clients_joined"] == g["sessions"]
     assert result["outages"], "the schedule for this seed has outages"
     assert result["operations"], "the schedule for this seed has operator actions"
     assert sum(result["faults"].values()) >= 5, result["faults"]

@@ -104,7 +104,7 @@ def group(name: str, conns: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
         "name": name, "endpoints": ("10.0.0.1:9000",), "framing": "u32be", "steering": "balance",
         "connections_up": sum(1 for c in conns if c["state"] == "ready"), "connections_total": len(conns),
         "clients": 2, "receivers_ready": 1, "tx_msgs": 1_234_567, "tx_bytes": 3_565_158_400,
-        "rx_msgs": 999, "rx_bytes": 512, "tx_retries": 4, "attached": 7, "unattached": 5, "rx_ready_drops": 0,
+        "rx_msgs": 999, "rx_bytes": 512, "tx_retries": 4, "clients_joined": 7, "clients_left": 5, "rx_ready_drops": 0,
         "rx_paused": 1, "queued_msgs": 3, "queued_bytes": 2048, "waiting_clients": 0, "refused": 1,
         "requeued": 0, "uptime": 3600.5, "requests_in_flight": 5, "notices_sent": 2,
         "unmatched_responses": 0, "latency_p50_us": 850, "latency_p99_us": 12_300,

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..lifeline import preexec
 from .counting import DEFAULT_MAX_MESSAGE
 
 __all__ = ["BackendProcess", "LineReader", "stop_children"]
@@ -76,6 +77,8 @@ class BackendProcess:
     The child gets its own session (process group) so a Ctrl-C in the
     caller's terminal reaches only the caller, which then stops the child in
     order: the report must be written after everything upstream has stopped.
+    It dies with the caller's thread if the caller is killed outright
+    (:mod:`kmuxd.tools.lifeline`): construct it from a thread that outlives it.
     """
 
     def __init__(self, mode: str, framing: str = "u32be", *, report: str | Path, stderr=None,
@@ -86,7 +89,7 @@ class BackendProcess:
                "--max-message", str(max_message), "--report", str(self.report_path), "--control"]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True,
-            preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None,
+            preexec_fn=preexec(cpu),
         )
         self.lines = LineReader(self.proc.stdout.fileno())
         self.port = 0

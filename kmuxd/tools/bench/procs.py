@@ -9,7 +9,8 @@ its own; when the kernel refuses, the peak is the process's lifetime peak
 and :func:`reset_peak_rss` says so.
 
 Children run in their own session (a Ctrl-C reaches only the bench, which
-then stops them in order), with their output in files under the run
+then stops them in order) and die with the bench if it is killed outright
+(:mod:`kmuxd.tools.lifeline`), with their output in files under the run
 directory. :class:`Child` is the one wrapper; :class:`LoadGen` speaks the
 load generator's line protocol (``ready``, ``go ...``, one JSON result).
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backend import LineReader
+from ..lifeline import preexec
 
 #: Clock ticks per second of /proc's CPU times.
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -223,7 +225,7 @@ class Child:
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE if pipe_stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE if pipe_stdout else self._log, stderr=self._log, start_new_session=True,
-            preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None,
+            preexec_fn=preexec(cpu),
         )
         self.lines = LineReader(self.proc.stdout.fileno()) if pipe_stdout else None
 

@@ -181,8 +181,8 @@ def _counter_checks(t: GroupTotals, g: dict[str, Any] | None, b: dict[str, Any],
         return [(False, f"{t.name}: no such group in kmux-cli groups -j")]
     exact = not settings["queue_timeout"] and not settings["retry_unanswered"]
     out = [
-        _compare("attached", g.get("attached"), t.sessions),
-        _compare("unattached", g.get("unattached"), t.sessions),
+        _compare("clients_joined", g.get("clients_joined"), t.sessions),
+        _compare("clients_left", g.get("clients_left"), t.sessions),
         _compare("clients", g.get("clients"), 0),
     ]
     written = t.sent - t.not_written

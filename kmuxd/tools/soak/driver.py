@@ -351,7 +351,7 @@ class Soak:
 
 
 #: Group counters copied into the result (the checks use more).
-DAEMON_COUNTERS = ("attached", "unattached", "tx_msgs", "rx_msgs", "tx_retries", "requests_failed",
+DAEMON_COUNTERS = ("clients_joined", "clients_left", "tx_msgs", "rx_msgs", "tx_retries", "requests_failed",
                    "requests_timed_out", "late_responses", "dropped_responses", "unmatched_responses", "refused",
                    "notices_sent")
 

@@ -80,9 +80,9 @@ def render(result: dict[str, Any]) -> str:
     )
     lines += ["", "kmuxd's counters (kmux-cli groups -j) and the backends' counts"]
     lines += _table(
-        ["GROUP", "ATTACHED", "TX_MSGS", "RX_MSGS", "FAILED", "TIMED_OUT", "LATE", "DROPPED", "UNMATCHED",
+        ["GROUP", "JOINED", "TX_MSGS", "RX_MSGS", "FAILED", "TIMED_OUT", "LATE", "DROPPED", "UNMATCHED",
          "RETRIES", "BACKEND_FRAMES", "ANSWERED", "UNASKED", "CONNS"],
-        [[n, g["daemon"]["attached"], g["daemon"]["tx_msgs"], g["daemon"]["rx_msgs"], g["daemon"]["requests_failed"],
+        [[n, g["daemon"]["clients_joined"], g["daemon"]["tx_msgs"], g["daemon"]["rx_msgs"], g["daemon"]["requests_failed"],
           g["daemon"]["requests_timed_out"], g["daemon"]["late_responses"], g["daemon"]["dropped_responses"],
           g["daemon"]["unmatched_responses"], g["daemon"]["tx_retries"], g["backend"].get("frames"),
           g["backend"].get("answered"), g["backend"].get("stray_sent"), g["backend"].get("conns")]
