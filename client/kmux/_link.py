@@ -36,6 +36,13 @@ from typing import Any
 
 from .sockbuf import hung_up
 
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # not a dependency: mypyc reads the decorator when it compiles, Python needs only a name
+
+    def mypyc_attr(*args: Any, **kwargs: Any) -> Any:  # type: ignore[no-redef,misc]
+        return lambda cls: cls
+
 __all__ = ["SocketLink", "SEND_FLAGS"]
 
 #: As plain ints: an enum.IntFlag costs microseconds per packet.
@@ -46,6 +53,7 @@ SEND_FLAGS = int(socket.MSG_NOSIGNAL)
 _SIOCOUTQ = termios.TIOCOUTQ
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # trio's link subclasses it, not compiled
 class SocketLink:
     """A connected socket. A transport subclasses it with ``set_wait``, ``recv_packet`` and what its waiting needs.
 
