@@ -90,7 +90,7 @@ from __future__ import annotations
 import errno
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Generator
+from typing import TYPE_CHECKING, Any, Callable, Final, Generator
 
 from ._requests import Acquire, Connect, Recv, Send, SizeSendBuffer, Sleep, TryAcquire, WaitProgress
 from ._reconnect import ReconnectBackoff, ReconnectCore, UnknownFate, is_retryable, translate_seq
@@ -98,6 +98,9 @@ from ._session import CONCAT_MAX, ClientSession, HandBack, State
 from .errors import ClientClosed, DaemonUnavailable, GroupUnavailable, InternalError, KmuxError, MessageTooBig
 from ._settings import ClientSettings
 from .protocol import DATA_PREFIX
+
+if TYPE_CHECKING:  # the transports' links (the driver calls them, never imports sockets)
+    from ._link import SocketLink
 
 __all__ = ["ClientDriver", "ClientSettings", "ClientStatistics", "PEER_GONE", "EMPTY", "NO_MESSAGE"]
 
@@ -133,7 +136,10 @@ class _Empty:
 
 
 #: :meth:`ClientDriver.receive_now` found no message within its timeout.
-EMPTY = _Empty()
+EMPTY: Final = _Empty()
+#: The kind byte of a one-packet message. Final: compiled (kmux._compiled), read
+#: from a static rather than from a module's dictionary per message.
+_DATA_PREFIX: Final[bytes] = DATA_PREFIX
 #: What a receive that timed out raises (TimeoutError), whichever path it took.
 NO_MESSAGE = "no message from kmuxd within the timeout"
 
@@ -170,7 +176,7 @@ class _Conn:
 
     __slots__ = ("link", "session", "lost")
 
-    def __init__(self, link: Any, session: ClientSession) -> None:
+    def __init__(self, link: SocketLink, session: ClientSession) -> None:
         self.link = link
         self.session = session
         #: why it is unusable (rules 1 and 2), or None
@@ -283,7 +289,7 @@ class ClientDriver:
         session.check_data(message)
         link = conn.link
         try:
-            link.send_packet(DATA_PREFIX + message, link.send_flags)
+            link.send_packet(_DATA_PREFIX + message, link.send_flags)
         except OSError:
             return None
         if self.core is not None:

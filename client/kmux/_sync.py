@@ -61,7 +61,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Generator
+from typing import Any, Callable, Final, Generator
 
 from . import _requests as rq
 from ._client import ClientInfo, ReconnectInfo
@@ -80,7 +80,7 @@ RCVTIMEO_MIN = 0.1
 #: Bounds above this (seconds) are kept as "no bound" (SO_RCVTIMEO 0).
 RCVTIMEO_MAX = float(1 << 31)
 _TIMEVAL = struct.Struct("@ll")
-_monotonic = time.monotonic
+_monotonic: Final = time.monotonic
 
 
 class Client(ClientInfo):

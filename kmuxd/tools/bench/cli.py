@@ -34,8 +34,8 @@ from .workloads import Cell, available, run_app, run_churn, run_flood, run_idle,
 WORKLOADS = ("flood", "rr", "open", "latency", "app", "idle", "churn", "rss")
 #: The full run: everything but the 60 s RSS flood (select it with --workload rss).
 DEFAULT_WORKLOADS = ("flood", "rr", "open", "latency", "app", "idle", "churn")
-#: app cells: the Python client's APIs, each through the library and through a raw socket.
-APP_APIS = ("raw", "kmux", "raw-trio", "kmux-trio")
+#: app cells: the library's Python APIs, each paired in one process with its raw twin (appclient --paired).
+APP_APIS = ("kmux", "kmux-trio")
 #: The receive bound of the Python clients' rows with a timeout (the library's recv(timeout=...)).
 APP_TIMEOUT = 5.0
 PEERS = ("direct", "twemproxy", "zmq", "crelay", "tls")
@@ -110,8 +110,10 @@ def build_plan(a: argparse.Namespace) -> list[Cell]:
             cells.append(Cell("latency", "kmuxd", 1, 64, steering, conns, api="kmux", recv_timeout=APP_TIMEOUT, **py))
             if not a.quick:
                 cells.append(Cell("latency", "kmuxd", 1, 64, steering, conns, api="raw", **py))
+            # Python direct is the baseline of every "added" figure here (and memcached is always up):
+            # it runs whatever --peers says, so the Python latency targets are never left without it.
             cells += [Cell("latency", t, 1, connections=4 if t == "twemproxy" else None, api="stream", **py)
-                      for t in ("direct", "twemproxy") if t in peers]
+                      for t in ("direct", "twemproxy") if t == "direct" or t in peers]
     if "app" in w:
         for timeout in ((APP_TIMEOUT,) if a.quick else (None, APP_TIMEOUT)):
             cells += [Cell("app", "kmuxd", 1, 64, steering, conns, seconds=s, client="python", api=api,
