@@ -337,13 +337,13 @@ class ClientDriver:
                         raise
                     nbytes = 0
                 if nbytes is None:
-                    if timeout == 0 and not waited:
+                    if timeout is not None and timeout == 0 and not waited:
                         self._read_missed()
                     return EMPTY
                 if not nbytes:
                     self._mark_lost(conn, "peer gone")
                     return None
-                if timeout == 0:
+                if timeout is not None and timeout == 0:  # `is not None` first: compiled, a float compare
                     self._read_found(waited)
                 try:  # _classify, inline: this runs per message
                     message = session.received(nbytes)

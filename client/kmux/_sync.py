@@ -66,7 +66,7 @@ from typing import Any, Callable, Final, Generator
 from . import _requests as rq
 from ._client import ClientInfo, ReconnectInfo
 from ._driver import EMPTY, NO_MESSAGE, ClientDriver, ClientSettings
-from ._link import SEND_FLAGS, SocketLink
+from ._link import SEND_FLAGS, SocketLink, mypyc_attr
 from .sockbuf import size_send_buffer
 
 __all__ = ["Client", "ReconnectingClient", "RCVTIMEO_MIN"]
@@ -83,8 +83,11 @@ _TIMEVAL = struct.Struct("@ll")
 _monotonic: Final = time.monotonic
 
 
-class Client(ClientInfo):
-    """A blocking connection to kmuxd, joined to one group. Build it with :func:`connect`."""
+@mypyc_attr(allow_interpreted_subclasses=True)
+class _Lane:
+    """Everything :class:`Client` does. A class of its own so that, compiled (kmux._compiled), it
+    is a native class (its attributes are fields, not a dictionary's entries); ClientInfo's
+    properties are plain Python, and a class that has them is too."""
 
     def __init__(self, settings: ClientSettings) -> None:
         #: The default bound of :meth:`set_receive`, seconds.
@@ -157,7 +160,7 @@ class Client(ClientInfo):
         """Close the connection at once (see :meth:`flush`). Safe to call twice, and from another thread."""
         self._driver.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Any:  # the Client (or ReconnectingClient) itself
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -179,6 +182,10 @@ class Client(ClientInfo):
                 step, arg = operation.send, perform[type(request)](request)
             except BaseException as exc:  # the driver decides what it means
                 step, arg = operation.throw, exc
+
+
+class Client(_Lane, ClientInfo):
+    """A blocking connection to kmuxd, joined to one group. Build it with :func:`connect`."""
 
 
 class ReconnectingClient(ReconnectInfo, Client):
