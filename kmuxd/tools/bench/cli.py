@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -253,7 +254,8 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 isinstance(v, (int, float)) for v in values):
             out[key] = statistics.median(values)
     out["runs"] = [{k: r.get(k) for k in ("msgs_per_s", "p50_us", "p99_us", "proxy_cpu_us", "cpu_us_per_client",
-                                          "client_cpu_us", "rss_per_client_kib", "error") if r.get(k) is not None}
+                                          "client_cpu_us", "extra_cpu_us", "rss_per_client_kib", "error")
+                    if r.get(k) is not None}
                    for r in runs]
     return out
 
@@ -265,8 +267,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def run_cell(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
     why = available(p, cell)
     if why:
-        return {"label": cell.label(), "workload": cell.workload, "target": cell.target, "clients": cell.clients,
-                "size": cell.size, "skipped": why}
+        return {**asdict(cell), "label": cell.label(), "skipped": why}  # every field: its target names it
     try:
         if cell.workload == "flood":
             return run_flood(p, cell, run_dir)
@@ -280,8 +281,7 @@ def run_cell(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
             return run_churn(p, cell, run_dir, CHURN_PROCS)
         return run_rss(p, cell, run_dir, lambda t, rss: None)
     except (RuntimeError, OSError, KeyError, ValueError) as exc:
-        return {"label": cell.label(), "workload": cell.workload, "target": cell.target, "clients": cell.clients,
-                "size": cell.size, "error": str(exc)[:2000]}
+        return {**asdict(cell), "label": cell.label(), "error": str(exc)[:2000]}
 
 
 def main(argv: list[str] | None = None) -> int:
