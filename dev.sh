@@ -79,9 +79,11 @@ setup_system() {
 fresh() {
     # $1: a stamp; true if it exists and nothing the build depends on is newer:
     # the packaging, or a module mypyc compiles (kmuxd/_compiled.py; an
-    # out-of-date build would run from source).
+    # out-of-date build would run from source), or the client's fast lane
+    # (client/kmux/_compiled.py).
     [ -f "$1" ] && ! [ pyproject.toml -nt "$1" ] && ! [ setup.py -nt "$1" ] &&
-        [ -z "$(find kmuxd/core kmuxd/io kmuxd/_compiled.py -name '*.py' -newer "$1" -print -quit)" ]
+        [ -z "$(find kmuxd/core kmuxd/io kmuxd/_compiled.py client/kmux/_compiled.py client/kmux/_session.py \
+            client/kmux/_driver.py client/kmux/_link.py client/kmux/_sync.py -name '*.py' -newer "$1" -print -quit)" ]
 }
 
 setup_venv() {

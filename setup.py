@@ -4,7 +4,9 @@ Everything else about the package is in ``pyproject.toml``. The modules in
 ``kmuxd/_compiled.py`` (the sans-IO cores and the event core's shell) are
 compiled to C extensions with mypyc: the same code, type-checked by mypy and
 run natively, with 10-20% less daemon CPU per message (docs/systemd.md,
-"Which wheel"). The pure-Python modules stay in the package and are used when:
+"Which wheel"). So is the client library's fast lane, as a group of its own
+(``client/kmux/_compiled.py``: the modules, and the client's own guard).
+The pure-Python modules stay in the package and are used when:
 
 * ``KMUXD_PURE_PYTHON=1`` is set at build time (nothing is compiled) or at
   run time (the extensions are ignored);
@@ -20,6 +22,7 @@ them into the package as ``kmuxd/share/systemd/`` (:class:`BuildPy`), where
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -32,6 +35,14 @@ sys.path.insert(0, str(HERE))
 from kmuxd._compiled import COMPILED_MODULES, MYPYC_FLAGS  # noqa: E402
 
 
+def client_modules() -> tuple[str, ...]:
+    """The client's fast lane (client/kmux/_compiled.py), read by path: importing ``kmux`` needs its dependencies."""
+    spec = importlib.util.spec_from_file_location("_kmux_compiled", HERE / "client/kmux/_compiled.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.COMPILED_MODULES
+
+
 def ext_modules() -> list:
     if os.environ.get("KMUXD_PURE_PYTHON"):
         print("kmuxd: KMUXD_PURE_PYTHON is set: building pure Python", file=sys.stderr)
@@ -42,7 +53,11 @@ def ext_modules() -> list:
         print("kmuxd: mypyc is not installed: building pure Python (slower data path)", file=sys.stderr)
         return []
     paths = [name.replace(".", "/") + ".py" for name in COMPILED_MODULES]
-    return mypycify([*MYPYC_FLAGS, *paths], opt_level="3")
+    # The client's fast lane is a group of its own (its own shared module): the
+    # library's modules and the daemon's never call each other natively.
+    client = ["client/" + name.replace(".", "/") + ".py" for name in client_modules()]
+    return [*mypycify([*MYPYC_FLAGS, *paths], opt_level="3"),
+            *mypycify([*MYPYC_FLAGS, *client], opt_level="3", group_name="kmux_client")]
 
 
 #: The systemd units' one source, and where the wheel carries them (kmuxd.system.install.units_dir).

@@ -19,12 +19,18 @@ from __future__ import annotations
 
 import os
 
-from . import errors
-from ._driver import ClientStatistics
-from ._reconnect import AccountingLost, AccountingWarning, Overflow, ReconnectPolicy, UnknownFate
-from ._sync import Client, ReconnectingClient, connect
+from ._compiled import install_guard as _install_guard
+
+# Before any compiled module is imported: the fast lane's extensions, or all of it from source.
+_install_guard()
+
+from . import errors  # noqa: E402
+from ._driver import ClientStatistics  # noqa: E402
+from ._reconnect import AccountingLost, AccountingWarning, Overflow, ReconnectPolicy, UnknownFate  # noqa: E402
+from ._client import connect  # noqa: E402
+from ._sync import Client, ReconnectingClient  # noqa: E402
 from .errors import *  # noqa: F403 -- the error classes are part of the public surface
-from .framing import Framing
+from .framing import Framing  # noqa: E402
 
 #: Where kmuxd listens unless ``$KMUX_SOCKET`` says otherwise.
 DEFAULT_SOCKET = "/run/kmuxd/kmuxd.sock"

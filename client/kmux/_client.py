@@ -1,6 +1,7 @@
 """What every kmux client shows, whichever transport runs its driver.
 
-The blocking clients (:mod:`kmux._sync`) and the trio clients
+The blocking clients (:mod:`kmux._sync`, built by :func:`connect`, here
+because that module may run compiled) and the trio clients
 (:mod:`kmux.trio`) differ only in how they run a
 :class:`~kmux._driver.ClientDriver`; the properties here read the driver
 and are the same for all four. :class:`ClientInfo` is what any client
@@ -12,13 +13,16 @@ forms. The README's "Surviving daemon restarts" explains the accounting.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._driver import ClientDriver, ClientSettings, ClientStatistics
 from ._reconnect import ReconnectCore, ReconnectPolicy, UnknownFate, as_policy
 from .errors import DaemonUnavailable
 
-__all__ = ["ClientInfo", "ReconnectInfo", "settings"]
+if TYPE_CHECKING:
+    from ._sync import Client
+
+__all__ = ["ClientInfo", "ReconnectInfo", "settings", "connect"]
 
 
 def settings(
@@ -38,6 +42,45 @@ def settings(
     path = os.fspath(socket_path) if socket_path is not None else default_socket_path()
     return ClientSettings(group=group, path=path, receive=receive, name=name, timeout=timeout, validate=validate,
                           require_up=require_up, policy=as_policy(reconnect))
+
+
+def connect(
+    group: str,
+    socket_path: str | os.PathLike[str] | None = None,
+    *,
+    receive: bool = True,
+    name: str = "",
+    timeout: float | None = 5.0,
+    validate: bool = True,
+    reconnect: bool | ReconnectPolicy = False,
+    require_up: bool = False,
+) -> "Client":
+    """Join ``group`` and return a connected :class:`Client`.
+
+    ``socket_path`` defaults to ``$KMUX_SOCKET`` or ``/run/kmuxd/kmuxd.sock``.
+    ``timeout`` bounds the connect and the handshake (TimeoutError) and is
+    the default bound of :meth:`Client.set_receive`. ``receive=False``
+    joins as a sender only. ``validate=False`` leaves checking each
+    message's framing to the daemon. ``require_up=True`` refuses a group
+    that has no TCP connection up (:class:`~kmux.errors.GroupUnavailable`).
+    A refusal raises its own class (:class:`~kmux.errors.UnknownGroup`,
+    ...); an unreachable daemon raises :class:`~kmux.errors.DaemonUnavailable`.
+
+    ``reconnect=True`` (or a :class:`~kmux.ReconnectPolicy`) returns a
+    :class:`ReconnectingClient` instead, which survives daemon restarts; the
+    connect itself then retries within the policy's bounds.
+    """
+    from ._sync import Client, ReconnectingClient  # late: kmux._sync builds on this module
+
+    s = settings(group, socket_path, receive=receive, name=name, timeout=timeout, validate=validate,
+                 reconnect=reconnect, require_up=require_up)
+    client = (ReconnectingClient if s.policy is not None else Client)(s)
+    try:
+        client._run(client._driver.open())
+    except BaseException:
+        client.close()
+        raise
+    return client
 
 
 def _answered(field: str, doc: str) -> property:

@@ -90,13 +90,17 @@ from __future__ import annotations
 import errno
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Final, Generator
 
 from ._requests import Acquire, Connect, Recv, Send, SizeSendBuffer, Sleep, TryAcquire, WaitProgress
-from ._reconnect import ReconnectBackoff, ReconnectCore, ReconnectPolicy, UnknownFate, is_retryable, translate_seq
+from ._reconnect import ReconnectBackoff, ReconnectCore, UnknownFate, is_retryable, translate_seq
 from ._session import CONCAT_MAX, ClientSession, HandBack, State
 from .errors import ClientClosed, DaemonUnavailable, GroupUnavailable, InternalError, KmuxError, MessageTooBig
-from .protocol import DATA_PREFIX, Hello
+from ._settings import ClientSettings
+from .protocol import DATA_PREFIX
+
+if TYPE_CHECKING:  # the transports' links (the driver calls them, never imports sockets)
+    from ._link import SocketLink
 
 __all__ = ["ClientDriver", "ClientSettings", "ClientStatistics", "PEER_GONE", "EMPTY", "NO_MESSAGE"]
 
@@ -132,38 +136,15 @@ class _Empty:
 
 
 #: :meth:`ClientDriver.receive_now` found no message within its timeout.
-EMPTY = _Empty()
+EMPTY: Final = _Empty()
+#: The kind byte of a one-packet message. Final: compiled (kmux._compiled), read
+#: from a static rather than from a module's dictionary per message.
+_DATA_PREFIX: Final[bytes] = DATA_PREFIX
 #: What a receive that timed out raises (TimeoutError), whichever path it took.
 NO_MESSAGE = "no message from kmuxd within the timeout"
 
 
 # -- configuration and records -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClientSettings:
-    """What ``connect()`` was asked for. Validates itself: a bad argument fails before any I/O."""
-
-    group: str
-    path: str
-    receive: bool = True
-    name: str = ""
-    #: bounds each connect and handshake (and set_receive's default wait), seconds
-    timeout: float | None = 5.0
-    validate: bool = True
-    #: refuse to attach to a group without a TCP connection up (``accepted.up``)
-    require_up: bool = False
-    policy: ReconnectPolicy | None = None
-
-    def __post_init__(self) -> None:
-        Hello(group=self.group, receive=self.receive, name=self.name)  # HandshakeInvalid names the key
-        if not isinstance(self.path, str) or not self.path:
-            raise TypeError("socket_path must be a non-empty path")
-        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout >= 0):
-            raise ValueError(f"timeout must be None or a number of seconds >= 0, not {self.timeout!r}")
-        for key in ("validate", "require_up"):
-            if not isinstance(getattr(self, key), bool):
-                raise TypeError(f"{key} must be a bool")
 
 
 @dataclass(frozen=True)
@@ -195,7 +176,7 @@ class _Conn:
 
     __slots__ = ("link", "session", "lost")
 
-    def __init__(self, link: Any, session: ClientSession) -> None:
+    def __init__(self, link: SocketLink, session: ClientSession) -> None:
         self.link = link
         self.session = session
         #: why it is unusable (rules 1 and 2), or None
@@ -308,7 +289,7 @@ class ClientDriver:
         session.check_data(message)
         link = conn.link
         try:
-            link.send_packet(DATA_PREFIX + message, link.send_flags)
+            link.send_packet(_DATA_PREFIX + message, link.send_flags)
         except OSError:
             return None
         if self.core is not None:
@@ -356,13 +337,13 @@ class ClientDriver:
                         raise
                     nbytes = 0
                 if nbytes is None:
-                    if timeout == 0 and not waited:
+                    if timeout is not None and timeout == 0 and not waited:
                         self._read_missed()
                     return EMPTY
                 if not nbytes:
                     self._mark_lost(conn, "peer gone")
                     return None
-                if timeout == 0:
+                if timeout is not None and timeout == 0:  # `is not None` first: compiled, a float compare
                     self._read_found(waited)
                 try:  # _classify, inline: this runs per message
                     message = session.received(nbytes)
@@ -418,7 +399,7 @@ class ClientDriver:
 
     # -- operations (generators; see the module docstring) ------------------------------------
 
-    def open(self) -> Iterator[Any]:
+    def open(self) -> Generator[Any, Any, Any]:
         """Connect: once (plain client), or within the reconnect policy."""
         if self.core is None:
             conn = yield from self._open_once(self.settings.timeout)
@@ -427,7 +408,7 @@ class ClientDriver:
         else:
             yield from self._with_both_locks(None, self._establish(None))
 
-    def send(self, message: Any) -> Iterator[Any]:
+    def send(self, message: Any) -> Generator[Any, Any, Any]:
         """Send one whole message; returns its seq."""
         while True:
             self._raise_if_unusable()
@@ -439,7 +420,7 @@ class ClientDriver:
                     return seq
             yield from self._repair(seen, None)
 
-    def recv(self, deadline: float | None) -> Iterator[Any]:
+    def recv(self, deadline: float | None) -> Generator[Any, Any, Any]:
         """Wait for one message; what lost connections left comes first."""
         while True:
             if self.stash:
@@ -453,7 +434,7 @@ class ClientDriver:
             if message is not None:
                 return message
 
-    def flush(self, deadline: float | None) -> Iterator[Any]:
+    def flush(self, deadline: float | None) -> Generator[Any, Any, Any]:
         """Wait until the daemon has read every packet sent so far.
 
         A send returns once its packet is in the socket; the daemon reads it
@@ -490,7 +471,7 @@ class ClientDriver:
             yield Sleep(until if deadline is None else min(until, deadline))
             delay = min(2 * delay, FLUSH_POLL_MAX)
 
-    def set_receive(self, on: bool, deadline: float | None) -> Iterator[Any]:
+    def set_receive(self, on: bool, deadline: float | None) -> Generator[Any, Any, Any]:
         """Switch receiving; turning it off returns once the daemon's marker arrived.
 
         Messages queued before the marker are handed back, by this call or by
@@ -531,14 +512,14 @@ class ClientDriver:
 
     # -- locks (rule 4) ----------------------------------------------------------------------
 
-    def _locked(self, lock: Any, deadline: float | None, body: Iterator[Any], shield: bool = False) -> Iterator[Any]:
+    def _locked(self, lock: Any, deadline: float | None, body: Generator[Any, Any, Any], shield: bool = False) -> Generator[Any, Any, Any]:
         try:
             yield Acquire(lock, deadline, shield)
         except TimeoutError:
             raise TimeoutError("timed out waiting for another thread or task using this kmux client") from None
         return (yield from self._holding(lock, body))
 
-    def _holding(self, lock: Any, body: Iterator[Any]) -> Iterator[Any]:
+    def _holding(self, lock: Any, body: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
         try:
             return (yield from body)
         finally:
@@ -550,7 +531,7 @@ class ClientDriver:
         if lock is self.recv_lock and self._progress_waiters:
             self._notify_progress()
 
-    def _with_both_locks(self, deadline: float | None, body: Iterator[Any]) -> Iterator[Any]:
+    def _with_both_locks(self, deadline: float | None, body: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
         return self._locked(self.recv_lock, deadline, self._locked(self.send_lock, deadline, body))
 
     def _marker_or_free(self, conn: _Conn) -> bool:
@@ -558,7 +539,7 @@ class ClientDriver:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def _send_new(self, conn: _Conn, message: Any) -> Iterator[Any]:
+    def _send_new(self, conn: _Conn, message: Any) -> Generator[Any, Any, Any]:
         """send_lock held. The seq, or None if the connection turned out unusable."""
         if self.conn is not conn or conn.lost is not None or self._resending():
             return None
@@ -567,7 +548,7 @@ class ClientDriver:
             return self.count_sent(conn, message)
         return None
 
-    def _send_packet(self, conn: _Conn, parts: tuple[Any, ...], shield: bool = False) -> Iterator[Any]:
+    def _send_packet(self, conn: _Conn, parts: tuple[Any, ...], shield: bool = False) -> Generator[Any, Any, Any]:
         """send_lock held. True if sent; False if the peer is gone (rule 1)."""
         try:
             yield Send(conn.link, parts, None, shield)
@@ -578,7 +559,7 @@ class ClientDriver:
             return False
         return True
 
-    def _send_message(self, conn: _Conn, message: Any, requeue: bool = False, shield: bool = False) -> Iterator[Any]:
+    def _send_message(self, conn: _Conn, message: Any, requeue: bool = False, shield: bool = False) -> Generator[Any, Any, Any]:
         """send_lock held: every packet of one message (rules 2 and 6). True if sent, False if the peer is gone."""
         session = conn.session
         packets = session.packets(message, requeue)
@@ -595,7 +576,7 @@ class ClientDriver:
                     if done or resized:
                         raise self._too_big(session, message, packets[done]) from None
                     resized = True
-                    session.max_packet = yield SizeSendBuffer(conn.link, session.accepted.max_message + 1)
+                    session.max_packet = yield SizeSendBuffer(conn.link, session.accepted.max_message + 1)  # type: ignore[union-attr]
                     packets = session.packets(message, requeue)
                     continue
                 done += 1
@@ -618,7 +599,7 @@ class ClientDriver:
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def _receive_current(self, conn: _Conn, deadline: float | None) -> Iterator[Any]:
+    def _receive_current(self, conn: _Conn, deadline: float | None) -> Generator[Any, Any, Any]:
         """recv_lock held: one packet; the message to return, or None."""
         if self._handbacks and self.conn is conn and conn.lost is None:
             yield from self._hand_back_pending(conn)
@@ -629,7 +610,7 @@ class ClientDriver:
             self._received += 1
         return message
 
-    def _receive_one(self, conn: _Conn, deadline: float | None) -> Iterator[Any]:
+    def _receive_one(self, conn: _Conn, deadline: float | None) -> Generator[Any, Any, Any]:
         """recv_lock held: receive one packet and act on it (hand back, lose). The message (bytes), or None."""
         session = conn.session
         try:
@@ -655,7 +636,7 @@ class ClientDriver:
                 self.stash.append(bytes(event.message))  # the daemon is gone: the message stays ours
         return None
 
-    def _hand_back_pending(self, conn: _Conn) -> Iterator[Any]:
+    def _hand_back_pending(self, conn: _Conn) -> Generator[Any, Any, Any]:
         """recv_lock held: hand back what the fast lane received during a receive_off."""
         while self._handbacks:
             message = self._handbacks[0]
@@ -720,11 +701,11 @@ class ClientDriver:
     def _resending(self) -> bool:
         return self.core is not None and bool(self.core.resend_queue)
 
-    def _repair(self, seen: _Conn | None, deadline: float | None) -> Iterator[Any]:
+    def _repair(self, seen: _Conn | None, deadline: float | None) -> Generator[Any, Any, Any]:
         """No lock held: lose ``seen`` if it is lost, then reconnect (or raise what ended it)."""
         yield from self._with_both_locks(deadline, self._repair_locked(seen, deadline))
 
-    def _repair_locked(self, seen: _Conn | None, deadline: float | None) -> Iterator[Any]:
+    def _repair_locked(self, seen: _Conn | None, deadline: float | None) -> Generator[Any, Any, Any]:
         if seen is not None and seen.lost is not None:
             self._lose(seen)
         if self.closed:
@@ -735,7 +716,7 @@ class ClientDriver:
             return
         yield from self._establish(deadline)  # AccountingLost (pending) is raised after it
 
-    def _losing(self, conn: _Conn) -> Iterator[Any]:
+    def _losing(self, conn: _Conn) -> Generator[Any, Any, Any]:
         """:meth:`_lose` as the body of :meth:`_locked`."""
         self._lose(conn)
         yield from ()
@@ -790,7 +771,7 @@ class ClientDriver:
             if type(event) is memoryview:
                 self.stash.append(bytes(event))
 
-    def _open_once(self, timeout: float | None) -> Iterator[Any]:
+    def _open_once(self, timeout: float | None) -> Generator[Any, Any, Any]:
         """One connection: connect, hello, answer, size the send buffer."""
         s = self.settings
         session = ClientSession(s.group, receive=self.receiving, name=s.name, validate=s.validate)
@@ -822,7 +803,7 @@ class ClientDriver:
             raise
         return _Conn(link, session)
 
-    def _establish(self, deadline: float | None) -> Iterator[Any]:
+    def _establish(self, deadline: float | None) -> Generator[Any, Any, Any]:
         """Both locks held: connect (with back-off) until connected, then re-send the queue."""
         core = self.core
         assert core is not None
@@ -865,7 +846,7 @@ class ClientDriver:
                 self._refresh_fast()
                 return
 
-    def _resend(self, conn: _Conn) -> Iterator[Any]:
+    def _resend(self, conn: _Conn) -> Generator[Any, Any, Any]:
         """Both locks held: the queued re-sends go first. False if the connection was lost meanwhile."""
         core = self.core
         assert core is not None

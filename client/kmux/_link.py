@@ -36,6 +36,13 @@ from typing import Any
 
 from .sockbuf import hung_up
 
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # not a dependency: mypyc reads the decorator when it compiles, Python needs only a name
+
+    def mypyc_attr(*args: Any, **kwargs: Any) -> Any:  # type: ignore[no-redef,misc]
+        return lambda cls: cls
+
 __all__ = ["SocketLink", "SEND_FLAGS"]
 
 #: As plain ints: an enum.IntFlag costs microseconds per packet.
@@ -46,6 +53,7 @@ SEND_FLAGS = int(socket.MSG_NOSIGNAL)
 _SIOCOUTQ = termios.TIOCOUTQ
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # trio's link subclasses it, not compiled
 class SocketLink:
     """A connected socket. A transport subclasses it with ``set_wait``, ``recv_packet`` and what its waiting needs.
 
@@ -72,11 +80,19 @@ class SocketLink:
         #: The flags every ``send_packet`` takes. A slot, not a class
         #: attribute: CPython 3.11 specializes the load of a slot, not of a
         #: class attribute read through an instance (a type lookup per message).
-        self.send_flags = SEND_FLAGS
-        self.send_packet = sock.send
-        self.recv_into = sock.recv_into
+        self.send_flags: int = SEND_FLAGS
+        self.send_packet: Any = sock.send
+        self.recv_into: Any = sock.recv_into
         #: How long ``recv_into`` waits now (None: as long as it takes).
-        self.wait = wait
+        self.wait: float | None = wait
+
+    def set_wait(self, timeout: float | None) -> bool:
+        """Make ``recv_into`` wait at most ``timeout``; False if this link cannot (the transport's say)."""
+        raise NotImplementedError
+
+    def recv_packet(self, buffer: Any, timeout: float | None) -> int | None:
+        """``recv_into`` bounded by ``timeout``, in more calls; the packet's size, or None if none came."""
+        raise NotImplementedError
 
     def fileno(self) -> int:
         return self.sock.fileno()

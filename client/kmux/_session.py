@@ -134,6 +134,9 @@ class State(enum.Enum):
 
 
 _READY: Final = State.READY  # a module global: the data path tests it per packet
+#: The kind of a one-packet message, as a Final of this module: compiled (kmux._compiled), a native
+#: constant; KIND_DATA itself is read from kmux.protocol's dictionary.
+_KIND_DATA: Final[int] = KIND_DATA
 
 
 # (state, input) -> next state. Anything missing is an IllegalTransition,
@@ -199,7 +202,8 @@ class ClientSession:
         self._framing: Framing | None = None
         self._max_message = 0
         self._most = 0  # the largest one-packet message, kind byte included
-        self._fixed: tuple | None = None  # the fixed length field and max_message, for the inline check
+        # The fixed length field (unpack_from, offset, header_end, adjust) and max_message, for the inline check.
+        self._fixed: tuple[Any, int, int, int, int] | None = None
         self._own_responses = False
         self.recv_bufsize = ANSWER_BUFSIZE
         self.answer_buffer = bytearray(0)
@@ -305,7 +309,8 @@ class ClientSession:
         self._own_responses = answer.steering in ("id", "fifo")
         fixed = answer.framing.fixed_field
         # With validate=False nothing is checked: no inline check either.
-        self._fixed = (*fixed, answer.max_message) if fixed is not None and self.validate else None
+        self._fixed = (fixed[0], fixed[1], fixed[2], fixed[3], answer.max_message) \
+            if fixed is not None and self.validate else None
         # A notice can outgrow a tiny max_message; one kind byte precedes both.
         self.recv_bufsize = 1 + max(answer.max_message, CONTROL_MAX)
         self._packet = bytearray(self.recv_bufsize + 1)  # the spare byte: see "Receiving"
@@ -351,8 +356,10 @@ class ClientSession:
             # else goes to check_message, which also explains the refusal.
             unpack_from, offset, header_end, adjust, most = fixed
             n = len(message)
-            if header_end <= n <= most and unpack_from(message, offset)[0] + adjust == n:
-                return
+            if header_end <= n <= most:
+                length: int = unpack_from(message, offset)[0]  # typed: compiled, a native int from here
+                if length + adjust == n:
+                    return
         if self.validate:
             self._framing.check_message(message, self._max_message)  # type: ignore[union-attr]
 
@@ -414,7 +421,7 @@ class ClientSession:
         else:
             kind = packet[0]
             # The common case: one packet, one message (_most is under the buffer's size: not cut short).
-            if kind == KIND_DATA and nbytes <= self._most and not self._skipping:
+            if kind == _KIND_DATA and nbytes <= self._most and not self._skipping:
                 message = self._whole[1:nbytes]
                 if self.markers_pending and not self.receiving and not self._own_responses:
                     return HandBack(message)

@@ -4,6 +4,10 @@
         client.send(message)
         reply = client.recv(timeout=1.0)
 
+(``kmux.connect`` is :func:`kmux._client.connect`: this module may run
+compiled (``kmux._compiled``), where a parameter's declared type is
+enforced before the settings could name the argument that is wrong.)
+
 Everything a client decides is in :mod:`kmux._driver`; this module only
 performs its requests (``Client._run``, ``_Blocking``) and keeps the fast
 paths below.
@@ -52,22 +56,20 @@ which apply every rule.
 from __future__ import annotations
 
 import math
-import os
 import select
 import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Final, Generator
 
 from . import _requests as rq
-from ._client import ClientInfo, ReconnectInfo, settings
+from ._client import ClientInfo, ReconnectInfo
 from ._driver import EMPTY, NO_MESSAGE, ClientDriver, ClientSettings
-from ._link import SEND_FLAGS, SocketLink
-from ._reconnect import ReconnectPolicy
+from ._link import SEND_FLAGS, SocketLink, mypyc_attr
 from .sockbuf import size_send_buffer
 
-__all__ = ["connect", "Client", "ReconnectingClient", "RCVTIMEO_MIN"]
+__all__ = ["Client", "ReconnectingClient", "RCVTIMEO_MIN"]
 
 _DONTWAIT = SEND_FLAGS | socket.MSG_DONTWAIT
 _DEFAULT: Any = object()
@@ -78,48 +80,14 @@ RCVTIMEO_MIN = 0.1
 #: Bounds above this (seconds) are kept as "no bound" (SO_RCVTIMEO 0).
 RCVTIMEO_MAX = float(1 << 31)
 _TIMEVAL = struct.Struct("@ll")
-_monotonic = time.monotonic
+_monotonic: Final = time.monotonic
 
 
-def connect(
-    group: str,
-    socket_path: str | os.PathLike[str] | None = None,
-    *,
-    receive: bool = True,
-    name: str = "",
-    timeout: float | None = 5.0,
-    validate: bool = True,
-    reconnect: bool | ReconnectPolicy = False,
-    require_up: bool = False,
-) -> Client:
-    """Join ``group`` and return a connected :class:`Client`.
-
-    ``socket_path`` defaults to ``$KMUX_SOCKET`` or ``/run/kmuxd/kmuxd.sock``.
-    ``timeout`` bounds the connect and the handshake (TimeoutError) and is
-    the default bound of :meth:`Client.set_receive`. ``receive=False``
-    joins as a sender only. ``validate=False`` leaves checking each
-    message's framing to the daemon. ``require_up=True`` refuses a group
-    that has no TCP connection up (:class:`~kmux.errors.GroupUnavailable`).
-    A refusal raises its own class (:class:`~kmux.errors.UnknownGroup`,
-    ...); an unreachable daemon raises :class:`~kmux.errors.DaemonUnavailable`.
-
-    ``reconnect=True`` (or a :class:`~kmux.ReconnectPolicy`) returns a
-    :class:`ReconnectingClient` instead, which survives daemon restarts; the
-    connect itself then retries within the policy's bounds.
-    """
-    s = settings(group, socket_path, receive=receive, name=name, timeout=timeout, validate=validate,
-                 reconnect=reconnect, require_up=require_up)
-    client = (ReconnectingClient if s.policy is not None else Client)(s)
-    try:
-        client._run(client._driver.open())
-    except BaseException:
-        client.close()
-        raise
-    return client
-
-
-class Client(ClientInfo):
-    """A blocking connection to kmuxd, joined to one group. Build it with :func:`connect`."""
+@mypyc_attr(allow_interpreted_subclasses=True)
+class _Lane:
+    """Everything :class:`Client` does. A class of its own so that, compiled (kmux._compiled), it
+    is a native class (its attributes are fields, not a dictionary's entries); ClientInfo's
+    properties are plain Python, and a class that has them is too."""
 
     def __init__(self, settings: ClientSettings) -> None:
         #: The default bound of :meth:`set_receive`, seconds.
@@ -192,7 +160,7 @@ class Client(ClientInfo):
         """Close the connection at once (see :meth:`flush`). Safe to call twice, and from another thread."""
         self._driver.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Any:  # the Client (or ReconnectingClient) itself
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -200,7 +168,7 @@ class Client(ClientInfo):
 
     # -- performing the driver's requests ------------------------------------------
 
-    def _run(self, operation: Iterator[Any]) -> Any:
+    def _run(self, operation: Generator[Any, Any, Any]) -> Any:
         """Run one driver operation to its end; see kmux._driver."""
         perform = self._perform
         step: Callable[[Any], Any] = operation.send
@@ -214,6 +182,10 @@ class Client(ClientInfo):
                 step, arg = operation.send, perform[type(request)](request)
             except BaseException as exc:  # the driver decides what it means
                 step, arg = operation.throw, exc
+
+
+class Client(_Lane, ClientInfo):
+    """A blocking connection to kmuxd, joined to one group. Build it with :func:`connect`."""
 
 
 class ReconnectingClient(ReconnectInfo, Client):
@@ -230,7 +202,8 @@ class ReconnectingClient(ReconnectInfo, Client):
 class _Link(SocketLink):
     """A blocking socket: a send blocks for room, a receive up to its timeout (see "Timeouts")."""
 
-    __slots__ = ("_poll",)
+    # No __slots__: compiled (kmux._compiled), a subclass of a class that is not compiled
+    # (SocketLink, which trio's link subclasses too) is a plain Python class, and mypyc refuses them there.
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock, None)  # SO_RCVTIMEO 0: no bound

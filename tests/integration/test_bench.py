@@ -93,21 +93,50 @@ def test_timed_cells_report_sane_numbers(quick):
 
 
 def test_the_app_cells_count_the_clients_own_cost(quick):
-    """The Python client's CPU per round trip (nanosecond clock) and its system calls (counts), library and raw."""
+    """Each app cell pairs the library with its raw twin in one process (alternating blocks): both CPU
+    figures (nanosecond clock), their paired difference with its spread, and both sets of system calls."""
     _, out, _ = quick
     app = {(c["api"], c["recv_timeout"]): c for c in out["cells"] if c["workload"] == "app"}
-    assert set(app) == {(api, 5.0) for api in ("raw", "kmux", "raw-trio", "kmux-trio")}
+    assert set(app) == {(api, 5.0) for api in ("kmux", "kmux-trio")}
     for c in app.values():
+        assert c["pairs"] >= 1 and c["block"] > 0, c
+        assert c["client_cpu_us"] > 0 and c["raw_cpu_us"] > 0, c
+        assert c["extra_cpu_min_us"] <= c["extra_cpu_p25_us"] <= c["extra_cpu_us"] <= c["extra_cpu_p75_us"] \
+            <= c["extra_cpu_max_us"], c
         if c.get("syscalls_unmeasured"):
             continue  # neither perf nor strace here: said, not shown
-        calls = c["syscalls_per_rt"]
-        assert calls["sendto"] == pytest.approx(1, abs=0.02), c
-        assert calls["recvfrom"] >= 0.98, c
+        for calls in (c["syscalls_per_rt"], c["raw_syscalls_per_rt"]):
+            assert calls["sendto"] == pytest.approx(1, abs=0.02), c
+            assert calls["recvfrom"] >= 0.98, c
     if not app[("kmux", 5.0)].get("syscalls_unmeasured"):
         # The library's blocking round trip: one send, one receive (the timeout kept by the kernel), nothing else.
         assert app[("kmux", 5.0)]["syscalls_per_rt"]["all"] == pytest.approx(2, abs=0.02)
         # Python's own socket timeout polls before each call.
-        assert app[("raw", 5.0)]["syscalls_per_rt"].get("poll", 0) >= 1.9
+        assert app[("kmux", 5.0)]["raw_syscalls_per_rt"].get("poll", 0) >= 1.9
+    targets = {t["name"]: t for t in out["targets"]}
+    for name, t in targets.items():
+        if name.startswith("app, ") and "library client CPU/rt" in name and "timeout 5 s" in name:
+            assert "paired" in t["measured"] and t["met"] in (True, False), t
+
+
+def test_a_figure_that_cannot_be_measured_says_so():
+    """A target whose cells are missing (a peer left out, a cell that failed) is "unmeasured", never met
+    and never silently absent; the Python direct baseline is planned whatever --peers says."""
+    from kmuxd.tools.bench import report
+    from kmuxd.tools.bench.cli import build_plan, parser
+
+    plan = build_plan(parser().parse_args(["--workload", "latency", "--peers", "twemproxy"]))
+    assert any(c.workload == "latency" and c.client == "python" and c.target == "direct" for c in plan)
+    lib = {"workload": "latency", "target": "kmuxd", "placement": "pinned", "client": "python", "api": "kmux",
+           "p50_us": 60.0, "p99_us": 90.0}
+    cells = [lib, {"workload": "latency", "target": "twemproxy", "placement": "pinned", "client": "python",
+                   "api": "stream", "skipped": "nutcracker is not installed"}]
+    py = [t for t in report.app_targets(cells) if t.name.startswith("1 client rr through Python")]
+    assert len(py) == 2 and all(t.measured == "unmeasured" and t.met is None for t in py), py
+    assert all("Python direct" in t.why and "twemproxy" in t.why for t in py), py
+    app = [{"workload": "app", "api": "kmux", "recv_timeout": None, "error": "ConnectionRefusedError: ..."}]
+    (blocking,) = [t for t in report.app_targets(app) if t.name.startswith("app, blocking, no timeout")]
+    assert blocking.measured == "unmeasured" and blocking.met is None and "ConnectionRefused" in blocking.why
 
 
 def test_kmuxd_idle_and_churn(quick):

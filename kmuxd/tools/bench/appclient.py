@@ -34,6 +34,17 @@ Two ways to run:
   (``p50_us``...), ``client_cpu_us`` (this process's CPU per round trip,
   ``CLOCK_PROCESS_CPUTIME_ID``, nanosecond resolution) and context switches
   per round trip;
+* ``--paired`` (``kmux`` and ``kmux-trio``): the same timed protocol, with
+  the library and its raw twin (``raw``, ``raw-trio``: same API, same
+  timeout) connected in one process, alternating blocks of ``--block``
+  round trips (the order flips every pair: library first, then raw first),
+  so that both see the same machine at the same moment. Each block's CPU
+  (``CLOCK_PROCESS_CPUTIME_ID``) over its round trips is one figure; each
+  pair of adjacent blocks inside the window gives one difference, library
+  minus raw. The result has the median difference (``extra_cpu_us``), its
+  quartiles and extremes, the number of pairs, and each side's CPU per
+  round trip. One window per client swings by ±10 µs on a shared machine;
+  pairs of blocks a few milliseconds apart do not;
 * ``--count N``: N round trips after a warm-up, between two marker system
   calls (:func:`.syscalls.mark`), for :mod:`.syscalls` to count the system
   calls of exactly those round trips. Prints one JSON line.
@@ -67,6 +78,11 @@ WARMUP = 200
 #: The largest reply read (the benchmark's replies are 64 bytes).
 REPLY_BUFFER = 65536
 ASCII_END = b"END\r\n"
+#: --paired: round trips per block (a block lasts a few milliseconds).
+PAIR_BLOCK = 300
+MAX_BLOCK = 100_000
+#: --paired: the raw twin of each library API.
+RAW_TWIN = {"kmux": "raw", "kmux-trio": "raw-trio"}
 
 
 class Failed(Exception):
@@ -155,6 +171,8 @@ def _raw_seqpacket(a: argparse.Namespace) -> socket.socket:
 
 
 def run_blocking(a: argparse.Namespace) -> dict[str, Any]:
+    if a.paired:
+        return run_blocking_paired(a)
     rt, close = blocking_round_trip(a)
     try:
         for _ in range(WARMUP):
@@ -169,6 +187,122 @@ def run_blocking(a: argparse.Namespace) -> dict[str, Any]:
         return closed_loop(rt, start, stop, ws, we)
     finally:
         close()
+
+
+def _twin(a: argparse.Namespace) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(a), "api": RAW_TWIN[a.api]})
+
+
+def run_blocking_paired(a: argparse.Namespace) -> dict[str, Any]:
+    lib, close_lib = blocking_round_trip(a)
+    try:
+        raw, close_raw = blocking_round_trip(_twin(a))
+        try:
+            for _ in range(WARMUP):
+                lib()
+                raw()
+            start, stop, ws, we = ready_and_go()
+            pairs = Pairs(ws, we)
+            now, cpu, block = time.monotonic, time.process_time_ns, a.block
+            t = now()
+            while t < stop:
+                for side in pairs.order():
+                    rt, samples = lib if side == "lib" else raw, array.array("d")
+                    c0, r0, t0 = cpu(), resource.getrusage(resource.RUSAGE_SELF), t
+                    for _ in range(block):  # bounded: block round trips
+                        rt()
+                        t1 = now()
+                        samples.append(t1 - t)
+                        t = t1
+                    pairs.block(side, t0, t, cpu() - c0, r0, resource.getrusage(resource.RUSAGE_SELF), samples)
+            return pairs.result()
+        finally:
+            close_raw()
+    finally:
+        close_lib()
+
+
+class Pairs:
+    """--paired: blocks of the library and of its raw twin, alternating; what they cost, pair by pair.
+
+    A pair counts when both its blocks lie inside the window; its round trips' latencies are kept
+    (at most MAX_SAMPLES per side) and its CPU difference is one sample of the paired figure.
+    """
+
+    def __init__(self, ws: float, we: float) -> None:
+        self.ws, self.we = ws, we
+        self.n = 0  # pairs started (in or out of the window)
+        self.sides: dict[str, list[tuple[float, float, float, int]]] = {"lib": [], "raw": []}
+        self.samples = {"lib": array.array("d"), "raw": array.array("d")}
+        self.current: dict[str, tuple[tuple[float, float, float, int], Any]] = {}
+        self.diffs: list[float] = []
+        self.t0 = self.t1 = 0.0
+
+    def order(self) -> tuple[str, str]:
+        """The sides of the next pair: the library first in odd pairs, the raw socket first in even ones."""
+        self.n += 1
+        self.current = {}
+        return ("lib", "raw") if self.n % 2 else ("raw", "lib")
+
+    def block(self, side: str, t0: float, t1: float, cpu_ns: int, r0: Any, r1: Any, samples: Any) -> None:
+        """One block of round trips (``samples``: their latencies) from ``t0`` to ``t1``."""
+        if not (self.ws <= t0 and t1 <= self.we):
+            self.current = {}  # the pair is cut by the window's edge: not counted
+            return
+        n = len(samples)
+        self.current[side] = ((cpu_ns / n / 1e3, (r1.ru_utime - r0.ru_utime) / n * 1e6,
+                               (r1.ru_stime - r0.ru_stime) / n * 1e6, n), samples)
+        if len(self.current) < 2:
+            if not self.diffs:
+                self.t0 = t0
+            return
+        self.t1 = t1
+        for k, (figures, kept) in self.current.items():
+            self.sides[k].append(figures)
+            if len(self.samples[k]) < MAX_SAMPLES:
+                self.samples[k].extend(kept)
+        self.diffs.append(self.current["lib"][0][0] - self.current["raw"][0][0])
+        self.current = {}
+
+    def result(self) -> dict[str, Any]:
+        if not self.diffs:
+            return {"completed": 0, "error": "no pair of blocks completed inside the window"}
+        lib, raw = self.sides["lib"], self.sides["raw"]
+        d = sorted(self.diffs)
+        out = {
+            "completed": sum(b[3] for b in lib) + sum(b[3] for b in raw), "window_s": self.t1 - self.t0,
+            "pairs": len(d), "block": lib[0][3],
+            "extra_cpu_us": _median(d), "extra_cpu_p25_us": _quantile(d, 0.25), "extra_cpu_p75_us": _quantile(d, 0.75),
+            "extra_cpu_min_us": d[0], "extra_cpu_max_us": d[-1],
+            "client_cpu_us": _median(sorted(b[0] for b in lib)), "raw_cpu_us": _median(sorted(b[0] for b in raw)),
+            "client_user_us": _median(sorted(b[1] for b in lib)), "client_sys_us": _median(sorted(b[2] for b in lib)),
+            "raw_user_us": _median(sorted(b[1] for b in raw)), "raw_sys_us": _median(sorted(b[2] for b in raw)),
+        }
+        out.update(_percentiles(self.samples["lib"]))
+        out["raw_p50_us"] = _percentiles(self.samples["raw"])["p50_us"]
+        return out
+
+
+def _median(ordered: list[float]) -> float:
+    return _quantile(ordered, 0.5)
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """Linear interpolation between the two nearest ranks of a sorted list."""
+    at = q * (len(ordered) - 1)
+    lo = int(at)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (at - lo)
+
+
+def _percentiles(samples: Any) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+
+    return {"p50_us": pct(0.50), "p99_us": pct(0.99), "p999_us": pct(0.999), "max_us": ordered[-1] * 1e6,
+            "mean_us": sum(ordered) / len(ordered) * 1e6, "samples": len(ordered)}
 
 
 def ready_and_go() -> tuple[float, float, float, float]:
@@ -230,16 +364,9 @@ class Window:
         n = self.completed
         if not n or self.ru1 is None:
             return {"completed": 0, "error": "no round trip completed inside the window"}
-        ordered = sorted(self.samples)
-
-        def pct(q: float) -> float:
-            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
-
         switches = (self.ru1.ru_nvcsw - self.ru0.ru_nvcsw) + (self.ru1.ru_nivcsw - self.ru0.ru_nivcsw)
         return {
-            "completed": n, "window_s": self.t1 - self.t0, "samples": len(ordered),
-            "p50_us": pct(0.50), "p99_us": pct(0.99), "p999_us": pct(0.999), "max_us": ordered[-1] * 1e6,
-            "mean_us": sum(ordered) / len(ordered) * 1e6,
+            "completed": n, "window_s": self.t1 - self.t0, **_percentiles(self.samples),
             "client_cpu_us": (self.cpu1 - self.cpu0) / n * 1e6,
             "client_user_us": (self.ru1.ru_utime - self.ru0.ru_utime) / n * 1e6,
             "client_sys_us": (self.ru1.ru_stime - self.ru0.ru_stime) / n * 1e6,
@@ -298,7 +425,37 @@ async def trio_round_trip(a: argparse.Namespace) -> tuple[Callable[[], Any], Cal
 def run_trio(a: argparse.Namespace) -> dict[str, Any]:
     import trio
 
+    async def paired() -> dict[str, Any]:
+        lib, close_lib = await trio_round_trip(a)
+        try:
+            raw, close_raw = await trio_round_trip(_twin(a))
+            try:
+                for _ in range(WARMUP):
+                    await lib()
+                    await raw()
+                start, stop, ws, we = await trio.to_thread.run_sync(ready_and_go)
+                pairs = Pairs(ws, we)
+                now, cpu, block = time.monotonic, time.process_time_ns, a.block
+                t = now()
+                while t < stop:
+                    for side in pairs.order():
+                        rt, samples = lib if side == "lib" else raw, array.array("d")
+                        c0, r0, t0 = cpu(), resource.getrusage(resource.RUSAGE_SELF), t
+                        for _ in range(block):  # bounded: block round trips
+                            await rt()
+                            t1 = now()
+                            samples.append(t1 - t)
+                            t = t1
+                        pairs.block(side, t0, t, cpu() - c0, r0, resource.getrusage(resource.RUSAGE_SELF), samples)
+                return pairs.result()
+            finally:
+                await close_raw()
+        finally:
+            await close_lib()
+
     async def main() -> dict[str, Any]:
+        if a.paired:
+            return await paired()
         rt, close = await trio_round_trip(a)
         try:
             for _ in range(WARMUP):
@@ -336,6 +493,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--request", required=True, help="the request, in hex")
     p.add_argument("--reply-size", type=int, default=64, help="kmuxd: the reply's size, header included")
     p.add_argument("--timeout", type=float, default=None, help="bound every receive by this many seconds")
+    p.add_argument("--paired", action="store_true", help="kmux, kmux-trio: alternate blocks with the raw twin "
+                   "(raw, raw-trio) in this process; report the paired difference of CPU per round trip")
+    p.add_argument("--block", type=int, default=PAIR_BLOCK, help="--paired: round trips per block")
     p.add_argument("--count", type=int, default=0, help="run this many round trips between the marker calls, "
                    "then exit (for strace), instead of the timed protocol")
     return p
@@ -345,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if a.api == "stream" and not (a.port or a.path) or a.api != "stream" and not (a.path and a.group):
         parser().error("--api stream needs --port or --path; the others need --path and --group")
+    if a.paired and (a.api not in RAW_TWIN or a.count or not 0 < a.block <= MAX_BLOCK):
+        parser().error(f"--paired is for --api {' or '.join(RAW_TWIN)}, without --count, "
+                       f"with 0 < --block <= {MAX_BLOCK}")
     try:
         out = run_trio(a) if a.api.endswith("trio") else run_blocking(a)
     except Exception as exc:  # noqa: BLE001 -- the bench reads the reason from the result line

@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,8 @@ from .workloads import Cell, available, run_app, run_churn, run_flood, run_idle,
 WORKLOADS = ("flood", "rr", "open", "latency", "app", "idle", "churn", "rss")
 #: The full run: everything but the 60 s RSS flood (select it with --workload rss).
 DEFAULT_WORKLOADS = ("flood", "rr", "open", "latency", "app", "idle", "churn")
-#: app cells: the Python client's APIs, each through the library and through a raw socket.
-APP_APIS = ("raw", "kmux", "raw-trio", "kmux-trio")
+#: app cells: the library's Python APIs, each paired in one process with its raw twin (appclient --paired).
+APP_APIS = ("kmux", "kmux-trio")
 #: The receive bound of the Python clients' rows with a timeout (the library's recv(timeout=...)).
 APP_TIMEOUT = 5.0
 PEERS = ("direct", "twemproxy", "zmq", "crelay", "tls")
@@ -110,8 +111,10 @@ def build_plan(a: argparse.Namespace) -> list[Cell]:
             cells.append(Cell("latency", "kmuxd", 1, 64, steering, conns, api="kmux", recv_timeout=APP_TIMEOUT, **py))
             if not a.quick:
                 cells.append(Cell("latency", "kmuxd", 1, 64, steering, conns, api="raw", **py))
+            # Python direct is the baseline of every "added" figure here (and memcached is always up):
+            # it runs whatever --peers says, so the Python latency targets are never left without it.
             cells += [Cell("latency", t, 1, connections=4 if t == "twemproxy" else None, api="stream", **py)
-                      for t in ("direct", "twemproxy") if t in peers]
+                      for t in ("direct", "twemproxy") if t == "direct" or t in peers]
     if "app" in w:
         for timeout in ((APP_TIMEOUT,) if a.quick else (None, APP_TIMEOUT)):
             cells += [Cell("app", "kmuxd", 1, 64, steering, conns, seconds=s, client="python", api=api,
@@ -251,7 +254,8 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 isinstance(v, (int, float)) for v in values):
             out[key] = statistics.median(values)
     out["runs"] = [{k: r.get(k) for k in ("msgs_per_s", "p50_us", "p99_us", "proxy_cpu_us", "cpu_us_per_client",
-                                          "client_cpu_us", "rss_per_client_kib", "error") if r.get(k) is not None}
+                                          "client_cpu_us", "extra_cpu_us", "rss_per_client_kib", "error")
+                    if r.get(k) is not None}
                    for r in runs]
     return out
 
@@ -263,8 +267,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def run_cell(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
     why = available(p, cell)
     if why:
-        return {"label": cell.label(), "workload": cell.workload, "target": cell.target, "clients": cell.clients,
-                "size": cell.size, "skipped": why}
+        return {**asdict(cell), "label": cell.label(), "skipped": why}  # every field: its target names it
     try:
         if cell.workload == "flood":
             return run_flood(p, cell, run_dir)
@@ -278,8 +281,7 @@ def run_cell(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
             return run_churn(p, cell, run_dir, CHURN_PROCS)
         return run_rss(p, cell, run_dir, lambda t, rss: None)
     except (RuntimeError, OSError, KeyError, ValueError) as exc:
-        return {"label": cell.label(), "workload": cell.workload, "target": cell.target, "clients": cell.clients,
-                "size": cell.size, "error": str(exc)[:2000]}
+        return {**asdict(cell), "label": cell.label(), "error": str(exc)[:2000]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,25 +73,31 @@ def cell_table(cells: list[dict[str, Any]]) -> str:
 
 
 def app_table(cells: list[dict[str, Any]]) -> str:
+    """Each app cell is two rows: the library and its raw twin, measured in one process, alternating."""
     rows = [c for c in cells if c["workload"] == "app" and "skipped" not in c and not c.get("error")]
     if not rows:
         return ""
-    head = (f"{'app: 1 Python client, kmuxd id/4c':<40} {'client µs/rt':>12} {'user':>6} {'sys':>6} "
-            f"{'vs raw':>7} {'calls/rt':>8} " + " ".join(f"{name:>10}" for _, name in APP_CALLS) + f" {'p50µs':>7}")
+    head = (f"{'app: 1 Python client, kmuxd id/4c':<34} {'client µs/rt':>12} {'user':>6} {'sys':>6} "
+            f"{'lib−raw, paired [p25..p75]':>27} {'calls/rt':>8} " + " ".join(f"{name:>10}" for _, name in APP_CALLS)
+            + f" {'p50µs':>7}")
     lines = [head, "-" * len(head)]
     for c in rows:
-        raw = find(cells, workload="app", api=_raw_api(c["api"]), recv_timeout=c["recv_timeout"])
-        extra = c["client_cpu_us"] - raw["client_cpu_us"] if raw and raw is not c else None
-        calls = c.get("syscalls_per_rt") or {}
-        name = f"{c['api']}" + ("" if c["recv_timeout"] is None else f", timeout {c['recv_timeout']:g} s")
-        lines.append(f"  {name:<38} {_num(c.get('client_cpu_us'), '.2f'):>12} {_num(c.get('client_user_us'), '.2f'):>6} "
-                     f"{_num(c.get('client_sys_us'), '.2f'):>6} {_num(extra, '+.2f'):>7} "
-                     f"{_num(calls.get('all'), '.2f'):>8} "
-                     + " ".join(f"{_num(calls.get(key, 0.0) if calls else None, '.2f'):>10}" for key, _ in APP_CALLS)
-                     + f" {_num(c.get('p50_us'), '.1f'):>7}")
-    how = {c.get("syscalls_counted_by") or c.get("syscalls_unmeasured") for c in rows} - {None}
-    lines.append(f"  (system calls counted by {', '.join(sorted(how))}; 'vs raw': the same API's raw socket, "
-                 "same timeout)")
+        how = "" if c["recv_timeout"] is None else f", timeout {c['recv_timeout']:g} s"
+        paired = (f"{c['extra_cpu_us']:+.2f} [{c['extra_cpu_p25_us']:+.2f}..{c['extra_cpu_p75_us']:+.2f}] "
+                  f"×{c['pairs']}" if c.get("pairs") else "unmeasured")
+        for name, prefix, calls_key, extra in ((c["api"], "client", "syscalls_per_rt", paired),
+                                               (f"  {_raw_api(c['api'])}", "raw", "raw_syscalls_per_rt", "")):
+            calls = c.get(calls_key) or {}
+            p50 = c.get("p50_us") if prefix == "client" else c.get("raw_p50_us")
+            lines.append(f"  {name + how:<32} {_num(c.get(prefix + '_cpu_us'), '.2f'):>12} "
+                         f"{_num(c.get(prefix + '_user_us'), '.2f'):>6} {_num(c.get(prefix + '_sys_us'), '.2f'):>6} "
+                         f"{extra:>27} {_num(calls.get('all'), '.2f'):>8} "
+                         + " ".join(f"{_num(calls.get(key, 0.0) if calls else None, '.2f'):>10}" for key, _ in APP_CALLS)
+                         + f" {_num(p50, '.1f'):>7}")
+    counted = {c.get("syscalls_counted_by") or c.get("syscalls_unmeasured") for c in rows} - {None}
+    lines.append(f"  (library and raw socket alternate in one process, blocks of {rows[0].get('block')} round trips; "
+                 "CPU per round trip: medians of the blocks; 'lib−raw': median of the pairs' differences; "
+                 f"system calls counted by {', '.join(sorted(counted))})")
     return "\n".join(lines)
 
 
@@ -104,6 +110,11 @@ def find(cells: list[dict[str, Any]], **want: Any) -> dict[str, Any] | None:
         if "skipped" not in c and not c.get("error") and all(c.get(k) == v for k, v in want.items()):
             return c
     return None
+
+
+def _planned(cells: list[dict[str, Any]], **want: Any) -> dict[str, Any] | None:
+    """Like :func:`find`, a cell that failed or was skipped included: its target is then unmeasured, not "not run"."""
+    return next((c for c in cells if all(c.get(k) == v for k, v in want.items())), None)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -283,13 +294,17 @@ def app_targets(cells: list[dict[str, Any]]) -> list[Target]:
         for timeout in (None, 5.0):
             how = "no timeout" if timeout is None else f"timeout {timeout:g} s"
             name = f"app, {transport}, {how}: library client CPU/rt ≤ raw socket's + {APP_MAX_EXTRA_CPU_US:g} µs"
-            k = find(cells, workload="app", api=api, recv_timeout=timeout)
-            r = find(cells, workload="app", api=_raw_api(api), recv_timeout=timeout)
-            if k is None or r is None:
+            k = _planned(cells, workload="app", api=api, recv_timeout=timeout)
+            if k is None:
                 out.append(Target(name, "-", None, "app cells not run"))
                 continue
-            extra = k["client_cpu_us"] - r["client_cpu_us"]
-            out.append(Target(name, f"{k['client_cpu_us']:.2f} vs {r['client_cpu_us']:.2f} µs = {extra:+.2f} µs",
+            if not k.get("pairs") or k.get("error") or "skipped" in k:
+                why = k.get("error") or k.get("skipped") or "no pair of blocks inside the window"
+                out.append(Target(name, "unmeasured", None, why))
+                continue
+            extra = k["extra_cpu_us"]
+            out.append(Target(name, f"{extra:+.2f} µs paired [{k['extra_cpu_p25_us']:+.2f}..{k['extra_cpu_p75_us']:+.2f}] "
+                              f"×{k['pairs']} ({k['client_cpu_us']:.2f} vs {k['raw_cpu_us']:.2f})",
                               extra <= APP_MAX_EXTRA_CPU_US))
         out.append(_calls_target(cells, api, transport))
     direct = find(cells, workload="latency", target="direct", placement="pinned", client="python")
@@ -298,8 +313,14 @@ def app_targets(cells: list[dict[str, Any]]) -> list[Target]:
     for key, limit in (("p50_us", PY_ADDED_P50_MAX_RATIO), ("p99_us", PY_ADDED_P99_MAX_RATIO)):
         name = (f"1 client rr through Python, pinned: kmux library's added {key[:3]} over direct "
                 f"≤ {limit:g}× twemproxy's")
-        if direct is None or lib is None or twem is None:
-            out.append(Target(name, "-", None, "Python latency cells not run"))
+        missing = [what for what, c in (("Python direct", direct), ("kmux library", lib), ("twemproxy", twem))
+                   if c is None or "skipped" in c or c.get("error") or c.get(key) is None]
+        if missing:
+            # Asked for and not measurable (a peer left out or skipped, a cell failed): said, never met.
+            if not any(c["workload"] == "latency" and c.get("client") == "python" for c in cells):
+                out.append(Target(name, "-", None, "Python latency cells not run"))
+            else:
+                out.append(Target(name, "unmeasured", None, f"no {', '.join(missing)} row in this run"))
             continue
         k, t = lib[key] - direct[key], twem[key] - direct[key]
         ratio = k / t if t > 0 else None
@@ -322,7 +343,7 @@ def _calls_target(cells: list[dict[str, Any]], api: str, transport: str) -> Targ
     if not runs:
         return Target(name, "-", None, "app cells not run")
     for k in runs:
-        r = find(cells, workload="app", api=_raw_api(api), recv_timeout=k["recv_timeout"])
+        r = {"syscalls_per_rt": k.get("raw_syscalls_per_rt")}  # the raw twin, counted by the same cell
         if not k.get("syscalls_per_rt"):
             return Target(name, "unmeasured", None, k.get("syscalls_unmeasured", ""))
         calls = k["syscalls_per_rt"]

@@ -44,6 +44,7 @@ from typing import Any, Callable
 from kmux.protocol import Hello, encode_hello
 
 from . import syscalls
+from .appclient import RAW_TWIN
 from .peers import ASCII_GET_REQUEST, GET_REQUEST, Parties, group_name, mark
 from .procs import (CPU_CLOCK, CPU_RESOLUTION_S, LoadGen, appclient_argv, cpu_seconds, process_tree, reset_peak_rss, set_affinity,
                     sleep_until, status_kib, system_cpu)
@@ -75,6 +76,9 @@ RSS_FLAT_TOLERANCE = 0.10
 CPU_MIN_TICKS = 10
 #: app cells: round trips whose system calls are counted (perf: this many and three times as many).
 APP_SYSCALL_ROUND_TRIPS = 2000
+#: app cells (appclient --paired): the raw twin's figures and the paired difference, library minus raw.
+PAIRED_KEYS = ("raw_cpu_us", "raw_user_us", "raw_sys_us", "raw_p50_us", "extra_cpu_us", "extra_cpu_p25_us",
+               "extra_cpu_p75_us", "extra_cpu_min_us", "extra_cpu_max_us", "pairs", "block")
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,8 @@ def python_client_args(p: Parties, cell: Cell) -> list[Any]:
     """The app client's options: kmuxd's id/4 group (library or raw socket), or a stream to the service
     (direct, TCP) or to twemproxy (its Unix socket, as a local app would use it)."""
     args: list[Any] = ["--api", cell.api, "--request", request_hex(cell)]
+    if cell.workload == "app":
+        args.append("--paired")  # the library against its raw twin, in one process
     if cell.recv_timeout is not None:
         args += ["--timeout", cell.recv_timeout]
     if cell.target == "kmuxd":
@@ -337,6 +343,9 @@ def run_requests(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
     for key in ("p50_us", "p99_us", "p999_us", "max_us", "mean_us", "unfinished", "notices", "overruns", "strays",
                 "inflight_at_end", "client_cpu_us", "client_user_us", "client_sys_us", "switches_per_rt"):
         out[key] = res.get(key)
+    if cell.workload == "app":  # appclient --paired: the raw twin's figures and the paired difference
+        for key in PAIRED_KEYS:
+            out[key] = res.get(key)
     if cell.placement == "pinned":
         out["cpu"] = cpu
     if res.get("exit_status"):
@@ -345,8 +354,9 @@ def run_requests(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
 
 
 def run_app(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
-    """One Python client's own cost per round trip: its CPU (in the timed window) and its system calls
-    (counted in runs of their own: counting must not slow the timed one)."""
+    """One Python client's own cost per round trip, the library (``cell.api``) against its raw twin:
+    CPU paired in one process (appclient ``--paired``: alternating blocks in the timed window), and
+    the system calls of each (counted in runs of their own: counting must not slow the timed one)."""
     out = run_requests(p, cell, run_dir)
     if out.get("error"):
         return out
@@ -354,10 +364,12 @@ def run_app(p: Parties, cell: Cell, run_dir: Path) -> dict[str, Any]:
     if no_perf and no_strace:
         out["syscalls_unmeasured"] = f"{no_perf}; {no_strace}"
         return out
-    argv = appclient_argv(client_args(p, cell))
-    per, how = syscalls.per_round_trip(argv, APP_SYSCALL_ROUND_TRIPS)
-    out["syscalls_per_rt"] = {k: round(v, 3) for k, v in per.items() if v >= 0.001}
-    out["syscalls_counted_by"] = how
+    args = [a for a in client_args(p, cell) if a != "--paired"]
+    for api, key in ((cell.api, "syscalls_per_rt"), (RAW_TWIN[cell.api], "raw_syscalls_per_rt")):
+        argv = appclient_argv([*args[:1], api, *args[2:]])  # args[1] is the api
+        per, how = syscalls.per_round_trip(argv, APP_SYSCALL_ROUND_TRIPS)
+        out[key] = {k: round(v, 3) for k, v in per.items() if v >= 0.001}
+        out["syscalls_counted_by"] = how
     return out
 
 
