@@ -178,6 +178,8 @@ class Group:
         self.contention = Contention()
         #: Clients held at their in-flight limit since start (each hold counted once).
         self.holds = 0
+        #: balance: clients held for want of tokens (client_rate_contended) since start.
+        self.paces = 0
         #: balance: connections that stopped reading for want of a ready receiver
         self._paused: list[PausedReader] = []
         #: clients detached as slow consumers, until their last notice is out
@@ -435,8 +437,10 @@ class Group:
         answered after those the server already holds, so a light client's
         round trip grows with every request a heavy one keeps in flight."""
         router = self.router
-        if router is None or len(self.clients) < 2:
+        if len(self.clients) < 2:
             return None
+        if router is None:
+            return self._pace_room(client)
         cfg = self.cfg
         limit = cfg.client_max_in_flight
         contended = cfg.client_max_in_flight_contended
@@ -444,6 +448,35 @@ class Group:
                 self.contention.contended(client.id, self.clock(), cfg.contention_window):
             limit = contended
         return router.room_for(client, limit)
+
+    def _pace_room(self, client: Any) -> int | None:
+        """balance: how many more messages ``client`` may be accepted now under
+        client_rate_contended (0: hold it, :meth:`hold_for_pace`), while another
+        client sent within contention_window; None otherwise (see kmuxd.core.pacing)."""
+        cfg = self.cfg
+        rate = cfg.client_rate_contended
+        if not rate:
+            return None
+        now = self.clock()
+        if not self.contention.contended(client.id, now, cfg.contention_window):
+            return None
+        return client.pace.room(now, rate, cfg.client_burst_contended)
+
+    def hold_for_pace(self, client: Any) -> None:
+        """balance: ``client`` is out of tokens: read it again once its bucket has refilled.
+
+        One trio task per held client (a client is held at most once at a
+        time), sleeping until then; the wake-up is a pass of its own."""
+        cfg = self.cfg
+        delay = client.pace.ready_at(cfg.client_rate_contended, cfg.client_burst_contended) - self.clock()
+        self.paces += 1
+        nursery = self._nursery
+        assert nursery is not None  # clients attach only to a running group
+        nursery.start_soon(self._unpace_after, client, max(0.0, delay))
+
+    async def _unpace_after(self, client: Any, delay: float) -> None:
+        await trio.sleep(delay)
+        self.reactor.call(client.unpace)
 
     # -- time ----------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from kmux.errors import IdleTimeout, KmuxError, PermissionDenied, SlowConsumer
 from kmux.protocol import Notice
 
 from kmuxd.core.access import AccessPolicy
+from kmuxd.core.pacing import Pace
 from kmuxd.core.states import CLIENT_TRANSITIONS, ClientEvent, ClientState, CloseReason, StateMachine
 
 from .intake import Intake
@@ -90,6 +91,10 @@ class AppSession:
         #: Times it was held so (client_max_in_flight), and since when, the last time.
         self.holds = 0
         self.held_since = 0.0
+        #: balance: its token bucket (client_rate_contended), and whether it is
+        #: held for want of tokens now (read again once the bucket has refilled).
+        self.pace = Pace(group.cfg.client_burst_contended, self.clock())
+        self.paced = False
         self.since = self.clock()
         self.closing_deadline: float | None = None  # slow consumer: close once its notice is out
         #: DATA messages (and their bytes) committed to an outbox, and written to TCP.
@@ -130,6 +135,20 @@ class AppSession:
             self.group.holds += 1
             self.held_since = self.clock()
         self.want_read(False)
+
+    def hold_for_pace(self) -> None:
+        """balance: out of tokens (client_rate_contended): read it no more until its bucket has refilled."""
+        if not self.paced:
+            self.paced = True
+            self.held_since = self.clock()
+            self.group.hold_for_pace(self)
+        self.want_read(False)
+
+    def unpace(self) -> None:
+        """Its bucket has refilled: read it in this pass."""
+        if self.paced:
+            self.paced = False
+            self.wake()
 
     def outcome_sent(self) -> None:
         """A response or a notice went (or was queued) to it: if it was held at
