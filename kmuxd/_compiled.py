@@ -39,6 +39,7 @@ COMPILED_MODULES = (
     "kmuxd.core.sendq",
     "kmuxd.core.notsent",
     "kmuxd.core.contention",
+    "kmuxd.core.pacing",
     "kmuxd.core.router",
     "kmuxd.core.inbox",
     "kmuxd.core.steering",

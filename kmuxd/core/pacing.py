@@ -22,7 +22,8 @@ client alone is never contended, so never paced.
 Tokens refill while a client is not contended too, so a client that
 becomes contended starts with a full burst.
 
-Invariants: ``0 <= tokens <= burst`` after :meth:`Pace.room`; time is the
+Invariants: ``tokens <= burst`` (below 0 only after a read took more
+than :meth:`Pace.room` allowed: a message in pieces); ``room() >= 0``; time is the
 caller's clock (seconds, monotonic); ``rate`` and ``burst`` are passed on
 each question, so a reload that changes them takes effect at once. No I/O.
 """
@@ -61,7 +62,7 @@ class Pace:
             tokens = float(burst)
         self.tokens = tokens
         self.at = now
-        return int(tokens)
+        return int(tokens) if tokens > 0.0 else 0
 
     def spend(self, msgs: int) -> None:
         """``msgs`` of its messages were read (after :meth:`room`, at the same ``now``)."""

@@ -54,6 +54,7 @@ from kmuxd.core.access import AccessPolicy
 from kmuxd.core.contention import Contention
 from kmuxd.core.counters import GroupCounters
 from kmuxd.core.endpoints import EndpointPool
+from kmuxd.core.pacing import Pace
 from kmuxd.core.router import Flight, IdTable, Request, ResponseRouter
 from kmuxd.core.sendq import Owner, TxScheduler
 from kmuxd.core.states import CloseReason, RetireReason, SlotState
@@ -90,6 +91,11 @@ class Client(Owner, Receiver, Protocol):
     gone: bool
     #: Held at its in-flight limit (flight_room): not read until one of its requests is answered or told.
     awaiting_answers: bool
+    #: balance: its token bucket (client_rate_contended).
+    pace: Pace
+
+    def unpace(self) -> None:
+        """It was paced (:meth:`Group.hold_for_pace`) and its bucket has refilled: read it again."""
 
     @property
     def seq(self) -> int:
@@ -178,8 +184,10 @@ class Group:
         self.contention = Contention()
         #: Clients held at their in-flight limit since start (each hold counted once).
         self.holds = 0
-        #: balance: clients held for want of tokens (client_rate_contended) since start.
+        #: balance: clients held for want of tokens (client_rate_contended) since
+        #: start, and those held now, each with when its bucket holds a burst again.
         self.paces = 0
+        self.paced: dict[Client, float] = {}
         #: balance: connections that stopped reading for want of a ready receiver
         self._paused: list[PausedReader] = []
         #: clients detached as slow consumers, until their last notice is out
@@ -356,6 +364,7 @@ class Group:
         self.counters.unattached += 1
         self.receivers.remove(client)
         self.sched.forget(client)
+        self.paced.pop(client, None)
 
     def detach_slow(self, client: Client) -> None:
         """A slow consumer: detached now, closed once its last notice is out (or its grace ends)."""
@@ -429,8 +438,9 @@ class Group:
 
     def flight_room(self, client: Any) -> int | None:
         """How many more requests ``client`` may have accepted now (0: none until one
-        is answered or told). None: no limit applies, as in balance mode, or while it
-        is the group's only client (nobody's answer can wait behind its).
+        is answered or told; in balance, messages under client_rate_contended, see
+        :meth:`_pace_room`). None: no limit applies, as while it is the group's
+        only client (nobody's answer can wait behind its).
 
         The limit is client_max_in_flight, and client_max_in_flight_contended
         while another client sent within contention_window: a request is
@@ -449,7 +459,7 @@ class Group:
             limit = contended
         return router.room_for(client, limit)
 
-    def _pace_room(self, client: Any) -> int | None:
+    def _pace_room(self, client: Client) -> int | None:
         """balance: how many more messages ``client`` may be accepted now under
         client_rate_contended (0: hold it, :meth:`hold_for_pace`), while another
         client sent within contention_window; None otherwise (see kmuxd.core.pacing)."""
@@ -462,21 +472,33 @@ class Group:
             return None
         return client.pace.room(now, rate, cfg.client_burst_contended)
 
-    def hold_for_pace(self, client: Any) -> None:
-        """balance: ``client`` is out of tokens: read it again once its bucket has refilled.
+    def hold_for_pace(self, client: Client) -> None:
+        """balance: ``client`` is out of tokens: read it again once its bucket has refilled a burst.
 
-        One trio task per held client (a client is held at most once at a
-        time), sleeping until then; the wake-up is a pass of its own."""
+        A trio task sleeps until then (one per held client: a client is held
+        at most once at a time) and releases it in a pass of its own; the
+        housekeeping tick releases any that are due too (:meth:`release_paced`),
+        which is all a test without trio needs."""
         cfg = self.cfg
-        delay = client.pace.ready_at(cfg.client_rate_contended, cfg.client_burst_contended) - self.clock()
+        at = client.pace.ready_at(cfg.client_rate_contended, cfg.client_burst_contended)
         self.paces += 1
-        nursery = self._nursery
-        assert nursery is not None  # clients attach only to a running group
-        nursery.start_soon(self._unpace_after, client, max(0.0, delay))
+        self.paced[client] = at
+        if self._nursery is not None:
+            self._nursery.start_soon(self._unpace_after, client, max(0.0, at - self.clock()))
 
-    async def _unpace_after(self, client: Any, delay: float) -> None:
+    async def _unpace_after(self, client: Client, delay: float) -> None:
         await trio.sleep(delay)
-        self.reactor.call(client.unpace)
+        self.reactor.call(self._unpace, client)
+
+    def _unpace(self, client: Client) -> None:
+        if self.paced.pop(client, None) is not None:
+            client.unpace()
+
+    def release_paced(self, now: float) -> None:
+        """Release the paced clients whose buckets have refilled by ``now``."""
+        for client, at in list(self.paced.items()):
+            if at <= now:
+                self._unpace(client)
 
     # -- time ----------------------------------------------------------------------------------
 
@@ -517,6 +539,8 @@ class Group:
             waiting_clients=sstats.waiting_clients,
             clients_held=sum(1 for client in self.clients.values() if client.awaiting_answers),
             holds=self.holds,
+            clients_paced=len(self.paced),
+            paces=self.paces,
             refused=c.refused,
             requeued=c.requeued,
             notices_sent=c.notices_sent,

@@ -440,3 +440,31 @@ def test_contention_sees_another_sender_within_the_window_and_not_ones_own_strea
     c.sent(1, 2.2)
     assert c.contended(1, 2.3, 1.0)  # its new streak began after client 2's send at 2.0
     assert c.statistics().last_sender == 1
+
+
+def test_a_pace_lets_a_burst_through_then_refills_at_the_rate():
+    from kmuxd.core.pacing import Pace
+
+    rate, burst = 1000.0, 16  # a message a millisecond
+    p = Pace(burst, now=0.0)
+    assert p.room(0.0, rate, burst) == 16  # a client starts with a full burst
+    p.spend(16)
+    assert p.room(0.0, rate, burst) == 0  # out of tokens: the shell holds it
+    assert p.ready_at(rate, burst) == 0.016  # when a whole burst has refilled, not the next token
+    assert p.statistics().holds == 1
+    assert p.room(0.0105, rate, burst) == 10  # 10.5 ms: ten whole messages
+    p.spend(10)
+    assert p.room(10.0, rate, burst) == 16  # never more than a burst, however long it waited
+    # A rate changed by a reload applies to the next question.
+    p.spend(16)
+    assert p.room(10.5, 10.0, burst) == 5
+
+
+def test_a_pace_may_be_overdrawn_by_a_read_and_waits_it_off():
+    from kmuxd.core.pacing import Pace
+
+    p = Pace(4, now=0.0)
+    assert p.room(0.0, 100.0, 4) == 4
+    p.spend(6)  # a message in pieces or a refused one costs too: the next questions wait it off
+    assert p.room(0.01, 100.0, 4) == 0  # -1 token
+    assert abs(p.ready_at(100.0, 4) - 0.06) < 1e-9  # 5 more to a full burst: 50 ms after 0.01
