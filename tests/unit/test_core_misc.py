@@ -304,6 +304,8 @@ def test_good_config_parses_into_frozen_dataclasses():
         ("groups.echo.max_skip", "64M", "groups.echo.max_skip"),
         ("groups.echo.assembly_timeout", -1, "groups.echo.assembly_timeout"),
         ("groups.echo.reconnect_initial", 60.0, "groups.echo.reconnect_initial"),
+        ("groups.echo.client_rate_contended", -1.0, "groups.echo.client_rate_contended"),
+        ("groups.echo.client_burst_contended", 0, "groups.echo.client_burst_contended"),
         ("daemon.socket_mode", "rw", "daemon.socket_mode"),
         ("daemon.socket", "/" + "x" * 200, "daemon.socket"),
         ("daemon.max_clientz", 3, "daemon.max_clientz"),
@@ -316,6 +318,19 @@ def test_bad_config_names_the_exact_key(path, value, where):
     assert e.value.path == where
     assert e.value.code == "config_invalid"
     assert str(e.value).count(where) >= 1
+
+
+def test_pacing_settings_belong_to_balance_and_the_window_to_every_mode():
+    """client_rate_contended/client_burst_contended pace balance clients (id and fifo
+    count answers instead); contention_window serves both rules."""
+    cfg = parse_config(with_("groups.echo.client_rate_contended", 2000))
+    assert cfg.groups["echo"].client_rate_contended == 2000.0 and cfg.groups["echo"].client_burst_contended == 16
+    assert parse_config(with_("groups.echo.contention_window", 0.5)).groups["echo"].contention_window == 0.5
+    raw = with_("groups.echo.client_burst_contended", 8)
+    raw["groups"]["echo"]["steering"] = "fifo"
+    with pytest.raises(ConfigInvalid) as e:
+        parse_config(raw)
+    assert e.value.path == "groups.echo.client_burst_contended" and "balance" in str(e.value)
 
 
 def test_bad_group_name_and_missing_groups():
