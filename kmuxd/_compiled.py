@@ -58,6 +58,7 @@ COMPILED_MODULES = (
     "kmuxd.io.retry",
     "kmuxd.io.tls",
     "kmuxd.io.group",
+    "kmuxd.io.pacer",
     "kmuxd.io.server",
 )
 #: mypy settings for the compiled modules: their imports are type-checked

@@ -65,6 +65,7 @@ from kmuxd.system.log import RateLimit
 from .attach import AttachedPool
 from .conn import ConnStatistics
 from .deadlines import Housekeeper
+from .pacer import Pacer
 from .retry import RetryFeeder
 from .slot import Slot
 from .sockopts import SocketPlan
@@ -95,7 +96,7 @@ class Client(Owner, Receiver, Protocol):
     pace: Pace
 
     def unpace(self) -> None:
-        """It was paced (:meth:`Group.hold_for_pace`) and its bucket has refilled: read it again."""
+        """It was paced (:meth:`Pacer.hold <kmuxd.io.pacer.Pacer.hold>`) and its bucket has refilled: read it again."""
 
     @property
     def seq(self) -> int:
@@ -184,10 +185,8 @@ class Group:
         self.contention = Contention()
         #: Clients held at their in-flight limit since start (each hold counted once).
         self.holds = 0
-        #: balance: clients held for want of tokens (client_rate_contended) since
-        #: start, and those held now, each with when its bucket holds a burst again.
-        self.paces = 0
-        self.paced: dict[Client, float] = {}
+        #: balance: clients held for want of tokens (client_rate_contended).
+        self.pacer = Pacer(self)
         #: balance: connections that stopped reading for want of a ready receiver
         self._paused: list[PausedReader] = []
         #: clients detached as slow consumers, until their last notice is out
@@ -199,6 +198,11 @@ class Group:
         self._nursery: trio.Nursery | None = None
         self._unmatched_log = RateLimit(UNMATCHED_LOG_INTERVAL)
         self._skipped_log = RateLimit(SKIPPED_LOG_INTERVAL)
+
+    @property
+    def nursery(self) -> "trio.Nursery | None":
+        """Where the group's own tasks run (None until it runs)."""
+        return self._nursery
 
     @property
     def request_mode(self) -> bool:
@@ -364,7 +368,7 @@ class Group:
         self.counters.unattached += 1
         self.receivers.remove(client)
         self.sched.forget(client)
-        self.paced.pop(client, None)
+        self.pacer.forget(client)
 
     def detach_slow(self, client: Client) -> None:
         """A slow consumer: detached now, closed once its last notice is out (or its grace ends)."""
@@ -439,7 +443,7 @@ class Group:
     def flight_room(self, client: Any) -> int | None:
         """How many more requests ``client`` may have accepted now (0: none until one
         is answered or told; in balance, messages under client_rate_contended, see
-        :meth:`_pace_room`). None: no limit applies, as while it is the group's
+        :mod:`kmuxd.io.pacer`). None: no limit applies, as while it is the group's
         only client (nobody's answer can wait behind its).
 
         The limit is client_max_in_flight, and client_max_in_flight_contended
@@ -450,7 +454,7 @@ class Group:
         if len(self.clients) < 2:
             return None
         if router is None:
-            return self._pace_room(client)
+            return self.pacer.room(client)
         cfg = self.cfg
         limit = cfg.client_max_in_flight
         contended = cfg.client_max_in_flight_contended
@@ -458,47 +462,6 @@ class Group:
                 self.contention.contended(client.id, self.clock(), cfg.contention_window):
             limit = contended
         return router.room_for(client, limit)
-
-    def _pace_room(self, client: Client) -> int | None:
-        """balance: how many more messages ``client`` may be accepted now under
-        client_rate_contended (0: hold it, :meth:`hold_for_pace`), while another
-        client sent within contention_window; None otherwise (see kmuxd.core.pacing)."""
-        cfg = self.cfg
-        rate = cfg.client_rate_contended
-        if not rate:
-            return None
-        now = self.clock()
-        if not self.contention.contended(client.id, now, cfg.contention_window):
-            return None
-        return client.pace.room(now, rate, cfg.client_burst_contended)
-
-    def hold_for_pace(self, client: Client) -> None:
-        """balance: ``client`` is out of tokens: read it again once its bucket has refilled a burst.
-
-        A trio task sleeps until then (one per held client: a client is held
-        at most once at a time) and releases it in a pass of its own; the
-        housekeeping tick releases any that are due too (:meth:`release_paced`),
-        which is all a test without trio needs."""
-        cfg = self.cfg
-        at = client.pace.ready_at(cfg.client_rate_contended, cfg.client_burst_contended)
-        self.paces += 1
-        self.paced[client] = at
-        if self._nursery is not None:
-            self._nursery.start_soon(self._unpace_after, client, max(0.0, at - self.clock()))
-
-    async def _unpace_after(self, client: Client, delay: float) -> None:
-        await trio.sleep(delay)
-        self.reactor.call(self._unpace, client)
-
-    def _unpace(self, client: Client) -> None:
-        if self.paced.pop(client, None) is not None:
-            client.unpace()
-
-    def release_paced(self, now: float) -> None:
-        """Release the paced clients whose buckets have refilled by ``now``."""
-        for client, at in list(self.paced.items()):
-            if at <= now:
-                self._unpace(client)
 
     # -- time ----------------------------------------------------------------------------------
 
@@ -539,8 +502,8 @@ class Group:
             waiting_clients=sstats.waiting_clients,
             clients_held=sum(1 for client in self.clients.values() if client.awaiting_answers),
             holds=self.holds,
-            clients_paced=len(self.paced),
-            paces=self.paces,
+            clients_paced=len(self.pacer.held),
+            paces=self.pacer.holds,
             refused=c.refused,
             requeued=c.requeued,
             notices_sent=c.notices_sent,

@@ -93,7 +93,7 @@ class AppSession:
         self.holds = 0
         self.held_since = 0.0
         #: balance: its token bucket (client_rate_contended); while it is held for
-        #: want of tokens it is in its group's ``paced``.
+        #: want of tokens it is in its group's ``pacer.held`` (kmuxd.io.pacer).
         self.pace = Pace(group.cfg.client_burst_contended, self.clock())
         self.since = self.clock()
         self.closing_deadline: float | None = None  # slow consumer: close once its notice is out
@@ -138,9 +138,10 @@ class AppSession:
 
     def hold_for_pace(self) -> None:
         """balance: out of tokens (client_rate_contended): read it no more until its bucket has refilled."""
-        if self not in self.group.paced:
+        pacer = self.group.pacer
+        if self not in pacer.held:
             self.held_since = self.clock()
-            self.group.hold_for_pace(self)
+            pacer.hold(self)
         self.want_read(False)
 
     def unpace(self) -> None:
@@ -412,5 +413,5 @@ class AppSession:
             holds=self.holds,
             held_for=self.clock() - self.held_since if self.awaiting_answers else None,
             paces=self.pace.holds,
-            paced_for=self.clock() - self.held_since if self in self.group.paced else None,
+            paced_for=self.clock() - self.held_since if self in self.group.pacer.held else None,
         )

@@ -305,7 +305,7 @@ def test_balance_paces_a_client_that_streams_while_a_light_one_is_active(world_f
         heavy.send(frame(b"h%d" % i))
     w.run()
     assert split(read_all(server)) == [frame(b"h%d" % i) for i in range(100, 108)]  # one burst
-    assert heavy.session in w.group.paced and heavy.session.statistics().paced_for == 0.0
+    assert heavy.session in w.group.pacer.held and heavy.session.statistics().paced_for == 0.0
     light.send(frame(b"l2"))
     w.run()
     assert split(read_all(server)) == [frame(b"l2")]  # the light one is not held behind it
@@ -333,4 +333,4 @@ def test_balance_clients_that_all_stream_are_not_paced(world_factory):
                 app.send(frame(b"%d-%d-%d" % (round_, i, j)))
         w.run()
     assert len(split(read_all(server))) == 450
-    assert w.stats().paces == 0 and not w.group.paced
+    assert w.stats().paces == 0 and not w.group.pacer.held
