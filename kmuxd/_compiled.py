@@ -39,6 +39,7 @@ COMPILED_MODULES = (
     "kmuxd.core.sendq",
     "kmuxd.core.notsent",
     "kmuxd.core.contention",
+    "kmuxd.core.pacing",
     "kmuxd.core.router",
     "kmuxd.core.inbox",
     "kmuxd.core.steering",
@@ -58,6 +59,7 @@ COMPILED_MODULES = (
     "kmuxd.io.retry",
     "kmuxd.io.tls",
     "kmuxd.io.group",
+    "kmuxd.io.pacer",
     "kmuxd.io.server",
 )
 #: mypy settings for the compiled modules: their imports are type-checked

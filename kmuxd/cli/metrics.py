@@ -29,6 +29,8 @@ GROUP_METRICS: list[tuple[str, str, str, str, float]] = [
     ("waiting_clients", "kmux_group_waiting_clients", GAUGE, "Clients waiting for a connection to come free", 1),
     ("clients_held", "kmux_group_clients_held", GAUGE, "Clients held at their in-flight limit now (id/fifo)", 1),
     ("holds", "kmux_group_holds_total", COUNTER, "Times a client was held at its in-flight limit (id/fifo)", 1),
+    ("clients_paced", "kmux_group_clients_paced", GAUGE, "Clients paced now (balance, client_rate_contended)", 1),
+    ("paces", "kmux_group_paces_total", COUNTER, "Times a client was paced (balance, client_rate_contended)", 1),
     ("tx_msgs", "kmux_group_tx_msgs_total", COUNTER, "Messages written to TCP", 1),
     ("tx_bytes", "kmux_group_tx_bytes_total", COUNTER, "Bytes of messages written to TCP", 1),
     ("rx_msgs", "kmux_group_rx_msgs_total", COUNTER, "Messages received from TCP and steered to clients", 1),
@@ -129,6 +131,7 @@ CLIENT_METRICS: list[tuple[str, str, str, str, float]] = [
     ("rx_queued_bytes", "kmux_client_rx_queued_bytes", GAUGE, "Bytes of responses waiting for this client", 1),
     ("in_flight", "kmux_client_requests_in_flight", GAUGE, "Requests of this client not yet answered (id/fifo)", 1),
     ("holds", "kmux_client_holds_total", COUNTER, "Times this client was held at its in-flight limit (id/fifo)", 1),
+    ("paces", "kmux_client_paces_total", COUNTER, "Times this client was paced (balance, client_rate_contended)", 1),
 ]
 
 DAEMON_METRICS: list[tuple[str, str, str, str, float]] = [

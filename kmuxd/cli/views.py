@@ -295,8 +295,9 @@ CLIENT_COLUMNS = [
     Column("QUEUED", _get("queued_bytes", fmt_bytes)),
     Column("RX_QUEUED", _get("rx_queued_bytes", fmt_bytes)),
     Column("IN_FLIGHT", _get("in_flight", fmt_count)),
-    Column("HELD", _get("held_for", fmt_duration)),
-    Column("HOLDS", _get("holds", fmt_count)),
+    # A group steers one way: held at the in-flight limit (id/fifo) or paced (balance), never both.
+    Column("HELD", lambda r: fmt_duration(r.get("held_for") if r.get("paced_for") is None else r.get("paced_for"))),
+    Column("HOLDS", lambda r: fmt_count(r.get("holds") if not r.get("paces") else r.get("paces"))),
     Column("SINCE", _get("connected_for", fmt_duration)),
 ]
 
@@ -335,6 +336,9 @@ def group_summary(g: Mapping[str, Any]) -> list[str]:
     # id/fifo, from a daemon that counts them: clients held at their in-flight limit.
     held = (f", {c('clients_held')} held at their in-flight limit ({c('holds')} holds)"
             if "clients_held" in g and g.get("steering") in ("id", "fifo") else "")
+    # balance, once a client was paced (client_rate_contended): clients paced for want of tokens.
+    if g.get("paces") and g.get("steering") == "balance":
+        held = f", {c('clients_paced')} paced ({c('paces')} paces)"
     up = g.get("connections_up")
     down = " (DOWN)" if _is_int(up) and up == 0 else ""
     lines = [

@@ -1,4 +1,5 @@
-"""Whether another client is sending: the rule behind ``client_max_in_flight_contended``.
+"""Whether another client is sending: the rule behind ``client_max_in_flight_contended``
+and ``client_rate_contended``.
 
 Theory of operation
 -------------------
@@ -7,6 +8,12 @@ client's round trip grows with every request a heavy one keeps in flight
 there. While the group is *contended* (another client sent a request
 within ``contention_window``), the shell holds each client to the smaller
 in-flight limit; otherwise the ordinary one applies.
+
+In ``balance`` steering the shell reports only *light* senders here
+(clients that send a message at a time, :mod:`kmuxd.io.intake`), so
+"contended" means "a light client other than this one is active": that
+is when a client that streams is paced (:mod:`kmuxd.core.pacing`).
+Clients that all stream share the connections by turns, unpaced.
 
 Asking "did anyone other than C send lately?" needs only the last two
 distinct senders: the one read last (and when), and when the sender

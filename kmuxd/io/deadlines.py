@@ -20,7 +20,10 @@ time read once from the shell's clock:
   the end of a retiring connection, ``max_connection_age``
   (:meth:`Slot.apply_deadlines <kmuxd.io.slot.Slot.apply_deadlines>`);
 * ``client_idle_timeout`` and a slow consumer's grace
-  (:meth:`AppSession.apply_deadlines <kmuxd.io.session.AppSession.apply_deadlines>`).
+  (:meth:`AppSession.apply_deadlines <kmuxd.io.session.AppSession.apply_deadlines>`);
+* paced clients (``client_rate_contended``) whose bucket has refilled: each
+  has a timer of its own (:meth:`Pacer.hold <kmuxd.io.pacer.Pacer.hold>`),
+  so this is only the backstop.
 
 A test drives :meth:`Housekeeper.apply` with any ``now``, so no test of a
 timeout needs to sleep.
@@ -87,6 +90,8 @@ class Housekeeper:
             slot.apply_deadlines(now)
         for client in list(group.clients.values()):
             client.apply_deadlines(now)
+        if group.pacer.held:  # each has a timer of its own; this is the backstop
+            group.pacer.release_due(now)
         # Slow consumers are detached (not among its clients) while their last notice drains.
         for client in list(group.slow):
             client.apply_deadlines(now)

@@ -54,6 +54,7 @@ from kmuxd.core.access import AccessPolicy
 from kmuxd.core.contention import Contention
 from kmuxd.core.counters import GroupCounters
 from kmuxd.core.endpoints import EndpointPool
+from kmuxd.core.pacing import Pace
 from kmuxd.core.router import Flight, IdTable, Request, ResponseRouter
 from kmuxd.core.sendq import Owner, TxScheduler
 from kmuxd.core.states import CloseReason, RetireReason, SlotState
@@ -64,6 +65,7 @@ from kmuxd.system.log import RateLimit
 from .attach import AttachedPool
 from .conn import ConnStatistics
 from .deadlines import Housekeeper
+from .pacer import Pacer
 from .retry import RetryFeeder
 from .slot import Slot
 from .sockopts import SocketPlan
@@ -90,6 +92,11 @@ class Client(Owner, Receiver, Protocol):
     gone: bool
     #: Held at its in-flight limit (flight_room): not read until one of its requests is answered or told.
     awaiting_answers: bool
+    #: balance: its token bucket (client_rate_contended).
+    pace: Pace
+
+    def unpace(self) -> None:
+        """It was paced (:meth:`Pacer.hold <kmuxd.io.pacer.Pacer.hold>`) and its bucket has refilled: read it again."""
 
     @property
     def seq(self) -> int:
@@ -178,6 +185,8 @@ class Group:
         self.contention = Contention()
         #: Clients held at their in-flight limit since start (each hold counted once).
         self.holds = 0
+        #: balance: clients held for want of tokens (client_rate_contended).
+        self.pacer = Pacer(self)
         #: balance: connections that stopped reading for want of a ready receiver
         self._paused: list[PausedReader] = []
         #: clients detached as slow consumers, until their last notice is out
@@ -189,6 +198,11 @@ class Group:
         self._nursery: trio.Nursery | None = None
         self._unmatched_log = RateLimit(UNMATCHED_LOG_INTERVAL)
         self._skipped_log = RateLimit(SKIPPED_LOG_INTERVAL)
+
+    @property
+    def nursery(self) -> "trio.Nursery | None":
+        """Where the group's own tasks run (None until it runs)."""
+        return self._nursery
 
     @property
     def request_mode(self) -> bool:
@@ -354,6 +368,7 @@ class Group:
         self.counters.clients_left += 1
         self.receivers.remove(client)
         self.sched.forget(client)
+        self.pacer.forget(client)
 
     def detach_slow(self, client: Client) -> None:
         """A slow consumer: detached now, closed once its last notice is out (or its grace ends)."""
@@ -427,16 +442,19 @@ class Group:
 
     def flight_room(self, client: Any) -> int | None:
         """How many more requests ``client`` may have accepted now (0: none until one
-        is answered or told). None: no limit applies, as in balance mode, or while it
-        is the group's only client (nobody's answer can wait behind its).
+        is answered or told; in balance, messages under client_rate_contended, see
+        :mod:`kmuxd.io.pacer`). None: no limit applies, as while it is the group's
+        only client (nobody's answer can wait behind its).
 
         The limit is client_max_in_flight, and client_max_in_flight_contended
         while another client sent within contention_window: a request is
         answered after those the server already holds, so a light client's
         round trip grows with every request a heavy one keeps in flight."""
         router = self.router
-        if router is None or len(self.clients) < 2:
+        if len(self.clients) < 2:
             return None
+        if router is None:
+            return self.pacer.room(client)
         cfg = self.cfg
         limit = cfg.client_max_in_flight
         contended = cfg.client_max_in_flight_contended
@@ -484,6 +502,8 @@ class Group:
             waiting_clients=sstats.waiting_clients,
             clients_held=sum(1 for client in self.clients.values() if client.awaiting_answers),
             holds=self.holds,
+            clients_paced=len(self.pacer.held),
+            paces=self.pacer.holds,
             refused=c.refused,
             requeued=c.requeued,
             notices_sent=c.notices_sent,

@@ -75,6 +75,11 @@ REFUSAL_LOG_INTERVAL = 10.0
 DISCARD_LIMIT = 100_000
 #: Most unread packets refused per client per tick when queue_timeout expires.
 QUEUE_REFUSALS_PER_TICK = 10_000
+#: balance: pulls in a row of one message each after which a client counts as
+#: light (it sends a message at a time): while one is active, clients that
+#: stream are paced (client_rate_contended). Two, because a flooder's very
+#: first pull takes one message too (its read batch starts at 1).
+LIGHT_PULLS = 2
 #: Where a refused packet is read to (its length comes from MSG_TRUNC).
 _SCRATCH = bytearray(1)
 
@@ -101,6 +106,8 @@ class Intake:
         self.read_batch = 1
         self.batch_pass = -2
         self.held_back = False
+        #: balance: pulls in a row that took one message each (LIGHT_PULLS: it is light).
+        self.light_pulls = 0
         self.requeue_parts: bytearray | None = None
         #: Why the last receive failed (an errno name), for the detach line.
         self.recv_error: str | None = None
@@ -130,9 +137,13 @@ class Intake:
             else:
                 room = group.flight_room(session)
                 if room == 0:
-                    # client_max_in_flight: its next requests wait in its own
-                    # socket, not behind others' in the server's queues.
-                    session.hold_for_answers()
+                    # client_max_in_flight (id/fifo), client_rate_contended
+                    # (balance): its next messages wait in its own socket, not
+                    # behind others' in the server's queues or for a CPU.
+                    if group.router is None:
+                        session.hold_for_pace()
+                    else:
+                        session.hold_for_answers()
                     if hung_up:
                         session.close(CloseReason.HUNG_UP_PUSHED_BACK)
                     return
@@ -146,7 +157,12 @@ class Intake:
                         session.close(CloseReason.HUNG_UP_PUSHED_BACK)
                     return
                 self.blocked_since = None
-                status = self._pull(conn, room)
+                if group.router is None and len(group.clients) > 1:
+                    seq = self.seq
+                    status = self._pull(conn, room)
+                    self._paced(self.seq - seq, room is not None)
+                else:
+                    status = self._pull(conn, room)
             if status == _EOF:
                 if self.recv_error is not None:
                     session.close(CloseReason.RECEIVE_FAILED, self.recv_error)
@@ -283,6 +299,24 @@ class Intake:
         elif status == _EMPTY and batch > 1:
             self.read_batch = max(1, batch // 2)
         return status
+
+    def _paced(self, took: int, contended: bool) -> None:
+        """balance, with other clients attached: a pull took ``took`` messages.
+
+        A client that streams (its read batch grew: it was readable in
+        consecutive passes) pays a token per message while contended. A client
+        whose pulls took one message each, LIGHT_PULLS in a row, is *light*
+        (it sends a message at a time and waits): it is what contention
+        protects (:mod:`kmuxd.core.pacing`), and it is never paced. A flooder's
+        first pull also takes one message, hence the run."""
+        if self.read_batch > 1:
+            self.light_pulls = 0
+            if contended:
+                self.session.pace.spend(took)
+        elif took == 1:
+            self.light_pulls += 1
+            if self.light_pulls >= LIGHT_PULLS:
+                self.group.contention.sent(self.session.id, self.clock())
 
     def _refuse_ancillary(self, kind: int, now: float) -> None:
         """A packet carried descriptors or credentials (the kernel closed them:

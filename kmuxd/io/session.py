@@ -38,6 +38,7 @@ from kmux.errors import IdleTimeout, KmuxError, PermissionDenied, SlowConsumer
 from kmux.protocol import Notice
 
 from kmuxd.core.access import AccessPolicy
+from kmuxd.core.pacing import Pace
 from kmuxd.core.states import CLIENT_TRANSITIONS, ClientEvent, ClientState, CloseReason, StateMachine
 
 from .intake import Intake
@@ -87,9 +88,13 @@ class AppSession:
         self.read_wanted = True  # False while pushed back
         #: Held back at client_max_in_flight: read again once one is answered or told.
         self.awaiting_answers = False
-        #: Times it was held so (client_max_in_flight), and since when, the last time.
+        #: Times it was held so (client_max_in_flight), and since when, the last time
+        #: (it or the pace below: a group steers one way, so only one applies).
         self.holds = 0
         self.held_since = 0.0
+        #: balance: its token bucket (client_rate_contended); while it is held for
+        #: want of tokens it is in its group's ``pacer.held`` (kmuxd.io.pacer).
+        self.pace = Pace(group.cfg.client_burst_contended, self.clock())
         self.since = self.clock()
         self.closing_deadline: float | None = None  # slow consumer: close once its notice is out
         #: DATA messages (and their bytes) committed to an outbox, and written to TCP.
@@ -130,6 +135,18 @@ class AppSession:
             self.group.holds += 1
             self.held_since = self.clock()
         self.want_read(False)
+
+    def hold_for_pace(self) -> None:
+        """balance: out of tokens (client_rate_contended): read it no more until its bucket has refilled."""
+        pacer = self.group.pacer
+        if self not in pacer.held:
+            self.held_since = self.clock()
+            pacer.hold(self)
+        self.want_read(False)
+
+    def unpace(self) -> None:
+        """Its bucket has refilled (its group released it): read it in this pass."""
+        self.wake()
 
     def outcome_sent(self) -> None:
         """A response or a notice went (or was queued) to it: if it was held at
@@ -395,4 +412,6 @@ class AppSession:
             in_flight=self.group.router.owed_by(self) if self.group.router is not None else 0,
             holds=self.holds,
             held_for=self.clock() - self.held_since if self.awaiting_answers else None,
+            paces=self.pace.holds,
+            paced_for=self.clock() - self.held_since if self in self.group.pacer.held else None,
         )

@@ -59,6 +59,10 @@ class GroupStatistics:
     #: or told), and holds since start.
     clients_held: int
     holds: int
+    #: balance: clients paced now (client_rate_contended: not read until their
+    #: token bucket has refilled), and paces since start.
+    clients_paced: int
+    paces: int
     refused: int
     requeued: int
     #: Notices (per-message errors and events) sent to clients.
@@ -198,3 +202,7 @@ class ClientStatistics:
     in_flight: int = 0
     holds: int = 0
     held_for: float | None = None
+    #: balance: times it was paced (client_rate_contended), and seconds it has
+    #: been paced now (None: not paced).
+    paces: int = 0
+    paced_for: float | None = None

@@ -51,6 +51,8 @@ RX_OVERFLOW_POLICIES = ("disconnect", "drop")
 MAX_SKIP_CEILING = 1 << 32
 #: client_rx_limit when not set: this, or twice max_message if that is larger.
 CLIENT_RX_LIMIT_DEFAULT = 4 * 1024 * 1024
+#: client_rate_contended when not set, messages a second (docs/config.md says how it was chosen).
+CLIENT_RATE_CONTENDED_DEFAULT = 5000.0
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LOG_FORMATS = ("auto", "console", "json", "journal")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -198,9 +200,18 @@ class GroupConfig:
     #: this so that another client's request waits behind few of its own at
     #: the server). 0: client_max_in_flight applies throughout.
     client_max_in_flight_contended: int = 2
-    #: Seconds since another client's last request during which a client
-    #: is held to client_max_in_flight_contended.
+    #: Seconds since another client's last message during which a client
+    #: is held to client_max_in_flight_contended (id/fifo) or
+    #: client_rate_contended (balance).
     contention_window: float = 1.0
+    #: balance: messages a second one client may be accepted while another
+    #: client of the group sent within contention_window (bursts of up to
+    #: client_burst_contended); past it, it is not read until its bucket has
+    #: refilled. 0: no limit.
+    client_rate_contended: float = CLIENT_RATE_CONTENDED_DEFAULT
+    #: balance: messages one client may be accepted at once under
+    #: client_rate_contended (the token bucket's size).
+    client_burst_contended: int = 16
     #: Bytes read from a TCP connection per recv, at most (the receive
     #: buffer holds this plus max_message): bounds the responses one
     #: connection brings into one pass of the event core.
@@ -477,6 +488,8 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
     "client_max_in_flight": (int, 0, 1 << 24),
     "client_max_in_flight_contended": (int, 0, 1 << 24),
     "contention_window": (float, 0.001, 3600.0),
+    "client_rate_contended": (float, 0.0, 1e9),
+    "client_burst_contended": (int, 1, 65536),
     "read_buffer": (int, 4096, 64 * 1024 * 1024),
     "rx_batch": (int, 1, 65536),
     "request_timeout": (float, 0.0, 3600.0),
@@ -502,8 +515,9 @@ _GROUP_NUMBERS: dict[str, tuple[type, Any, Any]] = {
 _GROUP_KEYS = (set(GroupConfig.__dataclass_fields__) - {"name", "access", "attach"}) | {
     "allow_users", "allow_groups", "attach_users", "attach_groups"}
 #: Settings that only make sense with request/response steering.
-_REQUEST_ONLY = ("retry_unanswered", "request_timeout", "client_max_in_flight", "client_max_in_flight_contended",
-                 "contention_window")
+_REQUEST_ONLY = ("retry_unanswered", "request_timeout", "client_max_in_flight", "client_max_in_flight_contended")
+#: Settings that only make sense with balance steering.
+_BALANCE_ONLY = ("client_rate_contended", "client_burst_contended")
 
 
 def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None:
@@ -584,6 +598,11 @@ def _parse_group(name: str, raw: Any, problems: _Problems) -> GroupConfig | None
         for key in _REQUEST_ONLY:
             if raw.get(key):
                 problems.add(f"{p}.{key}", 'only used with steering = "id" or "fifo"')
+    if steering in ("id", "fifo"):
+        for key in _BALANCE_ONLY:
+            if raw.get(key):
+                problems.add(f"{p}.{key}", 'only used with steering = "balance" (id and fifo count answers '
+                                           'instead: client_max_in_flight_contended)')
     if len(problems.errors) > before:
         return None
     if "client_rx_limit" not in kw:

@@ -731,3 +731,18 @@ def test_metrics_textfile_when_daemon_is_down(tmp_path: Any, capsys: Any) -> Non
     rc = kmuxcli.main(["metrics", "--control", str(tmp_path / "none.sock"), "--textfile", str(prom)])
     assert rc == EXIT_NOT_RUNNING
     assert sample(families(prom.read_text()), "kmux_up") == 0
+
+
+def test_a_paced_balance_client_shows_in_held_and_holds_and_the_group_line() -> None:
+    """client_rate_contended: a balance group that paced a client says so in its
+    summary; the client's HELD/HOLDS show its pace (a group steers one way, so
+    a client is held at an in-flight limit or paced, never both)."""
+    answer = stats_new()
+    answer["groups"][0].update(clients_paced=1, paces=42)
+    answer["clients"] = [client(1, "web", paces=42, paced_for=0.0032), client(2, "web", paces=0)]
+    assert group_view(answer, "web")[0].endswith("0 waiting to send, 1 paced (42 paces))")
+    paced, light = (cells(line) for line in clients_view(answer)[1:])
+    assert (paced[-3], paced[-2]) == ("3.20ms", "42")
+    assert (light[-3], light[-2]) == ("-", "0")
+    answer["groups"][0].update(clients_paced=0, paces=0)  # never paced: the line as before
+    assert group_view(answer, "web")[0].endswith("0 waiting to send)")

@@ -304,6 +304,8 @@ def test_good_config_parses_into_frozen_dataclasses():
         ("groups.echo.max_skip", "64M", "groups.echo.max_skip"),
         ("groups.echo.assembly_timeout", -1, "groups.echo.assembly_timeout"),
         ("groups.echo.reconnect_initial", 60.0, "groups.echo.reconnect_initial"),
+        ("groups.echo.client_rate_contended", -1.0, "groups.echo.client_rate_contended"),
+        ("groups.echo.client_burst_contended", 0, "groups.echo.client_burst_contended"),
         ("daemon.socket_mode", "rw", "daemon.socket_mode"),
         ("daemon.socket", "/" + "x" * 200, "daemon.socket"),
         ("daemon.max_clientz", 3, "daemon.max_clientz"),
@@ -316,6 +318,19 @@ def test_bad_config_names_the_exact_key(path, value, where):
     assert e.value.path == where
     assert e.value.code == "config_invalid"
     assert str(e.value).count(where) >= 1
+
+
+def test_pacing_settings_belong_to_balance_and_the_window_to_every_mode():
+    """client_rate_contended/client_burst_contended pace balance clients (id and fifo
+    count answers instead); contention_window serves both rules."""
+    cfg = parse_config(with_("groups.echo.client_rate_contended", 2000))
+    assert cfg.groups["echo"].client_rate_contended == 2000.0 and cfg.groups["echo"].client_burst_contended == 16
+    assert parse_config(with_("groups.echo.contention_window", 0.5)).groups["echo"].contention_window == 0.5
+    raw = with_("groups.echo.client_burst_contended", 8)
+    raw["groups"]["echo"]["steering"] = "fifo"
+    with pytest.raises(ConfigInvalid) as e:
+        parse_config(raw)
+    assert e.value.path == "groups.echo.client_burst_contended" and "balance" in str(e.value)
 
 
 def test_bad_group_name_and_missing_groups():
@@ -440,3 +455,31 @@ def test_contention_sees_another_sender_within_the_window_and_not_ones_own_strea
     c.sent(1, 2.2)
     assert c.contended(1, 2.3, 1.0)  # its new streak began after client 2's send at 2.0
     assert c.statistics().last_sender == 1
+
+
+def test_a_pace_lets_a_burst_through_then_refills_at_the_rate():
+    from kmuxd.core.pacing import Pace
+
+    rate, burst = 1000.0, 16  # a message a millisecond
+    p = Pace(burst, now=0.0)
+    assert p.room(0.0, rate, burst) == 16  # a client starts with a full burst
+    p.spend(16)
+    assert p.room(0.0, rate, burst) == 0  # out of tokens: the shell holds it
+    assert p.ready_at(rate, burst) == 0.016  # when a whole burst has refilled, not the next token
+    assert p.statistics().holds == 1
+    assert p.room(0.0105, rate, burst) == 10  # 10.5 ms: ten whole messages
+    p.spend(10)
+    assert p.room(10.0, rate, burst) == 16  # never more than a burst, however long it waited
+    # A rate changed by a reload applies to the next question.
+    p.spend(16)
+    assert p.room(10.5, 10.0, burst) == 5
+
+
+def test_a_pace_may_be_overdrawn_by_a_read_and_waits_it_off():
+    from kmuxd.core.pacing import Pace
+
+    p = Pace(4, now=0.0)
+    assert p.room(0.0, 100.0, 4) == 4
+    p.spend(6)  # a message in pieces or a refused one costs too: the next questions wait it off
+    assert p.room(0.01, 100.0, 4) == 0  # -1 token
+    assert abs(p.ready_at(100.0, 4) - 0.06) < 1e-9  # 5 more to a full burst: 50 ms after 0.01

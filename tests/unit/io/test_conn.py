@@ -282,3 +282,55 @@ def test_while_another_client_sends_a_client_may_have_only_the_contended_count_i
     w.run()
     assert len(split(read_all(server))) == 8  # client_max_in_flight again
     assert heavy.session.statistics().holds >= 2 and not light.session.statistics().holds
+
+
+def test_balance_paces_a_client_that_streams_while_a_light_one_is_active(world_factory):
+    """client_rate_contended: balance has no answers to count, so while a light client
+    (a message at a time) is active, one that streams is accepted in bursts of
+    client_burst_contended at client_rate_contended, and waits in its own socket
+    meanwhile. The light one is never paced; a client alone, or once the light one
+    has been quiet for contention_window, streams unpaced."""
+    w = world_factory(client_rate_contended=1000.0, client_burst_contended=8, contention_window=1.0)
+    server = w.connect()
+    heavy, light = w.attach(name="heavy", receive=False), w.attach(name="light", receive=False)
+    for i in range(100):
+        heavy.send(frame(b"h%d" % i))
+    w.run()
+    assert len(split(read_all(server))) == 100  # nobody light is active: not paced
+    for i in range(2):  # two reads in a row of one message each: a light client
+        light.send(frame(b"l%d" % i))
+        w.run()
+    assert split(read_all(server)) == [frame(b"l0"), frame(b"l1")]
+    for i in range(100, 200):
+        heavy.send(frame(b"h%d" % i))
+    w.run()
+    assert split(read_all(server)) == [frame(b"h%d" % i) for i in range(100, 108)]  # one burst
+    assert heavy.session in w.group.pacer.held and heavy.session.statistics().paced_for == 0.0
+    light.send(frame(b"l2"))
+    w.run()
+    assert split(read_all(server)) == [frame(b"l2")]  # the light one is not held behind it
+    w.tick(0.004)
+    assert read_all(server) == b""  # half a burst refilled: still held
+    w.tick(0.004)
+    assert split(read_all(server)) == [frame(b"h%d" % i) for i in range(108, 116)]  # a burst a 8 ms
+    s = w.stats()
+    assert (s.clients_paced, s.paces) == (1, 2) and heavy.session.statistics().paces == 2
+    assert light.session.statistics().paces == 0 and light.session.statistics().paced_for is None
+    w.tick(1.5)  # the light one quiet for longer than contention_window: the rest at once
+    assert split(read_all(server)) == [frame(b"h%d" % i) for i in range(116, 200)]
+    assert w.stats().clients_paced == 0
+
+
+def test_balance_clients_that_all_stream_are_not_paced(world_factory):
+    """Pacing protects light clients; flooders among themselves share the
+    connections by client_turn, at full speed (the benchmark's 8-sender flood)."""
+    w = world_factory(client_rate_contended=1000.0, client_burst_contended=8)
+    server = w.connect()
+    apps = [w.attach(name=f"s{i}", receive=False) for i in range(3)]
+    for round_ in range(3):
+        for i, app in enumerate(apps):
+            for j in range(50):
+                app.send(frame(b"%d-%d-%d" % (round_, i, j)))
+        w.run()
+    assert len(split(read_all(server))) == 450
+    assert w.stats().paces == 0 and not w.group.pacer.held
