@@ -42,7 +42,8 @@ from kmuxd.core.states import RetireReason
 from kmuxd.system.config import Endpoint
 
 if TYPE_CHECKING:
-    from .group import Client, Group
+    from .group import Group
+    from .members import Client
 
 __all__ = ["Housekeeper", "TICK_MIN", "TICK_MAX"]
 

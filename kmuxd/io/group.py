@@ -24,7 +24,8 @@ the objects of the shell that carry out their decisions:
   :class:`~kmuxd.io.tls.TlsClient` (``[groups.NAME.tls]``; a reload that
   changes it replaces the live connections make-before-break);
 * its slots (:mod:`kmuxd.io.slot`), each keeping one TCP connection up, and
-  its clients (:mod:`kmuxd.io.session`), seen through :class:`Client`.
+  its clients (:mod:`kmuxd.io.session`), seen through
+  :class:`~kmuxd.io.members.Client` (:mod:`kmuxd.io.members`).
 
 **REQUEUE** (``balance`` only): a client that switched receiving off hands
 back the messages queued for it before the ``receive_off`` marker; they go
@@ -43,26 +44,25 @@ it, and the gauges (what is queued, who is connected) from their holders.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from kmux.errors import ConnectionLost, DrainTimeout, KmuxError, ResponseTooBig, UnknownConnection
 from kmux.protocol import Notice
 
-from kmuxd.core.access import AccessPolicy
 from kmuxd.core.contention import Contention
 from kmuxd.core.counters import GroupCounters
 from kmuxd.core.endpoints import EndpointPool
-from kmuxd.core.pacing import Pace
 from kmuxd.core.router import Flight, IdTable, Request, ResponseRouter
-from kmuxd.core.sendq import Owner, TxScheduler
+from kmuxd.core.sendq import TxScheduler
 from kmuxd.core.states import CloseReason, RetireReason, SlotState
-from kmuxd.core.steering import Receiver, ReceiverRing, Steering, steering_for
+from kmuxd.core.steering import ReceiverRing, Steering, steering_for
 from kmuxd.system.config import DaemonConfig, GroupConfig
 from kmuxd.system.log import RateLimit
 
 from .attach import AttachedPool
+from .members import Client, PausedReader
 from .conn import ConnStatistics
 from .deadlines import Housekeeper
 from .pacer import Pacer
@@ -75,60 +75,12 @@ from .tls import TlsClient, security_statistics
 if TYPE_CHECKING:
     from .reactor import Clock, Reactor
 
-__all__ = ["Group", "GroupStatistics", "Client"]
+__all__ = ["Group", "GroupStatistics", "Client"]  # Client: re-exported from .members
 
 #: Seconds between "unmatched_response" log lines per group (all are counted).
 UNMATCHED_LOG_INTERVAL = 10.0
 #: Seconds between "response_skipped" log lines per group (all are counted).
 SKIPPED_LOG_INTERVAL = 10.0
-
-
-class Client(Owner, Receiver, Protocol):
-    """An attached app, as its group sees it (:class:`kmuxd.io.session.AppSession`):
-    a sender to the scheduler, a receiver to steering, and these."""
-
-    id: int
-    #: Detached: what is still owed to it is dropped (counted).
-    gone: bool
-    #: Held at its in-flight limit (flight_room): not read until one of its requests is answered or told.
-    awaiting_answers: bool
-    #: balance: its token bucket (client_rate_contended).
-    pace: Pace
-
-    def unpace(self) -> None:
-        """It was paced (:meth:`Pacer.hold <kmuxd.io.pacer.Pacer.hold>`) and its bucket has refilled: read it again."""
-
-    @property
-    def seq(self) -> int:
-        """Its last DATA packet read (the shutdown notice tells it)."""
-
-    def notify(self, notice: Notice) -> None: ...
-
-    def stop_reading(self, notice: Notice) -> None: ...
-
-    def close(self, reason: CloseReason, detail: str | None = None) -> None: ...
-
-    def abort_open(self, err: KmuxError) -> None:
-        """Its message in pieces will never complete (its orphaned outbox expired): refuse it."""
-
-    def check_access(self, access: AccessPolicy, group: str) -> None:
-        """Detach it (``permission_denied``) if ``access`` no longer admits it (a reload)."""
-
-    def apply_deadlines(self, now: float) -> None:
-        """Its own deadlines: a message in pieces, ``client_idle_timeout``, a slow consumer's grace."""
-
-    def expire_queued(self, now: float, timeout: float, refusal: Callable[[], KmuxError]) -> int:
-        """Waited ``timeout`` for a connection: refuse what waits unread. Returns how many."""
-
-    def queued_response_bytes(self) -> int: ...
-
-    def statistics(self) -> ClientStatistics: ...
-
-
-class PausedReader(Protocol):
-    """A connection that stopped reading for want of a ready receiver (balance)."""
-
-    def resume_reading(self) -> None: ...
 
 
 def _us(seconds: float | None) -> float | None:

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 if TYPE_CHECKING:
-    from .group import Client, Group
+    from .group import Group
+    from .members import Client
 
 __all__ = ["Pacer"]
 

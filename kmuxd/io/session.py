@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 An :class:`AppSession` is registered in the event core from its hello to
 its end. Nothing about it runs in a trio task of its own. To its group it
-is a :class:`~kmuxd.io.group.Client`: a sender to the scheduler
+is a :class:`~kmuxd.io.members.Client`: a sender to the scheduler
 (:class:`~kmuxd.core.sendq.Owner`) and a receiver to steering
 (:class:`~kmuxd.core.steering.Receiver`).
 
