@@ -9,13 +9,14 @@ really came from source there, and never from a mix.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from .compiled_check import where_loaded
 
 import kmux
 from kmux._compiled import COMPILED_MODULES, status
@@ -31,15 +32,7 @@ def _built() -> bool:
 
 
 def _where(env: dict[str, str]) -> dict:
-    code = (
-        "import json, importlib, kmux._compiled as c\n"
-        f"mods = {list(COMPILED_MODULES)!r}\n"
-        "files = {m: importlib.import_module(m).__file__ for m in mods}\n"
-        "print(json.dumps({'status': c.status(), 'files': files}))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return where_loaded("kmux._compiled", COMPILED_MODULES, env, ROOT)
 
 
 def test_the_fast_lane_comes_from_one_place():
