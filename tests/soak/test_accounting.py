@@ -188,6 +188,23 @@ def test_a_lost_oneway_message_fails_delivery_and_counters():
     assert "backend frames 9 != 10" in got["counters"]
 
 
+def test_an_abrupt_oneway_session_may_fall_short_by_what_the_daemon_dropped_unread():
+    # It hung up while paced or pushed back: 3 packets were never read, dropped and counted.
+    ev = evidence(sessions=[session("rr", "id", 1), session("rr", "id", 2),
+                            session("ow", "balance", 3, departure="abrupt")])
+    ev.backends["ow"].update(frames=7, bytes=700, per_session={"3": 7})
+    ev.cli_groups[1].update(tx_msgs=7, dropped_unread=3)
+    assert failed(ev) == {}
+    # Short by more than the daemon dropped: a message it read was lost.
+    ev.cli_groups[1].update(dropped_unread=2)
+    assert "3 message(s) short, more than the daemon's dropped_unread 2" in failed(ev)["one-way delivery"]
+    # A graceful session flushed first: any shortfall is a loss, whatever dropped_unread says.
+    ev = evidence()
+    ev.backends["ow"].update(frames=7, bytes=700, per_session={"3": 7})
+    ev.cli_groups[1].update(tx_msgs=7, dropped_unread=3)
+    assert "session 3: sent 10, refused 0, the backend read 7" in failed(ev)["one-way delivery"]
+
+
 def test_unexpected_codes_rss_fds_and_processes_fail():
     ev = evidence(sessions=[session("rr", "id", 1, notices={"group_unavailable": 1}), session("rr", "id", 2),
                             session("ow", "balance", 3)],

@@ -28,7 +28,9 @@ What each check means
     Only codes the run's settings can produce.
 ``one-way delivery``
     ``balance``: each session's messages all reached a backend (less those
-    refused with a notice), and the totals agree with the daemon's count.
+    refused with a notice); a session that left abruptly may fall short by
+    what the daemon had not read yet, at most the group's ``dropped_unread``
+    for all of them together.
 ``counters``
     ``kmux-cli groups -j`` agrees with the clients' and backends' counts:
     exactly where nothing is unknown, else within the bound set by the
@@ -214,20 +216,39 @@ def _counter_checks(t: GroupTotals, g: dict[str, Any] | None, b: dict[str, Any],
     return out
 
 
-def _oneway_delivery(t: GroupTotals, b: dict[str, Any], sessions: list[dict[str, Any]]) -> tuple[int, list[str]]:
-    """Sessions whose messages did not all reach the backend (less those refused with a notice)."""
+def _oneway_delivery(t: GroupTotals, b: dict[str, Any], sessions: list[dict[str, Any]],
+                     g: dict[str, Any] | None) -> tuple[int, list[str]]:
+    """Sessions whose messages did not all reach the backend (less those refused with a notice).
+
+    A graceful session flushed before it closed, so every message it sent
+    must arrive. A session that left abruptly may fall short: what the
+    daemon had not read yet (pushed back, or paced: ``client_rate_contended``)
+    was dropped when it hung up, and counted in the group's
+    ``dropped_unread``. So the abrupt sessions' shortfall, together, must be
+    at most that count, and no session may ever have more arrive than it sent.
+    """
     got = b.get("per_session", {})
+    unread = (g or {}).get("dropped_unread") or 0
     bad, examples = 0, []
+    short_abrupt = 0
     for s in sessions:
         if s.get("group") != t.name or "connect_error" in s:
             continue
         refused = sum(n for code, n in s["notices"].items() if code in NOT_WRITTEN_CODES)
         arrived = got.get(str(s["session"]), 0)
-        if arrived != s["sent"] - refused:
+        want = s["sent"] - refused
+        if s.get("departure") == "abrupt" and arrived < want:
+            short_abrupt += want - arrived
+            continue
+        if arrived != want:
             bad += 1
             if len(examples) < EXAMPLES:
                 examples.append(f"session {s['session']}: sent {s['sent']}, refused {refused}, "
                                 f"the backend read {arrived}")
+    if short_abrupt > unread:
+        bad += 1
+        examples.append(f"sessions that left abruptly are {short_abrupt} message(s) short, "
+                        f"more than the daemon's dropped_unread {unread}")
     return bad, examples
 
 
@@ -265,9 +286,10 @@ def evaluate(ev: Evidence) -> tuple[dict[str, GroupTotals], list[Check]]:
                         else f"within {sorted(allowed)}"))
 
     oneway_bad, oneway_examples = 0, []
+    groups_seen = {g.get("name"): g for g in ev.cli_groups}
     for t in totals.values():
         if t.mode == "balance":
-            n, ex = _oneway_delivery(t, backends.get(t.name, {}), ev.sessions)
+            n, ex = _oneway_delivery(t, backends.get(t.name, {}), ev.sessions, groups_seen.get(t.name))
             oneway_bad += n
             oneway_examples += [f"{t.name}: {e}" for e in ex]
     checks.append(Check("one-way delivery", oneway_bad == 0,
